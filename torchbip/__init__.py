@@ -1,0 +1,34 @@
+"""torchbip: bi-level pruning (BiP) as a drop-in for :mod:`torch.nn.utils.prune`.
+
+Example:
+    >>> import torchbip
+    >>> sorted(torchbip.__all__)[:3]
+    ['BiPConfig', 'BiPPruningMethod', 'PruneReport']
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from torchbip import bilevel
+from torchbip.api import global_prune
+from torchbip.config import BiPConfig
+from torchbip.method import BiPPruningMethod, bip_unstructured
+from torchbip.report import PruneReport, SparsityReport, sparsity_report
+
+try:
+    __version__ = version("torchbip")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "BiPConfig",
+    "BiPPruningMethod",
+    "PruneReport",
+    "SparsityReport",
+    "__version__",
+    "bilevel",
+    "bip_unstructured",
+    "global_prune",
+    "sparsity_report",
+]

@@ -1,0 +1,142 @@
+"""Private helpers: which tensors to prune, and the functional view of a pruned model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+__all__ = ["Target", "default_targets", "make_forward", "resolve_targets"]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One tensor to prune: ``module.<name>``, reachable in the model as ``fqn``."""
+
+    module: nn.Module
+    name: str
+    module_fqn: str
+
+    @property
+    def fqn(self) -> str:
+        """Fully-qualified name of the tensor, e.g. ``"layer1.0.conv1.weight"``."""
+        return f"{self.module_fqn}.{self.name}" if self.module_fqn else self.name
+
+    @property
+    def orig_fqn(self) -> str:
+        """Name of the ``*_orig`` parameter in the model's state."""
+        return self.fqn + "_orig"
+
+    @property
+    def mask_fqn(self) -> str:
+        """Name of the ``*_mask`` buffer in the model's state."""
+        return self.fqn + "_mask"
+
+    @property
+    def is_pruned(self) -> bool:
+        """Whether the tensor is already reparametrised by torch's pruning."""
+        return hasattr(self.module, self.name + "_orig") and hasattr(
+            self.module, self.name + "_mask"
+        )
+
+    def weight(self) -> Tensor:
+        """The tensor (``*_orig`` if pruned), a Parameter."""
+        return getattr(self.module, self.name + "_orig" if self.is_pruned else self.name)
+
+
+def default_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model``."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+
+
+def resolve_targets(
+    model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None
+) -> list[Target]:
+    """Check ``parameters`` (or pick the defaults) and name each tensor in the model.
+
+    Raises:
+        ValueError: for a module outside ``model``, a missing tensor, a duplicate, a tied
+            tensor (the same Parameter twice), a frozen tensor or an empty selection.
+        TypeError: for entries that are not ``(module, name)`` pairs.
+    """
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    pairs = default_targets(model) if parameters is None else list(parameters)
+    targets: list[Target] = []
+    seen: set[tuple[int, str]] = set()
+    seen_tensors: dict[int, str] = {}
+    for entry in pairs:
+        if not (
+            isinstance(entry, (tuple, list))
+            and len(entry) == 2
+            and isinstance(entry[0], nn.Module)
+            and isinstance(entry[1], str)
+        ):
+            raise TypeError(f"parameters must hold (module, name) pairs, got {entry!r}")
+        module, name = entry
+        if id(module) not in names:
+            raise ValueError(
+                f"parameters names a {type(module).__name__} that is not part of the model"
+            )
+        target = Target(module, name, names[id(module)])
+        if (id(module), name) in seen:
+            raise ValueError(f"parameters names {target.fqn!r} more than once")
+        seen.add((id(module), name))
+        tensor = getattr(module, name + "_orig", None) if target.is_pruned else None
+        if tensor is None:
+            tensor = module._parameters.get(name)
+        if not isinstance(tensor, nn.Parameter):
+            raise ValueError(
+                f"parameters names {target.fqn!r}, but {type(module).__name__} has no "
+                f"parameter {name!r}"
+            )
+        if id(tensor) in seen_tensors:
+            raise ValueError(
+                f"parameters names {target.fqn!r}, which is tied to (the same Parameter as) "
+                f"{seen_tensors[id(tensor)]!r}; prune tied weights once"
+            )
+        seen_tensors[id(tensor)] = target.fqn
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"parameters names {target.fqn!r}, which is frozen (requires_grad=False); "
+                "BiP retrains the weights it prunes"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{target.fqn!r} has dtype {tensor.dtype}; BiP needs floating point")
+        if target.is_pruned:
+            hooks = [
+                h
+                for h in module._forward_pre_hooks.values()
+                if isinstance(h, prune.BasePruningMethod) and h._tensor_name == name
+            ]
+            if len(hooks) != 1:
+                raise ValueError(f"{target.fqn!r} has a *_orig/*_mask pair but no pruning hook")
+        targets.append(target)
+    if not targets:
+        what = "no nn.Linear or nn.Conv*d weights" if parameters is None else "an empty list"
+        raise ValueError(
+            f"nothing to prune: the model {type(model).__name__} has {what}; "
+            "pass parameters=[(module, 'weight'), ...]"
+        )
+    devices = {t.weight().device for t in targets}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the tensors to prune live on several devices {sorted(map(str, devices))}; "
+            "move the model to one device or pass device="
+        )
+    return targets
+
+
+def make_forward(model: nn.Module) -> Any:
+    """``forward(tensors, inputs)`` through :func:`torch.func.functional_call`."""
+
+    def forward(tensors: dict[str, Tensor], inputs: Any) -> Any:
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        return torch.func.functional_call(model, tensors, args)
+
+    return forward

@@ -1,0 +1,179 @@
+r"""The math of BiP, as pure functions on dictionaries of tensors.
+
+Nothing here touches a module or a loader: a model enters only as a ``forward`` callable that maps
+a dictionary of tensors (parameters, masks, buffers by fully-qualified name) and the inputs to the
+outputs, as :func:`torch.func.functional_call` does.
+
+With :math:`z = m \odot \theta` and :math:`g = \nabla_z \ell(z)`, one backward pass through the
+masked model gives both partial gradients, :math:`\nabla_\theta \ell = m \odot g` and
+:math:`\nabla_m \ell = \theta \odot g`. The implicit-function theorem with BiP's Hessian-free
+assumption turns them into the total upper-level gradient
+
+.. math::
+    \frac{d\ell}{dm} = \theta \odot g - \frac{1}{\gamma}\, m \odot g \odot g
+                     = \nabla_m \ell - \frac{1}{\gamma} (\nabla_\theta \ell)^2
+    \quad (m \text{ binary}),
+
+with no second derivatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MaskedGrads",
+    "lower_grad",
+    "masked_loss_grads",
+    "upper_grad",
+    "upper_grad_from_g",
+]
+
+Forward = Callable[[dict[str, Tensor], Any], Any]
+LossFn = Callable[[Any, Any], Tensor]
+
+
+@dataclass
+class MaskedGrads:
+    r"""What one backward pass through the masked model yields.
+
+    Attributes:
+        loss: the detached scalar loss.
+        params: gradients of the trainable tensors (for a pruned tensor, by its ``*_orig`` name:
+            :math:`\\nabla_\\theta \\ell = m \\odot g`).
+        masks: gradients of the masks (:math:`\\nabla_m \\ell = \\theta \\odot g`); empty when
+            not requested.
+        buffers: the buffers after the forward pass (e.g. updated BatchNorm statistics).
+    """
+
+    loss: Tensor
+    params: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+
+
+def masked_loss_grads(
+    forward: Forward,
+    params: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    with_mask_grads: bool = True,
+) -> MaskedGrads:
+    """Loss and gradients of the masked model by :func:`torch.func.grad`, in one backward pass.
+
+    Buffers are passed in explicitly and cloned inside the transformed function, so BatchNorm in
+    train mode can update its running statistics; the updated values are returned.
+
+    Args:
+        forward: ``forward(tensors, inputs) -> outputs``, e.g. a wrapped ``functional_call``.
+        params: trainable tensors by name (differentiated).
+        masks: mask tensors by name (differentiated when ``with_mask_grads``).
+        buffers: other buffers by name (not differentiated; returned updated).
+        inputs: the model inputs.
+        targets: the loss targets.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        with_mask_grads: also return the mask gradients.
+
+    Returns:
+        A :class:`MaskedGrads`.
+
+    Example:
+        >>> import torch
+        >>> def forward(t, x):
+        ...     return x @ (t["w_orig"] * t["w_mask"])
+        >>> theta, mask = torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.0])
+        >>> out = masked_loss_grads(
+        ...     forward, {"w_orig": theta}, {"w_mask": mask}, {},
+        ...     torch.tensor([[1.0, 1.0]]), None, lambda y, _: y.sum(),
+        ... )
+        >>> out.loss.item(), out.params["w_orig"].tolist(), out.masks["w_mask"].tolist()
+        (2.0, [1.0, 0.0], [2.0, 3.0])
+    """
+
+    def objective(
+        p: dict[str, Tensor], m: dict[str, Tensor], b: dict[str, Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        fresh = {k: v.clone() for k, v in b.items()}
+        outputs = forward({**p, **m, **fresh}, inputs)
+        loss = loss_fn(outputs, targets)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
+        loss = loss.reshape(())
+        return loss, (loss.detach(), fresh)
+
+    p, m, b = dict(params), dict(masks), dict(buffers)
+    if with_mask_grads:
+        grads, (loss, new_buffers) = torch.func.grad(objective, argnums=(0, 1), has_aux=True)(
+            p, m, b
+        )
+        return MaskedGrads(loss, grads[0], grads[1], new_buffers)
+    grad_p, (loss, new_buffers) = torch.func.grad(lambda p_: objective(p_, m, b), has_aux=True)(p)
+    return MaskedGrads(loss, grad_p, {}, new_buffers)
+
+
+def upper_grad(grad_mask: Tensor, grad_theta: Tensor, implicit_coef: float) -> Tensor:
+    r"""Total upper-level gradient :math:`d\ell/dm` from the two partial gradients.
+
+    Computes :math:`\nabla_m \ell - c\,(\nabla_\theta \ell)^2`, which for a binary mask equals
+    :math:`\theta \odot g - c\, m \odot g \odot g` (:func:`upper_grad_from_g`).
+
+    Args:
+        grad_mask: :math:`\nabla_m \ell = \theta \odot g`.
+        grad_theta: :math:`\nabla_\theta \ell = m \odot g` (without the L2 term).
+        implicit_coef: :math:`c`, :math:`1/\gamma` in theory; 0 drops the implicit term.
+
+    Returns:
+        The gradient of the scores (straight-through).
+
+    Example:
+        >>> import torch
+        >>> upper_grad(torch.tensor([0.5]), torch.tensor([0.25]), implicit_coef=4.0)
+        tensor([0.2500])
+    """
+    if implicit_coef == 0:
+        return grad_mask
+    return torch.addcmul(grad_mask, grad_theta, grad_theta, value=-implicit_coef)
+
+
+def upper_grad_from_g(theta: Tensor, mask: Tensor, g: Tensor, implicit_coef: float) -> Tensor:
+    r"""The paper's formula :math:`\theta \odot g - c\, m \odot g \odot g` from :math:`g`.
+
+    Args:
+        theta: the weights :math:`\theta`.
+        mask: the mask :math:`m`.
+        g: :math:`\nabla_z \ell` at :math:`z = m \odot \theta`.
+        implicit_coef: :math:`c` (:math:`1/\gamma` in theory).
+
+    Returns:
+        :math:`d\ell/dm`.
+
+    Example:
+        >>> import torch
+        >>> upper_grad_from_g(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.5]), 4.0)
+        tensor([0.])
+    """
+    return theta * g - implicit_coef * mask * g * g
+
+
+def lower_grad(grad_theta: Tensor, theta: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    r"""Gradient of the lower objective restricted to unpruned entries.
+
+    :math:`m \odot (\nabla_\theta \ell + \gamma \theta)`: pruned entries get exactly zero.
+
+    Example:
+        >>> import torch
+        >>> lower_grad(torch.tensor([1.0, 2.0]), torch.tensor([10.0, 10.0]),
+        ...            torch.tensor([1.0, 0.0]), gamma=0.1)
+        tensor([2., 0.])
+    """
+    return torch.add(grad_theta, theta, alpha=gamma).mul_(mask)

@@ -1,0 +1,163 @@
+"""Hyperparameters of a BiP run, validated when constructed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["BiPConfig"]
+
+Schedule = Literal["cosine", "step", "constant"]
+Mode = Literal["fused", "two_batch"]
+ScoreInit = Literal["scaled_magnitude", "magnitude"]
+
+_SCHEDULES = ("cosine", "step", "constant")
+_MODES = ("fused", "two_batch")
+_SCORE_INITS = ("scaled_magnitude", "magnitude")
+
+
+@dataclass(frozen=True)
+class BiPConfig:
+    r"""Settings of :func:`torchbip.global_prune` (BiP's bi-level loop).
+
+    Notation of the paper (NeurIPS 2022) next to each argument: the lower level minimises
+    :math:`\ell(m \odot \theta) + \frac{\gamma}{2}\|\theta\|^2` over the weights
+    :math:`\theta` with learning rate :math:`\alpha` (``lower_lr``); the upper level updates the
+    mask scores with learning rate :math:`\beta` (``upper_lr``) along
+    :math:`\theta \odot g - c\, m \odot g \odot g`, where :math:`c` is ``implicit_coef``
+    (:math:`1/\gamma` in theory).
+
+    Args:
+        steps: number of BiP steps (one upper update each). ``None``: derived from ``epochs``.
+        epochs: passes over the loader, used when ``steps`` is ``None`` (default 1 pass).
+        mode: ``"fused"`` (one minibatch and one backward pass per step feed both levels) or
+            ``"two_batch"`` (the paper: the lower and the upper step each draw a minibatch).
+        lower_lr: learning rate :math:`\alpha` of the weights (SGD with momentum).
+        lower_schedule: ``"cosine"``, ``"step"`` (x0.1 at 50% and 75% of the steps) or
+            ``"constant"``.
+        upper_lr: learning rate :math:`\beta` of the scores.
+        upper_schedule: schedule of ``upper_lr``, as ``lower_schedule``.
+        momentum: SGD momentum of the weights.
+        upper_momentum: SGD momentum of the scores.
+        gamma: :math:`\gamma`, the lower level's L2 coefficient (weight decay of the weights).
+        implicit_coef: coefficient :math:`c` of the implicit-gradient term. ``None`` uses the
+            theoretical :math:`1/\gamma`; ``0.0`` switches the term off (plain score learning).
+        min_keep: per-layer floor of the global ranking: ``None``, an int count or a float
+            fraction of each tensor that is always kept.
+        score_init: ``"scaled_magnitude"`` (:math:`|\theta|` scaled per layer by
+            :math:`\sqrt{6/\mathrm{fan\_in}} / \max|\theta|`) or ``"magnitude"`` (:math:`|\theta|`).
+        seed: seeds the run's random number generators (the caller's RNG state is restored).
+        device: where to run; ``None`` keeps the model where it is. The model is moved there
+            (parameter identities are kept) and batches follow.
+        progress: show a tqdm progress bar.
+        log_every: steps between two progress-bar updates and two recorded losses.
+
+    Example:
+        >>> cfg = BiPConfig(steps=100, lower_lr=0.05)
+        >>> cfg.steps, cfg.mode
+        (100, 'fused')
+        >>> BiPConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        >>> BiPConfig(lower_lr=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: lower_lr must be a finite number > 0, got -1
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    mode: Mode = "fused"
+    lower_lr: float = 0.01
+    lower_schedule: Schedule = "cosine"
+    upper_lr: float = 0.1
+    upper_schedule: Schedule = "step"
+    momentum: float = 0.9
+    upper_momentum: float = 0.9
+    gamma: float = 5e-4
+    implicit_coef: float | None = 1.0
+    min_keep: int | float | None = None
+    score_init: ScoreInit = "scaled_magnitude"
+    seed: int | None = None
+    device: str | None = None
+    progress: bool = True
+    log_every: int = field(default=10)
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise ValueError(f"steps must be an int >= 1 or None, got {self.steps!r}")
+        if self.epochs is not None:
+            _positive("epochs", self.epochs)
+        for name, allowed in (
+            ("mode", _MODES),
+            ("lower_schedule", _SCHEDULES),
+            ("upper_schedule", _SCHEDULES),
+            ("score_init", _SCORE_INITS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _positive("lower_lr", self.lower_lr)
+        _positive("upper_lr", self.upper_lr)
+        for name in ("momentum", "upper_momentum"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        _positive("gamma", self.gamma)
+        if self.implicit_coef is not None and (
+            not _is_number(self.implicit_coef) or not self.implicit_coef >= 0
+        ):
+            raise ValueError(
+                f"implicit_coef must be a number >= 0 or None, got {self.implicit_coef!r}"
+            )
+        if self.min_keep is not None:
+            if isinstance(self.min_keep, bool) or not _is_number(self.min_keep):
+                raise ValueError(f"min_keep must be an int, a float or None, got {self.min_keep!r}")
+            if isinstance(self.min_keep, int) and self.min_keep < 0:
+                raise ValueError(f"min_keep must be >= 0, got {self.min_keep!r}")
+            if isinstance(self.min_keep, float) and not 0.0 <= self.min_keep <= 1.0:
+                raise ValueError(f"min_keep as a float must lie in [0, 1], got {self.min_keep!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}")
+
+    @property
+    def effective_implicit_coef(self) -> float:
+        """The implicit-term coefficient in use (``1/gamma`` when ``implicit_coef`` is None)."""
+        return 1.0 / self.gamma if self.implicit_coef is None else float(self.implicit_coef)
+
+    def replace(self, **changes: Any) -> BiPConfig:
+        """Return a copy with ``changes`` applied (unknown names raise ``TypeError``).
+
+        Example:
+            >>> BiPConfig().replace(steps=5).steps
+            5
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown BiP option(s) {unknown}; valid options: {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BiPConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        return cls().replace(**data)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(name: str, value: object) -> None:
+    if not _is_number(value) or not math.isfinite(float(value)) or not float(value) > 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -1,0 +1,282 @@
+r"""Pure tensor functions that turn scores into exact top-k masks.
+
+Nothing here knows about modules, data or optimisation. Every selection is exact (the number of
+kept entries is always the requested one) and deterministic: among entries whose score ties at
+the threshold, the ones with the lowest flat index are kept.
+
+Example:
+    >>> import torch
+    >>> from torchbip.masks import count_from_amount, topk_mask
+    >>> count_from_amount(0.5, 4), count_from_amount(3, 4)
+    (2, 3)
+    >>> topk_mask(torch.tensor([0.3, 0.1, 0.3, 0.9]), n_keep=2).tolist()
+    [True, False, False, True]
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GlobalTopK",
+    "count_from_amount",
+    "floor_counts",
+    "global_topk_masks",
+    "topk_mask",
+    "validate_amount",
+]
+
+
+def validate_amount(amount: object, name: str = "amount") -> int | float:
+    """Check that ``amount`` follows :mod:`torch.nn.utils.prune`'s convention.
+
+    A float in ``[0, 1]`` is a fraction of the entries that are still unpruned; a non-negative
+    int is a count.
+
+    Args:
+        amount: the value to check.
+        name: the argument name used in error messages.
+
+    Returns:
+        ``amount`` unchanged (as a Python ``int`` or ``float``).
+
+    Raises:
+        TypeError: if ``amount`` is not a real number (a ``bool`` is rejected too).
+        ValueError: if it is NaN, negative, or a float above 1.
+
+    Example:
+        >>> validate_amount(0.9)
+        0.9
+        >>> validate_amount(1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: amount=1.5 is a float outside [0, 1] ...
+    """
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(
+            f"{name} must be an int (a count) or a float in [0, 1] (a fraction), "
+            f"got {amount!r} of type {type(amount).__name__}"
+        )
+    if isinstance(amount, numbers.Integral):
+        if int(amount) < 0:
+            raise ValueError(f"{name}={amount} is a negative count; use an int >= 0")
+        return int(amount)
+    value = float(amount)
+    if math.isnan(value):
+        raise ValueError(f"{name}={amount!r} is NaN; use a float in [0, 1] or an int count")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{name}={amount!r} is a float outside [0, 1] (a fraction of the remaining entries); "
+            "pass an int to prune a count"
+        )
+    return value
+
+
+def count_from_amount(amount: int | float, n: int, name: str = "amount") -> int:
+    """Return how many of ``n`` remaining entries ``amount`` asks to prune.
+
+    Follows torch's rule: ``round(amount * n)`` for a float, the value itself for an int.
+
+    Args:
+        amount: a float in ``[0, 1]`` (fraction) or an int (count).
+        n: the number of entries that are still unpruned.
+        name: the argument name used in error messages.
+
+    Returns:
+        The number of entries to prune, in ``[0, n]``.
+
+    Raises:
+        ValueError: if an int ``amount`` exceeds ``n`` (and see :func:`validate_amount`).
+
+    Example:
+        >>> count_from_amount(0.95, 266_200)
+        252890
+    """
+    value = validate_amount(amount, name)
+    if isinstance(value, int):
+        if value > n:
+            raise ValueError(f"{name}={value} is larger than the number of unpruned entries ({n})")
+        return value
+    return round(value * n)
+
+
+def _select_threshold(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
+    """Keep entries above ``threshold`` plus the lowest-index ties, ``n_keep`` in all."""
+    keep = flat > threshold
+    n_above = int(keep.sum())
+    if n_above == n_keep:
+        return keep
+    ties = flat == threshold
+    rank = torch.cumsum(ties, dim=0, dtype=torch.int64)
+    return keep | (ties & (rank <= n_keep - n_above))
+
+
+def _kth_largest(flat: Tensor, n_keep: int) -> Tensor:
+    """The ``n_keep``-th largest value of a 1-D tensor (an O(n) selection)."""
+    return torch.kthvalue(flat, flat.numel() - n_keep + 1).values
+
+
+def topk_mask(scores: Tensor, n_keep: int, allowed: Tensor | None = None) -> Tensor:
+    """Boolean mask of the ``n_keep`` highest scores, never keeping a disallowed entry.
+
+    Args:
+        scores: a tensor of finite scores, any shape.
+        n_keep: how many entries to keep (``0 <= n_keep <= allowed.sum()``).
+        allowed: optional boolean tensor of ``scores``' shape; ``False`` entries are never kept.
+
+    Returns:
+        A boolean tensor of ``scores``' shape with exactly ``n_keep`` ``True`` entries.
+
+    Raises:
+        ValueError: if ``n_keep`` is out of range or the shapes differ.
+
+    Example:
+        >>> import torch
+        >>> topk_mask(torch.tensor([[4.0, 1.0], [3.0, 2.0]]), 2).tolist()
+        [[True, False], [True, False]]
+        >>> allowed = torch.tensor([[False, True], [True, True]])
+        >>> topk_mask(torch.tensor([[4.0, 1.0], [3.0, 2.0]]), 2, allowed).tolist()
+        [[False, False], [True, True]]
+    """
+    flat = scores.detach().reshape(-1)
+    n_allowed = flat.numel()
+    if allowed is not None:
+        if allowed.shape != scores.shape:
+            raise ValueError(
+                f"allowed has shape {tuple(allowed.shape)}, scores {tuple(scores.shape)}"
+            )
+        allowed_flat = allowed.reshape(-1).bool()
+        n_allowed = int(allowed_flat.sum())
+        flat = torch.where(allowed_flat, flat, torch.full_like(flat, -math.inf))
+    if not 0 <= n_keep <= n_allowed:
+        raise ValueError(f"n_keep={n_keep} must lie in [0, {n_allowed}]")
+    if n_keep == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    keep = _select_threshold(flat, n_keep, _kth_largest(flat, n_keep))
+    if allowed is not None:
+        keep &= allowed_flat
+    return keep.view(scores.shape)
+
+
+def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[int]:
+    """Per-tensor number of entries that a per-layer floor keeps.
+
+    Args:
+        numels: number of (allowed) entries of each tensor.
+        min_keep: ``None`` (no floor), an int count kept in every tensor (capped at its size),
+            or a float in ``[0, 1]``, the fraction of each tensor kept (rounded up, at least 1).
+
+    Returns:
+        One count per tensor.
+
+    Example:
+        >>> floor_counts([10, 1000], 0.01)
+        [1, 10]
+        >>> floor_counts([10, 1000], 20)
+        [10, 20]
+    """
+    if min_keep is None:
+        return [0] * len(numels)
+    if isinstance(min_keep, int):
+        return [min(min_keep, n) for n in numels]
+    return [min(n, max(1, math.ceil(min_keep * n))) for n in numels]
+
+
+class GlobalTopK:
+    """Exact global top-k over many score tensors, with an optional per-tensor floor.
+
+    Selection is O(n): :func:`torch.kthvalue` finds the exact threshold on the first call; later
+    calls reuse the previous threshold, count the entries above a narrow band around it and run
+    the selection only inside the band (a few elementwise passes), falling back to a full
+    selection when the threshold left the band. The result is identical to a full selection.
+
+    Args:
+        n_keep: the number of entries kept across all tensors.
+        floors: optional per-tensor counts that are always kept (the highest-scoring ones).
+
+    Example:
+        >>> import torch
+        >>> select = GlobalTopK(n_keep=3)
+        >>> masks = select([torch.tensor([0.5, 0.1]), torch.tensor([0.9, 0.2, 0.7])])
+        >>> [m.tolist() for m in masks]
+        [[True, False], [True, False, True]]
+        >>> masks = GlobalTopK(3, floors=[0, 0, 1])(
+        ...     [torch.tensor([0.5, 0.1]), torch.tensor([0.9, 0.7]), torch.tensor([0.0])]
+        ... )
+        >>> [m.tolist() for m in masks]
+        [[False, False], [True, True], [True]]
+    """
+
+    def __init__(self, n_keep: int, floors: Sequence[int] | None = None) -> None:
+        self.n_keep = int(n_keep)
+        self.floors = list(floors) if floors is not None else None
+        if self.floors is not None and sum(self.floors) > self.n_keep:
+            raise ValueError(
+                f"the per-layer floors keep {sum(self.floors)} entries, more than the "
+                f"{self.n_keep} that the amount allows"
+            )
+        self._threshold: Tensor | None = None
+        self._band = 1e-3
+
+    def reset(self) -> None:
+        """Forget the previous threshold (the next call runs a full selection)."""
+        self._threshold = None
+
+    def __call__(
+        self, scores: Sequence[Tensor], allowed: Sequence[Tensor | None] | None = None
+    ) -> list[Tensor]:
+        """Return one boolean mask per score tensor; ``n_keep`` ``True`` entries in all."""
+        flats = []
+        for i, s in enumerate(scores):
+            flat = s.detach().reshape(-1)
+            allow = None if allowed is None else allowed[i]
+            if allow is not None:
+                flat = torch.where(allow.reshape(-1).bool(), flat, -math.inf)
+            if self.floors is not None and self.floors[i] > 0:
+                forced = topk_mask(flat, self.floors[i])
+                flat = torch.where(forced, math.inf, flat)
+            flats.append(flat)
+        flat = torch.cat(flats) if len(flats) > 1 else flats[0]
+        keep = self._select(flat)
+        out = []
+        start = 0
+        for s in scores:
+            out.append(keep[start : start + s.numel()].view(s.shape))
+            start += s.numel()
+        return out
+
+    def _select(self, flat: Tensor) -> Tensor:
+        n, k = flat.numel(), self.n_keep
+        if not 0 <= k <= n:
+            raise ValueError(f"n_keep={k} must lie in [0, {n}]")
+        if k == 0:
+            return torch.zeros_like(flat, dtype=torch.bool)
+        threshold = self._banded_threshold(flat) if self._threshold is not None else None
+        if threshold is None:
+            threshold = _kth_largest(flat, k)
+        self._threshold = threshold
+        return _select_threshold(flat, k, threshold)
+
+    def _banded_threshold(self, flat: Tensor) -> Tensor | None:
+        """Exact k-th largest value if it lies in the band around the last threshold."""
+        assert self._threshold is not None
+        last = self._threshold
+        width = self._band * max(float(last.abs()), 1e-12)
+        lo, hi = last - width, last + width
+        n_above = int((flat > hi).sum())
+        need = self.n_keep - n_above
+        if need <= 0:
+            self._band *= 4
+            return None
+        band_values = flat[(flat >= lo) & (flat <= hi)]
+        if need > band_values.numel():
+            self._band *= 4
+            return None
+        if band_values.numel() > max(1024, flat.numel() // 64):
+            self._band /= 2
+        return _kth_largest(band_values, need)

@@ -1,0 +1,169 @@
+r"""BiP's unstructured pruning method: learned scores in, exact top-k mask out.
+
+:class:`BiPPruningMethod` is a :class:`torch.nn.utils.prune.BasePruningMethod`: it knows only how
+to turn scores into a mask. The scores are learned by :func:`torchbip.global_prune`; on their own,
+:class:`BiPPruningMethod` and :func:`bip_unstructured` prune by the given ``importance_scores``
+(the weight magnitudes by default) and register them as a ``<name>_scores`` buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip.masks import count_from_amount, topk_mask, validate_amount
+
+__all__ = ["BiPPruningMethod", "bip_unstructured", "scores_name"]
+
+
+def scores_name(name: str) -> str:
+    """Name of the score buffer that BiP registers for tensor ``name``.
+
+    Example:
+        >>> scores_name("weight")
+        'weight_scores'
+    """
+    return name + "_scores"
+
+
+class BiPPruningMethod(prune.BasePruningMethod):
+    r"""Prune the entries with the lowest BiP scores (an exact, deterministic top-k).
+
+    The mask keeps the highest-scoring entries among those that ``default_mask`` still keeps; an
+    entry pruned earlier is never revived. Ties are broken by flat index (lower index kept).
+
+    State on the module after :meth:`apply` (as for every torch pruning method):
+    ``<name>_orig`` (the parameter), ``<name>_mask`` (buffer), a forward pre-hook that sets
+    ``<name> = <name>_orig * <name>_mask``, plus the ``<name>_scores`` buffer holding the scores.
+    :func:`torch.nn.utils.prune.remove` makes the pruning permanent; BiP's own :meth:`remove`
+    also drops the score buffer.
+
+    Args:
+        amount: a float in ``[0, 1]``, the fraction of the *remaining* entries to prune, or an
+            int, the number of entries to prune (torch's convention).
+
+    Example:
+        >>> import torch
+        >>> method = BiPPruningMethod(amount=0.5)
+        >>> scores = torch.tensor([[0.9, 0.1], [0.5, 0.7]])
+        >>> method.compute_mask(scores, default_mask=torch.ones(2, 2)).tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+        >>> method.compute_mask(scores, default_mask=torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+        tensor([[0., 0.],
+                [0., 1.]])
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: int | float) -> None:
+        self.amount = validate_amount(amount)
+
+    def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
+        """Return ``default_mask`` with the lowest-scoring remaining entries set to zero.
+
+        Args:
+            t: importance scores, the shape of the pruned tensor.
+            default_mask: the mask from earlier pruning (ones where nothing was pruned).
+
+        Returns:
+            A mask of ``default_mask``'s dtype with exactly ``count`` more zeros, where ``count``
+            is ``round(amount * remaining)`` for a float amount or ``amount`` for an int.
+        """
+        if t.shape != default_mask.shape:
+            raise ValueError(
+                f"importance scores have shape {tuple(t.shape)} but default_mask has shape "
+                f"{tuple(default_mask.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError("importance_scores contain NaN or infinite values")
+        allowed = default_mask != 0
+        n_allowed = int(allowed.sum())
+        n_prune = count_from_amount(self.amount, n_allowed)
+        keep = topk_mask(t, n_allowed - n_prune, allowed)
+        return keep.to(dtype=default_mask.dtype)
+
+    @classmethod
+    def apply(  # type: ignore[override]
+        cls,
+        module: nn.Module,
+        name: str,
+        amount: int | float,
+        importance_scores: Tensor | None = None,
+    ) -> prune.BasePruningMethod:
+        """Prune ``module.<name>`` by scores and register the score buffer.
+
+        Args:
+            module: the module holding the tensor.
+            name: the parameter name, e.g. ``"weight"``.
+            amount: see :class:`BiPPruningMethod`.
+            importance_scores: scores of the tensor's shape; by default the magnitudes of the
+                current (masked) weights.
+
+        Returns:
+            The hook now attached to the module (a :class:`BiPPruningMethod`, or a
+            :class:`torch.nn.utils.prune.PruningContainer` when the tensor was pruned before).
+
+        Raises:
+            ValueError: for a bad ``amount`` or ``importance_scores``; the module is unchanged.
+        """
+        validate_amount(amount)
+        current = getattr(module, name, None)
+        if not isinstance(current, Tensor):
+            raise ValueError(f"module {type(module).__name__} has no tensor named name={name!r}")
+        scores = current.detach().abs() if importance_scores is None else importance_scores
+        if scores.shape != current.shape:
+            raise ValueError(
+                f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
+                f"{tuple(current.shape)}"
+            )
+        if not torch.isfinite(scores).all():
+            raise ValueError("importance_scores contain NaN or infinite values")
+        mask = getattr(module, name + "_mask", None)
+        remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
+        count_from_amount(amount, remaining)  # raise before torch removes any old hook
+        method = super().apply(module, name, amount=amount, importance_scores=scores)
+        module.register_buffer(scores_name(name), scores.detach().clone())
+        return method
+
+    def remove(self, module: nn.Module) -> None:
+        """Make the pruning permanent and drop the score buffer (see torch's ``remove``)."""
+        super().remove(module)
+        assert self._tensor_name is not None
+        module._buffers.pop(scores_name(self._tensor_name), None)
+
+
+def bip_unstructured(
+    module: nn.Module,
+    name: str,
+    amount: int | float,
+    importance_scores: Tensor | None = None,
+) -> nn.Module:
+    """Prune ``module.<name>`` by BiP scores, in torch's functional style.
+
+    Like :func:`torch.nn.utils.prune.l1_unstructured`, but ``importance_scores`` are BiP scores
+    (by default the weight magnitudes, so this alone is magnitude pruning); they are kept in the
+    ``<name>_scores`` buffer. Use :func:`torchbip.global_prune` to learn the scores.
+
+    Args:
+        module: module containing the tensor to prune.
+        name: parameter name within ``module``.
+        amount: a float in ``[0, 1]`` (fraction of the remaining entries) or an int (count).
+        importance_scores: optional scores of the parameter's shape.
+
+    Returns:
+        ``module``, modified in place.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn.utils import prune
+        >>> layer = nn.Linear(4, 2)
+        >>> _ = bip_unstructured(layer, "weight", amount=3)
+        >>> int((layer.weight_mask == 0).sum()), prune.is_pruned(layer)
+        (3, True)
+        >>> sorted(name for name, _ in layer.named_buffers())
+        ['weight_mask', 'weight_scores']
+    """
+    BiPPruningMethod.apply(module, name, amount=amount, importance_scores=importance_scores)
+    return module

@@ -1,0 +1,161 @@
+"""Reports that read a model's pruning state (they never change it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["PruneReport", "SparsityReport", "TensorSparsity", "sparsity_report"]
+
+
+@dataclass(frozen=True)
+class TensorSparsity:
+    """Sparsity of one tensor.
+
+    Attributes:
+        numel: number of entries.
+        zeros: number of pruned entries (zeros of the mask).
+    """
+
+    numel: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned entries."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-tensor and global sparsity of a model's pruned tensors, keyed by tensor FQN."""
+
+    tensors: dict[str, TensorSparsity]
+
+    @property
+    def numel(self) -> int:
+        """Total number of entries of the reported tensors."""
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def zeros(self) -> int:
+        """Total number of pruned entries."""
+        return sum(t.zeros for t in self.tensors.values())
+
+    @property
+    def global_sparsity(self) -> float:
+        """Pruned fraction over all reported tensors."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "global_sparsity": self.global_sparsity,
+            "numel": self.numel,
+            "zeros": self.zeros,
+            "tensors": {k: {**asdict(v), "sparsity": v.sparsity} for k, v in self.tensors.items()},
+        }
+
+    def to_markdown(self) -> str:
+        """A markdown table, one row per tensor and a total row."""
+        lines = ["| tensor | entries | pruned | sparsity |", "| --- | ---: | ---: | ---: |"]
+        for name, t in self.tensors.items():
+            lines.append(f"| {name} | {t.numel:,} | {t.zeros:,} | {t.sparsity:.2%} |")
+        lines.append(
+            f"| **total** | {self.numel:,} | {self.zeros:,} | {self.global_sparsity:.2%} |"
+        )
+        return "\n".join(lines)
+
+
+def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> SparsityReport:
+    """Count the zeros of every pruning mask of ``model``.
+
+    Args:
+        model: any module; tensors pruned by torch's or torchbip's methods are reported by their
+            ``*_mask`` buffers.
+        include_dense: also report unpruned ``nn.Linear``/``nn.Conv*d`` weights (0 zeros counted
+            from the values themselves).
+
+    Returns:
+        A :class:`SparsityReport`.
+
+    Example:
+        >>> from torch import nn
+        >>> from torch.nn.utils import prune
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = prune.l1_unstructured(model[0], "weight", amount=4)
+        >>> report = sparsity_report(model)
+        >>> report.tensors["0.weight"].zeros, report.global_sparsity
+        (4, 0.25)
+    """
+    from torchbip._func import PRUNABLE_TYPES
+
+    tensors: dict[str, TensorSparsity] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer_name.endswith("_mask") and hasattr(module, buffer_name[:-5] + "_orig"):
+                tensors[prefix + buffer_name[:-5]] = TensorSparsity(
+                    buffer.numel(), int((buffer == 0).sum())
+                )
+        if include_dense and isinstance(module, PRUNABLE_TYPES):
+            weight = module._parameters.get("weight")
+            if weight is not None:
+                tensors[prefix + "weight"] = TensorSparsity(
+                    weight.numel(), int((weight == 0).sum())
+                )
+    return SparsityReport(tensors)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What :func:`torchbip.global_prune` did.
+
+    Attributes:
+        sparsity: per-tensor and global sparsity of the pruned tensors.
+        steps: BiP steps run.
+        wall_time_s: wall-clock seconds of the run.
+        final_loss: mean training loss over the last ``log_every`` steps.
+        losses: ``(step, loss)`` pairs recorded every ``log_every`` steps.
+        amount: the ``amount`` asked for.
+        config: the resolved :class:`torchbip.BiPConfig` as a dict.
+    """
+
+    sparsity: SparsityReport
+    steps: int
+    wall_time_s: float
+    final_loss: float
+    amount: int | float
+    config: dict[str, Any]
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def global_sparsity(self) -> float:
+        """Pruned fraction over all pruned tensors."""
+        return self.sparsity.global_sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "method": "bip",
+            "amount": self.amount,
+            "steps": self.steps,
+            "wall_time_s": self.wall_time_s,
+            "final_loss": self.final_loss,
+            "losses": [list(x) for x in self.losses],
+            "config": self.config,
+            "sparsity": self.sparsity.to_dict(),
+        }
+
+    def to_markdown(self) -> str:
+        """Summary line plus the per-tensor table."""
+        head = (
+            f"BiP: {self.steps} steps in {self.wall_time_s:.1f} s, final loss "
+            f"{self.final_loss:.4f}, global sparsity {self.global_sparsity:.2%}\n\n"
+        )
+        return head + self.sparsity.to_markdown()
+
+    def __str__(self) -> str:
+        return self.to_markdown()
