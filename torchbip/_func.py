@@ -41,9 +41,7 @@ class Target:
     @property
     def is_pruned(self) -> bool:
         """Whether the tensor is already reparametrised by torch's pruning."""
-        return hasattr(self.module, self.name + "_orig") and hasattr(
-            self.module, self.name + "_mask"
-        )
+        return hasattr(self.module, self.name + "_orig") and hasattr(self.module, self.name + "_mask")
 
     def weight(self) -> Tensor:
         """The tensor (``*_orig`` if pruned), a Parameter."""
@@ -55,9 +53,7 @@ def default_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
 
 
-def resolve_targets(
-    model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None
-) -> list[Target]:
+def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None) -> list[Target]:
     """Check ``parameters`` (or pick the defaults) and name each tensor in the model.
 
     Raises:
@@ -80,9 +76,7 @@ def resolve_targets(
             raise TypeError(f"parameters must hold (module, name) pairs, got {entry!r}")
         module, name = entry
         if id(module) not in names:
-            raise ValueError(
-                f"parameters names a {type(module).__name__} that is not part of the model"
-            )
+            raise ValueError(f"parameters names a {type(module).__name__} that is not part of the model")
         target = Target(module, name, names[id(module)])
         if (id(module), name) in seen:
             raise ValueError(f"parameters names {target.fqn!r} more than once")
@@ -92,8 +86,7 @@ def resolve_targets(
             tensor = module._parameters.get(name)
         if not isinstance(tensor, nn.Parameter):
             raise ValueError(
-                f"parameters names {target.fqn!r}, but {type(module).__name__} has no "
-                f"parameter {name!r}"
+                f"parameters names {target.fqn!r}, but {type(module).__name__} has no parameter {name!r}"
             )
         if id(tensor) in seen_tensors:
             raise ValueError(

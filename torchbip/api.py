@@ -101,8 +101,7 @@ def global_prune(
     targets = resolve_targets(model, parameters)
     allowed = [_allowed(t) for t in targets]
     n_allowed = [
-        t.weight().numel() if a is None else int(a.sum())
-        for t, a in zip(targets, allowed, strict=False)
+        t.weight().numel() if a is None else int(a.sum()) for t, a in zip(targets, allowed, strict=False)
     ]
     n_prune = count_from_amount(amount, sum(n_allowed))
     floors = floor_counts(n_allowed, cfg.min_keep)
@@ -146,9 +145,7 @@ def _run(
     # 1. Scores: a scaled copy of the magnitudes of the current (masked) weights.
     scores = [init_scores(_current(t), cfg.score_init) for t in targets]
     # 2. The first mask: the global top-k of the scores, as torch pruning state per tensor.
-    for target, s, keep, allow in zip(
-        targets, scores, selector(scores, allowed), allowed, strict=False
-    ):
+    for target, s, keep, allow in zip(targets, scores, selector(scores, allowed), allowed, strict=False):
         remaining = s.numel() if allow is None else int(allow.sum())
         BiPPruningMethod.apply(
             target.module, target.name, amount=remaining - int(keep.sum()), importance_scores=s
@@ -299,9 +296,7 @@ def _resolve_steps(cfg: BiPConfig, loader: Iterable[Any], per_step: int) -> int:
     try:
         n_batches = len(loader)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(
-            "loader has no len(); pass steps= to say how many BiP steps to run"
-        ) from None
+        raise ValueError("loader has no len(); pass steps= to say how many BiP steps to run") from None
     epochs = 1.0 if cfg.epochs is None else cfg.epochs
     return max(1, math.ceil(epochs * n_batches / per_step))
 

@@ -113,9 +113,7 @@ def masked_loss_grads(
 
     p, m, b = dict(params), dict(masks), dict(buffers)
     if with_mask_grads:
-        grads, (loss, new_buffers) = torch.func.grad(objective, argnums=(0, 1), has_aux=True)(
-            p, m, b
-        )
+        grads, (loss, new_buffers) = torch.func.grad(objective, argnums=(0, 1), has_aux=True)(p, m, b)
         return MaskedGrads(loss, grads[0], grads[1], new_buffers)
     grad_p, (loss, new_buffers) = torch.func.grad(lambda p_: objective(p_, m, b), has_aux=True)(p)
     return MaskedGrads(loss, grad_p, {}, new_buffers)

@@ -63,9 +63,7 @@ class BatchStream:
                 try:
                     batch = next(self._it)
                 except StopIteration:
-                    raise ValueError(
-                        f"{self.name} yielded no batch in epoch {self.epoch}"
-                    ) from None
+                    raise ValueError(f"{self.name} yielded no batch in epoch {self.epoch}") from None
         self.position += 1
         return split_batch(batch, self.name)
 

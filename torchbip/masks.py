@@ -26,7 +26,6 @@ __all__ = [
     "GlobalTopK",
     "count_from_amount",
     "floor_counts",
-    "global_topk_masks",
     "topk_mask",
     "validate_amount",
 ]
@@ -147,9 +146,7 @@ def topk_mask(scores: Tensor, n_keep: int, allowed: Tensor | None = None) -> Ten
     n_allowed = flat.numel()
     if allowed is not None:
         if allowed.shape != scores.shape:
-            raise ValueError(
-                f"allowed has shape {tuple(allowed.shape)}, scores {tuple(scores.shape)}"
-            )
+            raise ValueError(f"allowed has shape {tuple(allowed.shape)}, scores {tuple(scores.shape)}")
         allowed_flat = allowed.reshape(-1).bool()
         n_allowed = int(allowed_flat.sum())
         flat = torch.where(allowed_flat, flat, torch.full_like(flat, -math.inf))

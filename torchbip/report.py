@@ -63,9 +63,7 @@ class SparsityReport:
         lines = ["| tensor | entries | pruned | sparsity |", "| --- | ---: | ---: | ---: |"]
         for name, t in self.tensors.items():
             lines.append(f"| {name} | {t.numel:,} | {t.zeros:,} | {t.sparsity:.2%} |")
-        lines.append(
-            f"| **total** | {self.numel:,} | {self.zeros:,} | {self.global_sparsity:.2%} |"
-        )
+        lines.append(f"| **total** | {self.numel:,} | {self.zeros:,} | {self.global_sparsity:.2%} |")
         return "\n".join(lines)
 
 
@@ -97,15 +95,11 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
         prefix = f"{module_name}." if module_name else ""
         for buffer_name, buffer in module.named_buffers(recurse=False):
             if buffer_name.endswith("_mask") and hasattr(module, buffer_name[:-5] + "_orig"):
-                tensors[prefix + buffer_name[:-5]] = TensorSparsity(
-                    buffer.numel(), int((buffer == 0).sum())
-                )
+                tensors[prefix + buffer_name[:-5]] = TensorSparsity(buffer.numel(), int((buffer == 0).sum()))
         if include_dense and isinstance(module, PRUNABLE_TYPES):
             weight = module._parameters.get("weight")
             if weight is not None:
-                tensors[prefix + "weight"] = TensorSparsity(
-                    weight.numel(), int((weight == 0).sum())
-                )
+                tensors[prefix + "weight"] = TensorSparsity(weight.numel(), int((weight == 0).sum()))
     return SparsityReport(tensors)
 
 

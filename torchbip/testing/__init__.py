@@ -1,0 +1,1 @@
+"""Reusable test helpers: hypothesis strategies and a contract suite for pruning methods."""
