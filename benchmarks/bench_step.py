@@ -1,0 +1,250 @@
+"""Cost of one BiP step against one dense SGD step, and of the forward pass under BiP hooks.
+
+Everything is measured side by side in one run, on the same model, batch and machine, and
+reported as ratios. Run:
+
+    python benchmarks/bench_step.py            # full (a few minutes on a 2-core CPU)
+    python benchmarks/bench_step.py --quick    # seconds
+
+Writes ``benchmarks/results/bench_step-<device>-torch<version>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+import torchbip
+from torchbip.masks import GlobalTopK
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def lenet_300_100() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+def resnet18_cifar() -> nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "lenet_300_100": (lenet_300_100, (1, 28, 28)),
+    "small_cnn": (small_cnn, (1, 28, 28)),
+    "resnet18_32px": (resnet18_cifar, (3, 32, 32)),
+}
+
+
+def batches(shape: tuple[int, ...], batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(batch_size, *shape, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def dense_steps(model: nn.Module, data: list) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    start = time.perf_counter()
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def bip_run(model: nn.Module, data: list, mode: str) -> float:
+    start = time.perf_counter()
+    torchbip.global_prune(model, 0.9, data, steps=len(data), mode=mode, progress=False)
+    return time.perf_counter() - start
+
+
+def per_step(fn: Callable[[int], float], short: int, long: int) -> float:
+    """Seconds per step as the difference of two runs (removes set-up cost)."""
+    return (fn(long) - fn(short)) / (long - short)
+
+
+def forward_time(model: nn.Module, x: torch.Tensor, reps: int) -> float:
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(reps):
+            model(x)
+    return (time.perf_counter() - start) / reps
+
+
+def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int) -> dict:
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    base = make()
+    data = batches(shape, batch_size, long if long % 2 == 0 else long + 1)
+    # one-batch-per-step modes consume `long` batches; two_batch consumes 2 per step
+    rows: dict[str, list[float]] = {"dense": [], "fused": [], "two_batch": []}
+    for _ in range(repeats):  # interleaved, so drifts of the machine hit every variant alike
+        rows["dense"].append(
+            per_step(lambda n: dense_steps(copy.deepcopy(base), data[:n]), short, long)
+        )
+        for mode in ("fused", "two_batch"):
+            rows[mode].append(
+                per_step(lambda n, m=mode: bip_run(copy.deepcopy(base), data[:n], m), short, long)
+            )
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    # forward cost: dense, under BiP hooks, after prune.remove
+    x = data[0][0]
+    hooked = copy.deepcopy(base)
+    torchbip.global_prune(hooked, 0.9, data[:2], steps=1, progress=False)
+    removed = copy.deepcopy(hooked)
+    for module in removed.modules():
+        if prune.is_pruned(module) and hasattr(module, "weight_orig"):
+            prune.remove(module, "weight")
+    fwd = {"dense": [], "hooked": [], "removed": []}
+    for _ in range(repeats):
+        fwd["dense"].append(forward_time(base, x, 20))
+        fwd["hooked"].append(forward_time(hooked, x, 20))
+        fwd["removed"].append(forward_time(removed, x, 20))
+    fmed = {k: statistics.median(v) for k, v in fwd.items()}
+    n_prunable = sum(
+        m.weight.numel() for m in base.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
+    return {
+        "model": name,
+        "batch_size": batch_size,
+        "prunable_weights": n_prunable,
+        "step_s": med,
+        "step_ratio_fused": med["fused"] / med["dense"],
+        "step_ratio_two_batch": med["two_batch"] / med["dense"],
+        "forward_s": fmed,
+        "forward_ratio_hooked": fmed["hooked"] / fmed["dense"],
+        "forward_ratio_removed": fmed["removed"] / fmed["dense"],
+    }
+
+
+def bench_topk(n: int, repeats: int) -> dict:
+    """Full kthvalue selection vs the banded selection that reuses the last threshold."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(n, generator=g)
+    n_keep = n // 10
+    times_full, times_banded = [], []
+    selector = GlobalTopK(n_keep)
+    selector([scores])
+    for _ in range(repeats):
+        scores.add_(torch.randn(n, generator=g), alpha=1e-5)  # a small upper step
+        start = time.perf_counter()
+        torch.kthvalue(scores, n - n_keep + 1)
+        times_full.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        masks = selector([scores])
+        times_banded.append(time.perf_counter() - start)
+        assert int(masks[0].sum()) == n_keep
+    return {
+        "numel": n,
+        "kthvalue_s": statistics.median(times_full),
+        "global_topk_s": statistics.median(times_banded),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# bench_step ({result['device']}, torch {result['torch']})",
+        "",
+        "Seconds per step (median of interleaved repeats, set-up cost removed) and ratios to a "
+        "dense SGD step of the same model and batch. Targets: fused <= 1.3x, two-batch <= 2.3x, "
+        "forward under hooks <= 1.1x, after `prune.remove` 1.0x.",
+        "",
+        "| model | batch | prunable | dense step | fused | two-batch | fused / dense | "
+        "two-batch / dense | fwd hooked / dense | fwd removed / dense |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["models"]:
+        s = r["step_s"]
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['prunable_weights']:,} | "
+            f"{s['dense'] * 1e3:.2f} ms | {s['fused'] * 1e3:.2f} ms | {s['two_batch'] * 1e3:.2f} ms | "
+            f"{r['step_ratio_fused']:.2f}x | {r['step_ratio_two_batch']:.2f}x | "
+            f"{r['forward_ratio_hooked']:.2f}x | {r['forward_ratio_removed']:.2f}x |"
+        )
+    lines += [
+        "",
+        "Global top-k over n scores after a small score update: full `torch.kthvalue` vs "
+        "`GlobalTopK` (banded selection around the last threshold, exact count).",
+        "",
+        "| scores | kthvalue | GlobalTopK | speed-up |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["topk"]:
+        lines.append(
+            f"| {r['numel']:,} | {r['kthvalue_s'] * 1e3:.2f} ms | {r['global_topk_s'] * 1e3:.2f} ms | "
+            f"{r['kthvalue_s'] / r['global_topk_s']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        plan = [("lenet_300_100", 128, 4, 12, 2), ("small_cnn", 64, 2, 6, 2)]
+        topk_sizes, topk_reps = [266_610], 5
+    else:
+        plan = [
+            ("lenet_300_100", 128, 10, 60, 5),
+            ("small_cnn", 128, 5, 25, 5),
+            ("resnet18_32px", 64, 3, 11, 3),
+        ]
+        topk_sizes, topk_reps = [266_610, 11_000_000, 25_500_000], 9
+    result = {
+        "device": f"cpu-{platform.machine()}-{torch.get_num_threads()}threads",
+        "torch": torch.__version__.split("+")[0],
+        "quick": args.quick,
+        "models": [bench_model(*p) for p in plan],
+        "topk": [bench_topk(n, topk_reps) for n in topk_sizes],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_step-{result['device']}-torch{result['torch']}" + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
