@@ -107,9 +107,13 @@ class BiPConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         _positive("gamma", self.gamma)
         if self.implicit_coef is not None and (
-            not _is_number(self.implicit_coef) or not self.implicit_coef >= 0
+            not _is_number(self.implicit_coef)
+            or not math.isfinite(self.implicit_coef)
+            or not self.implicit_coef >= 0
         ):
-            raise ValueError(f"implicit_coef must be a number >= 0 or None, got {self.implicit_coef!r}")
+            raise ValueError(
+                f"implicit_coef must be a finite number >= 0 or None, got {self.implicit_coef!r}"
+            )
         if self.min_keep is not None:
             if isinstance(self.min_keep, bool) or not _is_number(self.min_keep):
                 raise ValueError(f"min_keep must be an int, a float or None, got {self.min_keep!r}")
@@ -119,7 +123,7 @@ class BiPConfig:
                 raise ValueError(f"min_keep as a float must lie in [0, 1], got {self.min_keep!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if not isinstance(self.log_every, int) or self.log_every < 1:
+        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}")
 
     @property

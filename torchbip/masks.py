@@ -115,6 +115,11 @@ def _select_threshold(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
     return keep | (ties & (rank <= n_keep - n_above))
 
 
+def _as_float(flat: Tensor) -> Tensor:
+    """Integer and boolean scores are ranked as float64 (selection needs ``-inf`` and kthvalue)."""
+    return flat if flat.is_floating_point() else flat.to(torch.float64)
+
+
 def _kth_largest(flat: Tensor, n_keep: int) -> Tensor:
     """The ``n_keep``-th largest value of a 1-D tensor (an O(n) selection)."""
     return torch.kthvalue(flat, flat.numel() - n_keep + 1).values
@@ -142,7 +147,7 @@ def topk_mask(scores: Tensor, n_keep: int, allowed: Tensor | None = None) -> Ten
         >>> topk_mask(torch.tensor([[4.0, 1.0], [3.0, 2.0]]), 2, allowed).tolist()
         [[False, False], [True, True]]
     """
-    flat = scores.detach().reshape(-1)
+    flat = _as_float(scores.detach().reshape(-1))
     n_allowed = flat.numel()
     if allowed is not None:
         if allowed.shape != scores.shape:
@@ -171,6 +176,10 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
     Returns:
         One count per tensor.
 
+    Raises:
+        TypeError: if ``min_keep`` is not ``None``, an int or a float (a ``bool`` is rejected).
+        ValueError: if it is a negative int, or a float outside ``[0, 1]`` or NaN.
+
     Example:
         >>> floor_counts([10, 1000], 0.01)
         [1, 10]
@@ -179,9 +188,19 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
     """
     if min_keep is None:
         return [0] * len(numels)
-    if isinstance(min_keep, int):
-        return [min(min_keep, n) for n in numels]
-    return [min(n, max(1, math.ceil(min_keep * n))) for n in numels]
+    if isinstance(min_keep, bool) or not isinstance(min_keep, numbers.Real):
+        raise TypeError(
+            f"min_keep must be None, an int (a count) or a float in [0, 1] (a fraction), "
+            f"got {min_keep!r} of type {type(min_keep).__name__}"
+        )
+    if isinstance(min_keep, numbers.Integral):
+        if int(min_keep) < 0:
+            raise ValueError(f"min_keep={min_keep} is a negative count; use an int >= 0")
+        return [min(int(min_keep), n) for n in numels]
+    fraction = float(min_keep)
+    if not 0.0 <= fraction <= 1.0:  # also catches NaN
+        raise ValueError(f"min_keep={min_keep!r} is a float outside [0, 1] (a fraction of each tensor)")
+    return [min(n, max(1, math.ceil(fraction * n))) for n in numels]
 
 
 class GlobalTopK:
@@ -227,15 +246,45 @@ class GlobalTopK:
     def __call__(
         self, scores: Sequence[Tensor], allowed: Sequence[Tensor | None] | None = None
     ) -> list[Tensor]:
-        """Return one boolean mask per score tensor; ``n_keep`` ``True`` entries in all."""
+        """Return one boolean mask per score tensor; ``n_keep`` ``True`` entries in all.
+
+        Args:
+            scores: finite score tensors (any shapes).
+            allowed: optional boolean tensors (one per score tensor, or ``None``); ``False``
+                entries are never kept.
+
+        Returns:
+            One boolean mask per score tensor, of its shape.
+
+        Raises:
+            ValueError: if the lists are empty or of different lengths, or if ``n_keep`` or a
+                floor exceeds the number of allowed entries.
+        """
+        if len(scores) == 0:
+            raise ValueError("scores is empty: pass at least one score tensor")
+        if allowed is not None and len(allowed) != len(scores):
+            raise ValueError(f"allowed has {len(allowed)} entries but scores has {len(scores)}")
+        if self.floors is not None and len(self.floors) != len(scores):
+            raise ValueError(f"floors has {len(self.floors)} entries but scores has {len(scores)}")
+        allows: list[Tensor | None] = [None] * len(scores)
+        if allowed is not None:
+            for i, (s, allow) in enumerate(zip(scores, allowed, strict=True)):
+                if allow is None:
+                    continue
+                if allow.shape != s.shape:
+                    raise ValueError(
+                        f"allowed[{i}] has shape {tuple(allow.shape)}, scores[{i}] {tuple(s.shape)}"
+                    )
+                allows[i] = allow.reshape(-1).bool()
+        self._check_counts(scores, allows)
         flats = []
         for i, s in enumerate(scores):
-            flat = s.detach().reshape(-1)
-            allow = None if allowed is None else allowed[i]
+            flat = _as_float(s.detach().reshape(-1))
+            allow = allows[i]
             if allow is not None:
-                flat = torch.where(allow.reshape(-1).bool(), flat, -math.inf)
+                flat = torch.where(allow, flat, -math.inf)
             if self.floors is not None and self.floors[i] > 0:
-                forced = topk_mask(flat, self.floors[i])
+                forced = topk_mask(flat, self.floors[i], allow)
                 flat = torch.where(forced, math.inf, flat)
             flats.append(flat)
         flat = torch.cat(flats) if len(flats) > 1 else flats[0]
@@ -246,6 +295,25 @@ class GlobalTopK:
             out.append(keep[start : start + s.numel()].view(s.shape))
             start += s.numel()
         return out
+
+    def _check_counts(self, scores: Sequence[Tensor], allows: Sequence[Tensor | None]) -> None:
+        """Raise if ``n_keep`` or a floor asks for more entries than ``allowed`` leaves."""
+        present = [a.sum() for a in allows if a is not None]
+        allowed_counts = iter(torch.stack(present).tolist() if present else [])  # one device sync
+        counts = [
+            s.numel() if a is None else int(next(allowed_counts)) for s, a in zip(scores, allows, strict=True)
+        ]
+        if self.n_keep > sum(counts):
+            raise ValueError(
+                f"n_keep={self.n_keep} is larger than the number of allowed entries ({sum(counts)})"
+            )
+        if self.floors is not None:
+            for i, (floor, count) in enumerate(zip(self.floors, counts, strict=True)):
+                if floor > count:
+                    raise ValueError(
+                        f"floors[{i}]={floor} is larger than the number of allowed entries of "
+                        f"tensor {i} ({count})"
+                    )
 
     def _select(self, flat: Tensor) -> Tensor:
         n, k = flat.numel(), self.n_keep

@@ -36,6 +36,9 @@ class BiPPruningMethod(prune.BasePruningMethod):
     State on the module after :meth:`apply` (as for every torch pruning method):
     ``<name>_orig`` (the parameter), ``<name>_mask`` (buffer), a forward pre-hook that sets
     ``<name> = <name>_orig * <name>_mask``, plus the ``<name>_scores`` buffer holding the scores.
+    The score buffer is non-persistent, so ``state_dict`` holds exactly the keys that torch's own
+    methods leave (``<name>_orig``, ``<name>_mask``), also when a
+    :class:`~torch.nn.utils.prune.PruningContainer` combines BiP with other methods.
     :func:`torch.nn.utils.prune.remove` makes the pruning permanent; BiP's own :meth:`remove`
     also drops the score buffer.
 
@@ -123,14 +126,17 @@ class BiPPruningMethod(prune.BasePruningMethod):
         remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
         count_from_amount(amount, remaining)  # raise before torch removes any old hook
         method = super().apply(module, name, amount=amount, importance_scores=scores)
-        module.register_buffer(scores_name(name), scores.detach().clone())
+        # Non-persistent: a PruningContainer's remove() never calls BiP's, so a persistent score
+        # buffer would stay in the state_dict and break strict loading into a fresh model.
+        module.register_buffer(scores_name(name), scores.detach().clone(), persistent=False)
         return method
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent and drop the score buffer (see torch's ``remove``)."""
         super().remove(module)
         assert self._tensor_name is not None
-        module._buffers.pop(scores_name(self._tensor_name), None)
+        if scores_name(self._tensor_name) in module._buffers:
+            delattr(module, scores_name(self._tensor_name))
 
 
 def bip_unstructured(
@@ -143,7 +149,7 @@ def bip_unstructured(
 
     Like :func:`torch.nn.utils.prune.l1_unstructured`, but ``importance_scores`` are BiP scores
     (by default the weight magnitudes, so this alone is magnitude pruning); they are kept in the
-    ``<name>_scores`` buffer. Use :func:`torchbip.global_prune` to learn the scores.
+    non-persistent ``<name>_scores`` buffer. Use :func:`torchbip.global_prune` to learn the scores.
 
     Args:
         module: module containing the tensor to prune.
@@ -164,6 +170,8 @@ def bip_unstructured(
         (3, True)
         >>> sorted(name for name, _ in layer.named_buffers())
         ['weight_mask', 'weight_scores']
+        >>> sorted(layer.state_dict())
+        ['bias', 'weight_mask', 'weight_orig']
     """
     BiPPruningMethod.apply(module, name, amount=amount, importance_scores=importance_scores)
     return module

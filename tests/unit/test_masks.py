@@ -1,0 +1,389 @@
+"""Hand-checked cases for torchbip.masks: amounts, top-k masks, floors, GlobalTopK."""
+
+from __future__ import annotations
+
+import math
+import re
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from torchbip import masks
+from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
+
+T, F = True, False
+
+
+def bools(rows: list) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------- validate_amount
+
+
+@pytest.mark.parametrize(
+    ("amount", "expected"),
+    [
+        pytest.param(0, 0, id="int-zero"),
+        pytest.param(7, 7, id="int"),
+        pytest.param(0.0, 0.0, id="float-zero"),
+        pytest.param(1.0, 1.0, id="float-one"),
+        pytest.param(0.3, 0.3, id="float"),
+        pytest.param(np.int64(3), 3, id="numpy-int"),
+        pytest.param(np.float32(0.5), 0.5, id="numpy-float"),
+    ],
+)
+def test_validate_amount_accepts(amount: object, expected: int | float) -> None:
+    got = validate_amount(amount)
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("amount", "error", "match"),
+    [
+        pytest.param(-1, ValueError, "amount=-1 is a negative count", id="negative-int"),
+        pytest.param(-0.1, ValueError, "amount=-0.1 is a float outside [0, 1]", id="negative-float"),
+        pytest.param(1.5, ValueError, "amount=1.5 is a float outside [0, 1]", id="float-above-one"),
+        pytest.param(math.inf, ValueError, "amount=inf is a float outside [0, 1]", id="inf"),
+        pytest.param(math.nan, ValueError, "amount=nan is NaN", id="nan"),
+        pytest.param("0.5", TypeError, "amount must be .* got '0.5' of type str", id="str"),
+        pytest.param(True, TypeError, "amount must be .* got True of type bool", id="bool"),
+        pytest.param(None, TypeError, "amount must be .* got None of type NoneType", id="none"),
+        pytest.param(torch.tensor(0.5), TypeError, "of type Tensor", id="tensor"),
+    ],
+)
+def test_validate_amount_rejects(amount: object, error: type[Exception], match: str) -> None:
+    pattern = match if ".*" in match else re.escape(match)
+    with pytest.raises(error, match=pattern):
+        validate_amount(amount)
+
+
+def test_validate_amount_uses_given_name() -> None:
+    with pytest.raises(ValueError, match=r"^sparsity=2\.0 is a float"):
+        validate_amount(2.0, name="sparsity")
+
+
+# --------------------------------------------------------------------------- count_from_amount
+
+
+@pytest.mark.parametrize(
+    ("amount", "n", "expected"),
+    [
+        pytest.param(0.5, 4, 2, id="half-of-4"),
+        pytest.param(0.5, 5, 2, id="2.5-rounds-half-to-even"),
+        pytest.param(0.3, 5, 2, id="1.5-rounds-half-to-even"),
+        pytest.param(0.7, 5, 4, id="3.5-rounds-half-to-even"),
+        pytest.param(0.9, 5, 4, id="4.5-rounds-half-to-even"),
+        pytest.param(0.1, 5, 0, id="0.5-rounds-to-zero"),
+        pytest.param(0.0, 9, 0, id="float-zero"),
+        pytest.param(1.0, 9, 9, id="float-one"),
+        pytest.param(0.5, 0, 0, id="float-of-empty"),
+        pytest.param(0, 9, 0, id="int-zero"),
+        pytest.param(3, 9, 3, id="int"),
+        pytest.param(9, 9, 9, id="int-all"),
+        pytest.param(0, 0, 0, id="int-of-empty"),
+        pytest.param(0.95, 266_200, 252_890, id="lenet-95"),
+    ],
+)
+def test_count_from_amount(amount: int | float, n: int, expected: int) -> None:
+    assert count_from_amount(amount, n) == expected
+
+
+def test_int_and_float_amounts_agree_when_they_should() -> None:
+    assert count_from_amount(1, 4) == count_from_amount(0.25, 4) == 1
+    # An int is a count even when it is 1: it never means "100%".
+    assert count_from_amount(1, 10) == 1
+    assert count_from_amount(1.0, 10) == 10
+
+
+def test_count_from_amount_int_larger_than_remaining() -> None:
+    with pytest.raises(ValueError, match=r"amount=5 is larger than the number of unpruned entries \(4\)"):
+        count_from_amount(5, 4)
+
+
+def test_count_from_amount_validates() -> None:
+    with pytest.raises(ValueError, match=r"amount=-2 is a negative count"):
+        count_from_amount(-2, 4)
+    with pytest.raises(TypeError, match=r"got False of type bool"):
+        count_from_amount(False, 4)
+
+
+# --------------------------------------------------------------------------- topk_mask
+
+
+@pytest.mark.parametrize(
+    ("scores", "n_keep", "expected"),
+    [
+        pytest.param([0.3, 0.1, 0.3, 0.9], 2, [T, F, F, T], id="tie-lowest-index-kept"),
+        pytest.param([1.0, 1.0, 1.0, 1.0], 2, [T, T, F, F], id="all-tied"),
+        pytest.param([1.0, 1.0, 1.0, 1.0], 0, [F, F, F, F], id="keep-none"),
+        pytest.param([1.0, 1.0, 1.0, 1.0], 4, [T, T, T, T], id="keep-all"),
+        pytest.param([-1.0, -3.0, -2.0], 2, [T, F, T], id="negative-scores-by-value"),
+        pytest.param([0.0, -0.0, 0.0], 1, [T, F, F], id="signed-zeros-tie"),
+        pytest.param([[4.0, 1.0], [3.0, 2.0]], 2, [[T, F], [T, F]], id="2d"),
+        pytest.param([[2.0, 5.0, 2.0], [5.0, 2.0, 1.0]], 3, [[T, T, F], [T, F, F]], id="2d-ties"),
+        pytest.param([[[1.0], [2.0]], [[2.0], [1.0]]], 3, [[[T], [T]], [[T], [F]]], id="3d-ties"),
+        pytest.param(3.0, 1, T, id="0d"),
+    ],
+)
+def test_topk_mask_by_hand(scores: list, n_keep: int, expected: list) -> None:
+    got = topk_mask(torch.tensor(scores), n_keep)
+    assert got.dtype == torch.bool
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("scores", "allowed", "n_keep", "expected"),
+    [
+        pytest.param([[4.0, 1.0], [3.0, 2.0]], [[F, T], [T, T]], 2, [[F, F], [T, T]], id="skip-disallowed"),
+        pytest.param([5.0, 5.0, 5.0, 5.0], [F, T, F, T], 1, [F, T, F, F], id="ties-among-allowed"),
+        pytest.param([1.0, 2.0, 3.0], [F, F, F], 0, [F, F, F], id="nothing-allowed"),
+        pytest.param([1.0, 9.0, 3.0], [T, F, T], 2, [T, F, T], id="keep-all-allowed"),
+    ],
+)
+def test_topk_mask_allowed_by_hand(scores: list, allowed: list, n_keep: int, expected: list) -> None:
+    assert topk_mask(torch.tensor(scores), n_keep, bools(allowed)).tolist() == expected
+
+
+def test_topk_mask_flat_index_is_row_major_of_a_view() -> None:
+    scores = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]).t()  # non-contiguous, shape (2, 3)
+    assert not scores.is_contiguous()
+    assert topk_mask(scores, 3).tolist() == [[T, T, F], [T, F, F]]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32],
+    ids=str,
+)
+def test_topk_mask_dtypes(dtype: torch.dtype) -> None:
+    scores = torch.tensor([3, 1, 2, 2, 0]).to(dtype)
+    assert topk_mask(scores, 3).tolist() == [T, F, T, T, F]
+    assert topk_mask(scores, 2, bools([F, T, T, T, T])).tolist() == [F, F, T, T, F]
+
+
+def test_topk_mask_bool_scores() -> None:
+    scores = bools([F, T, F, T])
+    assert topk_mask(scores, 3).tolist() == [T, T, F, T]
+
+
+def test_topk_mask_leaves_scores_alone() -> None:
+    scores = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    before = scores.detach().clone()
+    got = topk_mask(scores, 1)
+    assert not got.requires_grad
+    assert torch.equal(scores.detach(), before)
+
+
+def test_topk_mask_empty_tensor() -> None:
+    got = topk_mask(torch.zeros(0, 3), 0)
+    assert got.shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("n_keep", "allowed", "match"),
+    [
+        pytest.param(5, None, r"n_keep=5 must lie in \[0, 4\]", id="too-many"),
+        pytest.param(-1, None, r"n_keep=-1 must lie in \[0, 4\]", id="negative"),
+        pytest.param(3, [T, F, T, F], r"n_keep=3 must lie in \[0, 2\]", id="more-than-allowed"),
+    ],
+)
+def test_topk_mask_rejects_bad_n_keep(n_keep: int, allowed: list | None, match: str) -> None:
+    allow = None if allowed is None else bools(allowed)
+    with pytest.raises(ValueError, match=match):
+        topk_mask(torch.arange(4.0), n_keep, allow)
+
+
+def test_topk_mask_rejects_allowed_of_another_shape() -> None:
+    with pytest.raises(ValueError, match=r"allowed has shape \(4,\), scores \(2, 2\)"):
+        topk_mask(torch.ones(2, 2), 1, torch.ones(4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- floor_counts
+
+
+@pytest.mark.parametrize(
+    ("numels", "min_keep", "expected"),
+    [
+        pytest.param([10, 1000], None, [0, 0], id="none"),
+        pytest.param([10, 1000], 0.01, [1, 10], id="fraction-at-least-one"),
+        pytest.param([3, 7], 0.5, [2, 4], id="fraction-rounds-up"),
+        pytest.param([3, 7], 1.0, [3, 7], id="fraction-one"),
+        pytest.param([3, 7], 0.0, [1, 1], id="fraction-zero-keeps-one"),
+        pytest.param([0, 5], 0.5, [0, 3], id="empty-tensor"),
+        pytest.param([10, 1000], 20, [10, 20], id="count-capped"),
+        pytest.param([10, 1000], 0, [0, 0], id="count-zero"),
+        pytest.param([4], np.int64(2), [2], id="numpy-int"),
+    ],
+)
+def test_floor_counts(numels: list[int], min_keep: int | float | None, expected: list[int]) -> None:
+    assert floor_counts(numels, min_keep) == expected
+
+
+@pytest.mark.parametrize(
+    ("min_keep", "error", "match"),
+    [
+        pytest.param(-1, ValueError, r"min_keep=-1 is a negative count", id="negative"),
+        pytest.param(1.5, ValueError, r"min_keep=1\.5 is a float outside \[0, 1\]", id="above-one"),
+        pytest.param(math.nan, ValueError, r"min_keep=nan is a float outside \[0, 1\]", id="nan"),
+        pytest.param(True, TypeError, r"min_keep must be .* got True of type bool", id="bool"),
+        pytest.param("2", TypeError, r"min_keep must be .* got '2' of type str", id="str"),
+    ],
+)
+def test_floor_counts_rejects(min_keep: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        floor_counts([4, 4], min_keep)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- GlobalTopK
+
+
+def test_global_topk_by_hand() -> None:
+    masks_ = GlobalTopK(3)([torch.tensor([0.5, 0.1]), torch.tensor([0.9, 0.2, 0.7])])
+    assert [m.tolist() for m in masks_] == [[T, F], [T, F, T]]
+
+
+def test_global_topk_ties_across_tensors_keep_lowest_global_index() -> None:
+    masks_ = GlobalTopK(3)([torch.ones(2), torch.ones(2, 2)])
+    assert [m.tolist() for m in masks_] == [[T, T], [[T, F], [F, F]]]
+    masks_ = GlobalTopK(2)([torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])])
+    assert [m.tolist() for m in masks_] == [[F, T], [T, F]]
+
+
+def test_global_topk_floors_by_hand() -> None:
+    scores = [torch.tensor([0.5, 0.1]), torch.tensor([0.9, 0.7]), torch.tensor([0.0])]
+    masks_ = GlobalTopK(3, floors=[0, 0, 1])(scores)
+    assert [m.tolist() for m in masks_] == [[F, F], [T, T], [T]]
+    # Floors are the best entries of their own tensor; the rest is ranked globally.
+    scores = [torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0.2, 0.3, 0.3])]
+    masks_ = GlobalTopK(4, floors=[0, 2])(scores)
+    assert [m.tolist() for m in masks_] == [[T, T, F], [F, T, T]]
+
+
+def test_global_topk_allowed_by_hand() -> None:
+    scores = [torch.tensor([5.0, 4.0, 3.0]), torch.tensor([0.0, 9.0])]
+    allowed = [bools([F, T, T]), bools([T, F])]
+    masks_ = GlobalTopK(3)(scores, allowed)
+    assert [m.tolist() for m in masks_] == [[F, T, T], [T, F]]
+    masks_ = GlobalTopK(2, floors=[1, 1])(scores, allowed)
+    assert [m.tolist() for m in masks_] == [[F, T, F], [T, F]]
+    masks_ = GlobalTopK(1)(scores, [None, bools([T, F])])
+    assert [m.tolist() for m in masks_] == [[T, F, F], [F, F]]
+
+
+@pytest.mark.parametrize("n_keep", [0, 5])
+def test_global_topk_extremes(n_keep: int) -> None:
+    masks_ = GlobalTopK(n_keep)([torch.tensor([1.0, 2.0]), torch.tensor([[3.0, 4.0, 5.0]])])
+    assert sum(int(m.sum()) for m in masks_) == n_keep
+    assert all(bool(m.all()) == (n_keep == 5) for m in masks_)
+
+
+def test_global_topk_floors_above_n_keep() -> None:
+    with pytest.raises(ValueError, match=r"floors keep 3 entries, more than the 2"):
+        GlobalTopK(2, floors=[1, 2])
+
+
+def test_global_topk_n_keep_above_total() -> None:
+    with pytest.raises(ValueError, match=r"n_keep=4 .* \(3\)|n_keep=4 must lie in \[0, 3\]"):
+        GlobalTopK(4)([torch.ones(3)])
+
+
+def test_global_topk_never_keeps_more_than_allowed() -> None:
+    """Asking for more entries than ``allowed`` leaves is an error, never a revival."""
+    with pytest.raises(ValueError, match=r"n_keep=3 is larger than the number of allowed entries \(2\)"):
+        GlobalTopK(3)([torch.tensor([1.0, 2.0, 3.0])], [bools([T, F, T])])
+
+
+def test_global_topk_floor_above_allowed() -> None:
+    with pytest.raises(ValueError, match=r"floors\[0\]=2 is larger than the number of allowed entries"):
+        GlobalTopK(2, floors=[2, 0])([torch.tensor([1.0, 2.0, 3.0]), torch.ones(2)], [bools([T, F, F]), None])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"scores": []}, r"scores is empty", id="empty"),
+        pytest.param(
+            {"scores": [torch.ones(2)], "allowed": [None, None]},
+            r"allowed has 2 entries but scores has 1",
+            id="allowed-length",
+        ),
+        pytest.param(
+            {"scores": [torch.ones(2)], "allowed": [torch.ones(3, dtype=torch.bool)]},
+            r"allowed\[0\] has shape \(3,\), scores\[0\] \(2,\)",
+            id="allowed-shape",
+        ),
+    ],
+)
+def test_global_topk_rejects_bad_lists(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GlobalTopK(1)(**kwargs)
+
+
+def test_global_topk_rejects_floors_of_another_length() -> None:
+    with pytest.raises(ValueError, match=r"floors has 1 entries but scores has 2"):
+        GlobalTopK(1, floors=[1])([torch.ones(2), torch.ones(2)])
+
+
+def _spy_kth() -> mock._patch:
+    return mock.patch.object(masks, "_kth_largest", wraps=masks._kth_largest)
+
+
+def test_global_topk_banded_path_selects_in_a_small_band() -> None:
+    """The second call runs the selection on a band, not on every score, with the same result."""
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(4000, generator=gen), torch.randn(3000, generator=gen)]
+    select = GlobalTopK(2000)
+    first = select(scores)
+    perturbed = [s + 1e-6 * torch.randn(s.shape, generator=gen) for s in scores]
+    with _spy_kth() as spy:
+        second = select(perturbed)
+    (args, _), *_ = spy.call_args_list
+    assert spy.call_count == 1
+    assert args[0].numel() < 7000, "the banded path should not rank every score"
+    fresh = GlobalTopK(2000)(perturbed)
+    for got, want in zip(second, fresh, strict=True):
+        assert torch.equal(got, want)
+    assert sum(int(m.sum()) for m in first) == sum(int(m.sum()) for m in second) == 2000
+
+
+def test_global_topk_banded_path_falls_back_after_a_jump() -> None:
+    gen = torch.Generator().manual_seed(1)
+    scores = [torch.randn(500, generator=gen)]
+    select = GlobalTopK(100)
+    select(scores)
+    for jumped in ([scores[0] * 50], [scores[0] - 10], [-scores[0]], [torch.zeros(500)]):
+        want = GlobalTopK(100)(jumped)
+        assert torch.equal(select(jumped)[0], want[0])
+
+
+def test_global_topk_banded_path_with_many_ties_at_the_threshold() -> None:
+    scores = [torch.cat([torch.full((3000,), 2.0), torch.ones(5000)]), torch.ones(2000)]
+    select = GlobalTopK(4000)
+    for _ in range(3):
+        got = select(scores)
+        assert int(got[0][:3000].sum()) == 3000
+        assert int(got[0][3000:4000].sum()) == 1000
+        assert int(got[0][4000:].sum()) == 0
+        assert not bool(got[1].any())
+
+
+def test_global_topk_threshold_at_zero() -> None:
+    scores = [torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, -1.0])]
+    select = GlobalTopK(3)
+    for _ in range(2):
+        got = select(scores)
+        assert [m.tolist() for m in got] == [[T, T, T, F], [F, F]]
+
+
+def test_global_topk_reset_runs_a_full_selection() -> None:
+    scores = [torch.arange(100.0)]
+    select = GlobalTopK(10)
+    select(scores)
+    select.reset()
+    with _spy_kth() as spy:
+        select(scores)
+    assert spy.call_args_list[0].args[0].numel() == 100

@@ -1,0 +1,321 @@
+"""BiPPruningMethod: torch's contract, hand-written masks, score buffer, errors."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip import BiPPruningMethod, bip_unstructured
+from torchbip.method import scores_name
+from torchbip.testing.contract import PruningMethodContract, pruning_hooks
+
+# --------------------------------------------------------------------------- the torch contract
+
+
+class TestBiPContractFraction(PruningMethodContract):
+    METHOD = BiPPruningMethod
+    KWARGS: ClassVar[dict[str, Any]] = {"amount": 0.5}
+    PRUNING_TYPE = "unstructured"
+
+
+class TestBiPContractCount(PruningMethodContract):
+    METHOD = BiPPruningMethod
+    KWARGS: ClassVar[dict[str, Any]] = {"amount": 9}
+    PRUNING_TYPE = "unstructured"
+
+
+class TestBiPContractEverything(PruningMethodContract):
+    METHOD = BiPPruningMethod
+    KWARGS: ClassVar[dict[str, Any]] = {"amount": 1.0}
+    PRUNING_TYPE = "unstructured"
+
+
+class TestBiPContractNothing(PruningMethodContract):
+    METHOD = BiPPruningMethod
+    KWARGS: ClassVar[dict[str, Any]] = {"amount": 0}
+    PRUNING_TYPE = "unstructured"
+
+
+class TestBiPContractImportanceScores(PruningMethodContract):
+    """Scores that disagree with the magnitudes (a reversed ranking), on a conv layer."""
+
+    METHOD = BiPPruningMethod
+    PRUNING_TYPE = "unstructured"
+    KWARGS: ClassVar[dict[str, Any]] = {"amount": 0.7}
+
+    def make_module(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return nn.Conv2d(2, 3, kernel_size=2)
+
+    def make_input(self, module: nn.Module) -> Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return torch.randn(2, 2, 4, 4)
+
+    def apply_method(self, module: nn.Module) -> prune.BasePruningMethod:
+        scores = -getattr(module, self.NAME).detach().abs()
+        return BiPPruningMethod.apply(module, self.NAME, importance_scores=scores, **self.KWARGS)
+
+
+# --------------------------------------------------------------------------- compute_mask by hand
+
+ONES_2x2 = torch.ones(2, 2)
+
+
+@pytest.mark.parametrize(
+    ("amount", "scores", "default_mask", "expected"),
+    [
+        pytest.param(0.5, [[0.9, 0.1], [0.5, 0.7]], None, [[1, 0], [0, 1]], id="half"),
+        pytest.param(
+            0.5, [[0.9, 0.1], [0.5, 0.7]], [[0, 1], [1, 1]], [[0, 0], [0, 1]], id="half-of-3-rounds-to-2"
+        ),
+        pytest.param(2, [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], None, [[1, 1, 1], [1, 0, 0]], id="ties-by-count"),
+        pytest.param(
+            0.5,
+            [[3.0, 3.0, 3.0], [3.0, 3.0, 3.0]],
+            [[1, 0, 1], [1, 0, 1]],
+            [[1, 0, 1], [0, 0, 0]],
+            id="ties-allowed",
+        ),
+        pytest.param(2, [-3.0, 1.0, 2.0, -1.0], None, [0, 1, 1, 0], id="scores-not-magnitudes"),
+        pytest.param(0, [3.0, 1.0, 2.0], [1, 0, 1], [1, 0, 1], id="amount-zero-keeps-default"),
+        pytest.param(0.0, [3.0, 1.0, 2.0], None, [1, 1, 1], id="amount-zero-float"),
+        pytest.param(1.0, [3.0, 1.0, 2.0], [1, 0, 1], [0, 0, 0], id="amount-one"),
+        pytest.param(2, [3.0, 1.0, 2.0], [1, 0, 1], [0, 0, 0], id="int-all-remaining"),
+        pytest.param(1, [3.0, 1.0, 2.0, 4.0], None, [1, 0, 1, 1], id="int-one-is-a-count"),
+        pytest.param(0.25, [3.0, 1.0, 2.0, 4.0], None, [1, 0, 1, 1], id="float-quarter"),
+        pytest.param(0.5, [5.0, 4.0, 3.0, 2.0, 1.0], None, [1, 1, 1, 0, 0], id="2.5-rounds-to-2"),
+        pytest.param(0.7, [5.0, 4.0, 3.0, 2.0, 1.0], None, [1, 0, 0, 0, 0], id="3.5-rounds-to-4"),
+        pytest.param(1, [0.0, 0.0], [0, 0], None, id="nothing-left"),
+    ],
+)
+def test_compute_mask_by_hand(
+    amount: int | float, scores: list, default_mask: list | None, expected: list | None
+) -> None:
+    t = torch.tensor(scores)
+    mask = torch.ones_like(t) if default_mask is None else torch.tensor(default_mask, dtype=t.dtype)
+    method = BiPPruningMethod(amount)
+    if expected is None:
+        with pytest.raises(ValueError, match=r"amount=1 is larger than the number of unpruned entries \(0\)"):
+            method.compute_mask(t, mask)
+        return
+    got = method.compute_mask(t, mask)
+    assert got.dtype == mask.dtype
+    assert got.tolist() == torch.tensor(expected, dtype=mask.dtype).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.bool], ids=str)
+def test_compute_mask_keeps_default_mask_dtype(dtype: torch.dtype) -> None:
+    default_mask = torch.tensor([1, 1, 0, 1]).to(dtype)
+    got = BiPPruningMethod(1).compute_mask(torch.tensor([3.0, 1.0, 9.0, 2.0]), default_mask)
+    assert got.dtype == dtype
+    assert got.tolist() == torch.tensor([1, 0, 0, 1]).to(dtype).tolist()
+
+
+def test_compute_mask_integer_scores() -> None:
+    got = BiPPruningMethod(2).compute_mask(torch.tensor([3, 1, 2, 2]), torch.ones(4))
+    assert got.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_compute_mask_does_not_modify_inputs() -> None:
+    scores = torch.tensor([3.0, 1.0, 2.0])
+    default_mask = torch.tensor([1.0, 1.0, 0.0])
+    got = BiPPruningMethod(1).compute_mask(scores, default_mask)
+    assert got.tolist() == [1.0, 0.0, 0.0]
+    assert default_mask.tolist() == [1.0, 1.0, 0.0]
+    assert scores.tolist() == [3.0, 1.0, 2.0]
+
+
+def test_compute_mask_rejects_shape_mismatch() -> None:
+    with pytest.raises(
+        ValueError, match=r"importance scores have shape \(4,\) but default_mask has shape \(2, 2\)"
+    ):
+        BiPPruningMethod(0.5).compute_mask(torch.ones(4), ONES_2x2)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_compute_mask_rejects_non_finite_scores(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"importance_scores contain NaN or infinite values"):
+        BiPPruningMethod(0.5).compute_mask(torch.tensor([1.0, bad]), torch.ones(2))
+
+
+# --------------------------------------------------------------------------- amount errors
+
+
+@pytest.mark.parametrize(
+    ("amount", "error", "match"),
+    [
+        pytest.param(-1, ValueError, "amount=-1 is a negative count", id="negative-int"),
+        pytest.param(-0.5, ValueError, "amount=-0.5 is a float outside [0, 1]", id="negative-float"),
+        pytest.param(1.01, ValueError, "amount=1.01 is a float outside [0, 1]", id="above-one"),
+        pytest.param(math.nan, ValueError, "amount=nan is NaN", id="nan"),
+        pytest.param("0.5", TypeError, "got '0.5' of type str", id="str"),
+        pytest.param(True, TypeError, "got True of type bool", id="bool"),
+    ],
+)
+def test_bad_amounts(amount: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=re.escape(match)):
+        BiPPruningMethod(amount)  # type: ignore[arg-type]
+    layer = nn.Linear(3, 2)
+    weight = layer.weight
+    with pytest.raises(error, match=re.escape(match)):
+        bip_unstructured(layer, "weight", amount)  # type: ignore[arg-type]
+    assert layer.weight is weight
+    assert not prune.is_pruned(layer)
+
+
+def test_int_amount_larger_than_tensor() -> None:
+    layer = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"amount=7 is larger than the number of unpruned entries \(6\)"):
+        bip_unstructured(layer, "weight", 7)
+    assert not prune.is_pruned(layer)
+    assert not hasattr(layer, scores_name("weight"))
+
+
+def test_int_amount_larger_than_remaining_keeps_earlier_pruning() -> None:
+    """The count is checked against the remaining entries before torch drops the old hook."""
+    layer = nn.Linear(3, 2)
+    prune.l1_unstructured(layer, "weight", amount=4)
+    hook = pruning_hooks(layer, "weight")[0]
+    mask = layer.weight_mask.clone()
+    with pytest.raises(ValueError, match=r"amount=3 is larger than the number of unpruned entries \(2\)"):
+        bip_unstructured(layer, "weight", 3)
+    assert pruning_hooks(layer, "weight") == [hook]
+    assert torch.equal(layer.weight_mask, mask)
+    assert not hasattr(layer, scores_name("weight"))
+    bip_unstructured(layer, "weight", 2)
+    assert int(layer.weight_mask.count_nonzero()) == 0
+
+
+def test_bad_importance_scores_leave_module_unchanged() -> None:
+    layer = nn.Linear(3, 2)
+    weight = layer.weight
+    with pytest.raises(
+        ValueError, match=r"importance_scores has shape \(3, 2\) but weight has shape \(2, 3\)"
+    ):
+        bip_unstructured(layer, "weight", 0.5, importance_scores=torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"importance_scores contain NaN or infinite values"):
+        bip_unstructured(layer, "weight", 0.5, importance_scores=torch.full((2, 3), math.nan))
+    assert layer.weight is weight
+    assert not prune.is_pruned(layer)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_unknown_tensor_name() -> None:
+    with pytest.raises(ValueError, match=r"module Linear has no tensor named name='kernel'"):
+        bip_unstructured(nn.Linear(3, 2), "kernel", 0.5)
+
+
+# --------------------------------------------------------------------------- apply, scores, remove
+
+
+def _layer(weight: list[list[float]]) -> nn.Linear:
+    w = torch.tensor(weight)
+    layer = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    return layer
+
+
+def test_default_scores_are_magnitudes() -> None:
+    layer = _layer([[0.5, -3.0, 0.1], [-0.2, 2.0, 1.0]])
+    assert bip_unstructured(layer, "weight", 3) is layer
+    assert layer.weight_mask.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 1.0]]
+    torch.testing.assert_close(layer.weight_scores, layer.weight_orig.detach().abs(), rtol=0, atol=0)
+
+
+def test_importance_scores_decide_the_mask() -> None:
+    layer = _layer([[0.5, -3.0, 0.1], [-0.2, 2.0, 1.0]])
+    scores = torch.tensor([[6.0, 5.0, 4.0], [3.0, 2.0, 1.0]])
+    bip_unstructured(layer, "weight", 0.5, importance_scores=scores)
+    assert layer.weight_mask.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    torch.testing.assert_close(layer.weight, torch.tensor([[0.5, -3.0, 0.1], [0.0, 0.0, 0.0]]))
+
+
+def test_score_buffer_is_a_copy_and_not_in_state_dict() -> None:
+    layer = nn.Linear(3, 2)
+    scores = torch.arange(6.0).view(2, 3)
+    bip_unstructured(layer, "weight", 2, importance_scores=scores)
+    buffer = layer.get_buffer(scores_name("weight"))
+    assert torch.equal(buffer, scores)
+    assert buffer.data_ptr() != scores.data_ptr()
+    scores.zero_()
+    assert buffer.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert "weight_scores" in dict(layer.named_buffers())
+    assert set(layer.state_dict()) == {"bias", "weight_orig", "weight_mask"}
+
+
+def test_default_scores_of_a_pruned_tensor_are_masked_magnitudes() -> None:
+    layer = _layer([[4.0, -3.0], [2.0, -1.0]])
+    prune.custom_from_mask(layer, "weight", torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+    bip_unstructured(layer, "weight", 1)
+    assert layer.weight_scores.tolist() == [[0.0, 3.0], [2.0, 1.0]]
+    assert layer.weight_mask.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
+def test_remove_drops_the_score_buffer() -> None:
+    layer = nn.Linear(3, 2)
+    bip_unstructured(layer, "weight", 0.5)
+    prune.remove(layer, "weight")
+    assert not hasattr(layer, scores_name("weight"))
+    assert "weight_scores" not in dict(layer.named_buffers())
+    assert scores_name("weight") not in layer._non_persistent_buffers_set
+
+
+def test_state_dict_after_container_remove_loads_into_a_fresh_model() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    bip_unstructured(model[0], "weight", 0.5)
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    prune.l1_unstructured(model[2], "weight", 0.5)
+    bip_unstructured(model[2], "weight", 0.5)
+    for layer in (model[0], model[2]):
+        prune.remove(layer, "weight")
+    fresh = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_bias_and_other_parameters() -> None:
+    layer = _layer([[1.0, 2.0]])
+    with torch.no_grad():
+        layer.bias.fill_(-5.0)
+    bip_unstructured(layer, "bias", 1)
+    assert layer.bias_mask.tolist() == [0.0]
+    assert layer(torch.ones(1, 2)).tolist() == [[3.0]]
+
+
+# --------------------------------------------------------------------------- the suite itself
+
+
+class TestContractHoldsForTorchL1(PruningMethodContract):
+    """The contract suite passes for torch's own method (it tests torch's behaviour, not BiP's)."""
+
+    METHOD = prune.L1Unstructured
+    KWARGS: ClassVar[dict[str, Any]] = {"amount": 0.5}
+    PRUNING_TYPE = "unstructured"
+
+
+class TestContractHoldsForTorchRandom(PruningMethodContract):
+    METHOD = prune.RandomUnstructured
+    KWARGS: ClassVar[dict[str, Any]] = {"amount": 4}
+    PRUNING_TYPE = "unstructured"
+
+
+def test_importing_torchbip_does_not_import_test_dependencies() -> None:
+    code = (
+        "import sys, torchbip, torchbip.testing; "
+        "bad = sorted({'hypothesis', 'pytest'} & set(sys.modules)); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,158 @@
+"""sparsity_report / SparsityReport / PruneReport against hand-counted zeros."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from torchbip import PruneReport, SparsityReport, bip_unstructured, sparsity_report
+from torchbip.report import TensorSparsity
+
+
+@pytest.fixture
+def model(seed: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+
+
+def test_counts_masks_of_pruned_tensors_only(model: nn.Sequential) -> None:
+    prune.l1_unstructured(model[0], "weight", amount=4)
+    bip_unstructured(model[2][1], "weight", amount=0.5)
+    report = sparsity_report(model)
+    assert report.tensors == {
+        "0.weight": TensorSparsity(numel=16, zeros=4),
+        "2.1.weight": TensorSparsity(numel=6, zeros=3),
+    }
+    assert (report.numel, report.zeros) == (22, 7)
+    assert report.global_sparsity == pytest.approx(7 / 22)
+    assert report.tensors["0.weight"].sparsity == 0.25
+
+
+def test_counts_bias_and_custom_masks(model: nn.Sequential) -> None:
+    prune.custom_from_mask(model[2][0], "bias", torch.tensor([0.0, 1.0, 0.0]))
+    prune.random_unstructured(model[0], "weight", amount=0)
+    report = sparsity_report(model)
+    assert report.tensors == {"0.weight": TensorSparsity(16, 0), "2.0.bias": TensorSparsity(3, 2)}
+
+
+def test_matches_global_unstructured(model: nn.Sequential) -> None:
+    layers = [(model[0], "weight"), (model[2][0], "weight"), (model[2][1], "weight")]
+    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=17)
+    report = sparsity_report(model)
+    assert report.zeros == 17
+    assert report.numel == 16 + 12 + 6
+    for (module, name), key in zip(layers, ["0.weight", "2.0.weight", "2.1.weight"], strict=True):
+        assert report.tensors[key].zeros == int((getattr(module, name + "_mask") == 0).sum())
+
+
+def test_a_mask_buffer_without_orig_is_not_a_pruned_tensor() -> None:
+    layer = nn.Linear(2, 2)
+    layer.register_buffer("attention_mask", torch.zeros(3))
+    assert sparsity_report(layer).tensors == {}
+
+
+def test_include_dense(model: nn.Sequential) -> None:
+    prune.l1_unstructured(model[0], "weight", amount=5)
+    with torch.no_grad():
+        model[2][1].weight[0, :2] = 0.0
+    report = sparsity_report(model, include_dense=True)
+    assert report.tensors == {
+        "0.weight": TensorSparsity(16, 5),
+        "2.0.weight": TensorSparsity(12, 0),
+        "2.1.weight": TensorSparsity(6, 2),
+    }
+
+
+def test_after_remove_zeros_are_counted_from_values(model: nn.Sequential) -> None:
+    prune.l1_unstructured(model[0], "weight", amount=6)
+    before = sparsity_report(model).tensors["0.weight"]
+    prune.remove(model[0], "weight")
+    assert sparsity_report(model).tensors == {}
+    assert sparsity_report(model, include_dense=True).tensors["0.weight"] == before
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv1d(2, 3, 2), nn.Conv2d(2, 3, 2), nn.Conv3d(2, 3, 2), nn.Linear(2, 3)],
+    ids=lambda m: type(m).__name__,
+)
+def test_include_dense_covers_prunable_layers(layer: nn.Module) -> None:
+    report = sparsity_report(nn.Sequential(layer, nn.BatchNorm1d(3), nn.Embedding(4, 2)), include_dense=True)
+    assert list(report.tensors) == ["0.weight"]
+    assert report.numel == layer.weight.numel()
+
+
+def test_root_module_has_no_prefix() -> None:
+    layer = nn.Linear(3, 2)
+    prune.l1_unstructured(layer, "weight", amount=1)
+    assert sparsity_report(layer).tensors == {"weight": TensorSparsity(6, 1)}
+
+
+def test_reading_leaves_the_model_unchanged(model: nn.Sequential) -> None:
+    bip_unstructured(model[0], "weight", amount=0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = dict(model[0]._forward_pre_hooks)
+    sparsity_report(model, include_dense=True)
+    assert dict(model[0]._forward_pre_hooks) == hooks
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_empty_report() -> None:
+    report = sparsity_report(nn.Linear(2, 2))
+    assert (report.numel, report.zeros, report.global_sparsity) == (0, 0, 0.0)
+    assert TensorSparsity(0, 0).sparsity == 0.0
+    assert report.to_markdown().splitlines()[-1] == "| **total** | 0 | 0 | 0.00% |"
+
+
+def test_to_dict_and_markdown() -> None:
+    report = SparsityReport({"0.weight": TensorSparsity(16, 4), "fc.weight": TensorSparsity(1000, 900)})
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data == {
+        "global_sparsity": 904 / 1016,
+        "numel": 1016,
+        "zeros": 904,
+        "tensors": {
+            "0.weight": {"numel": 16, "zeros": 4, "sparsity": 0.25},
+            "fc.weight": {"numel": 1000, "zeros": 900, "sparsity": 0.9},
+        },
+    }
+    assert report.to_markdown() == (
+        "| tensor | entries | pruned | sparsity |\n"
+        "| --- | ---: | ---: | ---: |\n"
+        "| 0.weight | 16 | 4 | 25.00% |\n"
+        "| fc.weight | 1,000 | 900 | 90.00% |\n"
+        "| **total** | 1,016 | 904 | 88.98% |"
+    )
+
+
+def test_prune_report() -> None:
+    sparsity = SparsityReport({"w": TensorSparsity(8, 6)})
+    report = PruneReport(
+        sparsity=sparsity,
+        steps=3,
+        wall_time_s=1.25,
+        final_loss=0.5,
+        amount=0.75,
+        config={"steps": 3},
+        losses=[(0, 1.0), (2, 0.5)],
+    )
+    assert report.global_sparsity == 0.75
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data == {
+        "method": "bip",
+        "amount": 0.75,
+        "steps": 3,
+        "wall_time_s": 1.25,
+        "final_loss": 0.5,
+        "losses": [[0, 1.0], [2, 0.5]],
+        "config": {"steps": 3},
+        "sparsity": sparsity.to_dict(),
+    }
+    head = "BiP: 3 steps in 1.2 s, final loss 0.5000, global sparsity 75.00%\n\n"
+    assert report.to_markdown() == head + sparsity.to_markdown()
+    assert str(report) == report.to_markdown()
+    assert PruneReport(sparsity, 1, 0.0, 0.0, 1, {}).losses == []
