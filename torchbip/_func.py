@@ -58,14 +58,20 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
 
     Raises:
         ValueError: for a module outside ``model``, a missing tensor, a duplicate, a tied
-            tensor (the same Parameter twice), a frozen tensor or an empty selection.
+            tensor (a Parameter that another module of the model also holds), a frozen tensor
+            or an empty selection.
         TypeError: for entries that are not ``(module, name)`` pairs.
     """
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names = {id(m): n for n, m in model.named_modules()}  # a shared module: its first name
     pairs = default_targets(model) if parameters is None else list(parameters)
     targets: list[Target] = []
     seen: set[tuple[int, str]] = set()
-    seen_tensors: dict[int, str] = {}
+    holders: dict[int, list[tuple[int, str, str]]] = {}  # id(Parameter) -> (id(module), name, fqn)
+    for module_fqn, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                fqn = f"{module_fqn}.{pname}" if module_fqn else pname
+                holders.setdefault(id(p), []).append((id(module), pname, fqn))
     for entry in pairs:
         if not (
             isinstance(entry, (tuple, list))
@@ -88,12 +94,14 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
             raise ValueError(
                 f"parameters names {target.fqn!r}, but {type(module).__name__} has no parameter {name!r}"
             )
-        if id(tensor) in seen_tensors:
+        own = (id(module), name + "_orig" if target.is_pruned else name)
+        tied = [fqn for mid, pname, fqn in holders.get(id(tensor), []) if (mid, pname) != own]
+        if tied:
             raise ValueError(
                 f"parameters names {target.fqn!r}, which is tied to (the same Parameter as) "
-                f"{seen_tensors[id(tensor)]!r}; prune tied weights once"
+                f"{tied[0]!r}; torch's pruning masks one module at a time, so the other module would "
+                "keep the unmasked tensor: untie the weights or leave them out of parameters"
             )
-        seen_tensors[id(tensor)] = target.fqn
         if not tensor.requires_grad:
             raise ValueError(
                 f"parameters names {target.fqn!r}, which is frozen (requires_grad=False); "

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 __all__ = ["ModelSnapshot"]
 
@@ -15,8 +16,10 @@ class ModelSnapshot:
 
     Kept per module: the parameter and buffer dictionaries (the same objects, so identities are
     restored), copies of their values and gradients, ``requires_grad`` flags, the forward
-    pre-hooks, the training flag, the non-persistent buffer set, and the plain attributes named
-    ``names`` (the tensors that torch's pruning hooks set).
+    pre-hooks (and the attributes of torch pruning hooks: pruning on top of a
+    :class:`~torch.nn.utils.prune.PruningContainer` appends to the same container), the training
+    flag, the non-persistent buffer set, and the plain attributes named ``names`` (the tensors
+    that torch's pruning hooks set).
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str] = ()) -> None:
@@ -36,6 +39,11 @@ class ModelSnapshot:
                     {k: _copy(b) for k, b in buffers.items()},
                     set(module._non_persistent_buffers_set),
                     dict(module._forward_pre_hooks),
+                    {
+                        key: dict(vars(hook))
+                        for key, hook in module._forward_pre_hooks.items()
+                        if isinstance(hook, prune.BasePruningMethod)
+                    },
                     module.training,
                     {n: module.__dict__[n] for n in self._names if n in module.__dict__},
                 )
@@ -54,6 +62,7 @@ class ModelSnapshot:
             buffer_values,
             non_persistent,
             hooks,
+            hook_states,
             training,
             attrs,
         ) in self._modules:
@@ -75,6 +84,9 @@ class ModelSnapshot:
             module._non_persistent_buffers_set.update(non_persistent)
             module._forward_pre_hooks.clear()
             module._forward_pre_hooks.update(hooks)
+            for key, state in hook_states.items():
+                vars(hooks[key]).clear()
+                vars(hooks[key]).update(state)
             module.training = training
             module.__dict__.update(attrs)
 

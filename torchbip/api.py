@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
 from torchbip._func import Target, make_forward, resolve_targets
@@ -64,7 +65,8 @@ def global_prune(
             ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
         upper_loader: in ``mode="two_batch"``, the stream of the upper level; by default the
-            upper step draws the next batch of ``loader``.
+            upper step draws the next batch of ``loader``. Rejected in ``mode="fused"``, where
+            one batch feeds both levels.
         config: a :class:`torchbip.BiPConfig`; ``options`` override its fields.
         **options: any :class:`torchbip.BiPConfig` field, e.g. ``steps=200, lower_lr=0.05``.
 
@@ -107,13 +109,22 @@ def global_prune(
     floors = floor_counts(n_allowed, cfg.min_keep)
     selector = GlobalTopK(sum(n_allowed) - n_prune, floors if cfg.min_keep is not None else None)
     two_batch = cfg.mode == "two_batch"
+    if upper_loader is not None and not two_batch:
+        raise ValueError(
+            f"upper_loader is used only with mode='two_batch' (got mode={cfg.mode!r}); "
+            "a fused step draws one batch from loader for both levels"
+        )
     steps = _resolve_steps(cfg, loader, per_step=2 if two_batch and upper_loader is None else 1)
-    lower_stream = BatchStream(loader, "loader")
-    upper_stream = BatchStream(upper_loader, "upper_loader") if upper_loader is not None else None
 
-    snapshot = ModelSnapshot(model, {t.name for t in targets})
+    # The attributes that pruning hooks set (``module.weight``) for every pruned tensor.
+    attrs = {t.name for t in targets} | {hook._tensor_name for _, _, hook in _pruned_tensors(model)}
+    snapshot = ModelSnapshot(model, attrs)
     try:
         with _seeded(cfg.seed):
+            # The streams start inside the seeded block: a shuffling DataLoader draws its order
+            # from torch's RNG when iterated.
+            lower_stream = BatchStream(loader, "loader")
+            upper_stream = BatchStream(upper_loader, "upper_loader") if upper_loader is not None else None
             return _run(
                 model, amount, targets, allowed, selector, steps, cfg, loss_fn,
                 lower_stream, upper_stream or lower_stream,
@@ -155,14 +166,23 @@ def _run(
     score_buffers = [getattr(t.module, scores_name(t.name)) for t in targets]
     masks = {t.mask_fqn: getattr(t.module, t.name + "_mask") for t in targets}
     theta = [t.weight() for t in targets]
-    theta_names = {t.orig_fqn for t in targets}
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    others = [p for n, p in params.items() if n not in theta_names]
+    # Every trainable pruned tensor moves on its unpruned entries only: the targets, and tensors
+    # that earlier pruning left outside this run (their masks stay fixed).
+    masked = {t.orig_fqn: (p, mask) for t, p, mask in zip(targets, theta, masks.values(), strict=True)}
+    for fqn, module, hook in _pruned_tensors(model):
+        p = params.get(fqn + "_orig")
+        if p is not None and fqn + "_orig" not in masked:
+            masked[fqn + "_orig"] = (p, module._buffers[hook._tensor_name + "_mask"])
+    others = [p for n, p in params.items() if n not in masked]
     score_names = {t.fqn + "_scores" for t in targets}
     buffers = {n: b for n, b in model.named_buffers() if n not in masks and n not in score_names}
     # 3. The two optimisers: SGD on the weights (lower), SGD on the scores (upper).
     lower_opt = torch.optim.SGD(
-        [{"params": theta, "weight_decay": 0.0}, {"params": others, "weight_decay": cfg.gamma}],
+        [
+            {"params": [p for p, _ in masked.values()], "weight_decay": 0.0},
+            {"params": others, "weight_decay": cfg.gamma},
+        ],
         lr=cfg.lower_lr,
         momentum=cfg.momentum,
     )
@@ -201,13 +221,13 @@ def _run(
 
     def lower_step(grads: dict[str, Tensor]) -> None:
         with torch.no_grad():
-            for target, p, mask in zip(targets, theta, mask_list, strict=False):
-                p.grad = lower_grad(grads[target.orig_fqn], p, mask, cfg.gamma)
+            for name, (p, mask) in masked.items():
+                p.grad = lower_grad(grads[name], p, mask, cfg.gamma)
                 state = lower_opt.state.get(p, {})
                 if state.get("momentum_buffer") is not None:
                     state["momentum_buffer"].mul_(mask)
             for name, p in params.items():
-                if name not in theta_names:
+                if name not in masked:
                     p.grad = grads[name]
         lower_opt.step()
         lower_sched.step()
@@ -245,17 +265,15 @@ def _run(
                 bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.2%}", refresh=False)
             bar.update()
 
-    # 4. Leave torch's pruned form: drop the scores, refresh the masked weights, restore modes.
+    # 4. Leave torch's pruned form: drop the scores, refresh the masked weights of every pruned
+    #    tensor (the hooks ran inside torch.func and left transformed tensors behind), restore
+    #    the modes.
     with torch.no_grad():
         for target in targets:
             del target.module._buffers[scores_name(target.name)]
-            module = target.module
-            setattr(
-                module,
-                target.name,
-                getattr(module, target.name + "_orig") * getattr(module, target.name + "_mask"),
-            )
-        for p in theta + others:
+        for _, module, hook in _pruned_tensors(model):
+            setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
+        for p in params.values():
             p.grad = None
     for module, training in modes:
         module.training = training
@@ -274,6 +292,18 @@ def _run(
         config=cfg.to_dict(),
         losses=losses,
     )
+
+
+def _pruned_tensors(model: nn.Module) -> list[tuple[str, nn.Module, prune.BasePruningMethod]]:
+    """``(fqn, module, hook)`` of every tensor of ``model`` that torch's pruning reparametrised."""
+    out = []
+    for module_fqn, module in model.named_modules():
+        prefix = module_fqn + "." if module_fqn else ""
+        for hook in module._forward_pre_hooks.values():
+            name = getattr(hook, "_tensor_name", None) if isinstance(hook, prune.BasePruningMethod) else None
+            if name is not None and name + "_mask" in module._buffers:
+                out.append((prefix + name, module, hook))
+    return out
 
 
 def _allowed(target: Target) -> Tensor | None:
