@@ -270,7 +270,7 @@ def _run(
     #    the modes.
     with torch.no_grad():
         for target in targets:
-            del target.module._buffers[scores_name(target.name)]
+            delattr(target.module, scores_name(target.name))
         for _, module, hook in _pruned_tensors(model):
             setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
         for p in params.values():

@@ -129,6 +129,10 @@ class BiPPruningMethod(prune.BasePruningMethod):
         # Non-persistent: a PruningContainer's remove() never calls BiP's, so a persistent score
         # buffer would stay in the state_dict and break strict loading into a fresh model.
         module.register_buffer(scores_name(name), scores.detach().clone(), persistent=False)
+        # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works (torch's own
+        # methods leave a non-leaf here, which deepcopy rejects: pytorch issue #37322).
+        with torch.no_grad():
+            setattr(module, name, method.apply_mask(module))
         return method
 
     def remove(self, module: nn.Module) -> None:

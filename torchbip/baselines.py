@@ -1,0 +1,325 @@
+"""Baselines that BiP is measured against, each leaving the model in torch's pruned form.
+
+- :func:`imp`: iterative magnitude pruning with weight rewinding (the lottery-ticket recipe).
+- :func:`omp_finetune`: one-shot global magnitude pruning, then fine-tuning.
+- :func:`random_finetune`: a random mask at the same sparsity, then fine-tuning.
+- :func:`score_prune`: BiP with the implicit-gradient term switched off (score learning in the
+  spirit of Hydra).
+
+All use :func:`train` for (re)training, so methods compare like with like.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import prune
+from tqdm.auto import tqdm
+
+from torchbip._func import resolve_targets
+from torchbip.api import global_prune
+from torchbip.data import to_device
+from torchbip.masks import count_from_amount, validate_amount
+from torchbip.report import PruneReport, SparsityReport, sparsity_report
+
+__all__ = [
+    "IMPRound",
+    "IMPResult",
+    "imp",
+    "omp_finetune",
+    "random_finetune",
+    "score_prune",
+    "train",
+]
+
+LossFn = Callable[[Any, Any], Tensor]
+Batches = Iterable[Any]
+
+
+def train(
+    model: nn.Module,
+    loader: Batches,
+    epochs: float = 1.0,
+    *,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    loss_fn: LossFn = F.cross_entropy,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> float:
+    """Train ``model`` with SGD; pruned tensors stay pruned (torch's hooks mask them).
+
+    Args:
+        model: the model (pruned or dense).
+        loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``.
+        epochs: passes over ``loader`` (a fraction runs part of the last pass).
+        lr: initial learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 coefficient.
+        schedule: ``"cosine"`` or ``"constant"``.
+        loss_fn: ``loss_fn(outputs, targets)``.
+        device: where batches go; default the model's device.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+
+    Returns:
+        The mean loss of the last epoch.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Linear(2, 2)
+        >>> x = torch.randn(32, 2)
+        >>> data = [(x, (x[:, 0] > 0).long())]
+        >>> train(model, data, epochs=20, lr=0.5) < 0.5
+        True
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return math.nan
+    device = torch.device(device) if device is not None else params[0].device
+    total = max(1, round(epochs * len(loader)))  # type: ignore[arg-type]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        (lambda t: 0.5 * (1 + math.cos(math.pi * t / total))) if schedule == "cosine" else (lambda t: 1.0),
+    )
+    model.train()
+    done, losses = 0, list[float]()
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        while done < total:
+            losses = []
+            for inputs, targets in loader:
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(inputs), targets)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                done += 1
+                bar.update()
+                if done >= total:
+                    break
+    return sum(losses) / max(1, len(losses))
+
+
+def _pairs(
+    model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None
+) -> list[tuple[nn.Module, str]]:
+    return [(t.module, t.name) for t in resolve_targets(model, parameters)]
+
+
+def _remaining(pairs: Sequence[tuple[nn.Module, str]]) -> int:
+    total = 0
+    for module, name in pairs:
+        mask = getattr(module, name + "_mask", None)
+        total += int(mask.sum()) if isinstance(mask, Tensor) else getattr(module, name).numel()
+    return total
+
+
+def omp_finetune(
+    model: nn.Module,
+    amount: int | float,
+    loader: Batches,
+    epochs: float = 1.0,
+    *,
+    parameters: Iterable[tuple[nn.Module, str]] | None = None,
+    **train_options: Any,
+) -> SparsityReport:
+    """One-shot global magnitude pruning (OMP) to ``amount``, then :func:`train`.
+
+    Args:
+        model: the (trained) model; pruned in place.
+        amount: fraction of the remaining entries (float) or a count (int), ranked globally.
+        loader: fine-tuning batches.
+        epochs: fine-tuning epochs (0 skips fine-tuning).
+        parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
+        **train_options: passed to :func:`train`.
+
+    Returns:
+        The sparsity of the pruned tensors.
+    """
+    validate_amount(amount)
+    pairs = _pairs(model, parameters)
+    prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=amount)
+    if epochs > 0:
+        train(model, loader, epochs, desc="OMP fine-tune", **train_options)
+    return _report(model, pairs)
+
+
+def random_finetune(
+    model: nn.Module,
+    amount: int | float,
+    loader: Batches,
+    epochs: float = 1.0,
+    *,
+    parameters: Iterable[tuple[nn.Module, str]] | None = None,
+    seed: int = 0,
+    **train_options: Any,
+) -> SparsityReport:
+    """A uniformly random global mask at ``amount``, then :func:`train`.
+
+    Args:
+        model: the model; pruned in place.
+        amount: as in :func:`omp_finetune`.
+        loader: fine-tuning batches.
+        epochs: fine-tuning epochs.
+        parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
+        seed: seed of the random scores.
+        **train_options: passed to :func:`train`.
+
+    Returns:
+        The sparsity of the pruned tensors.
+    """
+    validate_amount(amount)
+    pairs = _pairs(model, parameters)
+    gen = torch.Generator().manual_seed(seed)
+    scores = {
+        (id(m), n): torch.rand(getattr(m, n).shape, generator=gen).to(getattr(m, n).device) for m, n in pairs
+    }
+    prune.global_unstructured(
+        pairs,
+        pruning_method=prune.L1Unstructured,
+        importance_scores={(m, n): scores[(id(m), n)] for m, n in pairs},
+        amount=amount,
+    )
+    if epochs > 0:
+        train(model, loader, epochs, desc="random fine-tune", **train_options)
+    return _report(model, pairs)
+
+
+def score_prune(model: nn.Module, amount: int | float, loader: Batches, **options: Any) -> PruneReport:
+    """BiP with the implicit-gradient term off (``implicit_coef=0``): plain score learning.
+
+    Takes the arguments of :func:`torchbip.global_prune`.
+    """
+    return global_prune(model, amount, loader, **{**options, "implicit_coef": 0.0})
+
+
+@dataclass
+class IMPRound:
+    """One IMP round: the sparsity reached, the cumulative wall time and the training loss."""
+
+    round: int
+    sparsity: float
+    wall_time_s: float
+    loss: float
+
+
+@dataclass
+class IMPResult:
+    """What :func:`imp` did, round by round."""
+
+    rounds: list[IMPRound] = field(default_factory=list)
+
+    @property
+    def wall_time_s(self) -> float:
+        """Total wall time."""
+        return self.rounds[-1].wall_time_s if self.rounds else 0.0
+
+
+def imp(
+    model: nn.Module,
+    amount: int | float,
+    loader: Batches,
+    epochs_per_round: float = 1.0,
+    *,
+    rate: float = 0.2,
+    rewind_epochs: float = 0.0,
+    milestones: Sequence[float] = (),
+    parameters: Iterable[tuple[nn.Module, str]] | None = None,
+    on_round: Callable[[IMPRound, nn.Module], None] | None = None,
+    progress: bool = False,
+    **train_options: Any,
+) -> IMPResult:
+    """Iterative magnitude pruning with rewinding, to the sparsity that ``amount`` asks for.
+
+    Each round trains for ``epochs_per_round``, prunes ``rate`` of the remaining entries
+    globally by magnitude, and rewinds the unpruned weights (all parameters, in fact) to the
+    checkpoint taken after ``rewind_epochs`` of the first training (0: the initial weights, the
+    original lottery-ticket recipe). Rounds are clipped so every sparsity in ``milestones`` and
+    the final one are reached exactly. A last training round follows the final pruning, so the
+    returned model is trained at its final mask.
+
+    Args:
+        model: the model (dense or pruned); pruned in place.
+        amount: final fraction of the currently remaining entries to prune (float), or count.
+        loader: training batches.
+        epochs_per_round: training epochs per round.
+        rate: fraction of the remaining entries pruned per round.
+        rewind_epochs: training epochs before the rewind checkpoint is taken.
+        milestones: sparsities (fractions of the entries remaining at the start) that must be
+            hit exactly; ``on_round`` sees the trained model at each.
+        parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
+        on_round: called after each round's training with the round and the model (evaluate
+            here; the model is in train mode).
+        progress: show a bar over the rounds.
+        **train_options: passed to :func:`train`.
+
+    Returns:
+        An :class:`IMPResult` (per round: sparsity, cumulative time, loss).
+    """
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
+    pairs = _pairs(model, parameters)
+    start_remaining = _remaining(pairs)
+    final_keep = start_remaining - count_from_amount(amount, start_remaining)
+    stops = sorted(
+        {start_remaining - count_from_amount(m, start_remaining) for m in milestones} | {final_keep},
+        reverse=True,
+    )
+    start = time.perf_counter()
+    result = IMPResult()
+    if rewind_epochs > 0:
+        train(model, loader, rewind_epochs, desc="IMP rewind point", **train_options)
+    rewind = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    remaining = start_remaining
+    round_index = 0
+    bar = tqdm(total=len(stops), desc="IMP", disable=not progress)
+    with bar:
+        loss = train(model, loader, epochs_per_round, desc="IMP round 0", **train_options)
+        while remaining > final_keep:
+            target = max(s for s in stops if s < remaining)
+            keep = max(target, math.ceil(remaining * (1 - rate)))
+            prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=remaining - keep)
+            remaining = keep
+            _rewind(model, rewind)
+            round_index += 1
+            loss = train(model, loader, epochs_per_round, desc=f"IMP round {round_index}", **train_options)
+            record = IMPRound(round_index, 1 - remaining / start_remaining, time.perf_counter() - start, loss)
+            result.rounds.append(record)
+            if on_round is not None:
+                on_round(record, model)
+            if remaining in stops:
+                bar.update()
+    return result
+
+
+@torch.no_grad()
+def _rewind(model: nn.Module, rewind: dict[str, Tensor]) -> None:
+    state = model.state_dict(keep_vars=True)
+    for key, value in rewind.items():
+        own = key if key in state else key + "_orig"
+        if own in state:
+            state[own].copy_(value)
+
+
+def _report(model: nn.Module, pairs: Sequence[tuple[nn.Module, str]]) -> SparsityReport:
+    chosen = {id(m) for m, _ in pairs}
+    names = {n for n, m in model.named_modules() if id(m) in chosen}
+    full = sparsity_report(model)
+    return SparsityReport(
+        {k: v for k, v in full.tensors.items() if k.rsplit(".", 1)[0] in names or "." not in k}
+    )
