@@ -163,7 +163,18 @@ def _run(
         )
         mask = getattr(target.module, target.name + "_mask")
         mask.copy_(keep)
-    score_buffers = [getattr(t.module, scores_name(t.name)) for t in targets]
+    # The scores live in one flat buffer; each module's score buffer is a view into it, so the
+    # upper step and the global selection run on one tensor without concatenation.
+    flat_scores = torch.cat([getattr(t.module, scores_name(t.name)).reshape(-1) for t in targets])
+    flat_grad = torch.zeros_like(flat_scores)
+    score_buffers, score_grads, offset = [], [], 0
+    for target in targets:
+        view = flat_scores[offset : offset + target.weight().numel()].view(target.weight().shape)
+        score_grads.append(flat_grad[offset : offset + view.numel()].view(view.shape))
+        target.module._buffers[scores_name(target.name)] = view
+        score_buffers.append(view)
+        offset += view.numel()
+    fast_select = all(a is None for a in allowed) and cfg.min_keep is None
     masks = {t.mask_fqn: getattr(t.module, t.name + "_mask") for t in targets}
     theta = [t.weight() for t in targets]
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -186,12 +197,15 @@ def _run(
         lr=cfg.lower_lr,
         momentum=cfg.momentum,
     )
-    upper_opt = torch.optim.SGD(score_buffers, lr=cfg.upper_lr, momentum=cfg.upper_momentum)
+    upper_opt = torch.optim.SGD([flat_scores], lr=cfg.upper_lr, momentum=cfg.upper_momentum)
     lower_sched = torch.optim.lr_scheduler.LambdaLR(lower_opt, _schedule(cfg.lower_schedule, steps))
     upper_sched = torch.optim.lr_scheduler.LambdaLR(upper_opt, _schedule(cfg.upper_schedule, steps))
     forward = make_forward(model)
     implicit_coef = cfg.effective_implicit_coef
     mask_list = list(masks.values())
+    offsets = [0]
+    for m in mask_list[:-1]:
+        offsets.append(offsets[-1] + m.numel())
     model.train()
 
     def backward(stream: BatchStream, step: int, with_mask_grads: bool) -> Any:
@@ -234,15 +248,21 @@ def _run(
 
     def upper_step(grads: Any) -> None:
         with torch.no_grad():
-            for target, s in zip(targets, score_buffers, strict=False):
-                s.grad = upper_grad(
-                    grads.masks[target.mask_fqn], grads.params[target.orig_fqn], implicit_coef
-                )
+            for target, g in zip(targets, score_grads, strict=True):
+                upper_grad(grads.masks[target.mask_fqn], grads.params[target.orig_fqn], implicit_coef, out=g)
+            flat_scores.grad = flat_grad
         upper_opt.step()
         upper_sched.step()
         with torch.no_grad():
-            for mask, keep in zip(mask_list, selector(score_buffers, allowed), strict=False):
-                mask.copy_(keep)
+            if fast_select:
+                keep = selector.select_flat(flat_scores)
+                keeps = [
+                    keep[o : o + m.numel()].view(m.shape) for o, m in zip(offsets, mask_list, strict=True)
+                ]
+            else:
+                keeps = selector(score_buffers, allowed)
+            for mask, kept in zip(mask_list, keeps, strict=True):
+                mask.copy_(kept)
 
     losses: list[tuple[int, float]] = []
     window: list[float] = []

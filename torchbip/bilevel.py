@@ -119,7 +119,9 @@ def masked_loss_grads(
     return MaskedGrads(loss, grad_p, {}, new_buffers)
 
 
-def upper_grad(grad_mask: Tensor, grad_theta: Tensor, implicit_coef: float) -> Tensor:
+def upper_grad(
+    grad_mask: Tensor, grad_theta: Tensor, implicit_coef: float, *, out: Tensor | None = None
+) -> Tensor:
     r"""Total upper-level gradient :math:`d\ell/dm` from the two partial gradients.
 
     Computes :math:`\nabla_m \ell - c\,(\nabla_\theta \ell)^2`, which for a binary mask equals
@@ -129,6 +131,7 @@ def upper_grad(grad_mask: Tensor, grad_theta: Tensor, implicit_coef: float) -> T
         grad_mask: :math:`\nabla_m \ell = \theta \odot g`.
         grad_theta: :math:`\nabla_\theta \ell = m \odot g` (without the L2 term).
         implicit_coef: :math:`c`, :math:`1/\gamma` in theory; 0 drops the implicit term.
+        out: optional tensor to write the result into.
 
     Returns:
         The gradient of the scores (straight-through).
@@ -139,8 +142,10 @@ def upper_grad(grad_mask: Tensor, grad_theta: Tensor, implicit_coef: float) -> T
         tensor([0.2500])
     """
     if implicit_coef == 0:
-        return grad_mask
-    return torch.addcmul(grad_mask, grad_theta, grad_theta, value=-implicit_coef)
+        return grad_mask if out is None else out.copy_(grad_mask)
+    if out is None:
+        return torch.addcmul(grad_mask, grad_theta, grad_theta, value=-implicit_coef)
+    return torch.addcmul(grad_mask, grad_theta, grad_theta, value=-implicit_coef, out=out)
 
 
 def upper_grad_from_g(theta: Tensor, mask: Tensor, g: Tensor, implicit_coef: float) -> Tensor:

@@ -106,13 +106,13 @@ def count_from_amount(amount: int | float, n: int, name: str = "amount") -> int:
 
 def _select_threshold(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
     """Keep entries above ``threshold`` plus the lowest-index ties, ``n_keep`` in all."""
-    keep = flat > threshold
-    n_above = int(keep.sum())
-    if n_above == n_keep:
+    keep = flat >= threshold
+    if int(torch.count_nonzero(keep)) == n_keep:  # no surplus ties: the common case
         return keep
-    ties = flat == threshold
+    above = flat > threshold
+    ties = keep & ~above
     rank = torch.cumsum(ties, dim=0, dtype=torch.int64)
-    return keep | (ties & (rank <= n_keep - n_above))
+    return above | (ties & (rank <= n_keep - int(torch.count_nonzero(above))))
 
 
 def _as_float(flat: Tensor) -> Tensor:
@@ -315,33 +315,57 @@ class GlobalTopK:
                         f"tensor {i} ({count})"
                     )
 
+    def select_flat(self, flat: Tensor) -> Tensor:
+        """Select ``n_keep`` entries of one flat score tensor (no floors, nothing disallowed).
+
+        The fast path of :meth:`__call__` for scores that already live in one buffer.
+
+        Example:
+            >>> import torch
+            >>> GlobalTopK(2).select_flat(torch.tensor([0.1, 0.9, 0.5, 0.3])).tolist()
+            [False, True, True, False]
+        """
+        if self.floors is not None and any(self.floors):
+            raise ValueError("select_flat does not apply per-tensor floors; call the selector")
+        return self._select(_as_float(flat.detach().reshape(-1)))
+
     def _select(self, flat: Tensor) -> Tensor:
         n, k = flat.numel(), self.n_keep
         if not 0 <= k <= n:
             raise ValueError(f"n_keep={k} must lie in [0, {n}]")
         if k == 0:
             return torch.zeros_like(flat, dtype=torch.bool)
-        threshold = self._banded_threshold(flat) if self._threshold is not None else None
-        if threshold is None:
-            threshold = _kth_largest(flat, k)
-        self._threshold = threshold
-        return _select_threshold(flat, k, threshold)
+        if self._threshold is not None:
+            found = self._banded_threshold(flat)
+            if found is not None:
+                self._threshold, unique = found
+                return flat >= self._threshold if unique else _select_threshold(flat, k, self._threshold)
+        self._threshold = _kth_largest(flat, k)
+        return _select_threshold(flat, k, self._threshold)
 
-    def _banded_threshold(self, flat: Tensor) -> Tensor | None:
-        """Exact k-th largest value if it lies in the band around the last threshold."""
+    def _banded_threshold(self, flat: Tensor) -> tuple[Tensor, bool] | None:
+        """The exact k-th largest value if it lies in the band around the last threshold.
+
+        Also says whether that value is unique (then ``flat >= value`` keeps exactly ``n_keep``).
+        Only the side of the band holding the smaller part of the scores is gathered.
+        """
         assert self._threshold is not None
         last = self._threshold
         width = self._band * max(float(last.abs()), 1e-12)
         lo, hi = last - width, last + width
-        n_above = int((flat > hi).sum())
-        need = self.n_keep - n_above
-        if need <= 0:
+        n, k = flat.numel(), self.n_keep
+        if 2 * k <= n:
+            candidates = flat[flat >= lo]
+            need = k - int(torch.count_nonzero(candidates > hi))
+            band = candidates[candidates <= hi]
+        else:
+            candidates = flat[flat <= hi]
+            need = k - (n - candidates.numel())
+            band = candidates[candidates >= lo]
+        if need <= 0 or need > band.numel():
             self._band *= 4
             return None
-        band_values = flat[(flat >= lo) & (flat <= hi)]
-        if need > band_values.numel():
-            self._band *= 4
-            return None
-        if band_values.numel() > max(1024, flat.numel() // 64):
+        if band.numel() > max(1024, n // 64):
             self._band /= 2
-        return _kth_largest(band_values, need)
+        value = _kth_largest(band, need)
+        return value, int(torch.count_nonzero(band == value)) == 1
