@@ -1,0 +1,213 @@
+"""Small real datasets that need no download: MNIST (shipped) and scikit-learn's digits.
+
+``load_mnist`` reads the MNIST split shipped inside the package (``torchbip/_datasets/mnist.npz``,
+CC BY-SA 3.0, by Yann LeCun, Corinna Cortes and Christopher J. C. Burges; see the README beside
+it) or a copy of the same format given by ``path`` or the ``TORCHBIP_MNIST`` environment variable.
+``load_digits`` wraps :func:`sklearn.datasets.load_digits` (scikit-learn ships that data).
+
+Both return a :class:`torch.utils.data.TensorDataset` of ``(images, labels)``: float32 images in
+``[0, 1]`` shaped ``N x 1 x H x W`` and int64 labels in ``0..9``.
+
+Example:
+    >>> from torchbip.datasets import load_mnist
+    >>> test = load_mnist(split="test", per_class=3)
+    >>> images, labels = test.tensors
+    >>> tuple(images.shape), labels.bincount().tolist()
+    ((30, 1, 28, 28), [3, 3, 3, 3, 3, 3, 3, 3, 3, 3])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+__all__ = ["MNIST_ENV", "load_digits", "load_mnist", "mnist_path"]
+
+Split = Literal["train", "test"]
+
+MNIST_ENV = "TORCHBIP_MNIST"
+"""Environment variable that points :func:`load_mnist` at a user's own ``mnist.npz``."""
+
+_PACKAGED_MNIST = Path(__file__).resolve().parent / "_datasets" / "mnist.npz"
+_MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def mnist_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve which MNIST file :func:`load_mnist` reads, and check that it exists.
+
+    The order is: ``path`` if given, else the ``TORCHBIP_MNIST`` environment variable if set and
+    not empty, else the copy shipped with the package.
+
+    Args:
+        path: a ``.npz`` file with the arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``.
+
+    Returns:
+        The path of an existing file.
+
+    Raises:
+        FileNotFoundError: if the chosen file does not exist; the message names it and says
+            where else the data can come from.
+
+    Example:
+        >>> mnist_path().name
+        'mnist.npz'
+        >>> mnist_path("/no/such/mnist.npz")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: MNIST file not found: /no/such/mnist.npz (from the path argument). ...
+    """
+    if path is not None:
+        chosen, origin = Path(path), "from the path argument"
+    elif os.environ.get(MNIST_ENV):
+        chosen, origin = Path(os.environ[MNIST_ENV]), f"from the {MNIST_ENV} environment variable"
+    else:
+        chosen, origin = _PACKAGED_MNIST, "the copy shipped with torchbip"
+    if not chosen.is_file():
+        raise FileNotFoundError(
+            f"MNIST file not found: {chosen} ({origin}). Pass path= or set {MNIST_ENV} to an .npz "
+            f"file holding the uint8 arrays {', '.join(_MNIST_KEYS)} (the layout of "
+            "torchbip/_datasets/mnist.npz, which a source checkout or wheel of torchbip includes)."
+        )
+    return chosen
+
+
+def load_mnist(
+    path: str | os.PathLike[str] | None = None,
+    split: Split = "train",
+    *,
+    per_class: int | None = None,
+) -> TensorDataset:
+    """Load the MNIST training or test split as tensors, without any download.
+
+    Args:
+        path: an ``.npz`` file with the uint8 arrays ``x_train`` (N, 28, 28), ``y_train`` (N,),
+            ``x_test`` and ``y_test``. ``None``: the ``TORCHBIP_MNIST`` environment variable, or
+            else the copy shipped with the package (see :func:`mnist_path`).
+        split: ``"train"`` (60,000 images) or ``"test"`` (10,000 images).
+        per_class: keep only the first ``per_class`` images of each digit, in file order (all of
+            them where a class has fewer); ``None`` keeps everything.
+
+    Returns:
+        A :class:`~torch.utils.data.TensorDataset` of float32 images in ``[0, 1]`` shaped
+        ``N x 1 x 28 x 28`` and int64 labels in ``0..9``.
+
+    Raises:
+        FileNotFoundError: if the file does not exist (the message names the path).
+        ValueError: for a bad ``split`` or ``per_class``, or a file without the expected arrays.
+
+    Example:
+        >>> images, labels = load_mnist(split="test").tensors
+        >>> tuple(images.shape), images.dtype, labels.dtype
+        ((10000, 1, 28, 28), torch.float32, torch.int64)
+        >>> float(images.min()), float(images.max())
+        (0.0, 1.0)
+        >>> labels[:8].tolist()
+        [7, 2, 1, 0, 4, 1, 4, 9]
+    """
+    _check_split(split)
+    _check_per_class(per_class)
+    file = mnist_path(path)
+    with np.load(file, allow_pickle=False) as archive:
+        missing = [k for k in (f"x_{split}", f"y_{split}") if k not in archive.files]
+        if missing:
+            raise ValueError(f"{file} is not an MNIST archive: it lacks {missing} (has {archive.files})")
+        x = archive[f"x_{split}"]
+        y = archive[f"y_{split}"]
+    if x.ndim != 3 or y.shape != (x.shape[0],):
+        raise ValueError(
+            f"{file}: expected x_{split} of shape (N, H, W) and y_{split} of shape (N,), "
+            f"got {x.shape} and {y.shape}"
+        )
+    keep = _per_class_indices(y, per_class)
+    if keep is not None:
+        x, y = x[keep], y[keep]
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    images = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(scale).unsqueeze(1)
+    return TensorDataset(images, torch.from_numpy(y.astype(np.int64)))
+
+
+def load_digits(
+    split: Split = "train",
+    *,
+    test_size: float = 0.2,
+    seed: int = 0,
+    per_class: int | None = None,
+) -> TensorDataset:
+    """Load scikit-learn's 8x8 digits (1,797 images) as a stratified training or test split.
+
+    The split is deterministic for a given ``seed`` and ``test_size``, so the ``"train"`` and
+    ``"test"`` calls with the same arguments never overlap. scikit-learn ships this data; it is
+    imported only when this function is called.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        test_size: fraction of the images in the test split, in ``(0, 1)``.
+        seed: seed of the stratified shuffle.
+        per_class: keep only the first ``per_class`` images of each digit of the split.
+
+    Returns:
+        A :class:`~torch.utils.data.TensorDataset` of float32 images in ``[0, 1]`` shaped
+        ``N x 1 x 8 x 8`` and int64 labels in ``0..9``.
+
+    Raises:
+        ImportError: if scikit-learn is not installed (it comes with the ``test`` extra).
+        ValueError: for a bad ``split``, ``test_size`` or ``per_class``.
+
+    Example:
+        >>> train, test = load_digits("train"), load_digits("test")
+        >>> len(train), len(test)
+        (1437, 360)
+        >>> tuple(test.tensors[0].shape[1:]), test.tensors[1].dtype
+        ((1, 8, 8), torch.int64)
+    """
+    _check_split(split)
+    _check_per_class(per_class)
+    if isinstance(test_size, bool) or not isinstance(test_size, (int, float)) or not 0 < test_size < 1:
+        raise ValueError(f"test_size must be a float in (0, 1), got {test_size!r}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        raise ImportError(
+            "torchbip.datasets.load_digits needs scikit-learn; install the test extra "
+            "(pip install 'torchbip[test]') or scikit-learn itself (pip install scikit-learn)"
+        ) from err
+    bunch = sklearn_digits()
+    x = np.asarray(bunch.images, dtype=np.float32) / 16.0
+    y = np.asarray(bunch.target, dtype=np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed
+    )
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    x, y = x[idx], y[idx]
+    keep = _per_class_indices(y, per_class)
+    if keep is not None:
+        x, y = x[keep], y[keep]
+    return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(y))
+
+
+def _check_split(split: object) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _check_per_class(per_class: object) -> None:
+    if per_class is not None and (
+        isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1
+    ):
+        raise ValueError(f"per_class must be an int >= 1 or None, got {per_class!r}")
+
+
+def _per_class_indices(labels: np.ndarray, per_class: int | None) -> np.ndarray | None:
+    """Indices (in order) of the first ``per_class`` entries of each label; ``None``: keep all."""
+    if per_class is None:
+        return None
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        keep[np.flatnonzero(labels == label)[:per_class]] = True
+    return np.flatnonzero(keep)
