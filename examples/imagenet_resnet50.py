@@ -367,7 +367,10 @@ def build_standin(root: Path, train_per_class: int, val_per_class: int, progress
             "MNIST (Yann LeCun, Corinna Cortes, Christopher J. C. Burges; CC BY-SA 3.0).\n"
         )
         (tmp / "DONE").write_text("complete\n")
-        if folder.exists():  # an incomplete folder from an older, interrupted version
+        if (folder / "DONE").is_file():  # another process finished the same folder meanwhile
+            shutil.rmtree(tmp)
+            return folder
+        if folder.exists():  # left incomplete by something else: replace it
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     except BaseException:
