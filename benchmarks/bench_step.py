@@ -115,9 +115,7 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
     # one-batch-per-step modes consume `long` batches; two_batch consumes 2 per step
     rows: dict[str, list[float]] = {"dense": [], "fused": [], "two_batch": []}
     for _ in range(repeats):  # interleaved, so drifts of the machine hit every variant alike
-        rows["dense"].append(
-            per_step(lambda n: dense_steps(copy.deepcopy(base), data[:n]), short, long)
-        )
+        rows["dense"].append(per_step(lambda n: dense_steps(copy.deepcopy(base), data[:n]), short, long))
         for mode in ("fused", "two_batch"):
             rows[mode].append(
                 per_step(lambda n, m=mode: bip_run(copy.deepcopy(base), data[:n], m), short, long)
@@ -137,9 +135,7 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
         fwd["hooked"].append(forward_time(hooked, x, 20))
         fwd["removed"].append(forward_time(removed, x, 20))
     fmed = {k: statistics.median(v) for k, v in fwd.items()}
-    n_prunable = sum(
-        m.weight.numel() for m in base.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-    )
+    n_prunable = sum(m.weight.numel() for m in base.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     return {
         "model": name,
         "batch_size": batch_size,
@@ -214,7 +210,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

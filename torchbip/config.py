@@ -12,6 +12,7 @@ __all__ = ["BiPConfig"]
 Schedule = Literal["cosine", "step", "constant"]
 Mode = Literal["fused", "two_batch"]
 ScoreInit = Literal["scaled_magnitude", "magnitude"]
+Amp = Literal["bfloat16", "float16"]
 
 _SCHEDULES = ("cosine", "step", "constant")
 _MODES = ("fused", "two_batch")
@@ -53,6 +54,14 @@ class BiPConfig:
             (parameter identities are kept) and batches follow.
         progress: show a tqdm progress bar.
         log_every: steps between two progress-bar updates and two recorded losses.
+        amp: ``None`` (full precision), ``"bfloat16"`` or ``"float16"``: run the forward pass
+            under :func:`torch.autocast` (float16 with dynamic loss scaling). Weights, scores
+            and optimiser states stay in their own dtype.
+        checkpoint_path: file where the whole bi-level state is saved (weights, scores, both
+            optimisers and schedules, step, data-stream positions, RNG); ``None``: no
+            checkpoints.
+        checkpoint_every: save every this many steps (0: only when the run ends).
+        resume: continue from ``checkpoint_path`` if that file exists.
 
     Example:
         >>> cfg = BiPConfig(steps=100, lower_lr=0.05)
@@ -83,6 +92,10 @@ class BiPConfig:
     device: str | None = None
     progress: bool = True
     log_every: int = field(default=10)
+    amp: Amp | None = None
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and (
@@ -125,6 +138,20 @@ class BiPConfig:
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}")
+        if self.amp not in (None, "bfloat16", "float16"):
+            raise ValueError(f"amp must be None, 'bfloat16' or 'float16', got {self.amp!r}")
+        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
+            raise ValueError(f"checkpoint_path must be a str or None, got {self.checkpoint_path!r}")
+        if (
+            isinstance(self.checkpoint_every, bool)
+            or not isinstance(self.checkpoint_every, int)
+            or self.checkpoint_every < 0
+        ):
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {self.checkpoint_every!r}")
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"resume must be a bool, got {self.resume!r}")
+        if self.resume and self.checkpoint_path is None:
+            raise ValueError("resume=True needs checkpoint_path (the file to resume from)")
 
     @property
     def effective_implicit_coef(self) -> float:

@@ -37,15 +37,23 @@ class BatchStream:
         self.name = name
         self.epoch = 0
         self.position = 0
-        try:
-            self._it: Iterator[Any] = iter(loader)
-        except TypeError as err:
-            raise TypeError(f"{name} must be an iterable of batches, got {loader!r}") from err
+        self._it = self._start()
         try:
             self._peeked: Any = next(self._it)
         except StopIteration:
             raise ValueError(f"{name} is empty: it yielded no batch ({loader!r})") from None
         self._has_peeked = True
+
+    def _start(self) -> Iterator[Any]:
+        """A new pass over the loader; remembers the RNG state a shuffling loader draws from."""
+        set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):  # e.g. DistributedSampler: a new order each epoch
+            set_epoch(self.epoch)
+        self._epoch_rng = torch.get_rng_state()
+        try:
+            return iter(self.loader)
+        except TypeError as err:
+            raise TypeError(f"{self.name} must be an iterable of batches, got {self.loader!r}") from err
 
     def next(self) -> tuple[Any, Any]:
         """The next ``(inputs, targets)`` pair, starting a new epoch when the loader ends."""
@@ -59,13 +67,33 @@ class BatchStream:
             except StopIteration:
                 self.epoch += 1
                 self.position = 0
-                self._it = iter(self.loader)
+                self._it = self._start()
                 try:
                     batch = next(self._it)
                 except StopIteration:
                     raise ValueError(f"{self.name} yielded no batch in epoch {self.epoch}") from None
         self.position += 1
         return split_batch(batch, self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: epoch, batches read in it, the RNG state at the epoch's start."""
+        return {"epoch": self.epoch, "position": self.position, "epoch_rng": self._epoch_rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where :meth:`state_dict` was taken.
+
+        Re-iterates the loader from the saved epoch with the RNG state it started from (so a
+        shuffling loader yields the same order) and skips the batches already read.
+        """
+        current = torch.get_rng_state()
+        self.epoch = int(state["epoch"])
+        torch.set_rng_state(state["epoch_rng"])
+        self._it = self._start()
+        self._has_peeked, self._peeked = False, None
+        for _ in range(int(state["position"])):
+            next(self._it)
+        self.position = int(state["position"])
+        torch.set_rng_state(current)
 
 
 def split_batch(batch: Any, name: str) -> tuple[Any, Any]:

@@ -115,6 +115,7 @@ class PruneReport:
         losses: ``(step, loss)`` pairs recorded every ``log_every`` steps.
         amount: the ``amount`` asked for.
         config: the resolved :class:`torchbip.BiPConfig` as a dict.
+        skipped_steps: steps skipped because float16 gradients overflowed (``amp="float16"``).
     """
 
     sparsity: SparsityReport
@@ -124,6 +125,7 @@ class PruneReport:
     amount: int | float
     config: dict[str, Any]
     losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped_steps: int = 0
 
     @property
     def global_sparsity(self) -> float:
@@ -139,6 +141,7 @@ class PruneReport:
             "wall_time_s": self.wall_time_s,
             "final_loss": self.final_loss,
             "losses": [list(x) for x in self.losses],
+            "skipped_steps": self.skipped_steps,
             "config": self.config,
             "sparsity": self.sparsity.to_dict(),
         }

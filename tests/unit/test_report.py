@@ -149,6 +149,7 @@ def test_prune_report() -> None:
         "wall_time_s": 1.25,
         "final_loss": 0.5,
         "losses": [[0, 1.0], [2, 0.5]],
+        "skipped_steps": 0,
         "config": {"steps": 3},
         "sparsity": sparsity.to_dict(),
     }

@@ -1,0 +1,69 @@
+"""Distributed data parallel on CPU: 2 processes with the gloo backend.
+
+Both ranks must end with identical scores (seen through the masks) and weights, equal to one
+process that saw the combined batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import torchbip
+
+STEPS = 6
+OPTIONS = {"steps": STEPS, "seed": 0, "progress": False, "lower_lr": 0.1, "upper_lr": 1.0}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 3)).double()
+
+
+def full_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(32, 6, generator=g, dtype=torch.float64)
+        out.append((x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()))
+    return out
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        if rank == 1:  # a different start on rank 1: global_prune must broadcast rank 0's weights
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+        shard = [(x[rank::world], y[rank::world]) for x, y in full_batches()]
+        torchbip.global_prune(model, 0.7, shard, **OPTIONS)
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(tmp_path: Path) -> None:
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    single = make_model()
+    torchbip.global_prune(single, 0.7, full_batches(), **OPTIONS)
+    want = single.state_dict()
+    assert rank0.keys() == rank1.keys() == want.keys()
+    for key in want:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks differ on {key}"
+        if key.endswith("_mask"):
+            assert torch.equal(rank0[key], want[key]), f"mask {key} differs from one process"
+        else:
+            torch.testing.assert_close(rank0[key], want[key], rtol=1e-10, atol=1e-12)
