@@ -312,15 +312,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="BiP's implicit coefficient (default: library default)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
     if args.quick:
         args.models = args.models or ["lenet_300_100"]
         args.seeds = args.seeds or [0]
-        args.train_size = args.train_size or 6000
+        args.train_size = args.train_size or 4000
         args.dense_epochs = args.dense_epochs or 1
         args.prune_epochs = args.prune_epochs or 1
         args.sparsities = (
-            [0.5, 0.9, 0.98] if args.sparsities == parser.get_default("sparsities") else args.sparsities
+            [0.5, 0.9] if args.sparsities == parser.get_default("sparsities") else args.sparsities
         )
     else:
         args.models = args.models or ["lenet_300_100", "small_cnn"]
@@ -360,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_accuracy-{result['device']}-torch{result['torch']}" + ("-quick" if args.quick else "")
+    stem += f"-{args.tag}" if args.tag else ""
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(result))
     plot(result, args.out / f"{stem}.png")

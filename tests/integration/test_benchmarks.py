@@ -1,0 +1,55 @@
+"""The benchmarks' ``--quick`` modes run end to end and write parseable results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+def test_bench_step_quick(tmp_path: Path) -> None:
+    import bench_step
+
+    result = bench_step.main(["--quick", "--out", str(tmp_path)])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith("-quick.json") for f in files) and any(f.endswith("-quick.md") for f in files)
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data == json.loads(json.dumps(result))
+    for row in data["models"]:
+        assert row["step_s"]["dense"] > 0 and row["step_ratio_fused"] > 0
+        assert row["forward_ratio_removed"] > 0
+    assert all(r["numel"] > 0 and r["global_topk_s"] > 0 for r in data["topk"])
+
+
+def test_bench_accuracy_quick(tmp_path: Path) -> None:
+    import bench_accuracy
+
+    result = bench_accuracy.main(["--quick", "--out", str(tmp_path)])
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+    summary = result["summary"]["lenet_300_100"]
+    for method in ("bip", "imp", "omp", "random", "bip_no_implicit"):
+        for sparsity in ("0.50", "0.90"):
+            cell = summary[method][sparsity]
+            assert 0.0 <= cell["accuracy_mean"] <= 1.0 and cell["time_mean_s"] > 0
+    # every method reached exactly the sparsity it was asked for
+    for row in result["rows"]:
+        if row["method"] != "dense":
+            assert row["measured_sparsity"] == pytest.approx(row["sparsity"], abs=1e-4)
+
+
+def test_bench_ablation_quick(tmp_path: Path) -> None:
+    import bench_ablation
+
+    result = bench_ablation.main(["--quick", "--out", str(tmp_path)])
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md"}
+    assert "omp+finetune" in result["summary"]
+    assert sum("fused" in v for v in result["summary"]) == sum("two_batch" in v for v in result["summary"]) > 0
+
