@@ -11,10 +11,11 @@ import pytest
 from torchbip import BiPConfig
 
 
-def test_defaults_follow_the_paper() -> None:
+def test_defaults_follow_the_paper_except_where_measured() -> None:
     cfg = BiPConfig()
     assert (cfg.steps, cfg.epochs, cfg.mode) == (None, None, "fused")
-    assert (cfg.lower_lr, cfg.upper_lr, cfg.momentum, cfg.upper_momentum) == (0.01, 0.1, 0.9, 0.9)
+    # upper_lr: the paper's 0.1 lost to 10 in benchmarks/bench_ablation.py (see BiPConfig's docs)
+    assert (cfg.lower_lr, cfg.upper_lr, cfg.momentum, cfg.upper_momentum) == (0.01, 10.0, 0.9, 0.9)
     assert (cfg.lower_schedule, cfg.upper_schedule) == ("cosine", "step")
     assert cfg.gamma == 5e-4
     assert cfg.implicit_coef == 1.0
