@@ -66,7 +66,6 @@ autodoc_default_options = {
     "show-inheritance": True,
 }
 autodoc_class_signature = "mixed"
-autodoc_typehints = "description"  # set by sphinx-autodoc-typehints too: types go to the fields
 autodoc_preserve_defaults = True
 autoclass_content = "class"
 autodoc_inherit_docstrings = False  # torch's own docstrings are not in Google style
@@ -89,6 +88,8 @@ warnings.filterwarnings("ignore", message=".*set_application.*")
 typehints_fully_qualified = False
 always_document_param_types = False
 typehints_document_rtype = True
+typehints_document_rtype_none = False  # no "Return type: None"
+typehints_use_rtype = False  # the type goes into the Returns field
 typehints_use_signature = False
 typehints_defaults = None
 
