@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +58,13 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
 
     Raises:
         ValueError: for a module outside ``model``, a missing tensor, a duplicate, a tied
-            tensor (a Parameter that another module of the model also holds), a frozen tensor
-            or an empty selection.
-        TypeError: for entries that are not ``(module, name)`` pairs.
+            tensor (a Parameter that another module of the model also holds), a frozen tensor,
+            an empty selection, tensors on several devices or on the ``meta`` device.
+        TypeError: for ``parameters`` that is not an iterable of ``(module, name)`` pairs (a
+            module, a single pair, a string or a mapping included).
     """
     names = {id(m): n for n, m in model.named_modules()}  # a shared module: its first name
-    pairs = default_targets(model) if parameters is None else list(parameters)
+    pairs = default_targets(model) if parameters is None else _pairs(parameters)
     targets: list[Target] = []
     seen: set[tuple[int, str]] = set()
     holders: dict[int, list[tuple[int, str, str]]] = {}  # id(Parameter) -> (id(module), name, fqn)
@@ -128,9 +129,45 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
     if len(devices) > 1:
         raise ValueError(
             f"the tensors to prune live on several devices {sorted(map(str, devices))}; "
-            "move the model to one device or pass device="
+            "move the model to one device first, e.g. model.to('cuda')"
+        )
+    if next(iter(devices)).type == "meta":
+        raise ValueError(
+            f"parameters names {targets[0].fqn!r}, which is on the meta device (shapes without "
+            "values); materialise the model first, e.g. model.to_empty(device='cpu') and load its weights"
         )
     return targets
+
+
+def _pairs(parameters: Any) -> list[Any]:
+    """``list(parameters)``, with a clear ``TypeError`` for the usual mistakes."""
+    hint = "pass a list of (module, name) pairs, e.g. parameters=[(model.fc, 'weight')]"
+    kind = type(parameters).__name__
+    if isinstance(parameters, nn.Module):
+        raise TypeError(f"parameters is a {kind} module, not (module, name) pairs; {hint}")
+    if isinstance(parameters, Mapping):
+        raise TypeError(
+            f"parameters is a {kind}, not (module, name) pairs; "
+            "for a {module: name} mapping pass parameters=list(mapping.items())"
+        )
+    if isinstance(parameters, (str, bytes)):
+        raise TypeError(f"parameters is the {kind} {parameters!r}, not (module, name) pairs; {hint}")
+    if (
+        isinstance(parameters, tuple)
+        and len(parameters) == 2
+        and isinstance(parameters[0], nn.Module)
+        and isinstance(parameters[1], str)
+    ):
+        raise TypeError(
+            f"parameters is one (module, name) pair ({type(parameters[0]).__name__}, "
+            f"{parameters[1]!r}), not a list of pairs; {hint}"
+        )
+    try:
+        return list(parameters)
+    except TypeError:
+        raise TypeError(
+            f"parameters is {parameters!r} of type {kind}, not (module, name) pairs; {hint}"
+        ) from None
 
 
 def make_forward(model: nn.Module) -> Any:

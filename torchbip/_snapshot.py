@@ -17,9 +17,10 @@ class ModelSnapshot:
     Kept per module: the parameter and buffer dictionaries (the same objects, so identities are
     restored), copies of their values and gradients, ``requires_grad`` flags, the forward
     pre-hooks (and the attributes of torch pruning hooks: pruning on top of a
-    :class:`~torch.nn.utils.prune.PruningContainer` appends to the same container), the training
-    flag, the non-persistent buffer set, and the plain attributes named ``names`` (the tensors
-    that torch's pruning hooks set).
+    :class:`~torch.nn.utils.prune.PruningContainer` appends to the same container), the forward
+    hooks (BiP adds a :class:`~torchbip.method.DeepcopyGuard` for each tensor it prunes), the
+    training flag, the non-persistent buffer set, and the plain attributes named ``names`` (the
+    tensors that torch's pruning hooks set).
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str] = ()) -> None:
@@ -39,6 +40,7 @@ class ModelSnapshot:
                     {k: _copy(b) for k, b in buffers.items()},
                     set(module._non_persistent_buffers_set),
                     dict(module._forward_pre_hooks),
+                    dict(module._forward_hooks),
                     {
                         key: dict(vars(hook))
                         for key, hook in module._forward_pre_hooks.items()
@@ -62,6 +64,7 @@ class ModelSnapshot:
             buffer_values,
             non_persistent,
             hooks,
+            post_hooks,
             hook_states,
             training,
             attrs,
@@ -84,6 +87,8 @@ class ModelSnapshot:
             module._non_persistent_buffers_set.update(non_persistent)
             module._forward_pre_hooks.clear()
             module._forward_pre_hooks.update(hooks)
+            module._forward_hooks.clear()
+            module._forward_hooks.update(post_hooks)
             for key, state in hook_states.items():
                 vars(hooks[key]).clear()
                 vars(hooks[key]).update(state)

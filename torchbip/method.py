@@ -8,13 +8,16 @@ to turn scores into a mask. The scores are learned by :func:`torchbip.global_pru
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import count_from_amount, topk_mask, validate_amount
 
-__all__ = ["BiPPruningMethod", "bip_unstructured", "scores_name"]
+__all__ = ["BiPPruningMethod", "DeepcopyGuard", "bip_unstructured", "scores_name"]
 
 
 def scores_name(name: str) -> str:
@@ -35,7 +38,10 @@ class BiPPruningMethod(prune.BasePruningMethod):
 
     State on the module after :meth:`apply` (as for every torch pruning method):
     ``<name>_orig`` (the parameter), ``<name>_mask`` (buffer), a forward pre-hook that sets
-    ``<name> = <name>_orig * <name>_mask``, plus the ``<name>_scores`` buffer holding the scores.
+    ``<name> = <name>_orig * <name>_mask``, plus the ``<name>_scores`` buffer holding the scores
+    and a :class:`DeepcopyGuard` forward hook, so that ``copy.deepcopy`` of the module works
+    after a forward pass with gradients on (it fails for torch's own methods, pytorch issue
+    #37322).
     The score buffer is non-persistent, so ``state_dict`` holds exactly the keys that torch's own
     methods leave (``<name>_orig``, ``<name>_mask``), also when a
     :class:`~torch.nn.utils.prune.PruningContainer` combines BiP with other methods.
@@ -84,7 +90,8 @@ class BiPPruningMethod(prune.BasePruningMethod):
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed)
         keep = topk_mask(t, n_allowed - n_prune, allowed)
-        return keep.to(dtype=default_mask.dtype)
+        # empty_like keeps default_mask's memory format (e.g. channels_last, as the weight's).
+        return torch.empty_like(default_mask).copy_(keep)
 
     @classmethod
     def apply(  # type: ignore[override]
@@ -133,14 +140,103 @@ class BiPPruningMethod(prune.BasePruningMethod):
         # methods leave a non-leaf here, which deepcopy rejects: pytorch issue #37322).
         with torch.no_grad():
             setattr(module, name, method.apply_mask(module))
+        DeepcopyGuard.register(module, name)
         return method
 
     def remove(self, module: nn.Module) -> None:
-        """Make the pruning permanent and drop the score buffer (see torch's ``remove``)."""
+        """Make the pruning permanent, drop the score buffer and the :class:`DeepcopyGuard`."""
         super().remove(module)
         assert self._tensor_name is not None
         if scores_name(self._tensor_name) in module._buffers:
             delattr(module, scores_name(self._tensor_name))
+        DeepcopyGuard.unregister(module, self._tensor_name)
+
+
+class _DetachedCopy:
+    """``__deepcopy__`` of one masked tensor: a deep copy of its detached view (no graph)."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def __call__(self, memo: dict[int, Any]) -> Tensor:
+        return copy.deepcopy(self.value, memo)
+
+
+class DeepcopyGuard:
+    r"""Forward hook that lets ``copy.deepcopy`` copy a pruned module after a forward pass.
+
+    A pruning pre-hook sets ``module.<name> = <name>_orig * <name>_mask``. With gradients on,
+    that is a non-leaf tensor, which ``copy.deepcopy`` rejects (pytorch issue #37322), so a
+    pruned model cannot be deep-copied after a training step. After each forward pass this hook
+    gives that tensor a ``__deepcopy__`` that copies its values without the autograd graph (a
+    detached view, no copy of the data). The tensor itself stays as torch's pre-hook left it:
+    gradients flow exactly as with torch's own methods, also when ``module.<name>`` is read
+    after the forward pass (e.g. by a layer that reuses an embedding matrix).
+
+    The hook is a no-op when ``module.<name>`` is not such a tensor: a Parameter again (after
+    :func:`torch.nn.utils.prune.remove` through a :class:`~torch.nn.utils.prune.PruningContainer`,
+    which never calls :meth:`BiPPruningMethod.remove`), a leaf, a tensor of a :mod:`torch.func`
+    transform, or while :func:`torch.compile` traces the module (to avoid a graph break; deep-copy
+    the module after a forward pass under ``torch.no_grad()`` there). It is a small picklable
+    object, so ``pickle`` and ``torch.save`` of the whole module work.
+
+    Args:
+        name: the pruned tensor's name, e.g. ``"weight"``.
+
+    Example:
+        >>> import copy
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = bip_unstructured(nn.Linear(4, 2), "weight", amount=0.5)
+        >>> layer(torch.randn(3, 4)).sum().backward()
+        >>> layer.weight.is_leaf, copy.deepcopy(layer).weight.is_leaf
+        (False, True)
+        >>> [type(h).__name__ for h in layer._forward_hooks.values()]
+        ['DeepcopyGuard']
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Give ``module.<name>`` a graph-free ``__deepcopy__`` if it is a non-leaf tensor."""
+        if torch.compiler.is_compiling():
+            return
+        tensor = module.__dict__.get(self.name)
+        if (
+            type(tensor) is not Tensor
+            or tensor.grad_fn is None
+            or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        ):
+            return
+        # copy.deepcopy looks up __deepcopy__ on the instance before the class.
+        tensor.__deepcopy__ = _DetachedCopy(tensor.detach())  # type: ignore[method-assign]
+
+    def __repr__(self) -> str:
+        return f"DeepcopyGuard(name={self.name!r})"
+
+    @classmethod
+    def register(cls, module: nn.Module, name: str) -> None:
+        """Add the guard of ``module.<name>`` unless it is there already.
+
+        Args:
+            module: the pruned module.
+            name: the pruned tensor's name.
+        """
+        if not any(isinstance(h, cls) and h.name == name for h in module._forward_hooks.values()):
+            module.register_forward_hook(cls(name))
+
+    @classmethod
+    def unregister(cls, module: nn.Module, name: str) -> None:
+        """Remove the guard of ``module.<name>`` (if any).
+
+        Args:
+            module: the module.
+            name: the tensor's name.
+        """
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, cls) and hook.name == name:
+                del module._forward_hooks[key]
 
 
 def bip_unstructured(

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 __all__ = [
     "ELEMENTWISE_LIMIT",
@@ -35,6 +36,7 @@ __all__ = [
     "default_masks",
     "fractions",
     "invalid_amounts",
+    "models_with_data",
     "pruning_cases",
     "score_lists",
     "score_tensors",
@@ -387,3 +389,98 @@ def tiny_mlps(
                 layers.append(nn.ReLU())
             layers.append(nn.Linear(widths[i], widths[i + 1]))
     return nn.Sequential(*layers)
+
+
+Batches = list[tuple[Tensor, Tensor]]
+
+
+@st.composite
+def models_with_data(
+    draw: st.DrawFn,
+    *,
+    max_layers: int = 3,
+    max_width: int = 8,
+    n_batches: int = 2,
+    batch_size: int = 4,
+) -> tuple[nn.Sequential, Batches]:
+    """Draw a small classifier (``Linear``, ``Conv1d`` or ``Conv2d`` layers) and batches for it.
+
+    The model is an ``nn.Sequential`` of 1 to ``max_layers`` layers of one kind, each with or
+    without a bias, optionally followed by a ``BatchNorm`` or a ``LayerNorm``, then ``ReLU`` or
+    ``Tanh``; convolutional models end in ``Flatten`` and a ``Linear`` head. One layer may already
+    be pruned by :func:`torch.nn.utils.prune.l1_unstructured`. The batches are
+    ``(inputs, labels)`` pairs with integer labels for ``cross_entropy``.
+
+    Args:
+        draw: hypothesis' draw function (supplied by :func:`hypothesis.strategies.composite`).
+        max_layers: most hidden layers.
+        max_width: largest number of features or channels.
+        n_batches: number of batches.
+        batch_size: examples per batch (at least 2, for ``BatchNorm`` in train mode).
+
+    Returns:
+        ``(model, batches)``: a float32 model on the CPU in train mode and a list of batches. The
+        global RNG is left untouched.
+
+    Example:
+        >>> from hypothesis import find
+        >>> model, data = find(models_with_data(), lambda case: isinstance(case[0][0], nn.Conv2d))
+        >>> x, y = data[0]
+        >>> model(x).shape[0] == len(y), x.dim()
+        (True, 4)
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size={batch_size} must be >= 2 (BatchNorm in train mode)")
+    kind = draw(st.sampled_from(["linear", "conv1d", "conv2d"]))
+    depth = draw(st.integers(min_value=1, max_value=max_layers))
+    widths = draw(st.lists(st.integers(1, max_width), min_size=depth + 1, max_size=depth + 1))
+    biases = draw(st.lists(st.booleans(), min_size=depth + 1, max_size=depth + 1))
+    norms = draw(st.lists(st.sampled_from([None, "batch", "layer"]), min_size=depth, max_size=depth))
+    activations = draw(st.lists(st.sampled_from([nn.ReLU, nn.Tanh]), min_size=depth, max_size=depth))
+    kernels = draw(st.lists(st.sampled_from([1, 3]), min_size=depth, max_size=depth))
+    n_classes = draw(st.integers(min_value=2, max_value=4))
+    side = draw(st.integers(min_value=2, max_value=5))
+    pre_pruned = draw(st.none() | st.integers(min_value=0, max_value=depth))  # depth: the head
+    pre_amount = draw(st.sampled_from([0.25, 0.5, 0.9, 1]))
+    seed = draw(_seeds)
+
+    spatial: tuple[int, ...] = {"linear": (), "conv1d": (side,), "conv2d": (side, side)}[kind]
+    layers: list[nn.Module] = []
+    prunable: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(depth):
+            c_in, c_out, k = widths[i], widths[i + 1], kernels[i]
+            if kind == "linear":
+                layer: nn.Module = nn.Linear(c_in, c_out, bias=biases[i])
+            elif kind == "conv1d":
+                layer = nn.Conv1d(c_in, c_out, k, padding=k // 2, bias=biases[i])
+            else:
+                layer = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=biases[i])
+            layers.append(layer)
+            prunable.append(layer)
+            if norms[i] == "batch":
+                layers.append(
+                    {"linear": nn.BatchNorm1d, "conv1d": nn.BatchNorm1d, "conv2d": nn.BatchNorm2d}[kind](
+                        c_out
+                    )
+                )
+            elif norms[i] == "layer":
+                layers.append(nn.LayerNorm([c_out, *spatial]))
+            layers.append(activations[i]())
+        if spatial:
+            layers.append(nn.Flatten())
+        head = nn.Linear(widths[depth] * math.prod(spatial), n_classes, bias=biases[depth])
+        layers.append(head)
+        prunable.append(head)
+        if pre_pruned is not None:
+            prune.l1_unstructured(prunable[pre_pruned], "weight", amount=pre_amount)
+        gen = _generator(seed)
+        batches = [
+            (
+                torch.randn(batch_size, widths[0], *spatial, generator=gen),
+                torch.randint(n_classes, (batch_size,), generator=gen),
+            )
+            for _ in range(n_batches)
+        ]
+    return nn.Sequential(*layers), batches

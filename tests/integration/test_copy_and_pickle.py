@@ -1,0 +1,249 @@
+"""``copy.deepcopy``, ``pickle`` and ``torch.save`` of models under BiP hooks, after training steps.
+
+torch's own pruning leaves a non-leaf ``module.weight`` after a forward pass with gradients on,
+which ``copy.deepcopy`` rejects (pytorch issue #37322). BiP's :class:`DeepcopyGuard` makes the
+copy work without changing what ``module.weight`` is, so gradients stay exactly torch's.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+import torchbip
+from torchbip.method import BiPPruningMethod, DeepcopyGuard, bip_unstructured
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_mlp() -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def make_data() -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 8, generator=gen)
+    y = x[:, :3].argmax(1)
+    return [(x[:16], y[:16]), (x[16:], y[16:])]
+
+
+def bip_pruned_mlp() -> nn.Sequential:
+    model = make_mlp()
+    torchbip.global_prune(model, 0.6, make_data(), steps=3, progress=False, seed=0)
+    return model
+
+
+def train_step(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+
+
+def guards(module: nn.Module) -> list[DeepcopyGuard]:
+    return [h for h in module._forward_hooks.values() if isinstance(h, DeepcopyGuard)]
+
+
+def assert_same_model(clone: nn.Module, model: nn.Module, x: Tensor) -> None:
+    assert list(clone.state_dict()) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(clone.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+
+
+# --- deepcopy ---------------------------------------------------------------------------------------
+
+
+def test_torch_alone_cannot_deepcopy_after_a_training_step() -> None:
+    """The trap that the guard removes (if torch fixes it, this test can go)."""
+    model = make_mlp()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    train_step(model, *make_data()[0])
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+
+
+def test_deepcopy_after_forward_and_backward() -> None:
+    model = bip_pruned_mlp()
+    x, y = make_data()[0]
+    train_step(model, x, y)
+    assert not model[0].weight.is_leaf  # what torch's pre-hook leaves: the guard changes nothing here
+
+    clone = copy.deepcopy(model)
+
+    assert clone[0].weight.is_leaf
+    assert not clone[0].weight.requires_grad
+    assert torch.equal(clone[0].weight, model[0].weight.detach())
+    assert clone[0].weight_orig is not model[0].weight_orig
+    assert_same_model(clone, model, x)
+    # the copy trains, and is copied again after its own step
+    train_step(clone, x, y)
+    assert clone[0].weight_orig.grad is not None
+    copy.deepcopy(clone)
+    assert [g.name for g in guards(clone[0])] == ["weight"]
+
+
+def test_deepcopy_in_eval_and_no_grad_modes() -> None:
+    model = bip_pruned_mlp().eval()
+    x = make_data()[0][0]
+    with torch.no_grad():
+        model(x)
+    assert_same_model(copy.deepcopy(model), model, x)
+    model(x)  # gradients on, eval mode
+    assert_same_model(copy.deepcopy(model), model, x)
+
+
+def test_deepcopy_inside_a_container_and_after_its_remove() -> None:
+    """BiP, then torch's l1 on top (a PruningContainer), then torch's remove (no BiP remove call)."""
+    model = bip_pruned_mlp()
+    layer = model[0]
+    x, y = make_data()[0]
+    prune.l1_unstructured(layer, "weight", amount=0.3)
+    (hook,) = layer._forward_pre_hooks.values()
+    assert isinstance(hook, prune.PruningContainer)
+    train_step(model, x, y)
+    assert_same_model(copy.deepcopy(model), model, x)
+
+    prune.remove(layer, "weight")
+    param = layer.weight
+    assert isinstance(param, nn.Parameter)
+    assert len(guards(layer)) == 1
+    train_step(model, x, y)  # the guard finds a Parameter: a no-op
+    assert layer.weight is param
+    assert layer._parameters["weight"] is param
+    assert "weight" not in vars(layer) or vars(layer)["weight"] is param
+    assert param.grad is not None
+    assert_same_model(copy.deepcopy(model), model, x)
+
+    BiPPruningMethod.apply(layer, "weight", amount=0.2)  # pruned again: still one guard
+    assert len(guards(layer)) == 1
+
+
+def test_remove_drops_the_guard_and_state_dict_keys_are_torchs() -> None:
+    model = bip_pruned_mlp()
+    assert prune.is_pruned(model)
+    assert sorted(model[0].state_dict()) == ["bias", "weight_mask", "weight_orig"]
+    assert [g.name for g in guards(model[0])] == ["weight"]
+    for layer in (model[0], model[2]):
+        prune.remove(layer, "weight")
+        assert guards(layer) == []
+    assert not prune.is_pruned(model)
+    assert sorted(model[0].state_dict()) == ["bias", "weight"]
+
+
+def test_failed_apply_adds_no_guard() -> None:
+    layer = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="larger than"):
+        bip_unstructured(layer, "weight", amount=13)
+    assert guards(layer) == []
+    assert not prune.is_pruned(layer)
+
+
+# --- gradients are torch's ---------------------------------------------------------------------------
+
+
+class TiedByAttribute(nn.Module):
+    """Reads ``emb.weight`` after ``emb``'s forward pass (an output layer sharing the embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.emb(idx).mean(1)))
+        return h @ self.emb.weight.T  # the masked embedding, read after the pre-hook ran
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tied-by-attribute"])
+def test_training_gives_the_same_gradients_as_a_torch_pruned_twin(kind: str) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model: nn.Module = make_mlp() if kind == "mlp" else TiedByAttribute()
+    twin = copy.deepcopy(model)
+    layers = [("0", "2")] if kind == "mlp" else [("emb", "mix")]
+    for name in layers[0]:
+        bip_unstructured(model.get_submodule(name), "weight", amount=0.5)
+        prune.custom_from_mask(
+            twin.get_submodule(name), "weight", model.get_submodule(name).weight_mask.clone()
+        )
+        assert guards(twin.get_submodule(name)) == []
+    gen = torch.Generator().manual_seed(2)
+    if kind == "mlp":
+        x, y = torch.randn(16, 8, generator=gen), torch.randint(3, (16,), generator=gen)
+    else:
+        x, y = torch.randint(12, (16, 4), generator=gen), torch.randint(12, (16,), generator=gen)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
+    for _ in range(3):
+        for m, opt in zip((model, twin), opts, strict=True):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        for (name, p), (tname, tp) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+            assert name == tname
+            assert torch.equal(p.grad, tp.grad), name
+            assert torch.equal(p, tp), name
+    copy.deepcopy(model)
+
+
+# --- pickle and torch.save ---------------------------------------------------------------------------
+
+
+def test_pickle_round_trip_after_a_training_step() -> None:
+    model = bip_pruned_mlp()
+    x, y = make_data()[0]
+    train_step(model, x, y)
+    clone = pickle.loads(pickle.dumps(model))
+    assert_same_model(clone, model, x)
+    assert [g.name for g in guards(clone[2])] == ["weight"]
+    assert [type(h) for h in clone[2]._forward_pre_hooks.values()] == [BiPPruningMethod]
+    train_step(clone, x, y)
+    copy.deepcopy(clone)
+
+
+def test_torch_save_of_the_whole_module() -> None:
+    model = bip_pruned_mlp()
+    x, y = make_data()[0]
+    train_step(model, x, y)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(buffer, weights_only=True)  # hooks are code: the safe loader refuses them
+    buffer.seek(0)
+    clone = torch.load(buffer, weights_only=False)  # a file this test wrote itself
+    assert_same_model(clone, model, x)
+    train_step(clone, x, y)
+    copy.deepcopy(clone)
+
+
+def test_state_dict_round_trip_with_weights_only() -> None:
+    model = bip_pruned_mlp()
+    x, y = make_data()[0]
+    train_step(model, x, y)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert sorted(state) == sorted(model.state_dict())
+    fresh = make_mlp()
+    for layer in (fresh[0], fresh[2]):
+        prune.identity(layer, "weight")
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
