@@ -3,7 +3,7 @@
 Example:
     >>> import torchbip
     >>> sorted(torchbip.__all__)[:3]
-    ['BiPConfig', 'BiPPruningMethod', 'PruneReport']
+    ['BiPConfig', 'BiPPruningMethod', 'BiPStructured']
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from importlib.metadata import PackageNotFoundError, version
 from torchbip import bilevel
 from torchbip.api import global_prune
 from torchbip.config import BiPConfig
+from torchbip.export import export_slim, load_slim_state_dict
 from torchbip.method import BiPPruningMethod, bip_unstructured
 from torchbip.report import PruneReport, SparsityReport, sparsity_report
+from torchbip.structured import BiPStructured, bip_structured
 
 try:
     __version__ = version("torchbip")
@@ -24,11 +26,15 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "BiPConfig",
     "BiPPruningMethod",
+    "BiPStructured",
     "PruneReport",
     "SparsityReport",
     "__version__",
     "bilevel",
+    "bip_structured",
     "bip_unstructured",
+    "export_slim",
     "global_prune",
+    "load_slim_state_dict",
     "sparsity_report",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "GlobalTopK",
     "count_from_amount",
     "floor_counts",
+    "nm_mask",
     "topk_mask",
     "validate_amount",
 ]
@@ -369,3 +370,65 @@ class GlobalTopK:
             self._band /= 2
         value = _kth_largest(band, need)
         return value, int(torch.count_nonzero(band == value)) == 1
+
+
+def nm_mask(
+    scores: Tensor, n: int = 2, m: int = 4, dim: int = -1, *, allowed: Tensor | None = None
+) -> Tensor:
+    """N:M mask: keep the ``n`` highest scores in every block of ``m`` consecutive entries.
+
+    Blocks run along ``dim`` (for a ``Linear`` weight ``(out, in)``, ``dim=-1`` is the input
+    dimension, the layout that :func:`torch.sparse.to_sparse_semi_structured` expects for 2:4).
+    Ties keep the lower index. With ``allowed``, an entry pruned earlier is never kept, so a block
+    with fewer than ``n`` allowed entries keeps fewer than ``n``.
+
+    Args:
+        scores: finite scores, at least one dimension.
+        n: entries kept per block, ``0 <= n <= m``.
+        m: block length; ``scores.shape[dim]`` must be a multiple of ``m``.
+        dim: the dimension along which blocks run.
+        allowed: optional boolean tensor of ``scores``' shape; ``False`` entries are never kept.
+
+    Returns:
+        A boolean tensor of ``scores``' shape.
+
+    Raises:
+        TypeError: if ``n``, ``m`` or ``dim`` is not an int.
+        ValueError: if ``n`` or ``m`` is out of range, ``dim`` is out of range, the size along
+            ``dim`` is not a multiple of ``m``, or ``allowed`` has another shape.
+
+    Example:
+        >>> import torch
+        >>> nm_mask(torch.tensor([[0.1, 0.9, 0.5, 0.3, 4.0, 3.0, 2.0, 1.0]])).int().tolist()
+        [[0, 1, 1, 0, 1, 1, 0, 0]]
+        >>> nm_mask(torch.tensor([1.0, 1.0, 1.0, 1.0]), n=1, m=2).int().tolist()
+        [1, 0, 1, 0]
+    """
+    for arg, value in (("n", n), ("m", m), ("dim", dim)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be an int, got {value!r} of type {type(value).__name__}")
+    if m < 1:
+        raise ValueError(f"m={m} must be >= 1")
+    if not 0 <= n <= m:
+        raise ValueError(f"n={n} must lie in [0, m={m}]")
+    if scores.dim() == 0:
+        raise ValueError("scores is a scalar; an N:M mask needs at least one dimension")
+    if not -scores.dim() <= dim < scores.dim():
+        raise ValueError(f"dim={dim} is out of range for a tensor with {scores.dim()} dimensions")
+    size = scores.shape[dim]
+    if size % m:
+        raise ValueError(
+            f"scores has size {size} along dim={dim}, not a multiple of m={m}; N:M blocks must tile it"
+        )
+    if allowed is not None and allowed.shape != scores.shape:
+        raise ValueError(f"allowed has shape {tuple(allowed.shape)}, scores {tuple(scores.shape)}")
+    values = _as_float(scores.detach()).movedim(dim, -1)
+    if allowed is not None:
+        values = torch.where(allowed.movedim(dim, -1).bool(), values, -math.inf)
+    blocks = values.reshape(*values.shape[:-1], size // m, m)
+    order = torch.sort(blocks, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(blocks, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n], True)
+    if allowed is not None:
+        keep &= blocks > -math.inf
+    return keep.reshape(values.shape).movedim(-1, dim)

@@ -1,0 +1,231 @@
+"""Slim export: the exported model computes what the masked model computes, with smaller layers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from unittest import mock
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip import bip_structured, bip_unstructured, export_slim, load_slim_state_dict
+from torchbip.export import _Planner, make_permanent
+
+pytest.importorskip("torch_pruning")
+
+
+def vgg_style() -> nn.Module:
+    """Conv-BN-ReLU stacks, a 1x1 convolution without padding, flatten, two linear layers."""
+
+    def block(c_in: int, c_out: int, k: int = 3, p: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, k, padding=p, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(3, 16),
+        *block(16, 16),
+        nn.MaxPool2d(2),
+        *block(16, 32),
+        *block(32, 24, k=1, p=0),
+        nn.MaxPool2d(2),
+        *block(24, 32),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(64, 10),
+    )
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking BatchNorm statistics and biases, so a pruned filter's channel is a nonzero constant."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=gen) * 0.3 + 1)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.out_channels, generator=gen) * 0.2)
+    return model
+
+
+def prune_filters(model: nn.Module, amount: float, skip: tuple[nn.Module, ...] = ()) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m not in skip:
+            bip_structured(m, "weight", amount=amount, dim=0)
+    return model
+
+
+def kept_filters(conv: nn.Module) -> int:
+    return int((conv.weight_mask.sum(dim=(1, 2, 3)) != 0).sum())
+
+
+def assert_same_outputs(slim: nn.Module, masked: nn.Module, x: Tensor) -> None:
+    slim.eval()
+    masked.eval()
+    with torch.no_grad():
+        want = masked(x)
+        got = slim(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_vgg_style_removes_masked_filters_and_folds_constants(seed: int) -> None:
+    model = prune_filters(randomize(vgg_style()), 0.5).eval()
+    slim = export_slim(model, torch.randn(4, 3, 16, 16))
+    assert_same_outputs(slim, model, torch.randn(6, 3, 16, 16))
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    slim_convs = [m for m in slim if isinstance(m, nn.Conv2d)]
+    # Readers without padding (the flatten + Linear and the 1x1 conv) take every dead channel,
+    # whatever its constant: the constant is folded into their bias.
+    assert slim_convs[2].out_channels == kept_filters(convs[2])  # read by the 1x1 conv
+    assert slim_convs[4].out_channels == kept_filters(convs[4])  # read by flatten + Linear
+    assert slim[-4].in_features == kept_filters(convs[4]) * 16
+    assert slim_convs[3].bias is not None  # created by folding
+    # Readers with zero padding take a dead channel only if it is zero after BN + ReLU.
+    for dense, small in zip(convs[:2], slim_convs[:2], strict=True):
+        assert kept_filters(dense) <= small.out_channels <= dense.weight.shape[0]
+    assert count(slim) < 0.6 * count(vgg_style())
+    assert prune.is_pruned(model)  # the input model is not changed
+    assert isinstance(slim[0].weight, nn.Parameter)
+    assert not prune.is_pruned(slim)
+
+
+def test_vgg_style_input_channel_masks_remove_unused_filters_whatever_the_constant(seed: int) -> None:
+    model = randomize(vgg_style())
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    for conv in convs[1:]:
+        bip_structured(conv, "weight", amount=0.5, dim=1)
+    slim = export_slim(model, torch.randn(2, 3, 16, 16))
+    assert_same_outputs(slim, model, torch.randn(3, 3, 16, 16))
+    slim_convs = [m for m in slim if isinstance(m, nn.Conv2d)]
+    for dense, small in zip(convs[1:], slim_convs[1:], strict=True):
+        assert small.in_channels == dense.in_channels // 2
+    assert slim_convs[0].in_channels == 3  # the model's input channels stay
+
+
+def bn_constant(bn: nn.BatchNorm2d) -> Tensor:
+    """The value a pruned (zero, bias-free) filter's channel has after BatchNorm in eval mode."""
+    return (0 - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+
+
+def test_resnet18_exact_with_residual_coupling(seed: int) -> None:
+    model = prune_filters(randomize(torchvision.models.resnet18(num_classes=10)), 0.5).eval()
+    slim = export_slim(model, torch.randn(2, 3, 64, 64))
+    assert_same_outputs(slim, model, torch.randn(3, 3, 64, 64))
+    assert count(slim) < 0.85 * count(torchvision.models.resnet18(num_classes=10))
+    for name in ("layer1.0", "layer3.1", "layer4.0"):
+        block, small = model.get_submodule(name), slim.get_submodule(name)
+        # conv1's dead channels feed conv2 (3x3, zero padding): removed exactly when zero after ReLU
+        dead = block.conv1.weight_mask.sum(dim=(1, 2, 3)) == 0
+        positive = bn_constant(block.bn1) > 0
+        assert small.conv1.out_channels == kept_filters(block.conv1) + int((dead & positive).sum())
+    assert slim.fc.out_features == 10
+
+
+@pytest.mark.slow
+def test_resnet50_bottlenecks_fold_into_the_1x1_convolution(seed: int) -> None:
+    model = prune_filters(randomize(torchvision.models.resnet50(num_classes=10)), 0.5).eval()
+    slim = export_slim(model, torch.randn(2, 3, 64, 64))
+    assert_same_outputs(slim, model, torch.randn(2, 3, 64, 64))
+    for name in ("layer1.0", "layer2.3", "layer4.2"):
+        block, small = model.get_submodule(name), slim.get_submodule(name)
+        # conv2's channels are read by conv3 (1x1, no padding): every dead one is folded and removed
+        assert small.conv2.out_channels == kept_filters(block.conv2)
+        assert small.conv3.in_channels == kept_filters(block.conv2)
+        assert small.conv3.bias is not None
+    assert count(slim) < 0.7 * count(torchvision.models.resnet50(num_classes=10))
+
+
+def test_fresh_batchnorm_makes_every_masked_filter_removable(seed: int) -> None:
+    """With BN at its initialisation a pruned channel is exactly zero: everything inside blocks goes."""
+    model = prune_filters(torchvision.models.resnet18(num_classes=10), 0.5).eval()
+    slim = export_slim(model, torch.randn(2, 3, 32, 32))
+    assert_same_outputs(slim, model, torch.randn(2, 3, 32, 32))
+    for name in ("layer1.0", "layer2.1", "layer4.1"):
+        assert slim.get_submodule(name).conv1.out_channels == kept_filters(model.get_submodule(name).conv1)
+
+
+@pytest.mark.parametrize(
+    ("build", "size"),
+    [
+        pytest.param(vgg_style, 16, id="vgg"),
+        pytest.param(lambda: torchvision.models.resnet18(num_classes=10), 32, id="resnet18"),
+    ],
+)
+def test_state_dict_round_trip_into_a_rebuilt_model(
+    build: Callable[[], nn.Module], size: int, seed: int
+) -> None:
+    model = prune_filters(randomize(build()), 0.5).eval()
+    slim = export_slim(model, torch.randn(2, 3, size, size))
+    buffer = io.BytesIO()
+    torch.save(slim.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = load_slim_state_dict(build(), torch.load(buffer, weights_only=True)).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), slim.eval()(x))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in slim.state_dict().items()
+    }
+
+
+def test_output_channels_are_never_removed(seed: int) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1))
+    bip_structured(model[0], "weight", amount=0.5)
+    bip_structured(model[3], "weight", amount=0.5)  # the output layer: its channels are the output
+    slim = export_slim(model, torch.randn(2, 3, 8, 8))
+    assert slim[3].out_channels == 6
+    assert slim[0].out_channels < 8
+    assert_same_outputs(slim, model, torch.randn(2, 3, 8, 8))
+
+
+def test_ignored_layers_keep_their_filters(seed: int) -> None:
+    model = prune_filters(vgg_style(), 0.5)
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    slim = export_slim(model, torch.randn(2, 3, 16, 16), ignored_layers=[convs[1]])
+    assert [m for m in slim if isinstance(m, nn.Conv2d)][1].out_channels == 16
+    with pytest.raises(ValueError, match="ignored_layers"):
+        export_slim(model, torch.randn(2, 3, 16, 16), ignored_layers=[nn.Conv2d(1, 1, 1)])
+
+
+def test_unstructured_masks_change_no_shape(seed: int) -> None:
+    model = vgg_style()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            bip_unstructured(m, "weight", amount=0.5)
+    slim = export_slim(model, torch.randn(2, 3, 16, 16))
+    assert {k: v.shape for k, v in slim.state_dict().items()} == {
+        k: v.shape for k, v in make_permanent(vgg_style()).state_dict().items()
+    }
+
+
+def test_verification_catches_a_wrong_removal(seed: int) -> None:
+    """If a channel whose constant cannot be folded were removed, the check must say so."""
+    model = prune_filters(randomize(vgg_style()), 0.5)
+
+    def accept_everything(self: _Planner, group: object) -> tuple[list[int], dict]:
+        return sorted({r for item in group for r in item.root_idxs}), {}
+
+    with (
+        mock.patch.object(_Planner, "judge", accept_everything),
+        pytest.raises(RuntimeError, match="differ from the masked model"),
+    ):
+        export_slim(model, torch.randn(2, 3, 16, 16))
+
+
+def test_model_used_after_a_forward_with_gradients_is_exported(seed: int) -> None:
+    """torch leaves a non-leaf ``weight`` after a forward pass with gradients; deepcopy must still work."""
+    model = prune_filters(vgg_style(), 0.3)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    slim = export_slim(model, torch.randn(2, 3, 16, 16))
+    assert_same_outputs(slim, model, torch.randn(2, 3, 16, 16))

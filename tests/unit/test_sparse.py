@@ -1,0 +1,177 @@
+"""CSR layers, to_sparse_csr, N:M masks and the 2:4 semi-structured conversion."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from torchbip import bip_unstructured
+from torchbip.masks import nm_mask
+from torchbip.semistructured import BiPSemiStructured, bip_semi_structured
+from torchbip.sparse import (
+    SparseCSRConv2d,
+    SparseCSRLinear,
+    is_nm_sparse,
+    to_semi_structured,
+    to_sparse_csr,
+)
+from torchbip.testing.contract import PruningMethodContract
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 32), (2, 3, 32)])
+def test_csr_linear_equals_dense(seed: int, bias: bool, shape: tuple[int, ...]) -> None:
+    dense = nn.Linear(32, 8, bias=bias)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand(8, 32) > 0.9)
+    layer = SparseCSRLinear.from_dense(dense)
+    x = torch.randn(shape)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-6)
+    assert layer.weight.layout == torch.sparse_csr
+    assert layer.weight.values().numel() == int(dense.weight.count_nonzero())
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        pytest.param(lambda: nn.Conv2d(3, 6, 3), id="plain"),
+        pytest.param(lambda: nn.Conv2d(3, 6, (3, 1), stride=2, padding=(1, 0), dilation=2), id="strided"),
+        pytest.param(lambda: nn.Conv2d(3, 6, 1, bias=False), id="pointwise"),
+    ],
+)
+def test_csr_conv_equals_dense(seed: int, conv) -> None:
+    dense = conv()
+    layer = SparseCSRConv2d.from_dense(dense)
+    x = torch.randn(2, 3, 11, 9)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_csr_conv_rejects_groups() -> None:
+    with pytest.raises(ValueError, match="groups=3"):
+        SparseCSRConv2d(nn.Conv2d(3, 6, 3, groups=3))
+
+
+def test_to_sparse_csr_converts_sparse_layers_only(seed: int) -> None:
+    model = mlp()
+    bip_unstructured(model[0], "weight", amount=0.95)
+    bip_unstructured(model[2], "weight", amount=0.5)
+    csr = to_sparse_csr(model, min_sparsity=0.9)
+    assert [type(m).__name__ for m in csr if not isinstance(m, nn.ReLU)] == [
+        "SparseCSRLinear",
+        "Linear",
+        "Linear",
+    ]
+    x = torch.randn(7, 32)
+    torch.testing.assert_close(csr(x), model(x), rtol=1e-5, atol=1e-5)
+    assert prune.is_pruned(model)  # the input model is unchanged
+    assert not prune.is_pruned(csr)
+
+
+def test_to_sparse_csr_with_convolutions(seed: int) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    for layer in (model[0], model[3]):
+        bip_unstructured(layer, "weight", amount=0.95)
+    csr = to_sparse_csr(model, include_conv=True)
+    assert isinstance(csr[0], SparseCSRConv2d)
+    assert isinstance(csr[3], SparseCSRLinear)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(csr(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_csr_state_dict_round_trip_with_weights_only(seed: int) -> None:
+    model = mlp()
+    bip_unstructured(model[0], "weight", amount=0.97)
+    csr = to_sparse_csr(model)
+    buffer = io.BytesIO()
+    torch.save(csr.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = mlp()
+    bip_unstructured(fresh[0], "weight", amount=0.99)  # the same layout, fewer nonzeros
+    other = to_sparse_csr(fresh)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(3, 32)
+    assert torch.equal(other(x), csr(x))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "0.9", True])
+def test_to_sparse_csr_rejects_bad_thresholds(value: object) -> None:
+    with pytest.raises(ValueError, match="min_sparsity"):
+        to_sparse_csr(mlp(), min_sparsity=value)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- N:M
+
+
+class TestSemiStructuredContract(PruningMethodContract):
+    METHOD = BiPSemiStructured
+    KWARGS = {"n": 2, "m": 4}  # noqa: RUF012
+    PRUNING_TYPE = "global"
+
+    def make_module(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return nn.Linear(8, 5)
+
+    def make_input(self, module: nn.Module) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return torch.randn(3, 8)
+
+
+def test_nm_mask_by_hand() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [1.0, 1.0, 1.0, 1.0]])
+    assert nm_mask(scores).int().tolist() == [[0, 1, 1, 0], [1, 1, 0, 0]]
+    assert nm_mask(scores.t(), dim=0).t().int().tolist() == [[0, 1, 1, 0], [1, 1, 0, 0]]
+    allowed = torch.tensor([[True, False, False, True], [True, True, True, True]])
+    assert nm_mask(scores, allowed=allowed).int().tolist() == [[1, 0, 0, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        pytest.param({"m": 3}, ValueError, "not a multiple of m=3", id="tiling"),
+        pytest.param({"n": 5}, ValueError, "n=5", id="n-above-m"),
+        pytest.param({"m": 0}, ValueError, "m=0", id="m-zero"),
+        pytest.param({"dim": 2}, ValueError, "dim=2", id="dim"),
+        pytest.param({"n": 2.0}, TypeError, "n must be an int", id="float-n"),
+    ],
+)
+def test_nm_mask_errors(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        nm_mask(torch.ones(2, 8), **kwargs)
+
+
+def test_bip_semi_structured_feeds_the_two_four_check() -> None:
+    layer = nn.Linear(16, 4)
+    bip_semi_structured(layer, "weight")
+    assert is_nm_sparse(layer.weight.detach(), 2, 4)
+    assert not is_nm_sparse(torch.ones(4, 16), 2, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_semi_structured_needs_a_gpu() -> None:
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        to_semi_structured(nn.Linear(8, 8))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+    reason="needs a CUDA GPU with compute capability >= 8.0",
+)
+def test_semi_structured_on_gpu_matches_the_masked_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).half().cuda()
+    for layer in (model[0], model[2]):
+        bip_semi_structured(layer, "weight")
+    sparse = to_semi_structured(model)
+    assert type(sparse[0].weight).__name__.startswith("SparseSemiStructured")
+    x = torch.randn(32, 128, dtype=torch.half, device="cuda")
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-2, atol=1e-2)

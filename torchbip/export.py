@@ -1,0 +1,481 @@
+r"""Export a structurally pruned model to a slim dense one: physically smaller layers.
+
+:func:`export_slim` removes the filters and input channels that a structured mask (e.g.
+:func:`torchbip.bip_structured` or ``global_prune(..., structured="filter")``) zeroed, together
+with everything that depends on them: the BatchNorm channels, the input channels of every
+consumer, across residual additions, concatenations and flattening. The coupling between layers
+comes from Torch-Pruning's dependency graph (the optional extra ``torchbip[export]``, i.e.
+``pip install torch-pruning``); torchbip decides *which* channels may go so that the slim model
+computes exactly what the masked model computes.
+
+Why "may": a pruned filter's output channel is not zero. It is a constant, its bias run through
+the following BatchNorm (:math:`\beta - \gamma\mu/\sqrt{\sigma^2+\epsilon}`) and activation.
+A channel is removed only when every layer that reads it gets the same result without it:
+
+- the reader's weights for that channel are zero (an input-channel mask), or
+- the channel is *dead* (every filter that writes it is zero) and the reader sees a constant
+  that is zero, or that folds exactly into the reader's bias (a ``Linear``, or a convolution
+  without padding: :math:`b \mathrel{+}= v \sum_k W_{:,c,k}`).
+
+Otherwise the channel is kept (a nonzero constant entering a zero-padded convolution is not a
+bias near the borders). Channels that reach the model's output are never removed. The constants
+are read from one forward pass on ``example_inputs`` in eval mode, and the slim model is checked
+against the masked one on the same inputs (``verify=True``): equality holds in eval mode.
+
+Saving and loading: the slim model's ``state_dict`` holds plain tensors of the smaller shapes.
+Save it with :func:`torch.save`; to load it, build the original architecture again and call
+:func:`load_slim_state_dict`, which resizes each layer to the shapes in the state dict (no pickled
+code, so ``torch.load(..., weights_only=True)`` works)::
+
+    torch.save(slim.state_dict(), "slim.pt")
+    model = load_slim_state_dict(torchvision.models.resnet18(), torch.load("slim.pt", weights_only=True))
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+__all__ = ["export_slim", "load_slim_state_dict", "make_permanent"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_TYPES = (nn.Linear, *_CONV_TYPES)
+
+
+def _torch_pruning() -> Any:
+    """Import Torch-Pruning, or say how to install it."""
+    try:
+        return importlib.import_module("torch_pruning")
+    except ImportError as err:  # pragma: no cover - the test environment installs it
+        raise ImportError(
+            "export_slim needs Torch-Pruning's dependency graph: pip install 'torchbip[export]' "
+            "(or pip install torch-pruning)"
+        ) from err
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Apply :func:`torch.nn.utils.prune.remove` to every pruned tensor of ``model``, in place.
+
+    Afterwards each pruned tensor is a plain Parameter holding ``orig * mask``.
+
+    Args:
+        model: any model, pruned or not.
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> from torch import nn
+        >>> from torch.nn.utils import prune
+        >>> model = nn.Sequential(nn.Linear(4, 2))
+        >>> _ = prune.l1_unstructured(model[0], "weight", amount=3)
+        >>> prune.is_pruned(make_permanent(model)), int((model[0].weight == 0).sum())
+        (False, 3)
+    """
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model
+
+
+def _baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every mask made permanent (``model`` is not changed)."""
+    # Refresh each pruned attribute as a leaf: after a forward pass with gradients on it is a
+    # non-leaf tensor that deepcopy rejects (pytorch issue #37322). The value is the one the
+    # next forward pass would set.
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
+    return make_permanent(copy.deepcopy(model))
+
+
+def _as_tuple(example_inputs: Tensor | tuple[Any, ...]) -> tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _zero_groups(weight: Tensor, dim: int) -> Tensor:
+    """Boolean per index along ``dim``: is the whole slice zero?"""
+    nonzero = weight.detach().ne(0).movedim(dim, 0)
+    return ~nonzero.reshape(nonzero.shape[0], -1).any(dim=1)
+
+
+class _ZeroCache:
+    """:func:`_zero_groups` per weight tensor, recomputed only when the layer was pruned."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, weight: Tensor, dim: int) -> Tensor:
+        hit = self._cache.get((id(weight), dim))
+        if hit is not None and hit[0] is weight:
+            return hit[1]
+        zero = _zero_groups(weight, dim)
+        self._cache[(id(weight), dim)] = (weight, zero)
+        return zero
+
+
+class _ChannelStats:
+    """Per-input-channel minimum and maximum seen by every conv and linear layer."""
+
+    def __init__(self, model: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.low: dict[nn.Module, Tensor] = {}
+        self.high: dict[nn.Module, Tensor] = {}
+        hooks = [
+            m.register_forward_pre_hook(self._record) for m in model.modules() if isinstance(m, _LAYER_TYPES)
+        ]
+        try:
+            with torch.no_grad():
+                model(*inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        channel = x.dim() - 1 if isinstance(module, nn.Linear) else 1
+        flat = x.movedim(channel, 0).reshape(x.shape[channel], -1)
+        low, high = flat.amin(dim=1), flat.amax(dim=1)
+        if module in self.low:
+            low, high = torch.minimum(low, self.low[module]), torch.maximum(high, self.high[module])
+        self.low[module], self.high[module] = low, high
+
+    def drop(self, module: nn.Module, indices: list[int]) -> None:
+        """Forget input channels ``indices`` of ``module`` (they were removed)."""
+        if module in self.low:
+            keep = torch.ones_like(self.low[module], dtype=torch.bool)
+            keep[indices] = False
+            self.low[module], self.high[module] = self.low[module][keep], self.high[module][keep]
+
+    def constant(self, module: nn.Module, index: int) -> float | None:
+        """The value of input channel ``index`` of ``module`` if it was constant, else ``None``."""
+        if module not in self.low:
+            return None
+        low, high = float(self.low[module][index]), float(self.high[module][index])
+        return low if high - low <= 1e-6 * max(1.0, abs(low)) else None
+
+
+def _foldable(module: nn.Module) -> bool:
+    """Whether a constant input channel of ``module`` is exactly a bias term."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, _CONV_TYPES) and module.groups == 1:
+        padding = module.padding
+        return padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding))
+    return False
+
+
+class _Planner:
+    """Decides which channels of one dependency group can go, and what to fold where."""
+
+    def __init__(
+        self, tp: Any, graph: Any, stats: _ChannelStats, keep_out: set[nn.Module], zeros: _ZeroCache
+    ) -> None:
+        t = tp.ops.OPTYPE
+        self.tp, self.graph, self.stats, self.keep_out, self.zeros = tp, graph, stats, keep_out, zeros
+        self.passthrough = {t.BN, t.ELEMENTWISE, t.CONCAT, t.SPLIT, t.RESHAPE, t.SLICE, t.PRELU, t.IN}
+        self.layer_types = {t.CONV, t.LINEAR, t.DEPTHWISE_CONV}
+        self.output = t.OUTPUT
+
+    def judge(self, group: Any) -> tuple[list[int], dict[nn.Module, dict[int, float]]]:
+        """Root indices of ``group`` that are safe to remove, and the bias folds they need."""
+        graph = self.graph
+        ok: dict[int, bool] = {}
+        dead: dict[int, bool] = defaultdict(lambda: True)
+        producers: dict[int, int] = defaultdict(int)
+        readers: list[tuple[nn.Module, int, int]] = []
+        for item in group:
+            dep, idxs, roots = item.dep, item.idxs, item.root_idxs
+            node, module = dep.target, dep.target.module
+            for r in roots:
+                ok.setdefault(r, True)
+            is_out = graph.is_out_channel_pruning_fn(dep.handler)
+            is_in = graph.is_in_channel_pruning_fn(dep.handler)
+            if node.type == self.output or (is_out and not node.outputs):
+                return [], {}  # the channel reaches the model's output
+            if node.type in self.passthrough:
+                continue
+            if node.type not in self.layer_types or not isinstance(module, _LAYER_TYPES):
+                return [], {}  # a layer whose channels mix in ways we do not fold (LayerNorm, ...)
+            weight = module.weight
+            if node.type == self.tp.ops.OPTYPE.DEPTHWISE_CONV or (is_out and not is_in):
+                if module in self.keep_out:
+                    return [], {}
+                if getattr(module, "groups", 1) != 1 and node.type != self.tp.ops.OPTYPE.DEPTHWISE_CONV:
+                    return [], {}
+                zero = self.zeros(weight, 0)
+                for i, r in zip(idxs, roots, strict=True):
+                    producers[r] += 1
+                    dead[r] = dead[r] and bool(zero[i])
+            elif is_in and not is_out:
+                if getattr(module, "groups", 1) != 1:
+                    return [], {}
+                zero = self.zeros(weight, 1)
+                readers.extend((module, i, r) for i, r in zip(idxs, roots, strict=True) if not zero[i])
+            else:
+                return [], {}
+        folds: dict[int, list[tuple[nn.Module, int, float]]] = defaultdict(list)
+        for r in ok:
+            ok[r] = producers[r] > 0
+        for module, i, r in readers:
+            if not ok[r]:
+                continue
+            value = self.stats.constant(module, i) if dead[r] else None
+            if value is None or (value != 0.0 and not _foldable(module)):
+                ok[r] = False
+            elif value != 0.0:
+                folds[r].append((module, i, value))
+        accepted = sorted(r for r, good in ok.items() if good)
+        plan: dict[nn.Module, dict[int, float]] = defaultdict(dict)
+        for r in accepted:
+            for module, i, value in folds[r]:
+                plan[module][i] = value
+        return accepted, dict(plan)
+
+
+def _fold(plan: Mapping[nn.Module, Mapping[int, float]]) -> None:
+    """Add each constant input channel's contribution to its reader's bias."""
+    with torch.no_grad():
+        for module, values in plan.items():
+            weight = cast(Tensor, module.weight)
+            if module.bias is None:
+                module.bias = nn.Parameter(
+                    torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                )
+            bias = cast(Tensor, module.bias)
+            index = torch.tensor(sorted(values), device=weight.device)
+            constants = torch.tensor(
+                [values[i] for i in sorted(values)], dtype=weight.dtype, device=weight.device
+            )
+            per_channel = weight.index_select(1, index)
+            per_channel = per_channel.reshape(*per_channel.shape[:2], -1).sum(dim=2)
+            bias.add_(per_channel @ constants)
+
+
+def export_slim(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...],
+    *,
+    ignored_layers: Iterable[nn.Module] = (),
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> nn.Module:
+    r"""Return a slim copy of ``model`` with its structurally pruned channels removed.
+
+    ``model`` (pruned with :mod:`torch.nn.utils.prune` state or with the masks already made
+    permanent) is not changed. In the copy every mask is made permanent, then every filter and
+    input channel that is entirely zero is removed along with its dependants when that leaves
+    the outputs unchanged (see the module docstring for the rule and the BatchNorm shift).
+    The result is an ordinary ``nn.Module`` of the same classes with smaller layers; masks
+    that left no whole channel zero (unstructured pruning) change nothing.
+
+    Args:
+        model: the pruned model.
+        example_inputs: a batch for ``model(*example_inputs)`` (a tensor or a tuple), used to
+            trace the graph, to read the constant channels and to verify the result. Use real or
+            random inputs, not a constant image.
+        ignored_layers: modules whose output channels are never removed (the model's output
+            layer is protected without being listed).
+        verify: check that the slim model's outputs equal the masked model's on
+            ``example_inputs`` (eval mode) and raise if they do not.
+        rtol: relative tolerance of the check.
+        atol: absolute tolerance of the check, relative to the largest output magnitude.
+
+    Returns:
+        The slim model, in the training mode of ``model``.
+
+    Raises:
+        ImportError: if Torch-Pruning is not installed.
+        RuntimeError: if ``verify`` finds different outputs (an operation that mixes channels
+            and that the dependency graph took for an element-wise one).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchbip import bip_structured
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                       nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+        >>> _ = bip_structured(model[0], "weight", amount=0.5, dim=0)
+        >>> slim = export_slim(model, torch.randn(2, 3, 6, 6))
+        >>> slim[0].out_channels, slim[1].num_features, slim[4].in_features
+        (4, 4, 64)
+        >>> x = torch.randn(5, 3, 6, 6)
+        >>> torch.allclose(slim.eval()(x), model.eval()(x), atol=1e-5)
+        True
+    """
+    tp = _torch_pruning()
+    inputs = _as_tuple(example_inputs)
+    training = model.training
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored = list(ignored_layers)
+    for m in ignored:
+        if id(m) not in names:
+            raise ValueError(f"ignored_layers holds a {type(m).__name__} that is not part of the model")
+    slim = _baked_copy(model).eval()
+    by_name = dict(slim.named_modules())
+    keep_out = {by_name[names[id(m)]] for m in ignored}
+    with torch.no_grad():
+        reference = slim(*inputs)
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(slim, example_inputs=inputs, verbose=False)
+    roots = [m for m in slim.modules() if isinstance(m, _LAYER_TYPES) and m in graph.module2node]
+    stats: _ChannelStats | None = None
+    zeros = _ZeroCache()
+    for module in roots:
+        if getattr(module, "groups", 1) != 1:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        for dim, fn in ((0, pruner.prune_out_channels), (1, pruner.prune_in_channels)):
+            candidates = torch.nonzero(zeros(module.weight, dim)).flatten().tolist()
+            if not candidates or len(candidates) >= module.weight.shape[dim]:
+                continue  # nothing to remove, or everything (a layer is never removed whole)
+            if stats is None:
+                stats = _ChannelStats(slim, inputs)
+            planner = _Planner(tp, graph, stats, keep_out, zeros)
+            accepted, plan = planner.judge(graph.get_pruning_group(module, fn, candidates))
+            # A root can stand for a coarser unit than itself (one Linear input feature for a
+            # whole conv channel after a flatten): judge the group of the accepted roots again,
+            # until it is accepted whole.
+            group = None
+            while accepted:
+                group = graph.get_pruning_group(module, fn, accepted)
+                again, plan = planner.judge(group)
+                if again == accepted:
+                    break
+                accepted = again
+            if accepted and group is not None:
+                _fold(plan)
+                for item in group:
+                    if graph.is_in_channel_pruning_fn(item.dep.handler):
+                        stats.drop(item.dep.target.module, list(item.idxs))
+                group.prune()
+    if verify:
+        with torch.no_grad():
+            outputs = slim(*inputs)
+        _check_close(outputs, reference, rtol, atol)
+    return slim.train(training)
+
+
+def _check_close(outputs: Any, reference: Any, rtol: float, atol: float) -> None:
+    got = _flatten(outputs)
+    want = _flatten(reference)
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=False)):
+        raise RuntimeError(
+            "the slim model's outputs have other shapes than the masked model's: "
+            f"{[tuple(g.shape) for g in got]} vs {[tuple(w.shape) for w in want]}"
+        )
+    for g, w in zip(got, want, strict=True):
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        error = float((g - w).abs().max()) if w.numel() else 0.0
+        if error > atol * max(scale, 1.0) + rtol * scale:
+            raise RuntimeError(
+                f"the slim model's outputs differ from the masked model's by {error:.3g} (largest "
+                f"output {scale:.3g}) on example_inputs: an operation mixes channels in a way the "
+                "dependency graph did not see; pass its producers in ignored_layers"
+            )
+
+
+def _flatten(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for k in sorted(value) for t in _flatten(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    return []
+
+
+def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """Resize a freshly built ``model`` to the shapes in ``state_dict`` and load it strictly.
+
+    This is how a slim model from :func:`export_slim` is restored: build the original
+    architecture (e.g. ``torchvision.models.resnet18()``), then load the slim state dict saved
+    with ``torch.save(slim.state_dict(), path)`` and read with
+    ``torch.load(path, weights_only=True)``. Every parameter and buffer whose shape differs is
+    replaced by an empty tensor of the saved shape, layer attributes (``in_channels``,
+    ``out_features``, ``num_features``, ``groups`` of depthwise convolutions, ...) are updated, a
+    bias that the export added (by folding) is created, then ``load_state_dict(strict=True)``
+    fills in the values.
+
+    Args:
+        model: a model of the architecture that was exported (its values are overwritten).
+        state_dict: the slim model's state dict.
+
+    Returns:
+        ``model``, resized and loaded in place.
+
+    Raises:
+        RuntimeError: from ``load_state_dict`` if keys do not match.
+
+    Example:
+        >>> import io, torch
+        >>> from torch import nn
+        >>> from torchbip import bip_structured
+        >>> def build():
+        ...     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> model = build()
+        >>> _ = bip_structured(model[0], "weight", amount=3, dim=0)
+        >>> slim = export_slim(model, torch.randn(2, 3, 8, 8))
+        >>> buffer = io.BytesIO()
+        >>> torch.save(slim.state_dict(), buffer)
+        >>> _ = buffer.seek(0)
+        >>> rebuilt = load_slim_state_dict(build(), torch.load(buffer, weights_only=True))
+        >>> rebuilt[0].out_channels, rebuilt[2].in_channels
+        (5, 5)
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> torch.equal(rebuilt(x), slim(x))
+        True
+    """
+    for prefix, module in model.named_modules():
+        head = prefix + "." if prefix else ""
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for name, tensor in list(tensors.items()):
+                saved = state_dict.get(head + name)
+                if tensor is None or saved is None or saved.shape == tensor.shape:
+                    continue
+                fresh = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+                tensors[name] = nn.Parameter(fresh, tensor.requires_grad) if kind == "_parameters" else fresh
+        if (
+            isinstance(module, (nn.Linear, *_CONV_TYPES))
+            and module.bias is None
+            and head + "bias" in state_dict
+        ):
+            weight = module.weight
+            module.bias = nn.Parameter(torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        _update_attributes(module)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _update_attributes(module: nn.Module) -> None:
+    """Make a resized layer's attributes agree with its tensors."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, _CONV_TYPES):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        module.out_channels = module.weight.shape[0]
+        if depthwise:
+            module.groups = module.out_channels
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        source = module.weight if module.weight is not None else module.running_mean
+        if source is not None:
+            module.num_features = source.shape[0]
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.shape[0]

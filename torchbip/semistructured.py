@@ -1,0 +1,149 @@
+r"""N:M (e.g. 2:4) BiP masks: the top ``n`` scores in every block of ``m`` along the input dim.
+
+:class:`BiPSemiStructured` is a :class:`torch.nn.utils.prune.BasePruningMethod` whose mask keeps,
+in every block of ``m`` consecutive entries along ``dim`` (by default the last, the input
+dimension of a ``Linear`` weight), the ``n`` highest-scoring entries (:func:`torchbip.masks.nm_mask`).
+The sparsity is ``1 - n/m`` by construction, so there is no ``amount``. Its ``PRUNING_TYPE`` is
+``"global"`` so that a :class:`~torch.nn.utils.prune.PruningContainer` hands it the whole tensor
+(torch flattens the remaining entries for ``"unstructured"`` methods, which loses the blocks);
+entries pruned earlier are never revived.
+
+On NVIDIA GPUs of compute capability 8.0 or newer a 2:4 mask feeds
+:func:`torchbip.sparse.to_semi_structured` (torch's semi-structured sparse kernels); on a CPU
+only the mask is produced and the model runs with dense kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip.masks import nm_mask
+from torchbip.method import scores_name
+
+__all__ = ["BiPSemiStructured", "bip_semi_structured"]
+
+
+def _check_nm(n: object, m: object) -> tuple[int, int]:
+    for arg, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be an int, got {value!r} of type {type(value).__name__}")
+    assert isinstance(n, int)
+    assert isinstance(m, int)
+    if m < 1 or not 0 <= n <= m:
+        raise ValueError(f"n={n}, m={m}: need m >= 1 and 0 <= n <= m")
+    return n, m
+
+
+class BiPSemiStructured(prune.BasePruningMethod):
+    """Keep the ``n`` highest scores in every block of ``m`` entries along ``dim``.
+
+    State on the module after :meth:`apply`: ``<name>_orig``, ``<name>_mask``, the pruning
+    hook, and the non-persistent ``<name>_scores`` buffer (scores of the tensor's shape).
+
+    Args:
+        n: entries kept per block.
+        m: block length (the size along ``dim`` must be a multiple of it).
+        dim: the block axis; ``-1`` is the input dimension of ``Linear`` and ``Conv`` weights'
+            last kernel axis, so for convolutions pass ``dim=1`` (input channels).
+
+    Example:
+        >>> import torch
+        >>> method = BiPSemiStructured(n=2, m=4)
+        >>> scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.1, 0.2, 0.9]])
+        >>> method.compute_mask(scores, torch.ones(1, 8)).tolist()
+        [[1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]]
+    """
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, n: int = 2, m: int = 4, dim: int = -1) -> None:
+        self.n, self.m = _check_nm(n, m)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {dim!r} of type {type(dim).__name__}")
+        self.dim = dim
+
+    def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
+        """Return ``default_mask`` times the N:M mask of ``t`` among the unpruned entries."""
+        if t.shape != default_mask.shape:
+            raise ValueError(
+                f"importance scores have shape {tuple(t.shape)} but default_mask has shape "
+                f"{tuple(default_mask.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError("importance_scores contain NaN or infinite values")
+        keep = nm_mask(t, self.n, self.m, self.dim, allowed=default_mask != 0)
+        return keep.to(dtype=default_mask.dtype)
+
+    @classmethod
+    def apply(  # type: ignore[override]
+        cls,
+        module: nn.Module,
+        name: str,
+        n: int = 2,
+        m: int = 4,
+        dim: int = -1,
+        importance_scores: Tensor | None = None,
+    ) -> prune.BasePruningMethod:
+        """Prune ``module.<name>`` to an N:M pattern by scores (default: magnitudes).
+
+        Raises:
+            ValueError: for bad ``n``, ``m``, ``dim`` or ``importance_scores`` (the module is
+                unchanged).
+        """
+        _check_nm(n, m)
+        current = getattr(module, name, None)
+        if not isinstance(current, Tensor):
+            raise ValueError(f"module {type(module).__name__} has no tensor named name={name!r}")
+        scores = current.detach().abs() if importance_scores is None else importance_scores.detach()
+        if scores.shape != current.shape:
+            raise ValueError(
+                f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
+                f"{tuple(current.shape)}"
+            )
+        nm_mask(scores, n, m, dim)  # raise for a bad dim or block size before torch acts
+        method = super().apply(module, name, n=n, m=m, dim=dim, importance_scores=scores)
+        module.register_buffer(scores_name(name), scores.clone(), persistent=False)
+        with torch.no_grad():
+            setattr(module, name, method.apply_mask(module))
+        return method
+
+    def remove(self, module: nn.Module) -> None:
+        """Make the pruning permanent and drop the score buffer."""
+        super().remove(module)
+        assert self._tensor_name is not None
+        if scores_name(self._tensor_name) in module._buffers:
+            delattr(module, scores_name(self._tensor_name))
+
+
+def bip_semi_structured(
+    module: nn.Module,
+    name: str,
+    n: int = 2,
+    m: int = 4,
+    dim: int = -1,
+    importance_scores: Tensor | None = None,
+) -> nn.Module:
+    """Prune ``module.<name>`` to an N:M pattern (2:4 by default), in torch's functional style.
+
+    Args:
+        module: module containing the tensor to prune.
+        name: parameter name within ``module``.
+        n: entries kept per block of ``m``.
+        m: block length along ``dim``.
+        dim: the block axis (``-1``: the input dimension of a ``Linear`` weight).
+        importance_scores: optional scores of the parameter's shape (default: magnitudes).
+
+    Returns:
+        ``module``, modified in place.
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.Linear(8, 3)
+        >>> _ = bip_semi_structured(layer, "weight")
+        >>> layer.weight_mask.view(3, 2, 4).sum(dim=-1).tolist()
+        [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+    """
+    BiPSemiStructured.apply(module, name, n=n, m=m, dim=dim, importance_scores=importance_scores)
+    return module

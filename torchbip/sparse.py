@@ -1,0 +1,351 @@
+r"""Sparse export formats for unstructured and N:M masks: CSR layers and 2:4 semi-structured.
+
+Unstructured sparsity pays at inference only with sparse kernels, and only at high sparsity:
+measure (``benchmarks/bench_export.py``), never assume. Two formats:
+
+- **CSR** (:func:`to_sparse_csr`): each ``nn.Linear`` (and, with ``include_conv=True``, each
+  ``nn.Conv2d`` with ``groups=1``) whose weight is at least ``min_sparsity`` zero becomes a
+  :class:`SparseCSRLinear` / :class:`SparseCSRConv2d` holding the weight as a
+  ``torch.sparse_csr`` tensor and multiplying with it (the convolution through
+  :func:`torch.nn.functional.unfold`). Works on CPU and GPU; inference only (no gradients).
+- **2:4 semi-structured** (:func:`to_semi_structured`): the weights of ``nn.Linear`` layers pruned
+  with an N:M mask (:func:`torchbip.masks.nm_mask`, :class:`torchbip.semistructured.BiPSemiStructured`)
+  become :func:`torch.sparse.to_sparse_semi_structured` tensors, which torch multiplies with the
+  sparse tensor cores of NVIDIA GPUs of compute capability 8.0 or newer (fp16/bf16). On a CPU
+  only the mask exists: the pruned model runs with dense kernels and :func:`to_semi_structured`
+  raises.
+
+Both functions return a converted copy; the input model is not changed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchbip.export import _baked_copy
+
+__all__ = [
+    "SparseCSRConv2d",
+    "SparseCSRLinear",
+    "is_nm_sparse",
+    "to_semi_structured",
+    "to_sparse_csr",
+]
+
+
+def _csr(weight: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return weight.detach().to_sparse_csr()
+
+
+def _adopt_csr(module: nn.Module, state_dict: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> None:
+    """Take a saved CSR weight as it is (``copy_`` needs equal numbers of nonzeros)."""
+    saved = state_dict.get(key)
+    if not isinstance(saved, Tensor):
+        return
+    if tuple(saved.shape) != shape:
+        return  # load_state_dict reports the mismatch
+    current = module._buffers["weight"]
+    assert current is not None
+    weight = saved if saved.layout == torch.sparse_csr else _csr(saved)
+    module._buffers["weight"] = weight.to(device=current.device, dtype=current.dtype)
+
+
+class SparseCSRLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is stored and multiplied as a CSR sparse tensor.
+
+    The ``weight`` buffer is a ``torch.sparse_csr`` tensor of shape ``(out, in)``; ``bias`` a
+    dense buffer or ``None``. Inference only. Build one with :meth:`from_dense`.
+
+    Args:
+        weight: the (mostly zero) dense or CSR weight, ``(out_features, in_features)``.
+        bias: optional bias of length ``out_features``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> dense = nn.Linear(8, 3)
+        >>> with torch.no_grad():
+        ...     _ = dense.weight.mul_(torch.rand(3, 8) > 0.8)
+        >>> layer = SparseCSRLinear.from_dense(dense)
+        >>> layer.weight.layout, layer.weight.values().numel() == int(dense.weight.count_nonzero())
+        (torch.sparse_csr, True)
+        >>> x = torch.randn(5, 8)
+        >>> torch.allclose(layer(x), dense(x), atol=1e-6)
+        True
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(
+                f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        csr = weight.detach() if weight.layout == torch.sparse_csr else _csr(weight)
+        self.register_buffer("weight", csr)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> SparseCSRLinear:
+        """Convert an ``nn.Linear`` (pruned or not; a mask is made permanent in a copy)."""
+        weight = linear.weight.detach()
+        return cls(weight, None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ weight.T + bias`` computed as ``(weight_csr @ x.T).T``."""
+        flat = x.reshape(-1, self.in_features).t().contiguous()
+        if self.bias is None:
+            out = torch.mm(self.weight, flat)
+        else:
+            out = torch.addmm(self.bias.unsqueeze(1), self.weight, flat)
+        return out.t().reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        _adopt_csr(self, state_dict, prefix + "weight", tuple(self.weight.shape))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        """Sizes and the number of stored nonzeros."""
+        nnz = self.weight.values().numel()
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
+
+
+class SparseCSRConv2d(nn.Module):
+    """An ``nn.Conv2d`` (``groups=1``, zero padding) computed as a CSR matrix times unfolded input.
+
+    The weight is stored as a ``(out_channels, in_channels * kh * kw)`` CSR tensor; the forward
+    pass unfolds the input (:func:`torch.nn.functional.unfold`, im2col) and multiplies. Memory grows
+    with the unfolded input, so this pays only at high sparsity: measure. Inference only.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+        >>> layer = SparseCSRConv2d.from_dense(conv)
+        >>> x = torch.randn(2, 3, 9, 9)
+        >>> torch.allclose(layer(x), conv(x), atol=1e-5)
+        True
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"SparseCSRConv2d needs groups=1, padding_mode='zeros' and numeric padding, got "
+                f"groups={conv.groups}, padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
+            )
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride)
+        self.padding = tuple(conv.padding)  # not a string: checked above
+        self.dilation = tuple(conv.dilation)
+        self.register_buffer("weight", _csr(conv.weight.detach().reshape(conv.out_channels, -1)))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d) -> SparseCSRConv2d:
+        """Convert an ``nn.Conv2d``."""
+        return cls(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Unfold, multiply by the CSR weight, fold back to ``(N, out, H', W')``."""
+        n, _, h, w = x.shape
+        out_hw = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                (h, w), self.padding, self.dilation, self.kernel_size, self.stride, strict=True
+            )
+        ]
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # N, CKK, L
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # CKK, N*L
+        if self.bias is None:
+            out = torch.mm(self.weight, cols)
+        else:
+            out = torch.addmm(self.bias.unsqueeze(1), self.weight, cols)
+        return out.reshape(self.out_channels, n, *out_hw).transpose(0, 1)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        _adopt_csr(self, state_dict, prefix + "weight", tuple(self.weight.shape))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        """Sizes, geometry and the number of stored nonzeros."""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, nnz={self.weight.values().numel()}"
+        )
+
+
+def _replace(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace every child for which ``convert`` returns a module; return how many."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            new = convert(child)
+            if new is not None:
+                setattr(module, name, new)
+                count += 1
+    return count
+
+
+def _sparsity(weight: Tensor) -> float:
+    return 1.0 - int(weight.count_nonzero()) / weight.numel() if weight.numel() else 0.0
+
+
+def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: bool = False) -> nn.Module:
+    """Return a copy of ``model`` whose sparse layers multiply with CSR weights.
+
+    Pruning masks are made permanent in the copy; then every ``nn.Linear`` whose weight is at
+    least ``min_sparsity`` zero becomes a :class:`SparseCSRLinear`, and with ``include_conv``
+    every such ``nn.Conv2d`` (``groups=1``, zero padding) a :class:`SparseCSRConv2d`. On a
+    2-core CPU CSR beat dense only from about 90-95% sparsity in our measurements; the default
+    threshold follows them (see ``benchmarks/results``).
+
+    Args:
+        model: the pruned model (not changed).
+        min_sparsity: the fraction of zeros from which a layer is converted, in ``[0, 1]``.
+        include_conv: also convert 2-D convolutions.
+
+    Returns:
+        The converted copy (inference only: the CSR layers hold buffers, not parameters).
+
+    Raises:
+        ValueError: if ``min_sparsity`` is not in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchbip import bip_unstructured
+        >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> _ = bip_unstructured(model[0], "weight", amount=0.95)
+        >>> csr = to_sparse_csr(model)
+        >>> type(csr[0]).__name__, type(csr[2]).__name__
+        ('SparseCSRLinear', 'Linear')
+        >>> x = torch.randn(3, 64)
+        >>> torch.allclose(csr(x), model(x), atol=1e-5)
+        True
+    """
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
+        raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    if not 0.0 <= float(min_sparsity) <= 1.0:
+        raise ValueError(f"min_sparsity={min_sparsity!r} is outside [0, 1]")
+    copied = _baked_copy(model)
+
+    def convert(child: nn.Module) -> nn.Module | None:
+        if type(child) is nn.Linear and _sparsity(child.weight) >= min_sparsity:
+            return SparseCSRLinear.from_dense(child)
+        if (
+            include_conv
+            and type(child) is nn.Conv2d
+            and child.groups == 1
+            and child.padding_mode == "zeros"
+            and not isinstance(child.padding, str)
+            and _sparsity(child.weight) >= min_sparsity
+        ):
+            return SparseCSRConv2d.from_dense(child)
+        return None
+
+    _replace(copied, convert)
+    return copied
+
+
+def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4, dim: int = -1) -> bool:
+    """Whether every block of ``m`` entries along ``dim`` holds at most ``n`` nonzeros.
+
+    Example:
+        >>> import torch
+        >>> is_nm_sparse(torch.tensor([[1.0, 0.0, 2.0, 0.0]])), is_nm_sparse(torch.ones(1, 4))
+        (True, False)
+    """
+    if weight.shape[dim] % m:
+        return False
+    nonzero = (weight != 0).movedim(dim, -1)
+    blocks = nonzero.reshape(*nonzero.shape[:-1], -1, m).sum(dim=-1)
+    return bool((blocks <= n).all())
+
+
+def to_semi_structured(model: nn.Module) -> nn.Module:
+    """Return a copy whose 2:4-sparse ``nn.Linear`` weights are semi-structured sparse tensors.
+
+    Needs a CUDA GPU that torch's semi-structured kernels support (compute capability 8.0 or
+    newer) and fp16/bf16 weights on it (``model.half().cuda()``). Each ``nn.Linear`` whose weight
+    has at most 2 nonzeros in every block of 4 along the input dimension (e.g. after
+    ``global_prune(..., structured="2:4")``) gets
+    ``weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(weight))``, torch's documented
+    recipe; other layers are left dense.
+
+    Args:
+        model: the pruned model (not changed).
+
+    Returns:
+        The converted copy.
+
+    Raises:
+        RuntimeError: on a CPU or an unsupported GPU (there, keep the masked dense model: the
+            mask is all that N:M pruning yields without the sparse kernels).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> if not torch.cuda.is_available():
+        ...     try:
+        ...         to_semi_structured(nn.Linear(8, 8))
+        ...     except RuntimeError as err:
+        ...         print(str(err)[:45])
+        ... else:
+        ...     print("2:4 semi-structured sparsity needs a CUDA GPU")
+        2:4 semi-structured sparsity needs a CUDA GPU
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "2:4 semi-structured sparsity needs a CUDA GPU with compute capability >= 8.0; on "
+            "this machine keep the masked model (the N:M mask runs with dense kernels)"
+        )
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        raise RuntimeError(
+            f"2:4 semi-structured sparsity needs compute capability >= 8.0, this GPU has {major}.x"
+        )
+    copied = _baked_copy(model)
+    for module in copied.modules():
+        if type(module) is nn.Linear and is_nm_sparse(module.weight.detach(), 2, 4):
+            module.weight = nn.Parameter(
+                torch.sparse.to_sparse_semi_structured(module.weight.detach()), requires_grad=False
+            )
+    return copied

@@ -1,0 +1,412 @@
+r"""Structured BiP: one learned score per filter (``dim=0``) or input channel (``dim=1``).
+
+:class:`BiPStructured` is the structured sibling of :class:`torchbip.BiPPruningMethod`: a
+:class:`torch.nn.utils.prune.BasePruningMethod` with ``PRUNING_TYPE = "structured"`` and a
+``dim``, whose mask zeroes whole groups (all entries that share an index along ``dim``). Here
+``amount`` counts *groups* (filters or channels), never entries: ``amount=0.5`` on a
+``Conv2d(3, 8, 3)`` weight with ``dim=0`` prunes 4 of its 8 filters.
+
+The pure helpers below are what the bi-level loop needs for a group mask: the score of a group
+(:func:`group_reduce`), the broadcast of a group keep to the tensor (:func:`expand_groups`) and
+the group's upper gradient, the sum of the element-wise :math:`d\ell/dm` over the group
+(:func:`group_reduce` again: the chain rule through the broadcast).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(2, 4, kernel_size=1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = conv.weight.copy_(torch.tensor([1.0, 4.0, 2.0, 3.0]).view(4, 1, 1, 1).expand(4, 2, 1, 1))
+    >>> _ = bip_structured(conv, "weight", amount=0.5, dim=0)
+    >>> conv.weight_mask[:, 0, 0, 0].tolist()  # the two filters of lowest L1 norm are pruned
+    [0.0, 1.0, 0.0, 1.0]
+    >>> conv.weight_scores.tolist()  # one score per filter
+    [2.0, 8.0, 4.0, 6.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
+from torchbip.method import scores_name
+
+__all__ = [
+    "BUDGETS",
+    "BiPStructured",
+    "Budget",
+    "bip_structured",
+    "expand_groups",
+    "group_keep_counts",
+    "group_reduce",
+    "normalize_dim",
+    "select_groups",
+]
+
+Budget = Literal["layer", "global"]
+BUDGETS: tuple[str, ...] = ("layer", "global")
+
+
+def normalize_dim(dim: object, ndim: int) -> int:
+    """Return ``dim`` as a non-negative axis of a tensor with ``ndim`` dimensions.
+
+    Args:
+        dim: an int in ``[-ndim, ndim)``.
+        ndim: the number of dimensions of the tensor.
+
+    Returns:
+        ``dim`` if it is non-negative, else ``dim + ndim``.
+
+    Raises:
+        TypeError: if ``dim`` is not an int (a ``bool`` is rejected).
+        ValueError: if it is out of range.
+
+    Example:
+        >>> normalize_dim(-1, 4), normalize_dim(1, 2)
+        (3, 1)
+        >>> normalize_dim(2, 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: dim=2 is out of range for a tensor with 2 dimensions (use -2 ... 1)
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {dim!r} of type {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(
+            f"dim={dim} is out of range for a tensor with {ndim} dimensions (use {-ndim} ... {ndim - 1})"
+        )
+    return dim % ndim
+
+
+def group_reduce(t: Tensor, dim: int) -> Tensor:
+    r"""Sum ``t`` over every dimension but ``dim``: one value per group.
+
+    This is both the score of a group (the sum of its entries' importance; with
+    :math:`|\theta|` it is the group's L1 norm) and the upper gradient of a group mask bit: the
+    sum of the element-wise :math:`d\ell/dm` over the group (DESIGN.md, section 1).
+
+    Args:
+        t: a tensor with at least one dimension.
+        dim: the group axis (``0``: output filters, ``1``: input channels).
+
+    Returns:
+        A 1-D tensor of length ``t.shape[dim]``.
+
+    Example:
+        >>> import torch
+        >>> group_reduce(torch.arange(6.0).view(2, 3), dim=0).tolist()
+        [3.0, 12.0]
+        >>> group_reduce(torch.arange(6.0).view(2, 3), dim=1).tolist()
+        [3.0, 5.0, 7.0]
+    """
+    dim = normalize_dim(dim, t.dim())
+    others = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dim=others) if others else t.clone()
+
+
+def expand_groups(values: Tensor, shape: Sequence[int], dim: int) -> Tensor:
+    """Broadcast one value per group to a tensor of ``shape`` (a view, no copy).
+
+    Args:
+        values: a 1-D tensor of length ``shape[dim]``.
+        shape: the shape of the grouped tensor.
+        dim: the group axis.
+
+    Returns:
+        An expanded view of ``values`` with ``shape``.
+
+    Raises:
+        ValueError: if ``values`` does not hold one value per group.
+
+    Example:
+        >>> import torch
+        >>> expand_groups(torch.tensor([1, 0]), (2, 3), dim=0).tolist()
+        [[1, 1, 1], [0, 0, 0]]
+    """
+    shape = tuple(shape)
+    dim = normalize_dim(dim, len(shape))
+    if values.dim() != 1 or values.numel() != shape[dim]:
+        raise ValueError(
+            f"values has shape {tuple(values.shape)} but a tensor of shape {shape} has "
+            f"{shape[dim]} groups along dim={dim}"
+        )
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    return values.view(view).expand(shape)
+
+
+def _allowed_groups(default_mask: Tensor, dim: int) -> Tensor:
+    """Groups that still hold an unpruned entry (torch's container uses the same rule)."""
+    return group_reduce((default_mask != 0).to(torch.int64), dim) > 0
+
+
+class BiPStructured(prune.BasePruningMethod):
+    r"""Prune whole groups (filters or channels) with the lowest BiP group scores.
+
+    A group is every entry that shares an index along ``dim``: with a conv weight
+    ``(out, in, kh, kw)``, ``dim=0`` groups output filters and ``dim=1`` input channels. The score
+    of a group is the sum of ``importance_scores`` over it (with the default :math:`|\theta|`,
+    the group's L1 norm, so on its own this is :func:`torch.nn.utils.prune.ln_structured` with
+    ``n=1``). The mask zeroes the lowest-scoring groups among those that ``default_mask`` still
+    uses (a group with any unpruned entry); an entry pruned earlier is never revived. Ties keep
+    the lower index.
+
+    State on the module after :meth:`apply`: ``<name>_orig`` (the parameter), ``<name>_mask``
+    (buffer, ``<name>``'s shape), a forward pre-hook that sets
+    ``<name> = <name>_orig * <name>_mask``, plus the non-persistent ``<name>_scores`` buffer
+    holding *one score per group* (shape ``(t.shape[dim],)``). :func:`torch.nn.utils.prune.remove`
+    makes the pruning permanent; BiP's own :meth:`remove` also drops the score buffer. Composes with
+    torch's methods in a :class:`~torch.nn.utils.prune.PruningContainer` like
+    :class:`~torch.nn.utils.prune.LnStructured` does.
+
+    Args:
+        amount: a float in ``[0, 1]``, the fraction of the *remaining groups* to prune, or an
+            int, the number of groups to prune (torch's convention, counted in groups).
+        dim: the group axis: ``0`` output filters, ``1`` input channels (negative counts from the
+            end).
+
+    Example:
+        >>> import torch
+        >>> method = BiPStructured(amount=1, dim=0)
+        >>> scores = torch.tensor([[0.9, 0.1], [0.5, 0.7], [0.2, 0.1]])
+        >>> method.compute_mask(scores, default_mask=torch.ones(3, 2)).tolist()
+        [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+        >>> BiPStructured(amount=0.5, dim=1).compute_mask(scores, torch.ones(3, 2)).tolist()
+        [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+    """
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount: int | float, dim: int = 0) -> None:
+        self.amount = validate_amount(amount)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {dim!r} of type {type(dim).__name__}")
+        self.dim = dim
+
+    def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
+        """Return ``default_mask`` with the lowest-scoring remaining groups set to zero.
+
+        Args:
+            t: importance scores of the pruned tensor's shape.
+            default_mask: the mask from earlier pruning (ones where nothing was pruned).
+
+        Returns:
+            A mask of ``default_mask``'s dtype in which exactly ``count`` more groups are zero,
+            where ``count`` is ``round(amount * remaining_groups)`` for a float amount or
+            ``amount`` for an int.
+
+        Raises:
+            ValueError: for mismatched shapes, non-finite scores, a bad ``dim`` or an int
+                ``amount`` above the number of remaining groups.
+        """
+        if t.shape != default_mask.shape:
+            raise ValueError(
+                f"importance scores have shape {tuple(t.shape)} but default_mask has shape "
+                f"{tuple(default_mask.shape)}"
+            )
+        if t.dim() == 0:
+            raise ValueError("structured pruning needs a tensor with at least one dimension, got a scalar")
+        if not torch.isfinite(t).all():
+            raise ValueError("importance_scores contain NaN or infinite values")
+        dim = normalize_dim(self.dim, t.dim())
+        allowed = _allowed_groups(default_mask, dim)
+        n_allowed = int(allowed.sum())
+        n_prune = count_from_amount(self.amount, n_allowed)
+        scores = group_reduce(t.detach().to(torch.float64), dim)
+        keep = topk_mask(scores, n_allowed - n_prune, allowed)
+        return default_mask * expand_groups(keep, t.shape, dim).to(dtype=default_mask.dtype)
+
+    @classmethod
+    def apply(  # type: ignore[override]
+        cls,
+        module: nn.Module,
+        name: str,
+        amount: int | float,
+        dim: int = 0,
+        importance_scores: Tensor | None = None,
+    ) -> prune.BasePruningMethod:
+        """Prune groups of ``module.<name>`` by scores and register the group-score buffer.
+
+        Args:
+            module: the module holding the tensor.
+            name: the parameter name, e.g. ``"weight"``.
+            amount: see :class:`BiPStructured` (counts groups).
+            dim: the group axis.
+            importance_scores: scores of the tensor's shape, or one score per group (shape
+                ``(t.shape[dim],)``); by default the magnitudes of the current (masked) weights.
+
+        Returns:
+            The hook now attached to the module (a :class:`BiPStructured`, or a
+            :class:`torch.nn.utils.prune.PruningContainer` when the tensor was pruned before).
+
+        Raises:
+            ValueError: for a bad ``amount``, ``dim`` or ``importance_scores``; the module is
+                unchanged.
+        """
+        validate_amount(amount)
+        current = getattr(module, name, None)
+        if not isinstance(current, Tensor):
+            raise ValueError(f"module {type(module).__name__} has no tensor named name={name!r}")
+        if current.dim() == 0:
+            raise ValueError(f"{name} is a scalar; structured pruning needs at least one dimension")
+        axis = normalize_dim(dim, current.dim())
+        scores = current.detach().abs() if importance_scores is None else importance_scores.detach()
+        group_scores: Tensor | None = None
+        if scores.dim() == 1 and scores.numel() == current.shape[axis] and scores.shape != current.shape:
+            group_scores = scores.clone()
+            scores = expand_groups(scores, current.shape, axis)
+        if scores.shape != current.shape:
+            raise ValueError(
+                f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
+                f"{tuple(current.shape)} (pass that shape or ({current.shape[axis]},), one per group)"
+            )
+        if not torch.isfinite(scores).all():
+            raise ValueError("importance_scores contain NaN or infinite values")
+        mask = getattr(module, name + "_mask", None)
+        base = mask if isinstance(mask, Tensor) else torch.ones_like(current)
+        count_from_amount(amount, int(_allowed_groups(base, axis).sum()))  # raise before torch acts
+        if group_scores is None:
+            group_scores = group_reduce(scores.to(torch.float64), axis).to(scores.dtype)
+        scores = scores.contiguous()
+        method = super().apply(module, name, amount=amount, dim=dim, importance_scores=scores)
+        module.register_buffer(scores_name(name), group_scores, persistent=False)
+        # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works.
+        with torch.no_grad():
+            setattr(module, name, method.apply_mask(module))
+        return method
+
+    def remove(self, module: nn.Module) -> None:
+        """Make the pruning permanent and drop the score buffer (see torch's ``remove``)."""
+        super().remove(module)
+        assert self._tensor_name is not None
+        if scores_name(self._tensor_name) in module._buffers:
+            delattr(module, scores_name(self._tensor_name))
+
+
+def bip_structured(
+    module: nn.Module,
+    name: str,
+    amount: int | float,
+    dim: int = 0,
+    importance_scores: Tensor | None = None,
+) -> nn.Module:
+    """Prune whole filters (``dim=0``) or input channels (``dim=1``) of ``module.<name>``.
+
+    The functional twin of :class:`BiPStructured`, in the style of
+    :func:`torch.nn.utils.prune.ln_structured`. ``amount`` counts groups: a float is the fraction
+    of the remaining filters/channels, an int their number. Without ``importance_scores`` the
+    group scores are the L1 norms of the groups (magnitude pruning); learned scores come from
+    :func:`torchbip.global_prune` with ``structured="filter"`` or ``"channel"``.
+
+    Args:
+        module: module containing the tensor to prune.
+        name: parameter name within ``module``.
+        amount: a float in ``[0, 1]`` (fraction of the remaining groups) or an int (a count of
+            groups).
+        dim: the group axis (``0`` output filters, ``1`` input channels).
+        importance_scores: optional scores of the parameter's shape or one per group.
+
+    Returns:
+        ``module``, modified in place.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn.utils import prune
+        >>> conv = nn.Conv2d(3, 8, kernel_size=3)
+        >>> _ = bip_structured(conv, "weight", amount=0.25, dim=0)
+        >>> int((conv.weight_mask.sum(dim=(1, 2, 3)) == 0).sum())  # 2 of 8 filters
+        2
+        >>> channel_scores = torch.tensor([3.0, 1.0, 2.0])
+        >>> _ = bip_structured(conv, "weight", amount=1, dim=1, importance_scores=channel_scores)
+        >>> conv.weight_mask.sum(dim=(0, 2, 3)).tolist()  # channel 1 of the 6 remaining filters
+        [54.0, 0.0, 54.0]
+        >>> sorted(conv.state_dict())
+        ['bias', 'weight_mask', 'weight_orig']
+    """
+    BiPStructured.apply(module, name, amount=amount, dim=dim, importance_scores=importance_scores)
+    return module
+
+
+def group_keep_counts(
+    n_groups: Sequence[int], amount: int | float, budget: str = "layer", min_keep: int | float | None = None
+) -> tuple[int, list[int]]:
+    """How many groups a structured budget keeps: in all, and at least per tensor.
+
+    Args:
+        n_groups: the number of (allowed) groups of each tensor.
+        amount: a float in ``[0, 1]`` (fraction of the groups to prune) or an int (a count of
+            groups to prune; with ``budget="layer"`` a count per tensor).
+        budget: ``"layer"``, the same fraction pruned in every tensor (the paper), or
+            ``"global"``, one ranking over all tensors' groups.
+        min_keep: the per-tensor floor of the global ranking (see
+            :func:`torchbip.masks.floor_counts`); ignored by ``"layer"``.
+
+    Returns:
+        ``(total kept, per-tensor counts)``: with ``"layer"`` the exact count each tensor keeps,
+        with ``"global"`` each tensor's floor.
+
+    Raises:
+        ValueError: for an unknown ``budget`` or an ``amount`` that no tensor can meet.
+
+    Example:
+        >>> group_keep_counts([8, 4], 0.5)
+        (6, [4, 2])
+        >>> group_keep_counts([8, 4], 0.75, budget="global", min_keep=1)
+        (3, [1, 1])
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if budget == "layer":
+        keeps = [n - count_from_amount(amount, n) for n in n_groups]
+        return sum(keeps), keeps
+    total = sum(n_groups)
+    return total - count_from_amount(amount, total), floor_counts(n_groups, min_keep)
+
+
+def select_groups(
+    scores: Sequence[Tensor],
+    amount: int | float,
+    budget: str = "layer",
+    min_keep: int | float | None = None,
+    allowed: Sequence[Tensor | None] | None = None,
+) -> list[Tensor]:
+    """Group keep masks under a structured budget (exact counts, ties keep the lower index).
+
+    Args:
+        scores: one 1-D tensor of group scores per pruned tensor.
+        amount: the fraction (float) or count (int) of groups to prune, see
+            :func:`group_keep_counts`.
+        budget: ``"layer"`` (the same fraction in every tensor) or ``"global"`` (one ranking,
+            with the per-tensor floor ``min_keep``).
+        min_keep: per-tensor floor of the global ranking.
+        allowed: optional boolean tensors of the scores' shapes; ``False`` groups (already
+            pruned) are never kept and are not counted.
+
+    Returns:
+        One boolean tensor per score tensor.
+
+    Example:
+        >>> import torch
+        >>> s = [torch.tensor([0.1, 0.9, 0.5, 0.3]), torch.tensor([0.2, 0.8])]
+        >>> [k.tolist() for k in select_groups(s, 0.5)]
+        [[False, True, True, False], [False, True]]
+        >>> [k.tolist() for k in select_groups(s, 0.5, budget="global")]
+        [[False, True, True, False], [False, True]]
+        >>> [k.tolist() for k in select_groups(s, 4, budget="global", min_keep=0)]
+        [[False, True, False, False], [False, True]]
+    """
+    allows = list(allowed) if allowed is not None else [None] * len(scores)
+    if len(allows) != len(scores):
+        raise ValueError(f"allowed has {len(allows)} entries but scores has {len(scores)}")
+    n_groups = [s.numel() if a is None else int(a.sum()) for s, a in zip(scores, allows, strict=True)]
+    n_keep, counts = group_keep_counts(n_groups, amount, budget, min_keep)
+    if budget == "layer":
+        return [topk_mask(s, k, a) for s, k, a in zip(scores, counts, allows, strict=True)]
+    floors = counts if min_keep is not None else None
+    return GlobalTopK(n_keep, floors)(list(scores), allows)
