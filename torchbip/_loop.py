@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip._func import Target, make_forward
+from torchbip._layouts import MaskLayout
 from torchbip.bilevel import MaskedGrads, lower_grad, masked_loss_grads, upper_grad
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, describe, to_device
@@ -38,7 +39,9 @@ class BiPLoop:
     """One BiP run: scores, masks, optimisers, schedules, step and data streams.
 
     Construction applies the first mask (the global top-k of the initial scores) to every
-    target as torch pruning state, with a :class:`~torchbip.BiPPruningMethod` hook.
+    target as torch pruning state, with a :class:`~torchbip.BiPPruningMethod` hook. A
+    ``selector`` that is a :class:`~torchbip._layouts.MaskLayout` (structured runs) supplies the
+    scores' shapes, the selection, the masks, the score gradients and the hook instead.
     """
 
     def __init__(
@@ -46,7 +49,7 @@ class BiPLoop:
         model: nn.Module,
         targets: list[Target],
         allowed: list[Tensor | None],
-        selector: GlobalTopK,
+        selector: GlobalTopK | MaskLayout,
         steps: int,
         cfg: BiPConfig,
         loss_fn: LossFn,
@@ -55,6 +58,7 @@ class BiPLoop:
         process_group: Any = None,
     ) -> None:
         self.model, self.targets, self.selector = model, targets, selector
+        self.layout = selector if isinstance(selector, MaskLayout) else None
         self.steps, self.cfg, self.loss_fn = steps, cfg, loss_fn
         self.lower_stream, self.upper_stream = lower_stream, upper_stream
         self.group = process_group
@@ -66,17 +70,23 @@ class BiPLoop:
         if self.group is not None:
             _broadcast_state(model, self.group)
 
-        # 1. Scores: a scaled copy of the magnitudes of the current (masked) weights.
-        scores = [init_scores(_current(t), cfg.score_init) for t in targets]
-        # 2. The first mask: the global top-k of the scores, as torch pruning state per tensor.
-        for target, s, keep, allow in zip(
-            targets, scores, selector(scores, self.allowed), self.allowed, strict=True
-        ):
-            remaining = s.numel() if allow is None else int(allow.sum())
-            BiPPruningMethod.apply(
-                target.module, target.name, amount=remaining - int(keep.sum()), importance_scores=s
-            )
-            getattr(target.module, target.name + "_mask").copy_(keep)
+        if self.layout is not None:
+            # 1-2. A structured run: the layout's scores, first mask and pruning method.
+            scores = self.layout.init_scores([_current(t) for t in targets], cfg.score_init)
+            for i, (t, s, keep) in enumerate(zip(targets, scores, self.layout.select(scores), strict=True)):
+                self.layout.apply(i, t.module, t.name, s, keep)
+        else:
+            # 1. Scores: a scaled copy of the magnitudes of the current (masked) weights.
+            scores = [init_scores(_current(t), cfg.score_init) for t in targets]
+            # 2. The first mask: the global top-k of the scores, as torch pruning state per tensor.
+            for target, s, keep, allow in zip(
+                targets, scores, selector(scores, self.allowed), self.allowed, strict=True
+            ):
+                remaining = s.numel() if allow is None else int(allow.sum())
+                BiPPruningMethod.apply(
+                    target.module, target.name, amount=remaining - int(keep.sum()), importance_scores=s
+                )
+                getattr(target.module, target.name + "_mask").copy_(keep)
         # 3. One flat score buffer (and one for its gradient); module score buffers are views.
         self.flat_scores = torch.cat([getattr(t.module, scores_name(t.name)).reshape(-1) for t in targets])
         self.flat_grad = torch.zeros_like(self.flat_scores)
@@ -85,14 +95,14 @@ class BiPLoop:
         self.offsets: list[int] = []
         offset = 0
         for target in targets:
-            shape = target.weight().shape
-            view = self.flat_scores[offset : offset + target.weight().numel()].view(shape)
+            shape = getattr(target.module, scores_name(target.name)).shape
+            view = self.flat_scores[offset : offset + shape.numel()].view(shape)
             self.grad_views.append(self.flat_grad[offset : offset + view.numel()].view(shape))
             target.module._buffers[scores_name(target.name)] = view
             self.score_views.append(view)
             self.offsets.append(offset)
             offset += view.numel()
-        self.fast_select = all(a is None for a in self.allowed) and cfg.min_keep is None
+        self.fast_select = all(a is None for a in self.allowed) and cfg.min_keep is None and not self.layout
 
         self.masks = {t.mask_fqn: getattr(t.module, t.name + "_mask") for t in targets}
         self.mask_list = list(self.masks.values())
@@ -134,7 +144,10 @@ class BiPLoop:
         self.good_steps = 0
         self.skipped_steps = 0
         n_total = sum(m.numel() for m in self.mask_list)
-        self.sparsity = 1.0 - selector.n_keep / n_total if n_total else 0.0
+        n_kept = (
+            selector.n_keep if self.layout is None else sum(int(m.count_nonzero()) for m in self.mask_list)
+        )
+        self.sparsity = 1.0 - n_kept / n_total if n_total else 0.0
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -238,7 +251,13 @@ class BiPLoop:
 
     def _upper_step(self, grads: MaskedGrads) -> None:
         with torch.no_grad():
-            for target, g in zip(self.targets, self.grad_views, strict=True):
+            for i, (target, g) in enumerate(zip(self.targets, self.grad_views, strict=True)):
+                if self.layout is not None:  # group scores: the sum of the element gradients
+                    element = upper_grad(
+                        grads.masks[target.mask_fqn], grads.params[target.orig_fqn], self.implicit_coef
+                    )
+                    self.layout.score_grad(i, element, out=g)
+                    continue
                 upper_grad(
                     grads.masks[target.mask_fqn], grads.params[target.orig_fqn], self.implicit_coef, out=g
                 )
@@ -249,6 +268,12 @@ class BiPLoop:
     @torch.no_grad()
     def update_masks(self) -> None:
         """Set every mask to the global top-k of the current scores."""
+        if self.layout is not None:
+            for i, (mask, kept) in enumerate(
+                zip(self.mask_list, self.layout.select(self.score_views), strict=True)
+            ):
+                mask.copy_(self.layout.mask(i, kept))
+            return
         if self.fast_select:
             keep = self.selector.select_flat(self.flat_scores)
             keeps = [

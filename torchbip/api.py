@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from torchbip._func import Target, resolve_targets
+from torchbip._layouts import MaskLayout, default_structured_targets, make_layout
 from torchbip._loop import BiPLoop, pruned_tensors
 from torchbip._snapshot import ModelSnapshot
 from torchbip.config import BiPConfig
@@ -37,6 +38,8 @@ def global_prune(
     upper_loader: Iterable[Any] | None = None,
     config: BiPConfig | None = None,
     process_group: Any = None,
+    structured: str | None = None,
+    budget: str = "layer",
     **options: Any,
 ) -> PruneReport:
     r"""Prune ``model`` globally with BiP, co-training its weights, in torch's pruned form.
@@ -77,6 +80,19 @@ def global_prune(
             weights. ``None`` (default) uses the default group when :mod:`torch.distributed`
             is initialised with more than one process; ``False`` never communicates. Pass the
             bare model, not a ``DistributedDataParallel`` wrapper.
+        structured: ``None`` (one score per entry), ``"filter"`` (one learned score per output
+            filter, :class:`torchbip.BiPStructured` with ``dim=0``), ``"channel"`` (per input
+            channel, ``dim=1``) or an N:M pattern such as ``"2:4"`` (the top ``n`` of every block
+            of ``m`` along the input dimension, :class:`torchbip.semistructured.BiPSemiStructured`).
+            With ``"filter"``/``"channel"``, ``amount`` counts filters/channels (groups), and a
+            group's score moves along the sum of its entries' upper gradients. By default
+            ``"filter"`` leaves out the last layer (its filters are the outputs), ``"channel"``
+            the first (its channels are the inputs), ``"N:M"`` every layer whose input size is not
+            a multiple of ``m``; an N:M run needs ``amount = 1 - n/m``. Slim the result with
+            :func:`torchbip.export_slim`.
+        budget: for ``"filter"``/``"channel"``: ``"layer"`` prunes the same fraction of groups
+            in every tensor (the paper; an int ``amount`` is then a count per tensor),
+            ``"global"`` ranks all groups together, with the per-tensor floor ``min_keep``.
         **options: any :class:`torchbip.BiPConfig` field, e.g. ``steps=200, lower_lr=0.05``.
 
     Returns:
@@ -111,14 +127,22 @@ def global_prune(
         raise ValueError("loader is required: an iterable of (inputs, targets) batches")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+    if structured is None and budget != "layer":
+        raise ValueError(f"budget={budget!r} applies to structured runs; an unstructured run ranks globally")
+    if structured is not None and parameters is None:
+        parameters = default_structured_targets(model, structured)
     targets = resolve_targets(model, parameters)
     allowed = [_allowed(t) for t in targets]
-    n_allowed = [
-        t.weight().numel() if a is None else int(a.sum()) for t, a in zip(targets, allowed, strict=False)
-    ]
-    n_prune = count_from_amount(amount, sum(n_allowed))
-    floors = floor_counts(n_allowed, cfg.min_keep)
-    selector = GlobalTopK(sum(n_allowed) - n_prune, floors if cfg.min_keep is not None else None)
+    selector: GlobalTopK | MaskLayout
+    if structured is not None:
+        selector = make_layout(structured, targets, amount, budget, cfg.min_keep, allowed)
+    else:
+        n_allowed = [
+            t.weight().numel() if a is None else int(a.sum()) for t, a in zip(targets, allowed, strict=False)
+        ]
+        n_prune = count_from_amount(amount, sum(n_allowed))
+        floors = floor_counts(n_allowed, cfg.min_keep)
+        selector = GlobalTopK(sum(n_allowed) - n_prune, floors if cfg.min_keep is not None else None)
     two_batch = cfg.mode == "two_batch"
     if upper_loader is not None and not two_batch:
         raise ValueError(
@@ -150,7 +174,7 @@ def _run(
     amount: int | float,
     targets: list[Target],
     allowed: list[Tensor | None],
-    selector: GlobalTopK,
+    selector: GlobalTopK | MaskLayout,
     steps: int,
     cfg: BiPConfig,
     loss_fn: Callable[[Any, Any], Tensor],
