@@ -48,7 +48,7 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     api = out / "api"
     pages = {p.stem for p in api.glob("*.html")}
     assert {"index", "global_prune", "config", "method", "report", "bilevel", "masks"} <= pages
-    assert {"baselines", "datasets", "testing"} <= pages
+    assert {"baselines", "datasets", "testing", "structured", "export"} <= pages
     html = "".join(p.read_text(encoding="utf-8") for p in api.glob("*.html"))
     for name in torchbip.__all__:
         if not name.startswith("__"):
