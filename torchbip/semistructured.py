@@ -45,8 +45,8 @@ class BiPSemiStructured(prune.BasePruningMethod):
     Args:
         n: entries kept per block.
         m: block length (the size along ``dim`` must be a multiple of it).
-        dim: the block axis; ``-1`` is the input dimension of ``Linear`` and ``Conv`` weights'
-            last kernel axis, so for convolutions pass ``dim=1`` (input channels).
+        dim: the block axis: ``-1`` (the default) is the input dimension of a ``Linear`` weight;
+            for a convolution weight ``(out, in, kh, kw)`` pass ``dim=1`` (input channels).
 
     Example:
         >>> import torch

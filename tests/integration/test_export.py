@@ -229,3 +229,24 @@ def test_model_used_after_a_forward_with_gradients_is_exported(seed: int) -> Non
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     slim = export_slim(model, torch.randn(2, 3, 16, 16))
     assert_same_outputs(slim, model, torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_depthwise_and_inverted_residuals_round_trip(seed: int) -> None:
+    def build() -> nn.Module:
+        return torchvision.models.mobilenet_v2(num_classes=10)
+
+    model = randomize(build()).eval()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            bip_structured(m, "weight", amount=0.5, dim=0)
+    slim = export_slim(model, torch.randn(2, 3, 64, 64))
+    assert_same_outputs(slim, model, torch.randn(2, 3, 64, 64))
+    assert count(slim) < 0.8 * count(build())
+    buffer = io.BytesIO()
+    torch.save(slim.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = load_slim_state_dict(build(), torch.load(buffer, weights_only=True)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), slim.eval()(x))
