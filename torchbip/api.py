@@ -121,7 +121,14 @@ def global_prune(
     """
     if isinstance(options.get("checkpoint_path"), os.PathLike):
         options["checkpoint_path"] = os.fspath(options["checkpoint_path"])
+    if config is not None and not isinstance(config, BiPConfig):
+        raise TypeError(
+            f"config must be a BiPConfig (or None), got {type(config).__name__}; "
+            "for a dict use BiPConfig.from_dict(config)"
+        )
     cfg = (config if config is not None else BiPConfig()).replace(**options)
+    if cfg.device is not None:
+        _check_device(cfg.device)
     amount = validate_amount(amount)
     if loader is None:
         raise ValueError("loader is required: an iterable of (inputs, targets) batches")
@@ -256,6 +263,21 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint_path={str(path)!r} holds a {type(state).__name__}, not a checkpoint")
     return state
+
+
+def _check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device: {err}") from err
+    if parsed.type == "cuda" and (
+        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"device={device!r} is not available here ({torch.cuda.device_count()} CUDA devices)"
+        )
+    if parsed.type not in ("cpu", "cuda", "mps", "xpu", "meta") or parsed.type == "meta":
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda[:N]'")
 
 
 def _default_group(process_group: Any) -> Any:

@@ -108,6 +108,11 @@ def masked_loss_grads(
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
+        if not loss.is_floating_point():
+            raise ValueError(
+                f"loss_fn must return a floating-point loss (got dtype {loss.dtype}): "
+                "an integer loss has no gradient"
+            )
         loss = loss.reshape(())
         return loss, (loss.detach(), fresh)
 

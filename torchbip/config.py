@@ -145,6 +145,10 @@ class BiPConfig:
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be a bool, got {self.progress!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"device must be a str such as 'cpu' or 'cuda:0', or None, got {self.device!r}")
         if self.amp not in (None, "bfloat16", "float16"):
             raise ValueError(f"amp must be None, 'bfloat16' or 'float16', got {self.amp!r}")
         if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
