@@ -99,9 +99,19 @@ def global_prune(
         A :class:`torchbip.PruneReport`.
 
     Raises:
-        ValueError: for a bad ``amount``, ``parameters``, ``loader`` (empty, wrong batches) or
-            option, and ``FloatingPointError`` for a non-finite loss; the model is unchanged.
-        TypeError: for an unknown option or a non-callable ``loss_fn``.
+        ValueError: for a bad ``amount``, ``parameters``, ``loader`` (empty, wrong batches),
+            ``structured``/``budget`` combination, ``device`` or option value, a ``loss_fn`` that
+            fails on a batch or returns no scalar floating-point loss, and for a
+            ``checkpoint_path`` that is truncated or belongs to another model, amount or run.
+        TypeError: for an unknown option, a non-callable ``loss_fn``, a ``config`` that is not a
+            :class:`BiPConfig` or a ``process_group`` that is not a process group.
+        FloatingPointError: when the loss turns NaN or infinite (under ``amp="float16"``, only
+            once loss scaling cannot recover).
+
+    Note:
+        Whatever is raised, also an exception from the user's ``loader`` or ``loss_fn`` and a
+        ``KeyboardInterrupt``, the model is first restored to exactly its state before the call
+        (see :doc:`/failure_modes`).
 
     Example:
         >>> import torch
@@ -284,6 +294,11 @@ def _default_group(process_group: Any) -> Any:
     if process_group is False:
         return None
     if process_group is not None:
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup, None or False, "
+                f"got {process_group!r}"
+            )
         return process_group
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD

@@ -201,9 +201,29 @@ def random_finetune(
 
 
 def score_prune(model: nn.Module, amount: int | float, loader: Batches, **options: Any) -> PruneReport:
-    """BiP with the implicit-gradient term off (``implicit_coef=0``): plain score learning.
+    r"""BiP with the implicit-gradient term off (``implicit_coef=0``): plain score learning.
 
-    Takes the arguments of :func:`torchbip.global_prune`.
+    A score-learning baseline in the spirit of Hydra: the scores follow :math:`\theta \odot g`
+    only, while the weights still train with the mask, as in :func:`torchbip.global_prune`.
+
+    Args:
+        model: the model to prune in place.
+        amount: the sparsity (float fraction or int count), as in :func:`torchbip.global_prune`.
+        loader: re-iterable ``(inputs, targets)`` batches.
+        **options: any other argument or option of :func:`torchbip.global_prune`;
+            ``implicit_coef`` is overridden with 0.
+
+    Returns:
+        The :class:`~torchbip.PruneReport` of the run.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(2)]
+        >>> score_prune(model, 0.5, data, steps=2, progress=False).global_sparsity
+        0.5
     """
     return global_prune(model, amount, loader, **{**options, "implicit_coef": 0.0})
 

@@ -45,8 +45,8 @@ class MaskedGrads:
     Attributes:
         loss: the detached scalar loss.
         params: gradients of the trainable tensors (for a pruned tensor, by its ``*_orig`` name:
-            :math:`\\nabla_\\theta \\ell = m \\odot g`).
-        masks: gradients of the masks (:math:`\\nabla_m \\ell = \\theta \\odot g`); empty when
+            :math:`\nabla_\theta \ell = m \odot g`).
+        masks: gradients of the masks (:math:`\nabla_m \ell = \theta \odot g`); empty when
             not requested.
         buffers: the buffers after the forward pass (e.g. updated BatchNorm statistics).
     """
@@ -119,9 +119,14 @@ def masked_loss_grads(
     p, m, b = dict(params), dict(masks), dict(buffers)
     if with_mask_grads:
         grads, (loss, new_buffers) = torch.func.grad(objective, argnums=(0, 1), has_aux=True)(p, m, b)
-        return MaskedGrads(loss, grads[0], grads[1], new_buffers)
+        return MaskedGrads(loss, _dense(grads[0]), _dense(grads[1]), new_buffers)
     grad_p, (loss, new_buffers) = torch.func.grad(lambda p_: objective(p_, m, b), has_aux=True)(p)
-    return MaskedGrads(loss, grad_p, {}, new_buffers)
+    return MaskedGrads(loss, _dense(grad_p), {}, new_buffers)
+
+
+def _dense(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) as dense tensors: masks and scores are dense."""
+    return {k: g.to_dense() if g.layout != torch.strided else g for k, g in grads.items()}
 
 
 def upper_grad(
@@ -177,6 +182,15 @@ def lower_grad(grad_theta: Tensor, theta: Tensor, mask: Tensor, gamma: float) ->
     r"""Gradient of the lower objective restricted to unpruned entries.
 
     :math:`m \odot (\nabla_\theta \ell + \gamma \theta)`: pruned entries get exactly zero.
+
+    Args:
+        grad_theta: :math:`\nabla_\theta \ell`, the loss gradient of the weights.
+        theta: the weights :math:`\theta`.
+        mask: the binary mask :math:`m`.
+        gamma: the L2 coefficient :math:`\gamma` of the lower objective.
+
+    Returns:
+        A new tensor; the inputs are not modified.
 
     Example:
         >>> import torch

@@ -23,6 +23,12 @@ __all__ = ["BiPPruningMethod", "DeepcopyGuard", "bip_unstructured", "scores_name
 def scores_name(name: str) -> str:
     """Name of the score buffer that BiP registers for tensor ``name``.
 
+    Args:
+        name: the pruned tensor's name, e.g. ``"weight"``.
+
+    Returns:
+        ``name + "_scores"``.
+
     Example:
         >>> scores_name("weight")
         'weight_scores'

@@ -30,7 +30,22 @@ class TensorSparsity:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """Per-tensor and global sparsity of a model's pruned tensors, keyed by tensor FQN."""
+    """Per-tensor and global sparsity of a model's pruned tensors, keyed by tensor FQN.
+
+    Attributes:
+        tensors: one :class:`TensorSparsity` (``numel``, ``zeros``, ``sparsity``) per pruned
+            tensor, keyed by its fully qualified name (e.g. ``"layer1.0.conv1.weight"``), in
+            the order of ``model.named_modules()``.
+
+    Example:
+        >>> from torch import nn
+        >>> from torch.nn.utils import prune
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = prune.l1_unstructured(model[0], "weight", amount=4)
+        >>> report = sparsity_report(model)
+        >>> report.tensors["0.weight"].zeros, report.global_sparsity
+        (4, 0.25)
+    """
 
     tensors: dict[str, TensorSparsity]
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import nm_mask
-from torchbip.method import scores_name
+from torchbip.method import DeepcopyGuard, scores_name
 
 __all__ = ["BiPSemiStructured", "bip_semi_structured"]
 
@@ -107,14 +107,16 @@ class BiPSemiStructured(prune.BasePruningMethod):
         module.register_buffer(scores_name(name), scores.clone(), persistent=False)
         with torch.no_grad():
             setattr(module, name, method.apply_mask(module))
+        DeepcopyGuard.register(module, name)
         return method
 
     def remove(self, module: nn.Module) -> None:
-        """Make the pruning permanent and drop the score buffer."""
+        """Make the pruning permanent; drop the score buffer and the deepcopy guard."""
         super().remove(module)
         assert self._tensor_name is not None
         if scores_name(self._tensor_name) in module._buffers:
             delattr(module, scores_name(self._tensor_name))
+        DeepcopyGuard.unregister(module, self._tensor_name)
 
 
 def bip_semi_structured(

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
-from torchbip.method import scores_name
+from torchbip.method import DeepcopyGuard, scores_name
 
 __all__ = [
     "BUDGETS",
@@ -278,14 +278,16 @@ class BiPStructured(prune.BasePruningMethod):
         # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works.
         with torch.no_grad():
             setattr(module, name, method.apply_mask(module))
+        DeepcopyGuard.register(module, name)
         return method
 
     def remove(self, module: nn.Module) -> None:
-        """Make the pruning permanent and drop the score buffer (see torch's ``remove``)."""
+        """Make the pruning permanent; drop the score buffer and the deepcopy guard."""
         super().remove(module)
         assert self._tensor_name is not None
         if scores_name(self._tensor_name) in module._buffers:
             delattr(module, scores_name(self._tensor_name))
+        DeepcopyGuard.unregister(module, self._tensor_name)
 
 
 def bip_structured(

@@ -11,6 +11,7 @@ import copy
 import io
 import pickle
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from torch.nn.utils import prune
 
 import torchbip
 from torchbip.method import BiPPruningMethod, DeepcopyGuard, bip_unstructured
+from torchbip.semistructured import bip_semi_structured
 
 
 @pytest.fixture(autouse=True)
@@ -247,3 +249,24 @@ def test_state_dict_round_trip_with_weights_only() -> None:
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(lambda m: torchbip.bip_structured(m, "weight", amount=0.5, dim=0), id="filter"),
+        pytest.param(lambda m: torchbip.bip_structured(m, "weight", amount=1, dim=1), id="channel"),
+        pytest.param(lambda m: bip_semi_structured(m, "weight", 2, 4), id="2:4"),
+    ],
+)
+def test_deepcopy_and_pickle_of_structured_methods_after_a_training_step(how: Any) -> None:
+    model = make_mlp()
+    how(model[0])
+    x, y = make_data()[0]
+    train_step(model, x, y)
+    assert not model[0].weight.is_leaf  # what torch's own deepcopy rejects
+    assert len(guards(model[0])) == 1
+    assert_same_model(copy.deepcopy(model), model, x)
+    assert_same_model(pickle.loads(pickle.dumps(model)), model, x)
+    prune.remove(model[0], "weight")
+    assert guards(model[0]) == []

@@ -454,3 +454,13 @@ def test_unavailable_device_restores_the_model(device: str) -> None:
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     expect_error(make_model(), ValueError, rf"device='{device}'", device=device)
+
+
+@pytest.mark.parametrize("group", [pytest.param("x", id="str"), pytest.param(0, id="int")])
+def test_process_group_must_be_a_group(group: Any) -> None:
+    expect_error(
+        make_model(),
+        TypeError,
+        rf"process_group must be a .*ProcessGroup.*got {group!r}",
+        process_group=group,
+    )
