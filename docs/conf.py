@@ -46,6 +46,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",
     "sphinx.ext.intersphinx",
     "sphinx.ext.viewcode",
     "sphinx_autodoc_typehints",
@@ -112,12 +113,8 @@ intersphinx_disabled_reftypes = ["std:doc"]
 
 # -- Math ---------------------------------------------------------------------------------------
 
-# MathJax renders the formulas in the browser, from its CDN by default. To read the docs without
-# network access, point TORCHBIP_DOCS_MATHJAX at a local MathJax 3 ``tex-chtml.js`` (a path or a
-# URL), e.g. from ``npm pack mathjax@3``: ``package/es5/tex-chtml.js``.
-_mathjax = os.environ.get("TORCHBIP_DOCS_MATHJAX")
-if _mathjax:
-    mathjax_path = _mathjax if "://" in _mathjax else Path(_mathjax).resolve().as_uri()
+# MathJax 3 ships with the docs (the sphinx-mathjax-offline extension copies it into
+# _static/mathjax), so the formulas render without network access.
 
 # -- MyST (markdown pages: the changelog and the benchmark results) ----------------------------
 
