@@ -256,38 +256,68 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Per model: accuracy vs sparsity (zoomed on the methods that keep accuracy; a random mask
+    far below is marked at the bottom edge) and the wall time each method needs to get there."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(result["summary"])
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=False):
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    for (ax, tax), model in zip(axes, models, strict=True):
         methods = result["summary"][model]
+        dense = methods.get("dense", {}).get("0.00")
+        kept = [
+            100 * c["accuracy_mean"] for m in METHODS if m != "random" for c in methods.get(m, {}).values()
+        ]
+        low = min(kept + ([100 * dense["accuracy_mean"]] if dense else [])) - 1.0
+        high = max(kept + ([100 * dense["accuracy_mean"]] if dense else [])) + 0.5
         for method in METHODS:
             if method not in methods:
                 continue
             pts = sorted((float(s), c) for s, c in methods[method].items())
             xs = [100 * s for s, _ in pts]
+            ys = [100 * c["accuracy_mean"] for _, c in pts]
             ax.errorbar(
                 xs,
-                [100 * c["accuracy_mean"] for _, c in pts],
-                yerr=[100 * c["accuracy_std"] for _, c in pts],
+                [max(y, low) for y in ys],
+                yerr=[0.0 if y < low else 100 * c["accuracy_std"] for y, (_, c) in zip(ys, pts, strict=True)],
                 marker="o",
                 capsize=3,
+                color=colors[method],
                 label=method,
             )
-        if "dense" in methods:
-            ax.axhline(100 * methods["dense"]["0.00"]["accuracy_mean"], color="gray", ls="--", label="dense")
-        ax.set_title(model)
+            for x, y in zip(xs, ys, strict=True):
+                if y < low:
+                    ax.annotate(f"{y:.0f}%", (x, low), textcoords="offset points", xytext=(0, 6),
+                                ha="center", fontsize=7, color=colors[method])  # fmt: skip
+            tax.plot(xs, [c["time_mean_s"] for _, c in pts], marker="o", color=colors[method], label=method)
+        if dense:
+            ax.axhline(100 * dense["accuracy_mean"], color="gray", ls="--", label="dense")
+        ax.set_ylim(low - 0.2, high)
+        ax.set_title(f"{model}: test accuracy")
         ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), mean ± std")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        tax.set_title(f"{model}: wall time to reach the sparsity")
+        tax.set_xlabel("sparsity (%)")
+        tax.set_ylabel("seconds (dense training included)")
+        tax.grid(alpha=0.3)
+        tax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out: Path, stem: str) -> None:
+    """``<stem>.json``, ``.md`` and ``.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(markdown(result))
+    plot(result, out / f"{stem}.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -313,7 +343,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="rewrite the markdown and PNG of an earlier run's JSON (nothing is trained)",
+    )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        result["summary"] = summarise(result["rows"], sorted({r["sparsity"] for r in result["rows"]} - {0.0}))
+        write_outputs(result, args.replot.parent, args.replot.stem)
+        print(markdown(result))
+        return result
     if args.quick:
         args.models = args.models or ["lenet_300_100"]
         args.seeds = args.seeds or [0]
@@ -359,12 +402,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "summary": summarise(rows, args.sparsities),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_accuracy-{result['device']}-torch{result['torch']}" + ("-quick" if args.quick else "")
     stem += f"-{args.tag}" if args.tag else ""
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
+    write_outputs(result, args.out, stem)
     print(markdown(result))
     return result
 

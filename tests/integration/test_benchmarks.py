@@ -46,6 +46,15 @@ def test_bench_accuracy_quick(tmp_path: Path) -> None:
     for row in result["rows"]:
         if row["method"] != "dense":
             assert row["measured_sparsity"] == pytest.approx(row["sparsity"], abs=1e-4)
+    # --replot rebuilds the same table and a new plot from the JSON alone
+    (md,) = tmp_path.glob("*.md")
+    (js,) = tmp_path.glob("*.json")
+    table = md.read_text()
+    md.unlink()
+    (tmp_path / md.name.replace(".md", ".png")).unlink()
+    bench_accuracy.main(["--replot", str(js)])
+    assert md.read_text() == table
+    assert (tmp_path / md.name.replace(".md", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_ablation_quick(tmp_path: Path) -> None:
