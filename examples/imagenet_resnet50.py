@@ -1083,6 +1083,22 @@ def _pipeline(
     # 2. Dense model: a fresh or a loaded ResNet-50, optionally trained densely first. A resumed
     #    run takes the warm-up result (and its evaluation) from dense.pth.
     model = build_model(len(classes), args.pretrained).to(device)
+
+    def train_phase(phase: str, epochs: float, lr: float, desc: str) -> list[float]:
+        """Warm-up or fine-tuning: SGD over ``train_loader``, seeded per phase and rank."""
+        _seed_everything(_phase_seed(args.seed, phase, ctx.rank))
+        return train(
+            model, train_loader, epochs=epochs, lr=lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, device=device, limit=args.limit_batches, desc=desc,
+            progress=progress, runner=make_runner(model, args, ctx, device, training=True),
+            amp=args.amp, ctx=ctx,
+        )  # fmt: skip
+
+    def evaluate_phase(desc: str) -> dict[str, Any]:
+        """Top-1 accuracy and loss of ``model`` on ``val_loader``."""
+        runner = make_runner(model, args, ctx, device, training=False)
+        return evaluate(runner, val_loader, device, args.limit_batches, desc, progress, args.amp, ctx)
+
     dense_path = out / DENSE_FILE
     dense = _load_dense(dense_path, model) if args.resume and args.warmup_epochs > 0 else None
     resumed: dict[str, Any] = {"warmup": dense is not None, "bip_from_step": None}
@@ -1095,20 +1111,11 @@ def _pipeline(
         warmup_losses = []
         with timer("warmup"):
             if args.warmup_epochs > 0:
-                _seed_everything(_phase_seed(args.seed, "warmup", ctx.rank))
-                warmup_losses = train(
-                    model, train_loader, epochs=args.warmup_epochs, lr=args.warmup_lr,
-                    momentum=args.momentum, weight_decay=args.weight_decay, device=device,
-                    limit=args.limit_batches, desc="dense warm-up", progress=progress,
-                    runner=make_runner(model, args, ctx, device, training=True), amp=args.amp, ctx=ctx,
-                )  # fmt: skip
+                warmup_losses = train_phase("warmup", args.warmup_epochs, args.warmup_lr, "dense warm-up")
             elif args.pretrained is None:
                 LOG.warning("pruning a randomly initialised model: pass --pretrained or --warmup-epochs")
         with timer("eval_dense"):
-            acc_dense = evaluate(
-                make_runner(model, args, ctx, device, training=False), val_loader, device,
-                args.limit_batches, "eval dense", progress, args.amp, ctx,
-            )  # fmt: skip
+            acc_dense = evaluate_phase("eval dense")
         if args.warmup_epochs > 0 and ctx.is_main:
             dense_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             _save_atomic(
@@ -1152,10 +1159,7 @@ def _pipeline(
     )  # fmt: skip
     digests = {"bip": ctx.check_agreement(model, "after BiP")}
     with timer("eval_pruned"):
-        acc_pruned = evaluate(
-            make_runner(model, args, ctx, device, training=False), val_loader, device,
-            args.limit_batches, "eval pruned", progress, args.amp, ctx,
-        )  # fmt: skip
+        acc_pruned = evaluate_phase("eval pruned")
 
     # 4. Optional fine-tuning with the mask fixed (torch's hooks keep pruned entries at zero).
     acc_finetuned = None
@@ -1163,22 +1167,13 @@ def _pipeline(
     masks_before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
     with timer("finetune"):
         if args.finetune_epochs > 0:
-            _seed_everything(_phase_seed(args.seed, "finetune", ctx.rank))
-            finetune_losses = train(
-                model, train_loader, epochs=args.finetune_epochs, lr=args.finetune_lr,
-                momentum=args.momentum, weight_decay=args.weight_decay, device=device,
-                limit=args.limit_batches, desc="fine-tune", progress=progress,
-                runner=make_runner(model, args, ctx, device, training=True), amp=args.amp, ctx=ctx,
-            )  # fmt: skip
+            finetune_losses = train_phase("finetune", args.finetune_epochs, args.finetune_lr, "fine-tune")
     masks_after = {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}
     if any(not torch.equal(masks_before[k], masks_after[k]) for k in masks_before):
         raise RuntimeError("a pruning mask changed during fine-tuning")
     if args.finetune_epochs > 0:
         with timer("eval_finetuned"):
-            acc_finetuned = evaluate(
-                make_runner(model, args, ctx, device, training=False), val_loader, device,
-                args.limit_batches, "eval fine-tuned", progress, args.amp, ctx,
-            )  # fmt: skip
+            acc_finetuned = evaluate_phase("eval fine-tuned")
     digests["final"] = ctx.check_agreement(model, "at the end")
 
     # 5. Per-layer sparsity (read from the masks), then make the pruning permanent and save.
