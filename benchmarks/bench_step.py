@@ -37,7 +37,8 @@ def lenet_300_100() -> nn.Module:
     )
 
 
-def small_cnn() -> nn.Module:
+def small_cnn_bn() -> nn.Module:
+    """A small CNN with BatchNorm (not the BatchNorm-free ``small_cnn`` of bench_accuracy)."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1),
         nn.BatchNorm2d(32),
@@ -62,7 +63,7 @@ def resnet18_cifar() -> nn.Module:
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "lenet_300_100": (lenet_300_100, (1, 28, 28)),
-    "small_cnn": (small_cnn, (1, 28, 28)),
+    "small_cnn_bn": (small_cnn_bn, (1, 28, 28)),
     "resnet18_32px": (resnet18_cifar, (3, 32, 32)),
 }
 
@@ -220,12 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        plan = [("lenet_300_100", 128, 4, 12, 2), ("small_cnn", 64, 2, 6, 2)]
+        plan = [("lenet_300_100", 128, 4, 12, 2), ("small_cnn_bn", 64, 2, 6, 2)]
         topk_sizes, topk_reps = [266_610], 5
     else:
         plan = [
             ("lenet_300_100", 128, 10, 60, 5),
-            ("small_cnn", 128, 5, 25, 5),
+            ("small_cnn_bn", 128, 5, 25, 5),
             ("resnet18_32px", 64, 3, 11, 3),
         ]
         topk_sizes, topk_reps = [266_610, 11_000_000, 25_500_000], 9

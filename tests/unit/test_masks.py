@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from unittest import mock
 
 import numpy as np
@@ -332,6 +333,39 @@ def _spy_kth() -> mock._patch:
     return mock.patch.object(masks, "_kth_largest", wraps=masks._kth_largest)
 
 
+@pytest.fixture
+def _banded_on_cpu() -> Iterator[None]:
+    """Run the banded path on small CPU tensors too (it starts at masks._BANDED_MIN_CPU scores)."""
+    with mock.patch.object(masks, "_BANDED_MIN_CPU", 0):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n_keep", [1, 7, 500, 999, 1000])
+def test_kth_largest_on_cpu_equals_torch_kthvalue(dtype: torch.dtype, n_keep: int) -> None:
+    """The NumPy selection that CPUs use gives torch.kthvalue's value, ties and infinities included."""
+    gen = torch.Generator().manual_seed(n_keep)
+    flat = torch.randint(-20, 20, (1000,), generator=gen).to(dtype) / 4  # many ties
+    flat[:3] = torch.tensor([math.inf, -math.inf, -math.inf], dtype=dtype)
+    got = masks._kth_largest(flat, n_keep)
+    want = torch.kthvalue(flat.double(), 1000 - n_keep + 1).values.to(dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_small_cpu_selections_rank_every_score() -> None:
+    """Below masks._BANDED_MIN_CPU scores a CPU selection skips the band (a full selection is faster)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(4000, generator=gen)]
+    select = GlobalTopK(2000)
+    select(scores)
+    with _spy_kth() as spy:
+        second = select([scores[0] + 1e-6])
+    assert [args[0].numel() for args, _ in spy.call_args_list] == [4000]
+    assert torch.equal(second[0], GlobalTopK(2000)([scores[0] + 1e-6])[0])
+
+
+@pytest.mark.usefixtures("_banded_on_cpu")
 def test_global_topk_banded_path_selects_in_a_small_band() -> None:
     """The second call runs the selection on a band, not on every score, with the same result."""
     gen = torch.Generator().manual_seed(0)
@@ -350,6 +384,7 @@ def test_global_topk_banded_path_selects_in_a_small_band() -> None:
     assert sum(int(m.sum()) for m in first) == sum(int(m.sum()) for m in second) == 2000
 
 
+@pytest.mark.usefixtures("_banded_on_cpu")
 def test_global_topk_banded_path_falls_back_after_a_jump() -> None:
     gen = torch.Generator().manual_seed(1)
     scores = [torch.randn(500, generator=gen)]
@@ -360,6 +395,7 @@ def test_global_topk_banded_path_falls_back_after_a_jump() -> None:
         assert torch.equal(select(jumped)[0], want[0])
 
 
+@pytest.mark.usefixtures("_banded_on_cpu")
 def test_global_topk_banded_path_with_many_ties_at_the_threshold() -> None:
     scores = [torch.cat([torch.full((3000,), 2.0), torch.ones(5000)]), torch.ones(2000)]
     select = GlobalTopK(4000)
