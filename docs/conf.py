@@ -165,13 +165,15 @@ def _results_markdown() -> str:
             "benchmarks (see above) and build the docs again to see their tables here.\n```\n"
         )
     parts = []
+    readme = RESULTS / "README.md"
+    shown = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     for md in files:
         if not md.read_text(encoding="utf-8").lstrip().startswith("#"):
             parts.append(f"### {md.stem}\n")
         parts.append(_embed_markdown(md, levels=2))
         parts.append(f"Source: `benchmarks/results/{md.name}`.\n")
         png = md.with_suffix(".png")
-        if png.is_file():
+        if png.is_file() and png.name not in shown:  # not twice on the page
             rel = os.path.relpath(png, DOCS)
             parts.append(f"```{{image}} {rel}\n:alt: {md.stem}\n:width: 100%\n```\n")
     return "\n" + "\n".join(parts)
