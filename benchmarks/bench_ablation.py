@@ -32,13 +32,58 @@ from torchbip.datasets import load_mnist
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Accuracy of every variant (mean ± std over seeds), one panel per sparsity; OMP + FT dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    sparsities = sorted({s for cells in summary.values() for s in cells}, key=float)
+    variants = [v for v in summary if v != "omp+finetune"]
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 0.45 * len(variants) + 1.6))
+    axes = [axes] if len(sparsities) == 1 else list(axes)
+    for ax, sparsity in zip(axes, sparsities, strict=True):
+        cells = [summary[v].get(sparsity) for v in variants]
+        ys = range(len(variants))
+        ax.barh(
+            list(ys),
+            [100 * c["accuracy_mean"] if c else 0.0 for c in cells],
+            xerr=[100 * c["accuracy_std"] if c else 0.0 for c in cells],
+            color=["C0" if "fused" in v else "C1" for v in variants],
+            capsize=2,
+        )
+        base = summary.get("omp+finetune", {}).get(sparsity)
+        if base:
+            ax.axvline(100 * base["accuracy_mean"], color="gray", ls="--", label="OMP + fine-tuning")
+            ax.legend(fontsize=8, loc="lower right")
+        low = min(100 * c["accuracy_mean"] for c in cells if c) - 1.0
+        ax.set_xlim(low, max(100 * c["accuracy_mean"] for c in cells if c) + 0.5)
+        ax.set_yticks(list(ys), variants if ax is axes[0] else [""] * len(variants), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy (%); blue: fused, orange: two-batch")
+        ax.set_title(f"{float(sparsity):.0%} sparsity")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--replot", type=Path, default=None, metavar="JSON", help="redraw the PNG of an earlier run's JSON"
+    )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        plot(result, args.replot.with_suffix(".png"))
+        return result
     if args.quick:
         seeds, train_size, dense_epochs, prune_epochs = [0], 6000, 2, 1
         sparsities, coefs, upper_lrs, modes = [0.98], [0.0, 1.0, None], [0.1, 10.0], ["fused", "two_batch"]
@@ -131,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = f"bench_ablation-{result['device']}-torch{result['torch']}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.md").write_text(md)
+    plot(result, args.out / f"{stem}.png")
     print(md)
     return result
 

@@ -211,14 +211,56 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGETS = {"fused": 1.3, "two-batch": 2.3, "forward hooked": 1.1, "forward removed": 1.0}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Ratios to the dense model per model, each bar against its target (a black tick)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = {
+        "fused": "step_ratio_fused",
+        "two-batch": "step_ratio_two_batch",
+        "forward hooked": "forward_ratio_hooked",
+        "forward removed": "forward_ratio_removed",
+    }
+    models = result["models"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(keys)
+    for j, (label, key) in enumerate(keys.items()):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(models))]
+        ax.bar(xs, [m[key] for m in models], width, label=label, color=f"C{j}")
+        ax.hlines([TARGETS[label]] * len(xs), [x - width / 2 for x in xs], [x + width / 2 for x in xs],
+                  colors="black", linewidth=2)  # fmt: skip
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(models)), [m["model"] for m in models])
+    ax.set_ylabel("time / dense time (black: target)")
+    ax.set_title(f"BiP step and forward cost vs dense ({result['device']}, torch {result['torch']})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON, markdown and PNG")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--replot", type=Path, default=None, metavar="JSON", help="redraw the PNG of an earlier run's JSON"
+    )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        plot(result, args.replot.with_suffix(".png"))
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -242,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     stem = f"bench_step-{result['device']}-torch{result['torch']}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(result))
+    plot(result, args.out / f"{stem}.png")
     print(markdown(result))
     return result
 

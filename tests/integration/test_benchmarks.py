@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +23,11 @@ def test_bench_step_quick(tmp_path: Path) -> None:
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(f.endswith("-quick.json") for f in files)
     assert any(f.endswith("-quick.md") for f in files)
+    (png,) = tmp_path.glob("*-quick.png")
+    assert png.read_bytes()[:8] == PNG
+    png.unlink()
+    bench_step.main(["--replot", str(next(tmp_path.glob("*.json")))])
+    assert png.read_bytes()[:8] == PNG
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert data == json.loads(json.dumps(result))
     for row in data["models"]:
@@ -54,14 +60,16 @@ def test_bench_accuracy_quick(tmp_path: Path) -> None:
     (tmp_path / md.name.replace(".md", ".png")).unlink()
     bench_accuracy.main(["--replot", str(js)])
     assert md.read_text() == table
-    assert (tmp_path / md.name.replace(".md", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / md.name.replace(".md", ".png")).read_bytes()[:8] == PNG
 
 
 def test_bench_ablation_quick(tmp_path: Path) -> None:
     import bench_ablation
 
     result = bench_ablation.main(["--quick", "--out", str(tmp_path)])
-    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md"}
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+    (png,) = tmp_path.glob("*.png")
+    assert png.read_bytes()[:8] == PNG
     assert "omp+finetune" in result["summary"]
     n_fused = sum("fused" in v for v in result["summary"])
     assert n_fused == sum("two_batch" in v for v in result["summary"]) > 0
