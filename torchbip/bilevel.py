@@ -49,6 +49,17 @@ class MaskedGrads:
         masks: gradients of the masks (:math:`\nabla_m \ell = \theta \odot g`); empty when
             not requested.
         buffers: the buffers after the forward pass (e.g. updated BatchNorm statistics).
+
+    Example:
+        >>> import torch
+        >>> def forward(t, x):
+        ...     return x @ (t["w_orig"] * t["w_mask"])
+        >>> out = masked_loss_grads(
+        ...     forward, {"w_orig": torch.tensor([2.0, 3.0])}, {"w_mask": torch.tensor([1.0, 0.0])},
+        ...     {}, torch.tensor([[1.0, 1.0]]), None, lambda out, _: out.sum(),
+        ... )
+        >>> out.loss, out.params["w_orig"], out.masks["w_mask"]
+        (tensor(2.), tensor([1., 0.]), tensor([2., 3.]))
     """
 
     loss: Tensor

@@ -104,7 +104,14 @@ def split_batch(batch: Any, name: str) -> tuple[Any, Any]:
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """Move tensors (also inside tuples, lists and dicts) to ``device``."""
+    """Move tensors (also inside tuples, lists and dicts) to ``device``.
+
+    Example:
+        >>> import torch
+        >>> batch = to_device({"x": torch.ones(2), "meta": [torch.zeros(1), "id"]}, torch.device("cpu"))
+        >>> batch["x"].device.type, batch["meta"][1]
+        ('cpu', 'id')
+    """
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):

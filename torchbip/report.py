@@ -17,6 +17,10 @@ class TensorSparsity:
     Attributes:
         numel: number of entries.
         zeros: number of pruned entries (zeros of the mask).
+
+    Example:
+        >>> TensorSparsity(numel=8, zeros=6).sparsity
+        0.75
     """
 
     numel: int
@@ -131,6 +135,19 @@ class PruneReport:
         amount: the ``amount`` asked for.
         config: the resolved :class:`torchbip.BiPConfig` as a dict.
         skipped_steps: steps skipped because float16 gradients overflowed (``amp="float16"``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torchbip
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(2)]
+        >>> report = torchbip.global_prune(model, 0.5, data, steps=3, progress=False)
+        >>> report.steps, report.global_sparsity, list(report.sparsity.tensors)
+        (3, 0.5, ['0.weight', '2.weight'])
+        >>> report.to_dict()["sparsity"]["global_sparsity"]
+        0.5
     """
 
     sparsity: SparsityReport

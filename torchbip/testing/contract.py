@@ -79,6 +79,17 @@ class PruningMethodContract:
         PRUNING_TYPE: the expected ``METHOD.PRUNING_TYPE``.
         NAME: the name of the pruned tensor of :meth:`make_module`'s module.
         L1_AMOUNT: the ``amount`` of the ``prune.l1_unstructured`` call composed with ``METHOD``.
+
+    Example:
+        In a test module, ``class TestMyMethod(PruningMethodContract)`` with ``METHOD`` set is
+        all pytest needs; each check is also an ordinary method:
+
+        >>> from torchbip import BiPPruningMethod
+        >>> class TestBiP(PruningMethodContract):
+        ...     METHOD = BiPPruningMethod
+        ...     KWARGS = {"amount": 0.4}
+        >>> TestBiP().test_pruned_count()
+        >>> TestBiP().test_remove_keeps_values_and_identity()
     """
 
     METHOD: ClassVar[type[prune.BasePruningMethod]]
