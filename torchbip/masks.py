@@ -133,7 +133,12 @@ def _numpy(flat: Tensor) -> np.ndarray | None:
     On CPUs NumPy's selection (``np.partition``) and comparisons run several times faster than
     ``torch.kthvalue`` and torch's boolean indexing; the results are the same values.
     """
-    if flat.device.type != "cpu" or flat.requires_grad:
+    if (
+        flat.device.type != "cpu"
+        or flat.requires_grad
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(flat)
+    ):
         return None
     if flat.dtype == torch.bfloat16:
         flat = flat.float()
