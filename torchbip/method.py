@@ -139,23 +139,45 @@ class BiPPruningMethod(prune.BasePruningMethod):
         remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
         count_from_amount(amount, remaining)  # raise before torch removes any old hook
         method = super().apply(module, name, amount=amount, importance_scores=scores)
-        # Non-persistent: a PruningContainer's remove() never calls BiP's, so a persistent score
-        # buffer would stay in the state_dict and break strict loading into a fresh model.
-        module.register_buffer(scores_name(name), scores.detach().clone(), persistent=False)
-        # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works (torch's own
-        # methods leave a non-leaf here, which deepcopy rejects: pytorch issue #37322).
-        with torch.no_grad():
-            setattr(module, name, method.apply_mask(module))
-        DeepcopyGuard.register(module, name)
+        attach_scores(method, module, name, scores.detach().clone())
         return method
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent, drop the score buffer and the :class:`DeepcopyGuard`."""
         super().remove(module)
         assert self._tensor_name is not None
-        if scores_name(self._tensor_name) in module._buffers:
-            delattr(module, scores_name(self._tensor_name))
-        DeepcopyGuard.unregister(module, self._tensor_name)
+        detach_scores(module, self._tensor_name)
+
+
+def attach_scores(method: prune.BasePruningMethod, module: nn.Module, name: str, scores: Tensor) -> None:
+    """What every BiP method adds after torch's ``apply``: scores, a leaf tensor, a guard.
+
+    Args:
+        method: the method that torch's ``apply`` returned.
+        module: the pruned module.
+        name: the pruned tensor's name.
+        scores: the tensor to keep as the score buffer (registered as it is).
+    """
+    # Non-persistent: a PruningContainer's remove() never calls BiP's, so a persistent score
+    # buffer would stay in the state_dict and break strict loading into a fresh model.
+    module.register_buffer(scores_name(name), scores, persistent=False)
+    # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works (torch's own
+    # methods leave a non-leaf here, which deepcopy rejects: pytorch issue #37322).
+    with torch.no_grad():
+        setattr(module, name, method.apply_mask(module))
+    DeepcopyGuard.register(module, name)
+
+
+def detach_scores(module: nn.Module, name: str) -> None:
+    """Undo :func:`attach_scores` after torch's ``remove``: drop the score buffer and the guard.
+
+    Args:
+        module: the module whose pruning was made permanent.
+        name: the tensor's name.
+    """
+    if scores_name(name) in module._buffers:
+        delattr(module, scores_name(name))
+    DeepcopyGuard.unregister(module, name)
 
 
 class _DetachedCopy:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import nm_mask
-from torchbip.method import DeepcopyGuard, scores_name
+from torchbip.method import attach_scores, detach_scores
 
 __all__ = ["BiPSemiStructured", "bip_semi_structured"]
 
@@ -104,19 +104,14 @@ class BiPSemiStructured(prune.BasePruningMethod):
             )
         nm_mask(scores, n, m, dim)  # raise for a bad dim or block size before torch acts
         method = super().apply(module, name, n=n, m=m, dim=dim, importance_scores=scores)
-        module.register_buffer(scores_name(name), scores.clone(), persistent=False)
-        with torch.no_grad():
-            setattr(module, name, method.apply_mask(module))
-        DeepcopyGuard.register(module, name)
+        attach_scores(method, module, name, scores.clone())
         return method
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent; drop the score buffer and the deepcopy guard."""
         super().remove(module)
         assert self._tensor_name is not None
-        if scores_name(self._tensor_name) in module._buffers:
-            delattr(module, scores_name(self._tensor_name))
-        DeepcopyGuard.unregister(module, self._tensor_name)
+        detach_scores(module, self._tensor_name)
 
 
 def bip_semi_structured(

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
-from torchbip.method import DeepcopyGuard, scores_name
+from torchbip.method import attach_scores, detach_scores
 
 __all__ = [
     "BUDGETS",
@@ -274,20 +274,14 @@ class BiPStructured(prune.BasePruningMethod):
             group_scores = group_reduce(scores.to(torch.float64), axis).to(scores.dtype)
         scores = scores.contiguous()
         method = super().apply(module, name, amount=amount, dim=dim, importance_scores=scores)
-        module.register_buffer(scores_name(name), group_scores, persistent=False)
-        # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works.
-        with torch.no_grad():
-            setattr(module, name, method.apply_mask(module))
-        DeepcopyGuard.register(module, name)
+        attach_scores(method, module, name, group_scores)
         return method
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent; drop the score buffer and the deepcopy guard."""
         super().remove(module)
         assert self._tensor_name is not None
-        if scores_name(self._tensor_name) in module._buffers:
-            delattr(module, scores_name(self._tensor_name))
-        DeepcopyGuard.unregister(module, self._tensor_name)
+        detach_scores(module, self._tensor_name)
 
 
 def bip_structured(
