@@ -14,6 +14,7 @@ A layout owns how scores map to masks in the bi-level loop:
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -81,40 +82,30 @@ def default_structured_targets(model: nn.Module, structured: str) -> list[tuple[
     return [(m, "weight") for m in layers]
 
 
-class MaskLayout:
+class MaskLayout(ABC):
     """How a structured run maps scores to masks (see the module docstring)."""
 
     n_keep: int
 
+    @abstractmethod
     def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
         """Initial scores, one tensor per target."""
-        raise NotImplementedError
 
+    @abstractmethod
     def select(self, scores: Sequence[Tensor]) -> list[Tensor]:
         """Boolean keeps in the scores' shapes."""
-        raise NotImplementedError
 
-    def __call__(
-        self, scores: Sequence[Tensor], allowed: Sequence[Tensor | None] | None = None
-    ) -> list[Tensor]:
-        """:meth:`select` (the layout knows its allowed entries), as :class:`GlobalTopK` is called."""
-        return self.select(scores)
-
-    def select_flat(self, flat: Tensor) -> Tensor:
-        """Not available: a layout selects per tensor."""
-        raise NotImplementedError("a structured layout selects per tensor; use select()")
-
+    @abstractmethod
     def mask(self, index: int, keep: Tensor) -> Tensor:
         """The element mask of target ``index`` for its keep."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
         """Write the score gradient of target ``index`` into ``out``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def apply(self, index: int, module: nn.Module, name: str, scores: Tensor, keep: Tensor) -> None:
         """Put torch pruning state (with this layout's method) on the target."""
-        raise NotImplementedError
 
 
 class GroupLayout(MaskLayout):

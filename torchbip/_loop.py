@@ -59,6 +59,7 @@ class BiPLoop:
     ) -> None:
         self.model, self.targets, self.selector = model, targets, selector
         self.layout = selector if isinstance(selector, MaskLayout) else None
+        self.topk = selector if isinstance(selector, GlobalTopK) else None
         self.steps, self.cfg, self.loss_fn = steps, cfg, loss_fn
         self.lower_stream, self.upper_stream = lower_stream, upper_stream
         self.group = process_group
@@ -80,7 +81,7 @@ class BiPLoop:
             scores = [init_scores(_current(t), cfg.score_init) for t in targets]
             # 2. The first mask: the global top-k of the scores, as torch pruning state per tensor.
             for target, s, keep, allow in zip(
-                targets, scores, selector(scores, self.allowed), self.allowed, strict=True
+                targets, scores, self._topk()(scores, self.allowed), self.allowed, strict=True
             ):
                 remaining = s.numel() if allow is None else int(allow.sum())
                 BiPPruningMethod.apply(
@@ -281,16 +282,22 @@ class BiPLoop:
             ):
                 mask.copy_(self.layout.mask(i, kept))
             return
+        topk = self._topk()
         if self.fast_select:
-            keep = self.selector.select_flat(self.flat_scores)
+            keep = topk.select_flat(self.flat_scores)
             keeps = [
                 keep[o : o + m.numel()].view(m.shape)
                 for o, m in zip(self.offsets, self.mask_list, strict=True)
             ]
         else:
-            keeps = self.selector(self.score_views, self.allowed)
+            keeps = topk(self.score_views, self.allowed)
         for mask, kept in zip(self.mask_list, keeps, strict=True):
             mask.copy_(kept)
+
+    def _topk(self) -> GlobalTopK:
+        """The unstructured selector (a structured run has a layout instead)."""
+        assert self.topk is not None, "a structured run selects through its layout"
+        return self.topk
 
     # -- end of the run ---------------------------------------------------------------------
 
