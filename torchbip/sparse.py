@@ -58,7 +58,35 @@ def _adopt_csr(module: nn.Module, state_dict: Mapping[str, Any], key: str, shape
     module._buffers["weight"] = weight.to(device=current.device, dtype=current.dtype)
 
 
-class SparseCSRLinear(nn.Module):
+class _CSRModule(nn.Module):
+    """What the CSR layers share: the product with the CSR weight and loading a CSR state dict."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _matmul(self, cols: Tensor) -> Tensor:
+        """``weight @ cols + bias[:, None]`` (``cols``: one column per output position)."""
+        if self.bias is None:
+            return torch.mm(self.weight, cols)
+        return torch.addmm(self.bias.unsqueeze(1), self.weight, cols)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        _adopt_csr(self, state_dict, prefix + "weight", tuple(self.weight.shape))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class SparseCSRLinear(_CSRModule):
     """An ``nn.Linear`` whose weight is stored and multiplied as a CSR sparse tensor.
 
     The ``weight`` buffer is a ``torch.sparse_csr`` tensor of shape ``(out, in)``; ``bias`` a
@@ -82,9 +110,6 @@ class SparseCSRLinear(nn.Module):
         True
     """
 
-    weight: Tensor
-    bias: Tensor | None
-
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         if weight.dim() != 2:
@@ -105,26 +130,8 @@ class SparseCSRLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x @ weight.T + bias`` computed as ``(weight_csr @ x.T).T``."""
         flat = x.reshape(-1, self.in_features).t().contiguous()
-        if self.bias is None:
-            out = torch.mm(self.weight, flat)
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), self.weight, flat)
+        out = self._matmul(flat)
         return out.t().reshape(*x.shape[:-1], self.out_features)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        _adopt_csr(self, state_dict, prefix + "weight", tuple(self.weight.shape))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         """Sizes and the number of stored nonzeros."""
@@ -132,7 +139,7 @@ class SparseCSRLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-class SparseCSRConv2d(nn.Module):
+class SparseCSRConv2d(_CSRModule):
     """An ``nn.Conv2d`` (``groups=1``, zero padding) computed as a CSR matrix times unfolded input.
 
     The weight is stored as a ``(out_channels, in_channels * kh * kw)`` CSR tensor; the forward
@@ -148,9 +155,6 @@ class SparseCSRConv2d(nn.Module):
         >>> torch.allclose(layer(x), conv(x), atol=1e-5)
         True
     """
-
-    weight: Tensor
-    bias: Tensor | None
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -183,26 +187,8 @@ class SparseCSRConv2d(nn.Module):
         ]
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # N, CKK, L
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # CKK, N*L
-        if self.bias is None:
-            out = torch.mm(self.weight, cols)
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), self.weight, cols)
+        out = self._matmul(cols)
         return out.reshape(self.out_channels, n, *out_hw).transpose(0, 1)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        _adopt_csr(self, state_dict, prefix + "weight", tuple(self.weight.shape))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         """Sizes, geometry and the number of stored nonzeros."""
