@@ -36,6 +36,29 @@ def scores_name(name: str) -> str:
     return name + "_scores"
 
 
+def named_tensor(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>``, or a ``ValueError`` that names the module and ``name``."""
+    current = getattr(module, name, None)
+    if not isinstance(current, Tensor):
+        raise ValueError(f"module {type(module).__name__} has no tensor named name={name!r}")
+    return current
+
+
+def check_mask_shape(t: Tensor, default_mask: Tensor) -> None:
+    """Raise ``ValueError`` unless the importance scores have ``default_mask``'s shape."""
+    if t.shape != default_mask.shape:
+        raise ValueError(
+            f"importance scores have shape {tuple(t.shape)} but default_mask has shape "
+            f"{tuple(default_mask.shape)}"
+        )
+
+
+def check_finite(scores: Tensor) -> None:
+    """Raise ``ValueError`` if the importance scores hold a NaN or an infinity."""
+    if not torch.isfinite(scores).all():
+        raise ValueError("importance_scores contain NaN or infinite values")
+
+
 class BiPPruningMethod(prune.BasePruningMethod):
     r"""Prune the entries with the lowest BiP scores (an exact, deterministic top-k).
 
@@ -85,13 +108,8 @@ class BiPPruningMethod(prune.BasePruningMethod):
             A mask of ``default_mask``'s dtype with exactly ``count`` more zeros, where ``count``
             is ``round(amount * remaining)`` for a float amount or ``amount`` for an int.
         """
-        if t.shape != default_mask.shape:
-            raise ValueError(
-                f"importance scores have shape {tuple(t.shape)} but default_mask has shape "
-                f"{tuple(default_mask.shape)}"
-            )
-        if not torch.isfinite(t).all():
-            raise ValueError("importance_scores contain NaN or infinite values")
+        check_mask_shape(t, default_mask)
+        check_finite(t)
         allowed = default_mask != 0
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed)
@@ -124,17 +142,14 @@ class BiPPruningMethod(prune.BasePruningMethod):
             ValueError: for a bad ``amount`` or ``importance_scores``; the module is unchanged.
         """
         validate_amount(amount)
-        current = getattr(module, name, None)
-        if not isinstance(current, Tensor):
-            raise ValueError(f"module {type(module).__name__} has no tensor named name={name!r}")
+        current = named_tensor(module, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores
         if scores.shape != current.shape:
             raise ValueError(
                 f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
                 f"{tuple(current.shape)}"
             )
-        if not torch.isfinite(scores).all():
-            raise ValueError("importance_scores contain NaN or infinite values")
+        check_finite(scores)
         mask = getattr(module, name + "_mask", None)
         remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
         count_from_amount(amount, remaining)  # raise before torch removes any old hook

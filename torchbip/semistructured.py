@@ -15,12 +15,11 @@ only the mask is produced and the model runs with dense kernels.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import nm_mask
-from torchbip.method import attach_scores, detach_scores
+from torchbip.method import attach_scores, check_finite, check_mask_shape, detach_scores, named_tensor
 
 __all__ = ["BiPSemiStructured", "bip_semi_structured"]
 
@@ -66,13 +65,8 @@ class BiPSemiStructured(prune.BasePruningMethod):
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
         """Return ``default_mask`` times the N:M mask of ``t`` among the unpruned entries."""
-        if t.shape != default_mask.shape:
-            raise ValueError(
-                f"importance scores have shape {tuple(t.shape)} but default_mask has shape "
-                f"{tuple(default_mask.shape)}"
-            )
-        if not torch.isfinite(t).all():
-            raise ValueError("importance_scores contain NaN or infinite values")
+        check_mask_shape(t, default_mask)
+        check_finite(t)
         keep = nm_mask(t, self.n, self.m, self.dim, allowed=default_mask != 0)
         return keep.to(dtype=default_mask.dtype)
 
@@ -93,9 +87,7 @@ class BiPSemiStructured(prune.BasePruningMethod):
                 unchanged).
         """
         _check_nm(n, m)
-        current = getattr(module, name, None)
-        if not isinstance(current, Tensor):
-            raise ValueError(f"module {type(module).__name__} has no tensor named name={name!r}")
+        current = named_tensor(module, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores.detach()
         if scores.shape != current.shape:
             raise ValueError(

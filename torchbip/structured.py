@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
-from torchbip.method import attach_scores, detach_scores
+from torchbip.method import attach_scores, check_finite, check_mask_shape, detach_scores, named_tensor
 
 __all__ = [
     "BUDGETS",
@@ -204,15 +204,10 @@ class BiPStructured(prune.BasePruningMethod):
             ValueError: for mismatched shapes, non-finite scores, a bad ``dim`` or an int
                 ``amount`` above the number of remaining groups.
         """
-        if t.shape != default_mask.shape:
-            raise ValueError(
-                f"importance scores have shape {tuple(t.shape)} but default_mask has shape "
-                f"{tuple(default_mask.shape)}"
-            )
+        check_mask_shape(t, default_mask)
         if t.dim() == 0:
             raise ValueError("structured pruning needs a tensor with at least one dimension, got a scalar")
-        if not torch.isfinite(t).all():
-            raise ValueError("importance_scores contain NaN or infinite values")
+        check_finite(t)
         dim = normalize_dim(self.dim, t.dim())
         allowed = _allowed_groups(default_mask, dim)
         n_allowed = int(allowed.sum())
@@ -249,9 +244,7 @@ class BiPStructured(prune.BasePruningMethod):
                 unchanged.
         """
         validate_amount(amount)
-        current = getattr(module, name, None)
-        if not isinstance(current, Tensor):
-            raise ValueError(f"module {type(module).__name__} has no tensor named name={name!r}")
+        current = named_tensor(module, name)
         if current.dim() == 0:
             raise ValueError(f"{name} is a scalar; structured pruning needs at least one dimension")
         axis = normalize_dim(dim, current.dim())
@@ -265,8 +258,7 @@ class BiPStructured(prune.BasePruningMethod):
                 f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
                 f"{tuple(current.shape)} (pass that shape or ({current.shape[axis]},), one per group)"
             )
-        if not torch.isfinite(scores).all():
-            raise ValueError("importance_scores contain NaN or infinite values")
+        check_finite(scores)
         mask = getattr(module, name + "_mask", None)
         base = mask if isinstance(mask, Tensor) else torch.ones_like(current)
         count_from_amount(amount, int(_allowed_groups(base, axis).sum()))  # raise before torch acts
