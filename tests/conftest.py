@@ -51,3 +51,14 @@ def device() -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"TORCH_DEVICE={name} but CUDA is not available")
     return dev
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test (restored afterwards): faster for tiny models, and float
+    reductions come out the same on every machine. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,13 +22,8 @@ import torchbip
 from torchbip.method import BiPPruningMethod, DeepcopyGuard, bip_unstructured
 from torchbip.semistructured import bip_semi_structured
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster and makes float reductions reproducible.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_mlp() -> nn.Sequential:

@@ -16,14 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchbip
 from torchbip import BiPPruningMethod
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster and makes float reductions reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster and makes float reductions reproducible.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_mlp(seed: int = 0, dropout: float = 0.0) -> nn.Sequential:

@@ -9,7 +9,7 @@ state dict strictly).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,8 @@ from torchbip.masks import count_from_amount
 Batches = list[tuple[Tensor, Tensor]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster and makes float reductions reproducible.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RUN: dict[str, Any] = {"steps": 4, "progress": False, "seed": 0, "lower_lr": 0.05, "upper_lr": 1.0}

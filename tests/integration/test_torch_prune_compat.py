@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,13 +33,8 @@ def make_cnn() -> nn.Module:
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster and makes float reductions reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster and makes float reductions reproducible.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODELS = [pytest.param(make_mlp, id="mlp"), pytest.param(make_cnn, id="cnn")]

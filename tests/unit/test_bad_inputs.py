@@ -7,7 +7,7 @@ Complements ``test_errors.py`` (failures mid-run, atomicity) with the remaining 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,13 +18,8 @@ from torch.nn.utils import prune
 
 import torchbip
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster and makes float reductions reproducible.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- state capture ---------------------------------------------------------------------------------

@@ -13,13 +13,8 @@ from torch.nn.utils import prune
 
 import torchbip
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster and makes float reductions reproducible.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the state helper ------------------------------------------------------------------------------
