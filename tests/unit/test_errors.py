@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from model_state import assert_unchanged, capture
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
@@ -15,67 +16,6 @@ import torchbip
 
 # Tiny models: one intra-op thread is faster and makes float reductions reproducible.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# --- the state helper ------------------------------------------------------------------------------
-
-
-def capture(model: nn.Module) -> dict[str, Any]:
-    """Everything ``global_prune`` could change, per module: objects (ids) and copies of values."""
-
-    def copy(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().clone()
-
-    modules = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        modules[name] = {
-            "params": {
-                k: (id(p), copy(p), copy(p.grad), p.requires_grad, type(p))
-                for k, p in module._parameters.items()
-                if p is not None
-            },
-            "buffers": {k: (id(b), copy(b)) for k, b in module._buffers.items() if b is not None},
-            "non_persistent": set(module._non_persistent_buffers_set),
-            "hooks": [(k, id(h)) for k, h in module._forward_pre_hooks.items()],
-            "hook_methods": [
-                [id(m) for m in h._pruning_methods] if isinstance(h, prune.PruningContainer) else None
-                for h in module._forward_pre_hooks.values()
-            ],
-            "attrs": {k: (id(v), copy(v)) for k, v in vars(module).items() if isinstance(v, Tensor)},
-            "training": module.training,
-        }
-    return {"modules": modules, "state_dict": list(model.state_dict())}
-
-
-def assert_same_state(before: dict[str, Any], model: nn.Module) -> None:
-    after = capture(model)
-    assert after["state_dict"] == before["state_dict"]
-    assert list(after["modules"]) == list(before["modules"])
-    for name, old in before["modules"].items():
-        new = after["modules"][name]
-        where = f"module {name!r}"
-        assert new["training"] == old["training"], where
-        assert new["hooks"] == old["hooks"], where
-        assert new["hook_methods"] == old["hook_methods"], where
-        assert new["non_persistent"] == old["non_persistent"], where
-        for kind in ("params", "buffers", "attrs"):
-            assert list(new[kind]) == list(old[kind]), f"{where}: {kind}"
-        for key, (pid, value, grad, flag, cls) in old["params"].items():
-            npid, nvalue, ngrad, nflag, ncls = new["params"][key]
-            assert (npid, nflag, ncls) == (pid, flag, cls), f"{where}.{key}"
-            assert _same(nvalue, value), f"{where}.{key}"
-            assert _same(ngrad, grad), f"{where}.{key}.grad"
-        for kind in ("buffers", "attrs"):
-            for key, (bid, value) in old[kind].items():
-                nbid, nvalue = new[kind][key]
-                assert nbid == bid, f"{where}.{key}"
-                assert _same(nvalue, value), f"{where}.{key}"
-
-
-def _same(a: Tensor | None, b: Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
 
 
 def test_the_state_helper_sees_every_kind_of_change() -> None:
@@ -98,7 +38,7 @@ def test_the_state_helper_sees_every_kind_of_change() -> None:
         before = capture(model)
         change(model)
         with pytest.raises(AssertionError):
-            assert_same_state(before, model)
+            assert_unchanged(before, model)
 
 
 # --- models and data -------------------------------------------------------------------------------
@@ -147,7 +87,7 @@ def raises_and_restores(
     rng = torch.get_rng_state()
     with pytest.raises(exc, match=match) as info:
         torchbip.global_prune(model, **kwargs)
-    assert_same_state(before, model)
+    assert_unchanged(before, model)
     if kwargs.get("seed") is not None:
         assert torch.equal(torch.get_rng_state(), rng)
     return info
