@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_accuracy import lenet_300_100
 from torch import nn
 from torch.nn.utils import prune
 
@@ -29,12 +30,6 @@ import torchbip
 from torchbip.masks import GlobalTopK
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def lenet_300_100() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-    )
 
 
 def small_cnn_bn() -> nn.Module:
