@@ -1,23 +1,41 @@
-r"""BiP's unstructured pruning method: learned scores in, exact top-k mask out.
+r"""BiP's unstructured pruning method: scores in, exact top-k of their magnitudes out.
 
 :class:`BiPPruningMethod` is a :class:`torch.nn.utils.prune.BasePruningMethod`: it knows only how
-to turn scores into a mask. The scores are learned by :func:`torchbip.global_prune`; on their own,
-:class:`BiPPruningMethod` and :func:`bip_unstructured` prune by the given ``importance_scores``
-(the weight magnitudes by default) and register them as a ``<name>_scores`` buffer.
+to turn scores into a mask. Through torch's own entry points (``apply``, ``prune``,
+:func:`torch.nn.utils.prune.global_unstructured`) it ranks the *magnitudes* of what it is given,
+the weight or ``importance_scores``, exactly like :class:`~torch.nn.utils.prune.L1Unstructured`
+(but with an exact count and deterministic ties). :func:`torchbip.global_prune` learns BiP scores
+and selects its masks from them with its own top-k (:class:`torchbip.masks.GlobalTopK`), not
+through :meth:`BiPPruningMethod.compute_mask`.
+
+On their own, :class:`BiPPruningMethod` and :func:`bip_unstructured` keep the given scores in a
+non-persistent ``<name>_scores`` buffer. Whatever makes the pruning permanent
+(:func:`torch.nn.utils.prune.remove`, also through a
+:class:`~torch.nn.utils.prune.PruningContainer` that mixes BiP with torch's methods in any order,
+or :func:`torchbip.export.make_permanent`) drops it again, so the module then holds exactly what
+torch's own methods leave. For the container that torch builds when one of its methods is
+applied on top of a BiP method, torchbip cannot change the container's ``remove``; there a
+parameter-registration hook (:func:`torch.nn.modules.module.register_module_parameter_registration_hook`,
+registered once when this module is imported) drops the buffer when torch's ``remove`` puts the
+parameter back. It does nothing for any module without such a buffer and a torchbip method among
+its pruning hooks.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 from torch.nn.utils import prune
 
 from torchbip.masks import count_from_amount, topk_mask, validate_amount
 
-__all__ = ["BiPPruningMethod", "DeepcopyGuard", "bip_unstructured", "scores_name"]
+__all__ = ["BiPContainer", "BiPMethod", "BiPPruningMethod", "bip_unstructured", "magnitudes", "scores_name"]
 
 
 def scores_name(name: str) -> str:
@@ -34,6 +52,24 @@ def scores_name(name: str) -> str:
         'weight_scores'
     """
     return name + "_scores"
+
+
+def magnitudes(t: Tensor) -> Tensor:
+    """What BiP's ``compute_mask`` ranks: ``|t|``, detached (booleans and unsigned ints as they are).
+
+    Args:
+        t: the weight or the importance scores.
+
+    Returns:
+        A tensor of ``t``'s shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> magnitudes(torch.tensor([-3.0, 1.0, -0.5])).tolist()
+        [3.0, 1.0, 0.5]
+    """
+    t = t.detach()
+    return t.abs() if t.is_signed() else t
 
 
 def named_tensor(module: nn.Module, name: str) -> Tensor:
@@ -59,23 +95,212 @@ def check_finite(scores: Tensor) -> None:
         raise ValueError("importance_scores contain NaN or infinite values")
 
 
-class BiPPruningMethod(prune.BasePruningMethod):
-    r"""Prune the entries with the lowest BiP scores (an exact, deterministic top-k).
+P = ParamSpec("P")
+R = TypeVar("R")
 
-    The mask keeps the highest-scoring entries among those that ``default_mask`` still keeps; an
-    entry pruned earlier is never revived. Ties are broken by flat index (lower index kept).
+
+def check_scores_type(importance_scores: object) -> None:
+    """Raise ``TypeError`` unless ``importance_scores`` is ``None`` or a tensor."""
+    if importance_scores is not None and not isinstance(importance_scores, Tensor):
+        raise TypeError(
+            f"importance_scores must be a torch.Tensor of the pruned tensor's shape or None, got "
+            f"{type(importance_scores).__name__}; e.g. pass torch.as_tensor(scores)"
+        )
+
+
+def outside_inference_mode(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a pruning ``apply`` with inference mode off.
+
+    Its masks and buffers are then ordinary tensors: inference tensors created under
+    :func:`torch.inference_mode` would break the next training step.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def pruning_hook(module: nn.Module, name: str) -> prune.BasePruningMethod | None:
+    """The pruning pre-hook of ``module.<name>`` (torch allows one per tensor), or ``None``."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return hook
+    return None
+
+
+def holds_bip(hook: object) -> bool:
+    """Whether a pruning hook is a torchbip method or a container that holds one."""
+    if isinstance(hook, BiPMethod):
+        return True
+    return isinstance(hook, prune.PruningContainer) and any(isinstance(m, BiPMethod) for m in hook)
+
+
+class _DetachedCopy:
+    """``__deepcopy__`` of one masked tensor: a deep copy of its detached view (no graph)."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def __call__(self, memo: dict[int, Any]) -> Tensor:
+        return copy.deepcopy(self.value, memo)
+
+
+def guard_deepcopy(tensor: Tensor) -> Tensor:
+    """Let ``copy.deepcopy`` copy a masked tensor that carries an autograd graph; return it.
+
+    A pruning pre-hook sets ``module.<name> = <name>_orig * <name>_mask``. With gradients on,
+    that is a non-leaf tensor, which ``copy.deepcopy`` rejects (pytorch issue #37322), so a
+    module pruned by torch's own methods cannot be deep-copied after a training step. This gives
+    the tensor a ``__deepcopy__`` that copies its values without the graph (a detached view, no
+    copy of the data); the tensor itself, and so every gradient, stays as torch's hook makes it.
+    A no-op for a leaf, a tensor of a :mod:`torch.func` transform, or while :func:`torch.compile`
+    traces (to avoid a graph break; deep-copy after a forward pass under ``torch.no_grad()``
+    there).
+
+    Args:
+        tensor: the masked tensor that a pruning pre-hook computed.
+
+    Returns:
+        ``tensor`` itself.
+    """
+    if (
+        torch.compiler.is_compiling()
+        or type(tensor) is not Tensor
+        or tensor.grad_fn is None
+        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+    ):
+        return tensor
+    # copy.deepcopy looks up __deepcopy__ on the instance before the class.
+    tensor.__deepcopy__ = _DetachedCopy(tensor.detach())  # type: ignore[method-assign]
+    return tensor
+
+
+def drop_scores(module: nn.Module, name: str) -> None:
+    """Drop the ``<name>_scores`` buffer of ``module`` (if any).
+
+    Args:
+        module: the module whose pruning was made permanent.
+        name: the tensor's name.
+    """
+    if scores_name(name) in module._buffers:
+        delattr(module, scores_name(name))
+
+
+class BiPMethod(prune.BasePruningMethod):
+    r"""What torchbip's pruning methods add to :class:`~torch.nn.utils.prune.BasePruningMethod`.
+
+    The forward pre-hook sets ``<name> = <name>_orig * <name>_mask`` as torch's does, and lets
+    ``copy.deepcopy`` copy the result after a forward pass with gradients on (see
+    :func:`guard_deepcopy`), so a module pruned by BiP can be deep-copied after a training step
+    (for torch's own methods it cannot, pytorch issue #37322). Nothing else is registered on the
+    module: besides torch's ``<name>_orig``, ``<name>_mask`` and this hook, only the
+    non-persistent ``<name>_scores`` buffer, which :meth:`remove` drops.
+    """
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        """Set ``module.<name>`` to the masked tensor, deep-copyable (torch's hook, guarded)."""
+        setattr(module, self._tensor_name, guard_deepcopy(self.apply_mask(module)))
+
+    def remove(self, module: nn.Module) -> None:
+        """Make the pruning permanent (torch's :meth:`remove`) and drop the score buffer."""
+        super().remove(module)
+        drop_scores(module, self._tensor_name)
+
+
+class BiPContainer(prune.PruningContainer):
+    """The container a BiP method applied on top of an earlier method of the same tensor leaves.
+
+    Torch's :class:`~torch.nn.utils.prune.PruningContainer` with BiP's pre-hook (deep-copyable
+    after a training step, see :class:`BiPMethod`) and a :meth:`remove` that also drops the
+    ``<name>_scores`` buffer. Torch methods applied on top of it are added to it, as to any
+    container. A container that torch builds (one of its methods on top of a BiP method) stays
+    torch's: there the masked tensor cannot be deep-copied after a forward pass with gradients
+    on, as with torch's own methods (pytorch issue #37322); its ``remove`` still leaves nothing
+    of torchbip behind (see the module docstring).
+    """
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        """Set ``module.<name>`` to the masked tensor, deep-copyable (torch's hook, guarded)."""
+        setattr(module, self._tensor_name, guard_deepcopy(self.apply_mask(module)))
+
+    def remove(self, module: nn.Module) -> None:
+        """Make the pruning permanent (torch's :meth:`remove`) and drop the score buffer."""
+        super().remove(module)
+        drop_scores(module, self._tensor_name)
+
+
+def attach_scores(
+    method: prune.BasePruningMethod,
+    module: nn.Module,
+    name: str,
+    scores: Tensor,
+    previous: prune.BasePruningMethod | None,
+) -> None:
+    """What every BiP method adds after torch's ``apply``: the score buffer, a leaf tensor.
+
+    Args:
+        method: the hook that torch's ``apply`` returned.
+        module: the pruned module.
+        name: the pruned tensor's name.
+        scores: the tensor to keep as the score buffer (registered as it is).
+        previous: the tensor's pruning hook before ``apply`` (``None`` if it was not pruned).
+    """
+    if type(method) is prune.PruningContainer and method is not previous:
+        # The container that torch's apply just built around the earlier method: make it BiP's
+        # (same state, BiP's pre-hook and remove). A container that existed before is left as it
+        # is (a failed global_prune puts back hooks and their attributes, not their classes).
+        method.__class__ = BiPContainer
+    # Non-persistent: state_dict holds exactly the keys that torch's own methods leave.
+    module.register_buffer(scores_name(name), scores, persistent=False)
+    # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works.
+    with torch.no_grad():
+        setattr(module, name, method.apply_mask(module))
+
+
+def _drop_scores_on_remove(module: nn.Module, name: str, param: Tensor | None) -> None:
+    """Parameter-registration hook: drop ``<name>_scores`` when torch's ``remove`` ends.
+
+    :meth:`torch.nn.utils.prune.BasePruningMethod.remove` (also a plain container's) ends with
+    ``setattr(module, name, orig)``, after it deleted ``<name>_orig`` and ``<name>_mask``, while
+    the hook is still registered. Only then, and only if that hook holds a torchbip method, is
+    the score buffer dropped.
+    """
+    if (
+        scores_name(name) in module._buffers
+        and name + "_orig" not in module._parameters
+        and name + "_mask" not in module._buffers
+        and holds_bip(pruning_hook(module, name))
+    ):
+        drop_scores(module, name)
+
+
+_REMOVE_HOOK = register_module_parameter_registration_hook(_drop_scores_on_remove)
+
+
+class BiPPruningMethod(BiPMethod):
+    r"""Prune the entries of lowest magnitude of the scores (an exact, deterministic top-k).
+
+    :meth:`compute_mask` ranks ``|t|``, where ``t`` is what torch hands it: the weight itself, or
+    the user's ``importance_scores`` (:meth:`apply`, :func:`torch.nn.utils.prune.global_unstructured`,
+    :meth:`~torch.nn.utils.prune.BasePruningMethod.prune`), the criterion of
+    :class:`~torch.nn.utils.prune.L1Unstructured`. The mask keeps the entries of highest magnitude
+    among those that ``default_mask`` still keeps; an entry pruned earlier is never revived.
+    Exactly ``round(amount * remaining)`` entries are pruned; ties are broken by flat index (the
+    lower index is kept). The scores that :func:`torchbip.global_prune` learns are ranked by
+    value by its own top-k (:class:`torchbip.masks.GlobalTopK`), not through this method.
 
     State on the module after :meth:`apply` (as for every torch pruning method):
     ``<name>_orig`` (the parameter), ``<name>_mask`` (buffer), a forward pre-hook that sets
-    ``<name> = <name>_orig * <name>_mask``, plus the ``<name>_scores`` buffer holding the scores
-    and a :class:`DeepcopyGuard` forward hook, so that ``copy.deepcopy`` of the module works
-    after a forward pass with gradients on (it fails for torch's own methods, pytorch issue
-    #37322).
-    The score buffer is non-persistent, so ``state_dict`` holds exactly the keys that torch's own
-    methods leave (``<name>_orig``, ``<name>_mask``), also when a
-    :class:`~torch.nn.utils.prune.PruningContainer` combines BiP with other methods.
-    :func:`torch.nn.utils.prune.remove` makes the pruning permanent; BiP's own :meth:`remove`
-    also drops the score buffer.
+    ``<name> = <name>_orig * <name>_mask`` (deep-copyable after a training step, see
+    :class:`BiPMethod`), plus the non-persistent ``<name>_scores`` buffer holding the scores as
+    given. ``state_dict`` holds exactly the keys that torch's own methods leave
+    (``<name>_orig``, ``<name>_mask``). :func:`torch.nn.utils.prune.remove` makes the pruning
+    permanent and drops the score buffer, also when a
+    :class:`~torch.nn.utils.prune.PruningContainer` combines BiP with torch's methods: afterwards
+    the module holds what it would hold had only torch's methods pruned it.
 
     Args:
         amount: a float in ``[0, 1]``, the fraction of the *remaining* entries to prune, or an
@@ -84,7 +309,7 @@ class BiPPruningMethod(prune.BasePruningMethod):
     Example:
         >>> import torch
         >>> method = BiPPruningMethod(amount=0.5)
-        >>> scores = torch.tensor([[0.9, 0.1], [0.5, 0.7]])
+        >>> scores = torch.tensor([[0.9, -0.1], [0.5, -0.7]])
         >>> method.compute_mask(scores, default_mask=torch.ones(2, 2)).tolist()
         [[1.0, 0.0], [0.0, 1.0]]
         >>> method.compute_mask(scores, default_mask=torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
@@ -98,10 +323,11 @@ class BiPPruningMethod(prune.BasePruningMethod):
         self.amount = validate_amount(amount)
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
-        """Return ``default_mask`` with the lowest-scoring remaining entries set to zero.
+        """Return ``default_mask`` with the remaining entries of lowest ``|t|`` set to zero.
 
         Args:
-            t: importance scores, the shape of the pruned tensor.
+            t: the tensor to prune or its importance scores, the shape of ``default_mask``;
+                their magnitudes are ranked.
             default_mask: the mask from earlier pruning (ones where nothing was pruned).
 
         Returns:
@@ -113,11 +339,12 @@ class BiPPruningMethod(prune.BasePruningMethod):
         allowed = default_mask != 0
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed)
-        keep = topk_mask(t, n_allowed - n_prune, allowed)
+        keep = topk_mask(magnitudes(t), n_allowed - n_prune, allowed)
         # empty_like keeps default_mask's memory format (e.g. channels_last, as the weight's).
         return torch.empty_like(default_mask).copy_(keep)
 
     @classmethod
+    @outside_inference_mode
     def apply(  # type: ignore[override]
         cls,
         module: nn.Module,
@@ -125,14 +352,15 @@ class BiPPruningMethod(prune.BasePruningMethod):
         amount: int | float,
         importance_scores: Tensor | None = None,
     ) -> prune.BasePruningMethod:
-        """Prune ``module.<name>`` by scores and register the score buffer.
+        """Prune ``module.<name>`` by the magnitudes of the scores and register the score buffer.
 
         Args:
             module: the module holding the tensor.
             name: the parameter name, e.g. ``"weight"``.
             amount: see :class:`BiPPruningMethod`.
-            importance_scores: scores of the tensor's shape; by default the magnitudes of the
-                current (masked) weights.
+            importance_scores: scores of the tensor's shape, ranked by magnitude (as torch's
+                :func:`~torch.nn.utils.prune.l1_unstructured` does); by default the current
+                (masked) weights. The buffer keeps them as given.
 
         Returns:
             The hook now attached to the module (a :class:`BiPPruningMethod`, or a
@@ -142,6 +370,7 @@ class BiPPruningMethod(prune.BasePruningMethod):
             ValueError: for a bad ``amount`` or ``importance_scores``; the module is unchanged.
         """
         validate_amount(amount)
+        check_scores_type(importance_scores)
         current = named_tensor(module, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores
         if scores.shape != current.shape:
@@ -153,133 +382,10 @@ class BiPPruningMethod(prune.BasePruningMethod):
         mask = getattr(module, name + "_mask", None)
         remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
         count_from_amount(amount, remaining)  # raise before torch removes any old hook
+        previous = pruning_hook(module, name)
         method = super().apply(module, name, amount=amount, importance_scores=scores)
-        attach_scores(method, module, name, scores.detach().clone())
+        attach_scores(method, module, name, scores.detach().clone(), previous)
         return method
-
-    def remove(self, module: nn.Module) -> None:
-        """Make the pruning permanent, drop the score buffer and the :class:`DeepcopyGuard`."""
-        super().remove(module)
-        assert self._tensor_name is not None
-        detach_scores(module, self._tensor_name)
-
-
-def attach_scores(method: prune.BasePruningMethod, module: nn.Module, name: str, scores: Tensor) -> None:
-    """What every BiP method adds after torch's ``apply``: scores, a leaf tensor, a guard.
-
-    Args:
-        method: the method that torch's ``apply`` returned.
-        module: the pruned module.
-        name: the pruned tensor's name.
-        scores: the tensor to keep as the score buffer (registered as it is).
-    """
-    # Non-persistent: a PruningContainer's remove() never calls BiP's, so a persistent score
-    # buffer would stay in the state_dict and break strict loading into a fresh model.
-    module.register_buffer(scores_name(name), scores, persistent=False)
-    # A plain (leaf) tensor until the next forward pass, so `copy.deepcopy` works (torch's own
-    # methods leave a non-leaf here, which deepcopy rejects: pytorch issue #37322).
-    with torch.no_grad():
-        setattr(module, name, method.apply_mask(module))
-    DeepcopyGuard.register(module, name)
-
-
-def detach_scores(module: nn.Module, name: str) -> None:
-    """Undo :func:`attach_scores` after torch's ``remove``: drop the score buffer and the guard.
-
-    Args:
-        module: the module whose pruning was made permanent.
-        name: the tensor's name.
-    """
-    if scores_name(name) in module._buffers:
-        delattr(module, scores_name(name))
-    DeepcopyGuard.unregister(module, name)
-
-
-class _DetachedCopy:
-    """``__deepcopy__`` of one masked tensor: a deep copy of its detached view (no graph)."""
-
-    def __init__(self, value: Tensor) -> None:
-        self.value = value
-
-    def __call__(self, memo: dict[int, Any]) -> Tensor:
-        return copy.deepcopy(self.value, memo)
-
-
-class DeepcopyGuard:
-    r"""Forward hook that lets ``copy.deepcopy`` copy a pruned module after a forward pass.
-
-    A pruning pre-hook sets ``module.<name> = <name>_orig * <name>_mask``. With gradients on,
-    that is a non-leaf tensor, which ``copy.deepcopy`` rejects (pytorch issue #37322), so a
-    pruned model cannot be deep-copied after a training step. After each forward pass this hook
-    gives that tensor a ``__deepcopy__`` that copies its values without the autograd graph (a
-    detached view, no copy of the data). The tensor itself stays as torch's pre-hook left it:
-    gradients flow exactly as with torch's own methods, also when ``module.<name>`` is read
-    after the forward pass (e.g. by a layer that reuses an embedding matrix).
-
-    The hook is a no-op when ``module.<name>`` is not such a tensor: a Parameter again (after
-    :func:`torch.nn.utils.prune.remove` through a :class:`~torch.nn.utils.prune.PruningContainer`,
-    which never calls :meth:`BiPPruningMethod.remove`), a leaf, a tensor of a :mod:`torch.func`
-    transform, or while :func:`torch.compile` traces the module (to avoid a graph break; deep-copy
-    the module after a forward pass under ``torch.no_grad()`` there). It is a small picklable
-    object, so ``pickle`` and ``torch.save`` of the whole module work.
-
-    Args:
-        name: the pruned tensor's name, e.g. ``"weight"``.
-
-    Example:
-        >>> import copy
-        >>> import torch
-        >>> from torch import nn
-        >>> layer = bip_unstructured(nn.Linear(4, 2), "weight", amount=0.5)
-        >>> layer(torch.randn(3, 4)).sum().backward()
-        >>> layer.weight.is_leaf, copy.deepcopy(layer).weight.is_leaf
-        (False, True)
-        >>> [type(h).__name__ for h in layer._forward_hooks.values()]
-        ['DeepcopyGuard']
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Give ``module.<name>`` a graph-free ``__deepcopy__`` if it is a non-leaf tensor."""
-        if torch.compiler.is_compiling():
-            return
-        tensor = module.__dict__.get(self.name)
-        if (
-            type(tensor) is not Tensor
-            or tensor.grad_fn is None
-            or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-        ):
-            return
-        # copy.deepcopy looks up __deepcopy__ on the instance before the class.
-        tensor.__deepcopy__ = _DetachedCopy(tensor.detach())  # type: ignore[method-assign]
-
-    def __repr__(self) -> str:
-        return f"DeepcopyGuard(name={self.name!r})"
-
-    @classmethod
-    def register(cls, module: nn.Module, name: str) -> None:
-        """Add the guard of ``module.<name>`` unless it is there already.
-
-        Args:
-            module: the pruned module.
-            name: the pruned tensor's name.
-        """
-        if not any(isinstance(h, cls) and h.name == name for h in module._forward_hooks.values()):
-            module.register_forward_hook(cls(name))
-
-    @classmethod
-    def unregister(cls, module: nn.Module, name: str) -> None:
-        """Remove the guard of ``module.<name>`` (if any).
-
-        Args:
-            module: the module.
-            name: the tensor's name.
-        """
-        for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, cls) and hook.name == name:
-                del module._forward_hooks[key]
 
 
 def bip_unstructured(
@@ -288,11 +394,12 @@ def bip_unstructured(
     amount: int | float,
     importance_scores: Tensor | None = None,
 ) -> nn.Module:
-    """Prune ``module.<name>`` by BiP scores, in torch's functional style.
+    """Prune ``module.<name>`` by the magnitudes of scores, in torch's functional style.
 
-    Like :func:`torch.nn.utils.prune.l1_unstructured`, but ``importance_scores`` are BiP scores
-    (by default the weight magnitudes, so this alone is magnitude pruning); they are kept in the
-    non-persistent ``<name>_scores`` buffer. Use :func:`torchbip.global_prune` to learn the scores.
+    Like :func:`torch.nn.utils.prune.l1_unstructured` (the same criterion, ``|importance_scores|``,
+    by default the weight magnitudes), with an exact count and deterministic ties; the scores are
+    kept in the non-persistent ``<name>_scores`` buffer. Use :func:`torchbip.global_prune` to
+    learn scores.
 
     Args:
         module: module containing the tensor to prune.
@@ -315,6 +422,9 @@ def bip_unstructured(
         ['weight_mask', 'weight_scores']
         >>> sorted(layer.state_dict())
         ['bias', 'weight_mask', 'weight_orig']
+        >>> _ = prune.l1_unstructured(layer, "weight", amount=1)  # a PruningContainer
+        >>> sorted(name for name, _ in prune.remove(layer, "weight").named_buffers())
+        []
     """
     BiPPruningMethod.apply(module, name, amount=amount, importance_scores=importance_scores)
     return module

@@ -2,7 +2,10 @@ r"""N:M (e.g. 2:4) BiP masks: the top ``n`` scores in every block of ``m`` along
 
 :class:`BiPSemiStructured` is a :class:`torch.nn.utils.prune.BasePruningMethod` whose mask keeps,
 in every block of ``m`` consecutive entries along ``dim`` (by default the last, the input
-dimension of a ``Linear`` weight), the ``n`` highest-scoring entries (:func:`torchbip.masks.nm_mask`).
+dimension of a ``Linear`` weight), the ``n`` entries of highest magnitude of the scores (the weight,
+or ``importance_scores``; :func:`torchbip.masks.nm_mask` of ``|t|``). The scores that
+``global_prune(structured="2:4")`` learns are ranked by value by its own selection, not through
+this method.
 The sparsity is ``1 - n/m`` by construction, so there is no ``amount``. Its ``PRUNING_TYPE`` is
 ``"global"`` so that a :class:`~torch.nn.utils.prune.PruningContainer` hands it the whole tensor
 (torch flattens the remaining entries for ``"unstructured"`` methods, which loses the blocks);
@@ -19,7 +22,17 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import nm_mask
-from torchbip.method import attach_scores, check_finite, check_mask_shape, detach_scores, named_tensor
+from torchbip.method import (
+    BiPMethod,
+    attach_scores,
+    check_finite,
+    check_mask_shape,
+    check_scores_type,
+    magnitudes,
+    named_tensor,
+    outside_inference_mode,
+    pruning_hook,
+)
 
 __all__ = ["BiPSemiStructured", "bip_semi_structured"]
 
@@ -35,11 +48,16 @@ def _check_nm(n: object, m: object) -> tuple[int, int]:
     return n, m
 
 
-class BiPSemiStructured(prune.BasePruningMethod):
-    """Keep the ``n`` highest scores in every block of ``m`` entries along ``dim``.
+class BiPSemiStructured(BiPMethod):
+    """Keep the ``n`` entries of highest magnitude in every block of ``m`` entries along ``dim``.
 
+    :meth:`compute_mask` ranks ``|t|`` in each block, where ``t`` is the weight or the
+    ``importance_scores``; ties keep the lower index, an entry pruned earlier is never revived.
     State on the module after :meth:`apply`: ``<name>_orig``, ``<name>_mask``, the pruning
-    hook, and the non-persistent ``<name>_scores`` buffer (scores of the tensor's shape).
+    hook (deep-copyable after a training step, see :class:`~torchbip.method.BiPMethod`), and the
+    non-persistent ``<name>_scores`` buffer (the scores as given), which
+    :func:`torch.nn.utils.prune.remove` drops, also through a
+    :class:`~torch.nn.utils.prune.PruningContainer`.
 
     Args:
         n: entries kept per block.
@@ -50,7 +68,7 @@ class BiPSemiStructured(prune.BasePruningMethod):
     Example:
         >>> import torch
         >>> method = BiPSemiStructured(n=2, m=4)
-        >>> scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.1, 0.2, 0.9]])
+        >>> scores = torch.tensor([[4.0, 1.0, -3.0, 2.0, 0.5, -0.1, 0.2, -0.9]])
         >>> method.compute_mask(scores, torch.ones(1, 8)).tolist()
         [[1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]]
     """
@@ -64,13 +82,14 @@ class BiPSemiStructured(prune.BasePruningMethod):
         self.dim = dim
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
-        """Return ``default_mask`` times the N:M mask of ``t`` among the unpruned entries."""
+        """Return ``default_mask`` times the N:M mask of ``|t|`` among the unpruned entries."""
         check_mask_shape(t, default_mask)
         check_finite(t)
-        keep = nm_mask(t, self.n, self.m, self.dim, allowed=default_mask != 0)
+        keep = nm_mask(magnitudes(t), self.n, self.m, self.dim, allowed=default_mask != 0)
         return keep.to(dtype=default_mask.dtype)
 
     @classmethod
+    @outside_inference_mode
     def apply(  # type: ignore[override]
         cls,
         module: nn.Module,
@@ -80,7 +99,7 @@ class BiPSemiStructured(prune.BasePruningMethod):
         dim: int = -1,
         importance_scores: Tensor | None = None,
     ) -> prune.BasePruningMethod:
-        """Prune ``module.<name>`` to an N:M pattern by scores (default: magnitudes).
+        """Prune ``module.<name>`` to an N:M pattern by the magnitudes of scores (default: the weight).
 
         Raises:
             ValueError: for bad ``n``, ``m``, ``dim`` or ``importance_scores`` (the module is
@@ -88,6 +107,7 @@ class BiPSemiStructured(prune.BasePruningMethod):
         """
         _check_nm(n, m)
         current = named_tensor(module, name)
+        check_scores_type(importance_scores)
         scores = current.detach().abs() if importance_scores is None else importance_scores.detach()
         if scores.shape != current.shape:
             raise ValueError(
@@ -95,15 +115,10 @@ class BiPSemiStructured(prune.BasePruningMethod):
                 f"{tuple(current.shape)}"
             )
         nm_mask(scores, n, m, dim)  # raise for a bad dim or block size before torch acts
+        previous = pruning_hook(module, name)
         method = super().apply(module, name, n=n, m=m, dim=dim, importance_scores=scores)
-        attach_scores(method, module, name, scores.clone())
+        attach_scores(method, module, name, scores.clone(), previous)
         return method
-
-    def remove(self, module: nn.Module) -> None:
-        """Make the pruning permanent; drop the score buffer and the deepcopy guard."""
-        super().remove(module)
-        assert self._tensor_name is not None
-        detach_scores(module, self._tensor_name)
 
 
 def bip_semi_structured(
@@ -122,7 +137,8 @@ def bip_semi_structured(
         n: entries kept per block of ``m``.
         m: block length along ``dim``.
         dim: the block axis (``-1``: the input dimension of a ``Linear`` weight).
-        importance_scores: optional scores of the parameter's shape (default: magnitudes).
+        importance_scores: optional scores of the parameter's shape, ranked by magnitude
+            (default: the weight).
 
     Returns:
         ``module``, modified in place.

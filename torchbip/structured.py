@@ -20,6 +20,9 @@ Example:
     >>> _ = bip_structured(conv, "weight", amount=0.5, dim=0)
     >>> conv.weight_mask[:, 0, 0, 0].tolist()  # the two filters of lowest L1 norm are pruned
     [0.0, 1.0, 0.0, 1.0]
+    >>> signed = torch.tensor([[-4.0, -4.0], [1.0, 1.0], [-0.5, 3.0]])
+    >>> BiPStructured(amount=1, dim=0).compute_mask(signed, torch.ones(3, 2))[:, 0].tolist()
+    [1.0, 0.0, 1.0]
     >>> conv.weight_scores.tolist()  # one score per filter
     [2.0, 8.0, 4.0, 6.0]
 """
@@ -34,7 +37,17 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
-from torchbip.method import attach_scores, check_finite, check_mask_shape, detach_scores, named_tensor
+from torchbip.method import (
+    BiPMethod,
+    attach_scores,
+    check_finite,
+    check_mask_shape,
+    check_scores_type,
+    magnitudes,
+    named_tensor,
+    outside_inference_mode,
+    pruning_hook,
+)
 
 __all__ = [
     "BUDGETS",
@@ -88,7 +101,8 @@ def group_reduce(t: Tensor, dim: int) -> Tensor:
 
     This is both the score of a group (the sum of its entries' importance; with
     :math:`|\theta|` it is the group's L1 norm) and the upper gradient of a group mask bit: the
-    sum of the element-wise :math:`d\ell/dm` over the group (DESIGN.md, section 1).
+    sum of the element-wise :math:`d\ell/dm` over the group (the chain rule through
+    :func:`expand_groups`).
 
     Args:
         t: a tensor with at least one dimension.
@@ -145,24 +159,27 @@ def _allowed_groups(default_mask: Tensor, dim: int) -> Tensor:
     return group_reduce((default_mask != 0).to(torch.int64), dim) > 0
 
 
-class BiPStructured(prune.BasePruningMethod):
-    r"""Prune whole groups (filters or channels) with the lowest BiP group scores.
+class BiPStructured(BiPMethod):
+    r"""Prune whole groups (filters or channels) of lowest L1 norm of the scores.
 
     A group is every entry that shares an index along ``dim``: with a conv weight
     ``(out, in, kh, kw)``, ``dim=0`` groups output filters and ``dim=1`` input channels. The score
-    of a group is the sum of ``importance_scores`` over it (with the default :math:`|\theta|`,
-    the group's L1 norm, so on its own this is :func:`torch.nn.utils.prune.ln_structured` with
-    ``n=1``). The mask zeroes the lowest-scoring groups among those that ``default_mask`` still
-    uses (a group with any unpruned entry); an entry pruned earlier is never revived. Ties keep
-    the lower index.
+    of a group is the sum of ``|t|`` over it, its L1 norm, where ``t`` is what torch hands
+    :meth:`compute_mask`: the weight or the ``importance_scores`` (the criterion of
+    :func:`torch.nn.utils.prune.ln_structured` with ``n=1``). The mask zeroes the groups of
+    lowest norm among those that ``default_mask`` still uses (a group with any unpruned entry);
+    an entry pruned earlier is never revived. Ties keep the lower index. The group scores that
+    ``global_prune(structured="filter"/"channel")`` learns are ranked by value by its own
+    selection, not through this method.
 
     State on the module after :meth:`apply`: ``<name>_orig`` (the parameter), ``<name>_mask``
     (buffer, ``<name>``'s shape), a forward pre-hook that sets
-    ``<name> = <name>_orig * <name>_mask``, plus the non-persistent ``<name>_scores`` buffer
+    ``<name> = <name>_orig * <name>_mask`` (deep-copyable after a training step, see
+    :class:`~torchbip.method.BiPMethod`), plus the non-persistent ``<name>_scores`` buffer
     holding *one score per group* (shape ``(t.shape[dim],)``). :func:`torch.nn.utils.prune.remove`
-    makes the pruning permanent; BiP's own :meth:`remove` also drops the score buffer. Composes with
-    torch's methods in a :class:`~torch.nn.utils.prune.PruningContainer` like
-    :class:`~torch.nn.utils.prune.LnStructured` does.
+    makes the pruning permanent and drops the score buffer, also through a
+    :class:`~torch.nn.utils.prune.PruningContainer`. Composes with torch's methods in a container
+    like :class:`~torch.nn.utils.prune.LnStructured` does.
 
     Args:
         amount: a float in ``[0, 1]``, the fraction of the *remaining groups* to prune, or an
@@ -189,10 +206,10 @@ class BiPStructured(prune.BasePruningMethod):
         self.dim = dim
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
-        """Return ``default_mask`` with the lowest-scoring remaining groups set to zero.
+        """Return ``default_mask`` with the remaining groups of lowest L1 norm of ``t`` set to zero.
 
         Args:
-            t: importance scores of the pruned tensor's shape.
+            t: the tensor to prune or its importance scores; the group sums of ``|t|`` are ranked.
             default_mask: the mask from earlier pruning (ones where nothing was pruned).
 
         Returns:
@@ -212,11 +229,12 @@ class BiPStructured(prune.BasePruningMethod):
         allowed = _allowed_groups(default_mask, dim)
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed)
-        scores = group_reduce(t.detach().to(torch.float64), dim)
+        scores = group_reduce(magnitudes(t).to(torch.float64), dim)
         keep = topk_mask(scores, n_allowed - n_prune, allowed)
         return default_mask * expand_groups(keep, t.shape, dim).to(dtype=default_mask.dtype)
 
     @classmethod
+    @outside_inference_mode
     def apply(  # type: ignore[override]
         cls,
         module: nn.Module,
@@ -225,15 +243,16 @@ class BiPStructured(prune.BasePruningMethod):
         dim: int = 0,
         importance_scores: Tensor | None = None,
     ) -> prune.BasePruningMethod:
-        """Prune groups of ``module.<name>`` by scores and register the group-score buffer.
+        """Prune groups of ``module.<name>`` by the L1 norms of scores; register the group-score buffer.
 
         Args:
             module: the module holding the tensor.
             name: the parameter name, e.g. ``"weight"``.
             amount: see :class:`BiPStructured` (counts groups).
             dim: the group axis.
-            importance_scores: scores of the tensor's shape, or one score per group (shape
-                ``(t.shape[dim],)``); by default the magnitudes of the current (masked) weights.
+            importance_scores: scores of the tensor's shape (a group's score is its L1 norm), or
+                one score per group (shape ``(t.shape[dim],)``, ranked by magnitude, kept as
+                given); by default the magnitudes of the current (masked) weights.
 
         Returns:
             The hook now attached to the module (a :class:`BiPStructured`, or a
@@ -248,6 +267,7 @@ class BiPStructured(prune.BasePruningMethod):
         if current.dim() == 0:
             raise ValueError(f"{name} is a scalar; structured pruning needs at least one dimension")
         axis = normalize_dim(dim, current.dim())
+        check_scores_type(importance_scores)
         scores = current.detach().abs() if importance_scores is None else importance_scores.detach()
         group_scores: Tensor | None = None
         if scores.dim() == 1 and scores.numel() == current.shape[axis] and scores.shape != current.shape:
@@ -263,17 +283,12 @@ class BiPStructured(prune.BasePruningMethod):
         base = mask if isinstance(mask, Tensor) else torch.ones_like(current)
         count_from_amount(amount, int(_allowed_groups(base, axis).sum()))  # raise before torch acts
         if group_scores is None:
-            group_scores = group_reduce(scores.to(torch.float64), axis).to(scores.dtype)
+            group_scores = group_reduce(magnitudes(scores).to(torch.float64), axis).to(scores.dtype)
         scores = scores.contiguous()
+        previous = pruning_hook(module, name)
         method = super().apply(module, name, amount=amount, dim=dim, importance_scores=scores)
-        attach_scores(method, module, name, group_scores)
+        attach_scores(method, module, name, group_scores, previous)
         return method
-
-    def remove(self, module: nn.Module) -> None:
-        """Make the pruning permanent; drop the score buffer and the deepcopy guard."""
-        super().remove(module)
-        assert self._tensor_name is not None
-        detach_scores(module, self._tensor_name)
 
 
 def bip_structured(
@@ -286,9 +301,10 @@ def bip_structured(
     """Prune whole filters (``dim=0``) or input channels (``dim=1``) of ``module.<name>``.
 
     The functional twin of :class:`BiPStructured`, in the style of
-    :func:`torch.nn.utils.prune.ln_structured`. ``amount`` counts groups: a float is the fraction
-    of the remaining filters/channels, an int their number. Without ``importance_scores`` the
-    group scores are the L1 norms of the groups (magnitude pruning); learned scores come from
+    :func:`torch.nn.utils.prune.ln_structured` with ``n=1``. ``amount`` counts groups: a float is
+    the fraction of the remaining filters/channels, an int their number. A group's score is the L1
+    norm of its ``importance_scores``, by default of its weights (magnitude pruning); learned
+    scores come from
     :func:`torchbip.global_prune` with ``structured="filter"`` or ``"channel"``.
 
     Args:

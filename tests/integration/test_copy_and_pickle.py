@@ -1,8 +1,10 @@
 """``copy.deepcopy``, ``pickle`` and ``torch.save`` of models under BiP hooks, after training steps.
 
 torch's own pruning leaves a non-leaf ``module.weight`` after a forward pass with gradients on,
-which ``copy.deepcopy`` rejects (pytorch issue #37322). BiP's :class:`DeepcopyGuard` makes the
-copy work without changing what ``module.weight`` is, so gradients stay exactly torch's.
+which ``copy.deepcopy`` rejects (pytorch issue #37322). BiP's pruning pre-hook (and the container
+that a BiP method builds on top of an earlier method) makes the copy work without changing what
+``module.weight`` is, so gradients stay exactly torch's; nothing else is registered on the module.
+A container that torch builds (a torch method on top of BiP) behaves as torch's own.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 import torchbip
-from torchbip.method import BiPPruningMethod, DeepcopyGuard, bip_unstructured
+from torchbip.method import BiPContainer, BiPPruningMethod, bip_unstructured
 from torchbip.semistructured import bip_semi_structured
 
 # Tiny models: one intra-op thread is faster and makes float reductions reproducible.
@@ -50,8 +52,15 @@ def train_step(model: nn.Module, x: Tensor, y: Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
-def guards(module: nn.Module) -> list[DeepcopyGuard]:
-    return [h for h in module._forward_hooks.values() if isinstance(h, DeepcopyGuard)]
+def extras(module: nn.Module) -> dict[str, Any]:
+    """What a module holds besides torch's pruning state: forward hooks and score buffers."""
+    return {
+        "forward_hooks": list(module._forward_hooks.values()),
+        "scores": [n for n in module._buffers if n.endswith("_scores")],
+    }
+
+
+NOTHING = {"forward_hooks": [], "scores": []}
 
 
 def assert_same_model(clone: nn.Module, model: nn.Module, x: Tensor) -> None:
@@ -91,7 +100,8 @@ def test_deepcopy_after_forward_and_backward() -> None:
     train_step(clone, x, y)
     assert clone[0].weight_orig.grad is not None
     copy.deepcopy(clone)
-    assert [g.name for g in guards(clone[0])] == ["weight"]
+    assert extras(clone[0]) == NOTHING  # global_prune dropped the scores; no forward hook
+    assert [type(h) for h in clone[0]._forward_pre_hooks.values()] == [BiPPruningMethod]
 
 
 def test_deepcopy_in_eval_and_no_grad_modes() -> None:
@@ -104,49 +114,87 @@ def test_deepcopy_in_eval_and_no_grad_modes() -> None:
     assert_same_model(copy.deepcopy(model), model, x)
 
 
-def test_deepcopy_inside_a_container_and_after_its_remove() -> None:
-    """BiP, then torch's l1 on top (a PruningContainer), then torch's remove (no BiP remove call)."""
+def test_deepcopy_after_bip_on_top_of_l1_a_bip_container() -> None:
+    """torch's l1, then BiP on top: the container BiP builds is deep-copyable after a training step."""
+    model = make_mlp()
+    layer = model[0]
+    x, y = make_data()[0]
+    prune.l1_unstructured(layer, "weight", amount=0.3)
+    bip_unstructured(layer, "weight", amount=0.4)
+    (hook,) = layer._forward_pre_hooks.values()
+    assert type(hook) is BiPContainer
+    assert [type(m) for m in hook] == [prune.L1Unstructured, BiPPruningMethod]
+    train_step(model, x, y)
+    assert not layer.weight.is_leaf
+    assert_same_model(copy.deepcopy(model), model, x)
+    prune.l1_unstructured(layer, "weight", amount=0.2)  # torch adds to BiP's container
+    assert pruning_hook_types(layer) == [BiPContainer]
+    train_step(model, x, y)
+    assert_same_model(copy.deepcopy(model), model, x)
+    prune.remove(layer, "weight")
+    assert extras(layer) == NOTHING
+    assert isinstance(layer._parameters["weight"], nn.Parameter)
+
+
+def test_torch_container_on_top_of_bip_deep_copies_like_torchs() -> None:
+    """BiP, then torch's l1 on top (torch's own PruningContainer, whose pre-hook BiP cannot change).
+
+    After a training step the masked weight is a non-leaf there, as with torch's methods alone
+    (pytorch issue #37322): deepcopy fails the same way, and works after a forward pass under
+    ``torch.no_grad()`` or after ``prune.remove``, which leaves nothing of torchbip behind.
+    """
     model = bip_pruned_mlp()
     layer = model[0]
     x, y = make_data()[0]
     prune.l1_unstructured(layer, "weight", amount=0.3)
-    (hook,) = layer._forward_pre_hooks.values()
-    assert isinstance(hook, prune.PruningContainer)
+    assert pruning_hook_types(layer) == [prune.PruningContainer]
     train_step(model, x, y)
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    with torch.no_grad():
+        model(x)
     assert_same_model(copy.deepcopy(model), model, x)
 
+    train_step(model, x, y)
     prune.remove(layer, "weight")
     param = layer.weight
     assert isinstance(param, nn.Parameter)
-    assert len(guards(layer)) == 1
-    train_step(model, x, y)  # the guard finds a Parameter: a no-op
+    assert extras(layer) == NOTHING
+    train_step(model, x, y)
     assert layer.weight is param
     assert layer._parameters["weight"] is param
-    assert "weight" not in vars(layer) or vars(layer)["weight"] is param
+    assert "weight" not in vars(layer)
     assert param.grad is not None
+    prune.remove(model[2], "weight")
     assert_same_model(copy.deepcopy(model), model, x)
 
-    BiPPruningMethod.apply(layer, "weight", amount=0.2)  # pruned again: still one guard
-    assert len(guards(layer)) == 1
+    BiPPruningMethod.apply(layer, "weight", amount=0.2)  # pruned again: BiP's own hook, nothing else
+    assert pruning_hook_types(layer) == [BiPPruningMethod]
+    assert extras(layer) == {"forward_hooks": [], "scores": ["weight_scores"]}
 
 
-def test_remove_drops_the_guard_and_state_dict_keys_are_torchs() -> None:
+def pruning_hook_types(module: nn.Module) -> list[type]:
+    return [type(h) for h in module._forward_pre_hooks.values()]
+
+
+def test_remove_leaves_torchs_state_and_state_dict_keys_are_torchs() -> None:
     model = bip_pruned_mlp()
     assert prune.is_pruned(model)
     assert sorted(model[0].state_dict()) == ["bias", "weight_mask", "weight_orig"]
-    assert [g.name for g in guards(model[0])] == ["weight"]
+    assert extras(model[0]) == NOTHING
     for layer in (model[0], model[2]):
         prune.remove(layer, "weight")
-        assert guards(layer) == []
+        assert extras(layer) == NOTHING
+        assert not layer._forward_pre_hooks
     assert not prune.is_pruned(model)
     assert sorted(model[0].state_dict()) == ["bias", "weight"]
 
 
-def test_failed_apply_adds_no_guard() -> None:
+def test_failed_apply_adds_nothing() -> None:
     layer = nn.Linear(4, 3)
     with pytest.raises(ValueError, match="larger than"):
         bip_unstructured(layer, "weight", amount=13)
-    assert guards(layer) == []
+    assert extras(layer) == NOTHING
     assert not prune.is_pruned(layer)
 
 
@@ -178,7 +226,6 @@ def test_training_gives_the_same_gradients_as_a_torch_pruned_twin(kind: str) -> 
         prune.custom_from_mask(
             twin.get_submodule(name), "weight", model.get_submodule(name).weight_mask.clone()
         )
-        assert guards(twin.get_submodule(name)) == []
     gen = torch.Generator().manual_seed(2)
     if kind == "mlp":
         x, y = torch.randn(16, 8, generator=gen), torch.randint(3, (16,), generator=gen)
@@ -206,7 +253,7 @@ def test_pickle_round_trip_after_a_training_step() -> None:
     train_step(model, x, y)
     clone = pickle.loads(pickle.dumps(model))
     assert_same_model(clone, model, x)
-    assert [g.name for g in guards(clone[2])] == ["weight"]
+    assert extras(clone[2]) == NOTHING
     assert [type(h) for h in clone[2]._forward_pre_hooks.values()] == [BiPPruningMethod]
     train_step(clone, x, y)
     copy.deepcopy(clone)
@@ -259,8 +306,9 @@ def test_deepcopy_and_pickle_of_structured_methods_after_a_training_step(how: An
     x, y = make_data()[0]
     train_step(model, x, y)
     assert not model[0].weight.is_leaf  # what torch's own deepcopy rejects
-    assert len(guards(model[0])) == 1
+    assert extras(model[0]) == {"forward_hooks": [], "scores": ["weight_scores"]}
     assert_same_model(copy.deepcopy(model), model, x)
     assert_same_model(pickle.loads(pickle.dumps(model)), model, x)
     prune.remove(model[0], "weight")
-    assert guards(model[0]) == []
+    assert extras(model[0]) == NOTHING
+    assert sorted(model[0].state_dict()) == ["bias", "weight"]

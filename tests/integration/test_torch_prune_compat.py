@@ -190,6 +190,12 @@ def test_l1_unstructured_on_top_of_bip() -> None:
     assert int((layer.weight_mask == 0).sum()) == n_bip + round(0.4 * (n - n_bip))
     prune.remove(layer, "weight")
     assert not prune.is_pruned(layer)
+    # nothing of torchbip is left: what a never-pruned Linear holds
+    assert set(layer._parameters) == {"weight", "bias"}
+    assert not layer._buffers
+    assert not layer._non_persistent_buffers_set
+    assert not layer._forward_hooks
+    assert not layer._forward_pre_hooks
 
 
 @pytest.mark.parametrize("p", [pytest.param(0.3, id="p=0.3"), pytest.param(0.6, id="p=0.6")])

@@ -35,8 +35,8 @@ def _groups_in_use(mask: Tensor, dim: int) -> Tensor:
 
 
 def _oracle_kept_groups(scores: Tensor, mask: Tensor, dim: int, amount: int | float) -> list[bool]:
-    """Rank the groups in use by summed score (descending), then index; keep the top ones."""
-    moved = scores.double().movedim(dim, 0)
+    """Rank the groups in use by summed magnitude (descending), then index; keep the top ones."""
+    moved = scores.double().abs().movedim(dim, 0)
     sums = moved.reshape(moved.shape[0], -1).sum(dim=1).tolist()
     in_use = _groups_in_use(mask, dim).tolist()
     n_use = sum(in_use)

@@ -102,7 +102,7 @@ def test_compute_mask_equals_sort_oracle(case: tuple[Tensor, Tensor, int | float
     new_zeros = int((got == 0).sum()) - (default_mask.numel() - remaining)
     assert new_zeros == expected_count(amount, remaining)
     # 4. the highest scores are kept, ties to the lowest flat index
-    assert got.bool().reshape(-1).tolist() == oracle_mask(scores, default_mask, amount)
+    assert got.bool().reshape(-1).tolist() == oracle_mask(scores.abs(), default_mask, amount)
 
 
 @given(
@@ -122,11 +122,15 @@ def test_topk_mask_equals_sort_oracle_in_other_dtypes(
 
 
 @given(case=pruning_cases(ties=True))
-def test_mask_is_invariant_to_increasing_transforms(case: tuple[Tensor, Tensor, int | float]) -> None:
+def test_mask_is_invariant_to_magnitude_preserving_transforms(
+    case: tuple[Tensor, Tensor, int | float],
+) -> None:
+    """compute_mask ranks magnitudes (as torch's methods do): scaling and sign flips change nothing."""
     scores, default_mask, amount = case
     method = BiPPruningMethod(amount)
     want = method.compute_mask(scores, default_mask)
-    assert torch.equal(method.compute_mask(scores * 2.0 + 0.5, default_mask), want)
+    assert torch.equal(method.compute_mask(scores * 2.0, default_mask), want)
+    assert torch.equal(method.compute_mask(-scores, default_mask), want)
     assert torch.equal(method.compute_mask(scores.double(), default_mask), want)
 
 
@@ -182,9 +186,9 @@ def test_twice_with_ties_equals_oracle_twice(shape: tuple[int, ...], p: float, d
     first = module.weight_mask.clone()
     second_amount = data.draw(amounts(int(first.count_nonzero())))
     bip_unstructured(module, "weight", second_amount, importance_scores=scores)
-    want_first = oracle_mask(scores, torch.ones(shape), p)
+    want_first = oracle_mask(scores.abs(), torch.ones(shape), p)
     assert first.bool().reshape(-1).tolist() == want_first
-    want = oracle_mask(scores, first, second_amount)
+    want = oracle_mask(scores.abs(), first, second_amount)
     assert module.weight_mask.bool().reshape(-1).tolist() == want
     n = math.prod(shape)
     zeros_first = n - sum(want_first)
@@ -204,5 +208,5 @@ def test_bip_after_l1_never_revives(shape: tuple[int, ...], p: float, data: st.D
     amount = data.draw(amounts(int(first.count_nonzero())))
     bip_unstructured(module, "weight", amount, importance_scores=scores)
     assert bool((module.weight_mask <= first).all())
-    assert module.weight_mask.bool().reshape(-1).tolist() == oracle_mask(scores, first, amount)
+    assert module.weight_mask.bool().reshape(-1).tolist() == oracle_mask(scores.abs(), first, amount)
     torch.testing.assert_close(module.weight_scores, scores, rtol=0, atol=0)

@@ -45,7 +45,7 @@ class TestBiPContractNothing(PruningMethodContract):
 
 
 class TestBiPContractImportanceScores(PruningMethodContract):
-    """Scores that disagree with the magnitudes (a reversed ranking), on a conv layer."""
+    """Scores whose magnitudes reverse the weights' ranking, on a conv layer."""
 
     METHOD = BiPPruningMethod
     PRUNING_TYPE = "unstructured"
@@ -62,7 +62,8 @@ class TestBiPContractImportanceScores(PruningMethodContract):
             return torch.randn(2, 2, 4, 4)
 
     def apply_method(self, module: nn.Module) -> prune.BasePruningMethod:
-        scores = -getattr(module, self.NAME).detach().abs()
+        magnitude = getattr(module, self.NAME).detach().abs()
+        scores = magnitude.max() + 1.0 - magnitude
         return BiPPruningMethod.apply(module, self.NAME, importance_scores=scores, **self.KWARGS)
 
 
@@ -86,7 +87,8 @@ ONES_2x2 = torch.ones(2, 2)
             [[1, 0, 1], [0, 0, 0]],
             id="ties-allowed",
         ),
-        pytest.param(2, [-3.0, 1.0, 2.0, -1.0], None, [0, 1, 1, 0], id="scores-not-magnitudes"),
+        pytest.param(2, [-3.0, 1.0, 2.0, -1.5], None, [1, 0, 1, 0], id="negative-scores-rank-by-magnitude"),
+        pytest.param(1, [-0.5, 0.25, -4.0], [1, 1, 0], [1, 0, 0], id="negative-pruned-earlier-stays"),
         pytest.param(0, [3.0, 1.0, 2.0], [1, 0, 1], [1, 0, 1], id="amount-zero-keeps-default"),
         pytest.param(0.0, [3.0, 1.0, 2.0], None, [1, 1, 1], id="amount-zero-float"),
         pytest.param(1.0, [3.0, 1.0, 2.0], [1, 0, 1], [0, 0, 0], id="amount-one"),

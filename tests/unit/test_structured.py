@@ -92,10 +92,10 @@ def test_default_scores_match_torch_ln_structured() -> None:
     torch.testing.assert_close(ours.weight_mask, theirs.weight_mask, rtol=0, atol=0)
 
 
-def test_full_shape_scores_are_summed_per_group() -> None:
-    scores = torch.tensor([[5.0, -5.0], [1.0, 1.0], [0.0, 0.5]])
+def test_full_shape_scores_rank_by_the_group_l1_norm() -> None:
+    scores = torch.tensor([[5.0, -5.0], [1.0, 1.0], [0.0, -0.5]])
     mask = BiPStructured(amount=1, dim=0).compute_mask(scores, torch.ones(3, 2))
-    assert mask[:, 0].tolist() == [0.0, 1.0, 1.0]  # group sums 0, 2, 0.5: learned scores may be negative
+    assert mask[:, 0].tolist() == [1.0, 1.0, 0.0]  # L1 norms 10, 2, 0.5 (signed sums 0, 2, -0.5)
 
 
 def test_never_revives_and_counts_among_remaining_groups() -> None:
@@ -139,7 +139,7 @@ def test_group_reduce_and_expand_are_adjoint() -> None:
 
 
 def test_group_gradient_is_the_sum_of_element_gradients() -> None:
-    """Chain rule through the broadcast, checked by autograd (DESIGN.md section 1)."""
+    """Chain rule through the broadcast, checked by autograd."""
     torch.manual_seed(0)
     theta, x = torch.randn(5, 3), torch.randn(7, 3)
     bits = torch.ones(5, requires_grad=True)
