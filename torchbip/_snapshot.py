@@ -1,8 +1,9 @@
-"""Private: an exact snapshot of a model's state, restored when a pruning run fails."""
+"""Private: an exact snapshot of a model's state, restored when a pruning run or a load fails."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,33 +12,111 @@ from torch.nn.utils import prune
 __all__ = ["ModelSnapshot"]
 
 
+def _same_view(tensor: Tensor, alias: Tensor) -> bool:
+    """Whether ``tensor`` still looks at ``alias``'s memory: storage, offset, shape, strides, dtype."""
+    if tensor.layout != torch.strided or alias.layout != torch.strided:
+        return False
+    try:
+        return bool(
+            tensor.device == alias.device
+            and tensor.dtype == alias.dtype
+            and tensor.untyped_storage().data_ptr() == alias.untyped_storage().data_ptr()
+            and tensor.storage_offset() == alias.storage_offset()
+            and tensor.shape == alias.shape
+            and tensor.stride() == alias.stride()
+        )
+    except (NotImplementedError, RuntimeError):  # a tensor without a storage (sparse, functorch, ...)
+        return False
+
+
+class _SavedTensor:
+    """One parameter, buffer or gradient: the object, its original memory and a copy of its values.
+
+    ``alias`` is the tensor's original ``.data``: the same storage, offset, shape and strides,
+    without the autograd history. ``values`` is the one copy of the values (``None`` when the
+    caller promised not to write into the tensor). Restoring points the object back at
+    ``alias`` if something swapped its memory (``tensor.data = ...``, ``model.to(...)``), then
+    copies ``values`` into it in place: shared memory, pinned memory, memory formats, strides
+    and the sharing between views stay as they were.
+    """
+
+    __slots__ = ("alias", "cls", "tensor", "values")
+
+    def __init__(self, tensor: Tensor, copy: bool) -> None:
+        self.tensor = tensor
+        self.cls = type(tensor)
+        lazy = nn.parameter.is_lazy(tensor)
+        self.alias = tensor.data
+        self.values = tensor.detach().clone() if copy and not lazy else None
+
+    def restore(self) -> None:
+        tensor = self.tensor
+        if type(tensor) is not self.cls:  # e.g. a lazy parameter materialised by a forward pass
+            tensor.__class__ = self.cls
+        if self.alias.layout != torch.strided:
+            # No storage to keep (sparse): put the saved copy back as the data.
+            tensor.data = self.values if self.values is not None else self.alias
+            return
+        if not _same_view(tensor, self.alias):
+            tensor.data = self.alias
+        if self.values is None:
+            return
+        try:
+            tensor.copy_(self.values)
+        except RuntimeError:
+            # Memory that cannot be written element by element (an expanded tensor whose entries
+            # share one location): the values matter more than the memory.
+            tensor.data = self.values
+
+
 class ModelSnapshot:
     """Remember everything ``global_prune`` may change, and put it back on :meth:`restore`.
 
     Kept per module: the parameter and buffer dictionaries (the same objects, so identities are
-    restored), copies of their values and gradients, ``requires_grad`` flags, the forward
-    pre-hooks (and the attributes of torch pruning hooks: pruning on top of a
-    :class:`~torch.nn.utils.prune.PruningContainer` appends to the same container), the forward
-    hooks (BiP adds a :class:`~torchbip.method.DeepcopyGuard` for each tensor it prunes), the
-    training flag, the non-persistent buffer set, and the plain attributes named ``names`` (the
-    tensors that torch's pruning hooks set).
+    restored), the forward pre-hooks (and the attributes of torch pruning hooks: pruning on top
+    of a :class:`~torch.nn.utils.prune.PruningContainer` appends to the same container), the
+    forward hooks (BiP adds a :class:`~torchbip.method.DeepcopyGuard` for each tensor it prunes),
+    the training flag, the non-persistent buffer set, and the plain attributes named ``names``
+    (the tensors that torch's pruning hooks set, or layer sizes such as ``in_features``).
+
+    Kept per tensor (each parameter, buffer and gradient once, also when modules share it): the
+    object, its original memory (its ``.data``) and one copy of its values; per parameter its
+    gradient object and ``requires_grad``. :meth:`restore` writes the values back into the
+    original memory, so a model in shared memory (``share_memory()``) stays there, and pinned,
+    ``channels_last``, strided and tied or overlapping parameters keep their storage, strides
+    and sharing. The memory cost is one copy of the values.
+
+    Args:
+        model: the model.
+        names: plain module attributes to save and restore where a module has them.
+        unchanged: tensors the caller replaces but never writes into: their objects and
+            memory are remembered, their values are not copied.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str] = ()) -> None:
+    def __init__(self, model: nn.Module, names: Iterable[str] = (), unchanged: Iterable[Tensor] = ()) -> None:
         self._names = set(names)
-        self._modules = []
+        skip = {id(t) for t in unchanged}
+        self._tensors: dict[int, _SavedTensor] = {}
+        self._params: dict[int, tuple[nn.Parameter, _SavedTensor | None, bool]] = {}
+        self._modules: list[tuple[Any, ...]] = []
         for module in model.modules():
             params = dict(module._parameters)
             buffers = dict(module._buffers)
+            for t in [*params.values(), *buffers.values()]:
+                if t is not None and id(t) not in self._tensors:
+                    self._tensors[id(t)] = _SavedTensor(t, id(t) not in skip)
+            for p in params.values():
+                if p is not None and id(p) not in self._params:
+                    grad = p.grad
+                    saved = None if grad is None else self._tensors.get(id(grad))
+                    if grad is not None and saved is None:
+                        saved = self._tensors[id(grad)] = _SavedTensor(grad, True)
+                    self._params[id(p)] = (p, saved, p.requires_grad)
             self._modules.append(
                 (
                     module,
                     params,
-                    {k: _copy(p) for k, p in params.items()},
-                    {k: (None if p is None else p.grad) for k, p in params.items()},
-                    {k: (None if p is None else p.requires_grad) for k, p in params.items()},
                     buffers,
-                    {k: _copy(b) for k, b in buffers.items()},
                     set(module._non_persistent_buffers_set),
                     dict(module._forward_pre_hooks),
                     dict(module._forward_hooks),
@@ -53,15 +132,11 @@ class ModelSnapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put every remembered piece of state back."""
+        """Put every remembered piece of state back: objects, memory, values, hooks and flags."""
         for (
             module,
             params,
-            values,
-            grads,
-            flags,
             buffers,
-            buffer_values,
             non_persistent,
             hooks,
             post_hooks,
@@ -73,16 +148,8 @@ class ModelSnapshot:
                 module.__dict__.pop(name, None)
             module._parameters.clear()
             module._parameters.update(params)
-            for k, p in params.items():
-                if p is not None:
-                    p.data = values[k]  # type: ignore[assignment]
-                    p.grad = grads[k]
-                    p.requires_grad_(bool(flags[k]))
             module._buffers.clear()
             module._buffers.update(buffers)
-            for k, b in buffers.items():
-                if b is not None:
-                    b.data = buffer_values[k]  # type: ignore[assignment]
             module._non_persistent_buffers_set.clear()
             module._non_persistent_buffers_set.update(non_persistent)
             module._forward_pre_hooks.clear()
@@ -94,7 +161,20 @@ class ModelSnapshot:
                 vars(hooks[key]).update(state)
             module.training = training
             module.__dict__.update(attrs)
+        # A gradient must match its parameter when it is set: detach them while memory moves back.
+        for p, _, _ in self._params.values():
+            p.grad = None
+        for saved in self._tensors.values():
+            saved.restore()
+        for p, grad, requires_grad in self._params.values():
+            p.grad = None if grad is None else grad.tensor
+            p.requires_grad_(requires_grad)
 
-
-def _copy(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach().clone()
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the copies this snapshot holds (one copy of each saved tensor's values)."""
+        return sum(
+            s.values.untyped_storage().nbytes()
+            for s in self._tensors.values()
+            if s.values is not None and s.values.layout == torch.strided
+        )

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -42,6 +43,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
+
+from torchbip._snapshot import ModelSnapshot
 
 __all__ = ["export_slim", "load_slim_state_dict", "make_permanent"]
 
@@ -63,7 +66,9 @@ def _torch_pruning() -> Any:
 def make_permanent(model: nn.Module) -> nn.Module:
     """Apply :func:`torch.nn.utils.prune.remove` to every pruned tensor of ``model``, in place.
 
-    Afterwards each pruned tensor is a plain Parameter holding ``orig * mask``.
+    Afterwards each pruned tensor is a plain Parameter holding ``orig * mask``, and nothing of
+    torchbip remains (no ``<name>_scores`` buffer, whatever mix of BiP and torch methods pruned
+    it): the model holds what it would hold had only torch's methods pruned it.
 
     Args:
         model: any model, pruned or not.
@@ -74,29 +79,40 @@ def make_permanent(model: nn.Module) -> nn.Module:
     Example:
         >>> from torch import nn
         >>> from torch.nn.utils import prune
-        >>> model = nn.Sequential(nn.Linear(4, 2))
+        >>> from torchbip import bip_unstructured
+        >>> model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2))
         >>> _ = prune.l1_unstructured(model[0], "weight", amount=3)
+        >>> _ = prune.l1_unstructured(bip_unstructured(model[1], "weight", amount=1), "weight", amount=1)
         >>> prune.is_pruned(make_permanent(model)), int((model[0].weight == 0).sum())
         (False, 3)
+        >>> sorted(name for name, _ in model.named_buffers())
+        []
     """
+    from torchbip.method import drop_scores, holds_bip
+
     for module in model.modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(module, hook._tensor_name)
+                if holds_bip(hook):
+                    drop_scores(module, hook._tensor_name)
     return model
 
 
 def _baked_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every mask made permanent (``model`` is not changed)."""
-    # Refresh each pruned attribute as a leaf: after a forward pass with gradients on it is a
-    # non-leaf tensor that deepcopy rejects (pytorch issue #37322). The value is the one the
-    # next forward pass would set.
+    # Each pruned attribute is copied as a fresh leaf: after a forward pass with gradients on it
+    # is a non-leaf tensor that deepcopy rejects (pytorch issue #37322). The value is the one the
+    # next forward pass would set. The memo gives the copy its own tensor; ``model`` keeps its.
+    memo: dict[int, Any] = {}
     with torch.no_grad():
         for module in model.modules():
             for hook in module._forward_pre_hooks.values():
                 if isinstance(hook, prune.BasePruningMethod):
-                    setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
-    return make_permanent(copy.deepcopy(model))
+                    current = module.__dict__.get(hook._tensor_name)
+                    if isinstance(current, Tensor):
+                        memo[id(current)] = hook.apply_mask(module).detach()
+    return make_permanent(copy.deepcopy(model, memo))
 
 
 def _as_tuple(example_inputs: Tensor | tuple[Any, ...]) -> tuple[Any, ...]:
@@ -295,9 +311,17 @@ def export_slim(
         The slim model, in the training mode of ``model``.
 
     Raises:
+        TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor or a
+            tuple, ``ignored_layers`` not an iterable of modules or ``verify`` not a bool.
+        ValueError: if an ignored layer is not part of ``model``, or ``rtol``/``atol`` is not a
+            finite number >= 0.
         ImportError: if Torch-Pruning is not installed.
         RuntimeError: if ``verify`` finds different outputs (an operation that mixes channels
             and that the dependency graph took for an element-wise one).
+
+    Note:
+        ``model`` is read, never written: whatever fails, it keeps its tensor objects, values,
+        memory, hooks and training flag (the export works on a copy).
 
     Example:
         >>> import torch
@@ -314,14 +338,10 @@ def export_slim(
         >>> torch.allclose(slim.eval()(x), model.eval()(x), atol=1e-5)
         True
     """
+    names, ignored = _check_export_arguments(model, example_inputs, ignored_layers, verify, rtol, atol)
     tp = _torch_pruning()
     inputs = _as_tuple(example_inputs)
     training = model.training
-    names = {id(m): n for n, m in model.named_modules()}
-    ignored = list(ignored_layers)
-    for m in ignored:
-        if id(m) not in names:
-            raise ValueError(f"ignored_layers holds a {type(m).__name__} that is not part of the model")
     slim = _baked_copy(model).eval()
     by_name = dict(slim.named_modules())
     keep_out = {by_name[names[id(m)]] for m in ignored}
@@ -367,6 +387,34 @@ def export_slim(
     return slim.train(training)
 
 
+def _check_export_arguments(
+    model: Any, example_inputs: Any, ignored_layers: Any, verify: Any, rtol: Any, atol: Any
+) -> tuple[dict[int, str], list[nn.Module]]:
+    """Check :func:`export_slim`'s arguments; return the module names and the ignored layers."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, (Tensor, tuple)):
+        raise TypeError(
+            "example_inputs must be a tensor or a tuple of the model's inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {verify!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(ignored_layers, nn.Module) or not isinstance(ignored_layers, Iterable):
+        raise TypeError(f"ignored_layers must be an iterable of modules, got {type(ignored_layers).__name__}")
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored = list(ignored_layers)
+    for m in ignored:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"ignored_layers must hold modules, got {m!r} of type {type(m).__name__}")
+        if id(m) not in names:
+            raise ValueError(f"ignored_layers holds a {type(m).__name__} that is not part of the model")
+    return names, ignored
+
+
 def _check_close(outputs: Any, reference: Any, rtol: float, atol: float) -> None:
     got = _flatten(outputs)
     want = _flatten(reference)
@@ -403,10 +451,17 @@ def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     architecture (e.g. ``torchvision.models.resnet18()``), then load the slim state dict saved
     with ``torch.save(slim.state_dict(), path)`` and read with
     ``torch.load(path, weights_only=True)``. Every parameter and buffer whose shape differs is
-    replaced by an empty tensor of the saved shape, layer attributes (``in_channels``,
+    replaced by a new tensor of the saved shape, layer attributes (``in_channels``,
     ``out_features``, ``num_features``, ``groups`` of depthwise convolutions, ...) are updated, a
     bias that the export added (by folding) is created, then ``load_state_dict(strict=True)``
-    fills in the values.
+    fills in the values (in place where a shape is unchanged).
+
+    All or nothing: the keys, types, dtypes and shapes are checked before anything changes, and
+    if loading fails anyway (an exception from a custom module, ``KeyboardInterrupt``) the model
+    is put back as it was: the same module, Parameter and buffer objects with the same values
+    in the same memory, the same layer attributes and hooks (at the cost of one temporary copy
+    of the tensors whose shape stays, which are filled in place). The same holds for a model
+    converted with :func:`torchbip.sparse.to_sparse_csr`.
 
     Args:
         model: a model of the architecture that was exported (its values are overwritten).
@@ -416,7 +471,14 @@ def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         ``model``, resized and loaded in place.
 
     Raises:
-        RuntimeError: from ``load_state_dict`` if keys do not match.
+        TypeError: if ``model`` is not an ``nn.Module``, ``state_dict`` is not a mapping, or a
+            key is not a string or a value not a tensor.
+        ValueError: for unexpected or missing keys, a shape that :func:`export_slim` cannot
+            produce from ``model`` (another number of dimensions, a larger or empty dimension,
+            another kernel size, sizes that disagree within a layer) or a value whose dtype is
+            of another kind (floating point, complex, integer, bool) than the model's.
+        RuntimeError: from ``load_state_dict``, for a model whose own loading hooks rename keys
+            (the checks above then are torch's).
 
     Example:
         >>> import io, torch
@@ -436,27 +498,251 @@ def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         >>> x = torch.randn(1, 3, 8, 8)
         >>> torch.equal(rebuilt(x), slim(x))
         True
+        >>> fresh = build()
+        >>> try:
+        ...     load_slim_state_dict(fresh, {**slim.state_dict(), "head.weight": torch.ones(1)})
+        ... except ValueError as err:
+        ...     print(err)
+        state_dict has unexpected key(s) ['head.weight']: not a parameter or persistent buffer of model
+        >>> fresh[0].out_channels  # unchanged
+        8
     """
-    for prefix, module in model.named_modules():
-        head = prefix + "." if prefix else ""
-        for kind in ("_parameters", "_buffers"):
-            tensors = getattr(module, kind)
-            for name, tensor in list(tensors.items()):
-                saved = state_dict.get(head + name)
-                if tensor is None or saved is None or saved.shape == tensor.shape:
-                    continue
-                fresh = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
-                tensors[name] = nn.Parameter(fresh, tensor.requires_grad) if kind == "_parameters" else fresh
-        if (
-            isinstance(module, (nn.Linear, *_CONV_TYPES))
-            and module.bias is None
-            and head + "bias" in state_dict
-        ):
-            weight = module.weight
-            module.bias = nn.Parameter(torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device))
-        _update_attributes(module)
-    model.load_state_dict(state_dict, strict=True)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    plan = _plan_load(model, state_dict)
+    replaced = [tensor for tensor, _ in plan.resize.values()]
+    snapshot = ModelSnapshot(model, _LAYER_ATTRIBUTES, unchanged=replaced)
+    try:
+        _apply_plan(model, plan)
+        model.load_state_dict(state_dict, strict=True)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
+
+
+# Layer sizes that ``_update_attributes`` sets (restored when a load fails).
+_LAYER_ATTRIBUTES = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "groups",
+    "num_features",
+    "num_channels",
+    "normalized_shape",
+    "num_parameters",
+)
+
+
+class _LoadPlan:
+    """What :func:`load_slim_state_dict` changes: new shapes per tensor, and biases to create."""
+
+    def __init__(self) -> None:
+        # id(old tensor) -> (old tensor, the saved shape); one entry per tensor, also when shared
+        self.resize: dict[int, tuple[Tensor, torch.Size]] = {}
+        # modules whose bias the export created by folding: module -> the bias key
+        self.biases: dict[nn.Module, str] = {}
+        self.modules: list[nn.Module] = []  # modules whose sizes change, in model order
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _custom_loading(module: nn.Module) -> bool:
+    """Whether ``module`` loads in its own way (hooks that may rename keys, its own loader)."""
+    from torchbip.sparse import _CSRModule  # here: torchbip.sparse imports this module
+
+    known = (
+        nn.Module._load_from_state_dict,
+        nn.modules.batchnorm._NormBase._load_from_state_dict,
+        nn.modules.instancenorm._InstanceNorm._load_from_state_dict,
+        _CSRModule._load_from_state_dict,
+    )
+    return bool(module._load_state_dict_pre_hooks) or type(module)._load_from_state_dict not in known
+
+
+def _optional_keys(module: nn.Module, head: str, state_dict: Mapping[str, Any]) -> set[str]:
+    """Keys torch's own loaders fill in or drop for old checkpoints (no version metadata)."""
+    metadata = getattr(state_dict, "_metadata", None)
+    version = (metadata or {}).get(head[:-1], {}).get("version")
+    if not isinstance(module, nn.modules.batchnorm._NormBase) or (version is not None and version >= 2):
+        return set()
+    keys = {head + "num_batches_tracked"} if module.track_running_stats else set()
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats:
+        keys |= {head + "running_mean", head + "running_var"}
+    return keys
+
+
+def _plan_load(model: nn.Module, state_dict: Mapping[Any, Any]) -> _LoadPlan:
+    """Check ``state_dict`` against ``model`` without changing anything; say what to resize."""
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict keys must be strings, got {key!r} of type {type(key).__name__}")
+        if not isinstance(value, Tensor) and not key.endswith("_extra_state"):
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+    plan = _LoadPlan()
+    expected: set[str] = set()
+    optional: set[str] = set()
+    custom = False
+    shapes: dict[int, tuple[str, torch.Size]] = {}  # id(tensor) -> (first key, its planned shape)
+    layers: list[tuple[nn.Module, str, dict[str, torch.Size]]] = []  # the layers that change
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        head = prefix + "." if prefix else ""
+        custom = custom or _custom_loading(module)
+        optional |= _optional_keys(module, head, state_dict)
+        if type(module).set_extra_state is not nn.Module.set_extra_state:
+            expected.add(head + "_extra_state")
+        local = {
+            **{k: p for k, p in module._parameters.items() if p is not None},
+            **{
+                k: b
+                for k, b in module._buffers.items()
+                if b is not None and k not in module._non_persistent_buffers_set
+            },
+        }
+        planned: dict[str, torch.Size] = {}
+        for name, tensor in local.items():
+            key = head + name
+            expected.add(key)
+            saved = state_dict.get(key)
+            if saved is None:
+                continue
+            _check_value(key, saved, tensor)
+            first = shapes.setdefault(id(tensor), (key, saved.shape))
+            if first[1] != saved.shape:
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {tuple(saved.shape)} but state_dict[{first[0]!r}], "
+                    f"the same tensor of model, has shape {tuple(first[1])}"
+                )
+            planned[name] = saved.shape
+            if saved.shape != tensor.shape:
+                plan.resize[id(tensor)] = (tensor, saved.shape)
+        bias_key = head + "bias"
+        created = isinstance(module, _LAYER_TYPES) and module.bias is None and bias_key in state_dict
+        if created:
+            saved = state_dict[bias_key]
+            _check_value(bias_key, saved, cast(Tensor, module.weight), created=True)
+            expected.add(bias_key)
+            plan.biases[module] = bias_key
+            planned["bias"] = saved.shape
+        if (created or any(planned[k] != local[k].shape for k in planned if k in local)) and all(
+            module is not m for m, _, _ in layers
+        ):
+            layers.append((module, head, planned))
+    if not custom:
+        unexpected = [k for k in state_dict if k not in expected and k not in optional]
+        if unexpected:
+            raise ValueError(
+                f"state_dict has unexpected key(s) {unexpected}: "
+                "not a parameter or persistent buffer of model"
+            )
+        missing = sorted(expected - set(state_dict) - optional)
+        if missing:
+            raise ValueError(f"state_dict is missing key(s) {missing} of model")
+    for module, head, planned in layers:
+        _check_layer(module, head, planned)
+        plan.modules.append(module)
+    return plan
+
+
+def _check_value(key: str, saved: Tensor, tensor: Tensor, created: bool = False) -> None:
+    """Raise unless ``saved`` can be loaded into ``tensor`` (or into a new bias next to it)."""
+    what = "the weight of its layer" if created else "the model's tensor"
+    if _kind(saved.dtype) != _kind(tensor.dtype):
+        raise ValueError(
+            f"state_dict[{key!r}] has dtype {saved.dtype}, {what} {tensor.dtype}: "
+            f"{_kind(saved.dtype)} values do not load into {_kind(tensor.dtype)} ones"
+        )
+    if tensor.layout == torch.strided and saved.layout != torch.strided:
+        raise ValueError(
+            f"state_dict[{key!r}] is a {str(saved.layout).removeprefix('torch.')} tensor, the model's is "
+            "dense: load a dense state dict (tensor.to_dense()) or convert the model first"
+        )
+    if saved.is_meta and not tensor.is_meta:
+        raise ValueError(f"state_dict[{key!r}] is a meta tensor: it holds no values to load")
+    if created or saved.shape == tensor.shape:  # a created bias is checked with its layer
+        return
+    old, new = tuple(tensor.shape), tuple(saved.shape)
+    if len(new) != len(old):
+        raise ValueError(
+            f"state_dict[{key!r}] has shape {new} with {len(new)} dimensions, the model's tensor {old} "
+            f"has {len(old)}: export_slim changes sizes, never the number of dimensions"
+        )
+    if any(n > o or (n == 0 and o > 0) for n, o in zip(new, old, strict=True)):
+        raise ValueError(
+            f"state_dict[{key!r}] has shape {new}, which export_slim cannot produce from the model's {old}: "
+            "it removes channels (never all of them) and adds none; build the original architecture"
+        )
+
+
+def _check_layer(module: nn.Module, head: str, shapes: Mapping[str, torch.Size]) -> None:
+    """Raise unless the planned shapes of one layer's tensors make a layer of its kind."""
+
+    def fail(why: str) -> ValueError:
+        sizes = ", ".join(f"state_dict[{head + k!r}] {tuple(v)}" for k, v in shapes.items())
+        return ValueError(f"the shapes {sizes} do not make a {type(module).__name__}: {why}")
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        if name in shapes:
+            return tuple(shapes[name])
+        tensor = getattr(module, name, None)
+        return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
+
+    weight, bias = shape("weight"), shape("bias")
+    if isinstance(module, _LAYER_TYPES):
+        assert weight is not None
+        if bias is not None and bias != weight[:1]:
+            raise fail(f"the bias must have shape ({weight[0]},), one entry per output")
+        if isinstance(module, _CONV_TYPES):
+            old = tuple(module.weight.shape)
+            if weight[2:] != old[2:]:
+                raise fail(f"the kernel size must stay {old[2:]}")
+            groups = module.groups
+            if groups > 1 and groups == module.in_channels == module.out_channels:
+                if weight[1] != old[1]:
+                    raise fail(f"a depthwise convolution keeps {old[1]} input(s) per group")
+            elif weight[0] % groups:
+                raise fail(f"{weight[0]} output channels do not split into groups={groups}")
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        sizes = {shape(k) for k in ("weight", "bias", "running_mean", "running_var")} - {None}
+        if len(sizes) > 1:
+            raise fail("weight, bias, running_mean and running_var need one length")
+    elif isinstance(module, nn.GroupNorm):
+        sizes = {shape(k) for k in ("weight", "bias")} - {None}
+        if len(sizes) > 1:
+            raise fail("weight and bias need one length")
+        if weight is not None and weight[0] % module.num_groups:
+            raise fail(f"{weight[0]} channels do not split into num_groups={module.num_groups}")
+    elif isinstance(module, nn.LayerNorm) and len({shape(k) for k in ("weight", "bias")} - {None}) > 1:
+        raise fail("weight and bias need one shape")
+
+
+def _apply_plan(model: nn.Module, plan: _LoadPlan) -> None:
+    """Replace the tensors that change shape (the same new object wherever one was shared)."""
+    fresh: dict[int, Tensor] = {}
+    for key, (tensor, shape) in plan.resize.items():
+        new = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+        fresh[key] = nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in fresh:
+                module._parameters[name] = cast(nn.Parameter, fresh[id(p)])
+        for name, b in list(module._buffers.items()):
+            if b is not None and id(b) in fresh:
+                module._buffers[name] = fresh[id(b)]
+    for module in plan.biases:
+        weight = cast(Tensor, module.weight)
+        module.bias = nn.Parameter(torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device))
+    for module in plan.modules:
+        _update_attributes(module)
 
 
 def _update_attributes(module: nn.Module) -> None:

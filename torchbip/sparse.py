@@ -15,7 +15,11 @@ measure (``benchmarks/bench_export.py``), never assume. Two formats:
   only the mask exists: the pruned model runs with dense kernels and :func:`to_semi_structured`
   raises.
 
-Both functions return a converted copy; the input model is not changed.
+Both functions return a converted copy; the input model is not changed, also when a conversion
+fails. A CSR layer loads a saved weight with any number of nonzeros, all or nothing for the layer;
+like every torch module, ``model.load_state_dict`` still loads the layers that match before it
+raises for the others. For all or nothing across the whole model (nothing changes when one key,
+shape or dtype is wrong) load with :func:`torchbip.load_slim_state_dict`.
 """
 
 from __future__ import annotations
@@ -45,17 +49,19 @@ def _csr(weight: Tensor) -> Tensor:
         return weight.detach().to_sparse_csr()
 
 
-def _adopt_csr(module: nn.Module, state_dict: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> None:
-    """Take a saved CSR weight as it is (``copy_`` needs equal numbers of nonzeros)."""
-    saved = state_dict.get(key)
-    if not isinstance(saved, Tensor):
-        return
-    if tuple(saved.shape) != shape:
-        return  # load_state_dict reports the mismatch
-    current = module._buffers["weight"]
-    assert current is not None
-    weight = saved if saved.layout == torch.sparse_csr else _csr(saved)
-    module._buffers["weight"] = weight.to(device=current.device, dtype=current.dtype)
+def _loadable(saved: Tensor, current: Tensor) -> bool:
+    """Whether ``saved`` holds values of the kind of ``current`` (floating point, complex, ...)."""
+    return (
+        not saved.is_meta
+        and saved.is_floating_point() == current.is_floating_point()
+        and saved.is_complex() == current.is_complex()
+    )
+
+
+def _as_csr(saved: Tensor, current: Tensor) -> Tensor:
+    """A saved (CSR or dense) weight as a new CSR tensor of ``current``'s device and dtype."""
+    weight = saved.detach() if saved.layout == torch.sparse_csr else _csr(saved)
+    return weight.to(device=current.device, dtype=current.dtype)
 
 
 class _CSRModule(nn.Module):
@@ -80,10 +86,69 @@ class _CSRModule(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        _adopt_csr(self, state_dict, prefix + "weight", tuple(self.weight.shape))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        """Load a CSR (or dense) weight with any number of nonzeros; all or nothing for this layer.
+
+        ``copy_`` between CSR tensors needs equal numbers of nonzeros, so the saved weight is
+        taken as this layer's new weight buffer rather than copied into the old one. Whatever
+        fails for this layer (an error torch reports, a value of the wrong kind, an exception)
+        leaves its buffers as they were: the same objects with the same values.
+        """
+        key = prefix + "weight"
+        buffers = dict(self._buffers)
+        bias = self._buffers.get("bias")
+        bias_values = None if bias is None else bias.detach().clone()
+        n_errors = len(error_msgs)
+        saved = state_dict.get(key)
+        staged = None
+        if isinstance(saved, Tensor) and tuple(saved.shape) == tuple(self.weight.shape):
+            # (torch reports a value that is not a tensor or has another shape itself)
+            if not _loadable(saved, self.weight):
+                error_msgs.append(
+                    f"{key}: a {saved.dtype}{' meta' if saved.is_meta else ''} tensor does not load "
+                    f"into this layer's {self.weight.dtype} CSR weight"
+                )
+                return
+            staged = _as_csr(saved, self.weight)  # before anything changes
+        rest = state_dict if staged is None else {k: v for k, v in state_dict.items() if k != key}
+        try:
+            super()._load_from_state_dict(
+                rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            if staged is not None:
+                if key in missing_keys:
+                    missing_keys.remove(key)  # it was left out of ``rest`` on purpose
+                if len(error_msgs) == n_errors:
+                    self._buffers["weight"] = staged
+        except BaseException:
+            self._restore(buffers, bias_values)
+            raise
+        if len(error_msgs) > n_errors:
+            self._restore(buffers, bias_values)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, all or nothing for this layer.
+
+        Also when torch's strict check fails only at the end (an unexpected or missing key),
+        the layer keeps its weight and bias objects and values.
+        """
+        buffers = dict(self._buffers)
+        bias = self._buffers.get("bias")
+        bias_values = None if bias is None else bias.detach().clone()
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        except BaseException:
+            self._restore(buffers, bias_values)
+            raise
+
+    def _restore(self, buffers: dict[str, Tensor | None], bias_values: Tensor | None) -> None:
+        self._buffers.clear()
+        self._buffers.update(buffers)
+        bias = buffers.get("bias")
+        if bias is not None and bias_values is not None:
+            with torch.no_grad():
+                bias.copy_(bias_values)
 
 
 class SparseCSRLinear(_CSRModule):
@@ -112,10 +177,15 @@ class SparseCSRLinear(_CSRModule):
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
         if weight.dim() != 2:
             raise ValueError(
                 f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
             )
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+            got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},), got {got}")
         self.out_features, self.in_features = weight.shape
         csr = weight.detach() if weight.layout == torch.sparse_csr else _csr(weight)
         self.register_buffer("weight", csr)
@@ -124,6 +194,8 @@ class SparseCSRLinear(_CSRModule):
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> SparseCSRLinear:
         """Convert an ``nn.Linear`` (pruned or not; a mask is made permanent in a copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
         return cls(weight, None if linear.bias is None else linear.bias.detach())
 
@@ -158,6 +230,8 @@ class SparseCSRConv2d(_CSRModule):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(
                 f"SparseCSRConv2d needs groups=1, padding_mode='zeros' and numeric padding, got "
@@ -232,6 +306,7 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
         The converted copy (inference only: the CSR layers hold buffers, not parameters).
 
     Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or ``include_conv`` not a bool.
         ValueError: if ``min_sparsity`` is not in ``[0, 1]``.
 
     Example:
@@ -247,6 +322,10 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
         >>> torch.allclose(csr(x), model(x), atol=1e-5)
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(include_conv, bool):
+        raise TypeError(f"include_conv must be a bool, got {include_conv!r}")
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     if not 0.0 <= float(min_sparsity) <= 1.0:
@@ -303,6 +382,7 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
         The converted copy.
 
     Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
         RuntimeError: on a CPU or an unsupported GPU (there, keep the masked dense model: the
             mask is all that N:M pruning yields without the sparse kernels).
 
@@ -318,6 +398,8 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
         ...     print("2:4 semi-structured sparsity needs a CUDA GPU")
         2:4 semi-structured sparsity needs a CUDA GPU
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not torch.cuda.is_available():
         raise RuntimeError(
             "2:4 semi-structured sparsity needs a CUDA GPU with compute capability >= 8.0; on "

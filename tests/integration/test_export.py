@@ -179,6 +179,23 @@ def test_state_dict_round_trip_into_a_rebuilt_model(
     }
 
 
+def test_round_trip_into_a_shared_memory_model_fills_unchanged_shapes_in_place(seed: int) -> None:
+    model = prune_filters(randomize(vgg_style()), 0.5).eval()
+    slim = export_slim(model, torch.randn(2, 3, 16, 16)).eval()
+    rebuilt = vgg_style().share_memory()
+    kept = {name: p for name, p in rebuilt.named_parameters() if slim.get_parameter(name).shape == p.shape}
+    assert kept  # the first convolution's input and the last layer keep their shapes
+    pointers = {name: p.data_ptr() for name, p in kept.items()}
+    load_slim_state_dict(rebuilt, slim.state_dict()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), slim(x))
+    for name, p in kept.items():
+        assert rebuilt.get_parameter(name) is p
+        assert p.data_ptr() == pointers[name]
+        assert p.is_shared()
+
+
 def test_output_channels_are_never_removed(seed: int) -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1))
     bip_structured(model[0], "weight", amount=0.5)

@@ -175,3 +175,68 @@ def test_semi_structured_on_gpu_matches_the_masked_model() -> None:
     assert type(sparse[0].weight).__name__.startswith("SparseSemiStructured")
     x = torch.randn(32, 128, dtype=torch.half, device="cuda")
     torch.testing.assert_close(sparse(x), model(x), rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------- checks and loading
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        pytest.param(
+            lambda: SparseCSRLinear("w"), TypeError, "weight must be a tensor, got str", id="weight"
+        ),
+        pytest.param(
+            lambda: SparseCSRLinear(torch.ones(3, 4), torch.ones(4)),
+            ValueError,
+            r"bias must be None or a tensor of shape \(3,\), got \(4,\)",
+            id="bias",
+        ),
+        pytest.param(
+            lambda: SparseCSRLinear.from_dense(nn.Conv2d(1, 1, 1)),
+            TypeError,
+            r"linear must be an nn\.Linear, got Conv2d",
+            id="from-dense",
+        ),
+        pytest.param(
+            lambda: SparseCSRConv2d(nn.Linear(2, 2)),
+            TypeError,
+            r"conv must be an nn\.Conv2d, got Linear",
+            id="conv",
+        ),
+        pytest.param(
+            lambda: to_sparse_csr("net"), TypeError, r"model must be an nn\.Module, got str", id="model"
+        ),
+        pytest.param(
+            lambda: to_sparse_csr(mlp(), include_conv=1),
+            TypeError,
+            "include_conv must be a bool, got 1",
+            id="conv-flag",
+        ),
+    ],
+)
+def test_csr_entry_points_reject_bad_arguments(make, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_csr_layer_loads_a_dense_weight_with_another_number_of_nonzeros(seed: int) -> None:
+    layer = SparseCSRLinear.from_dense(nn.Linear(8, 4))
+    dense = nn.Linear(8, 4)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand(4, 8) > 0.5)
+    layer.load_state_dict(dense.state_dict())
+    assert layer.weight.layout == torch.sparse_csr
+    assert torch.equal(layer.weight.to_dense(), dense.weight)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-6, atol=1e-6)
+
+
+def test_csr_layer_inside_a_model_keeps_its_weight_when_its_bias_fails(seed: int) -> None:
+    model = nn.Sequential(SparseCSRLinear.from_dense(nn.Linear(8, 4)), nn.ReLU())
+    weight, bias = model[0].weight, model[0].bias.clone()
+    state = SparseCSRLinear.from_dense(nn.Linear(8, 4)).state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0\.bias"):
+        model.load_state_dict({"0.weight": state["weight"], "0.bias": torch.zeros(5)})
+    assert model[0].weight is weight
+    assert torch.equal(model[0].bias, bias)
