@@ -49,8 +49,32 @@ class Target:
 
 
 def default_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """The ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model``."""
-    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    """The ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model``.
+
+    Leaves out layers whose forward their parent never calls (``nn.MultiheadAttention``'s
+    ``out_proj``): a pruning mask there would never be applied.
+    """
+    uncalled = _uncalled_children(model)
+    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE_TYPES) and id(m) not in uncalled]
+
+
+def _uncalled_children(model: nn.Module) -> dict[int, str]:
+    """Modules whose parent reads their tensors without calling their forward, with the reason.
+
+    ``nn.MultiheadAttention`` (also inside ``nn.Transformer*`` layers) passes
+    ``out_proj.weight`` to ``F.multi_head_attention_forward`` itself, so the forward pre-hook
+    that applies a pruning mask on ``out_proj`` never runs. Its own ``in_proj_weight`` (or
+    ``q/k/v_proj_weight``) is read in its forward, so those can be pruned.
+    """
+    out: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            out[id(module.out_proj)] = (
+                f"nn.MultiheadAttention {name!r} reads out_proj.weight without calling out_proj's "
+                "forward, so a pruning mask on it would never be applied (and it would get no "
+                f"gradient); prune (attention, 'in_proj_weight') instead, or leave {name}.out_proj out"
+            )
+    return out
 
 
 def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None) -> list[Target]:
@@ -65,6 +89,7 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
     """
     names = {id(m): n for n, m in model.named_modules()}  # a shared module: its first name
     pairs = default_targets(model) if parameters is None else _pairs(parameters)
+    uncalled = _uncalled_children(model)
     targets: list[Target] = []
     seen: set[tuple[int, str]] = set()
     holders: dict[int, list[tuple[int, str, str]]] = {}  # id(Parameter) -> (id(module), name, fqn)
@@ -85,6 +110,8 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
         if id(module) not in names:
             raise ValueError(f"parameters names a {type(module).__name__} that is not part of the model")
         target = Target(module, name, names[id(module)])
+        if id(module) in uncalled:
+            raise ValueError(f"parameters names {target.fqn!r}: {uncalled[id(module)]}")
         if (id(module), name) in seen:
             raise ValueError(f"parameters names {target.fqn!r} more than once")
         seen.add((id(module), name))

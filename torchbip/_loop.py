@@ -21,7 +21,7 @@ from torch.nn.utils import prune
 
 from torchbip._func import Target, make_forward
 from torchbip._layouts import MaskLayout
-from torchbip.bilevel import MaskedGrads, lower_grad, masked_loss_grads, upper_grad
+from torchbip.bilevel import MaskedGrads, all_finite, lower_grad, masked_loss_grads, upper_grad
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, describe, to_device
 from torchbip.masks import GlobalTopK
@@ -31,7 +31,7 @@ from torchbip.scores import init_scores
 
 __all__ = ["CHECKPOINT_FORMAT", "BiPLoop", "pruned_tensors"]
 
-CHECKPOINT_FORMAT = "torchbip.bip-loop/1"
+CHECKPOINT_FORMAT = "torchbip.bip-loop/2"
 LossFn = Callable[[Any, Any], Tensor]
 
 
@@ -118,6 +118,14 @@ class BiPLoop:
             if p is not None and fqn + "_orig" not in self.masked:
                 self.masked[fqn + "_orig"] = (p, module._buffers[hook._tensor_name + "_mask"])
         others = [p for n, p in self.params.items() if n not in self.masked]
+        # Gradient hooks a user registered on a parameter (``p.register_hook``) see the gradient
+        # of the whole lower objective (the loss and the L2 term), as in a loop whose loss holds the
+        # L2 term: a hook that returns zeros freezes the parameter. Such parameters therefore get
+        # the L2 term in their gradient, not as the optimiser's weight decay.
+        self.grad_hooks = {n: p for n, p in self.params.items() if p._backward_hooks}
+        self.post_hooks = [p for p in self.params.values() if getattr(p, "_post_accumulate_grad_hooks", None)]
+        self.unmasked = [n for n in self.params if n not in self.masked]
+        hooked = {id(p) for p in self.grad_hooks.values()}
         score_names = {t.fqn + "_scores" for t in targets}
         self.buffers = {
             n: b for n, b in model.named_buffers() if n not in self.masks and n not in score_names
@@ -127,7 +135,8 @@ class BiPLoop:
         self.lower_opt = torch.optim.SGD(
             [
                 {"params": [p for p, _ in self.masked.values()], "weight_decay": 0.0},
-                {"params": others, "weight_decay": cfg.gamma},
+                {"params": [p for p in others if id(p) not in hooked], "weight_decay": cfg.gamma},
+                {"params": [p for p in others if id(p) in hooked], "weight_decay": 0.0},
             ],
             lr=cfg.lower_lr,
             momentum=cfg.momentum,
@@ -160,20 +169,36 @@ class BiPLoop:
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> float:
-        """Run one BiP step (a lower and an upper update); return its training loss."""
+        """Run one BiP step (a lower and an upper update); return its training loss.
+
+        Raises:
+            FloatingPointError: when the loss, a gradient or the new mask is not what it must be
+                (a NaN or an infinity, a mask that does not keep exactly its count), naming the step.
+            ValueError: when the model or the loss fails on a batch, or a pruned tensor gets no
+                gradient at all in the first step (its module's forward is never called, or the
+                loss does not depend on it).
+        """
         step = self.step_index
-        if self.cfg.mode == "fused":
-            out, loss = self._backward(self.lower_stream, step, with_mask_grads=True)
-            if out is not None:
-                self._lower_step(out.params)
-                self._upper_step(out)
-        else:
-            out, loss = self._backward(self.lower_stream, step, with_mask_grads=False)
-            if out is not None:
-                self._lower_step(out.params)
-            out, loss = self._backward(self.upper_stream, step, with_mask_grads=True)
-            if out is not None:
-                self._upper_step(out)
+        calls = self._watch_calls() if step == 0 else None
+        try:
+            if self.cfg.mode == "fused":
+                out, loss = self._backward(self.lower_stream, step, with_mask_grads=True)
+                if out is not None:
+                    self._check_gradients_reach_targets(out, calls, step)
+                    self._lower_step(out.params)
+                    self._upper_step(step)
+            else:
+                out, loss = self._backward(self.lower_stream, step, with_mask_grads=False)
+                if out is not None:
+                    self._lower_step(out.params)
+                out, loss = self._backward(self.upper_stream, step, with_mask_grads=True)
+                if out is not None:
+                    self._check_gradients_reach_targets(out, calls, step)
+                    self._upper_step(step)
+        finally:
+            if calls is not None:
+                for handle in calls[1]:
+                    handle.remove()
         with warnings.catch_warnings():
             # a float16 step skipped for overflow: the schedule still advances, on purpose
             warnings.filterwarnings(
@@ -191,8 +216,7 @@ class BiPLoop:
     def _backward(
         self, stream: BatchStream, step: int, with_mask_grads: bool
     ) -> tuple[MaskedGrads | None, float]:
-        inputs, labels = stream.next()
-        inputs, labels = to_device(inputs, self.device), to_device(labels, self.device)
+        """One forward and backward pass; checks what it returns (loss, gradients)."""
         scale = self.loss_scale
         loss_fn = self.loss_fn if scale == 1.0 else (lambda out, y: self.loss_fn(out, y) * scale)
         autocast = (
@@ -200,23 +224,37 @@ class BiPLoop:
             if self.amp_dtype is not None
             else contextlib.nullcontext()
         )
+        inputs: Any = None
+        labels: Any = None
         try:
-            with autocast:
-                out = masked_loss_grads(
-                    self.forward, self.params, self.masks, self.buffers, inputs, labels, loss_fn,
-                    with_mask_grads=with_mask_grads,
-                )  # fmt: skip
-        except Exception as err:
-            raise ValueError(
-                f"the model or loss_fn failed on a batch from {stream.name} at step {step} "
-                f"(inputs {describe(inputs)}, targets {describe(labels)}): {type(err).__name__}: {err}"
-            ) from err
+            inputs, labels = stream.next()
+            inputs, labels = to_device(inputs, self.device), to_device(labels, self.device)
+            try:
+                with autocast:
+                    out = masked_loss_grads(
+                        self.forward, self.params, self.masks, self.buffers, inputs, labels, loss_fn,
+                        with_mask_grads=with_mask_grads,
+                    )  # fmt: skip
+            except Exception as err:
+                raise ValueError(
+                    f"the model or loss_fn failed on a batch from {stream.name} at step {step} "
+                    f"(inputs {describe(inputs)}, targets {describe(labels)}): {type(err).__name__}: {err}"
+                ) from err
+        except Exception:
+            if self.group is not None:  # the other ranks wait in the next all-reduce: tell them
+                _all_reduce_mean(self._reduce_shapes(with_mask_grads), self.group, failed=True)
+            raise
         if self.group is not None:
-            _all_reduce_mean([out.loss, *out.params.values(), *out.masks.values()], self.group)
-        loss = float(out.loss) / scale
+            failed = _all_reduce_mean([out.loss, *out.params.values(), *out.masks.values()], self.group)
+            if failed:
+                raise RuntimeError(
+                    f"{failed} other rank(s) of the process group failed at step {step} (see their "
+                    "error); this rank stops too, and its model was restored"
+                )
         if scale != 1.0:
             grads = [*out.params.values(), *out.masks.values()]
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            finite = bool(all_finite(grads))
+            loss = float(out.loss) / scale
             if not finite or not math.isfinite(loss):  # float16 overflow: skip, lower the scale
                 self.loss_scale /= 2.0
                 self.good_steps = 0
@@ -233,10 +271,28 @@ class BiPLoop:
             self.good_steps += 1
             if self.good_steps % 2000 == 0:
                 self.loss_scale *= 2.0
+        # What this step will apply, checked with one host sync (fused with reading the loss): the
+        # score gradient covers every target entry (a NaN or infinity in g makes it non-finite,
+        # also where the mask is 0), the other parameters' gradients are checked themselves.
+        if with_mask_grads:
+            self._score_grads(out)
+            checked = [self.flat_grad, *(out.params[n] for n in self.unmasked)]
+        else:
+            checked = list(out.params.values())
+        loss_value, finite = torch.stack([out.loss.detach().double(), all_finite(checked).double()]).tolist()
+        loss = loss_value / scale
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss_fn returned a non-finite loss ({loss}) at step {step} on a batch from "
                 f"{stream.name}; the model was restored. Lower lower_lr/upper_lr or check the data."
+            )
+        if not finite:
+            bad = [n for n, g in [*out.params.items(), *out.masks.items()] if not bool(all_finite([g]))]
+            raise FloatingPointError(
+                f"non-finite gradients at step {step} on a batch from {stream.name} although the loss "
+                f"({loss:.6g}) is finite, in {bad or ['the score gradient']}; the model was restored. "
+                "A loss term such as torch.where(cond, x.log(), 0) has NaN gradients where x <= 0 even "
+                "where cond is False: compute it on safe values, e.g. x.clamp_min(eps).log()"
             )
         with torch.no_grad():
             for name, value in out.buffers.items():
@@ -245,19 +301,80 @@ class BiPLoop:
                 _all_reduce_mean([b for b in self.buffers.values() if b.is_floating_point()], self.group)
         return out, loss
 
+    def _reduce_shapes(self, with_mask_grads: bool) -> list[Tensor]:
+        """Zeros in the layout of a step's all-reduce (what a failed rank contributes)."""
+        loss = torch.zeros((), device=self.device)
+        masks = [torch.zeros_like(m) for m in self.masks.values()] if with_mask_grads else []
+        return [loss, *(torch.zeros_like(p) for p in self.params.values()), *masks]
+
+    def _watch_calls(self) -> tuple[set[int], list[Any]]:
+        """Record which target modules the first step's forward calls."""
+        called: set[int] = set()
+        handles = []
+        for module in {id(t.module): t.module for t in self.targets}.values():
+            handles.append(
+                module.register_forward_pre_hook(lambda mod, args: called.add(id(mod)), prepend=True)
+            )
+        return called, handles
+
+    def _check_gradients_reach_targets(
+        self, grads: MaskedGrads, calls: tuple[set[int], list[Any]] | None, step: int
+    ) -> None:
+        """In the first step: raise for a target whose module's forward never ran and got no gradient.
+
+        Such a tensor (a layer the model holds but does not call, or one whose parent reads its
+        weight directly) would be counted in the budget, pruned by its initial scores alone and
+        never trained, and its mask would not be applied in the model's forward. A called module
+        whose gradient is zero is not an error: a mask can disconnect a layer from the loss for a
+        while (at high sparsity the first step often does).
+        """
+        if calls is None:
+            return
+        uncalled = [t for t in self.targets if id(t.module) not in calls[0]]
+        if not uncalled:
+            return
+        counts = torch.stack(
+            [
+                grads.params[t.orig_fqn].count_nonzero() + grads.masks[t.mask_fqn].count_nonzero()
+                for t in uncalled
+            ]
+        ).tolist()
+        dead = [t for t, n in zip(uncalled, counts, strict=True) if n == 0]
+        if not dead:
+            return
+        names = ", ".join(f"{t.fqn!r} ({type(t.module).__name__})" for t in dead)
+        raise ValueError(
+            f"parameters names {names}, whose module's forward is never called (at step {step}): "
+            "the model does not use the layer, or its parent reads the tensor directly (as "
+            "nn.MultiheadAttention does with out_proj), so a pruning mask on it is never applied and "
+            "it gets no gradient; leave it out of parameters"
+        )
+
     def _lower_step(self, grads: dict[str, Tensor]) -> None:
+        gamma = self.cfg.gamma
         with torch.no_grad():
             for name, (p, mask) in self.masked.items():
-                p.grad = lower_grad(grads[name], p, mask, self.cfg.gamma)
+                if name in self.grad_hooks:
+                    p.grad = _run_hooks(p, torch.add(grads[name], p, alpha=gamma)).mul_(mask)
+                else:
+                    p.grad = lower_grad(grads[name], p, mask, gamma)
                 state = self.lower_opt.state.get(p, {})
                 if state.get("momentum_buffer") is not None:
                     state["momentum_buffer"].mul_(mask)
-            for name, p in self.params.items():
-                if name not in self.masked:
-                    p.grad = grads[name]
+            for name in self.unmasked:
+                p = self.params[name]
+                p.grad = (
+                    _run_hooks(p, torch.add(grads[name], p, alpha=gamma))
+                    if name in self.grad_hooks
+                    else grads[name]
+                )
+        for p in self.post_hooks:
+            for hook in p._post_accumulate_grad_hooks.values():
+                hook(p)
         self.lower_opt.step()
 
-    def _upper_step(self, grads: MaskedGrads) -> None:
+    def _score_grads(self, grads: MaskedGrads) -> None:
+        """Write the upper-level gradient of every score into ``flat_grad``."""
         with torch.no_grad():
             for i, (target, g) in enumerate(zip(self.targets, self.grad_views, strict=True)):
                 if self.layout is not None:  # group scores: the sum of the element gradients
@@ -269,9 +386,14 @@ class BiPLoop:
                 upper_grad(
                     grads.masks[target.mask_fqn], grads.params[target.orig_fqn], self.implicit_coef, out=g
                 )
-            self.flat_scores.grad = self.flat_grad
+
+    def _upper_step(self, step: int) -> None:
+        self.flat_scores.grad = self.flat_grad
         self.upper_opt.step()
-        self.update_masks()
+        try:
+            self.update_masks()
+        except FloatingPointError as err:
+            raise FloatingPointError(f"at step {step}: {err}; the model was restored") from err
 
     @torch.no_grad()
     def update_masks(self) -> None:
@@ -351,9 +473,17 @@ class BiPLoop:
         return state
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        """Restore a :meth:`state_dict`; raise ``ValueError`` if it belongs to another run."""
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{source} is not a torchbip BiP checkpoint (format {CHECKPOINT_FORMAT})")
+        """Restore a :meth:`state_dict`; raise ``ValueError`` if it belongs to another run.
+
+        ``global_prune`` first compares the run the checkpoint records with its own
+        (:func:`torchbip._checkpoint.check_resume`); the checks here guard the loop's own state.
+        """
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        if found != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{source} is not a checkpoint this torchbip version reads (format {found!r}, "
+                f"expected {CHECKPOINT_FORMAT!r})"
+            )
         fqns = [t.fqn for t in self.targets]
         if state["targets"] != fqns or state["n_keep"] != self.selector.n_keep:
             raise ValueError(
@@ -378,9 +508,11 @@ class BiPLoop:
         self.upper_opt.load_state_dict(state["upper_opt"])
         self.lower_sched.load_state_dict(state["lower_sched"])
         self.upper_sched.load_state_dict(state["upper_sched"])
-        self.lower_stream.load_state_dict(state["lower_stream"])
+        # Each rank replays its own shard, but only rank 0 saved: check the replay on one process.
+        verify = self.group is None
+        self.lower_stream.load_state_dict(state["lower_stream"], source=source, verify=verify)
         if self.upper_stream is not self.lower_stream:
-            self.upper_stream.load_state_dict(state["upper_stream"])
+            self.upper_stream.load_state_dict(state["upper_stream"], source=source, verify=verify)
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -432,23 +564,43 @@ def _broadcast_state(model: nn.Module, group: Any) -> None:
             dist.broadcast(tensor.data, src=src, group=group)
 
 
-def _all_reduce_mean(tensors: list[Tensor], group: Any) -> None:
-    """Average tensors over the ranks of ``group`` in place, in one flat all-reduce."""
-    if not tensors:
-        return
-    flat = torch.cat(
-        [
-            t.detach().reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-            for t in tensors
-        ]
+def _all_reduce_mean(tensors: list[Tensor], group: Any, failed: bool = False) -> int:
+    """Average tensors over the ranks of ``group`` in place, in one flat all-reduce.
+
+    The flat buffer also carries one status entry per call, so that a rank that failed before the
+    collective (``failed=True``, contributing zeros) does not leave the others waiting: every rank
+    learns how many ranks failed. The buffer's dtype depends only on the non-scalar tensors (the
+    same on every rank), never on the loss's.
+
+    Returns:
+        The number of ranks that reported a failure.
+    """
+    wide = any(t.dtype == torch.float64 and t.dim() > 0 for t in tensors)
+    dtype = torch.float64 if wide else torch.float32
+    status = torch.full(
+        (1,), 1.0 if failed else 0.0, dtype=dtype, device=tensors[0].device if tensors else None
     )
+    flat = torch.cat([status, *(t.detach().reshape(-1).to(dtype) for t in tensors)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    n_failed = round(float(flat[0]))
+    if failed or n_failed:
+        return n_failed
     flat.div_(dist.get_world_size(group))
-    offset = 0
+    offset = 1
     with torch.no_grad():
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view(t.shape))
             offset += t.numel()
+    return 0
+
+
+def _run_hooks(param: Tensor, grad: Tensor) -> Tensor:
+    """Apply the gradient hooks registered on ``param`` (``param.register_hook``) to ``grad``."""
+    for hook in (param._backward_hooks or {}).values():
+        result = hook(grad)
+        if result is not None:
+            grad = result
+    return grad
 
 
 def _fusable(params: list[Tensor]) -> bool | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -16,13 +15,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from torchbip._func import Target, resolve_targets
-from torchbip._layouts import MaskLayout, default_structured_targets, make_layout
+from torchbip._arguments import agree_across_ranks, default_group, plan_run
+from torchbip._checkpoint import (
+    check_resume,
+    load_checkpoint,
+    run_descriptor,
+    save_checkpoint,
+    save_final_checkpoint,
+)
+from torchbip._func import Target
+from torchbip._layouts import MaskLayout
 from torchbip._loop import BiPLoop, pruned_tensors
 from torchbip._snapshot import ModelSnapshot
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream
-from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, validate_amount
+from torchbip.masks import GlobalTopK
 from torchbip.report import PruneReport
 
 __all__ = ["global_prune"]
@@ -129,57 +136,34 @@ def global_prune(
         >>> prune.remove(model[0], "weight") is model[0]
         True
     """
-    if isinstance(options.get("checkpoint_path"), os.PathLike):
-        options["checkpoint_path"] = os.fspath(options["checkpoint_path"])
-    if config is not None and not isinstance(config, BiPConfig):
-        raise TypeError(
-            f"config must be a BiPConfig (or None), got {type(config).__name__}; "
-            "for a dict use BiPConfig.from_dict(config)"
-        )
-    cfg = (config if config is not None else BiPConfig()).replace(**options)
-    if cfg.device is not None:
-        _check_device(cfg.device)
-    amount = validate_amount(amount)
-    if loader is None:
-        raise ValueError("loader is required: an iterable of (inputs, targets) batches")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-    if structured is None and budget != "layer":
-        raise ValueError(f"budget={budget!r} applies to structured runs; an unstructured run ranks globally")
-    if structured is not None and parameters is None:
-        parameters = default_structured_targets(model, structured)
-    targets = resolve_targets(model, parameters)
-    allowed = [_allowed(t) for t in targets]
-    selector: GlobalTopK | MaskLayout
-    if structured is not None:
-        selector = make_layout(structured, targets, amount, budget, cfg.min_keep, allowed)
-    else:
-        n_allowed = [
-            t.weight().numel() if a is None else int(a.sum()) for t, a in zip(targets, allowed, strict=False)
-        ]
-        n_prune = count_from_amount(amount, sum(n_allowed))
-        floors = floor_counts(n_allowed, cfg.min_keep)
-        selector = GlobalTopK(sum(n_allowed) - n_prune, floors if cfg.min_keep is not None else None)
-    two_batch = cfg.mode == "two_batch"
-    if upper_loader is not None and not two_batch:
-        raise ValueError(
-            f"upper_loader is used only with mode='two_batch' (got mode={cfg.mode!r}); "
-            "a fused step draws one batch from loader for both levels"
-        )
-    steps = _resolve_steps(cfg, loader, per_step=2 if two_batch and upper_loader is None else 1)
+    group = default_group(process_group)
+    try:
+        plan = plan_run(
+            model, amount, loader, parameters=parameters, loss_fn=loss_fn, upper_loader=upper_loader,
+            config=config, group=group, structured=structured, budget=budget, options=options,
+        )  # fmt: skip
+    except Exception as err:
+        agree_across_ranks(None, err, group)  # every rank learns of the refusal, then this rank raises
+        raise
+    cfg = plan.cfg
 
     # The attributes that pruning hooks set (``module.weight``) for every pruned tensor.
-    attrs = {t.name for t in targets} | {hook._tensor_name for _, _, hook in pruned_tensors(model)}
+    attrs = {t.name for t in plan.targets} | {hook._tensor_name for _, _, hook in pruned_tensors(model)}
     snapshot = ModelSnapshot(model, attrs)
     try:
         with _seeded(cfg.seed):
             # The streams start inside the seeded block: a shuffling DataLoader draws its order
             # from torch's RNG when iterated.
-            lower_stream = BatchStream(loader, "loader")
-            upper_stream = BatchStream(upper_loader, "upper_loader") if upper_loader is not None else None
+            try:
+                lower_stream = BatchStream(loader, "loader")  # type: ignore[arg-type]
+                upper_stream = BatchStream(upper_loader, "upper_loader") if upper_loader is not None else None
+            except Exception as err:
+                agree_across_ranks(None, err, group)
+                raise
+            agree_across_ranks(plan, None, group)
             return _run(
-                model, amount, targets, allowed, selector, steps, cfg, loss_fn,
-                lower_stream, upper_stream or lower_stream, _default_group(process_group),
+                model, plan.amount, plan.targets, plan.allowed, plan.selector, plan.steps, cfg, loss_fn,
+                lower_stream, upper_stream or lower_stream, group,
             )  # fmt: skip
     except BaseException:
         snapshot.restore()
@@ -201,15 +185,24 @@ def _run(
 ) -> PruneReport:
     start = time.perf_counter()
     modes = [(m, m.training) for m in model.modules()]
+    path = Path(cfg.checkpoint_path) if cfg.checkpoint_path is not None else None
+    run: dict[str, Any] = {}  # what defines the run: saved with every checkpoint
+    saved = None
+    if cfg.checkpoint_path is not None and path is not None:
+        run = run_descriptor(
+            amount, targets, allowed, selector, steps, cfg, lower_stream, upper_stream, process_group
+        )
+        if cfg.resume and path.exists():
+            saved = load_checkpoint(path)
+            check_resume(saved, run, path)  # before anything touches the model
     if cfg.device is not None:
         model.to(torch.device(cfg.device))
     loop = BiPLoop(
         model, targets, allowed, selector, steps, cfg, loss_fn, lower_stream, upper_stream, process_group
     )
     is_main = process_group is None or dist.get_rank(process_group) == 0
-    path = Path(cfg.checkpoint_path) if cfg.checkpoint_path is not None else None
-    if cfg.resume and path is not None and path.exists():
-        loop.load_state_dict(load_checkpoint(path), source=f"checkpoint_path={str(path)!r}")
+    if saved is not None:
+        loop.load_state_dict(saved, source=f"checkpoint_path={str(path)!r}")
     model.train()
     bar = tqdm(
         total=steps,
@@ -233,7 +226,11 @@ def _run(
                     or (cfg.checkpoint_every and loop.step_index % cfg.checkpoint_every == 0)
                 )
             ):
-                save_checkpoint(loop.state_dict(), path)
+                state = {**loop.state_dict(), "run": run}
+                if loop.step_index < steps:
+                    save_checkpoint(state, path)  # fails loudly: the previous checkpoint is intact
+                else:
+                    save_final_checkpoint(state, path)  # warns: the finished run is returned
     report = loop.finish()
     for module, training in modes:
         module.training = training
@@ -248,79 +245,6 @@ def _run(
         losses=list(loop.losses),
         skipped_steps=loop.skipped_steps,
     )
-
-
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a checkpoint atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; clear errors for bad files."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise ValueError(
-            f"checkpoint_path={str(path)!r} cannot be read as a torchbip checkpoint "
-            f"(truncated, or not written by torchbip): {type(err).__name__}: {err}"
-        ) from err
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint_path={str(path)!r} holds a {type(state).__name__}, not a checkpoint")
-    return state
-
-
-def _check_device(device: str) -> None:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a torch device: {err}") from err
-    if parsed.type == "cuda" and (
-        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ValueError(
-            f"device={device!r} is not available here ({torch.cuda.device_count()} CUDA devices)"
-        )
-    if parsed.type not in ("cpu", "cuda", "mps", "xpu", "meta") or parsed.type == "meta":
-        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda[:N]'")
-
-
-def _default_group(process_group: Any) -> Any:
-    if process_group is False:
-        return None
-    if process_group is not None:
-        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-            raise TypeError(
-                "process_group must be a torch.distributed.ProcessGroup, None or False, "
-                f"got {process_group!r}"
-            )
-        return process_group
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
-
-
-def _allowed(target: Target) -> Tensor | None:
-    """Entries that earlier pruning left (``None``: the tensor is not pruned yet)."""
-    if not target.is_pruned:
-        return None
-    return getattr(target.module, target.name + "_mask").detach() != 0
-
-
-def _resolve_steps(cfg: BiPConfig, loader: Iterable[Any], per_step: int) -> int:
-    if cfg.steps is not None:
-        return cfg.steps
-    try:
-        n_batches = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError("loader has no len(); pass steps= to say how many BiP steps to run") from None
-    epochs = 1.0 if cfg.epochs is None else cfg.epochs
-    return max(1, math.ceil(epochs * n_batches / per_step))
 
 
 @contextlib.contextmanager

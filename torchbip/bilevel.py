@@ -19,7 +19,8 @@ with no second derivatives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "MaskedGrads",
+    "all_finite",
     "lower_grad",
     "masked_loss_grads",
     "upper_grad",
@@ -210,3 +212,31 @@ def lower_grad(grad_theta: Tensor, theta: Tensor, mask: Tensor, gamma: float) ->
         tensor([2., 0.])
     """
     return torch.add(grad_theta, theta, alpha=gamma).mul_(mask)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether every entry of every tensor is finite, as a 0-dim boolean tensor (no host sync).
+
+    One fused reduction per tensor (its largest magnitude, :func:`torch._foreach_norm` with
+    ``ord=inf``, which is NaN or infinite exactly when the tensor holds a NaN or an infinity), so
+    that a training step can check the gradients it applies and read the result together with its
+    loss, in one host sync.
+
+    Args:
+        tensors: tensors of any shapes, dtypes and devices.
+
+    Returns:
+        A 0-dim ``torch.bool`` tensor (``True`` for an empty list).
+
+    Example:
+        >>> import torch
+        >>> bool(all_finite([torch.ones(3), torch.zeros(2, 2)]))
+        True
+        >>> bool(all_finite([torch.ones(3), torch.tensor([0.0, float("nan")])]))
+        False
+    """
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm([t.detach() for t in tensors], math.inf)
+    device = norms[0].device
+    return torch.isfinite(torch.stack([n.to(device).float() for n in norms])).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,6 +106,7 @@ class BiPConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        self._normalise_numbers()
         if self.steps is not None and (
             isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
         ):
@@ -141,8 +143,15 @@ class BiPConfig:
                 raise ValueError(f"min_keep must be >= 0, got {self.min_keep!r}")
             if isinstance(self.min_keep, float) and not 0.0 <= self.min_keep <= 1.0:
                 raise ValueError(f"min_keep as a float must lie in [0, 1], got {self.min_keep!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not _SEED_MIN <= self.seed <= _SEED_MAX
+        ):
+            raise ValueError(
+                f"seed must be an int in [-2**63, 2**64 - 1] (the range torch.manual_seed takes) or None, "
+                f"got {self.seed!r}"
+            )
         if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}")
         if not isinstance(self.progress, bool):
@@ -153,6 +162,11 @@ class BiPConfig:
             raise ValueError(f"amp must be None, 'bfloat16' or 'float16', got {self.amp!r}")
         if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, str):
             raise ValueError(f"checkpoint_path must be a str or None, got {self.checkpoint_path!r}")
+        if self.checkpoint_path is not None and not self.checkpoint_path.strip():
+            raise ValueError(
+                f"checkpoint_path={self.checkpoint_path!r} is empty; "
+                "pass a file path such as 'bip.pt', or None"
+            )
         if (
             isinstance(self.checkpoint_every, bool)
             or not isinstance(self.checkpoint_every, int)
@@ -163,6 +177,25 @@ class BiPConfig:
             raise ValueError(f"resume must be a bool, got {self.resume!r}")
         if self.resume and self.checkpoint_path is None:
             raise ValueError("resume=True needs checkpoint_path (the file to resume from)")
+        if self.checkpoint_every and self.checkpoint_path is None:
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every} needs checkpoint_path (the file to save to); "
+                "without it no checkpoint would be written"
+            )
+
+    def _normalise_numbers(self) -> None:
+        """Accept NumPy and other ``numbers`` scalars (as torch's optimisers do), stored as Python types."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if _is_integral(value) and type(value) is not int:
+                object.__setattr__(self, name, int(value))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not _is_bool(value) and type(value) not in (int, float):
+                object.__setattr__(self, name, round(value) if _is_integral(value) else float(value))
+        value = self.min_keep
+        if isinstance(value, numbers.Real) and not _is_bool(value) and type(value) not in (int, float):
+            object.__setattr__(self, "min_keep", int(value) if _is_integral(value) else float(value))
 
     @property
     def effective_implicit_coef(self) -> float:
@@ -190,6 +223,19 @@ class BiPConfig:
     def from_dict(cls, data: dict[str, Any]) -> BiPConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
         return cls().replace(**data)
+
+
+_INT_FIELDS = ("steps", "seed", "log_every", "checkpoint_every")
+_FLOAT_FIELDS = ("epochs", "lower_lr", "upper_lr", "momentum", "upper_momentum", "gamma", "implicit_coef")
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def _is_integral(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
 
 
 def _is_number(value: object) -> bool:

@@ -1,21 +1,45 @@
-"""Batch streams over user loaders: cycling, unpacking and moving to a device."""
+"""Batch streams over user loaders: cycling, unpacking, moving to a device, and resuming."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BatchStream", "describe", "to_device"]
+__all__ = ["BatchStream", "describe", "order_generators", "to_device"]
 
 
 class BatchStream:
     """An endless stream of ``(inputs, targets)`` over a loader, restarted at each epoch end.
 
+    A stream can be saved (:meth:`state_dict`) and continued exactly (:meth:`load_state_dict`):
+    at every epoch start it records the state of torch's global RNG and of every
+    :class:`torch.Generator` the loader draws its order from (:func:`order_generators`), and a
+    sampler with ``set_epoch`` (a :class:`~torch.utils.data.DistributedSampler`) is told the
+    epoch. Restoring replays the saved epoch up to the saved position and leaves those generators
+    in the state they had when the stream was saved.
+
+    What to pass again when continuing from a saved state:
+
+    - a re-iterable loader (a :class:`~torch.utils.data.DataLoader`, a list, any object whose
+      ``iter()`` returns a new iterator): the same loader, over the same data with the same batch
+      size and sampler. The state its generators are in does not matter: they are restored.
+    - a one-shot iterator (``iter(loader) is loader``: a generator, a generator expression,
+      ``iter(list)``): a new one that yields the same batches from its start. It has a single
+      pass, so it must hold at least ``steps`` batches (two per step in ``mode="two_batch"``
+      without ``upper_loader``).
+
+    Not replayed: an order drawn from a random state the stream cannot see (Python's
+    :mod:`random`, NumPy, a generator kept inside a wrapper object or a sampler's private
+    attribute), a one-shot iterator passed on from where it stopped, or other data. The saved
+    state holds a digest of the integer targets of the last batch read, and
+    :meth:`load_state_dict` raises ``ValueError`` when the replayed batch has other targets.
+
     Args:
-        loader: any re-iterable of batches, e.g. a :class:`torch.utils.data.DataLoader`. Each
+        loader: any iterable of batches, e.g. a :class:`torch.utils.data.DataLoader`. Each
             batch is a pair ``(inputs, targets)``; ``inputs`` is a tensor or a tuple of tensors.
         name: the argument name used in error messages.
 
@@ -30,6 +54,16 @@ class BatchStream:
         (torch.Size([2, 3]), 0)
         >>> _ = stream.next(); stream.epoch
         1
+
+        Saving and continuing, here with a one-shot iterator passed again from its start:
+
+        >>> batches = [(torch.zeros(1), torch.tensor([i])) for i in range(4)]
+        >>> stream = BatchStream(iter(batches), "loader")
+        >>> _ = stream.next(); saved = stream.state_dict()
+        >>> again = BatchStream(iter(batches), "loader")
+        >>> again.load_state_dict(saved)
+        >>> again.next()[1]
+        tensor([1])
     """
 
     def __init__(self, loader: Iterable[Any], name: str) -> None:
@@ -37,7 +71,11 @@ class BatchStream:
         self.name = name
         self.epoch = 0
         self.position = 0
+        self.generators = order_generators(loader)
+        self.one_shot = False
+        self._last_targets: Any = None
         self._it = self._start()
+        self.one_shot = self._it is loader
         try:
             self._peeked: Any = next(self._it)
         except StopIteration:
@@ -45,11 +83,12 @@ class BatchStream:
         self._has_peeked = True
 
     def _start(self) -> Iterator[Any]:
-        """A new pass over the loader; remembers the RNG state a shuffling loader draws from."""
+        """A new pass over the loader; remembers the random states its order is drawn from."""
         set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
         if callable(set_epoch):  # e.g. DistributedSampler: a new order each epoch
             set_epoch(self.epoch)
         self._epoch_rng = torch.get_rng_state()
+        self._epoch_generators = [g.get_state() for g in self.generators]
         try:
             return iter(self.loader)
         except TypeError as err:
@@ -73,27 +112,190 @@ class BatchStream:
                 except StopIteration:
                     raise ValueError(f"{self.name} yielded no batch in epoch {self.epoch}") from None
         self.position += 1
-        return split_batch(batch, self.name)
+        pair = split_batch(batch, self.name)
+        self._last_targets = pair[1]
+        return pair
+
+    def signature(self) -> dict[str, Any]:
+        """What a continued run must see again.
+
+        ``len(loader)`` (``None`` if unknown) and the number of generators the order is drawn from.
+        """
+        return {"batches": _length(self.loader), "generators": len(self.generators)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream is: epoch, batches read in it, the RNG state at the epoch's start."""
-        return {"epoch": self.epoch, "position": self.position, "epoch_rng": self._epoch_rng}
+        """Where the stream is, as tensors and plain types.
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+        The epoch, the batches read in it, the random states at the epoch's start (torch's global
+        RNG and each order generator), the generators' current states and a digest of the last
+        batch's integer targets.
+        """
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "epoch_rng": self._epoch_rng,
+            "epoch_generators": list(self._epoch_generators),
+            "generators": [g.get_state() for g in self.generators],
+            "last_targets": targets_digest(self._last_targets) if self.position else None,
+        }
+
+    def load_state_dict(
+        self, state: dict[str, Any], source: str = "the saved state", verify: bool = True
+    ) -> None:
         """Continue where :meth:`state_dict` was taken.
 
-        Re-iterates the loader from the saved epoch with the RNG state it started from (so a
-        shuffling loader yields the same order) and skips the batches already read.
+        A re-iterable loader is iterated again from the saved epoch, with torch's global RNG and
+        the order generators set to their states at that epoch's start (so a shuffling loader
+        yields the same order), and the batches already read are skipped; a one-shot iterator
+        (passed again from its start) is read up to the saved position. The generators are then
+        set to their saved states, and torch's global RNG is left as it was.
+
+        Args:
+            state: a :meth:`state_dict`.
+            source: what ``state`` came from, for error messages.
+            verify: check that the last replayed batch has the targets the saved run read last
+                (off where each process reads its own shard and only one process saved).
+
+        Raises:
+            ValueError: if the loader draws from another number of generators, ends before the
+                saved position, is a one-shot iterator asked for another epoch, or (``verify``)
+                replays other targets.
         """
-        current = torch.get_rng_state()
-        self.epoch = int(state["epoch"])
-        torch.set_rng_state(state["epoch_rng"])
-        self._it = self._start()
-        self._has_peeked, self._peeked = False, None
-        for _ in range(int(state["position"])):
-            next(self._it)
-        self.position = int(state["position"])
-        torch.set_rng_state(current)
+        epoch, position = int(state["epoch"]), int(state["position"])
+        starts, saved_now = list(state["epoch_generators"]), list(state["generators"])
+        if len(starts) != len(self.generators):
+            raise ValueError(
+                f"{source} was written for a {self.name} that draws its order from {len(starts)} "
+                f"torch.Generator(s); this {self.name} draws from {len(self.generators)}"
+            )
+        rng = torch.get_rng_state()
+        before = [g.get_state() for g in self.generators]
+        try:
+            if self.one_shot:
+                if epoch != self.epoch or position < self.position:
+                    raise ValueError(
+                        f"{source} was written at batch {position} of epoch {epoch} of {self.name}, "
+                        f"but {self.name} is a one-shot iterator (one pass, no restart) at batch "
+                        f"{self.position} of epoch {self.epoch}; pass a new one from its start"
+                    )
+            else:
+                torch.set_rng_state(state["epoch_rng"])
+                for g, s in zip(self.generators, starts, strict=True):
+                    g.set_state(s)
+                self.epoch, self.position = epoch, 0
+                self._has_peeked, self._peeked = False, None
+                self._it = self._start()
+            self._advance_to(position, source)
+            if verify and position and targets_digest(self._last_targets) != state["last_targets"]:
+                raise ValueError(
+                    f"{source} was written after batch {position} of epoch {epoch} of {self.name}, "
+                    f"and {self.name} now yields another batch there (other targets): pass the "
+                    "same data in the same order. The order of a shuffling loader is restored "
+                    "when drawn from torch's RNG or the torch.Generator of the DataLoader or its "
+                    "sampler; an order from Python's random, NumPy or a generator torchbip cannot "
+                    "see is not, and a one-shot iterator must start again from its first batch"
+                )
+            for g, s in zip(self.generators, saved_now, strict=True):
+                g.set_state(s)
+        except BaseException:
+            for g, s in zip(self.generators, before, strict=True):
+                g.set_state(s)
+            raise
+        finally:
+            torch.set_rng_state(rng)
+
+    def _advance_to(self, position: int, source: str) -> None:
+        """Read batches of the current pass (the peeked one first) until ``position``."""
+        while self.position < position:
+            if self._has_peeked:
+                self._has_peeked = False
+                batch, self._peeked = self._peeked, None
+            else:
+                try:
+                    batch = next(self._it)
+                except StopIteration:
+                    raise ValueError(
+                        f"{source} was written after batch {position} of epoch {self.epoch} of "
+                        f"{self.name}, but {self.name} ends after {self.position} batches there: "
+                        "pass the same data (a one-shot iterator again from its start)"
+                    ) from None
+            self.position += 1
+            self._last_targets = split_batch(batch, self.name)[1]
+
+
+def order_generators(loader: Any) -> list[torch.Generator]:
+    """The :class:`torch.Generator` objects a loader draws its order from, each once.
+
+    ``loader.generator`` (a DataLoader's: its shuffling sampler and its workers' base seed),
+    ``loader.sampler.generator``, ``loader.batch_sampler.generator`` and
+    ``loader.batch_sampler.sampler.generator``.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader
+        >>> g = torch.Generator().manual_seed(0)
+        >>> loader = DataLoader(list(range(8)), batch_size=2, shuffle=True, generator=g)
+        >>> [x is g for x in order_generators(loader)]
+        [True]
+        >>> order_generators([1, 2])
+        []
+    """
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    found: list[torch.Generator] = []
+    for holder in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        gen = getattr(holder, "generator", None) if holder is not None else None
+        if isinstance(gen, torch.Generator) and not any(gen is g for g in found):
+            found.append(gen)
+    return found
+
+
+def targets_digest(targets: Any) -> str | None:
+    """A short digest of the integer and boolean tensors in ``targets`` (``None``: there are none).
+
+    Float targets are left out: augmentations may draw them from an RNG that a continued run
+    reproduces only from the saved position on.
+
+    Example:
+        >>> import torch
+        >>> targets_digest(torch.tensor([1, 2])) == targets_digest(torch.tensor([1, 2]))
+        True
+        >>> targets_digest(torch.tensor([2, 1])) == targets_digest(torch.tensor([1, 2]))
+        False
+        >>> targets_digest(torch.zeros(2)) is None
+        True
+    """
+    tensors = [
+        t
+        for t in _leaves(targets)
+        if isinstance(t, Tensor) and not t.is_meta and not (t.is_floating_point() or t.is_complex())
+    ]
+    if not tensors:
+        return None
+    digest = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{flat.dtype}{tuple(t.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except Exception:  # no len(), or a DataLoader over an IterableDataset without one
+        return None
 
 
 def split_batch(batch: Any, name: str) -> tuple[Any, Any]:

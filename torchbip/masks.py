@@ -114,8 +114,14 @@ _BANDED_MIN_CPU = 1 << 22
 def _select_threshold(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
     """Keep entries above ``threshold`` plus the lowest-index ties, ``n_keep`` in all."""
     keep = _at_least(flat, threshold)
-    if int(torch.count_nonzero(keep)) == n_keep:  # no surplus ties: the common case
+    count = int(torch.count_nonzero(keep))
+    if count == n_keep:  # no surplus ties: the common case
         return keep
+    if count < n_keep:  # only NaN escapes both ``>=`` and the k-th value selection
+        raise FloatingPointError(
+            f"the scores hold NaN: a top-k mask of exactly {n_keep} entries cannot be selected "
+            f"({count} entries rank at or above the threshold)"
+        )
     above = flat > threshold
     ties = keep & ~above
     rank = torch.cumsum(ties, dim=0, dtype=torch.int64)

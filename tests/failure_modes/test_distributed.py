@@ -1,0 +1,173 @@
+"""Distributed ranks that disagree, or of which one fails, raise on every rank instead of hanging.
+
+Two gloo processes on the CPU run one case after another in the same process group (which also
+shows that the group stays usable after each failure). Before the first step the ranks agree on
+the run (steps, tensors, kept entries) or all raise; every step's all-reduce carries a status
+entry, so a rank that fails mid-run (its loader, model or loss raising) makes the others raise at
+the same step instead of waiting for the 30-minute collective timeout. The process group is
+created with a short timeout, so a hang fails this test quickly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import torchbip
+
+OPTIONS: dict[str, Any] = {"seed": 0, "progress": False, "lower_lr": 0.1, "upper_lr": 1.0}
+
+
+def make_model(hidden: int = 12) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+
+def batches(n: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(8, 6, generator=g)
+        out.append((x, x[:, :3].argmax(1)))
+    return out
+
+
+class FailingAt:
+    """A loader that raises at its ``at``-th batch."""
+
+    def __init__(self, data: list[tuple[Tensor, Tensor]], at: int) -> None:
+        self.data, self.at = data, at
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i, batch in enumerate(self.data):
+            if i == self.at:
+                raise OSError("disk read failed")
+            yield batch
+
+
+def nan_loss(out: Tensor, y: Tensor) -> Tensor:
+    zero = out - out.detach()
+    return F.cross_entropy(out, y) + torch.where(out > 1e9, zero.log(), torch.zeros_like(out)).sum()
+
+
+def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
+    """``(name, call)`` per case; each call runs ``global_prune`` on this rank's inputs."""
+    own = batches(6, seed=10 + rank)
+    return [
+        (
+            "uneven-shards",
+            lambda: torchbip.global_prune(make_model(), 0.5, own[: 3 + rank], epochs=1, **OPTIONS),
+        ),
+        ("uneven-steps", lambda: torchbip.global_prune(make_model(), 0.5, own, steps=4 + rank, **OPTIONS)),
+        (
+            "bad-amount-on-one-rank",
+            lambda: torchbip.global_prune(make_model(), 0.5 if rank == 0 else 1.5, own, steps=3, **OPTIONS),
+        ),
+        (
+            "another-model",
+            lambda: torchbip.global_prune(make_model(12 + 4 * rank), 0.5, own, steps=3, **OPTIONS),
+        ),
+        (
+            "loader-fails-on-one-rank",
+            lambda: torchbip.global_prune(
+                make_model(), 0.5, FailingAt(own, 2) if rank == 1 else own, steps=5, **OPTIONS
+            ),
+        ),
+        (
+            "one-shot-iterator-runs-out",
+            lambda: torchbip.global_prune(make_model(), 0.5, iter(own[: 6 - 3 * rank]), steps=5, **OPTIONS),
+        ),
+        (
+            "model-fails-on-one-rank",
+            lambda: torchbip.global_prune(
+                make_model(), 0.5, [(x[:, : 6 - rank], y) for x, y in own], steps=3, **OPTIONS
+            ),
+        ),
+        (
+            "nan-gradients-on-one-rank",
+            lambda: torchbip.global_prune(
+                make_model(), 0.5, own, steps=3, loss_fn=nan_loss if rank == 1 else F.cross_entropy, **OPTIONS
+            ),
+        ),
+        ("healthy-run-afterwards", lambda: torchbip.global_prune(make_model(), 0.5, own, steps=3, **OPTIONS)),
+    ]
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    results = {}
+    try:
+        for name, call in cases(rank):
+            try:
+                report = call()
+                results[name] = {"ok": True, "sparsity": report.global_sparsity}
+            except Exception as err:  # recorded for the test to check
+                results[name] = {"ok": False, "type": type(err).__name__, "message": str(err)}
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("ranks")
+    mp.spawn(worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+EXPECTED = [
+    ("uneven-shards", ["ValueError", "ValueError"], r"disagree on the steps \(rank 0: 3, rank 1: 4\)"),
+    ("uneven-steps", ["ValueError", "ValueError"], r"disagree on the steps \(rank 0: 4, rank 1: 5\)"),
+    (
+        "bad-amount-on-one-rank",
+        ["RuntimeError", "ValueError"],
+        r"amount=1\.5|rank 1: ValueError: amount=1\.5",
+    ),
+    ("another-model", ["ValueError", "ValueError"], r"disagree on the tensors to prune"),
+    ("loader-fails-on-one-rank", ["RuntimeError", "OSError"], r"failed at step 2|disk read failed"),
+    ("one-shot-iterator-runs-out", ["RuntimeError", "ValueError"], r"failed at step 3|yielded no batch"),
+    ("model-fails-on-one-rank", ["RuntimeError", "ValueError"], r"failed at step 0|failed on a batch"),
+    (
+        "nan-gradients-on-one-rank",
+        ["FloatingPointError", "FloatingPointError"],
+        r"non-finite gradients at step 0",
+    ),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("case", "types", "match"), [pytest.param(*e, id=e[0]) for e in EXPECTED])
+def test_every_rank_raises(outcomes: list[dict[str, Any]], case: str, types: list[str], match: str) -> None:
+    got = [outcomes[rank][case] for rank in range(2)]
+    assert [g.get("type") for g in got] == types, got
+    for g in got:
+        assert not g["ok"]
+        assert __import__("re").search(match, g["message"]), g["message"]
+
+
+@pytest.mark.timeout(300)
+def test_the_group_still_works_after_the_failures(outcomes: list[dict[str, Any]]) -> None:
+    got = [outcomes[rank]["healthy-run-afterwards"] for rank in range(2)]
+    assert got == [{"ok": True, "sparsity": 0.5}, {"ok": True, "sparsity": 0.5}]

@@ -1,0 +1,216 @@
+"""Targets whose module's forward never runs are refused; attention is pruned where the mask applies.
+
+``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``
+without calling ``out_proj``, so a pruning hook on ``out_proj`` never runs: it is left out of the
+default targets and refused when named. ``in_proj_weight`` is read in the attention's own
+forward, so it can be pruned, also inside ``nn.TransformerEncoderLayer``. The general case: a
+named target whose module's forward is never called in the first step (an unused layer, a parent
+that reads a child's weight directly) is an error, and the model is restored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from failure_cases import raises_and_restores
+from model_state import assert_unchanged, capture
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+import torchbip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RUN: dict[str, Any] = {"steps": 5, "progress": False, "lower_lr": 0.1, "upper_lr": 1.0, "seed": 0}
+
+
+class Attention(nn.Module):
+    """Linear embedding, one self-attention, a classifier over the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.view(x.shape[0], 2, 4).repeat(1, 1, 2))
+        h, _ = self.attn(h, h, h)
+        return self.head(h.mean(1))
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(self.embed(x.view(x.shape[0], 2, 4))).mean(1))
+
+
+def data(n: int = 4) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16 * n, 8, generator=g)
+    y = x[:, :3].argmax(1)
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(x), 16)]
+
+
+def make(cls: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return cls()
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Attention, Encoder])
+def test_default_targets_leave_out_proj_out_and_every_target_trains(cls: type[nn.Module]) -> None:
+    model = make(cls)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torchbip.global_prune(model, 0.5, data(), **RUN)
+    pruned = {n[: -len("_orig")] for n, _ in model.named_parameters() if n.endswith("_orig")}
+    assert not any("out_proj" in n for n in pruned)
+    out_proj = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention)).out_proj
+    assert not prune.is_pruned(out_proj)
+    for name in pruned:  # every pruned tensor received gradients: its kept entries moved
+        moved = (getattr_path(model, name + "_orig") - before[name]).abs()
+        mask = getattr_path(model, name + "_mask").bool()
+        assert moved[mask].max() > 1e-4, name
+
+
+def getattr_path(model: nn.Module, fqn: str) -> Tensor:
+    module_name, _, attr = fqn.rpartition(".")
+    value = getattr(model.get_submodule(module_name), attr)
+    assert isinstance(value, Tensor)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("cls", "path"),
+    [
+        pytest.param(Attention, "attn.out_proj", id="mha"),
+        pytest.param(Encoder, "layer.self_attn.out_proj", id="encoder-layer"),
+    ],
+)
+def test_out_proj_named_explicitly_is_refused_up_front(cls: type[nn.Module], path: str) -> None:
+    model = make(cls)
+    raises_and_restores(
+        model,
+        ValueError,
+        rf"parameters names '{path}\.weight': nn\.MultiheadAttention .* reads out_proj\.weight without "
+        r"calling out_proj's forward",
+        loader=data(),
+        parameters=[(model.get_submodule(path), "weight")],
+    )
+
+
+@pytest.mark.parametrize(
+    ("cls", "path"),
+    [pytest.param(Attention, "attn", id="mha"), pytest.param(Encoder, "layer.self_attn", id="encoder-layer")],
+)
+def test_in_proj_weight_is_trained_and_its_mask_applies_in_the_forward(
+    cls: type[nn.Module], path: str
+) -> None:
+    model = make(cls)
+    attn = model.get_submodule(path)
+    assert isinstance(attn, nn.MultiheadAttention)
+    before = attn.in_proj_weight.detach().clone()
+    report = torchbip.global_prune(model, 0.7, data(), parameters=[(attn, "in_proj_weight")], **RUN)
+    mask = attn.in_proj_weight_mask
+    assert report.sparsity.zeros == round(0.7 * mask.numel()) == int((mask == 0).sum())
+    assert (attn.in_proj_weight_orig - before)[mask.bool()].abs().max() > 1e-4
+    # Oracle: an unpruned copy whose in_proj_weight holds orig * mask gives the same outputs.
+    oracle = make(cls)
+    oracle.load_state_dict(
+        {k.replace("in_proj_weight_orig", "in_proj_weight"): v for k, v in model.state_dict().items()},
+        strict=False,
+    )
+    oracle_attn = oracle.get_submodule(path)
+    with torch.no_grad():
+        oracle_attn.in_proj_weight.copy_(attn.in_proj_weight_orig * mask)
+    x = data(1)[0][0]
+    model.eval()
+    oracle.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x))
+
+
+def test_transformer_defaults_skip_every_out_proj() -> None:
+    torch.manual_seed(0)
+    model = nn.Transformer(16, 2, 1, 1, dim_feedforward=32, dropout=0.0, batch_first=True)
+    targets = torchbip._func.default_targets(model)  # the defaults global_prune uses
+    names = {n for n, m in model.named_modules() for t, _ in targets if t is m}
+    assert names
+    assert not any(n.endswith("out_proj") for n in names)
+    assert {n for n in names if n.endswith("linear1")} == {
+        "encoder.layers.0.linear1",
+        "decoder.layers.0.linear1",
+    }
+
+
+# --- modules whose forward never runs --------------------------------------------------------------
+
+
+class UnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.spare = nn.Linear(8, 3)  # held, never called
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
+
+
+class ReadsChildWeight(nn.Module):
+    """A parent that uses a child's weight directly (as attention does with out_proj)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.relu(self.fc(x)), self.proj.weight, self.proj.bias)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_batch"])
+@pytest.mark.parametrize(
+    ("cls", "child"),
+    [
+        pytest.param(UnusedLayer, "spare", id="unused-layer"),
+        pytest.param(ReadsChildWeight, "proj", id="parent-reads"),
+    ],
+)
+def test_target_whose_forward_never_runs_is_an_error(cls: type[nn.Module], child: str, mode: str) -> None:
+    model = make(cls)
+    raises_and_restores(
+        model,
+        ValueError,
+        rf"parameters names '{child}\.weight' \(Linear\), "
+        r"whose module's forward is never called \(at step 0\)",
+        loader=data(),
+        mode=mode,
+        parameters=[(model.fc, "weight"), (model.get_submodule(child), "weight")],
+    )
+
+
+def test_default_targets_with_an_unused_layer_are_refused_with_its_name() -> None:
+    model = make(UnusedLayer)
+    raises_and_restores(model, ValueError, r"'spare\.weight' \(Linear\)", loader=data())
+
+
+def test_a_layer_disconnected_by_its_mask_is_not_an_error() -> None:
+    """At high sparsity the first step can leave a called layer without gradient: that is allowed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    n = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+    before = capture(model)
+    report = torchbip.global_prune(model, n, data(), **RUN)  # every entry pruned
+    assert report.sparsity.zeros == n
+    with pytest.raises(AssertionError):  # the model was pruned, not restored
+        assert_unchanged(before, model)

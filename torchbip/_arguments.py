@@ -1,0 +1,273 @@
+r"""Private: every check of ``global_prune``'s arguments, in one place, before the model changes.
+
+:func:`plan_run` validates all arguments (each error names the argument and its value), resolves
+the tensors to prune, the mask layout and the number of steps, and returns them as a
+:class:`RunPlan`. Nothing in the model is changed until it has returned. :func:`agree_across_ranks`
+then makes every rank of a distributed run agree on that plan (or raise on every rank), so that a
+rank never waits forever in a collective that another rank will not join.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules import module as module_impl
+
+from torchbip._checkpoint import check_checkpoint_path
+from torchbip._func import Target, resolve_targets
+from torchbip._layouts import MaskLayout, default_structured_targets, make_layout, parse
+from torchbip.config import BiPConfig
+from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, validate_amount
+from torchbip.structured import BUDGETS
+
+__all__ = ["RunPlan", "agree_across_ranks", "default_group", "plan_run"]
+
+
+@dataclass
+class RunPlan:
+    """What a checked ``global_prune`` call will do."""
+
+    cfg: BiPConfig
+    amount: int | float
+    targets: list[Target]
+    allowed: list[Tensor | None]
+    selector: GlobalTopK | MaskLayout
+    steps: int
+    group: Any
+
+
+def plan_run(
+    model: nn.Module,
+    amount: object,
+    loader: Iterable[Any] | None,
+    *,
+    parameters: Iterable[tuple[nn.Module, str]] | None,
+    loss_fn: Callable[[Any, Any], Tensor],
+    upper_loader: Iterable[Any] | None,
+    config: BiPConfig | None,
+    group: Any,
+    structured: str | None,
+    budget: str,
+    options: dict[str, Any],
+) -> RunPlan:
+    """Check every argument of ``global_prune`` and resolve what the run will do.
+
+    Raises:
+        ValueError, TypeError, RuntimeError: see :func:`torchbip.global_prune`.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "global_prune trains the model and cannot run under torch.inference_mode(): tensors "
+            "created there (masks, optimiser states) could never be trained; call it outside the "
+            "inference_mode() block"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    if isinstance(options.get("checkpoint_path"), os.PathLike):
+        options = {**options, "checkpoint_path": os.fspath(options["checkpoint_path"])}
+    if config is not None and not isinstance(config, BiPConfig):
+        raise TypeError(
+            f"config must be a BiPConfig (or None), got {type(config).__name__}; "
+            "for a dict use BiPConfig.from_dict(config)"
+        )
+    cfg = (config if config is not None else BiPConfig()).replace(**options)
+    if cfg.device is not None:
+        check_device(cfg.device)
+    amount = validate_amount(amount)
+    if loader is None:
+        raise ValueError("loader is required: an iterable of (inputs, targets) batches")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+    kind = None if structured is None else parse(structured)[0]
+    _check_budget(kind, structured, budget, cfg.min_keep)
+    two_batch = cfg.mode == "two_batch"
+    if upper_loader is not None and not two_batch:
+        raise ValueError(
+            f"upper_loader is used only with mode='two_batch' (got mode={cfg.mode!r}); "
+            "a fused step draws one batch from loader for both levels"
+        )
+    if cfg.checkpoint_path is not None:
+        check_checkpoint_path(cfg.checkpoint_path)
+    _check_backward_hooks(model)
+    if structured is not None and parameters is None:
+        parameters = default_structured_targets(model, structured)
+    targets = resolve_targets(model, parameters)
+    for target in targets:
+        if target.weight().is_inference():
+            raise ValueError(
+                f"parameters names {target.fqn!r}, an inference tensor (created under "
+                "torch.inference_mode()), which cannot be trained; create the model outside "
+                "inference_mode() or clone its parameters"
+            )
+    allowed = [_allowed(t) for t in targets]
+    selector: GlobalTopK | MaskLayout
+    if structured is not None:
+        selector = make_layout(structured, targets, amount, budget, cfg.min_keep, allowed)
+    else:
+        n_allowed = [
+            t.weight().numel() if a is None else int(a.sum()) for t, a in zip(targets, allowed, strict=True)
+        ]
+        n_keep = sum(n_allowed) - count_from_amount(amount, sum(n_allowed))
+        floors = floor_counts(n_allowed, cfg.min_keep)
+        if sum(floors) > n_keep:
+            raise ValueError(
+                f"min_keep={cfg.min_keep!r} keeps at least {sum(floors)} entries (its floor in each of "
+                f"the {len(targets)} tensors), more than the {n_keep} that amount={amount!r} leaves; "
+                "lower min_keep or amount"
+            )
+        selector = GlobalTopK(n_keep, floors if cfg.min_keep is not None else None)
+    steps = resolve_steps(cfg, loader, per_step=2 if two_batch and upper_loader is None else 1)
+    return RunPlan(cfg, amount, targets, allowed, selector, steps, group)
+
+
+def _check_backward_hooks(model: nn.Module) -> None:
+    """Refuse module backward hooks: torch.func, which computes the gradients, cannot run them.
+
+    Gradient hooks on parameters (``p.register_hook``, ``p.register_post_accumulate_grad_hook``)
+    are honoured by the loop; module hooks (``register_full_backward_hook``,
+    ``register_full_backward_pre_hook``, ``register_backward_hook``, and their global forms) would
+    fail inside the transform or be skipped silently.
+    """
+    if module_impl._global_backward_hooks or module_impl._global_backward_pre_hooks:
+        raise ValueError(
+            "a global module backward hook is registered (torch.nn.modules.module."
+            "register_module_full_backward_hook or ..._pre_hook); global_prune computes gradients "
+            "with torch.func, which cannot run module backward hooks: remove it for the run"
+        )
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            raise ValueError(
+                f"module {name or type(model).__name__!r} ({type(module).__name__}) has a backward hook "
+                "(register_full_backward_hook, register_full_backward_pre_hook or "
+                "register_backward_hook); global_prune computes gradients with torch.func, which "
+                "cannot run module backward hooks: remove it for the run, or hook the parameters "
+                "instead (p.register_hook(fn) is honoured)"
+            )
+
+
+def _check_budget(kind: str | None, structured: str | None, budget: object, min_keep: object) -> None:
+    """Refuse settings that the chosen mask layout would silently ignore."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if kind is None and budget != "layer":
+        raise ValueError(f"budget={budget!r} applies to structured runs; an unstructured run ranks globally")
+    if kind == "nm" and budget != "layer":
+        raise ValueError(
+            f"budget={budget!r} does not apply to structured={structured!r}: an N:M pattern prunes the "
+            "same fraction of every block; leave budget at 'layer'"
+        )
+    if kind == "nm" and min_keep is not None:
+        raise ValueError(
+            f"min_keep={min_keep!r} does not apply to structured={structured!r}: an N:M pattern keeps "
+            "n of every m entries in every tensor"
+        )
+    if kind == "group" and budget == "layer" and min_keep is not None:
+        raise ValueError(
+            f"min_keep={min_keep!r} applies to budget='global' (a floor of the global ranking); "
+            f"budget='layer' prunes the same fraction of every tensor"
+        )
+
+
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` unless ``device`` names a usable device of this machine."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device: {err}") from err
+    if parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    counts = {
+        "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "mps": 1 if torch.backends.mps.is_available() else 0,
+        "xpu": torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0,
+    }
+    if parsed.type in counts and (parsed.index or 0) >= counts[parsed.type]:
+        raise ValueError(
+            f"device={device!r} is not available here ({counts[parsed.type]} {parsed.type} devices)"
+        )
+
+
+def default_group(process_group: Any) -> Any:
+    """The process group to average over (``None``: no communication)."""
+    if process_group is False:
+        return None
+    if process_group is not None:
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup, None or False, "
+                f"got {process_group!r}"
+            )
+        return process_group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group: Any) -> None:
+    """Make every rank of ``group`` agree on the plan, or raise on every rank.
+
+    One ``all_gather_object`` before the first step: each rank sends either the error its own
+    checks raised or the shape of its run (steps, tensors, kept entries). If any rank failed, or
+    the ranks disagree (e.g. shards with different numbers of batches), every rank raises, so
+    that no rank is left waiting in the next collective.
+    """
+    if group is None:
+        if error is not None:
+            raise error
+        return
+    mine: dict[str, Any]
+    if error is not None:
+        mine = {"error": f"{type(error).__name__}: {error}"}
+    else:
+        assert plan is not None
+        mine = {
+            "steps": plan.steps,
+            "tensors": [(t.fqn, tuple(t.weight().shape)) for t in plan.targets],
+            "n_keep": plan.selector.n_keep,
+        }
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    if error is not None:
+        raise error
+    failed = [(rank, g["error"]) for rank, g in enumerate(gathered) if "error" in g]
+    if failed:
+        details = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
+        raise RuntimeError(f"global_prune was refused on other ranks of the process group ({details})")
+    for key, what in (("steps", "steps"), ("tensors", "tensors to prune"), ("n_keep", "kept entries")):
+        values = [g[key] for g in gathered]
+        if any(v != values[0] for v in values):
+            per_rank = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(values))
+            hint = (
+                "; shards of different lengths: give every rank the same number of batches "
+                "(a DistributedSampler pads them) or pass the same steps= on every rank"
+                if key == "steps"
+                else ""
+            )
+            raise ValueError(f"the ranks of the process group disagree on the {what} ({per_rank}){hint}")
+
+
+def resolve_steps(cfg: BiPConfig, loader: Iterable[Any], per_step: int) -> int:
+    """``cfg.steps``, or the steps that ``cfg.epochs`` passes over ``loader`` take."""
+    if cfg.steps is not None:
+        return cfg.steps
+    try:
+        n_batches = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError("loader has no len(); pass steps= to say how many BiP steps to run") from None
+    epochs = 1.0 if cfg.epochs is None else cfg.epochs
+    return max(1, math.ceil(epochs * n_batches / per_step))
+
+
+def _allowed(target: Target) -> Tensor | None:
+    """Entries that earlier pruning left (``None``: the tensor is not pruned yet)."""
+    if not target.is_pruned:
+        return None
+    return getattr(target.module, target.name + "_mask").detach() != 0
