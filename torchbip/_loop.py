@@ -229,6 +229,7 @@ class BiPLoop:
         try:
             inputs, labels = stream.next()
             inputs, labels = to_device(inputs, self.device), to_device(labels, self.device)
+            self._batch = (inputs, labels)
             try:
                 with autocast:
                     out = masked_loss_grads(
@@ -320,35 +321,54 @@ class BiPLoop:
     def _check_gradients_reach_targets(
         self, grads: MaskedGrads, calls: tuple[set[int], list[Any]] | None, step: int
     ) -> None:
-        """In the first step: raise for a target whose module's forward never ran and got no gradient.
+        """In the first step: raise for a target that gets no gradient at all while others do.
 
-        Such a tensor (a layer the model holds but does not call, or one whose parent reads its
-        weight directly) would be counted in the budget, pruned by its initial scores alone and
-        never trained, and its mask would not be applied in the model's forward. A called module
-        whose gradient is zero is not an error: a mask can disconnect a layer from the loss for a
-        while (at high sparsity the first step often does).
+        Such a tensor would be counted in the budget, pruned by its initial scores alone and never
+        trained. Two causes are errors: its module's forward never runs (a layer the model holds
+        but does not call, or one whose parent reads the weight directly, so that its mask is not
+        applied either), or the loss does not depend on it even with every mask set to one (e.g.
+        its output is detached). A target that only the current masks cut off from the loss (at
+        high sparsity the first step often has some) is not an error; telling the two apart costs
+        one extra backward pass, run only when some target got no gradient.
         """
         if calls is None:
-            return
-        uncalled = [t for t in self.targets if id(t.module) not in calls[0]]
-        if not uncalled:
             return
         counts = torch.stack(
             [
                 grads.params[t.orig_fqn].count_nonzero() + grads.masks[t.mask_fqn].count_nonzero()
-                for t in uncalled
+                for t in self.targets
             ]
         ).tolist()
-        dead = [t for t, n in zip(uncalled, counts, strict=True) if n == 0]
-        if not dead:
+        if all(counts) or not any(counts):
             return
-        names = ", ".join(f"{t.fqn!r} ({type(t.module).__name__})" for t in dead)
-        raise ValueError(
-            f"parameters names {names}, whose module's forward is never called (at step {step}): "
-            "the model does not use the layer, or its parent reads the tensor directly (as "
-            "nn.MultiheadAttention does with out_proj), so a pruning mask on it is never applied and "
-            "it gets no gradient; leave it out of parameters"
+        zero = [t for t, n in zip(self.targets, counts, strict=True) if n == 0]
+        uncalled = [t for t in zero if id(t.module) not in calls[0]]
+        if uncalled:
+            names = ", ".join(f"{t.fqn!r} ({type(t.module).__name__})" for t in uncalled)
+            raise ValueError(
+                f"parameters names {names}, whose module's forward is never called (at step {step}): "
+                "the model does not use the layer, or its parent reads the tensor directly (as "
+                "nn.MultiheadAttention does with out_proj), so a pruning mask on it is never applied "
+                "and it gets no gradient; leave it out of parameters"
+            )
+        # The same batch with every mask set to one: does the loss depend on these tensors at all?
+        inputs, labels = self._batch
+        ones = {name: torch.ones_like(mask) for name, mask in self.masks.items()}
+        buffers = {name: b.clone() for name, b in self.buffers.items()}
+        for fqn, _, _ in pruned_tensors(self.model):  # masks of earlier pruning too
+            if fqn + "_mask" in buffers:
+                buffers[fqn + "_mask"] = torch.ones_like(buffers[fqn + "_mask"])
+        dense = masked_loss_grads(
+            self.forward, self.params, ones, buffers, inputs, labels, self.loss_fn, with_mask_grads=True
         )
+        independent = [t for t in zero if int(dense.masks[t.mask_fqn].count_nonzero()) == 0]
+        if independent:
+            names = ", ".join(repr(t.fqn) for t in independent)
+            raise ValueError(
+                f"parameters names {names}, on which the loss does not depend (no gradient at step "
+                f"{step}, also with every mask set to one: is the layer's output detached or unused?); "
+                "BiP could never train it: leave it out of parameters"
+            )
 
     def _lower_step(self, grads: dict[str, Tensor]) -> None:
         gamma = self.cfg.gamma

@@ -214,3 +214,64 @@ def test_a_layer_disconnected_by_its_mask_is_not_an_error() -> None:
     assert report.sparsity.zeros == n
     with pytest.raises(AssertionError):  # the model was pruned, not restored
         assert_unchanged(before, model)
+
+
+# --- modules that run but on which the loss does not depend ----------------------------------------
+
+
+class DetachedBranch(nn.Module):
+    """A layer whose output is detached before it reaches the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.side = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + 0.1 * self.side(x).detach()
+
+
+class AuxHead(nn.Module):
+    """Two heads; the loss below uses only the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.relu(self.body(x))
+        return self.head(h), self.aux(h)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_batch"])
+@pytest.mark.parametrize(
+    ("cls", "loss_fn", "dead"),
+    [
+        pytest.param(DetachedBranch, F.cross_entropy, "side", id="detached"),
+        pytest.param(AuxHead, lambda out, y: F.cross_entropy(out[0], y), "aux", id="unused-head"),
+    ],
+)
+def test_target_the_loss_does_not_depend_on_is_an_error(
+    cls: type[nn.Module], loss_fn: Any, dead: str, mode: str
+) -> None:
+    raises_and_restores(
+        make(cls),
+        ValueError,
+        rf"parameters names '{dead}\.weight', on which the loss does not depend .*with every mask set to one",
+        loader=data(),
+        loss_fn=loss_fn,
+        mode=mode,
+    )
+
+
+def test_a_layer_cut_off_by_a_mask_only_is_not_an_error() -> None:
+    """Layer 2 pruned away entirely (earlier, by torch) cuts layer 0 off from the loss: no error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    prune.custom_from_mask(model[2], "weight", torch.zeros(16, 16))
+    report = torchbip.global_prune(
+        model, 0.5, data(), parameters=[(model[0], "weight"), (model[4], "weight")], **RUN
+    )
+    assert report.sparsity.zeros == round(0.5 * (16 * 8 + 3 * 16))

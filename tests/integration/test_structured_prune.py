@@ -161,7 +161,7 @@ def test_group_score_gradient_is_the_sum_of_element_upper_gradients(seed: int) -
     theta = model[0].weight_orig.detach().clone()
     mask = model[0].weight_mask.detach().clone()
     scores = loop.flat_scores.detach().clone()
-    # the element gradient by eager autograd, written from DESIGN.md section 1
+    # the element gradient by eager autograd: dl/dm = theta * g - c * m * g * g, summed over each group
     z = (mask * theta).requires_grad_(True)
     loss = F.cross_entropy(model[1](x @ z.t()), y)
     (g,) = torch.autograd.grad(loss, z)
