@@ -106,14 +106,24 @@ def global_prune(
         A :class:`torchbip.PruneReport`.
 
     Raises:
-        ValueError: for a bad ``amount``, ``parameters``, ``loader`` (empty, wrong batches),
-            ``structured``/``budget`` combination, ``device`` or option value, a ``loss_fn`` that
-            fails on a batch or returns no scalar floating-point loss, and for a
-            ``checkpoint_path`` that is truncated or belongs to another model, amount or run.
+        ValueError: for a bad ``amount``, ``parameters`` (also a target whose module's forward is
+            never called, such as ``nn.MultiheadAttention``'s ``out_proj``, or one the loss does
+            not depend on), ``loader`` (empty, wrong batches), ``structured``/``budget``/``min_keep``
+            combination, ``device``, ``checkpoint_path`` or option value, a model with module
+            backward hooks, a ``loss_fn`` that fails on a batch or returns no scalar
+            floating-point loss, a ``checkpoint_path`` that is truncated or was written by
+            another run (the message names each difference), and ranks of a process group that
+            disagree on the run (every rank raises).
         TypeError: for an unknown option, a non-callable ``loss_fn``, a ``config`` that is not a
-            :class:`BiPConfig` or a ``process_group`` that is not a process group.
-        FloatingPointError: when the loss turns NaN or infinite (under ``amp="float16"``, only
-            once loss scaling cannot recover).
+            :class:`BiPConfig`, a ``model`` that is not a module or a ``process_group`` that is
+            not a process group.
+        FloatingPointError: when the loss, a gradient or the scores turn NaN or infinite (the
+            message names the step; under ``amp="float16"`` an overflow is skipped until loss
+            scaling cannot recover).
+        RuntimeError: when called under :func:`torch.inference_mode`, and on the other ranks
+            when one rank of a distributed run fails.
+        OSError: when a periodic checkpoint cannot be written (a failed last save only warns,
+            and the pruned model is kept).
 
     Note:
         Whatever is raised, also an exception from the user's ``loader`` or ``loss_fn`` and a
