@@ -1,4 +1,11 @@
-"""Private: an exact snapshot of a model's state, restored when a pruning run or a load fails."""
+"""Private: an exact snapshot of a model's state, restored when a pruning run or a load fails.
+
+Restoring puts back the same objects (modules' parameter and buffer dictionaries, hooks, flags)
+and writes the saved values into each tensor's original storage, rather than giving the tensor
+new memory: a model in shared memory stays shared, and pinned, strided or tied tensors keep their
+storage, strides and sharing. Only a tensor without writable strided memory (a sparse tensor, an
+expanded one whose entries share a location) gets its saved copy back as its data instead.
+"""
 
 from __future__ import annotations
 
@@ -75,7 +82,8 @@ class ModelSnapshot:
     Kept per module: the parameter and buffer dictionaries (the same objects, so identities are
     restored), the forward pre-hooks (and the attributes of torch pruning hooks: pruning on top
     of a :class:`~torch.nn.utils.prune.PruningContainer` appends to the same container), the
-    forward hooks (BiP adds a :class:`~torchbip.method.DeepcopyGuard` for each tensor it prunes),
+    forward hooks (BiP registers none: the deep-copy guard of a tensor it prunes lives inside its
+    pruning pre-hook; forward hooks that the model or a loader adds during a run are dropped),
     the training flag, the non-persistent buffer set, and the plain attributes named ``names``
     (the tensors that torch's pruning hooks set, or layer sizes such as ``in_features``).
 

@@ -31,7 +31,8 @@ torchbip.global_prune(model, amount=0.5, loader=loader, **run)
 print(torchbip.sparsity_report(model).zeros)  # 512 + 4800 / 2 = 2912
 hook = next(iter(model[0]._forward_pre_hooks.values()))
 print(type(hook).__name__, [type(m).__name__ for m in hook])
-# PruningContainer ['L1Unstructured', 'BiPPruningMethod'], as torch builds
+# BiPContainer ['L1Unstructured', 'BiPPruningMethod']: torch's PruningContainer
+# with BiP's pre-hook
 
 # 2. BiP in rounds: three rounds of 50% give 1 - 0.5**3 = 87.5% sparsity.
 model = make_model()
