@@ -109,7 +109,16 @@ def plan_run(
     allowed = [_allowed(t) for t in targets]
     selector: GlobalTopK | MaskLayout
     if structured is not None:
-        selector = make_layout(structured, targets, amount, budget, cfg.min_keep, allowed)
+        try:
+            selector = make_layout(structured, targets, amount, budget, cfg.min_keep, allowed)
+        except ValueError as err:
+            if not str(err).startswith("the per-layer floors keep"):
+                raise
+            raise ValueError(
+                f"min_keep={cfg.min_keep!r} is infeasible with amount={amount!r} for "
+                f"structured={structured!r}: {err} (counted in groups: "
+                f"{'filters' if structured == 'filter' else 'channels'}); lower min_keep or amount"
+            ) from err
     else:
         n_allowed = [
             t.weight().numel() if a is None else int(a.sum()) for t, a in zip(targets, allowed, strict=True)

@@ -339,9 +339,9 @@ class BiPLoop:
                 for t in self.targets
             ]
         ).tolist()
-        if all(counts) or not any(counts):
-            return
         zero = [t for t, n in zip(self.targets, counts, strict=True) if n == 0]
+        if not zero:
+            return
         uncalled = [t for t in zero if id(t.module) not in calls[0]]
         if uncalled:
             names = ", ".join(f"{t.fqn!r} ({type(t.module).__name__})" for t in uncalled)

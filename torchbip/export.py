@@ -90,12 +90,25 @@ def make_permanent(model: nn.Module) -> nn.Module:
     """
     from torchbip.method import drop_scores, holds_bip
 
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
-                if holds_bip(hook):
-                    drop_scores(module, hook._tensor_name)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = {
+        hook._tensor_name
+        for module in model.modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name is not None
+    }
+    snapshot = ModelSnapshot(model, names)
+    try:  # all or nothing: a failure in one remove undoes the others
+        for module in model.modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    prune.remove(module, hook._tensor_name)
+                    if holds_bip(hook):
+                        drop_scores(module, hook._tensor_name)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 

@@ -955,3 +955,18 @@ def test_methods_under_inference_mode_leave_trainable_state(prune_fn: Callable[[
     layer(torch.randn(2, 8)).sum().backward()
     assert layer.weight_orig.grad is not None
     torch.testing.assert_close(layer.weight_orig.grad.ne(0).float().amax(0), layer.weight_mask.amax(0))
+
+
+@pytest.mark.parametrize("structured", ["filter", "channel"])
+def test_an_infeasible_min_keep_of_a_structured_global_budget_names_it(structured: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    raises_and_restores(
+        model,
+        ValueError,
+        rf"min_keep=4 is infeasible with amount=0\.9 for structured='{structured}': .*counted in groups",
+        amount=0.9,
+        structured=structured,
+        budget="global",
+        min_keep=4,
+    )

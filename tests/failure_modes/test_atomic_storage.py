@@ -766,3 +766,48 @@ def test_load_slim_state_dict_into_a_csr_model_is_all_or_nothing() -> None:
     load_slim_state_dict(csr, other.state_dict())  # another number of nonzeros
     x = torch.randn(5, 8)
     assert torch.equal(csr(x), other(x))
+
+
+# --- make_permanent --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("remove failed"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
+def test_make_permanent_that_fails_halfway_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
+    from torchbip.export import make_permanent
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    torchbip.bip_unstructured(model[2], "weight", amount=0.25)
+    prune.l1_unstructured(torchbip.bip_unstructured(model[4], "weight", amount=3), "weight", amount=2)
+    model(torch.randn(2, 8)).sum().backward()
+    before, memory = capture(model), capture_memory(model)
+    original = prune.remove
+    calls = {"n": 0}
+
+    def flaky(module: nn.Module, name: str) -> nn.Module:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first tensor is already permanent by then
+            raise exc
+        return original(module, name)
+
+    monkeypatch.setattr(prune, "remove", flaky)
+    with pytest.raises(type(exc)):
+        make_permanent(model)
+    assert calls["n"] == 2
+    assert_unchanged(before, model)
+    assert_same_memory(memory, model)
+    monkeypatch.setattr(prune, "remove", original)
+    make_permanent(model)  # and it works afterwards
+    assert not any(prune.is_pruned(m) for m in model.modules())
+
+
+def test_make_permanent_rejects_a_non_module() -> None:
+    from torchbip.export import make_permanent
+
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got dict"):
+        make_permanent({})  # type: ignore[arg-type]

@@ -275,3 +275,26 @@ def test_a_layer_cut_off_by_a_mask_only_is_not_an_error() -> None:
         model, 0.5, data(), parameters=[(model[0], "weight"), (model[4], "weight")], **RUN
     )
     assert report.sparsity.zeros == round(0.5 * (16 * 8 + 3 * 16))
+
+
+def test_the_only_target_never_called_is_an_error_too() -> None:
+    """No target gets a gradient at all: still refused (not pruned by its initial scores alone)."""
+    model = make(UnusedLayer)
+    raises_and_restores(
+        model,
+        ValueError,
+        r"'spare\.weight' \(Linear\), whose module's forward is never called",
+        loader=data(),
+        parameters=[(model.spare, "weight")],
+    )
+
+
+def test_a_loss_that_depends_on_no_target_is_an_error() -> None:
+    model = make(DetachedBranch)
+    raises_and_restores(
+        model,
+        ValueError,
+        r"parameters names 'side\.weight', on which the loss does not depend",
+        loader=data(),
+        parameters=[(model.side, "weight")],
+    )
