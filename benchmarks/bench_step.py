@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import torchbip
-from torchbip.bilevel import all_finite
+from torchbip.bilevel import tensor_sums
 from torchbip.masks import GlobalTopK
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,19 +152,23 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
 def check_time(model: nn.Module, reps: int) -> float:
     """Seconds of the per-step finiteness check that BiP runs on what it applies.
 
-    The loop checks, fused with reading the loss (one host sync), that the flat score gradient
-    (one entry per prunable weight) and the gradients of the other trainable tensors are finite.
+    The loop sums each target's score gradient (one entry per prunable weight) and each other
+    trainable tensor's gradient, and reads whether all sums are finite with the loss (one host
+    sync); the sums also record which targets got a gradient.
     Timed here on tensors of those sizes, minus reading the loss alone (which a step does anyway).
     """
     prunable = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     ids = {id(w) for w in prunable}
     others = [torch.randn_like(p) for p in model.parameters() if id(p) not in ids]
     flat = torch.randn(sum(w.numel() for w in prunable))
+    views = list(flat.split([w.numel() for w in prunable]))  # one score-gradient view per target
     loss = torch.tensor(1.0, dtype=torch.float64)
-    checked = [flat, *others]
+    checked = [*views, *others]
 
     def run() -> None:
-        torch.stack([loss, all_finite(checked).double()]).tolist()
+        sums = tensor_sums(checked)
+        seen = sums[: len(views)] != 0  # which targets got a gradient (kept on the device)
+        torch.stack([loss, torch.isfinite(sums).all().double(), seen.all().double()]).tolist()
 
     run()
     start = time.perf_counter()

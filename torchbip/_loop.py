@@ -21,7 +21,7 @@ from torch.nn.utils import prune
 
 from torchbip._func import Target, make_forward
 from torchbip._layouts import MaskLayout
-from torchbip.bilevel import MaskedGrads, all_finite, lower_grad, masked_loss_grads, upper_grad
+from torchbip.bilevel import MaskedGrads, all_finite, lower_grad, masked_loss_grads, tensor_sums, upper_grad
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, describe, to_device
 from torchbip.masks import GlobalTopK
@@ -160,6 +160,8 @@ class BiPLoop:
         self.loss_scale = 2.0**16 if cfg.amp == "float16" else 1.0
         self.good_steps = 0
         self.skipped_steps = 0
+        # Which targets got a score gradient in this run (on the device: no host sync per step).
+        self.grad_seen = torch.zeros(len(targets), dtype=torch.bool, device=self.device)
         n_total = sum(m.numel() for m in self.mask_list)
         n_kept = (
             selector.n_keep if self.layout is None else sum(int(m.count_nonzero()) for m in self.mask_list)
@@ -219,11 +221,7 @@ class BiPLoop:
         """One forward and backward pass; checks what it returns (loss, gradients)."""
         scale = self.loss_scale
         loss_fn = self.loss_fn if scale == 1.0 else (lambda out, y: self.loss_fn(out, y) * scale)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
+        autocast = self._autocast()
         inputs: Any = None
         labels: Any = None
         try:
@@ -277,10 +275,15 @@ class BiPLoop:
         # also where the mask is 0), the other parameters' gradients are checked themselves.
         if with_mask_grads:
             self._score_grads(out)
-            checked = [self.flat_grad, *(out.params[n] for n in self.unmasked)]
+            # One sum per target's score gradient: also tells which targets got a gradient.
+            sums = tensor_sums([*self.grad_views, *(out.params[n] for n in self.unmasked)])
+            self.grad_seen |= sums[: len(self.targets)] != 0
         else:
-            checked = list(out.params.values())
-        loss_value, finite = torch.stack([out.loss.detach().double(), all_finite(checked).double()]).tolist()
+            sums = (
+                tensor_sums(list(out.params.values())) if out.params else torch.zeros(1, dtype=torch.float64)
+            )
+        finite_t = torch.isfinite(sums).all().to(sums.dtype)
+        loss_value, finite = torch.stack([out.loss.detach().to(sums.device, sums.dtype), finite_t]).tolist()
         loss = loss_value / scale
         if not math.isfinite(loss):
             raise FloatingPointError(
@@ -318,56 +321,70 @@ class BiPLoop:
             )
         return called, handles
 
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def _check_gradients_reach_targets(
         self, grads: MaskedGrads, calls: tuple[set[int], list[Any]] | None, step: int
     ) -> None:
-        """In the first step: raise for a target that gets no gradient at all while others do.
+        """In the first step: raise for a target whose module's forward never ran and got no gradient.
 
-        Such a tensor would be counted in the budget, pruned by its initial scores alone and never
-        trained. Two causes are errors: its module's forward never runs (a layer the model holds
-        but does not call, or one whose parent reads the weight directly, so that its mask is not
-        applied either), or the loss does not depend on it even with every mask set to one (e.g.
-        its output is detached). A target that only the current masks cut off from the loss (at
-        high sparsity the first step often has some) is not an error; telling the two apart costs
-        one extra backward pass, run only when some target got no gradient.
+        Such a tensor (a layer the model holds but does not call, or one whose parent reads the
+        weight directly) would be counted in the budget and pruned by its initial scores alone,
+        and its mask would never be applied in the model's forward.
         """
         if calls is None:
+            return
+        uncalled = [t for t in self.targets if id(t.module) not in calls[0]]
+        if not uncalled:
             return
         counts = torch.stack(
             [
                 grads.params[t.orig_fqn].count_nonzero() + grads.masks[t.mask_fqn].count_nonzero()
-                for t in self.targets
+                for t in uncalled
             ]
         ).tolist()
-        zero = [t for t, n in zip(self.targets, counts, strict=True) if n == 0]
-        if not zero:
-            return
-        uncalled = [t for t in zero if id(t.module) not in calls[0]]
-        if uncalled:
-            names = ", ".join(f"{t.fqn!r} ({type(t.module).__name__})" for t in uncalled)
+        dead = [t for t, n in zip(uncalled, counts, strict=True) if n == 0]
+        if dead:
+            names = ", ".join(f"{t.fqn!r} ({type(t.module).__name__})" for t in dead)
             raise ValueError(
                 f"parameters names {names}, whose module's forward is never called (at step {step}): "
                 "the model does not use the layer, or its parent reads the tensor directly (as "
                 "nn.MultiheadAttention does with out_proj), so a pruning mask on it is never applied "
                 "and it gets no gradient; leave it out of parameters"
             )
-        # The same batch with every mask set to one: does the loss depend on these tensors at all?
+
+    def _check_every_target_was_reached(self) -> None:
+        """At the end: raise for a target that got no score gradient in any step of the run.
+
+        Such a target was never trained. A zero gradient for a while is no error (the masks, or
+        parameters that start at zero such as a zero-initialised BatchNorm behind a residual
+        branch, can cut a layer off from the loss), so the targets that never got one are checked
+        once more on the last batch with every mask set to one: if the loss does not depend on
+        them even then (an output that is detached or unused), that is an error.
+        """
+        if self.step_index == 0 or bool(self.grad_seen.all()) or not hasattr(self, "_batch"):
+            return
+        zero = [t for t, seen in zip(self.targets, self.grad_seen.tolist(), strict=True) if not seen]
         inputs, labels = self._batch
         ones = {name: torch.ones_like(mask) for name, mask in self.masks.items()}
         buffers = {name: b.clone() for name, b in self.buffers.items()}
         for fqn, _, _ in pruned_tensors(self.model):  # masks of earlier pruning too
             if fqn + "_mask" in buffers:
                 buffers[fqn + "_mask"] = torch.ones_like(buffers[fqn + "_mask"])
-        dense = masked_loss_grads(
-            self.forward, self.params, ones, buffers, inputs, labels, self.loss_fn, with_mask_grads=True
-        )
+        with self._autocast():
+            dense = masked_loss_grads(
+                self.forward, self.params, ones, buffers, inputs, labels, self.loss_fn, with_mask_grads=True
+            )
         independent = [t for t in zero if int(dense.masks[t.mask_fqn].count_nonzero()) == 0]
         if independent:
             names = ", ".join(repr(t.fqn) for t in independent)
             raise ValueError(
-                f"parameters names {names}, on which the loss does not depend (no gradient at step "
-                f"{step}, also with every mask set to one: is the layer's output detached or unused?); "
-                "BiP could never train it: leave it out of parameters"
+                f"parameters names {names}, on which the loss does not depend (no gradient in any of "
+                f"the {self.step_index} steps, nor with every mask set to one: is the layer's output "
+                "detached or unused?); BiP could not train it: leave it out of parameters"
             )
 
     def _lower_step(self, grads: dict[str, Tensor]) -> None:
@@ -444,7 +461,13 @@ class BiPLoop:
     # -- end of the run ---------------------------------------------------------------------
 
     def finish(self) -> SparsityReport:
-        """Leave torch's pruned form: drop the scores, refresh masked weights, clear grads."""
+        """Leave torch's pruned form: drop the scores, refresh masked weights, clear grads.
+
+        Raises:
+            ValueError: for a target that got no gradient in the whole run and on which the loss
+                does not depend (see :meth:`_check_every_target_was_reached`).
+        """
+        self._check_every_target_was_reached()
         with torch.no_grad():
             for target in self.targets:
                 delattr(target.module, scores_name(target.name))

@@ -31,6 +31,7 @@ __all__ = [
     "all_finite",
     "lower_grad",
     "masked_loss_grads",
+    "tensor_sums",
     "upper_grad",
     "upper_grad_from_g",
 ]
@@ -240,14 +241,34 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(tensor_sums(tensors)).all()
+
+
+def tensor_sums(tensors: Sequence[Tensor]) -> Tensor:
+    """The sum of each tensor, as one float64 tensor on the first tensor's device (no host sync).
+
+    (float32 on MPS devices, which have no float64.)
+
+    Float16 and bfloat16 tensors are summed in float32. See :func:`all_finite`.
+
+    Args:
+        tensors: a non-empty sequence of tensors.
+
+    Returns:
+        A 1-D float64 tensor with one entry per tensor.
+
+    Example:
+        >>> import torch
+        >>> tensor_sums([torch.ones(3), torch.tensor([0.5, -0.5])]).tolist()
+        [3.0, 0.0]
+    """
     device = tensors[0].device
     sums = [
         (t.detach().sum(dtype=torch.float32) if t.dtype in _NARROW else t.detach().sum()).to(device)
         for t in tensors
     ]
-    return torch.isfinite(
-        torch.stack([x.to(sums[0].dtype) if x.dtype != sums[0].dtype else x for x in sums])
-    ).all()
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    return torch.stack([x.to(wide) for x in sums])
 
 
 _NARROW = (torch.float16, torch.bfloat16)
