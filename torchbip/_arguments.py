@@ -23,6 +23,7 @@ from torch.nn.modules import module as module_impl
 from torchbip._checkpoint import check_checkpoint_path
 from torchbip._func import Target, resolve_targets
 from torchbip._layouts import MaskLayout, default_structured_targets, make_layout, parse
+from torchbip.bilevel import all_finite
 from torchbip.config import BiPConfig
 from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, validate_amount
 from torchbip.structured import BUDGETS
@@ -106,6 +107,13 @@ def plan_run(
                 "torch.inference_mode()), which cannot be trained; create the model outside "
                 "inference_mode() or clone its parameters"
             )
+    finite = all_finite([t.weight() for t in targets]) if targets else None
+    if finite is not None and not bool(finite):
+        bad = [t.fqn for t in targets if not bool(all_finite([t.weight()]))]
+        raise ValueError(
+            f"parameters names {', '.join(map(repr, bad))}, which holds NaN or infinite values; "
+            "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
+        )
     allowed = [_allowed(t) for t in targets]
     selector: GlobalTopK | MaskLayout
     if structured is not None:
@@ -240,6 +248,8 @@ def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group:
             "steps": plan.steps,
             "tensors": [(t.fqn, tuple(t.weight().shape)) for t in plan.targets],
             "n_keep": plan.selector.n_keep,
+            "settings": {k: v for k, v in plan.cfg.to_dict().items() if k not in _LOCAL_SETTINGS},
+            "amount": plan.amount,
         }
     world = dist.get_world_size(group)
     gathered: list[Any] = [None] * world
@@ -250,7 +260,12 @@ def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group:
     if failed:
         details = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
         raise RuntimeError(f"global_prune was refused on other ranks of the process group ({details})")
-    for key, what in (("steps", "steps"), ("tensors", "tensors to prune"), ("n_keep", "kept entries")):
+    for key, what in (
+        ("steps", "steps"),
+        ("tensors", "tensors to prune"),
+        ("n_keep", "kept entries"),
+        ("amount", "amount"),
+    ):
         values = [g[key] for g in gathered]
         if any(v != values[0] for v in values):
             per_rank = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(values))
@@ -261,6 +276,22 @@ def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group:
                 else ""
             )
             raise ValueError(f"the ranks of the process group disagree on the {what} ({per_rank}){hint}")
+
+    settings = [g["settings"] for g in gathered]
+    differ = sorted(k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings[1:]))
+    if differ:
+        per_rank = "; ".join(
+            f"{k}: " + ", ".join(f"rank {r}: {s.get(k)!r}" for r, s in enumerate(settings)) for k in differ
+        )
+        raise ValueError(
+            f"the ranks of the process group disagree on the settings {differ} ({per_rank}); every rank "
+            "must run the same BiP, or their weights would drift apart"
+        )
+
+
+# Settings that may differ between ranks: they keep the weights of the ranks equal (a seed per rank
+# only changes dropout and other random draws, whose gradients are averaged as in DDP).
+_LOCAL_SETTINGS = ("progress", "log_every", "checkpoint_path", "checkpoint_every", "resume", "device", "seed")
 
 
 def resolve_steps(cfg: BiPConfig, loader: Iterable[Any], per_step: int) -> int:

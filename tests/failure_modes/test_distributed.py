@@ -103,6 +103,20 @@ def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
                 make_model(), 0.5, own, steps=3, loss_fn=nan_loss if rank == 1 else F.cross_entropy, **OPTIONS
             ),
         ),
+        (
+            "another-lower-lr",
+            lambda: torchbip.global_prune(
+                make_model(), 0.5, own, steps=3, **{**OPTIONS, "lower_lr": 0.1 + rank}
+            ),
+        ),
+        (
+            "another-amount",
+            lambda: torchbip.global_prune(make_model(), [0.5, 54][rank], own, steps=3, **OPTIONS),
+        ),
+        (
+            "a-seed-per-rank-is-fine",
+            lambda: torchbip.global_prune(make_model(), 0.5, own, steps=3, **{**OPTIONS, "seed": rank}),
+        ),
         ("healthy-run-afterwards", lambda: torchbip.global_prune(make_model(), 0.5, own, steps=3, **OPTIONS)),
     ]
 
@@ -154,6 +168,12 @@ EXPECTED = [
         ["FloatingPointError", "FloatingPointError"],
         r"non-finite gradients at step 0",
     ),
+    (
+        "another-lower-lr",
+        ["ValueError", "ValueError"],
+        r"disagree on the settings \['lower_lr'\] \(lower_lr: rank 0: 0\.1, rank 1: 1\.1\)",
+    ),
+    ("another-amount", ["ValueError", "ValueError"], r"disagree on the amount \(rank 0: 0\.5, rank 1: 54\)"),
 ]
 
 
@@ -169,5 +189,6 @@ def test_every_rank_raises(outcomes: list[dict[str, Any]], case: str, types: lis
 
 @pytest.mark.timeout(300)
 def test_the_group_still_works_after_the_failures(outcomes: list[dict[str, Any]]) -> None:
-    got = [outcomes[rank]["healthy-run-afterwards"] for rank in range(2)]
-    assert got == [{"ok": True, "sparsity": 0.5}, {"ok": True, "sparsity": 0.5}]
+    for case in ("a-seed-per-rank-is-fine", "healthy-run-afterwards"):
+        got = [outcomes[rank][case] for rank in range(2)]
+        assert got == [{"ok": True, "sparsity": 0.5}, {"ok": True, "sparsity": 0.5}], case

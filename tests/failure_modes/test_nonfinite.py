@@ -178,3 +178,14 @@ def test_nan_scores_in_the_loop_raise_naming_the_step(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(torch.optim.SGD, "step", poisoned)
     raises_and_restores(make_model("dense"), FloatingPointError, r"at step 3: .*NaN")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weights_are_refused_before_any_work(value: float) -> None:
+    """Scores start from the weights' magnitudes: a NaN weight would poison the first mask."""
+    model = make_model("dense")
+    with torch.no_grad():
+        model[2].weight[3, 4] = value
+    raises_and_restores(
+        model, ValueError, r"parameters names '2\.weight', which holds NaN or infinite values"
+    )
