@@ -50,6 +50,11 @@ def capture(model: nn.Module) -> dict[str, Any]:
     return {"modules": modules, "state_dict": list(model.state_dict())}
 
 
+def _equal_with_nan(a: Tensor, b: Tensor) -> bool:
+    """Exactly equal values, a NaN counting as equal to a NaN (a model may hold NaN on purpose)."""
+    return (a.is_floating_point() or a.is_complex()) and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.layout != b.layout:
@@ -57,7 +62,7 @@ def _same(a: Any, b: Any) -> bool:
         if a.layout != torch.strided:  # sparse: compare the values (torch.equal has no sparse kernel)
             a, b = a.to_dense(), b.to_dense()
         return (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device) and (
-            a.is_meta or torch.equal(a, b)
+            a.is_meta or torch.equal(a, b) or _equal_with_nan(a, b)
         )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
