@@ -27,7 +27,7 @@ from torchbip.semistructured import BiPSemiStructured
 from torchbip.structured import (
     BUDGETS,
     BiPStructured,
-    _allowed_groups,
+    allowed_groups,
     expand_groups,
     group_keep_counts,
     group_reduce,
@@ -127,7 +127,7 @@ class GroupLayout(MaskLayout):
             if len(shape) <= dim:
                 raise ValueError(f"{target.fqn!r} has shape {shape}: no dim={dim} to group along")
         self.dim, self.budget, self.allowed = dim, budget, list(allowed)
-        self.group_allowed = [None if a is None else _allowed_groups(a, dim) for a in self.allowed]
+        self.group_allowed = [None if a is None else allowed_groups(a, dim) for a in self.allowed]
         self.n_groups = [
             s[dim] if g is None else int(g.sum())
             for s, g in zip(self.shapes, self.group_allowed, strict=True)

@@ -112,7 +112,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
-def _baked_copy(model: nn.Module) -> nn.Module:
+def baked_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every mask made permanent (``model`` is not changed)."""
     # Each pruned attribute is copied as a fresh leaf: after a forward pass with gradients on it
     # is a non-leaf tensor that deepcopy rejects (pytorch issue #37322). The value is the one the
@@ -355,7 +355,7 @@ def export_slim(
     tp = _torch_pruning()
     inputs = _as_tuple(example_inputs)
     training = model.training
-    slim = _baked_copy(model).eval()
+    slim = baked_copy(model).eval()
     by_name = dict(slim.named_modules())
     keep_out = {by_name[names[id(m)]] for m in ignored}
     with torch.no_grad():

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchbip.export import _baked_copy
+from torchbip.export import baked_copy
 
 __all__ = [
     "SparseCSRConv2d",
@@ -330,7 +330,7 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity={min_sparsity!r} is outside [0, 1]")
-    copied = _baked_copy(model)
+    copied = baked_copy(model)
 
     def convert(child: nn.Module) -> nn.Module | None:
         if type(child) is nn.Linear and _sparsity(child.weight) >= min_sparsity:
@@ -410,7 +410,7 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
         raise RuntimeError(
             f"2:4 semi-structured sparsity needs compute capability >= 8.0, this GPU has {major}.x"
         )
-    copied = _baked_copy(model)
+    copied = baked_copy(model)
     for module in copied.modules():
         if type(module) is nn.Linear and is_nm_sparse(module.weight.detach(), 2, 4):
             module.weight = nn.Parameter(

@@ -154,7 +154,7 @@ def expand_groups(values: Tensor, shape: Sequence[int], dim: int) -> Tensor:
     return values.view(view).expand(shape)
 
 
-def _allowed_groups(default_mask: Tensor, dim: int) -> Tensor:
+def allowed_groups(default_mask: Tensor, dim: int) -> Tensor:
     """Groups that still hold an unpruned entry (torch's container uses the same rule)."""
     return group_reduce((default_mask != 0).to(torch.int64), dim) > 0
 
@@ -226,7 +226,7 @@ class BiPStructured(BiPMethod):
             raise ValueError("structured pruning needs a tensor with at least one dimension, got a scalar")
         check_finite(t)
         dim = normalize_dim(self.dim, t.dim())
-        allowed = _allowed_groups(default_mask, dim)
+        allowed = allowed_groups(default_mask, dim)
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed)
         scores = group_reduce(magnitudes(t).to(torch.float64), dim)
@@ -281,7 +281,7 @@ class BiPStructured(BiPMethod):
         check_finite(scores)
         mask = getattr(module, name + "_mask", None)
         base = mask if isinstance(mask, Tensor) else torch.ones_like(current)
-        count_from_amount(amount, int(_allowed_groups(base, axis).sum()))  # raise before torch acts
+        count_from_amount(amount, int(allowed_groups(base, axis).sum()))  # raise before torch acts
         if group_scores is None:
             group_scores = group_reduce(magnitudes(scores).to(torch.float64), axis).to(scores.dtype)
         scores = scores.contiguous()
