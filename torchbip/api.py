@@ -28,7 +28,7 @@ from torchbip._layouts import MaskLayout
 from torchbip._loop import BiPLoop, pruned_tensors
 from torchbip._snapshot import ModelSnapshot
 from torchbip.config import BiPConfig
-from torchbip.data import BatchStream
+from torchbip.data import BatchStream, order_generators
 from torchbip.masks import GlobalTopK
 from torchbip.report import PruneReport
 
@@ -160,6 +160,12 @@ def global_prune(
     # The attributes that pruning hooks set (``module.weight``) for every pruned tensor.
     attrs = {t.name for t in plan.targets} | {hook._tensor_name for _, _, hook in pruned_tensors(model)}
     snapshot = ModelSnapshot(model, attrs)
+    # A failed call also leaves the random number generators as they were: torch's global one and
+    # those the loaders draw their order from (they are the caller's objects, as the model is).
+    loaders = [loader, *([upper_loader] if upper_loader is not None else [])]
+    generators = {id(g): g for lo in loaders for g in order_generators(lo)}.values()
+    rng_states = [(g, g.get_state()) for g in generators]
+    cpu_rng = torch.get_rng_state()
     try:
         with _seeded(cfg.seed):
             # The streams start inside the seeded block: a shuffling DataLoader draws its order
@@ -177,6 +183,9 @@ def global_prune(
             )  # fmt: skip
     except BaseException:
         snapshot.restore()
+        torch.set_rng_state(cpu_rng)
+        for g, state in rng_states:
+            g.set_state(state)
         raise
 
 

@@ -197,3 +197,49 @@ def test_restored_model_can_be_pruned_and_removed_normally() -> None:
     for layer in (model[0], model[2], model[4]):
         prune.remove(layer, "weight")
     assert not prune.is_pruned(model)
+
+
+# --- random number generators ------------------------------------------------------------------
+
+
+class RaisingAt:
+    """Wraps a loader; raises at its ``at``-th batch of the first pass."""
+
+    def __init__(self, loader: Any, at: int) -> None:
+        self.loader, self.at = loader, at
+        self.sampler = loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for i, batch in enumerate(self.loader):
+            if i == self.at:
+                raise RuntimeError("loader broke")
+            yield batch
+
+
+@pytest.mark.parametrize("at", [0, 3], ids=["first-batch", "mid-run"])
+@pytest.mark.parametrize("where", ["dataloader", "sampler"])
+def test_a_failed_call_leaves_the_generators_as_they_were(at: int, where: str) -> None:
+    """The loader's own generator and torch's global one are the caller's: restored too."""
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, x[:, :3].argmax(1))
+    g = torch.Generator().manual_seed(7)
+    if where == "dataloader":
+        loader = DataLoader(data, batch_size=16, shuffle=True, generator=g)
+    else:
+        loader = DataLoader(data, batch_size=16, sampler=RandomSampler(data, generator=g))
+    model = make_model("dense")  # seeds torch's RNG: before the states are taken
+    torch.rand(3)  # some caller state, not the one make_model left
+    g_state, cpu_state = g.get_state(), torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="loader broke"):
+        torchbip.global_prune(model, 0.5, RaisingAt(loader, at), **RUN)
+    assert torch.equal(g.get_state(), g_state)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    # The same call on the same loader now draws the order it would have drawn first.
+    first = [yb.tolist() for _, yb in loader]
+    g.set_state(g_state)
+    assert [yb.tolist() for _, yb in loader] == first
