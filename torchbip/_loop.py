@@ -117,7 +117,6 @@ class BiPLoop:
             p = self.params.get(fqn + "_orig")
             if p is not None and fqn + "_orig" not in self.masked:
                 self.masked[fqn + "_orig"] = (p, module._buffers[hook._tensor_name + "_mask"])
-        others = [p for n, p in self.params.items() if n not in self.masked]
         # Gradient hooks a user registered on a parameter (``p.register_hook``) see the gradient
         # of the whole lower objective (the loss and the L2 term), as in a loop whose loss holds the
         # L2 term: a hook that returns zeros freezes the parameter. Such parameters therefore get
@@ -125,6 +124,7 @@ class BiPLoop:
         self.grad_hooks = {n: p for n, p in self.params.items() if p._backward_hooks}
         self.post_hooks = [p for p in self.params.values() if getattr(p, "_post_accumulate_grad_hooks", None)]
         self.unmasked = [n for n in self.params if n not in self.masked]
+        others = [self.params[n] for n in self.unmasked]
         hooked = {id(p) for p in self.grad_hooks.values()}
         score_names = {t.fqn + "_scores" for t in targets}
         self.buffers = {
@@ -176,9 +176,8 @@ class BiPLoop:
         Raises:
             FloatingPointError: when the loss, a gradient or the new mask is not what it must be
                 (a NaN or an infinity, a mask that does not keep exactly its count), naming the step.
-            ValueError: when the model or the loss fails on a batch, or a pruned tensor gets no
-                gradient at all in the first step (its module's forward is never called, or the
-                loss does not depend on it).
+            ValueError: when the model or the loss fails on a batch, or, in the first step, a
+                pruned tensor whose module's forward is never called gets no gradient.
         """
         step = self.step_index
         calls = self._watch_calls() if step == 0 else None

@@ -32,7 +32,7 @@ def _same_view(tensor: Tensor, alias: Tensor) -> bool:
             and tensor.shape == alias.shape
             and tensor.stride() == alias.stride()
         )
-    except (NotImplementedError, RuntimeError):  # a tensor without a storage (sparse, functorch, ...)
+    except (NotImplementedError, RuntimeError):  # a tensor subclass without a storage of its own
         return False
 
 

@@ -207,7 +207,7 @@ def _run(
     path = Path(cfg.checkpoint_path) if cfg.checkpoint_path is not None else None
     run: dict[str, Any] = {}  # what defines the run: saved with every checkpoint
     saved = None
-    if cfg.checkpoint_path is not None and path is not None:
+    if path is not None:
         run = run_descriptor(
             amount, targets, allowed, selector, steps, cfg, lower_stream, upper_stream, process_group
         )

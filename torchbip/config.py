@@ -189,13 +189,10 @@ class BiPConfig:
             value = getattr(self, name)
             if _is_integral(value) and type(value) is not int:
                 object.__setattr__(self, name, int(value))
-        for name in _FLOAT_FIELDS:
+        for name in (*_FLOAT_FIELDS, "min_keep"):  # min_keep: an int count or a float fraction
             value = getattr(self, name)
             if isinstance(value, numbers.Real) and not _is_bool(value) and type(value) not in (int, float):
                 object.__setattr__(self, name, round(value) if _is_integral(value) else float(value))
-        value = self.min_keep
-        if isinstance(value, numbers.Real) and not _is_bool(value) and type(value) not in (int, float):
-            object.__setattr__(self, "min_keep", int(value) if _is_integral(value) else float(value))
 
     @property
     def effective_implicit_coef(self) -> float:
