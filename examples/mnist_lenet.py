@@ -1,7 +1,7 @@
 """BiP against magnitude pruning on LeNet-300-100 and the real MNIST split, in about a minute.
 
 What it demonstrates: ``torchbip.global_prune`` on a small fully-connected network trained on
-the MNIST split shipped with torchbip (no download), compared at the same sparsity (90% of the
+the MNIST split in torchbip's repository (no download), compared at the same sparsity (90% of the
 weights of the three ``nn.Linear`` layers by default) with torch's own magnitude pruning:
 ``prune.l1_unstructured`` layer by layer and ``prune.global_unstructured`` (global magnitude),
 each without retraining and after the same number of fine-tuning steps as BiP runs. BiP
@@ -64,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-c", "--config", default=None, metavar="FILE", help="YAML file of option defaults")
-    data = parser.add_argument_group("data (the MNIST split shipped with torchbip)")
+    data = parser.add_argument_group("data (the MNIST split in the repository, data/mnist.npz)")
     data.add_argument(
-        "--mnist", type=Path, default=None, help="another mnist.npz (default: the packaged one)"
+        "--mnist",
+        type=Path,
+        default=None,
+        help="another mnist.npz (default: TORCHBIP_MNIST, else the repository's data/mnist.npz)",
     )
     data.add_argument(
         "--train-per-class", type=int, default=None, help="training images per digit (none: all 60,000)"

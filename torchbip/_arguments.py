@@ -22,10 +22,11 @@ from torch.nn.modules import module as module_impl
 
 from torchbip._checkpoint import check_checkpoint_path
 from torchbip._func import Target, resolve_targets
-from torchbip._layouts import MaskLayout, default_structured_targets, make_layout, parse
 from torchbip.bilevel import all_finite
 from torchbip.config import BiPConfig
-from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, validate_amount
+from torchbip.layouts import Layout, MaskLayout, as_layout
+from torchbip.masks import validate_amount
+from torchbip.pruner import check_no_fsdp
 from torchbip.structured import BUDGETS
 
 __all__ = ["RunPlan", "agree_across_ranks", "default_group", "plan_run"]
@@ -39,7 +40,7 @@ class RunPlan:
     amount: int | float
     targets: list[Target]
     allowed: list[Tensor | None]
-    selector: GlobalTopK | MaskLayout
+    layout: MaskLayout
     steps: int
     group: Any
 
@@ -54,7 +55,7 @@ def plan_run(
     upper_loader: Iterable[Any] | None,
     config: BiPConfig | None,
     group: Any,
-    structured: str | None,
+    structured: str | Layout | None,
     budget: str,
     options: dict[str, Any],
 ) -> RunPlan:
@@ -86,8 +87,10 @@ def plan_run(
         raise ValueError("loader is required: an iterable of (inputs, targets) batches")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-    kind = None if structured is None else parse(structured)[0]
-    _check_budget(kind, structured, budget, cfg.min_keep)
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    spec = as_layout(structured, budget, arg="structured")
+    spec.check_budget(budget, cfg.min_keep, None, arg="structured")
     two_batch = cfg.mode == "two_batch"
     if upper_loader is not None and not two_batch:
         raise ValueError(
@@ -97,9 +100,8 @@ def plan_run(
     if cfg.checkpoint_path is not None:
         check_checkpoint_path(cfg.checkpoint_path)
     _check_backward_hooks(model)
-    if structured is not None and parameters is None:
-        parameters = default_structured_targets(model, structured)
-    targets = resolve_targets(model, parameters)
+    check_no_fsdp(model)
+    targets = resolve_targets(model, parameters, spec.default_parameters(model))
     for target in targets:
         if target.weight().is_inference():
             raise ValueError(
@@ -115,33 +117,19 @@ def plan_run(
             "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
         )
     allowed = [_allowed(t) for t in targets]
-    selector: GlobalTopK | MaskLayout
-    if structured is not None:
-        try:
-            selector = make_layout(structured, targets, amount, budget, cfg.min_keep, allowed)
-        except ValueError as err:
-            if not str(err).startswith("the per-layer floors keep"):
-                raise
-            raise ValueError(
-                f"min_keep={cfg.min_keep!r} is infeasible with amount={amount!r} for "
-                f"structured={structured!r}: {err} (counted in groups: "
-                f"{'filters' if structured == 'filter' else 'channels'}); lower min_keep or amount"
-            ) from err
-    else:
-        n_allowed = [
-            t.weight().numel() if a is None else int(a.sum()) for t, a in zip(targets, allowed, strict=True)
-        ]
-        n_keep = sum(n_allowed) - count_from_amount(amount, sum(n_allowed))
-        floors = floor_counts(n_allowed, cfg.min_keep)
-        if sum(floors) > n_keep:
-            raise ValueError(
-                f"min_keep={cfg.min_keep!r} keeps at least {sum(floors)} entries (its floor in each of "
-                f"the {len(targets)} tensors), more than the {n_keep} that amount={amount!r} leaves; "
-                "lower min_keep or amount"
-            )
-        selector = GlobalTopK(n_keep, floors if cfg.min_keep is not None else None)
+    try:
+        layout = spec.bind(targets, amount, allowed, cfg.min_keep)
+    except ValueError as err:
+        layout_name = spec.shorthand
+        if structured is None or not str(err).startswith("the per-layer floors keep"):
+            raise
+        raise ValueError(
+            f"min_keep={cfg.min_keep!r} is infeasible with amount={amount!r} for "
+            f"structured={structured!r}: {err} (counted in groups: "
+            f"{'filters' if layout_name == 'filter' else 'channels'}); lower min_keep or amount"
+        ) from err
     steps = resolve_steps(cfg, loader, per_step=2 if two_batch and upper_loader is None else 1)
-    return RunPlan(cfg, amount, targets, allowed, selector, steps, group)
+    return RunPlan(cfg, amount, targets, allowed, layout, steps, group)
 
 
 def _check_backward_hooks(model: nn.Module) -> None:
@@ -167,29 +155,6 @@ def _check_backward_hooks(model: nn.Module) -> None:
                 "cannot run module backward hooks: remove it for the run, or hook the parameters "
                 "instead (p.register_hook(fn) is honoured)"
             )
-
-
-def _check_budget(kind: str | None, structured: str | None, budget: object, min_keep: object) -> None:
-    """Refuse settings that the chosen mask layout would silently ignore."""
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    if kind is None and budget != "layer":
-        raise ValueError(f"budget={budget!r} applies to structured runs; an unstructured run ranks globally")
-    if kind == "nm" and budget != "layer":
-        raise ValueError(
-            f"budget={budget!r} does not apply to structured={structured!r}: an N:M pattern prunes the "
-            "same fraction of every block; leave budget at 'layer'"
-        )
-    if kind == "nm" and min_keep is not None:
-        raise ValueError(
-            f"min_keep={min_keep!r} does not apply to structured={structured!r}: an N:M pattern keeps "
-            "n of every m entries in every tensor"
-        )
-    if kind == "group" and budget == "layer" and min_keep is not None:
-        raise ValueError(
-            f"min_keep={min_keep!r} applies to budget='global' (a floor of the global ranking); "
-            f"budget='layer' prunes the same fraction of every tensor"
-        )
 
 
 def check_device(device: str) -> None:
@@ -247,7 +212,7 @@ def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group:
         mine = {
             "steps": plan.steps,
             "tensors": [(t.fqn, tuple(t.weight().shape)) for t in plan.targets],
-            "n_keep": plan.selector.n_keep,
+            "n_keep": plan.layout.n_keep,
             "settings": {k: v for k, v in plan.cfg.to_dict().items() if k not in _LOCAL_SETTINGS},
             "amount": plan.amount,
         }

@@ -27,11 +27,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from torchbip._func import Target
-from torchbip._layouts import GroupLayout, MaskLayout, NMLayout
 from torchbip._loop import CHECKPOINT_FORMAT
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, describe
-from torchbip.masks import GlobalTopK
+from torchbip.layouts import MaskLayout
 
 __all__ = [
     "check_checkpoint_path",
@@ -56,7 +55,7 @@ def run_descriptor(
     amount: int | float,
     targets: Sequence[Target],
     allowed: Sequence[Tensor | None],
-    selector: GlobalTopK | MaskLayout,
+    layout: MaskLayout,
     steps: int,
     cfg: BiPConfig,
     lower_stream: BatchStream,
@@ -69,7 +68,7 @@ def run_descriptor(
         amount: the validated ``amount``.
         targets: the tensors pruned.
         allowed: per target, the entries that earlier pruning left (``None``: not pruned yet).
-        selector: the unstructured top-k or the structured layout of the run.
+        layout: the bound mask layout of the run.
         steps: the resolved number of steps.
         cfg: the run's settings; every field but :data:`UNRECORDED_FIELDS` is recorded.
         lower_stream: the stream of ``loader``.
@@ -82,10 +81,10 @@ def run_descriptor(
     device = torch.device(cfg.device) if cfg.device is not None else targets[0].weight().device
     run: dict[str, Any] = {
         "amount": amount,
-        "structured": _structured(selector),
-        "budget": selector.budget if isinstance(selector, GroupLayout) else None,
+        "structured": layout.structured,
+        "budget": layout.budget,
         "parameters": [_describe_target(t, a) for t, a in zip(targets, allowed, strict=True)],
-        "n_keep": int(selector.n_keep),
+        "n_keep": int(layout.n_keep),
         "steps": int(steps),
     }
     for f in dataclasses.fields(cfg):
@@ -254,17 +253,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint_path={str(path)!r} holds a {type(state).__name__}, not a checkpoint")
     return state
-
-
-def _structured(selector: GlobalTopK | MaskLayout) -> str | None:
-    """The ``structured`` argument a selector was made for."""
-    if isinstance(selector, GroupLayout):
-        return {0: "filter", 1: "channel"}.get(selector.dim, f"dim={selector.dim}")
-    if isinstance(selector, NMLayout):
-        return f"{selector.n}:{selector.m}"
-    if isinstance(selector, MaskLayout):
-        return type(selector).__name__
-    return None
 
 
 def _describe_target(target: Target, allowed: Tensor | None) -> str:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
+
+from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["Target", "default_targets", "make_forward", "resolve_targets"]
 
@@ -77,8 +78,12 @@ def _uncalled_children(model: nn.Module) -> dict[int, str]:
     return out
 
 
-def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None) -> list[Target]:
-    """Check ``parameters`` (or pick the defaults) and name each tensor in the model.
+def resolve_targets(
+    model: nn.Module,
+    parameters: Iterable[tuple[nn.Module, str]] | None,
+    defaults: list[tuple[nn.Module, str]] | None = None,
+) -> list[Target]:
+    """Check ``parameters`` (or pick the defaults: ``defaults``, else :func:`default_targets`).
 
     Raises:
         ValueError: for a module outside ``model``, a missing tensor, a duplicate, a tied
@@ -88,7 +93,10 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
             module, a single pair, a string or a mapping included).
     """
     names = {id(m): n for n, m in model.named_modules()}  # a shared module: its first name
-    pairs = default_targets(model) if parameters is None else _pairs(parameters)
+    if parameters is None:
+        pairs = default_targets(model) if defaults is None else defaults
+    else:
+        pairs = _pairs(parameters)
     uncalled = _uncalled_children(model)
     targets: list[Target] = []
     seen: set[tuple[int, str]] = set()
@@ -138,11 +146,7 @@ def resolve_targets(model: nn.Module, parameters: Iterable[tuple[nn.Module, str]
         if not tensor.is_floating_point():
             raise ValueError(f"{target.fqn!r} has dtype {tensor.dtype}; BiP needs floating point")
         if target.is_pruned:
-            hooks = [
-                h
-                for h in module._forward_pre_hooks.values()
-                if isinstance(h, prune.BasePruningMethod) and h._tensor_name == name
-            ]
+            hooks = [h for hook_name, h in named_pruning_hooks(module) if hook_name == name]
             if len(hooks) != 1:
                 raise ValueError(f"{target.fqn!r} has a *_orig/*_mask pair but no pruning hook")
         targets.append(target)
@@ -198,10 +202,38 @@ def _pairs(parameters: Any) -> list[Any]:
 
 
 def make_forward(model: nn.Module) -> Any:
-    """``forward(tensors, inputs)`` through :func:`torch.func.functional_call`."""
+    """``forward(tensors, inputs)`` through :func:`torch.func.functional_call`.
+
+    A module that the model holds at two paths (``nn.Sequential(shared, act, shared)``) gets its
+    own parameters and buffers back after every call: under :func:`torch.func.grad`,
+    ``functional_call`` otherwise leaves it holding the transform's (dead) tensors, and the
+    model's optimiser would no longer update what its forward reads.
+    """
+    shared = _shared_slots(model)
 
     def forward(tensors: dict[str, Tensor], inputs: Any) -> Any:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        return torch.func.functional_call(model, tensors, args)
+        try:
+            return torch.func.functional_call(model, tensors, args)
+        finally:
+            for slots, name, tensor in shared:
+                if slots.get(name) is not tensor:
+                    slots[name] = tensor
 
     return forward
+
+
+def _shared_slots(model: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
+    """``(dict, name, tensor)`` of every parameter and buffer of a module held at several paths."""
+    seen: dict[int, int] = {}
+    modules: dict[int, nn.Module] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        seen[id(module)] = seen.get(id(module), 0) + 1
+        modules[id(module)] = module
+    out: list[tuple[dict[str, Any], str, Tensor]] = []
+    for key, count in seen.items():
+        if count > 1:
+            module = modules[key]
+            for slots in (module._parameters, module._buffers):
+                out.extend((slots, name, t) for name, t in slots.items() if t is not None)
+    return out

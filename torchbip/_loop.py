@@ -1,9 +1,11 @@
-"""Private: the state and the steps of one BiP run (``BiPLoop``), used by ``global_prune``.
+"""Private: ``global_prune``'s driver of the BiP state (``BiPLoop``).
 
-The loop owns the learned scores (one flat buffer; each module's score buffer is a view into
-it), the two optimisers and their schedules, the step counter and the data streams. It can be
-saved and restored (:meth:`BiPLoop.state_dict`), and averages gradients over a process group for
-distributed data-parallel runs.
+The loop draws the batches, computes the loss and both partial gradients with :mod:`torch.func`
+(the user's ``.grad`` stays untouched), steps the weights with its own optimiser and hands the
+element-wise upper gradients to a :class:`torchbip.BiP` object, which owns the scores, the
+masks, their optimiser and schedule and the selection, as it does in a user's own loop. The loop
+can be saved and restored (:meth:`BiPLoop.state_dict`), and averages gradients over a process
+group for distributed data-parallel runs.
 """
 
 from __future__ import annotations
@@ -15,41 +17,37 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.utils import prune
 
+from torchbip._collectives import all_reduce_mean, broadcast_state
 from torchbip._func import Target, make_forward
-from torchbip._layouts import MaskLayout
 from torchbip.bilevel import MaskedGrads, all_finite, lower_grad, masked_loss_grads, tensor_sums, upper_grad
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, describe, to_device
-from torchbip.masks import GlobalTopK
-from torchbip.method import BiPPruningMethod, scores_name
-from torchbip.report import SparsityReport, TensorSparsity
-from torchbip.scores import init_scores
+from torchbip.layouts import Layout
+from torchbip.pruned import pruned_tensors
+from torchbip.pruner import BiP, schedule_lambda
+from torchbip.report import SparsityReport
 
-__all__ = ["CHECKPOINT_FORMAT", "BiPLoop", "pruned_tensors"]
+__all__ = ["CHECKPOINT_FORMAT", "BiPLoop"]
 
-CHECKPOINT_FORMAT = "torchbip.bip-loop/2"
+CHECKPOINT_FORMAT = "torchbip.bip-loop/3"
 LossFn = Callable[[Any, Any], Tensor]
 
 
 class BiPLoop:
-    """One BiP run: scores, masks, optimisers, schedules, step and data streams.
+    """One ``global_prune`` run: the weights' optimiser, the data streams and a BiP object.
 
-    Construction applies the first mask (the global top-k of the initial scores) to every
-    target as torch pruning state, with a :class:`~torchbip.BiPPruningMethod` hook. A
-    ``selector`` that is a :class:`~torchbip._layouts.MaskLayout` (structured runs) supplies the
-    scores' shapes, the selection, the masks, the score gradients and the hook instead.
+    Construction builds the :class:`torchbip.BiP` object, which applies the first mask (the
+    top-k of the initial scores) to every target as torch pruning state.
     """
 
     def __init__(
         self,
         model: nn.Module,
         targets: list[Target],
-        allowed: list[Tensor | None],
-        selector: GlobalTopK | MaskLayout,
+        amount: int | float,
+        layout: Layout,
         steps: int,
         cfg: BiPConfig,
         loss_fn: LossFn,
@@ -57,9 +55,7 @@ class BiPLoop:
         upper_stream: BatchStream,
         process_group: Any = None,
     ) -> None:
-        self.model, self.targets, self.selector = model, targets, selector
-        self.layout = selector if isinstance(selector, MaskLayout) else None
-        self.topk = selector if isinstance(selector, GlobalTopK) else None
+        self.model, self.targets = model, targets
         self.steps, self.cfg, self.loss_fn = steps, cfg, loss_fn
         self.lower_stream, self.upper_stream = lower_stream, upper_stream
         self.group = process_group
@@ -67,44 +63,18 @@ class BiPLoop:
         self.losses: list[tuple[int, float]] = []
         self.window: list[float] = []
         self.device = targets[0].weight().device
-        self.allowed = [None if a is None else a.to(self.device) for a in allowed]
         if self.group is not None:
-            _broadcast_state(model, self.group)
-
-        if self.layout is not None:
-            # 1-2. A structured run: the layout's scores, first mask and pruning method.
-            scores = self.layout.init_scores([_current(t) for t in targets], cfg.score_init)
-            for i, (t, s, keep) in enumerate(zip(targets, scores, self.layout.select(scores), strict=True)):
-                self.layout.apply(i, t.module, t.name, s, keep)
-        else:
-            # 1. Scores: a scaled copy of the magnitudes of the current (masked) weights.
-            scores = [init_scores(_current(t), cfg.score_init) for t in targets]
-            # 2. The first mask: the global top-k of the scores, as torch pruning state per tensor.
-            for target, s, keep, allow in zip(
-                targets, scores, self._topk()(scores, self.allowed), self.allowed, strict=True
-            ):
-                remaining = s.numel() if allow is None else int(allow.sum())
-                BiPPruningMethod.apply(
-                    target.module, target.name, amount=remaining - int(keep.sum()), importance_scores=s
-                )
-                getattr(target.module, target.name + "_mask").copy_(keep)
-        # 3. One flat score buffer (and one for its gradient); module score buffers are views.
-        self.flat_scores = torch.cat([getattr(t.module, scores_name(t.name)).reshape(-1) for t in targets])
-        self.flat_grad = torch.zeros_like(self.flat_scores)
-        self.score_views: list[Tensor] = []
-        self.grad_views: list[Tensor] = []
-        self.offsets: list[int] = []
-        offset = 0
-        for target in targets:
-            shape = getattr(target.module, scores_name(target.name)).shape
-            view = self.flat_scores[offset : offset + shape.numel()].view(shape)
-            self.grad_views.append(self.flat_grad[offset : offset + view.numel()].view(shape))
-            target.module._buffers[scores_name(target.name)] = view
-            self.score_views.append(view)
-            self.offsets.append(offset)
-            offset += view.numel()
-        self.fast_select = all(a is None for a in self.allowed) and cfg.min_keep is None and not self.layout
-
+            broadcast_state(model, self.group)
+        # The upper level: the same object as in a user's loop; this loop feeds it gradients
+        # from torch.func (hold_pruned=False: the lower step below leaves pruned entries alone).
+        self.bip = BiP(
+            model, amount, parameters=[(t.module, t.name) for t in targets], layout=layout,
+            min_keep=cfg.min_keep, upper_lr=cfg.upper_lr, upper_momentum=cfg.upper_momentum,
+            upper_schedule=cfg.upper_schedule, steps=steps, implicit_coef=cfg.effective_implicit_coef,
+            score_init=cfg.score_init, hold_pruned=False, process_group=False,
+        )  # fmt: skip
+        self.layout = self.bip.layout
+        self.grad_views = self.bip.grad_views
         self.masks = {t.mask_fqn: getattr(t.module, t.name + "_mask") for t in targets}
         self.mask_list = list(self.masks.values())
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -142,17 +112,8 @@ class BiPLoop:
             momentum=cfg.momentum,
             fused=_fusable(lower_params),
         )
-        self.upper_opt = torch.optim.SGD(
-            [self.flat_scores],
-            lr=cfg.upper_lr,
-            momentum=cfg.upper_momentum,
-            fused=_fusable([self.flat_scores]),
-        )
         self.lower_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.lower_opt, _schedule(cfg.lower_schedule, steps)
-        )
-        self.upper_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.upper_opt, _schedule(cfg.upper_schedule, steps)
+            self.lower_opt, schedule_lambda(cfg.lower_schedule, steps)
         )
         self.forward = make_forward(model)
         self.implicit_coef = cfg.effective_implicit_coef
@@ -160,12 +121,8 @@ class BiPLoop:
         self.loss_scale = 2.0**16 if cfg.amp == "float16" else 1.0
         self.good_steps = 0
         self.skipped_steps = 0
-        # Which targets got a score gradient in this run (on the device: no host sync per step).
-        self.grad_seen = torch.zeros(len(targets), dtype=torch.bool, device=self.device)
         n_total = sum(m.numel() for m in self.mask_list)
-        n_kept = (
-            selector.n_keep if self.layout is None else sum(int(m.count_nonzero()) for m in self.mask_list)
-        )
+        n_kept = sum(int(m.count_nonzero()) for m in self.mask_list)
         self.sparsity = 1.0 - n_kept / n_total if n_total else 0.0
 
     # -- one step ---------------------------------------------------------------------------
@@ -206,7 +163,6 @@ class BiPLoop:
                 "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
             )
             self.lower_sched.step()
-            self.upper_sched.step()
         self.step_index += 1
         log_every = self.cfg.log_every
         self.window = [*self.window[-(log_every - 1) :], loss] if log_every > 1 else [loss]
@@ -240,10 +196,10 @@ class BiPLoop:
                 ) from err
         except Exception:
             if self.group is not None:  # the other ranks wait in the next all-reduce: tell them
-                _all_reduce_mean(self._reduce_shapes(with_mask_grads), self.group, failed=True)
+                all_reduce_mean(self._reduce_shapes(with_mask_grads), self.group, failed=True)
             raise
         if self.group is not None:
-            failed = _all_reduce_mean([out.loss, *out.params.values(), *out.masks.values()], self.group)
+            failed = all_reduce_mean([out.loss, *out.params.values(), *out.masks.values()], self.group)
             if failed:
                 raise RuntimeError(
                     f"{failed} other rank(s) of the process group failed at step {step} (see their "
@@ -273,10 +229,11 @@ class BiPLoop:
         # score gradient covers every target entry (a NaN or infinity in g makes it non-finite,
         # also where the mask is 0), the other parameters' gradients are checked themselves.
         if with_mask_grads:
-            self._score_grads(out)
-            # One sum per target's score gradient: also tells which targets got a gradient.
-            sums = tensor_sums([*self.grad_views, *(out.params[n] for n in self.unmasked)])
-            self.grad_seen |= sums[: len(self.targets)] != 0
+            # One sum per target's score gradient (the BiP object also records which targets got
+            # a gradient) and per other gradient.
+            sums = self.bip.prepare(self._element_upper_grads(out))
+            if self.unmasked:
+                sums = torch.cat([sums, tensor_sums([out.params[n] for n in self.unmasked])])
         else:
             sums = (
                 tensor_sums(list(out.params.values())) if out.params else torch.zeros(1, dtype=torch.float64)
@@ -301,7 +258,7 @@ class BiPLoop:
             for name, value in out.buffers.items():
                 self.buffers[name].copy_(value)
             if self.group is not None:
-                _all_reduce_mean([b for b in self.buffers.values() if b.is_floating_point()], self.group)
+                all_reduce_mean([b for b in self.buffers.values() if b.is_floating_point()], self.group)
         return out, loss
 
     def _reduce_shapes(self, with_mask_grads: bool) -> list[Tensor]:
@@ -364,9 +321,9 @@ class BiPLoop:
         once more on the last batch with every mask set to one: if the loss does not depend on
         them even then (an output that is detached or unused), that is an error.
         """
-        if self.step_index == 0 or bool(self.grad_seen.all()) or not hasattr(self, "_batch"):
+        if self.step_index == 0 or bool(self.bip.grad_seen.all()) or not hasattr(self, "_batch"):
             return
-        zero = [t for t, seen in zip(self.targets, self.grad_seen.tolist(), strict=True) if not seen]
+        zero = [t for t, seen in zip(self.targets, self.bip.grad_seen.tolist(), strict=True) if not seen]
         inputs, labels = self._batch
         ones = {name: torch.ones_like(mask) for name, mask in self.masks.items()}
         buffers = {name: b.clone() for name, b in self.buffers.items()}
@@ -409,53 +366,16 @@ class BiPLoop:
                 hook(p)
         self.lower_opt.step()
 
-    def _score_grads(self, grads: MaskedGrads) -> None:
-        """Write the upper-level gradient of every score into ``flat_grad``."""
-        with torch.no_grad():
-            for i, (target, g) in enumerate(zip(self.targets, self.grad_views, strict=True)):
-                if self.layout is not None:  # group scores: the sum of the element gradients
-                    element = upper_grad(
-                        grads.masks[target.mask_fqn], grads.params[target.orig_fqn], self.implicit_coef
-                    )
-                    self.layout.score_grad(i, element, out=g)
-                    continue
-                upper_grad(
-                    grads.masks[target.mask_fqn], grads.params[target.orig_fqn], self.implicit_coef, out=g
-                )
+    def _element_upper_grads(self, grads: MaskedGrads) -> list[Tensor]:
+        """The element-wise upper gradient of every target, from the two partial gradients."""
+        c = self.bip.implicit_coef
+        return [upper_grad(grads.masks[t.mask_fqn], grads.params[t.orig_fqn], c) for t in self.targets]
 
     def _upper_step(self, step: int) -> None:
-        self.flat_scores.grad = self.flat_grad
-        self.upper_opt.step()
         try:
-            self.update_masks()
+            self.bip.apply()
         except FloatingPointError as err:
-            raise FloatingPointError(f"at step {step}: {err}; the model was restored") from err
-
-    @torch.no_grad()
-    def update_masks(self) -> None:
-        """Set every mask to the global top-k of the current scores."""
-        if self.layout is not None:
-            for i, (mask, kept) in enumerate(
-                zip(self.mask_list, self.layout.select(self.score_views), strict=True)
-            ):
-                mask.copy_(self.layout.mask(i, kept))
-            return
-        topk = self._topk()
-        if self.fast_select:
-            keep = topk.select_flat(self.flat_scores)
-            keeps = [
-                keep[o : o + m.numel()].view(m.shape)
-                for o, m in zip(self.offsets, self.mask_list, strict=True)
-            ]
-        else:
-            keeps = topk(self.score_views, self.allowed)
-        for mask, kept in zip(self.mask_list, keeps, strict=True):
-            mask.copy_(kept)
-
-    def _topk(self) -> GlobalTopK:
-        """The unstructured selector (a structured run has a layout instead)."""
-        assert self.topk is not None, "a structured run selects through its layout"
-        return self.topk
+            raise FloatingPointError(f"{err}; the model was restored") from err
 
     # -- end of the run ---------------------------------------------------------------------
 
@@ -467,20 +387,14 @@ class BiPLoop:
                 does not depend (see :meth:`_check_every_target_was_reached`).
         """
         self._check_every_target_was_reached()
+        report = self.bip.finish()
         with torch.no_grad():
-            for target in self.targets:
-                delattr(target.module, scores_name(target.name))
             # The hooks ran inside torch.func and left transformed tensors behind.
             for _, module, hook in pruned_tensors(self.model):
                 setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
             for p in self.params.values():
                 p.grad = None
-        return SparsityReport(
-            {
-                t.fqn: TensorSparsity(m.numel(), int((m == 0).sum()))
-                for t, m in zip(self.targets, self.mask_list, strict=True)
-            }
-        )
+        return report
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -494,13 +408,11 @@ class BiPLoop:
             "step": self.step_index,
             "steps": self.steps,
             "targets": [t.fqn for t in self.targets],
-            "n_keep": self.selector.n_keep,
+            "n_keep": self.bip.n_keep,
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "scores": self.flat_scores.detach().clone(),
+            "bip": self.bip.state_dict(),
             "lower_opt": self.lower_opt.state_dict(),
-            "upper_opt": self.upper_opt.state_dict(),
             "lower_sched": _sched_state(self.lower_sched),
-            "upper_sched": _sched_state(self.upper_sched),
             "lower_stream": self.lower_stream.state_dict(),
             "upper_stream": self.upper_stream.state_dict(),
             "rng": torch.get_rng_state(),
@@ -527,29 +439,25 @@ class BiPLoop:
                 f"expected {CHECKPOINT_FORMAT!r})"
             )
         fqns = [t.fqn for t in self.targets]
-        if state["targets"] != fqns or state["n_keep"] != self.selector.n_keep:
+        if state["targets"] != fqns or state["n_keep"] != self.bip.n_keep:
             raise ValueError(
                 f"{source} was written for another model or amount: it prunes {state['targets']} "
-                f"keeping {state['n_keep']}, this run prunes {fqns} keeping {self.selector.n_keep}"
+                f"keeping {state['n_keep']}, this run prunes {fqns} keeping {self.bip.n_keep}"
             )
         if state["steps"] != self.steps:
             raise ValueError(
                 f"{source} was written for a run of {state['steps']} steps, this run has {self.steps}"
             )
-        if state["scores"].shape != self.flat_scores.shape:
-            raise ValueError(
-                f"{source} holds {state['scores'].numel()} scores, expected {self.flat_scores.numel()}"
-            )
         try:
             self.model.load_state_dict(state["model"], strict=True)
         except RuntimeError as err:
             raise ValueError(f"{source} does not match the model: {err}") from err
-        with torch.no_grad():
-            self.flat_scores.copy_(state["scores"])
+        try:
+            self.bip.load_state_dict(state["bip"])
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
         self.lower_opt.load_state_dict(state["lower_opt"])
-        self.upper_opt.load_state_dict(state["upper_opt"])
         self.lower_sched.load_state_dict(state["lower_sched"])
-        self.upper_sched.load_state_dict(state["upper_sched"])
         # Each rank replays its own shard, but only rank 0 saved: check the replay on one process.
         verify = self.group is None
         self.lower_stream.load_state_dict(state["lower_stream"], source=source, verify=verify)
@@ -566,74 +474,9 @@ class BiPLoop:
         self.window = [float(v) for v in state["window"]]
 
 
-def pruned_tensors(model: nn.Module) -> list[tuple[str, nn.Module, prune.BasePruningMethod]]:
-    """``(fqn, module, hook)`` of every tensor of ``model`` that torch's pruning reparametrised."""
-    out = []
-    for module_fqn, module in model.named_modules():
-        prefix = module_fqn + "." if module_fqn else ""
-        for hook in module._forward_pre_hooks.values():
-            name = getattr(hook, "_tensor_name", None) if isinstance(hook, prune.BasePruningMethod) else None
-            if name is not None and name + "_mask" in module._buffers:
-                out.append((prefix + name, module, hook))
-    return out
-
-
-def _current(target: Target) -> Tensor:
-    weight = target.weight().detach()
-    if target.is_pruned:
-        weight = weight * getattr(target.module, target.name + "_mask")
-    return weight
-
-
-def _schedule(kind: str, steps: int) -> Callable[[int], float]:
-    if kind == "cosine":
-        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps))
-    if kind == "step":
-        return lambda t: 0.1 ** ((t >= steps * 0.5) + (t >= steps * 0.75))
-    return lambda t: 1.0
-
-
 def _sched_state(sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     # LambdaLR stores closures as None in its state: plain types only, as weights_only needs.
     return sched.state_dict()
-
-
-def _broadcast_state(model: nn.Module, group: Any) -> None:
-    """Start every rank from rank 0's parameters and buffers (as DDP does when wrapping)."""
-    src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=src, group=group)
-
-
-def _all_reduce_mean(tensors: list[Tensor], group: Any, failed: bool = False) -> int:
-    """Average tensors over the ranks of ``group`` in place, in one flat all-reduce.
-
-    The flat buffer also carries one status entry per call, so that a rank that failed before the
-    collective (``failed=True``, contributing zeros) does not leave the others waiting: every rank
-    learns how many ranks failed. The buffer's dtype depends only on the non-scalar tensors (the
-    same on every rank), never on the loss's.
-
-    Returns:
-        The number of ranks that reported a failure.
-    """
-    wide = any(t.dtype == torch.float64 and t.dim() > 0 for t in tensors)
-    dtype = torch.float64 if wide else torch.float32
-    status = torch.full(
-        (1,), 1.0 if failed else 0.0, dtype=dtype, device=tensors[0].device if tensors else None
-    )
-    flat = torch.cat([status, *(t.detach().reshape(-1).to(dtype) for t in tensors)])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    n_failed = round(float(flat[0]))
-    if failed or n_failed:
-        return n_failed
-    flat.div_(dist.get_world_size(group))
-    offset = 1
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
-    return 0
 
 
 def _run_hooks(param: Tensor, grad: Tensor) -> Tensor:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
+
+from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["ModelSnapshot"]
 
@@ -128,11 +129,7 @@ class ModelSnapshot:
                     set(module._non_persistent_buffers_set),
                     dict(module._forward_pre_hooks),
                     dict(module._forward_hooks),
-                    {
-                        key: dict(vars(hook))
-                        for key, hook in module._forward_pre_hooks.items()
-                        if isinstance(hook, prune.BasePruningMethod)
-                    },
+                    [(hook, dict(vars(hook))) for _, hook in named_pruning_hooks(module)],
                     module.training,
                     {n: module.__dict__[n] for n in self._names if n in module.__dict__},
                 )
@@ -164,9 +161,9 @@ class ModelSnapshot:
             module._forward_pre_hooks.update(hooks)
             module._forward_hooks.clear()
             module._forward_hooks.update(post_hooks)
-            for key, state in hook_states.items():
-                vars(hooks[key]).clear()
-                vars(hooks[key]).update(state)
+            for hook, state in hook_states:
+                vars(hook).clear()
+                vars(hook).update(state)
             module.training = training
             module.__dict__.update(attrs)
         # A gradient must match its parameter when it is set: detach them while memory moves back.

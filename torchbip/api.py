@@ -24,12 +24,12 @@ from torchbip._checkpoint import (
     save_final_checkpoint,
 )
 from torchbip._func import Target
-from torchbip._layouts import MaskLayout
-from torchbip._loop import BiPLoop, pruned_tensors
+from torchbip._loop import BiPLoop
 from torchbip._snapshot import ModelSnapshot
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, order_generators
-from torchbip.masks import GlobalTopK
+from torchbip.layouts import Layout, MaskLayout, as_layout
+from torchbip.pruned import pruned_tensors
 from torchbip.report import PruneReport
 
 __all__ = ["global_prune"]
@@ -45,7 +45,7 @@ def global_prune(
     upper_loader: Iterable[Any] | None = None,
     config: BiPConfig | None = None,
     process_group: Any = None,
-    structured: str | None = None,
+    structured: str | Layout | None = None,
     budget: str = "layer",
     **options: Any,
 ) -> PruneReport:
@@ -178,7 +178,8 @@ def global_prune(
                 raise
             agree_across_ranks(plan, None, group)
             return _run(
-                model, plan.amount, plan.targets, plan.allowed, plan.selector, plan.steps, cfg, loss_fn,
+                model, plan.amount, plan.targets, plan.allowed, plan.layout,
+                as_layout(structured, budget, arg="structured"), plan.steps, cfg, loss_fn,
                 lower_stream, upper_stream or lower_stream, group,
             )  # fmt: skip
     except BaseException:
@@ -194,7 +195,8 @@ def _run(
     amount: int | float,
     targets: list[Target],
     allowed: list[Tensor | None],
-    selector: GlobalTopK | MaskLayout,
+    layout: MaskLayout,
+    spec: Layout,
     steps: int,
     cfg: BiPConfig,
     loss_fn: Callable[[Any, Any], Tensor],
@@ -209,7 +211,7 @@ def _run(
     saved = None
     if path is not None:
         run = run_descriptor(
-            amount, targets, allowed, selector, steps, cfg, lower_stream, upper_stream, process_group
+            amount, targets, allowed, layout, steps, cfg, lower_stream, upper_stream, process_group
         )
         if cfg.resume and path.exists():
             saved = load_checkpoint(path)
@@ -217,7 +219,7 @@ def _run(
     if cfg.device is not None:
         model.to(torch.device(cfg.device))
     loop = BiPLoop(
-        model, targets, allowed, selector, steps, cfg, loss_fn, lower_stream, upper_stream, process_group
+        model, targets, amount, spec, steps, cfg, loss_fn, lower_stream, upper_stream, process_group
     )
     is_main = process_group is None or dist.get_rank(process_group) == 0
     if saved is not None:

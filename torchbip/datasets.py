@@ -1,8 +1,10 @@
-"""Small real datasets that need no download: MNIST (shipped) and scikit-learn's digits.
+"""Small real datasets that need no download: MNIST (in the repository) and scikit-learn's digits.
 
-``load_mnist`` reads the MNIST split shipped inside the package (``torchbip/_datasets/mnist.npz``,
-CC BY-SA 3.0, by Yann LeCun, Corinna Cortes and Christopher J. C. Burges; see the README beside
-it) or a copy of the same format given by ``path`` or the ``TORCHBIP_MNIST`` environment variable.
+``load_mnist`` reads an MNIST ``.npz`` file given by ``path`` or the ``TORCHBIP_MNIST``
+environment variable, or else the copy in torchbip's source repository, ``data/mnist.npz``
+(CC BY-SA 3.0, by Yann LeCun, Corinna Cortes and Christopher J. C. Burges; see the README beside
+it), which a source checkout (such as an editable install) finds on its own. The file is not part
+of the installed wheel: there, point ``path`` or ``TORCHBIP_MNIST`` at a copy.
 ``load_digits`` wraps :func:`sklearn.datasets.load_digits` (scikit-learn ships that data).
 
 Both return a :class:`torch.utils.data.TensorDataset` of ``(images, labels)``: float32 images in
@@ -33,7 +35,7 @@ Split = Literal["train", "test"]
 MNIST_ENV = "TORCHBIP_MNIST"
 """Environment variable that points :func:`load_mnist` at a user's own ``mnist.npz``."""
 
-_PACKAGED_MNIST = Path(__file__).resolve().parent / "_datasets" / "mnist.npz"
+_CHECKOUT_MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist.npz"
 _MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -41,7 +43,8 @@ def mnist_path(path: str | os.PathLike[str] | None = None) -> Path:
     """Resolve which MNIST file :func:`load_mnist` reads, and check that it exists.
 
     The order is: ``path`` if given, else the ``TORCHBIP_MNIST`` environment variable if set and
-    not empty, else the copy shipped with the package.
+    not empty, else ``data/mnist.npz`` of the source checkout that torchbip is imported from
+    (the folder above the package's; an installed wheel has no such file).
 
     Args:
         path: a ``.npz`` file with the arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``.
@@ -50,8 +53,8 @@ def mnist_path(path: str | os.PathLike[str] | None = None) -> Path:
         The path of an existing file.
 
     Raises:
-        FileNotFoundError: if the chosen file does not exist; the message names it and says
-            where else the data can come from.
+        FileNotFoundError: if the chosen file does not exist; the message names the path it
+            looked at and says how to point at the file instead.
 
     Example:
         >>> mnist_path().name
@@ -66,12 +69,16 @@ def mnist_path(path: str | os.PathLike[str] | None = None) -> Path:
     elif os.environ.get(MNIST_ENV):
         chosen, origin = Path(os.environ[MNIST_ENV]), f"from the {MNIST_ENV} environment variable"
     else:
-        chosen, origin = _PACKAGED_MNIST, "the copy shipped with torchbip"
+        chosen = _CHECKOUT_MNIST
+        origin = (
+            f"the data/mnist.npz of a torchbip source checkout; neither the path argument nor {MNIST_ENV} "
+            "was given, and an installed wheel does not include the file"
+        )
     if not chosen.is_file():
         raise FileNotFoundError(
             f"MNIST file not found: {chosen} ({origin}). Pass path= or set {MNIST_ENV} to an .npz "
-            f"file holding the uint8 arrays {', '.join(_MNIST_KEYS)} (the layout of "
-            "torchbip/_datasets/mnist.npz, which a source checkout or wheel of torchbip includes)."
+            f"file holding the uint8 arrays {', '.join(_MNIST_KEYS)} (the layout of data/mnist.npz "
+            "in torchbip's source repository)."
         )
     return chosen
 
@@ -87,7 +94,7 @@ def load_mnist(
     Args:
         path: an ``.npz`` file with the uint8 arrays ``x_train`` (N, 28, 28), ``y_train`` (N,),
             ``x_test`` and ``y_test``. ``None``: the ``TORCHBIP_MNIST`` environment variable, or
-            else the copy shipped with the package (see :func:`mnist_path`).
+            else ``data/mnist.npz`` of the source checkout (see :func:`mnist_path`).
         split: ``"train"`` (60,000 images) or ``"test"`` (10,000 images).
         per_class: keep only the first ``per_class`` images of each digit, in file order (all of
             them where a class has fewer); ``None`` keeps everything.

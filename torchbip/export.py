@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip._snapshot import ModelSnapshot
+from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["export_slim", "load_slim_state_dict", "make_permanent"]
 
@@ -92,20 +93,14 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    names = {
-        hook._tensor_name
-        for module in model.modules()
-        for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name is not None
-    }
+    names = {name for module in model.modules() for name, _ in named_pruning_hooks(module)}
     snapshot = ModelSnapshot(model, names)
     try:  # all or nothing: a failure in one remove undoes the others
         for module in model.modules():
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    prune.remove(module, hook._tensor_name)
-                    if holds_bip(hook):
-                        drop_scores(module, hook._tensor_name)
+            for name, hook in list(named_pruning_hooks(module)):
+                prune.remove(module, name)
+                if holds_bip(hook):
+                    drop_scores(module, name)
     except BaseException:
         snapshot.restore()
         raise
@@ -120,11 +115,10 @@ def baked_copy(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     with torch.no_grad():
         for module in model.modules():
-            for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, prune.BasePruningMethod):
-                    current = module.__dict__.get(hook._tensor_name)
-                    if isinstance(current, Tensor):
-                        memo[id(current)] = hook.apply_mask(module).detach()
+            for name, hook in named_pruning_hooks(module):
+                current = module.__dict__.get(name)
+                if isinstance(current, Tensor):
+                    memo[id(current)] = hook.apply_mask(module).detach()
     return make_permanent(copy.deepcopy(model, memo))
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "GlobalTopK",
+    "cap_counts",
     "count_from_amount",
     "floor_counts",
     "nm_mask",
@@ -248,6 +249,44 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
     return [min(n, max(1, math.ceil(fraction * n))) for n in numels]
 
 
+def cap_counts(numels: Sequence[int], max_keep: int | float | None) -> list[int] | None:
+    """Per-tensor number of entries that a per-layer cap keeps at most.
+
+    Args:
+        numels: number of (allowed) entries of each tensor.
+        max_keep: ``None`` (no cap), an int count (at most that many kept in every tensor) or a
+            float in ``[0, 1]``, the largest fraction of each tensor kept (rounded down).
+
+    Returns:
+        One count per tensor, or ``None`` without a cap.
+
+    Raises:
+        TypeError: if ``max_keep`` is not ``None``, an int or a float (a ``bool`` is rejected).
+        ValueError: if it is a negative int, or a float outside ``[0, 1]`` or NaN.
+
+    Example:
+        >>> cap_counts([10, 1000], 0.5)
+        [5, 500]
+        >>> cap_counts([10, 1000], 20)
+        [10, 20]
+    """
+    if max_keep is None:
+        return None
+    if isinstance(max_keep, bool) or not isinstance(max_keep, numbers.Real):
+        raise TypeError(
+            f"max_keep must be None, an int (a count) or a float in [0, 1] (a fraction), "
+            f"got {max_keep!r} of type {type(max_keep).__name__}"
+        )
+    if isinstance(max_keep, numbers.Integral):
+        if int(max_keep) < 0:
+            raise ValueError(f"max_keep={max_keep} is a negative count; use an int >= 0")
+        return [min(int(max_keep), n) for n in numels]
+    fraction = float(max_keep)
+    if not 0.0 <= fraction <= 1.0:  # also catches NaN
+        raise ValueError(f"max_keep={max_keep!r} is a float outside [0, 1] (a fraction of each tensor)")
+    return [math.floor(fraction * n) for n in numels]
+
+
 class GlobalTopK:
     """Exact global top-k over many score tensors, with an optional per-tensor floor.
 
@@ -261,6 +300,8 @@ class GlobalTopK:
     Args:
         n_keep: the number of entries kept across all tensors.
         floors: optional per-tensor counts that are always kept (the highest-scoring ones).
+        caps: optional per-tensor counts that are never exceeded (only a tensor's
+            highest-scoring ``cap`` entries can be kept).
 
     Example:
         >>> import torch
@@ -275,14 +316,26 @@ class GlobalTopK:
         [[False, False], [True, True], [True]]
     """
 
-    def __init__(self, n_keep: int, floors: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, n_keep: int, floors: Sequence[int] | None = None, caps: Sequence[int] | None = None
+    ) -> None:
         self.n_keep = int(n_keep)
         self.floors = list(floors) if floors is not None else None
+        self.caps = list(caps) if caps is not None else None
         if self.floors is not None and sum(self.floors) > self.n_keep:
             raise ValueError(
                 f"the per-layer floors keep {sum(self.floors)} entries, more than the "
                 f"{self.n_keep} that the amount allows"
             )
+        if self.caps is not None and sum(self.caps) < self.n_keep:
+            raise ValueError(
+                f"the per-layer caps keep at most {sum(self.caps)} entries, fewer than the "
+                f"{self.n_keep} that the amount keeps"
+            )
+        if self.floors is not None and self.caps is not None:
+            for i, (lo, hi) in enumerate(zip(self.floors, self.caps, strict=True)):
+                if lo > hi:
+                    raise ValueError(f"tensor {i}: its floor ({lo}) is above its cap ({hi})")
         self._threshold: Tensor | None = None
         self._band = 1e-3
 
@@ -313,6 +366,8 @@ class GlobalTopK:
             raise ValueError(f"allowed has {len(allowed)} entries but scores has {len(scores)}")
         if self.floors is not None and len(self.floors) != len(scores):
             raise ValueError(f"floors has {len(self.floors)} entries but scores has {len(scores)}")
+        if self.caps is not None and len(self.caps) != len(scores):
+            raise ValueError(f"caps has {len(self.caps)} entries but scores has {len(scores)}")
         allows: list[Tensor | None] = [None] * len(scores)
         if allowed is not None:
             for i, (s, allow) in enumerate(zip(scores, allowed, strict=True)):
@@ -330,6 +385,9 @@ class GlobalTopK:
             allow = allows[i]
             if allow is not None:
                 flat = torch.where(allow, flat, -math.inf)
+            if self.caps is not None and self.caps[i] < flat.numel():
+                eligible = topk_mask(flat, self.caps[i], allow)
+                flat = torch.where(eligible, flat, -math.inf)
             if self.floors is not None and self.floors[i] > 0:
                 forced = topk_mask(flat, self.floors[i], allow)
                 flat = torch.where(forced, math.inf, flat)
@@ -372,8 +430,8 @@ class GlobalTopK:
             >>> GlobalTopK(2).select_flat(torch.tensor([0.1, 0.9, 0.5, 0.3])).tolist()
             [False, True, True, False]
         """
-        if self.floors is not None and any(self.floors):
-            raise ValueError("select_flat does not apply per-tensor floors; call the selector")
+        if (self.floors is not None and any(self.floors)) or self.caps is not None:
+            raise ValueError("select_flat does not apply per-tensor floors or caps; call the selector")
         return self._select(_as_float(flat.detach().reshape(-1)))
 
     def _select(self, flat: Tensor) -> Tensor:

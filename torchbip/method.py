@@ -34,6 +34,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 from torch.nn.utils import prune
 
 from torchbip.masks import count_from_amount, topk_mask, validate_amount
+from torchbip.pruned import pruning_hook
 
 __all__ = ["BiPContainer", "BiPMethod", "BiPPruningMethod", "bip_unstructured", "magnitudes", "scores_name"]
 
@@ -123,14 +124,6 @@ def outside_inference_mode(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def pruning_hook(module: nn.Module, name: str) -> prune.BasePruningMethod | None:
-    """The pruning pre-hook of ``module.<name>`` (torch allows one per tensor), or ``None``."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            return hook
-    return None
-
-
 def holds_bip(hook: object) -> bool:
     """Whether a pruning hook is a torchbip method or a container that holds one."""
     if isinstance(hook, BiPMethod):
@@ -178,6 +171,54 @@ def guard_deepcopy(tensor: Tensor) -> Tensor:
     return tensor
 
 
+class GradCapture:
+    r"""A callback that receives :math:`g = \nabla_z \ell` at the masked tensor :math:`z`.
+
+    Set on a torchbip pruning hook by :class:`torchbip.BiP` (:func:`set_grad_capture`); the
+    hook registers it as a gradient hook on the masked tensor it computes in every forward pass
+    with gradients on. It is not copied with the model: ``copy.deepcopy`` and pickling of a
+    module give its hook no capture.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], None]) -> None:
+        self.fn = fn
+
+    def __call__(self, grad: Tensor) -> None:
+        self.fn(grad)
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _no_capture, ()
+
+
+def _no_capture() -> None:
+    """What a :class:`GradCapture` becomes when its module is copied or unpickled."""
+
+
+def set_grad_capture(hook: prune.BasePruningMethod, capture: GradCapture | None) -> None:
+    """Give a torchbip pruning hook a gradient capture, or take it away (``None``)."""
+    if capture is not None:
+        hook._grad_capture = capture  # type: ignore[attr-defined]
+    elif "_grad_capture" in vars(hook):
+        del hook._grad_capture  # type: ignore[attr-defined]
+
+
+def capture_grad(hook: prune.BasePruningMethod, masked: Tensor) -> Tensor:
+    """Register the hook's gradient capture (if any) on the masked tensor; return the tensor.
+
+    Only for a tensor of an ordinary autograd graph: under :mod:`torch.func` transforms (as in
+    :func:`torchbip.global_prune`) the gradients are computed functionally instead.
+    """
+    capture = getattr(hook, "_grad_capture", None)
+    if (
+        capture is not None
+        and masked.requires_grad
+        and torch.is_grad_enabled()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(masked)
+    ):
+        masked.register_hook(capture)
+    return masked
+
+
 def drop_scores(module: nn.Module, name: str) -> None:
     """Drop the ``<name>_scores`` buffer of ``module`` (if any).
 
@@ -202,7 +243,7 @@ class BiPMethod(prune.BasePruningMethod):
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
         """Set ``module.<name>`` to the masked tensor, deep-copyable (torch's hook, guarded)."""
-        setattr(module, self._tensor_name, guard_deepcopy(self.apply_mask(module)))
+        setattr(module, self._tensor_name, capture_grad(self, guard_deepcopy(self.apply_mask(module))))
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent (torch's :meth:`remove`) and drop the score buffer."""
@@ -224,7 +265,7 @@ class BiPContainer(prune.PruningContainer):
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
         """Set ``module.<name>`` to the masked tensor, deep-copyable (torch's hook, guarded)."""
-        setattr(module, self._tensor_name, guard_deepcopy(self.apply_mask(module)))
+        setattr(module, self._tensor_name, capture_grad(self, guard_deepcopy(self.apply_mask(module))))
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent (torch's :meth:`remove`) and drop the score buffer."""

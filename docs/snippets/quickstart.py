@@ -11,7 +11,7 @@ from torchbip.datasets import load_mnist
 
 torch.manual_seed(0)
 
-# Data: the MNIST split shipped with torchbip (nothing is downloaded),
+# Data: the MNIST split in the repository, data/mnist.npz (nothing is downloaded),
 # 300 training images per digit.
 train_set = load_mnist(split="train", per_class=300)
 train_loader = DataLoader(train_set, batch_size=64, shuffle=True)

@@ -543,7 +543,7 @@ def test_one_shot_iterator_shorter_than_the_checkpoint(tmp_path: Path) -> None:
         (
             lambda s: s.update(format="torchbip.bip-loop/1") or s.pop("run"),
             r"written by another torchbip version \(checkpoint format 'torchbip\.bip-loop/1'; this version "
-            r"reads 'torchbip\.bip-loop/2'",
+            r"reads 'torchbip\.bip-loop/3'",
         ),
         (lambda s: s.pop("run"), r"has no run description"),
         (

@@ -10,10 +10,10 @@ from torch.nn.utils import prune
 
 from torchbip import BiPStructured, export_slim, global_prune
 from torchbip._func import resolve_targets
-from torchbip._layouts import GroupLayout
 from torchbip._loop import BiPLoop
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream
+from torchbip.layouts import Groups
 from torchbip.semistructured import BiPSemiStructured
 from torchbip.structured import group_reduce
 from torchbip.testing.contract import pruning_hooks
@@ -154,18 +154,17 @@ def test_group_score_gradient_is_the_sum_of_element_upper_gradients(seed: int) -
     cfg = BiPConfig(
         steps=1, upper_lr=0.5, upper_momentum=0.0, lower_lr=1e-3, implicit_coef=2.0, progress=False
     )
-    layout = GroupLayout(targets, 0, 2, "layer", None, [None])
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     stream = BatchStream([(x, y)], "loader")
-    loop = BiPLoop(model, targets, [None], layout, 1, cfg, F.cross_entropy, stream, stream)
+    loop = BiPLoop(model, targets, 2, Groups(dim=0), 1, cfg, F.cross_entropy, stream, stream)
     theta = model[0].weight_orig.detach().clone()
     mask = model[0].weight_mask.detach().clone()
-    scores = loop.flat_scores.detach().clone()
+    scores = loop.bip.flat_scores.detach().clone()
     # the element gradient by eager autograd: dl/dm = theta * g - c * m * g * g, summed over each group
     z = (mask * theta).requires_grad_(True)
     loss = F.cross_entropy(model[1](x @ z.t()), y)
     (g,) = torch.autograd.grad(loss, z)
     element = theta * g - 2.0 * mask * g * g
     loop.step()
-    torch.testing.assert_close(loop.flat_scores, scores - 0.5 * group_reduce(element, 0))
+    torch.testing.assert_close(loop.bip.flat_scores, scores - 0.5 * group_reduce(element, 0))
     assert kept_groups(model[0].weight_mask, 0) == 3

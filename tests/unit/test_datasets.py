@@ -1,4 +1,4 @@
-"""``torchbip.datasets``: the packaged MNIST split and scikit-learn's digits."""
+"""``torchbip.datasets``: the repository's MNIST split and scikit-learn's digits."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def _write_npz(path: Path, n_train: int = 20, n_test: int = 10, **extra: np.ndar
     return path
 
 
-def test_packaged_file_is_plain_uint8() -> None:
+def test_checkout_file_is_plain_uint8() -> None:
     path = mnist_path()
-    assert path == Path(datasets.__file__).parent / "_datasets" / "mnist.npz"
+    assert path == Path(datasets.__file__).resolve().parents[1] / "data" / "mnist.npz"
     assert (path.parent / "README.md").is_file()
     with np.load(path, allow_pickle=False) as archive:
         assert sorted(archive.files) == ["x_test", "x_train", "y_test", "y_train"]
@@ -104,10 +104,15 @@ def test_mnist_missing_file_names_the_path(tmp_path: Path, monkeypatch: pytest.M
     assert str(missing) in str(info.value)
 
 
-def test_mnist_missing_packaged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(datasets, "_PACKAGED_MNIST", tmp_path / "gone.npz")
-    with pytest.raises(FileNotFoundError, match=r"gone\.npz \(the copy shipped with torchbip\)"):
+def test_mnist_missing_checkout_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets, "_CHECKOUT_MNIST", tmp_path / "gone.npz")
+    with pytest.raises(
+        FileNotFoundError, match=r"gone\.npz \(the data/mnist\.npz of a torchbip source checkout"
+    ) as info:
         load_mnist()
+    message = str(info.value)
+    assert "neither the path argument nor " + MNIST_ENV in message
+    assert "Pass path= or set " + MNIST_ENV in message
 
 
 def test_mnist_rejects_pickled_and_incomplete_archives(tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from torchbip.pruned import named_pruning_hooks
+
 __all__ = ["PruningMethodContract", "pruning_hooks"]
 
 
@@ -55,11 +57,7 @@ def pruning_hooks(module: nn.Module, name: str) -> list[prune.BasePruningMethod]
         >>> [type(h).__name__ for h in pruning_hooks(layer, "weight")]
         ['L1Unstructured']
     """
-    return [
-        hook
-        for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name
-    ]
+    return [hook for hook_name, hook in named_pruning_hooks(module) if hook_name == name]
 
 
 def _fresh_copy_loaded(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:

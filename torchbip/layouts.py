@@ -1,0 +1,588 @@
+r"""Mask layouts: how BiP's learned scores become masks, one class per layout.
+
+A layout is chosen with ``layout=`` (:class:`torchbip.BiP`) or ``structured=``
+(:func:`torchbip.global_prune`), as an object or by its shorthand string:
+
+=========================  =======================  ===============================================
+object                     shorthand                one score per ...
+=========================  =======================  ===============================================
+:class:`Unstructured`      ``"unstructured"``       entry; the kept entries ranked globally
+:class:`Groups` ``(0)``    ``"filter"``             output filter (``dim=0``), whole filters pruned
+:class:`Groups` ``(1)``    ``"channel"``            input channel (``dim=1``)
+:class:`NM` ``(n, m)``     ``"2:4"`` (any ``N:M``)  entry; the top ``n`` of every block of ``m``
+=========================  =======================  ===============================================
+
+Each layout object knows its default tensors (:meth:`Layout.default_parameters`) and, given the
+tensors and the budget, returns its bound form (:meth:`Layout.bind`, a :class:`MaskLayout`): the
+object that owns everything that differs between layouts in a BiP run, namely the scores'
+shapes and initial values, the selection of the kept entries, the element mask of a selection,
+the reduction of the element-wise upper gradient :math:`d\ell/dm` to the score gradient (the sum
+over a group for :class:`Groups`), and the torch pruning method that holds the mask. The BiP
+state (:class:`torchbip.BiP`) calls these and never branches on the layout.
+
+A new layout is a :class:`Layout` subclass with a :class:`MaskLayout` subclass.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> as_layout("filter")
+    Groups(dim=0, budget='layer')
+    >>> as_layout("2:4"), as_layout(None)
+    (NM(n=2, m=4), Unstructured())
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torchbip._func import Target, default_targets
+from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, nm_mask, topk_mask
+from torchbip.method import BiPPruningMethod
+from torchbip.scores import init_scores
+from torchbip.semistructured import BiPSemiStructured
+from torchbip.structured import (
+    BUDGETS,
+    BiPStructured,
+    allowed_groups,
+    expand_groups,
+    group_keep_counts,
+    group_reduce,
+)
+
+__all__ = [
+    "NM",
+    "GroupLayout",
+    "Groups",
+    "Layout",
+    "MaskLayout",
+    "NMLayout",
+    "Unstructured",
+    "UnstructuredLayout",
+    "as_layout",
+]
+
+Amount = int | float
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_GROUP_DIMS = {"filter": 0, "channel": 1}
+
+
+# -- bound layouts: what a run calls ---------------------------------------------------------
+
+
+class MaskLayout(ABC):
+    """A layout bound to the tensors and the budget of one run.
+
+    Attributes:
+        n_keep: the number of entries (or groups) that the selection keeps in all.
+        structured: the shorthand of a structured layout (``"filter"``, ``"2:4"``), ``None`` for
+            one score per entry ranked freely.
+        budget: ``"layer"`` or ``"global"`` for group layouts, else ``None``.
+    """
+
+    n_keep: int
+    structured: str | None = None
+    budget: str | None = None
+
+    @abstractmethod
+    def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
+        """Initial scores, one tensor per target, from the current (masked) weights."""
+
+    @abstractmethod
+    def select(self, scores: Sequence[Tensor], flat: Tensor | None = None) -> list[Tensor]:
+        """Boolean keeps in the scores' shapes (``flat``: the same scores as one buffer, if any)."""
+
+    @abstractmethod
+    def mask(self, index: int, keep: Tensor) -> Tensor:
+        """The boolean element mask of target ``index`` for its keep."""
+
+    @abstractmethod
+    def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
+        """Write the score gradient of target ``index`` (from the element-wise one) into ``out``."""
+
+    @abstractmethod
+    def apply(self, index: int, module: nn.Module, name: str, scores: Tensor, keep: Tensor) -> None:
+        """Put torch pruning state (with this layout's pruning method) on the target."""
+
+    def describe(self) -> dict[str, object]:
+        """What defines this bound layout, in plain types (checkpoints compare it)."""
+        return {"layout": type(self).__name__, "n_keep": int(self.n_keep)}
+
+
+class UnstructuredLayout(MaskLayout):
+    """One score per entry; a global top-k (with per-tensor floors and caps) or per-tensor counts."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        amount: Amount | Sequence[Amount],
+        allowed: Sequence[Tensor | None],
+        min_keep: Amount | None = None,
+        max_keep: Amount | None = None,
+    ) -> None:
+        self.allowed = list(allowed)
+        n_allowed = [
+            t.weight().numel() if a is None else int(a.sum())
+            for t, a in zip(targets, self.allowed, strict=True)
+        ]
+        self.per_tensor: list[int] | None = None
+        if isinstance(amount, (int, float)):
+            self.n_keep = sum(n_allowed) - count_from_amount(amount, sum(n_allowed))
+            floors = floor_counts(n_allowed, min_keep)
+            caps = cap_counts(n_allowed, max_keep)
+            if sum(floors) > self.n_keep:
+                raise ValueError(
+                    f"min_keep={min_keep!r} keeps at least {sum(floors)} entries (its floor in each of "
+                    f"the {len(targets)} tensors), more than the {self.n_keep} that amount={amount!r} "
+                    "leaves; lower min_keep or amount"
+                )
+            if caps is not None and sum(caps) < self.n_keep:
+                raise ValueError(
+                    f"max_keep={max_keep!r} keeps at most {sum(caps)} entries (its cap in each of the "
+                    f"{len(targets)} tensors), fewer than the {self.n_keep} that amount={amount!r} "
+                    "keeps; raise max_keep or amount"
+                )
+            if caps is not None and min_keep is not None:
+                for t, lo, hi in zip(targets, floors, caps, strict=True):
+                    if lo > hi:
+                        raise ValueError(
+                            f"min_keep={min_keep!r} keeps {lo} entries of {t.fqn!r} but max_keep="
+                            f"{max_keep!r} at most {hi}"
+                        )
+            self.topk = GlobalTopK(self.n_keep, floors if min_keep is not None else None, caps)
+            self.fast = all(a is None for a in self.allowed) and min_keep is None and caps is None
+        else:
+            self.per_tensor = [n - count_from_amount(a, n) for a, n in zip(amount, n_allowed, strict=True)]
+            self.n_keep = sum(self.per_tensor)
+            self.fast = False
+
+    def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
+        """See :meth:`MaskLayout.init_scores`."""
+        return [init_scores(w, method) for w in weights]
+
+    def select(self, scores: Sequence[Tensor], flat: Tensor | None = None) -> list[Tensor]:
+        """See :meth:`MaskLayout.select`."""
+        if self.per_tensor is not None:
+            return [topk_mask(s, k, a) for s, k, a in zip(scores, self.per_tensor, self.allowed, strict=True)]
+        if self.fast and flat is not None:
+            keep = self.topk.select_flat(flat)
+            out, offset = [], 0
+            for s in scores:
+                out.append(keep[offset : offset + s.numel()].view(s.shape))
+                offset += s.numel()
+            return out
+        return self.topk(list(scores), self.allowed)
+
+    def mask(self, index: int, keep: Tensor) -> Tensor:
+        """See :meth:`MaskLayout.mask`."""
+        return keep
+
+    def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
+        """See :meth:`MaskLayout.score_grad`."""
+        out.copy_(element_grad)
+
+    def apply(self, index: int, module: nn.Module, name: str, scores: Tensor, keep: Tensor) -> None:
+        """See :meth:`MaskLayout.apply`."""
+        allow = self.allowed[index]
+        remaining = scores.numel() if allow is None else int(allow.sum())
+        BiPPruningMethod.apply(module, name, amount=remaining - int(keep.sum()), importance_scores=scores)
+        getattr(module, name + "_mask").copy_(keep)
+
+    def describe(self) -> dict[str, object]:
+        """See :meth:`MaskLayout.describe`."""
+        return {
+            **super().describe(),
+            "per_tensor": self.per_tensor,
+            "floors": self.topk.floors if self.per_tensor is None else None,
+            "caps": self.topk.caps if self.per_tensor is None else None,
+        }
+
+
+class GroupLayout(MaskLayout):
+    """One score per filter or input channel; see :func:`torchbip.structured.select_groups`."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        dim: int,
+        amount: Amount | Sequence[Amount],
+        budget: str,
+        allowed: Sequence[Tensor | None],
+        min_keep: Amount | None = None,
+        max_keep: Amount | None = None,
+    ) -> None:
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        self.shapes = [tuple(t.weight().shape) for t in targets]
+        for target, shape in zip(targets, self.shapes, strict=True):
+            if len(shape) <= dim:
+                raise ValueError(f"{target.fqn!r} has shape {shape}: no dim={dim} to group along")
+        self.dim, self.budget, self.allowed = dim, budget, list(allowed)
+        self.structured = {0: "filter", 1: "channel"}.get(dim, f"dim={dim}")
+        self.group_allowed = [None if a is None else allowed_groups(a, dim) for a in self.allowed]
+        self.n_groups = [
+            s[dim] if g is None else int(g.sum())
+            for s, g in zip(self.shapes, self.group_allowed, strict=True)
+        ]
+        self._global: GlobalTopK | None = None
+        if not isinstance(amount, (int, float)):
+            self.counts = [n - count_from_amount(a, n) for a, n in zip(amount, self.n_groups, strict=True)]
+            self.n_keep = sum(self.counts)
+            return
+        self.n_keep, self.counts = group_keep_counts(self.n_groups, amount, budget, min_keep)
+        if budget == "global":
+            caps = cap_counts(self.n_groups, max_keep)
+            if caps is not None and sum(caps) < self.n_keep:
+                raise ValueError(
+                    f"max_keep={max_keep!r} keeps at most {sum(caps)} groups, fewer than the "
+                    f"{self.n_keep} that amount={amount!r} keeps; raise max_keep or amount"
+                )
+            self._global = GlobalTopK(self.n_keep, self.counts if min_keep is not None else None, caps)
+
+    def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
+        """See :meth:`MaskLayout.init_scores`."""
+        out = []
+        for w in weights:
+            size = w.numel() // w.shape[self.dim] if w.shape[self.dim] else 1
+            out.append(group_reduce(init_scores(w, method), self.dim) / max(size, 1))
+        return out
+
+    def select(self, scores: Sequence[Tensor], flat: Tensor | None = None) -> list[Tensor]:
+        """See :meth:`MaskLayout.select`."""
+        if self._global is not None:
+            return self._global(list(scores), self.group_allowed)
+        return [topk_mask(s, k, a) for s, k, a in zip(scores, self.counts, self.group_allowed, strict=True)]
+
+    def mask(self, index: int, keep: Tensor) -> Tensor:
+        """See :meth:`MaskLayout.mask`."""
+        full = expand_groups(keep, self.shapes[index], self.dim)
+        allowed = self.allowed[index]
+        return full if allowed is None else full & allowed
+
+    def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
+        """See :meth:`MaskLayout.score_grad`."""
+        out.copy_(group_reduce(element_grad, self.dim))
+
+    def apply(self, index: int, module: nn.Module, name: str, scores: Tensor, keep: Tensor) -> None:
+        """See :meth:`MaskLayout.apply`."""
+        n_prune = self.n_groups[index] - int(keep.sum())
+        BiPStructured.apply(module, name, amount=n_prune, dim=self.dim, importance_scores=scores)
+        getattr(module, name + "_mask").copy_(self.mask(index, keep))
+
+    def describe(self) -> dict[str, object]:
+        """See :meth:`MaskLayout.describe`."""
+        return {**super().describe(), "dim": self.dim, "budget": self.budget, "counts": list(self.counts)}
+
+
+class NMLayout(MaskLayout):
+    """The top ``n`` scores of every block of ``m`` along the input dimension."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        n: int,
+        m: int,
+        amount: Amount | Sequence[Amount],
+        allowed: Sequence[Tensor | None],
+    ) -> None:
+        for value in [amount] if isinstance(amount, (int, float)) else list(amount):
+            if isinstance(value, int) or abs(float(value) - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"amount={value!r} but the layout {n}:{m} prunes exactly a fraction 1 - n/m = "
+                    f"{1 - n / m:g} of every tensor; pass amount={1 - n / m:g}"
+                )
+        self.n, self.m, self.allowed = n, m, list(allowed)
+        self.structured = f"{n}:{m}"
+        self.dims = [_input_dim(t.weight()) for t in targets]
+        for target, dim in zip(targets, self.dims, strict=True):
+            size = target.weight().shape[dim]
+            if size % m:
+                raise ValueError(
+                    f"{target.fqn!r} has {size} inputs along dim={dim}, not a multiple of m={m}; leave "
+                    "it out of parameters"
+                )
+        self.n_keep = sum(
+            int(nm_mask(torch.zeros(t.weight().shape), n, m, d, allowed=a).sum())
+            for t, d, a in zip(targets, self.dims, self.allowed, strict=True)
+        )
+
+    def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
+        """See :meth:`MaskLayout.init_scores`."""
+        return [init_scores(w, method) for w in weights]
+
+    def select(self, scores: Sequence[Tensor], flat: Tensor | None = None) -> list[Tensor]:
+        """See :meth:`MaskLayout.select`."""
+        return [
+            nm_mask(s, self.n, self.m, d, allowed=a)
+            for s, d, a in zip(scores, self.dims, self.allowed, strict=True)
+        ]
+
+    def mask(self, index: int, keep: Tensor) -> Tensor:
+        """See :meth:`MaskLayout.mask`."""
+        return keep
+
+    def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
+        """See :meth:`MaskLayout.score_grad`."""
+        out.copy_(element_grad)
+
+    def apply(self, index: int, module: nn.Module, name: str, scores: Tensor, keep: Tensor) -> None:
+        """See :meth:`MaskLayout.apply`."""
+        BiPSemiStructured.apply(
+            module, name, n=self.n, m=self.m, dim=self.dims[index], importance_scores=scores
+        )
+        getattr(module, name + "_mask").copy_(keep)
+
+    def describe(self) -> dict[str, object]:
+        """See :meth:`MaskLayout.describe`."""
+        return {**super().describe(), "n": self.n, "m": self.m}
+
+
+# -- layout objects: what users pass ---------------------------------------------------------
+
+
+class Layout(ABC):
+    """A mask layout, as users choose it (``layout=Groups(dim=0)``, or its shorthand string)."""
+
+    @property
+    @abstractmethod
+    def shorthand(self) -> str:
+        """The string that names this layout (``"unstructured"``, ``"filter"``, ``"2:4"``, ...)."""
+
+    def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """The tensors this layout prunes when ``parameters`` is not given."""
+        return default_targets(model)
+
+    def check_budget(
+        self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"
+    ) -> None:
+        """Refuse settings that this layout would silently ignore (``ValueError``).
+
+        ``arg`` is the name of the argument that chose the layout, for the message.
+        """
+        if budget != "layer":
+            raise ValueError(
+                f"budget={budget!r} applies to structured runs (Groups layouts); an unstructured run "
+                "ranks globally"
+            )
+
+    @abstractmethod
+    def bind(
+        self,
+        targets: Sequence[Target],
+        amount: Amount | Sequence[Amount],
+        allowed: Sequence[Tensor | None],
+        min_keep: Amount | None = None,
+        max_keep: Amount | None = None,
+    ) -> MaskLayout:
+        """The bound layout for ``targets`` (``amount``: one value, or one per target)."""
+
+
+@dataclass(frozen=True)
+class Unstructured(Layout):
+    """One score per entry; ``amount`` ranks the entries of all tensors together.
+
+    ``min_keep`` and ``max_keep`` bound each tensor's share of the global ranking; a per-tensor
+    ``amount`` (a dict of name patterns) prunes each tensor on its own.
+
+    Example:
+        >>> Unstructured().shorthand
+        'unstructured'
+    """
+
+    @property
+    def shorthand(self) -> str:
+        """See :meth:`Layout.shorthand`."""
+        return "unstructured"
+
+    def bind(
+        self,
+        targets: Sequence[Target],
+        amount: Amount | Sequence[Amount],
+        allowed: Sequence[Tensor | None],
+        min_keep: Amount | None = None,
+        max_keep: Amount | None = None,
+    ) -> MaskLayout:
+        """See :meth:`Layout.bind`."""
+        return UnstructuredLayout(targets, amount, allowed, min_keep, max_keep)
+
+
+@dataclass(frozen=True)
+class Groups(Layout):
+    """One learned score per group of entries that share an index along ``dim``.
+
+    ``dim=0`` groups output filters (shorthand ``"filter"``), ``dim=1`` input channels
+    (``"channel"``). ``amount`` counts groups. ``budget="layer"`` prunes the same fraction of
+    groups in every tensor (the paper; an int ``amount`` is a count per tensor);
+    ``budget="global"`` ranks all groups together, with the per-tensor floor ``min_keep`` and
+    cap ``max_keep``. A group's score moves along the sum of its entries' upper gradients.
+
+    Args:
+        dim: ``0`` (filters) or ``1`` (input channels).
+        budget: ``"layer"`` or ``"global"``.
+
+    Example:
+        >>> Groups(dim=1).shorthand, Groups(0, budget="global")
+        ('channel', Groups(dim=0, budget='global'))
+    """
+
+    dim: int = 0
+    budget: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.dim not in (0, 1) or isinstance(self.dim, bool):
+            raise ValueError(f"Groups(dim={self.dim!r}): dim must be 0 (filters) or 1 (input channels)")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+
+    @property
+    def shorthand(self) -> str:
+        """See :meth:`Layout.shorthand`."""
+        return "filter" if self.dim == 0 else "channel"
+
+    def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Every ``Linear``/``Conv`` weight but the last layer's (filters) or the first (channels).
+
+        The last layer's filters are the model's outputs, the first layer's channels its inputs.
+        """
+        layers = [m for m, _ in default_targets(model)]
+        return [(m, "weight") for m in (layers[:-1] if self.dim == 0 else layers[1:])]
+
+    def check_budget(
+        self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"
+    ) -> None:
+        """See :meth:`Layout.check_budget`."""
+        if self.budget == "layer" and (min_keep is not None or max_keep is not None):
+            name, value = ("min_keep", min_keep) if min_keep is not None else ("max_keep", max_keep)
+            raise ValueError(
+                f"{name}={value!r} applies to budget='global' (a bound of the global ranking); "
+                "budget='layer' prunes the same fraction of every tensor"
+            )
+
+    def bind(
+        self,
+        targets: Sequence[Target],
+        amount: Amount | Sequence[Amount],
+        allowed: Sequence[Tensor | None],
+        min_keep: Amount | None = None,
+        max_keep: Amount | None = None,
+    ) -> MaskLayout:
+        """See :meth:`Layout.bind`."""
+        return GroupLayout(targets, self.dim, amount, self.budget, allowed, min_keep, max_keep)
+
+
+@dataclass(frozen=True)
+class NM(Layout):
+    """N:M semi-structured sparsity: the top ``n`` scores of every block of ``m`` inputs.
+
+    ``amount`` must be ``1 - n/m``. By default every ``Linear``/``Conv`` weight whose input size
+    is a multiple of ``m`` is pruned.
+
+    Args:
+        n: entries kept per block.
+        m: block size.
+
+    Example:
+        >>> NM(2, 4).shorthand
+        '2:4'
+    """
+
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.n, int) and isinstance(self.m, int) and self.m >= 1 and 0 <= self.n <= self.m
+        ):
+            raise ValueError(f"NM(n={self.n!r}, m={self.m!r}): need integers with 0 <= n <= m and m >= 1")
+
+    @property
+    def shorthand(self) -> str:
+        """See :meth:`Layout.shorthand`."""
+        return f"{self.n}:{self.m}"
+
+    def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """See :meth:`Layout.default_parameters`."""
+        layers = [m for m, _ in default_targets(model)]
+        return [(m, "weight") for m in layers if _weight(m).shape[_input_dim(_weight(m))] % self.m == 0]
+
+    def check_budget(
+        self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"
+    ) -> None:
+        """See :meth:`Layout.check_budget`."""
+        if budget != "layer":
+            raise ValueError(
+                f"budget={budget!r} does not apply to {arg}='{self.shorthand}': an N:M pattern prunes "
+                "the same fraction of every block; leave budget at 'layer'"
+            )
+        for name, value in (("min_keep", min_keep), ("max_keep", max_keep)):
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r} does not apply to {arg}='{self.shorthand}': an N:M pattern "
+                    "keeps n of every m entries in every tensor"
+                )
+
+    def bind(
+        self,
+        targets: Sequence[Target],
+        amount: Amount | Sequence[Amount],
+        allowed: Sequence[Tensor | None],
+        min_keep: Amount | None = None,
+        max_keep: Amount | None = None,
+    ) -> MaskLayout:
+        """See :meth:`Layout.bind`."""
+        return NMLayout(targets, self.n, self.m, amount, allowed)
+
+
+def as_layout(layout: object, budget: str = "layer", arg: str = "layout") -> Layout:
+    """The layout object for ``layout`` (an object, a shorthand string or ``None``).
+
+    Args:
+        layout: a :class:`Layout`, ``None``/``"unstructured"``, ``"filter"``, ``"channel"`` or
+            an ``"N:M"`` pattern such as ``"2:4"``.
+        budget: with ``"filter"``/``"channel"``: ``"layer"`` or ``"global"``.
+        arg: the argument's name, for the message.
+
+    Returns:
+        A :class:`Layout`.
+
+    Raises:
+        ValueError: for anything else (the message names the value).
+
+    Example:
+        >>> as_layout("channel", budget="global")
+        Groups(dim=1, budget='global')
+    """
+    if isinstance(layout, Layout):
+        return layout
+    if layout is None or layout == "unstructured":
+        return Unstructured()
+    if isinstance(layout, str):
+        if layout in _GROUP_DIMS:
+            if budget not in BUDGETS:
+                raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+            return Groups(_GROUP_DIMS[layout], budget)
+        match = _NM.match(layout)
+        if match:
+            n, m = int(match.group(1)), int(match.group(2))
+            if m >= 1 and 0 <= n <= m:
+                return NM(n, m)
+    raise ValueError(
+        f"{arg} must be None, 'unstructured', 'filter' (output filters), 'channel' (input channels), "
+        f"an 'N:M' pattern such as '2:4', or a torchbip.layouts.Layout, got {layout!r}"
+    )
+
+
+def _input_dim(weight: Tensor) -> int:
+    """The input dimension of a Linear (``-1``) or Conv (``1``) weight."""
+    return -1 if weight.dim() <= 2 else 1
+
+
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight

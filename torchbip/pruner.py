@@ -1,0 +1,755 @@
+r"""``BiP``: the state of BiP's upper level, stepped from the user's own training loop.
+
+:class:`BiP` is shaped like a :mod:`torch.optim` optimizer or a :mod:`torch.ao.pruning`
+sparsifier: it is built on a model, the user's loop runs forward and backward passes and the
+weights' optimizer, and :meth:`BiP.step` then moves the mask scores along BiP's implicit
+gradient and sets the masks to the top-k of the scores:
+
+.. code-block:: python
+
+    pruner = torchbip.BiP(model, amount=0.9, steps=len(loader) * epochs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for x, y in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        pruner.step()
+    pruner.finish()                  # torch's pruned form: weight_orig, weight_mask, hook
+
+:func:`torchbip.global_prune` drives the same object from its own loop, with gradients from
+:mod:`torch.func`: one implementation of the upper level, two ways to feed it gradients.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from torchbip._collectives import all_reduce_mean
+from torchbip._func import Target, resolve_targets
+from torchbip._snapshot import ModelSnapshot
+from torchbip.bilevel import all_finite, tensor_sums
+from torchbip.config import BiPConfig
+from torchbip.layouts import Layout, as_layout
+from torchbip.masks import validate_amount
+from torchbip.method import GradCapture, pruning_hook, scores_name, set_grad_capture
+from torchbip.report import SparsityReport, TensorSparsity
+
+__all__ = ["BiP", "STATE_FORMAT", "schedule_lambda"]
+
+STATE_FORMAT = "torchbip.bip/1"
+Amount = int | float
+
+
+def schedule_lambda(kind: str, steps: int | None) -> Callable[[int], float]:
+    """The learning-rate factor of a named schedule at step ``t`` (for ``LambdaLR``).
+
+    Args:
+        kind: ``"cosine"`` (to 0 at ``steps``), ``"step"`` (x0.1 at 50% and 75% of ``steps``) or
+            ``"constant"``.
+        steps: the length of the schedule (unused by ``"constant"``).
+
+    Returns:
+        ``t -> factor``.
+
+    Example:
+        >>> f = schedule_lambda("step", 8)
+        >>> [round(f(t), 3) for t in (0, 4, 6)]
+        [1.0, 0.1, 0.01]
+    """
+    if kind == "constant" or steps is None:
+        return lambda t: 1.0
+    total = steps
+    if kind == "cosine":
+        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    return lambda t: 0.1 ** ((t >= total * 0.5) + (t >= total * 0.75))
+
+
+class BiP:
+    r"""BiP's upper level as a state object: scores, masks, their optimizer and the selection.
+
+    Construction puts every chosen tensor in torch's pruned form at once (``weight_orig`` is the
+    same Parameter object as before, so an optimizer built before or after holds it;
+    ``weight_mask`` and a forward pre-hook as for torch's own methods), at the budget from the
+    first step: the mask is the top-k of the initial scores (the weights' magnitudes).
+
+    In the user's loop, the masked forward pass hands each mask's gradient
+    :math:`g = \nabla_z \ell` at :math:`z = m \odot \theta` to this object (a gradient hook on
+    the masked tensor, summed over every backward pass since the last :meth:`step`, so gradient
+    accumulation works; the user's gradient clipping or loss scaling of ``.grad`` does not change
+    it). :meth:`step` then computes the upper gradient
+    :math:`\theta \odot g - c\, m \odot g \odot g` (:math:`\theta` as the loss saw it, before
+    the optimizer's step), updates the scores with SGD and sets the masks to the top-k. Call it
+    after ``optimizer.step()``, as for :mod:`torch.ao.pruning` sparsifiers.
+
+    Pruned entries of ``weight_orig`` keep their values (``hold_pruned``): whatever the
+    optimizer did to them (weight decay, momentum or Adam state) is undone in :meth:`step`, so
+    an entry that comes back returns with the value it had when it was pruned.
+
+    Distributed data parallel: build the object on the model on every rank, then wrap the model
+    in :class:`~torch.nn.parallel.DistributedDataParallel` as usual; :meth:`step` averages the
+    captured gradients over the process group in one all-reduce, so every rank keeps identical
+    scores and masks (and DDP keeps the weights identical). FSDP is not supported: it replaces
+    the parameters, which :meth:`step` detects and refuses.
+
+    Args:
+        model: the model (or a ``DistributedDataParallel`` wrapper of it); pruned in place.
+        amount: a float in ``[0, 1]`` (the fraction of the remaining entries of all chosen
+            tensors to prune, ranked globally; with a :class:`~torchbip.layouts.Groups` layout,
+            of the groups) or an int count; or a dict from name patterns
+            (:mod:`fnmatch`, matched against each tensor's name such as ``"layer1.0.conv1.weight"``)
+            to a per-tensor amount, as Torch-Pruning's ``pruning_ratio_dict``: each matching tensor
+            is pruned on its own (the first matching pattern wins); tensors that no pattern
+            matches are left dense.
+        parameters: ``(module, name)`` pairs to prune, as for
+            :func:`torch.nn.utils.prune.global_unstructured`; by default the layout's defaults
+            (every ``nn.Linear``/``nn.Conv*d`` weight; see :mod:`torchbip.layouts`).
+        exclude: name patterns of tensors (or modules) to leave out, e.g. ``["fc.weight"]``,
+            ``["conv1"]`` or ``["*.lm_head.*"]``; a pattern that matches nothing is an error.
+        layout: ``"unstructured"``, ``"filter"``, ``"channel"``, an ``"N:M"`` pattern or a
+            :class:`torchbip.layouts.Layout`.
+        budget: with ``"filter"``/``"channel"``: ``"layer"`` (the same fraction of every
+            tensor) or ``"global"``.
+        min_keep: per-tensor floor of a global ranking: an int count or a float fraction of each
+            tensor that is always kept.
+        max_keep: per-tensor cap of a global ranking: an int count or a float fraction of each
+            tensor that is kept at most.
+        upper_lr: learning rate :math:`\beta` of the scores.
+        upper_momentum: SGD momentum of the scores.
+        upper_schedule: ``"step"`` (x0.1 at 50% and 75% of ``steps``), ``"cosine"`` or
+            ``"constant"``; ``None``: ``"step"`` when ``steps`` is given, else ``"constant"``.
+        steps: the number of :meth:`step` calls the schedule spans (``None``: no schedule).
+        implicit_coef: :math:`c`, the coefficient of the implicit term (:math:`1/\gamma` in
+            theory, with :math:`\gamma` the weights' weight decay; 0 switches it off).
+        score_init: ``"scaled_magnitude"`` or ``"magnitude"`` (see :class:`torchbip.BiPConfig`).
+        hold_pruned: undo the optimizer's changes to pruned entries in :meth:`step`. Costs one
+            copy of the pruned tensors; turn it off only when the optimizer leaves entries with
+            zero gradient alone (plain SGD without momentum and weight decay).
+        process_group: the :mod:`torch.distributed` group to average over; ``None`` (default)
+            uses the default group when it has more than one process, ``False`` never
+            communicates.
+
+    Raises:
+        ValueError: for a bad ``amount``, ``parameters``, ``exclude``, ``layout`` / ``budget`` /
+            ``min_keep`` / ``max_keep`` combination or setting; the model is left as it was.
+        TypeError: for a ``model`` that is not a module, or arguments of the wrong type.
+        RuntimeError: under :func:`torch.inference_mode`.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from torch.nn.utils import prune
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> pruner = BiP(model, amount=0.75, steps=4)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=5e-4)
+        >>> for _ in range(4):
+        ...     x = torch.randn(16, 8)
+        ...     optimizer.zero_grad()
+        ...     F.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        ...     optimizer.step()
+        ...     _ = pruner.step()
+        >>> pruner.finish().global_sparsity
+        0.75
+        >>> prune.is_pruned(model), hasattr(model[0], "weight_scores")
+        (True, False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        amount: Amount | Mapping[str, Amount] = 0.95,
+        *,
+        parameters: Iterable[tuple[nn.Module, str]] | None = None,
+        exclude: Iterable[str] | None = None,
+        layout: str | Layout | None = "unstructured",
+        budget: str = "layer",
+        min_keep: Amount | None = None,
+        max_keep: Amount | None = None,
+        upper_lr: float = 10.0,
+        upper_momentum: float = 0.9,
+        upper_schedule: str | None = None,
+        steps: int | None = None,
+        implicit_coef: float = 1.0,
+        score_init: str = "scaled_magnitude",
+        hold_pruned: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "BiP trains masks and cannot be built under torch.inference_mode(); build it outside"
+            )
+        model = _bare(model)
+        spec = as_layout(layout, budget)
+        schedule = ("step" if steps is not None else "constant") if upper_schedule is None else upper_schedule
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an int >= 1 or None, got {steps!r}")
+        if implicit_coef is None:
+            raise ValueError(
+                "implicit_coef=None: BiP needs a number (1/gamma in theory, with gamma the weight decay "
+                "of the weights' optimizer; 0 switches the implicit term off)"
+            )
+        if not isinstance(hold_pruned, bool):
+            raise TypeError(f"hold_pruned must be a bool, got {hold_pruned!r}")
+        # The upper-level settings are validated by BiPConfig (the same rules as global_prune's).
+        cfg = BiPConfig(
+            upper_lr=upper_lr, upper_momentum=upper_momentum, upper_schedule=schedule,  # type: ignore[arg-type]
+            implicit_coef=implicit_coef, score_init=score_init, min_keep=min_keep,  # type: ignore[arg-type]
+        )  # fmt: skip
+        spec.check_budget(budget, cfg.min_keep, max_keep)
+        check_no_fsdp(model)
+        resolved = resolve_targets(model, parameters, spec.default_parameters(model))
+        targets, amounts = _select(model, resolved, amount, exclude)
+        weights = [t.weight() for t in targets]
+        if not bool(all_finite(weights)):
+            bad = [t.fqn for t in targets if not bool(all_finite([t.weight()]))]
+            raise ValueError(
+                f"parameters names {', '.join(map(repr, bad))}, which holds NaN or infinite values; "
+                "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
+            )
+        allowed = [_allowed(t) for t in targets]
+        bound = spec.bind(targets, amounts, allowed, cfg.min_keep, max_keep)
+
+        self.model, self.targets, self.spec, self.layout = model, targets, spec, bound
+        self.implicit_coef = float(cfg.implicit_coef)  # type: ignore[arg-type]
+        self.hold_pruned = hold_pruned
+        self.steps = steps
+        self.step_count = 0
+        self.skipped_steps = 0
+        self._finished = False
+        self.group = _group(process_group)
+        self.settings = {
+            "layout": spec.shorthand,
+            "amount": amount if not isinstance(amount, Mapping) else dict(amount),
+            "upper_lr": cfg.upper_lr,
+            "upper_momentum": cfg.upper_momentum,
+            "upper_schedule": schedule,
+            "steps": steps,
+            "implicit_coef": self.implicit_coef,
+            "score_init": cfg.score_init,
+            "min_keep": cfg.min_keep,
+            "max_keep": max_keep,
+        }
+        snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
+        try:
+            self._apply(cfg.score_init)
+        except BaseException:
+            snapshot.restore()
+            raise
+
+    def _apply(self, score_init: str) -> None:
+        """Put every target in torch's pruned form and build the flat score state."""
+        targets, layout = self.targets, self.layout
+        scores = layout.init_scores([_current(t) for t in targets], score_init)
+        keeps = layout.select(scores)
+        for i, (t, s, keep) in enumerate(zip(targets, scores, keeps, strict=True)):
+            layout.apply(i, t.module, t.name, s, keep)
+        device = targets[0].weight().device
+        # One flat score buffer (and one for its gradient); the modules' score buffers are views.
+        self.flat_scores = torch.cat([getattr(t.module, scores_name(t.name)).reshape(-1) for t in targets])
+        self.flat_grad = torch.zeros_like(self.flat_scores)
+        self.score_views: list[Tensor] = []
+        self.grad_views: list[Tensor] = []
+        offset = 0
+        for t in targets:
+            shape = getattr(t.module, scores_name(t.name)).shape
+            view = self.flat_scores[offset : offset + shape.numel()].view(shape)
+            self.grad_views.append(self.flat_grad[offset : offset + shape.numel()].view(shape))
+            t.module._buffers[scores_name(t.name)] = view
+            self.score_views.append(view)
+            offset += shape.numel()
+        self.masks = [getattr(t.module, t.name + "_mask") for t in targets]
+        self.keeps = [layout.mask(i, k).to(device) for i, k in enumerate(keeps)]
+        self.origs = [t.weight() for t in targets]
+        self.hooks = [pruning_hook(t.module, t.name) for t in targets]
+        self.saved = [p.detach().clone() for p in self.origs] if self.hold_pruned else None
+        # g summed over the backward passes since the last step (None: no gradient yet).
+        self.captured: list[Tensor | None] = [None] * len(targets)
+        self.fired = [False] * len(targets)
+        self.grad_seen = torch.zeros(len(targets), dtype=torch.bool, device=device)
+        for i, hook in enumerate(self.hooks):
+            assert hook is not None
+            set_grad_capture(hook, GradCapture(self._capture_fn(i)))
+        self.optimizer = torch.optim.SGD(
+            [self.flat_scores],
+            lr=float(self.settings["upper_lr"]),  # type: ignore[arg-type]
+            momentum=float(self.settings["upper_momentum"]),  # type: ignore[arg-type]
+            fused=True if self.flat_scores.dtype in (torch.float32, torch.float64)
+            and self.flat_scores.device.type in ("cpu", "cuda") else None,
+        )  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, schedule_lambda(str(self.settings["upper_schedule"]), self.steps)
+        )
+
+    def _capture_fn(self, index: int) -> Callable[[Tensor], None]:
+        captured, fired = self.captured, self.fired
+
+        def capture(grad: Tensor) -> None:
+            current = captured[index]
+            if current is None:
+                captured[index] = grad.detach().clone(memory_format=torch.contiguous_format)
+            else:
+                current.add_(grad.detach())
+            fired[index] = True
+
+        return capture
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """The fully qualified names of the pruned tensors, e.g. ``["0.weight", "2.weight"]``."""
+        return [t.fqn for t in self.targets]
+
+    @property
+    def n_keep(self) -> int:
+        """The number of entries (or groups) the masks keep in all."""
+        return int(self.layout.n_keep)
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the pruned tensors' entries that the masks zero."""
+        total = sum(m.numel() for m in self.masks)
+        return 1.0 - sum(int(k.count_nonzero()) for k in self.keeps) / total if total else 0.0
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        """Forget the gradients captured since the last :meth:`step`.
+
+        E.g. after a validation pass that ran backward by mistake, or before a skipped step.
+        """
+        self.captured[:] = [None] * len(self.captured)
+        self.fired[:] = [False] * len(self.fired)
+
+    @torch.no_grad()
+    def step(
+        self, upper_grads: Sequence[Tensor] | None = None, *, scaler: torch.amp.GradScaler | None = None
+    ) -> bool:
+        r"""One upper-level step: move the scores along the implicit gradient and re-select masks.
+
+        Args:
+            upper_grads: the element-wise upper gradients :math:`d\ell/dm`, one per pruned
+                tensor in :attr:`names` order, when the caller computed them itself (as
+                :func:`torchbip.global_prune` does with :mod:`torch.func`). By default they are
+                computed from the gradients captured in the backward passes since the last step.
+            scaler: the :class:`torch.amp.GradScaler` of a mixed-precision loop. The captured
+                gradients are divided by its scale, and the step is skipped when the scaler
+                skipped the optimizer's step (an overflow). Call :meth:`step` after
+                ``scaler.step(optimizer)`` and before ``scaler.update()``.
+
+        Returns:
+            ``True`` if the scores and masks were updated, ``False`` if the step was skipped.
+
+        Raises:
+            RuntimeError: after :meth:`finish`; when no backward pass reached the model since the
+                last step; when a scaler has not stepped yet; when the parameters were replaced
+                (FSDP); on a distributed rank when another rank's step failed.
+            ValueError: in the first step, for pruned tensors that got no gradient (their
+                module's forward is never called, or the loss does not use them), or for
+                ``upper_grads`` of the wrong number or shapes.
+            FloatingPointError: when the gradients hold a NaN or an infinity (without a scaler).
+        """
+        self._check_usable()
+        skip = False
+        if upper_grads is None and scaler is not None and scaler.is_enabled():
+            scale, skip = _scaler_state(scaler)
+            sums = self.prepare(inv_scale=1.0 / scale)
+        else:
+            sums = self.prepare(upper_grads)
+        if skip or not bool(torch.isfinite(sums).all()):
+            self.zero_grad()
+            if skip:
+                self._restore_pruned()
+                self.skipped_steps += 1
+                return False
+            bad = [n for n, s in zip(self.names, sums.tolist(), strict=True) if not math.isfinite(s)]
+            raise FloatingPointError(
+                f"BiP.step(): the upper gradient of {', '.join(map(repr, bad))} holds NaN or infinite "
+                f"values at step {self.step_count} (the loss's gradients overflowed or the loss is not "
+                "finite); under float16 autocast pass the GradScaler: pruner.step(scaler=scaler)"
+            )
+        self.apply()
+        return True
+
+    @torch.no_grad()
+    def prepare(self, upper_grads: Sequence[Tensor] | None = None, *, inv_scale: float = 1.0) -> Tensor:
+        r"""The first half of :meth:`step`: write the score gradients, return one sum per tensor.
+
+        For drivers that check the gradients themselves (:func:`torchbip.global_prune` reads the
+        sums with its loss, in one host sync): call :meth:`prepare`, check, then :meth:`apply`.
+
+        Args:
+            upper_grads: see :meth:`step`; ``None`` uses the captured gradients (averaged over the
+                process group, if any).
+            inv_scale: a factor for the captured gradients (``1 / scale`` of a loss scaler).
+
+        Returns:
+            A 1-D float64 tensor: the sum of each tensor's score gradient (NaN or infinite when
+            the gradient is), on the scores' device, without a host sync.
+        """
+        self._check_usable()
+        if upper_grads is None:
+            self._check_fired()
+            for i, (g, orig) in enumerate(zip(self.captured, self.origs, strict=True)):
+                if g is None:  # no gradient reached this tensor since the last step
+                    self.captured[i] = torch.zeros_like(orig, memory_format=torch.contiguous_format)
+            if self.group is not None:
+                failed = all_reduce_mean(self._captured(), self.group)
+                if failed:
+                    raise RuntimeError(f"{failed} other rank(s) of the process group failed in BiP.step()")
+            self._upper_grads_from_captured(inv_scale)
+        else:
+            self._write_score_grads(upper_grads)
+        sums = tensor_sums(self.grad_views)
+        self.grad_seen |= sums != 0
+        return sums
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """The second half of :meth:`step`: update the scores and re-select the masks.
+
+        Uses the score gradients that :meth:`prepare` wrote, and undoes the optimizer's changes to
+        pruned entries.
+        """
+        self.flat_scores.grad = self.flat_grad
+        self.optimizer.step()
+        self.scheduler.step()
+        self._restore_pruned()
+        self.update_masks()
+        if self.saved is not None:
+            for saved, orig in zip(self.saved, self.origs, strict=True):
+                saved.copy_(orig)
+        self.zero_grad()
+        self.step_count += 1
+
+    def _upper_grads_from_captured(self, inv_scale: float) -> None:
+        r""":math:`\theta \odot g - c\, m \odot g \odot g` from the captured :math:`g`, as score grads."""
+        c = self.implicit_coef
+        for i, (g, mask) in enumerate(zip(self._captured(), self.masks, strict=True)):
+            if inv_scale != 1.0:
+                g.mul_(inv_scale)
+            theta = self.saved[i] if self.saved is not None else self.origs[i].detach()
+            # g * (theta - c * m * g)
+            element = torch.addcmul(theta, mask, g, value=-c).mul_(g) if c else theta * g
+            self.layout.score_grad(i, element, self.grad_views[i])
+
+    def _captured(self) -> list[Tensor]:
+        out = [g for g in self.captured if g is not None]
+        assert len(out) == len(self.captured), "prepare() fills in every captured gradient"
+        return out
+
+    def _write_score_grads(self, upper_grads: Sequence[Tensor]) -> None:
+        if len(upper_grads) != len(self.targets):
+            raise ValueError(
+                f"upper_grads has {len(upper_grads)} tensors, expected {len(self.targets)} (one per name in "
+                f"{self.names})"
+            )
+        for i, (g, orig) in enumerate(zip(upper_grads, self.origs, strict=True)):
+            if tuple(g.shape) != tuple(orig.shape):
+                raise ValueError(
+                    f"upper_grads[{i}] has shape {tuple(g.shape)}, expected {tuple(orig.shape)} "
+                    f"(the shape of {self.names[i]!r})"
+                )
+            self.layout.score_grad(i, g, self.grad_views[i])
+
+    def _check_usable(self) -> None:
+        if self._finished:
+            raise RuntimeError("this BiP object has finished (finish() was called); build a new one")
+        for t, orig in zip(self.targets, self.origs, strict=True):
+            if t.module._parameters.get(t.name + "_orig") is not orig or _is_dtensor(orig):
+                raise RuntimeError(
+                    f"the parameter {t.orig_fqn!r} was replaced after BiP was built (FSDP, which "
+                    "flattens or shards parameters, is not supported; nor is model.to_empty() or "
+                    "load_state_dict(assign=True) after construction)"
+                )
+
+    def _check_fired(self) -> None:
+        if not any(self.fired):
+            raise RuntimeError(
+                "BiP.step() found no gradient of the pruned tensors since the last step: call it after "
+                "loss.backward() (and optimizer.step()), on the model this BiP object was built on, in "
+                "train mode with gradients enabled"
+            )
+        if self.step_count == 0 and not all(self.fired):
+            names = ", ".join(repr(n) for n, f in zip(self.names, self.fired, strict=True) if not f)
+            raise ValueError(
+                f"parameters names {names}, which got no gradient in the first backward pass: the "
+                "module's forward is never called (its parent reads the tensor directly, as "
+                "nn.MultiheadAttention does with out_proj) or the loss does not use it; leave it out "
+                "(exclude=...)"
+            )
+
+    def _restore_pruned(self) -> None:
+        """Undo what the optimizer did to pruned entries."""
+        if self.saved is None:
+            return
+        for orig, keep, saved in zip(self.origs, self.keeps, self.saved, strict=True):
+            torch.where(keep, orig, saved, out=orig.data)
+
+    @torch.no_grad()
+    def update_masks(self) -> None:
+        """Set every mask to the selection (top-k) of the current scores."""
+        try:
+            keeps = self.layout.select(self.score_views, self.flat_scores)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"at step {self.step_count}: {err}") from err
+        for i, (mask, keep) in enumerate(zip(self.masks, keeps, strict=True)):
+            element = self.layout.mask(i, keep)
+            mask.copy_(element)
+            self.keeps[i] = element
+
+    # -- reports and the end -------------------------------------------------------------------
+
+    def report(self) -> SparsityReport:
+        """The sparsity of every pruned tensor now."""
+        return SparsityReport(
+            {
+                n: TensorSparsity(m.numel(), int((m == 0).sum()))
+                for n, m in zip(self.names, self.masks, strict=True)
+            }
+        )
+
+    def finish(self) -> SparsityReport:
+        """Leave exactly torch's pruned form: drop the scores and the gradient capture.
+
+        Pruned entries of ``weight_orig`` get back the values they had when they were pruned.
+        Afterwards :func:`torch.nn.utils.prune.remove` makes the pruning permanent.
+
+        Returns:
+            The final :class:`~torchbip.SparsityReport`.
+        """
+        if self._finished:
+            return self.report()
+        with torch.no_grad():
+            self._restore_pruned()
+            for t, hook in zip(self.targets, self.hooks, strict=True):
+                assert hook is not None
+                set_grad_capture(hook, None)
+                if scores_name(t.name) in t.module._buffers:
+                    delattr(t.module, scores_name(t.name))
+                setattr(t.module, t.name, hook.apply_mask(t.module).detach())
+        self._finished = True
+        self.captured, self.saved = [], None
+        return self.report()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scores, masks, optimizer, schedule and step, as tensors and plain types.
+
+        ``torch.load(..., weights_only=True)`` reads it back. Save it next to the model's and the
+        weights' optimizer's ``state_dict`` after a :meth:`step`.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "names": self.names,
+            "layout": self.layout.describe(),
+            "settings": {k: v for k, v in self.settings.items() if k != "amount"},
+            "step": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "scores": self.flat_scores.detach().clone(),
+            "masks": [k.clone() for k in self.keeps],
+            "saved": None if self.saved is None else [s.clone() for s in self.saved],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (also the masks of the model).
+
+        Raises:
+            ValueError: for a state of another format, model, layout or budget (the message
+                names the difference); nothing is changed then.
+        """
+        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        if found != STATE_FORMAT:
+            raise ValueError(f"state is not a BiP state_dict (format {found!r}, expected {STATE_FORMAT!r})")
+        if list(state["names"]) != self.names:
+            raise ValueError(
+                f"state was saved for the tensors {state['names']}, this BiP prunes {self.names}"
+            )
+        if state["layout"] != self.layout.describe():
+            raise ValueError(
+                f"state was saved for the layout {state['layout']}, this BiP has {self.layout.describe()}"
+            )
+        mine = {k: v for k, v in self.settings.items() if k != "amount"}
+        differ = sorted(k for k in mine if state["settings"].get(k) != mine[k])
+        if differ:
+            details = ", ".join(f"{k}: saved {state['settings'].get(k)!r}, here {mine[k]!r}" for k in differ)
+            raise ValueError(f"state was saved with other settings ({details})")
+        if state["scores"].shape != self.flat_scores.shape:
+            raise ValueError(
+                f"state holds {state['scores'].numel()} scores, expected {self.flat_scores.numel()}"
+            )
+        with torch.no_grad():
+            self.flat_scores.copy_(state["scores"])
+            for i, (mask, keep) in enumerate(zip(self.masks, state["masks"], strict=True)):
+                mask.copy_(keep)
+                self.keeps[i] = keep.to(mask.device, torch.bool)
+            if self.saved is not None and state["saved"] is not None:
+                for saved, value in zip(self.saved, state["saved"], strict=True):
+                    saved.copy_(value)
+            elif self.saved is not None:
+                for saved, orig in zip(self.saved, self.origs, strict=True):
+                    saved.copy_(orig)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.zero_grad()
+
+    def __repr__(self) -> str:
+        return (
+            f"BiP({len(self.targets)} tensors, layout={self.spec!r}, sparsity={self.sparsity:.4f}, "
+            f"step={self.step_count})"
+        )
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def check_no_fsdp(model: nn.Module) -> None:
+    """Refuse a model that FSDP wraps or whose parameters are sharded (``DTensor``).
+
+    Raises:
+        ValueError: naming the module or parameter.
+    """
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or any(
+            type(c).__name__.startswith("FSDP") for c in type(module).__mro__[1:2]
+        ):
+            raise ValueError(
+                f"module {name or type(model).__name__!r} is wrapped by FSDP ({type(module).__name__}); "
+                "BiP does not support FSDP (it shards the parameters that the masks apply to): use "
+                "DistributedDataParallel, or prune before sharding"
+            )
+    for name, p in model.named_parameters():
+        if _is_dtensor(p):
+            raise ValueError(
+                f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP's fully_shard); BiP does not "
+                "support FSDP: use DistributedDataParallel, or prune before sharding"
+            )
+
+
+def _bare(model: object) -> nn.Module:
+    """The module itself (a ``DistributedDataParallel`` wrapper unwrapped)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _group(process_group: Any) -> Any:
+    if process_group is False:
+        return None
+    if process_group is not None:
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup, None or False, "
+                f"got {process_group!r}"
+            )
+        return process_group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _select(
+    model: nn.Module, targets: list[Target], amount: object, exclude: Iterable[str] | None
+) -> tuple[list[Target], Amount | list[Amount]]:
+    """Apply ``exclude`` and a per-pattern ``amount`` to the resolved targets."""
+    if exclude is not None:
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        patterns = list(exclude)
+        for p in patterns:
+            if not isinstance(p, str):
+                raise TypeError(f"exclude must hold name patterns (str), got {p!r}")
+        kept = []
+        used: set[str] = set()
+        for t in targets:
+            hits = [p for p in patterns if _matches(t, p)]
+            used.update(hits)
+            if not hits:
+                kept.append(t)
+        unused = [p for p in patterns if p not in used]
+        if unused:
+            raise ValueError(
+                f"exclude={patterns!r}: {unused!r} matches none of the tensors to prune "
+                f"{[t.fqn for t in targets]}"
+            )
+        if not kept:
+            raise ValueError(f"exclude={patterns!r} leaves nothing to prune")
+        targets = kept
+    if not isinstance(amount, Mapping):
+        return targets, validate_amount(amount)
+    if not amount:
+        raise ValueError("amount is an empty dict; pass a float, an int or {pattern: amount}")
+    rules = []
+    for pattern, value in amount.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"amount's keys must be name patterns (str), got {pattern!r}")
+        rules.append((pattern, validate_amount(value, f"amount[{pattern!r}]")))
+    chosen, amounts = [], []
+    used_rules: set[str] = set()
+    for t in targets:
+        for pattern, value in rules:
+            if _matches(t, pattern):
+                chosen.append(t)
+                amounts.append(value)
+                used_rules.add(pattern)
+                break
+    unused_rules = [p for p, _ in rules if p not in used_rules]
+    if unused_rules:
+        raise ValueError(
+            f"amount: the pattern(s) {unused_rules!r} match none of the tensors to prune "
+            f"{[t.fqn for t in targets]}"
+        )
+    return chosen, amounts
+
+
+def _matches(target: Target, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(target.fqn, pattern) or fnmatch.fnmatchcase(target.module_fqn, pattern)
+
+
+def _allowed(target: Target) -> Tensor | None:
+    """Entries that earlier pruning left (``None``: the tensor is not pruned yet)."""
+    if not target.is_pruned:
+        return None
+    return getattr(target.module, target.name + "_mask").detach() != 0
+
+
+def _current(target: Target) -> Tensor:
+    weight = target.weight().detach()
+    if target.is_pruned:
+        weight = weight * getattr(target.module, target.name + "_mask")
+    return weight
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", t)).__name__ == "DTensor"
+
+
+def _scaler_state(scaler: torch.amp.GradScaler) -> tuple[float, bool]:
+    """The scale the gradients carry, and whether the scaler skipped the optimizer's step."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is None:  # another scaler implementation: trust the finite check alone
+        return float(scaler.get_scale()), False
+    stepped = [s for s in states.values() if getattr(s.get("stage"), "name", None) == "STEPPED"]
+    if not stepped:
+        raise RuntimeError(
+            "BiP.step(scaler=...) was called before scaler.step(optimizer) or after scaler.update(): "
+            "call it after scaler.step(optimizer) and before scaler.update(), so that it sees the "
+            "scale of this step's gradients and whether the scaler skipped the step"
+        )
+    found = any(float(v.sum()) > 0 for s in stepped for v in s.get("found_inf_per_device", {}).values())
+    return float(scaler.get_scale()), found
