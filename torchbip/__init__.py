@@ -3,18 +3,20 @@
 Example:
     >>> import torchbip
     >>> sorted(torchbip.__all__)[:3]
-    ['BiPConfig', 'BiPPruningMethod', 'BiPStructured']
+    ['BiP', 'BiPConfig', 'BiPPruningMethod']
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from torchbip import bilevel
+from torchbip import bilevel, layouts
 from torchbip.api import global_prune
 from torchbip.config import BiPConfig
 from torchbip.export import export_slim, load_slim_state_dict
+from torchbip.layouts import NM, Groups, Layout, Unstructured
 from torchbip.method import BiPPruningMethod, bip_unstructured
+from torchbip.pruner import BiP
 from torchbip.report import PruneReport, SparsityReport, sparsity_report
 from torchbip.structured import BiPStructured, bip_structured
 
@@ -24,17 +26,23 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "NM",
+    "BiP",
     "BiPConfig",
     "BiPPruningMethod",
     "BiPStructured",
+    "Groups",
+    "Layout",
     "PruneReport",
     "SparsityReport",
+    "Unstructured",
     "__version__",
     "bilevel",
     "bip_structured",
     "bip_unstructured",
     "export_slim",
     "global_prune",
+    "layouts",
     "load_slim_state_dict",
     "sparsity_report",
 ]
