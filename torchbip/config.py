@@ -14,10 +14,12 @@ Schedule = Literal["cosine", "step", "constant"]
 Mode = Literal["fused", "two_batch"]
 ScoreInit = Literal["scaled_magnitude", "magnitude"]
 Amp = Literal["bfloat16", "float16"]
+Optimizer = Literal["sgd", "adamw"]
 
 _SCHEDULES = ("cosine", "step", "constant")
 _MODES = ("fused", "two_batch")
 _SCORE_INITS = ("scaled_magnitude", "magnitude")
+_OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,13 @@ class BiPConfig:
         epochs: passes over the loader, used when ``steps`` is ``None`` (default 1 pass).
         mode: ``"fused"`` (one minibatch and one backward pass per step feed both levels) or
             ``"two_batch"`` (the paper: the lower and the upper step each draw a minibatch).
-        lower_lr: learning rate :math:`\alpha` of the weights (SGD with momentum).
+        lower_lr: learning rate :math:`\alpha` of the weights (of ``optimizer``).
         lower_schedule: ``"cosine"``, ``"step"`` (x0.1 at 50% and 75% of the steps) or
             ``"constant"``.
         upper_lr: learning rate :math:`\beta` of the scores.
         upper_schedule: schedule of ``upper_lr``, as ``lower_schedule``.
-        momentum: SGD momentum of the weights.
+        momentum: SGD momentum of the weights (``optimizer="sgd"``; AdamW uses torch's default
+            betas ``(0.9, 0.999)``).
         upper_momentum: SGD momentum of the scores.
         gamma: :math:`\gamma`, the lower level's L2 coefficient (weight decay of the weights).
         implicit_coef: coefficient :math:`c` of the implicit-gradient term. ``None`` uses the
@@ -70,6 +73,13 @@ class BiPConfig:
             checkpoints.
         checkpoint_every: save every this many steps (0: only when the run ends).
         resume: continue from ``checkpoint_path`` if that file exists.
+        optimizer: the weights' optimiser: ``"sgd"`` (:class:`torch.optim.SGD` with ``momentum``;
+            the L2 term :math:`\gamma\theta` is part of the gradient, as in the paper) or
+            ``"adamw"`` (:class:`torch.optim.AdamW` with ``lr=lower_lr`` and decoupled weight
+            decay ``weight_decay=gamma``; pruned entries keep their values, whatever Adam's
+            state or the decay would do to them). A parameter with a gradient hook of its own
+            (``p.register_hook``) gets the L2 term in its gradient under both, so that the hook
+            sees it.
 
     Example:
         >>> cfg = BiPConfig(steps=100, lower_lr=0.05)
@@ -104,6 +114,7 @@ class BiPConfig:
     checkpoint_path: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    optimizer: Optimizer = "sgd"
 
     def __post_init__(self) -> None:
         self._normalise_numbers()
@@ -118,6 +129,7 @@ class BiPConfig:
             ("lower_schedule", _SCHEDULES),
             ("upper_schedule", _SCHEDULES),
             ("score_init", _SCORE_INITS),
+            ("optimizer", _OPTIMIZERS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -213,7 +213,8 @@ def capture_grad(hook: prune.BasePruningMethod, masked: Tensor) -> Tensor:
         capture is not None
         and masked.requires_grad
         and torch.is_grad_enabled()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(masked)
+        # torch.compile traces no torch.func transform (and cannot trace this check)
+        and (torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(masked))
     ):
         masked.register_hook(capture)
     return masked

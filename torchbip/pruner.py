@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchbip._collectives import all_reduce_mean
+from torchbip._collectives import all_reduce_mean, broadcast_state
 from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.bilevel import all_finite, tensor_sums
@@ -93,9 +93,10 @@ class BiP:
     an entry that comes back returns with the value it had when it was pruned.
 
     Distributed data parallel: build the object on the model on every rank, then wrap the model
-    in :class:`~torch.nn.parallel.DistributedDataParallel` as usual; :meth:`step` averages the
-    captured gradients over the process group in one all-reduce, so every rank keeps identical
-    scores and masks (and DDP keeps the weights identical). FSDP is not supported: it replaces
+    in :class:`~torch.nn.parallel.DistributedDataParallel` as usual. Construction broadcasts
+    rank 0's parameters and buffers (as DDP does), and :meth:`step` averages the captured
+    gradients over the process group in one all-reduce, so every rank keeps identical scores
+    and masks (and DDP keeps the weights identical). FSDP is not supported: it replaces
     the parameters, which :meth:`step` detects and refuses.
 
     Args:
@@ -239,6 +240,8 @@ class BiP:
         }
         snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
         try:
+            if self.group is not None:  # start every rank from rank 0's model, as DDP does
+                broadcast_state(model, self.group)
             self._apply(cfg.score_init)
         except BaseException:
             snapshot.restore()

@@ -1,0 +1,41 @@
+"""A user's DDP training loop with ``torchbip.BiP``, launched by ``torchrun`` from ``test_bip_in_loop.py``.
+
+Every rank builds the model (rank 1 from other weights: BiP starts every rank from rank 0's),
+builds the BiP object, wraps the model in ``DistributedDataParallel`` and trains on its shard of
+each batch. Rank ``r`` saves its model state and scores to ``OUT/rank{r}.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from test_bip_in_loop import STEPS, make_batches, make_model
+from torch.nn.parallel import DistributedDataParallel
+
+import torchbip
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model(seed=rank, dtype=torch.float64)  # rank 1 differs until BiP broadcasts
+    pruner = torchbip.BiP(model, 0.8, steps=STEPS)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for x, y in make_batches(dtype=torch.float64):
+        optimizer.zero_grad()
+        F.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+        pruner.step()
+    scores = pruner.flat_scores.clone()
+    pruner.finish()
+    torch.save({"model": model.state_dict(), "scores": scores}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

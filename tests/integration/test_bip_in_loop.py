@@ -1,0 +1,523 @@
+"""``torchbip.BiP`` inside a user's own training loop.
+
+Each test checks behaviour against an oracle computed independently: the implicit gradient from
+plain autograd, top-k selections, exact counts, a second run of the same loop, or
+``global_prune`` on the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_state import assert_unchanged, capture
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+import torchbip
+
+STEPS = 6
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3)).to(
+        dtype
+    )
+
+
+def make_batches(
+    n: int = STEPS, batch: int = 32, dtype: torch.dtype = torch.float32
+) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        x = torch.randn(batch, 8, generator=g, dtype=dtype)
+        out.append((x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()))
+    return out
+
+
+def train(
+    model: nn.Module, pruner: torchbip.BiP, optimizer: torch.optim.Optimizer, batches, clip=None
+) -> None:
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        pruner.step()
+
+
+def weights(model: nn.Module) -> list[Tensor]:
+    return [model[i].weight_orig for i in (0, 2, 4)]
+
+
+def masks(model: nn.Module) -> list[Tensor]:
+    return [model[i].weight_mask.clone() for i in (0, 2, 4)]
+
+
+# -- the math of one step, against plain autograd ------------------------------------------------
+
+
+def test_first_step_moves_scores_along_the_implicit_gradient() -> None:
+    model = make_model(dtype=torch.float64)
+    x, y = make_batches(1, dtype=torch.float64)[0]
+    pruner = torchbip.BiP(model, 0.8, upper_lr=0.5, upper_momentum=0.0, implicit_coef=2.0)
+    theta = [w.detach().clone() for w in weights(model)]
+    m = masks(model)
+    scores = pruner.flat_scores.clone()
+    # Oracle: g = dl/dz at z = m * theta, by autograd on an independent functional forward.
+    z = [(t * mk).requires_grad_() for t, mk in zip(theta, m, strict=True)]
+    h = torch.tanh(F.linear(x, z[0], model[0].bias))
+    h = torch.tanh(F.linear(h, z[1], model[2].bias))
+    loss = F.cross_entropy(F.linear(h, z[2], model[4].bias), y)
+    g = torch.autograd.grad(loss, z)
+    upper = torch.cat(
+        [(t * gi - 2.0 * mk * gi * gi).reshape(-1) for t, gi, mk in zip(theta, g, m, strict=True)]
+    )
+    expected = scores - 0.5 * upper
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, pruner, optimizer, [(x, y)])
+    torch.testing.assert_close(pruner.flat_scores, expected, rtol=1e-12, atol=1e-14)
+    keep = torch.zeros_like(expected, dtype=torch.bool)
+    keep[expected.topk(pruner.n_keep).indices] = True
+    assert torch.equal(torch.cat([mk.reshape(-1) for mk in masks(model)]).bool(), keep)
+
+
+# -- the user's optimiser ------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9, weight_decay=0.05),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.5),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05),
+}
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_pruned_entries_hold_their_value_under_any_optimizer(kind: str) -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.7, upper_lr=50.0)
+    optimizer = OPTIMIZERS[kind](model.parameters())
+    assert all(any(w is p for g in optimizer.param_groups for p in g["params"]) for w in weights(model))
+    held = [w.detach().clone() for w in weights(model)]
+    flips = 0
+    for batch in make_batches(12):
+        old = masks(model)
+        train(model, pruner, optimizer, [batch])
+        new = masks(model)
+        for w, h, om, nm in zip(weights(model), held, old, new, strict=True):
+            pruned = om == 0
+            assert torch.equal(w[pruned], h[pruned]), "a pruned entry moved"
+            flips += int((om != nm).sum())
+            assert int((nm == 0).sum()) >= 0
+        held = [w.detach().clone() for w in weights(model)]
+    assert flips > 0, "the masks never changed: the test would not see a returning entry"
+    zeros = sum(int((mk == 0).sum()) for mk in masks(model))
+    assert zeros == round(0.7 * sum(mk.numel() for mk in masks(model)))
+
+
+def test_gradient_accumulation_equals_one_full_batch() -> None:
+    batches = make_batches(3, batch=32, dtype=torch.float64)
+    full = make_model(dtype=torch.float64)
+    acc = copy.deepcopy(full)
+    p_full = torchbip.BiP(full, 0.8)
+    p_acc = torchbip.BiP(acc, 0.8)
+    o_full = torch.optim.SGD(full.parameters(), lr=0.1, momentum=0.9)
+    o_acc = torch.optim.SGD(acc.parameters(), lr=0.1, momentum=0.9)
+    train(full, p_full, o_full, batches)
+    for x, y in batches:
+        o_acc.zero_grad()
+        for part in range(4):  # four micro-batches of 8, each loss divided by 4
+            xs, ys = x[part * 8 : (part + 1) * 8], y[part * 8 : (part + 1) * 8]
+            (F.cross_entropy(acc(xs), ys) / 4).backward()
+        o_acc.step()
+        assert p_acc.step()
+    torch.testing.assert_close(p_acc.flat_scores, p_full.flat_scores, rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(masks(acc), masks(full), strict=True))
+    assert p_acc.step_count == p_full.step_count == 3
+
+
+def test_gradient_clipping_clips_the_weights_not_the_upper_gradient() -> None:
+    batch = make_batches(1)
+    plain, clipped = make_model(), make_model()
+    p1, p2 = torchbip.BiP(plain, 0.8), torchbip.BiP(clipped, 0.8)
+    o1 = torch.optim.SGD(plain.parameters(), lr=0.5)
+    o2 = torch.optim.SGD(clipped.parameters(), lr=0.5)
+    before = [w.detach().clone() for w in weights(clipped)]
+    train(plain, p1, o1, batch)
+    train(clipped, p2, o2, batch, clip=1e-3)
+    assert torch.equal(p1.flat_scores, p2.flat_scores)
+    moved = math.sqrt(
+        sum(float((w.detach() - b).pow(2).sum()) for w, b in zip(weights(clipped), before, strict=True))
+    )
+    assert moved <= 0.5 * 1e-3 * (1 + 1e-4) + 1e-7  # lr * clip norm (biases included in the norm)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(plain), weights(clipped), strict=True))
+
+
+# -- mixed precision -----------------------------------------------------------------------------
+
+
+def test_grad_scaler_upper_step_uses_unscaled_gradients() -> None:
+    batches = make_batches(3)
+    ref, scaled = make_model(), make_model()
+    p_ref, p_scaled = torchbip.BiP(ref, 0.8), torchbip.BiP(scaled, 0.8)
+    o_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    o_scaled = torch.optim.SGD(scaled.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    train(ref, p_ref, o_ref, batches)
+    for x, y in batches:
+        o_scaled.zero_grad()
+        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+        scaler.step(o_scaled)
+        assert p_scaled.step(scaler=scaler)
+        scaler.update()
+    # Scaling by a power of two is exact: the same scores as without a scaler.
+    assert torch.equal(p_ref.flat_scores, p_scaled.flat_scores)
+
+
+def test_grad_scaler_skip_skips_the_upper_step() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = make_batches(1)[0]
+    scores, before_masks = pruner.flat_scores.clone(), masks(model)
+    held = [w.detach().clone() for w in weights(model)]
+    optimizer.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y) * math.inf).backward()  # overflow
+    scaler.step(optimizer)
+    assert pruner.step(scaler=scaler) is False
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10
+    assert torch.equal(pruner.flat_scores, scores)
+    assert all(torch.equal(a, b) for a, b in zip(masks(model), before_masks, strict=True))
+    assert all(torch.equal(w, h) for w, h in zip(weights(model), held, strict=True))
+    assert pruner.skipped_steps == 1
+    assert pruner.step_count == 0
+    # the next, finite step goes through
+    optimizer.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(optimizer)
+    assert pruner.step(scaler=scaler) is True
+    scaler.update()
+    with pytest.raises(RuntimeError, match=r"after scaler.step\(optimizer\) and before scaler.update"):
+        pruner.step(scaler=scaler)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu_keeps_exact_sparsity(dtype: torch.dtype) -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.85)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    start = pruner.flat_scores.clone()
+    for x, y in make_batches():
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        pruner.step(scaler=scaler)
+        scaler.update()
+    assert pruner.flat_scores.dtype == torch.float32
+    assert bool(torch.isfinite(pruner.flat_scores).all())
+    assert not torch.equal(pruner.flat_scores, start)
+    total = sum(mk.numel() for mk in masks(model))
+    assert sum(int((mk == 0).sum()) for mk in masks(model)) == round(0.85 * total)
+
+
+def test_nonfinite_gradient_without_scaler_is_an_error_naming_the_tensor() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8)
+    x, y = make_batches(1)[0]
+    (F.cross_entropy(model(x), y) * math.nan).backward()
+    with pytest.raises(FloatingPointError, match=r"'0.weight'.*pruner.step\(scaler=scaler\)"):
+        pruner.step()
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_equals_eager(backend: str) -> None:
+    if backend == "inductor" and not any(
+        os.access(os.path.join(d, "g++"), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)
+    ):
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    batches = make_batches(4)
+    eager, compiled = make_model(), make_model()
+    p1, p2 = torchbip.BiP(eager, 0.8), torchbip.BiP(compiled, 0.8)
+    o1 = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    o2 = torch.optim.SGD(compiled.parameters(), lr=0.1, momentum=0.9)
+    train(eager, p1, o1, batches)
+    forward = torch.compile(compiled, backend=backend)
+    for x, y in batches:
+        o2.zero_grad()
+        F.cross_entropy(forward(x), y).backward()
+        o2.step()
+        p2.step()
+    torch.testing.assert_close(p2.flat_scores, p1.flat_scores, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(masks(compiled), masks(eager), strict=True))
+    for a, b in zip(weights(compiled), weights(eager), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- the two drivers -----------------------------------------------------------------------------
+
+
+def test_in_loop_equals_global_prune_on_the_same_batches() -> None:
+    """SGD without momentum, fused mode, constant schedules: the same BiP from both drivers."""
+    batches = make_batches(STEPS, dtype=torch.float64)
+    gamma, lr = 5e-4, 0.1
+    driven = make_model(dtype=torch.float64)
+    torchbip.global_prune(
+        driven, 0.8, batches, steps=STEPS, lower_lr=lr, momentum=0.0, gamma=gamma,
+        lower_schedule="constant", upper_schedule="constant", progress=False,
+    )  # fmt: skip
+    own = make_model(dtype=torch.float64)
+    pruner = torchbip.BiP(own, 0.8, upper_schedule="constant")
+    optimizer = torch.optim.SGD(own.parameters(), lr=lr, weight_decay=gamma)
+    train(own, pruner, optimizer, batches)
+    pruner.finish()
+    want, got = driven.state_dict(), own.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        if key.endswith("_mask"):
+            assert torch.equal(got[key], want[key]), key
+        else:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_global_prune_with_adamw_holds_pruned_entries_and_keeps_the_budget() -> None:
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = torchbip.global_prune(
+        model, 0.8, make_batches(8), steps=8, optimizer="adamw", lower_lr=1e-2, progress=False
+    )
+    assert report.sparsity.global_sparsity == pytest.approx(0.8, abs=1 / 600)
+    sgd = make_model()
+    torchbip.global_prune(sgd, 0.8, make_batches(8), steps=8, lower_lr=1e-2, progress=False)
+    assert not torch.equal(model[0].weight_orig, sgd[0].weight_orig)  # another optimiser ran
+    for i in (0, 2, 4):
+        moved = model[i].weight_orig != before[f"{i}.weight"]
+        assert bool(moved.any())
+    with pytest.raises(ValueError, match=r"optimizer must be one of \('sgd', 'adamw'\), got 'lion'"):
+        torchbip.global_prune(make_model(), 0.8, make_batches(1), optimizer="lion", progress=False)
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_with_weights_only_resumes_bitwise(tmp_path: Path) -> None:
+    batches = make_batches(6)
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    train(model, pruner, optimizer, batches[:3])
+    torch.save(
+        {"model": model.state_dict(), "opt": optimizer.state_dict(), "bip": pruner.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
+    train(model, pruner, optimizer, batches[3:])
+
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = make_model(seed=3)  # other weights: everything comes from the checkpoint
+    p2 = torchbip.BiP(resumed, 0.8, steps=6)
+    o2 = torch.optim.AdamW(resumed.parameters(), lr=0.01)
+    resumed.load_state_dict(state["model"])
+    o2.load_state_dict(state["opt"])
+    p2.load_state_dict(state["bip"])
+    train(resumed, p2, o2, batches[3:])
+    assert torch.equal(p2.flat_scores, pruner.flat_scores)
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"other settings.*upper_lr"):
+        torchbip.BiP(make_model(), 0.8, steps=6, upper_lr=1.0).load_state_dict(state["bip"])
+
+
+def test_finish_leaves_torch_pruned_form_and_a_strict_reload_after_remove() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.9)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(3))
+    report = pruner.finish()
+    for i in (0, 2, 4):
+        assert prune.is_pruned(model[i])
+        assert not hasattr(model[i], "weight_scores")
+        assert torch.equal(model[i].weight, model[i].weight_orig * model[i].weight_mask)
+    assert report.global_sparsity == pytest.approx(0.9, abs=1 / 500)
+    x = make_batches(1)[0][0]
+    out = model(x)
+    for i in (0, 2, 4):
+        prune.remove(model[i], "weight")
+    fresh = make_model(seed=5)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), out)
+    with pytest.raises(RuntimeError, match="finished"):
+        pruner.step()
+
+
+# -- budgets -------------------------------------------------------------------------------------
+
+
+def test_per_pattern_amounts_and_exclude() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, {"0.weight": 0.5, "2.*": 10}, upper_lr=50.0)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(4))
+    assert pruner.names == ["0.weight", "2.weight"]
+    assert int((model[0].weight_mask == 0).sum()) == 128
+    assert int((model[2].weight_mask == 0).sum()) == 10
+    assert not prune.is_pruned(model[4])
+
+    other = make_model()
+    p2 = torchbip.BiP(other, 0.9, exclude=["4"])
+    assert p2.names == ["0.weight", "2.weight"]
+    assert not hasattr(other[4], "weight_orig")
+    zeros = sum(int((m == 0).sum()) for m in (other[0].weight_mask, other[2].weight_mask))
+    assert zeros == round(0.9 * (256 + 512))
+
+
+def test_min_keep_and_max_keep_bound_every_tensor() -> None:
+    free = make_model()
+    p_free = torchbip.BiP(free, 0.8, upper_lr=50.0)
+    train(free, p_free, torch.optim.SGD(free.parameters(), lr=0.1), make_batches(4))
+    free_kept = [int(m.sum()) for m in masks(free)]
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, min_keep=20, max_keep=60, upper_lr=50.0)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(4))
+    total = 256 + 512 + 48
+    kept = [int(m.sum()) for m in masks(model)]
+    assert sum(kept) == sum(free_kept) == total - round(0.8 * total)
+    assert all(20 <= k <= 60 for k in kept), kept
+    assert any(not 20 <= k <= 60 for k in free_kept), f"the bounds do not bind: {free_kept}"
+    with pytest.raises(ValueError, match=r"min_keep=0.5 keeps at least .* lower min_keep or amount"):
+        torchbip.BiP(make_model(), 0.9, min_keep=0.5)
+
+
+@pytest.mark.parametrize(
+    ("layout", "check"),
+    [
+        ("filter", lambda m: bool(((m.sum(1) == 0) | (m.sum(1) == m.shape[1])).all())),
+        ("2:4", lambda m: bool((m.reshape(-1, 4).sum(1) == 2).all())),
+        (torchbip.Groups(dim=1), lambda m: bool(((m.sum(0) == 0) | (m.sum(0) == m.shape[0])).all())),
+    ],
+)
+def test_structured_layouts_in_the_loop(layout: object, check) -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.5, layout=layout, parameters=[(model[0], "weight"), (model[2], "weight")])
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(3))
+    for m in (model[0].weight_mask, model[2].weight_mask):
+        assert check(m), layout
+    assert pruner.sparsity == pytest.approx(0.5)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"amount": 1.5}, ValueError, "amount"),
+        ({"amount": {"nope.*": 0.5}}, ValueError, r"amount: the pattern\(s\) \['nope\.\*'\] match none"),
+        ({"exclude": ["missing"]}, ValueError, r"exclude=\['missing'\]"),
+        ({"layout": "diagonal"}, ValueError, "diagonal"),
+        ({"upper_lr": -1.0}, ValueError, "upper_lr"),
+        ({"min_keep": 2.0}, ValueError, "min_keep"),
+        ({"steps": 0}, ValueError, "steps"),
+        ({"process_group": "world"}, TypeError, "process_group"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(kwargs, error, match) -> None:
+    model = make_model()
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    before = capture(model)
+    options = {"amount": 0.8, **kwargs}
+    with pytest.raises(error, match=match):
+        torchbip.BiP(model, **options)
+    assert_unchanged(before, model)
+
+
+def test_step_without_backward_is_an_error() -> None:
+    pruner = torchbip.BiP(make_model(), 0.8)
+    with pytest.raises(RuntimeError, match=r"no gradient.*loss.backward\(\)"):
+        pruner.step()
+
+
+# -- FSDP ----------------------------------------------------------------------------------------
+
+
+def _fsdp_script(tmp_path: Path) -> str:
+    return textwrap.dedent(
+        f"""
+        import torch, torch.distributed as dist, torch.nn.functional as F, torchbip
+        from torch import nn
+        from torch.distributed.fsdp import fully_shard
+        dist.init_process_group("gloo", init_method="file://{tmp_path / "init"}", rank=0, world_size=1)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        fully_shard(model)
+        try:
+            torchbip.BiP(model, 0.5)
+        except ValueError as err:
+            print("BEFORE:", err)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        pruner = torchbip.BiP(model, 0.5)
+        fully_shard(model)
+        F.cross_entropy(model(torch.randn(4, 8)), torch.zeros(4, dtype=torch.long)).backward()
+        try:
+            pruner.step()
+        except RuntimeError as err:
+            print("AFTER:", err)
+        dist.destroy_process_group()
+        """
+    )
+
+
+@pytest.mark.timeout(120)
+def test_fsdp_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    script = tmp_path / "fsdp.py"
+    script.write_text(_fsdp_script(tmp_path))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr
+    assert "BEFORE: parameter '0.weight' is a DTensor" in done.stdout
+    assert "use DistributedDataParallel" in done.stdout
+    assert "AFTER: the parameter '0.weight_orig' was replaced after BiP was built (FSDP" in done.stdout
+
+
+# -- DDP -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_ddp_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path) -> None:
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(here / "bip_ddp_worker.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert torch.equal(rank0["scores"], rank1["scores"])
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), f"ranks differ on {key}"
+    # One process on the whole batch: DDP averages the weight gradients, BiP the captured ones.
+    model = make_model(seed=0, dtype=torch.float64)
+    pruner = torchbip.BiP(model, 0.8, steps=STEPS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    train(model, pruner, optimizer, make_batches(dtype=torch.float64))
+    torch.testing.assert_close(rank0["scores"], pruner.flat_scores, rtol=1e-9, atol=1e-12)
+    pruner.finish()
+    for key, value in model.state_dict().items():
+        if key.endswith("_mask"):
+            assert torch.equal(rank0["model"][key], value), key
+        else:
+            torch.testing.assert_close(rank0["model"][key], value, rtol=1e-9, atol=1e-12)
