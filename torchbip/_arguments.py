@@ -29,7 +29,7 @@ from torchbip.masks import validate_amount
 from torchbip.pruner import check_no_fsdp
 from torchbip.structured import BUDGETS
 
-__all__ = ["RunPlan", "agree_across_ranks", "default_group", "plan_run"]
+__all__ = ["RunPlan", "agree_across_ranks", "plan_run"]
 
 
 @dataclass
@@ -174,22 +174,6 @@ def check_device(device: str) -> None:
         raise ValueError(
             f"device={device!r} is not available here ({counts[parsed.type]} {parsed.type} devices)"
         )
-
-
-def default_group(process_group: Any) -> Any:
-    """The process group to average over (``None``: no communication)."""
-    if process_group is False:
-        return None
-    if process_group is not None:
-        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-            raise TypeError(
-                "process_group must be a torch.distributed.ProcessGroup, None or False, "
-                f"got {process_group!r}"
-            )
-        return process_group
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
 
 
 def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group: Any) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_mean", "broadcast_state"]
+__all__ = ["all_reduce_mean", "broadcast_state", "default_group"]
 
 
 def broadcast_state(model: nn.Module, group: Any) -> None:
@@ -47,3 +47,19 @@ def all_reduce_mean(tensors: list[Tensor], group: Any, failed: bool = False) -> 
             t.copy_(flat[offset : offset + t.numel()].view(t.shape))
             offset += t.numel()
     return 0
+
+
+def default_group(process_group: Any) -> Any:
+    """The process group to average over (``None``: no communication)."""
+    if process_group is False:
+        return None
+    if process_group is not None:
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup, None or False, "
+                f"got {process_group!r}"
+            )
+        return process_group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from torchbip._arguments import agree_across_ranks, default_group, plan_run
+from torchbip._arguments import agree_across_ranks, plan_run
 from torchbip._checkpoint import (
     check_resume,
     load_checkpoint,
@@ -23,6 +23,7 @@ from torchbip._checkpoint import (
     save_checkpoint,
     save_final_checkpoint,
 )
+from torchbip._collectives import default_group
 from torchbip._func import Target
 from torchbip._loop import BiPLoop
 from torchbip._snapshot import ModelSnapshot

@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchbip._collectives import all_reduce_mean, broadcast_state
+from torchbip._collectives import all_reduce_mean, broadcast_state, default_group
 from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.bilevel import all_finite, tensor_sums
@@ -225,7 +224,7 @@ class BiP:
         self.step_count = 0
         self.skipped_steps = 0
         self._finished = False
-        self.group = _group(process_group)
+        self.group = default_group(process_group)
         self.settings = {
             "layout": spec.shorthand,
             "amount": amount if not isinstance(amount, Mapping) else dict(amount),
@@ -649,21 +648,6 @@ def _bare(model: object) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
     return model
-
-
-def _group(process_group: Any) -> Any:
-    if process_group is False:
-        return None
-    if process_group is not None:
-        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-            raise TypeError(
-                "process_group must be a torch.distributed.ProcessGroup, None or False, "
-                f"got {process_group!r}"
-            )
-        return process_group
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
 
 
 def _select(
