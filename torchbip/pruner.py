@@ -40,7 +40,7 @@ from torchbip.masks import validate_amount
 from torchbip.method import GradCapture, pruning_hook, scores_name, set_grad_capture
 from torchbip.report import SparsityReport, TensorSparsity
 
-__all__ = ["BiP", "STATE_FORMAT", "schedule_lambda"]
+__all__ = ["BiP", "STATE_FORMAT", "grad_scaler_state", "schedule_lambda"]
 
 STATE_FORMAT = "torchbip.bip/1"
 Amount = int | float
@@ -221,6 +221,7 @@ class BiP:
         self.implicit_coef = float(cfg.implicit_coef)  # type: ignore[arg-type]
         self.hold_pruned = hold_pruned
         self.steps = steps
+        self._schedule_given = upper_schedule is not None
         self.step_count = 0
         self.skipped_steps = 0
         self._finished = False
@@ -321,6 +322,45 @@ class BiP:
         total = sum(m.numel() for m in self.masks)
         return 1.0 - sum(int(k.count_nonzero()) for k in self.keeps) / total if total else 0.0
 
+    @property
+    def has_grad(self) -> bool:
+        """Whether a backward pass reached the pruned tensors since the last :meth:`step`."""
+        return any(self.fired)
+
+    def set_steps(self, steps: int) -> None:
+        """Set the number of :meth:`step` calls the upper schedule spans, before the first step.
+
+        For trainers that know the length of training only once it starts (the integrations in
+        :mod:`torchbip.integrations` build the object earlier, so that a checkpoint loads into the
+        pruned model). Without an explicit ``upper_schedule`` the schedule becomes ``"step"``, as
+        if ``steps`` had been given at construction.
+
+        Args:
+            steps: an int >= 1.
+
+        Raises:
+            ValueError: for a bad ``steps``.
+            RuntimeError: after the first step (unless ``steps`` is unchanged).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if steps == self.steps:
+            return
+        if self.step_count or self._finished:
+            raise RuntimeError(
+                f"BiP.set_steps({steps}) after {self.step_count} step(s): the schedule's length is set "
+                "before the first step"
+            )
+        self.steps = steps
+        if not self._schedule_given:
+            self.settings["upper_schedule"] = "step"
+        self.settings["steps"] = steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, schedule_lambda(str(self.settings["upper_schedule"]), steps)
+        )
+
     # -- the step ----------------------------------------------------------------------------
 
     def zero_grad(self) -> None:
@@ -333,7 +373,12 @@ class BiP:
 
     @torch.no_grad()
     def step(
-        self, upper_grads: Sequence[Tensor] | None = None, *, scaler: torch.amp.GradScaler | None = None
+        self,
+        upper_grads: Sequence[Tensor] | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        scale: float | None = None,
+        skip: bool = False,
     ) -> bool:
         r"""One upper-level step: move the scores along the implicit gradient and re-select masks.
 
@@ -346,6 +391,12 @@ class BiP:
                 gradients are divided by its scale, and the step is skipped when the scaler
                 skipped the optimizer's step (an overflow). Call :meth:`step` after
                 ``scaler.step(optimizer)`` and before ``scaler.update()``.
+            scale: the loss scale the captured gradients carry, for loops whose scaler
+                :meth:`step` cannot read at the right time (a trainer that calls
+                ``scaler.update()`` itself); the gradients are divided by it.
+            skip: skip this step because the optimizer's step was skipped (an overflow under a
+                loss scaler): the captured gradients are dropped and the optimizer's changes to
+                pruned entries undone; counted in :attr:`skipped_steps`.
 
         Returns:
             ``True`` if the scores and masks were updated, ``False`` if the step was skipped.
@@ -360,10 +411,23 @@ class BiP:
             FloatingPointError: when the gradients hold a NaN or an infinity (without a scaler).
         """
         self._check_usable()
-        skip = False
+        if not isinstance(skip, bool):
+            raise TypeError(f"skip must be a bool, got {skip!r}")
+        bad_scale = isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0
+        if scale is not None and bad_scale:
+            raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+        if scale is not None and scaler is not None:
+            raise ValueError("pass either scaler= or scale=, not both")
+        if skip:
+            self.zero_grad()
+            self._restore_pruned()
+            self.skipped_steps += 1
+            return False
         if upper_grads is None and scaler is not None and scaler.is_enabled():
-            scale, skip = _scaler_state(scaler)
+            scale, skip = grad_scaler_state(scaler)
             sums = self.prepare(inv_scale=1.0 / scale)
+        elif upper_grads is None and scale is not None:
+            sums = self.prepare(inv_scale=1.0 / float(scale))
         else:
             sums = self.prepare(upper_grads)
         if skip or not bool(torch.isfinite(sums).all()):
@@ -726,12 +790,27 @@ def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" or type(getattr(t, "data", t)).__name__ == "DTensor"
 
 
-def _scaler_state(scaler: torch.amp.GradScaler) -> tuple[float, bool]:
-    """The scale the gradients carry, and whether the scaler skipped the optimizer's step."""
+def grad_scaler_state(scaler: torch.amp.GradScaler, *, unscaled: bool = False) -> tuple[float, bool]:
+    """The scale the gradients carry, and whether the scaler skips the optimizer's step.
+
+    Args:
+        scaler: a :class:`torch.amp.GradScaler` after ``scaler.step(optimizer)`` and before
+            ``scaler.update()``.
+        unscaled: also accept a scaler that has unscaled the gradients
+            (``scaler.unscale_(optimizer)``) but not stepped yet, as in a trainer's
+            before-optimizer-step hook.
+
+    Returns:
+        ``(scale, skipped)``.
+
+    Raises:
+        RuntimeError: when the scaler is at another stage (the answer would be wrong).
+    """
     states = getattr(scaler, "_per_optimizer_states", None)
     if states is None:  # another scaler implementation: trust the finite check alone
         return float(scaler.get_scale()), False
-    stepped = [s for s in states.values() if getattr(s.get("stage"), "name", None) == "STEPPED"]
+    stages = ("STEPPED", "UNSCALED") if unscaled else ("STEPPED",)
+    stepped = [s for s in states.values() if getattr(s.get("stage"), "name", None) in stages]
     if not stepped:
         raise RuntimeError(
             "BiP.step(scaler=...) was called before scaler.step(optimizer) or after scaler.update(): "

@@ -521,3 +521,102 @@ def test_ddp_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path
             assert torch.equal(rank0["model"][key], value), key
         else:
             torch.testing.assert_close(rank0["model"][key], value, rtol=1e-9, atol=1e-12)
+
+
+# -- for trainers that hide their loss scaler or know the length of training late --------------
+
+
+def test_step_scale_divides_the_captured_gradients() -> None:
+    """A loss scaled by 8 with step(scale=8) equals the unscaled loss with step()."""
+    results = []
+    for factor in (1.0, 8.0):
+        model = make_model()
+        pruner = torchbip.BiP(model, 0.7, steps=STEPS)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for x, y in make_batches():
+            optimizer.zero_grad()
+            (F.cross_entropy(model(x), y) * factor).backward()
+            for p in model.parameters():
+                p.grad.div_(factor)
+            optimizer.step()
+            pruner.step(scale=factor if factor != 1.0 else None)
+        results.append((pruner.flat_scores.clone(), [k.clone() for k in pruner.keeps]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_step_skip_drops_the_gradients_and_undoes_the_optimizer() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+    x, y = make_batches(1)[0]
+    scores = pruner.flat_scores.clone()
+    origs = [p.detach().clone() for p in pruner.origs]
+    assert not pruner.has_grad
+    F.cross_entropy(model(x), y).backward()
+    assert pruner.has_grad
+    optimizer.step()
+    assert pruner.step(skip=True) is False
+    assert not pruner.has_grad
+    assert (pruner.step_count, pruner.skipped_steps) == (0, 1)
+    assert torch.equal(pruner.flat_scores, scores)
+    for orig, before, keep in zip(pruner.origs, origs, pruner.keeps, strict=True):
+        assert torch.equal(orig[~keep], before[~keep])  # pruned entries as before the optimizer
+        assert not torch.equal(orig[keep], before[keep])  # kept entries trained
+    with pytest.raises(RuntimeError, match="no gradient"):
+        pruner.step()  # the skipped step's gradients are gone
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"scale": 0.0}, ValueError, "scale must be a positive number"),
+        ({"scale": -2.0}, ValueError, "scale must be a positive number"),
+        ({"scale": True}, ValueError, "scale must be a positive number"),
+        ({"skip": "yes"}, TypeError, "skip must be a bool"),
+        ({"scale": 2.0, "scaler": torch.amp.GradScaler("cpu")}, ValueError, "either scaler= or scale="),
+    ],
+)
+def test_step_bad_scale_or_skip(kwargs, error, match) -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.7)
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    scores = pruner.flat_scores.clone()
+    with pytest.raises(error, match=match):
+        pruner.step(**kwargs)
+    assert torch.equal(pruner.flat_scores, scores)
+    assert pruner.has_grad  # nothing was consumed
+
+
+def test_set_steps_equals_steps_at_construction() -> None:
+    ends = []
+    for late in (False, True):
+        model = make_model()
+        pruner = torchbip.BiP(model, 0.7, steps=None if late else STEPS)
+        if late:
+            assert pruner.settings["upper_schedule"] == "constant"
+            pruner.set_steps(STEPS)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        train(model, pruner, optimizer, make_batches())
+        ends.append((pruner.flat_scores.clone(), pruner.state_dict()["settings"]))
+    torch.testing.assert_close(ends[1][0], ends[0][0], rtol=0, atol=0)
+    assert ends[1][1] == ends[0][1]
+    with pytest.raises(RuntimeError, match="before the first step"):
+        pruner.set_steps(STEPS + 1)
+    pruner.set_steps(STEPS)  # unchanged: allowed
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        torchbip.BiP(make_model(), 0.7).set_steps(0)
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+def test_set_steps_keeps_an_explicit_schedule() -> None:
+    pruner = torchbip.BiP(make_model(), 0.7, upper_schedule="cosine")
+    pruner.set_steps(4)
+    assert pruner.settings["upper_schedule"] == "cosine"
+    lrs = []
+    for _ in range(4):
+        lrs.append(pruner.optimizer.param_groups[0]["lr"])
+        pruner.scheduler.step()
+    assert lrs == pytest.approx([10.0 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])

@@ -1,0 +1,275 @@
+"""``BiPCallback`` inside a real ``lightning.pytorch.Trainer`` on the CPU.
+
+Oracles: the same BiP in a plain loop over the same batches (masks and weights must be equal),
+exact counts of zeros, a strict ``load_state_dict`` into a fresh model, and an uninterrupted run
+for resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_state import assert_unchanged, capture
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+import torchbip
+
+L = pytest.importorskip("lightning.pytorch")
+from torchbip.integrations.lightning import BiPCallback  # noqa: E402
+
+AMOUNT = 0.8
+BATCHES = 4  # per epoch
+EPOCHS = 2
+
+
+def make_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def dataset() -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(BATCHES * 16, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return list(zip(x, y, strict=True))
+
+
+def loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset(), batch_size=16, shuffle=False)
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.net = make_net(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return make_optimizer(self.parameters())
+
+
+def trainer(callbacks, tmp_path=None, **kwargs) -> L.Trainer:
+    options = {
+        "max_epochs": EPOCHS, "accelerator": "cpu", "devices": 1, "logger": False,
+        "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+        "deterministic": True,
+    }  # fmt: skip
+    if tmp_path is not None:
+        options["default_root_dir"] = str(tmp_path)
+    options.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return L.Trainer(callbacks=callbacks, **options)
+
+
+def fit(trainer_: L.Trainer, module: L.LightningModule, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's hints about workers and logging
+        trainer_.fit(module, loader(), **kwargs)
+
+
+def own_loop(accumulate: int = 1) -> tuple[nn.Module, torchbip.BiP]:
+    """The same training in a plain loop: the oracle."""
+    net = make_net()
+    pruner = torchbip.BiP(net, AMOUNT, steps=BATCHES * EPOCHS // accumulate)
+    optimizer = make_optimizer(net.parameters())
+    for _ in range(EPOCHS):
+        for i, (x, y) in enumerate(loader()):
+            (F.cross_entropy(net(x), y) / accumulate).backward()
+            if (i + 1) % accumulate == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+                pruner.step()
+    pruner.finish()
+    return net, pruner
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_equals_own_loop(accumulate: int) -> None:
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback], accumulate_grad_batches=accumulate), module)
+    net, pruner = own_loop(accumulate)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == pruner.step_count == BATCHES * EPOCHS // accumulate
+    assert callback.pruner.steps == BATCHES * EPOCHS // accumulate  # estimated_stepping_batches
+    assert_same_state(module.net, net)
+    # BiP moved the masks away from the magnitude top-k of the initial weights
+    init = make_net()
+    magnitude = torchbip.BiP(init, AMOUNT)
+    assert any(not torch.equal(a, b) for a, b in zip(pruner.keeps, magnitude.keeps, strict=True))
+
+
+def test_lightning_exact_sparsity_and_strict_reload_after_remove() -> None:
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT, remove=True)
+    fit(trainer([callback]), module)
+    assert callback.report is not None
+    assert not prune.is_pruned(module)
+    weights = [module.net[i].weight for i in (0, 2, 4)]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(AMOUNT * total)
+    assert callback.report.global_sparsity == pytest.approx(round(AMOUNT * total) / total, abs=0)
+    fresh = make_net(seed=1)
+    fresh.load_state_dict(module.net.state_dict(), strict=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fresh(x), module.net(x), rtol=0, atol=0)
+    assert all(isinstance(module.net[i].weight, nn.Parameter) for i in (0, 2, 4))
+
+
+def test_lightning_keeps_pruned_form_and_masks_stay_fixed_in_a_second_fit() -> None:
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback]), module)
+    assert prune.is_pruned(module)
+    assert not any("scores" in k for k in module.state_dict())
+    masks = [module.net[i].weight_mask.clone() for i in (0, 2, 4)]
+    second = trainer([callback], max_epochs=1)
+    with pytest.warns(UserWarning, match="keeps the masks fixed"):
+        second.fit(module, loader())
+    for i, mask in zip((0, 2, 4), masks, strict=True):
+        assert torch.equal(module.net[i].weight_mask, mask)
+        assert bool((module.net[i].weight[mask == 0] == 0).all())
+
+
+def test_lightning_resume_from_checkpoint_equals_uninterrupted(tmp_path) -> None:
+    """Resume from the first epoch's checkpoint of a run: the end equals the run's own end."""
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    whole = Classifier()
+    whole_callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([whole_callback, checkpoint], enable_checkpointing=True), whole)
+    first = sorted(tmp_path.glob("epoch=0*.ckpt"))
+    assert len(first) == 1
+    raw = torch.load(first[0], weights_only=True)  # BiP's state is plain tensors
+    assert raw["callbacks"]["BiPCallback"]["bip"]["step"] == BATCHES
+    resumed = Classifier(seed=5)  # other initial weights: everything must come from the checkpoint
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback]), resumed, ckpt_path=str(first[0]))
+    assert callback.pruner is not None
+    assert whole_callback.pruner is not None
+    assert callback.pruner.step_count == whole_callback.pruner.step_count == BATCHES * EPOCHS
+    assert_same_state(resumed.net, whole.net)
+    # a checkpoint of another schedule is refused, naming the difference
+    with pytest.raises(ValueError, match="steps: saved 8, here 12"):
+        fit(trainer([BiPCallback(amount=AMOUNT)], max_epochs=3), Classifier(), ckpt_path=str(first[0]))
+
+
+def test_lightning_bfloat16_mixed_precision() -> None:
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback], precision="bf16-mixed"), module)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count + callback.pruner.skipped_steps == BATCHES * EPOCHS
+    masks = [module.net[i].weight_mask for i in (0, 2, 4)]
+    total = sum(m.numel() for m in masks)
+    assert sum(int((m == 0).sum()) for m in masks) == round(AMOUNT * total)
+    assert all(bool(torch.isfinite(module.net[i].weight).all()) for i in (0, 2, 4))
+
+
+def test_lightning_float16_grad_scaler_equals_own_loop_and_skips_overflows() -> None:
+    """float16 autocast with a GradScaler whose first scales overflow: Lightning's run equals a plain
+    loop with ``pruner.step(scaler=...)``, skipped steps included."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    init_scale = 2.0**22  # large enough that the first steps overflow in float16
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    fit(trainer([callback], plugins=[plugin]), module)
+
+    net = make_net()
+    pruner = torchbip.BiP(net, AMOUNT, steps=BATCHES * EPOCHS)
+    optimizer = make_optimizer(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    for _ in range(EPOCHS):
+        for x, y in loader():
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(net(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            pruner.step(scaler=scaler)
+            scaler.update()
+    pruner.finish()
+    assert callback.pruner is not None
+    assert callback.pruner.skipped_steps == pruner.skipped_steps > 0
+    assert callback.pruner.step_count == pruner.step_count > 0
+    assert_same_state(module.net, net)
+
+
+def test_lightning_gradient_clipping_does_not_change_bip_gradient() -> None:
+    """BiP's upper gradient comes from the loss, not from the clipped .grad: masks equal the oracle's
+    when the weights' clipping is a no-op, and the run completes with exact sparsity otherwise."""
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback], gradient_clip_val=1e6), module)
+    net, _ = own_loop()
+    assert_same_state(module.net, net)
+
+
+def test_lightning_bad_settings_name_the_argument_and_leave_the_model() -> None:
+    with pytest.raises(TypeError, match="upper_rate"):
+        BiPCallback(amount=0.5, upper_rate=3.0)
+    with pytest.raises(TypeError, match="remove"):
+        BiPCallback(amount=0.5, remove="yes")
+    module = Classifier()
+    before = capture(module)
+    with pytest.raises(ValueError, match="amount"):
+        fit(trainer([BiPCallback(amount=1.5)]), module)
+    assert_unchanged(before, module)
+    module = Classifier()
+    before = capture(module)
+    with pytest.raises(ValueError, match="exclude"):
+        fit(trainer([BiPCallback(amount=0.5, exclude=["net.9"])]), module)
+    assert_unchanged(before, module)
+
+
+def test_lightning_validation_and_training_step_returning_none() -> None:
+    class Skipping(Classifier):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                return None  # Lightning skips the backward pass and the optimizer step
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+    module = Skipping()
+    callback = BiPCallback(amount=AMOUNT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer([callback]).fit(module, loader(), loader())
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == (BATCHES - 1) * EPOCHS
+
+
+def test_lightning_copy_of_callback_is_independent() -> None:
+    callback = BiPCallback(amount=AMOUNT, upper_lr=5.0)
+    twin = copy.deepcopy(callback)
+    fit(trainer([callback]), Classifier())
+    assert twin.pruner is None
+    assert callback.pruner is not None
+    assert callback.pruner.settings["upper_lr"] == 5.0

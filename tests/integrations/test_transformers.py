@@ -1,0 +1,199 @@
+"""``BiPTrainerCallback`` inside a real ``transformers.Trainer`` on the CPU.
+
+Oracles: the same BiP in a plain loop over the batches the trainer drew (masks and weights must
+be equal), exact counts of zeros, a strict ``load_state_dict`` into a fresh model after
+``prune.remove``, and an uninterrupted run for resume.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from model_state import assert_unchanged, capture
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+import torchbip
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from torchbip.integrations.transformers import STATE_FILE, BiPTrainerCallback  # noqa: E402
+
+AMOUNT = 0.5
+SAMPLES, BATCH, EPOCHS = 64, 16, 2
+STEPS = SAMPLES // BATCH * EPOCHS
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def dataset() -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (SAMPLES, 8), generator=g)
+    labels = (ids[:, 0] >= 32).long()
+    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels, strict=True)]
+
+
+class Recorder:
+    """A data collator that keeps every batch the trainer draws."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Tensor]] = []
+
+    def __call__(self, features: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        batch = {k: torch.stack([f[k] for f in features]) for k in features[0]}
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def run(model: nn.Module, callback: BiPTrainerCallback, out, resume=None, collator=None, **kwargs):
+    options = {
+        "output_dir": str(out), "per_device_train_batch_size": BATCH, "num_train_epochs": EPOCHS,
+        "report_to": [], "use_cpu": True, "disable_tqdm": True, "logging_strategy": "no",
+        "save_strategy": "no", "seed": 0,
+    }  # fmt: skip
+    options.update(kwargs)
+    args = transformers.TrainingArguments(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=dataset(), callbacks=[callback], data_collator=collator
+        )
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def linear_weights(model: nn.Module) -> list[Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def test_trainer_equals_own_loop(tmp_path) -> None:
+    """The trainer's AdamW, linear schedule and clipping, replayed by hand with BiP's three lines."""
+    model = tiny_bert()
+    callback = BiPTrainerCallback(amount=AMOUNT)
+    recorder = Recorder()
+    run(model, callback, tmp_path, collator=recorder, learning_rate=1e-3, max_grad_norm=1.0)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == STEPS == callback.pruner.steps
+    assert len(recorder.batches) == STEPS
+
+    oracle = tiny_bert()
+    pruner = torchbip.BiP(oracle, AMOUNT, steps=STEPS)
+    optimizer = torch.optim.AdamW(oracle.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, 0, STEPS)
+    oracle.train()
+    for batch in recorder.batches:
+        oracle(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(oracle.parameters(), 1.0)
+        optimizer.step()
+        pruner.step()
+        schedule.step()
+        optimizer.zero_grad()
+    pruner.finish()
+    mine, theirs = model.state_dict(), oracle.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], msg=key)
+    for a, b in zip(linear_weights(model), linear_weights(oracle), strict=True):
+        assert torch.equal(a == 0, b == 0)
+
+
+def test_trainer_exact_sparsity_and_strict_reload_after_remove(tmp_path) -> None:
+    model = tiny_bert()
+    callback = BiPTrainerCallback(amount=AMOUNT, remove=True, exclude=["classifier"])
+    run(model, callback, tmp_path)
+    assert not prune.is_pruned(model)
+    weights = linear_weights(model)[:-1]  # the classifier is excluded
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(AMOUNT * total)
+    assert int((model.classifier.weight == 0).sum()) == 0
+    model.save_pretrained(tmp_path / "pruned")
+    fresh = tiny_bert(seed=3)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "pruned")
+    ids = torch.randint(0, 64, (3, 8))
+    model.eval(), fresh.eval(), reloaded.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        torch.testing.assert_close(fresh(input_ids=ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_trainer_gradient_accumulation_steps_once_per_optimizer_step(tmp_path) -> None:
+    model = tiny_bert()
+    callback = BiPTrainerCallback(amount=AMOUNT)
+    run(model, callback, tmp_path, gradient_accumulation_steps=2)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == STEPS // 2 == callback.pruner.steps
+    masks = [m.weight_mask for m in model.modules() if isinstance(m, nn.Linear)]
+    total = sum(m.numel() for m in masks)
+    assert sum(int((m == 0).sum()) for m in masks) == round(AMOUNT * total)
+
+
+def test_trainer_resume_from_checkpoint_equals_uninterrupted(tmp_path) -> None:
+    whole = tiny_bert()
+    run(
+        whole, BiPTrainerCallback(amount=AMOUNT), tmp_path / "a", save_strategy="steps", save_steps=STEPS // 2
+    )
+    half = tmp_path / "a" / f"checkpoint-{STEPS // 2}"
+    assert (half / STATE_FILE).is_file()
+    assert torch.load(half / STATE_FILE, weights_only=True)["step"] == STEPS // 2
+    # resume in a fresh output folder holding only the first checkpoint
+    shutil.copytree(half, tmp_path / "b" / half.name)
+    resumed = tiny_bert(seed=4)
+    callback = BiPTrainerCallback(amount=AMOUNT)
+    run(resumed, callback, tmp_path / "b", resume=True)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == STEPS
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_trainer_resume_without_bip_state_is_an_error(tmp_path) -> None:
+    run(
+        tiny_bert(), BiPTrainerCallback(amount=AMOUNT), tmp_path, save_strategy="steps", save_steps=STEPS // 2
+    )
+    (tmp_path / f"checkpoint-{STEPS // 2}" / STATE_FILE).unlink()
+    (tmp_path / f"checkpoint-{STEPS}" / STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        run(tiny_bert(), BiPTrainerCallback(amount=AMOUNT), tmp_path, resume=True)
+
+
+def test_trainer_plain_module_and_bad_settings(tmp_path) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(64, 8)
+            self.head = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+
+        def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+            logits = self.head(self.embed(input_ids).mean(1))
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    net = Net()
+    callback = BiPTrainerCallback(amount=0.75)
+    run(net, callback, tmp_path, save_strategy="steps", save_steps=STEPS)
+    assert callback.report is not None
+    assert callback.report.global_sparsity == 0.75
+    assert callback.pruner is not None
+    assert callback.pruner.names == ["head.0.weight", "head.2.weight"]
+    with pytest.raises(TypeError, match="upper_rate"):
+        BiPTrainerCallback(amount=0.5, upper_rate=3.0)
+    model = tiny_bert()
+    before = capture(model)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "bad"), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="amount"):
+        transformers.Trainer(model=model, args=args, callbacks=[BiPTrainerCallback(amount=-0.1)])
+    assert_unchanged(before, model)

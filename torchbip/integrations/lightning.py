@@ -1,0 +1,198 @@
+"""BiP as a PyTorch Lightning callback: :class:`BiPCallback`.
+
+Add one callback to the trainer; the LightningModule and its ``configure_optimizers`` stay as
+they are:
+
+.. code-block:: python
+
+    from torchbip.integrations.lightning import BiPCallback
+
+    trainer = lightning.pytorch.Trainer(max_epochs=5, callbacks=[BiPCallback(amount=0.9)])
+    trainer.fit(module, train_loader)
+    # module's layers are in torch's pruned form: weight_orig, weight_mask and the hook
+
+The callback builds one :class:`torchbip.BiP` on the LightningModule in ``setup`` (before
+Lightning wraps it for DDP and calls ``configure_optimizers``, so the optimizer holds the same
+``weight_orig`` Parameters), steps it once after every optimizer step (``accumulate_grad_batches``,
+``gradient_clip_val`` and ``precision="16-mixed"`` / ``"bf16-mixed"`` are Lightning's own; a step
+that the loss scaler skips is skipped), saves its state in Lightning's checkpoints (resume with
+``trainer.fit(..., ckpt_path=...)``) and calls :meth:`torchbip.BiP.finish` when training ends.
+The upper schedule spans ``trainer.estimated_stepping_batches`` unless ``steps`` is given.
+
+Needs ``lightning`` (``pip install "torchbip[lightning]"``); the standalone ``pytorch_lightning``
+package works too.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from torchbip.integrations._common import check_settings, remove_pruning
+from torchbip.pruner import BiP, grad_scaler_state
+from torchbip.report import SparsityReport
+
+try:
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - the standalone package
+    try:
+        from pytorch_lightning import LightningModule, Trainer  # type: ignore[assignment,no-redef,unused-ignore]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment,no-redef,unused-ignore]
+    except ImportError as err:
+        raise ImportError(
+            "torchbip.integrations.lightning needs PyTorch Lightning: pip install 'torchbip[lightning]'"
+        ) from err
+
+__all__ = ["BiPCallback"]
+
+Amount = int | float
+
+
+class BiPCallback(Callback):
+    r"""Run BiP inside Lightning's own training loop.
+
+    Args:
+        amount: the sparsity budget, as for :class:`torchbip.BiP`: a fraction, a count or a dict
+            from name patterns (relative to the LightningModule, e.g. ``"net.0.weight"``) to
+            amounts.
+        steps: the number of optimizer steps the upper schedule spans; ``None`` (default):
+            ``trainer.estimated_stepping_batches`` (no schedule when that is infinite).
+        remove: call :func:`torch.nn.utils.prune.remove` on every pruned tensor when training
+            ends, so that the model holds plain, sparse ``weight`` Parameters. By default the
+            model stays in torch's pruned form (the mask stays fixed in later training).
+        **settings: any other keyword argument of :class:`torchbip.BiP` (``parameters``,
+            ``exclude``, ``layout``, ``budget``, ``min_keep``, ``max_keep``, ``upper_lr``,
+            ``upper_momentum``, ``upper_schedule``, ``implicit_coef``, ``score_init``,
+            ``hold_pruned``, ``process_group``); checked when the model is pruned in ``setup``.
+
+    Attributes:
+        pruner: the :class:`torchbip.BiP` object, once ``setup`` built it (``None`` before).
+        report: the final :class:`torchbip.SparsityReport`, once training ended.
+
+    Raises:
+        TypeError: for a keyword argument that :class:`torchbip.BiP` does not take.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> import lightning.pytorch as L
+        >>> from torch import nn
+        >>> class Classifier(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self.net(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        >>> torch.manual_seed(0) and None
+        >>> x = torch.randn(64, 8)
+        >>> loader = torch.utils.data.DataLoader(list(zip(x, (x[:, 0] > 0).long())), batch_size=16)
+        >>> callback = BiPCallback(amount=0.8)
+        >>> trainer = L.Trainer(max_epochs=2, callbacks=[callback], logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trainer.fit(Classifier(), loader)
+        >>> callback.report.global_sparsity, callback.pruner.step_count
+        (0.8, 8)
+    """
+
+    def __init__(
+        self, amount: Amount | Mapping[str, Amount] = 0.95, *, steps: int | None = None, remove: bool = False,
+        **settings: Any,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if not isinstance(remove, bool):
+            raise TypeError(f"remove must be a bool, got {remove!r}")
+        self.amount = amount
+        self.steps = steps
+        self.remove = remove
+        self.settings = check_settings(type(self).__name__, settings)
+        self.pruner: BiP | None = None
+        self.report: SparsityReport | None = None
+        self._restored: Mapping[str, Any] | None = None
+        self._due = False
+        self._scale: float | None = None
+        self._skip = False
+
+    # -- building and the end -----------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Build BiP on the module (``stage="fit"`` only), before the optimizers exist."""
+        if stage != "fit":
+            return
+        if self.pruner is not None:
+            if self.report is not None:
+                warnings.warn(
+                    "BiPCallback: this callback already pruned a model; a second fit() keeps the masks "
+                    "fixed (use a new BiPCallback to prune again)",
+                    stacklevel=2,
+                )
+            return
+        self.pruner = BiP(pl_module, self.amount, steps=self.steps, **self.settings)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set the schedule's length and restore a checkpoint's BiP state."""
+        pruner = self._active()
+        if pruner is None:
+            return
+        if self.steps is None and pruner.step_count == 0:
+            total = trainer.estimated_stepping_batches
+            if math.isfinite(total) and total >= 1:
+                pruner.set_steps(int(total))
+        if self._restored is not None:
+            pruner.load_state_dict(self._restored)
+            self._restored = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Leave torch's pruned form (:meth:`torchbip.BiP.finish`), or plain weights with ``remove``."""
+        pruner = self._active()
+        if pruner is None:
+            return
+        self.report = pruner.finish()
+        if self.remove:
+            remove_pruning(pruner)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Note that an optimizer step follows, and the loss scale its gradients carry."""
+        pruner = self._active()
+        if pruner is None or self._due:
+            return
+        # A training_step that returns None runs no backward pass: nothing to step then.
+        self._due = pruner.has_grad
+        self._scale, self._skip = None, False
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self._due and scaler is not None and scaler.is_enabled():
+            # Lightning unscales before this hook and updates the scale right after its step.
+            self._scale, self._skip = grad_scaler_state(scaler, unscaled=True)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Step BiP once after the optimizer stepped (after the last batch of an accumulation)."""
+        pruner = self._active()
+        if pruner is None or not self._due:
+            return
+        self._due = False
+        pruner.step(scale=self._scale, skip=self._skip)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """BiP's state (:meth:`torchbip.BiP.state_dict`), saved in Lightning's checkpoint."""
+        if self.pruner is None or self.report is not None:
+            return {}
+        return {"bip": self.pruner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's BiP state; it is restored when training starts."""
+        self._restored = state_dict.get("bip")
+
+    def _active(self) -> BiP | None:
+        return None if self.pruner is None or self.report is not None else self.pruner
