@@ -1,17 +1,17 @@
 """The examples run end to end in their ``--smoke`` mode and leave outputs that parse.
 
-The flagship also runs under AMP, ``torch.compile``, ``--resume`` after an interruption, and as
-two ``torchrun`` processes (gloo).
+The flagship also runs under AMP, ``torch.compile``, ``--resume`` after an interruption, without
+matplotlib, and as two ``torchrun`` processes (gloo).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,11 +49,12 @@ def lenet_example() -> ModuleType:
 def smoke_run(imagenet_example: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One no-``--data`` smoke run of the flagship (stand-in data), shared by several tests."""
     root = tmp_path_factory.mktemp("imagenet_smoke")
-    out = root / "out"
-    report = imagenet_example.main(
-        ["--smoke", "--out", str(out), "--standin-dir", str(root / "standin"), "--no-progress"]
-    )
+    report = imagenet_example.main(_smoke_args(root / "out", root / "standin"))
     return root, report
+
+
+def _smoke_args(out: Path, standin: Path, *extra: str) -> list[str]:
+    return ["--smoke", "--out", str(out), "--standin-dir", str(standin), "--no-progress", *extra]
 
 
 def _prunable_zeros(state: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -63,53 +64,84 @@ def _prunable_zeros(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
 
 
-def test_imagenet_smoke_outputs(smoke_run: tuple[Path, dict]) -> None:
-    root, returned = smoke_run
-    out = root / "out"
-    for name in ("resnet50_pruned.pth", "report.json", "density.png", "config.yaml", "train.log"):
+def _assert_complete(out: Path, report: dict[str, Any], *, plot: bool = True) -> None:
+    names = ["resnet50_pruned.pth", "report.json", "config.yaml", "train.log"]
+    for name in [*names, "density.png"] if plot else names:
         assert (out / name).is_file(), name
-    report = json.loads((out / "report.json").read_text())
-    assert report == json.loads(json.dumps(returned))
-    for key in ("accuracy_before", "accuracy_after", "accuracy", "sparsity", "wall_time_s", "config", "bip"):
-        assert key in report, key
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert report["sparsity"]["global_sparsity"] == pytest.approx(0.95, abs=1e-6)
+    assert report["checkpoint"]["outputs_equal_after_remove"] is True
+    state = torch.load(out / "resnet50_pruned.pth", weights_only=True)
+    assert all(v.dtype != torch.bfloat16 and v.dtype != torch.float16 for v in state.values())
+    zeros, total = _prunable_zeros(state)
+    assert 0 <= zeros - round(0.95 * total) <= 10
+    assert (zeros, total) == (report["checkpoint"]["zero_weights"], report["checkpoint"]["prunable_weights"])
+    for name in ("dense", "pruned", "finetuned"):
+        if report["accuracy"][name] is not None:
+            assert 0.0 <= report["accuracy"][name]["top1"] <= 1.0
+            assert torch.isfinite(torch.tensor(report["accuracy"][name]["loss"]))
+    assert not (out / "bip_state.pt").exists()  # deleted once the run completes
+
+
+def test_imagenet_smoke_outputs(smoke_run: tuple[Path, dict]) -> None:
+    root, report = smoke_run
+    out = root / "out"
+    _assert_complete(out, report)
     assert report["preset"] == "smoke"
-    assert report["data"]["standin"] is True
-    assert report["data"]["classes"] == 10
-    assert 0.0 <= report["accuracy_before"] <= 1.0
-    assert 0.0 <= report["accuracy_after"] <= 1.0
+    assert report["data"] == {"root": report["data"]["root"], "standin": True, "classes": 10}
     assert set(report["accuracy"]) == {"dense", "pruned", "finetuned"}
-    for phase in ("data", "warmup", "eval_dense", "bip", "eval_pruned", "finetune", "save", "total"):
+    assert report["accuracy_before"] == report["accuracy"]["dense"]["top1"]
+    assert report["accuracy_after"] == report["accuracy"]["finetuned"]["top1"]
+    for phase in ("data", "warmup", "eval_dense", "bip", "eval_pruned", "finetune", "eval_finetuned", "save"):
         assert report["wall_time_s"][phase] >= 0.0, phase
-    assert report["peak_memory_mb"] is None  # CUDA only
+    assert report["wall_time_s"]["total"] >= sum(v for k, v in report["wall_time_s"].items() if k != "total")
     assert report["distributed"] is None
-    assert report["resumed"] == {"warmup": False, "bip_from_step": None}
+    assert report["resumed"] == {"warmup": False, "bip_from_epoch": None}
     assert report["precision"] == {"amp": "none", "compile": None}
     assert report["accuracy"]["dense"]["images"] == 16  # --limit-batches 2 of 8 images
+    # 2 BiP epochs of 2 batches: 4 steps; the pruner's schedule spans exactly those
+    settings = report["bip"]["settings"]
+    assert (report["bip"]["steps"], report["bip"]["skipped_steps"], settings["steps"]) == (4, 0, 4)
+    assert (settings["amount"], settings["upper_lr"], settings["min_keep"]) == (0.95, 0.1, 0.02)
+    assert [len(report["losses"][k]) for k in ("warmup", "bip", "finetune")] == [1, 2, 1]
     tensors = report["sparsity"]["tensors"]
     assert len(tensors) == 54  # 53 convolutions + fc
     assert "layer1.0.conv1.weight" in tensors
     assert "fc.weight" in tensors
-    assert report["sparsity"]["global_sparsity"] == pytest.approx(0.95, abs=1e-6)
-    assert report["checkpoint"]["outputs_equal_after_remove"] is True
+    assert min(1 - t["sparsity"] for t in tensors.values()) >= 0.02 - 1e-3  # --min-keep 0.02
     assert report["config"]["amount"] == 0.95
     assert (out / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "top-1 accuracy" in (out / "train.log").read_text()
-    assert not (out / "bip_state.pt").exists()  # deleted once the run completes
+    log = (out / "train.log").read_text()
+    assert "top-1 accuracy" in log
+    assert "matplotlib" not in log
     dense = torch.load(out / "dense.pth", weights_only=True)
     assert dense["accuracy"] == report["accuracy"]["dense"]
     assert dense["warmup_losses"] == report["losses"]["warmup"]
     assert _prunable_zeros(dense["state_dict"])[0] < 100  # dense
 
 
-def test_imagenet_smoke_checkpoint_is_plain_and_95_percent_sparse(smoke_run: tuple[Path, dict]) -> None:
+def test_imagenet_smoke_checkpoint_is_plain_and_95_percent_sparse(
+    imagenet_example: ModuleType, smoke_run: tuple[Path, dict]
+) -> None:
+    """The saved state_dict loads strictly into a fresh resnet50 and scores what the report says."""
     root, report = smoke_run
     state = torch.load(root / "out" / "resnet50_pruned.pth", weights_only=True)
-    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    assert not any(k.endswith(("_orig", "_mask", "_scores")) for k in state)
     zeros, total = _prunable_zeros(state)
     assert total == report["sparsity"]["numel"] == 23_475_392
     expected = round(0.95 * total)
     assert 0 <= zeros - expected <= 10  # the mask's zeros, plus any weight that is exactly 0
     assert zeros / total == pytest.approx(0.95, abs=1e-6)
+    model = resnet50(num_classes=10).eval()
+    model.load_state_dict(state, strict=True)
+    args, _ = imagenet_example.parse_args(["-c", str(root / "out" / "config.yaml")])
+    _, val_loader = imagenet_example.make_loaders(Path(report["data"]["root"]), args, 0, 1)
+    correct = seen = 0
+    with torch.no_grad():
+        for images, labels in itertools.islice(val_loader, 2):
+            correct += int((model(images).argmax(1) == labels).sum())
+            seen += len(labels)
+    assert correct / seen == report["accuracy"]["finetuned"]["top1"]
 
 
 def test_imagenet_standin_is_imagenet_layout(smoke_run: tuple[Path, dict]) -> None:
@@ -122,6 +154,17 @@ def test_imagenet_standin_is_imagenet_layout(smoke_run: tuple[Path, dict]) -> No
         for c in classes:
             assert len(list((folder / split / c).glob("*.png"))) == per_class
     assert not list((root / "standin").glob(".building-*"))
+
+
+def test_imagenet_validation_shards_read_every_image_once(
+    imagenet_example: ModuleType, smoke_run: tuple[Path, dict]
+) -> None:
+    root, report = smoke_run
+    args, _ = imagenet_example.parse_args(["-c", str(root / "out" / "config.yaml")])
+    shards = [imagenet_example.make_loaders(Path(report["data"]["root"]), args, r, 3)[1] for r in range(3)]
+    indices = [list(loader.dataset.indices) for loader in shards]
+    assert [len(i) for i in indices] == [7, 7, 6]  # 20 images, no padding
+    assert sorted(itertools.chain(*indices)) == list(range(20))
 
 
 def test_imagenet_config_yaml_round_trip(imagenet_example: ModuleType, smoke_run: tuple[Path, dict]) -> None:
@@ -144,43 +187,106 @@ def test_imagenet_presets(imagenet_example: ModuleType, tmp_path: Path) -> None:
     assert (real.image_size, real.lower_lr, real.upper_lr, real.momentum, real.gamma) == (
         224, 0.01, 0.1, 0.9, 1e-4,
     )  # fmt: skip
+    assert (real.epochs, real.warmup_epochs, real.finetune_epochs, real.min_keep) == (5, 0, 0, None)
     standin, preset = imagenet_example.parse_args([])
     assert preset == "standin"
-    assert standin.image_size == 64
+    assert (standin.image_size, standin.batch_size, standin.epochs, standin.min_keep) == (64, 32, 2, 0.02)
     assert standin.amount == 0.95
     override, _ = imagenet_example.parse_args(["--image-size", "80"])
     assert override.image_size == 80
 
 
-def test_imagenet_bad_arguments(imagenet_example: ModuleType, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--amount", "1.5"], "--amount must lie in [0, 1], got 1.5"),
+        (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs: must be an integer >= 0, got -1"),
+        (["--pretrained", "no/such.pth"], "--pretrained: no such file: no/such.pth"),
+        (["--amp", "float8"], "invalid choice: 'float8'"),
+    ],
+)
+def test_imagenet_bad_arguments(
+    imagenet_example: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_imagenet_bad_data_folder_and_config_file(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
         imagenet_example.parse_args(["--data", str(tmp_path)])  # no train/ and val/
-    with pytest.raises(SystemExit):
-        imagenet_example.parse_args(["--amount", "1.5"])
+    assert f"--data: expected {tmp_path}/train and {tmp_path}/val" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("no_such_option: 1\n")
     with pytest.raises(SystemExit):
         imagenet_example.parse_args(["-c", str(bad)])
+    assert "unknown option(s) ['no_such_option']" in capsys.readouterr().err
 
 
 def test_imagenet_with_data_and_pretrained(
     imagenet_example: ModuleType, smoke_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
     """The ``--data`` path (ImageFolder on a user's folder) starting from a dense checkpoint."""
-    _, first = smoke_run
-    dense = tmp_path / "dense.pth"
-    torch.save(resnet50(num_classes=10).state_dict(), dense)
+    root, first = smoke_run
     out = tmp_path / "out"
+    args = [
+        "--data",
+        first["data"]["root"],
+        "--pretrained",
+        str(root / "out" / "dense.pth"),
+        "--amount",
+        "0.9",
+    ]
     report = imagenet_example.main(
-        ["--smoke", "--data", first["data"]["root"], "--pretrained", str(dense), "--warmup-epochs", "0",
-         "--finetune-epochs", "0", "--amount", "0.9", "--out", str(out), "--no-progress"]
-    )  # fmt: skip
+        [
+            *args,
+            "--smoke",
+            "--warmup-epochs",
+            "0",
+            "--finetune-epochs",
+            "0",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert report["data"]["standin"] is False
     assert report["accuracy"]["finetuned"] is None
     assert report["accuracy_after"] == report["accuracy"]["pruned"]["top1"]
+    # the dense evaluation is the smoke run's: the same weights (dense.pth) on the same images
+    assert report["accuracy"]["dense"] == first["accuracy"]["dense"]
+    assert not (out / "dense.pth").exists()  # no warm-up
     state = torch.load(out / "resnet50_pruned.pth", weights_only=True)
     zeros, total = _prunable_zeros(state)
     assert 0 <= zeros - round(0.9 * total) <= 10
+
+
+def test_imagenet_without_matplotlib_warns_and_skips_the_plot(
+    imagenet_example: ModuleType,
+    smoke_run: tuple[Path, dict],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """matplotlib is optional: a run without it says so before any work and writes everything else."""
+    root, _ = smoke_run
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "out"
+    args = ["--warmup-epochs", "0", "--finetune-epochs", "0", "--epochs", "1", "--limit-batches", "1"]
+    report = imagenet_example.main(_smoke_args(out, root / "standin", *args))
+    _assert_complete(out, report, plot=False)
+    assert not (out / "density.png").exists()
+    warning = "WARNING matplotlib is not installed: density.png will not be written"
+    log = (out / "train.log").read_text().splitlines()
+    assert warning in log[0]  # the first line: before any work
+    assert warning in capsys.readouterr().out
+    assert report["bip"]["steps"] == 1
 
 
 def test_mnist_lenet_smoke(lenet_example: ModuleType, tmp_path: Path) -> None:
@@ -203,25 +309,6 @@ def test_mnist_lenet_smoke(lenet_example: ModuleType, tmp_path: Path) -> None:
 # -- AMP, torch.compile, resume, torchrun ---------------------------------------------------
 
 
-def _smoke_args(out: Path, standin: Path, *extra: str) -> list[str]:
-    return ["--smoke", "--out", str(out), "--standin-dir", str(standin), "--no-progress", *extra]
-
-
-def _assert_complete(out: Path, report: dict[str, Any]) -> None:
-    for name in ("resnet50_pruned.pth", "report.json", "density.png", "config.yaml", "train.log"):
-        assert (out / name).is_file(), name
-    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
-    assert report["sparsity"]["global_sparsity"] == pytest.approx(0.95, abs=1e-6)
-    assert report["checkpoint"]["outputs_equal_after_remove"] is True
-    state = torch.load(out / "resnet50_pruned.pth", weights_only=True)
-    assert all(v.dtype != torch.bfloat16 and v.dtype != torch.float16 for v in state.values())
-    zeros, total = _prunable_zeros(state)
-    assert 0 <= zeros - round(0.95 * total) <= 10
-    for name in ("dense", "pruned", "finetuned"):
-        assert 0.0 <= report["accuracy"][name]["top1"] <= 1.0
-        assert torch.isfinite(torch.tensor(report["accuracy"][name]["loss"]))
-
-
 def test_imagenet_amp_bfloat16_and_compile(
     imagenet_example: ModuleType,
     tmp_path: Path,
@@ -229,39 +316,40 @@ def test_imagenet_amp_bfloat16_and_compile(
 ) -> None:
     """``--amp bfloat16 --compile`` (dynamo's ``eager`` backend, which compiles in seconds).
 
-    AMP: BiP through global_prune's ``amp`` option, the other phases under autocast. Compile:
-    fine-tuning and evaluation through ``torch.compile`` (warm-up too, skipped here); pruning,
-    ``prune.remove`` and saving act on the original module (no ``_orig_mod.`` keys). One run
-    covers both to keep the default suite short; ``test_imagenet_compile_inductor`` (slow)
-    compiles with inductor.
+    AMP: every forward pass (BiP's included) under ``torch.autocast``. Compile: BiP, fine-tuning
+    and evaluation run through ``torch.compile`` (warm-up too, skipped here); ``prune.remove`` and
+    saving act on the original module (no ``_orig_mod.`` keys). One run covers both to keep the
+    default suite short; ``test_imagenet_compile_inductor`` (slow) compiles with inductor.
     """
-    used: list[str] = []
-    real_autocast = imagenet_example.autocast
+    used: list[tuple[str, Any, bool]] = []
+    real_autocast = torch.autocast
 
-    def spy(device: torch.device, amp: str) -> Any:
-        used.append(amp)
-        return real_autocast(device, amp)
+    def autocast_spy(device_type: str, dtype: Any = None, enabled: bool = True, **kwargs: Any) -> Any:
+        used.append((device_type, dtype, enabled))
+        return real_autocast(device_type, dtype, enabled, **kwargs)
 
-    monkeypatch.setattr(imagenet_example, "autocast", spy)
+    monkeypatch.setattr(imagenet_example.torch, "autocast", autocast_spy)
     compiled: list[str] = []
     real_compile = torch.compile
 
     def compile_spy(module: Any, **kwargs: Any) -> Any:
         compiled.append(type(module).__name__)
+        assert kwargs == {"backend": "eager"}
         return real_compile(module, **kwargs)
 
     monkeypatch.setattr(imagenet_example.torch, "compile", compile_spy)
     out = tmp_path / "out"
+    # no warm-up (fine-tuning runs the same loop) and one BiP step: bfloat16 is slow on CPU
     args = ["--amp", "bfloat16", "--compile", "--compile-backend", "eager", "--limit-batches", "1"]
-    # no warm-up (fine-tuning runs the same training loop) and one BiP step: bfloat16 is slow on CPU
-    args += ["--warmup-epochs", "0", "--steps", "1"]
-    report = imagenet_example.main(_smoke_args(out, tmp_path / "standin", *args))
+    report = imagenet_example.main(
+        _smoke_args(out, tmp_path / "standin", *args, "--warmup-epochs", "0", "--epochs", "1")
+    )
     _assert_complete(out, report)
     assert report["precision"] == {"amp": "bfloat16", "compile": "eager"}
-    assert report["bip"]["config"]["amp"] == "bfloat16"
-    # fine-tuning and three evaluations, one batch each, all autocast and compiled
-    assert used == ["bfloat16"] * 4
-    assert compiled == ["ResNet"] * 4
+    assert report["bip"]["steps"] == 1
+    # one batch each: dense evaluation, BiP, pruned evaluation, fine-tuning, fine-tuned evaluation
+    assert used == [("cpu", torch.bfloat16, True)] * 5
+    assert compiled == ["ResNet"] * 5
     state = torch.load(out / "resnet50_pruned.pth", weights_only=True)
     assert not any("_orig_mod" in k for k in state)
 
@@ -276,54 +364,39 @@ def test_imagenet_compile_inductor(imagenet_example: ModuleType, tmp_path: Path)
     assert report["precision"] == {"amp": "bfloat16", "compile": "inductor"}
 
 
-class _Interrupting:
-    """A loader that raises ``KeyboardInterrupt`` when its ``stop_at``-th batch is drawn."""
-
-    def __init__(self, loader: Any, stop_at: int) -> None:
-        self.loader, self.stop_at, self.drawn = loader, stop_at, 0
-        self.sampler = loader.sampler  # global_prune calls sampler.set_epoch through it
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            self.drawn += 1
-            if self.drawn == self.stop_at:
-                raise KeyboardInterrupt
-            yield batch
-
-
 def test_imagenet_resume_after_interruption_equals_uninterrupted(
     imagenet_example: ModuleType,
     smoke_run: tuple[Path, dict],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A run stopped in the middle of BiP and continued with ``--resume`` saves the same model,
+    """A run stopped in BiP's second epoch and continued with ``--resume`` saves the same model,
     bit for bit, as the uninterrupted ``smoke_run`` (same options)."""
     root, reference = smoke_run
     out = tmp_path / "out"
     args = _smoke_args(out, root / "standin")
-    real_prune = imagenet_example.torchbip.global_prune
+    real_step = imagenet_example.torchbip.BiP.step
 
-    def interrupted(model: Any, amount: Any = 0.95, loader: Any = None, **kwargs: Any) -> Any:
-        return real_prune(model, amount, _Interrupting(loader, stop_at=2), **kwargs)
+    def interrupted(self: Any, *a: Any, **kw: Any) -> Any:
+        if self.step_count == 2:  # the first step of the second epoch (2 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(imagenet_example.torchbip, "global_prune", interrupted)
-        with pytest.raises(KeyboardInterrupt):  # the 2nd batch of BiP's stream: in BiP step 2
-            imagenet_example.main([*args, "--checkpoint-every", "1"])
+        patch.setattr(imagenet_example.torchbip.BiP, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            imagenet_example.main(args)
     assert (out / "dense.pth").is_file()
-    assert torch.load(out / "bip_state.pt", weights_only=True, mmap=True)["step"] == 1
+    saved = torch.load(out / "bip_state.pt", weights_only=True)
+    assert (saved["epoch"], saved["pruner"]["step"], len(saved["losses"])) == (1, 2, 1)
+    assert set(saved) == {"epoch", "losses", "model", "optimizer", "scheduler", "scaler", "pruner"}
     assert not (out / "report.json").exists()
 
     report = imagenet_example.main([*args, "--resume"])
     _assert_complete(out, report)
-    assert report["resumed"] == {"warmup": True, "bip_from_step": 1}
+    assert report["resumed"] == {"warmup": True, "bip_from_epoch": 1}
     assert report["wall_time_s"]["warmup"] == 0.0
-    assert "resuming BiP from step 1" in (out / "train.log").read_text()
-    assert not (out / "bip_state.pt").exists()
+    assert "resuming BiP from epoch 1" in (out / "train.log").read_text()
     got = torch.load(out / "resnet50_pruned.pth", weights_only=True)
     want = torch.load(root / "out" / "resnet50_pruned.pth", weights_only=True)
     assert got.keys() == want.keys()
@@ -331,18 +404,11 @@ def test_imagenet_resume_after_interruption_equals_uninterrupted(
         assert torch.equal(got[key], want[key]), key
     assert report["accuracy"] == reference["accuracy"]
     assert report["losses"] == reference["losses"]
-    assert report["bip"]["losses"] == reference["bip"]["losses"]
+    assert report["sparsity"] == reference["sparsity"]
 
     # --resume refuses options that differ from the interrupted run's
     with pytest.raises(ValueError, match=r"amount: 0.95 -> 0.9"):
         imagenet_example.main([*args, "--resume", "--amount", "0.9"])
-
-
-def test_shard_sampler_reads_every_sample_once(imagenet_example: ModuleType) -> None:
-    dataset = list(range(11))
-    shards = [list(imagenet_example.ShardSampler(dataset, 3, rank)) for rank in range(3)]
-    assert [len(imagenet_example.ShardSampler(dataset, 3, rank)) for rank in range(3)] == [4, 4, 3]
-    assert sorted(i for shard in shards for i in shard) == dataset
 
 
 def test_imagenet_torchrun_two_gloo_processes(tmp_path: Path) -> None:
@@ -358,15 +424,14 @@ def test_imagenet_torchrun_two_gloo_processes(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     _assert_complete(out, report)
     ddp = report["distributed"]
-    assert (ddp["world_size"], ddp["backend"], ddp["global_batch_size"]) == (2, "gloo", 16)
-    assert ddp["ranks_agree"] is True
-    for when in ("bip", "final"):
-        digests = ddp["state_digests"][when]
-        assert len(digests) == 2, when
-        assert digests[0] == digests[1], when
-    assert report["environment"]["processes"] == 2
+    assert (ddp["world_size"], ddp["backend"]) == (2, "gloo")
+    digests = ddp["state_digests"]
+    assert len(digests) == 2
+    assert digests[0] == digests[1]
     # every validation image is counted once: 10 per rank in two batches of at most 8
     assert report["accuracy"]["dense"]["images"] == 20
+    # 40 training images, 20 per rank: 2 steps per epoch, 2 BiP epochs
+    assert report["bip"]["steps"] == 4
     log = (out / "train.log").read_text()
     assert "all 2 ranks hold the same model state at the end" in log
     assert "[rank 1]" not in log
