@@ -30,9 +30,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from torchbip.integrations._common import check_settings, remove_pruning
-from torchbip.pruner import BiP, grad_scaler_state
-from torchbip.report import SparsityReport
+from torchbip.integrations._common import Amount, CallbackBase
+from torchbip.pruner import grad_scaler_state
 
 try:
     from lightning.pytorch import LightningModule, Trainer
@@ -48,10 +47,8 @@ except ImportError:  # pragma: no cover - the standalone package
 
 __all__ = ["BiPCallback"]
 
-Amount = int | float
 
-
-class BiPCallback(Callback):
+class BiPCallback(CallbackBase, Callback):
     r"""Run BiP inside Lightning's own training loop.
 
     Args:
@@ -106,17 +103,8 @@ class BiPCallback(Callback):
         **settings: Any,
     ) -> None:  # fmt: skip
         super().__init__()
-        if not isinstance(remove, bool):
-            raise TypeError(f"remove must be a bool, got {remove!r}")
-        self.amount = amount
-        self.steps = steps
-        self.remove = remove
-        self.settings = check_settings(type(self).__name__, settings)
-        self.pruner: BiP | None = None
-        self.report: SparsityReport | None = None
+        self._configure(amount, steps, remove, settings)
         self._restored: Mapping[str, Any] | None = None
-        self._due = False
-        self._scale: float | None = None
         self._skip = False
 
     # -- building and the end -----------------------------------------------------------------
@@ -133,7 +121,7 @@ class BiPCallback(Callback):
                     stacklevel=2,
                 )
             return
-        self.pruner = BiP(pl_module, self.amount, steps=self.steps, **self.settings)
+        self._build(pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Set the schedule's length and restore a checkpoint's BiP state."""
@@ -150,12 +138,7 @@ class BiPCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Leave torch's pruned form (:meth:`torchbip.BiP.finish`), or plain weights with ``remove``."""
-        pruner = self._active()
-        if pruner is None:
-            return
-        self.report = pruner.finish()
-        if self.remove:
-            remove_pruning(pruner)
+        self._finish()
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -193,6 +176,3 @@ class BiPCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's BiP state; it is restored when training starts."""
         self._restored = state_dict.get("bip")
-
-    def _active(self) -> BiP | None:
-        return None if self.pruner is None or self.report is not None else self.pruner

@@ -31,11 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from torchbip.integrations._common import check_settings, remove_pruning
-from torchbip.pruner import BiP
-from torchbip.report import SparsityReport
+from torchbip.integrations._common import Amount, CallbackBase
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -47,10 +44,9 @@ except ImportError as err:  # pragma: no cover - depends on the installation
 __all__ = ["STATE_FILE", "BiPTrainerCallback"]
 
 STATE_FILE = "torchbip_bip.pt"
-Amount = int | float
 
 
-class BiPTrainerCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]
+class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,unused-ignore]
     r"""Run BiP inside the Hugging Face Trainer's own training loop.
 
     Args:
@@ -79,24 +75,7 @@ class BiPTrainerCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]
         self, amount: Amount | Mapping[str, Amount] = 0.95, *, steps: int | None = None, remove: bool = False,
         **settings: Any,
     ) -> None:  # fmt: skip
-        if not isinstance(remove, bool):
-            raise TypeError(f"remove must be a bool, got {remove!r}")
-        self.amount = amount
-        self.steps = steps
-        self.remove = remove
-        self.settings = check_settings(type(self).__name__, settings)
-        self.pruner: BiP | None = None
-        self.report: SparsityReport | None = None
-        self._due = False
-        self._scale: float | None = None
-
-    def _build(self, model: nn.Module | None) -> BiP | None:
-        if self.pruner is None and model is not None:
-            self.pruner = BiP(model, self.amount, steps=self.steps, **self.settings)
-        return self._active()
-
-    def _active(self) -> BiP | None:
-        return None if self.pruner is None or self.report is not None else self.pruner
+        self._configure(amount, steps, remove, settings)
 
     # -- building and the end -----------------------------------------------------------------
 
@@ -122,12 +101,7 @@ class BiPTrainerCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Leave torch's pruned form (:meth:`torchbip.BiP.finish`), or plain weights with ``remove``."""
-        pruner = self._active()
-        if pruner is None:
-            return
-        self.report = pruner.finish()
-        if self.remove:
-            remove_pruning(pruner)
+        self._finish()
 
     # -- the step -----------------------------------------------------------------------------
 
