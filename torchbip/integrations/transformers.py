@@ -113,7 +113,7 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
         if pruner is None:
             return
         self._due = pruner.has_grad
-        scaler = getattr(kwargs.get("optimizer"), "scaler", None)  # accelerate's AcceleratedOptimizer
+        scaler = _optimizer_attr(kwargs, "scaler")
         # accelerate updates the scale inside optimizer.step(): read the one the gradients carry now.
         self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
@@ -125,7 +125,7 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
         if pruner is None or not self._due:
             return
         self._due = False
-        skipped = bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False))
+        skipped = bool(_optimizer_attr(kwargs, "step_was_skipped"))
         pruner.step(scale=self._scale, skip=skipped)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -140,6 +140,11 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             torch.save(pruner.state_dict(), folder / STATE_FILE)
+
+
+def _optimizer_attr(kwargs: Mapping[str, Any], name: str) -> Any:
+    """An attribute of the optimizer a hook was given (accelerate's AcceleratedOptimizer), or ``None``."""
+    return getattr(kwargs.get("optimizer"), name, None)
 
 
 def _resume_file(args: TrainingArguments, state: TrainerState) -> Path:
