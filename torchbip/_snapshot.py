@@ -20,21 +20,41 @@ from torchbip.pruned import named_pruning_hooks
 __all__ = ["ModelSnapshot"]
 
 
+# Part of what torch raises for the data pointer of a storage that holds no data: the storage of
+# a wrapper tensor subclass (``torch.Tensor._make_wrapper_subclass``; torch's note "Invalid Python
+# Storages").
+_NO_DATA = "invalid python storage"
+
+
+def _storage_ptr(tensor: Tensor) -> int | None:
+    """The data pointer of ``tensor``'s storage; ``None`` for a tensor subclass without memory of its own."""
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except NotImplementedError:  # functorch's wrappers (grad, vmap): "Cannot access storage of ..."
+        return None
+    except RuntimeError as err:
+        if _NO_DATA in str(err):
+            return None
+        raise
+
+
 def _same_view(tensor: Tensor, alias: Tensor) -> bool:
-    """Whether ``tensor`` still looks at ``alias``'s memory: storage, offset, shape, strides, dtype."""
+    """Whether ``tensor`` still looks at ``alias``'s memory: storage, offset, shape, strides, dtype.
+
+    A tensor subclass without a storage of its own looks at no memory: ``False``.
+    """
     if tensor.layout != torch.strided or alias.layout != torch.strided:
         return False
-    try:
-        return bool(
-            tensor.device == alias.device
-            and tensor.dtype == alias.dtype
-            and tensor.untyped_storage().data_ptr() == alias.untyped_storage().data_ptr()
-            and tensor.storage_offset() == alias.storage_offset()
-            and tensor.shape == alias.shape
-            and tensor.stride() == alias.stride()
-        )
-    except (NotImplementedError, RuntimeError):  # a tensor subclass without a storage of its own
+    if tensor.device != alias.device or tensor.dtype != alias.dtype:
         return False
+    ptr = _storage_ptr(tensor)
+    if ptr is None or ptr != _storage_ptr(alias):
+        return False
+    return bool(
+        tensor.storage_offset() == alias.storage_offset()
+        and tensor.shape == alias.shape
+        and tensor.stride() == alias.stride()
+    )
 
 
 class _SavedTensor:

@@ -23,7 +23,7 @@ from torch.nn.utils import prune
 
 import torchbip
 from torchbip import bip_structured, export_slim, load_slim_state_dict
-from torchbip._snapshot import ModelSnapshot
+from torchbip._snapshot import ModelSnapshot, _same_view
 from torchbip.export import _Planner
 from torchbip.sparse import SparseCSRLinear, to_sparse_csr
 
@@ -316,6 +316,58 @@ def test_snapshot_holds_one_copy_of_the_values() -> None:
         model.b.weight.grad = None
     snapshot.restore()
     assert_same_memory(memory, model)
+
+
+class Wrapper(Tensor):
+    """A wrapper tensor subclass: its metadata is a strided tensor's, its storage holds no data."""
+
+    @staticmethod
+    def __new__(cls, elem: Tensor) -> Wrapper:
+        return Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
+            cls, elem.shape, strides=elem.stride(), dtype=elem.dtype, device=elem.device
+        )
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise NotImplementedError(f"Wrapper does not run {func}")
+
+
+class BrokenStorage(Tensor):
+    """A tensor whose storage fails for a reason other than having none."""
+
+    def untyped_storage(self) -> Any:
+        raise RuntimeError("the storage is broken")
+
+
+def test_same_view_of_a_tensor_subclass_without_a_storage_is_false() -> None:
+    plain = torch.zeros(3)
+    wrapped = Wrapper(plain)
+    assert wrapped.layout == torch.strided
+    assert wrapped.shape == plain.shape
+    with pytest.raises(RuntimeError, match="invalid python storage"):
+        wrapped.untyped_storage().data_ptr()
+    assert _same_view(plain, plain.data)
+    assert not _same_view(wrapped, wrapped)
+    assert not _same_view(wrapped, plain)
+    assert not _same_view(plain, wrapped)
+
+
+def test_same_view_of_functorch_wrappers_is_false() -> None:
+    seen: list[bool] = []
+
+    def probe(x: Tensor) -> Tensor:
+        seen.append(_same_view(x, x))
+        return x.sum()
+
+    torch.func.grad(probe)(torch.zeros(3))
+    torch.func.vmap(probe)(torch.zeros(2, 3))
+    assert seen == [False, False]
+
+
+def test_same_view_lets_other_storage_errors_through() -> None:
+    broken = torch.zeros(3).as_subclass(BrokenStorage)
+    with pytest.raises(RuntimeError, match="the storage is broken"):
+        _same_view(broken, torch.zeros(3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
