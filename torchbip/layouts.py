@@ -83,11 +83,14 @@ class MaskLayout(ABC):
         structured: the shorthand of a structured layout (``"filter"``, ``"2:4"``), ``None`` for
             one score per entry ranked freely.
         budget: ``"layer"`` or ``"global"`` for group layouts, else ``None``.
+        elementwise: whether every target has one score per entry and :meth:`score_grad` copies
+            the element-wise gradient unchanged (the pruner then writes it in place).
     """
 
     n_keep: int
     structured: str | None = None
     budget: str | None = None
+    elementwise: bool = False
 
     @abstractmethod
     def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
@@ -116,6 +119,8 @@ class MaskLayout(ABC):
 
 class UnstructuredLayout(MaskLayout):
     """One score per entry; a global top-k (with per-tensor floors and caps) or per-tensor counts."""
+
+    elementwise = True
 
     def __init__(
         self,
@@ -281,6 +286,8 @@ class GroupLayout(MaskLayout):
 
 class NMLayout(MaskLayout):
     """The top ``n`` scores of every block of ``m`` along the input dimension."""
+
+    elementwise = True
 
     def __init__(
         self,
