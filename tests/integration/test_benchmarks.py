@@ -33,8 +33,16 @@ def test_bench_step_quick(tmp_path: Path) -> None:
     for row in data["models"]:
         assert row["step_s"]["dense"] > 0
         assert row["step_ratio_fused"] > 0
+        assert row["step_ratio_in_loop"] == pytest.approx(row["step_s"]["in_loop"] / row["step_s"]["dense"])
         assert row["forward_ratio_removed"] > 0
     assert all(r["numel"] > 0 and r["global_topk_s"] > 0 for r in data["topk"])
+    assert set(data["first_call"]) == {"dense", "global_prune", "in_loop"}
+    for timings in data["first_call"].values():
+        assert min(timings[k] for k in ("import_s", "first_call_s", "second_call_s")) > 0
+        assert timings["first_call_warm_torch_s"] > 0
+    markdown = next(tmp_path.glob("*-quick.md")).read_text()
+    assert "| in_loop |" in markdown
+    assert "in-loop / dense" in markdown
 
 
 def test_bench_accuracy_quick(tmp_path: Path) -> None:
