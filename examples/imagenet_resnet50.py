@@ -11,27 +11,19 @@ followed by an evaluation. BiP adds three lines to that loop::
         scaler.update()
     pruner.finish()  # torch's pruned form; prune.remove then makes the zeros permanent
 
-Commands::
+Commands (``--help`` lists every option, and the stand-in preset that a run without ``--data``
+uses on a folder written once from the MNIST split in the repository)::
 
-    python examples/imagenet_resnet50.py              # the MNIST stand-in: minutes on 2 CPU cores
-    python examples/imagenet_resnet50.py --smoke --out /tmp/smoke           # seconds (the tests)
+    python examples/imagenet_resnet50.py                          # the MNIST stand-in, 2 CPU cores
+    python examples/imagenet_resnet50.py --smoke --out /tmp/smoke  # seconds (what the tests run)
     python examples/imagenet_resnet50.py --data /datasets/imagenet --pretrained resnet50.pth
-    # DDP: 8 GPUs (NCCL) or 2 CPU processes (gloo); AMP: bfloat16, or float16 with a GradScaler
-    torchrun --nproc_per_node=8 examples/imagenet_resnet50.py --data /datasets/imagenet \\
-        --pretrained resnet50.pth --amp bfloat16 --compile
-    torchrun --nproc_per_node=2 --standalone examples/imagenet_resnet50.py --smoke --out /tmp/ddp
-    # resume an interrupted run: the same command with --resume; options from YAML with -c
-    python examples/imagenet_resnet50.py --data /datasets/imagenet --pretrained resnet50.pth --resume
-    python examples/imagenet_resnet50.py -c runs/imagenet_resnet50/config.yaml --amount 0.9
+    torchrun --nproc_per_node=8 examples/imagenet_resnet50.py --data /datasets/imagenet --amp bfloat16
+    python examples/imagenet_resnet50.py --data /datasets/imagenet --resume   # after an interruption
 
-Without ``--data``, a stand-in preset runs on an ImageNet-layout folder written once from the
-MNIST split in the repository (``--help`` shows the preset next to the real-run defaults, which
-follow the BiP paper). Under ``torchrun``, BiP is built on the bare model before
-``DistributedDataParallel`` wraps it; ``--batch-size`` is per process. ``bip_state.pt``, saved
-after every BiP epoch, holds the ``state_dict`` of model, optimizer, scheduler, GradScaler and
-pruner; ``--resume`` continues after the last saved epoch, with the result of an uninterrupted
-run. Outputs in ``--out``: ``resnet50_pruned.pth`` (plain weights), ``report.json``,
-``density.png`` (with matplotlib), ``config.yaml``, ``train.log``, ``dense.pth``.
+``bip_state.pt``, saved after every BiP epoch, holds the ``state_dict`` of model, optimizer,
+scheduler, GradScaler and pruner; ``--resume`` continues after the last saved epoch with the
+result of an uninterrupted run. Outputs in ``--out``: ``resnet50_pruned.pth`` (plain weights),
+``report.json``, ``density.png`` (with matplotlib), ``config.yaml``, ``train.log``, ``dense.pth``.
 """
 
 from __future__ import annotations
@@ -39,7 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import inspect
+import importlib.util
 import itertools
 import json
 import logging
@@ -47,7 +39,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,45 +72,34 @@ SMOKE_PRESET = {"image_size": 32, "batch_size": 8, "workers": 0, "warmup_epochs"
 # fmt: on
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an int >= ``low``."""
-
-    def integer(text: str) -> int:
-        if int(text) < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
-        return int(text)
-
-    return integer
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add, pos, nonneg, flag = parser.add_argument, at_least(1), at_least(0), argparse.BooleanOptionalAction
+    add, flag = parser.add_argument, argparse.BooleanOptionalAction
     add("-c", "--config", metavar="FILE", help="YAML file of option defaults (the command line wins)")
     add("--data", type=Path, help="folder with train/ and val/ (none: the MNIST stand-in)")
-    add("--image-size", type=pos, default=224, help="crop side (validation: resize to side*256/224)")
-    add("--batch-size", type=pos, default=128, help="images per process and step")
-    add("--workers", type=nonneg, default=8, help="DataLoader worker processes")
+    add("--image-size", type=int, default=224, help="crop side (validation: resize to side*256/224)")
+    add("--batch-size", type=int, default=128, help="images per process and step")
+    add("--workers", type=int, default=8, help="DataLoader worker processes")
     add("--crop-scale", type=float, default=0.08, help="smallest area fraction of RandomResizedCrop")
     add("--hflip", action=flag, default=True, help="random horizontal flips")
-    add("--limit-batches", type=pos, help="at most this many batches per epoch and evaluation")
+    add("--limit-batches", type=int, help="at most this many batches per epoch and evaluation")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchbip" / "mnist-imagenet"
     add("--standin-dir", type=Path, default=cache, help="cache folder of the stand-in")
-    add("--standin-train-per-class", type=pos, default=100, help="stand-in training images per class")
-    add("--standin-val-per-class", type=pos, default=30, help="stand-in validation images per class")
+    add("--standin-train-per-class", type=int, default=100, help="stand-in training images per class")
+    add("--standin-val-per-class", type=int, default=30, help="stand-in validation images per class")
     add("--pretrained", type=Path, help="dense ResNet-50 state_dict file (same number of classes)")
-    add("--warmup-epochs", type=nonneg, default=0, help="dense training epochs before pruning")
+    add("--warmup-epochs", type=int, default=0, help="dense training epochs before pruning")
     add("--warmup-lr", type=float, default=0.1, help="warm-up learning rate (cosine)")
     add("--weight-decay", type=float, default=1e-4, help="weight decay of warm-up and fine-tuning")
     add("--amount", type=float, default=0.95, help="fraction of all conv/linear weights to prune")
-    add("--epochs", type=pos, default=5, help="BiP epochs")
+    add("--epochs", type=int, default=5, help="BiP epochs")
     add("--lower-lr", type=float, default=0.01, help="BiP: the weights' learning rate (cosine)")
     add("--upper-lr", type=float, default=0.1, help="BiP: the scores' learning rate (x0.1 at 50%% and 75%%)")
     add("--momentum", type=float, default=0.9, help="SGD momentum of weights and scores")
     add("--gamma", type=float, default=1e-4, help="BiP: the weights' weight decay")
     add("--implicit-coef", type=float, default=1.0, help="BiP: coefficient of the implicit gradient")
     add("--min-keep", type=float, help="BiP: fraction of every tensor that is always kept")
-    add("--finetune-epochs", type=nonneg, default=0, help="epochs of training with the mask fixed")
+    add("--finetune-epochs", type=int, default=0, help="epochs of training with the mask fixed")
     add("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (cosine)")
     add("--out", type=Path, default=Path("runs/imagenet_resnet50"), help="output folder")
     add("--seed", type=int, default=0, help="seed of the model, the data order and the augmentations")
@@ -149,6 +130,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     parser.set_defaults(**(SMOKE_PRESET if probe.smoke else {}))
     parser.set_defaults(**from_file)
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # the counts: epochs, sizes, workers
+        low = 0 if name in ("workers", "warmup_epochs", "finetune_epochs") else 1
+        if isinstance(value, int) and not isinstance(value, bool) and name != "seed" and value < low:
+            parser.error(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value}")
     if not 0.0 <= args.amount <= 1.0:
         parser.error(f"--amount must lie in [0, 1], got {args.amount}")
     if args.pretrained is not None and not args.pretrained.is_file():
@@ -193,10 +178,9 @@ def make_loaders(root: Path, args: argparse.Namespace, rank: int, world: int) ->
 def wrap(model: nn.Module, args: argparse.Namespace, device: torch.device, training: bool) -> nn.Module:
     """What a phase calls on a batch: DDP for training under torchrun, then ``torch.compile``."""
     if training and dist.is_initialized():
-        # masks and scores are buffers: not broadcast before every forward (BatchNorm: see train)
-        params = inspect.signature(DistributedDataParallel).parameters
-        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
-        model = DistributedDataParallel(model, [device.index] if device.type == "cuda" else None, **no_sync)
+        # masks and scores are buffers: not synced before every forward (BatchNorm: see train)
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, ids, forward_sync_buffers=False)
     return torch.compile(model, backend=args.compile_backend) if args.compile else model
 
 
@@ -234,19 +218,15 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
     if first == epochs:
         return losses
     runner, rank = wrap(model, args, device, training=True), dist.get_rank() if dist.is_initialized() else 0
+    quiet = rank > 0 or not args.progress
     model.train()
     for epoch in range(first, epochs):
         # each epoch seeds its crops, flips and workers: a resumed run draws what an uninterrupted one draws
         torch.manual_seed(args.seed + 100_000 * PHASES.index(phase) + 1000 * epoch + rank)
         loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        batches = tqdm(
-            itertools.islice(loader, per_epoch),
-            f"{phase} {epoch + 1}/{epochs}",
-            per_epoch,
-            disable=not args.progress or rank > 0,
-        )
+        batches = itertools.islice(loader, per_epoch)
         total, seen = 0.0, 0
-        for images, labels in batches:
+        for images, labels in tqdm(batches, f"{phase} {epoch + 1}/{epochs}", per_epoch, disable=quiet):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, AMP[args.amp], enabled=args.amp != "none"):
                 loss = F.cross_entropy(runner(images), labels)
@@ -297,6 +277,9 @@ def evaluate(model: nn.Module, loader: DataLoader, args: argparse.Namespace, dev
 
 def plot_density(sparsity: dict[str, Any], path: Path) -> None:
     """Bar chart of the kept fraction of every pruned tensor, in model order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [n.removesuffix(".weight") for n in sparsity["tensors"]]
@@ -344,9 +327,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         LOG.handlers = [logging.FileHandler(args.out / "train.log", "w"), logging.StreamHandler(sys.stdout)]
     else:  # the other ranks print warnings only
         LOG.handlers = [logging.StreamHandler(sys.stderr)]
-    prefix = f"[rank {rank}] " if rank else ""
+    fmt = f"%(asctime)s %(levelname)s {f'[rank {rank}] ' if rank else ''}%(message)s"
     for handler in LOG.handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
     LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     LOG.propagate = False
     try:
@@ -361,13 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, world: int) -> dict[str, Any]:
     start, times = time.perf_counter(), {}
-    try:  # now, not after the run: without matplotlib the run skips the plot
-        import matplotlib
-
-        matplotlib.use("Agg")
-        plot = True
-    except ImportError:
-        plot = False
+    if not (plot := importlib.util.find_spec("matplotlib") is not None):  # now, not after the training
         LOG.warning("matplotlib is not installed: density.png will not be written (pip install matplotlib)")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "config"}
     if args.resume and (args.out / "config.yaml").is_file():
@@ -462,10 +439,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
             torch.save(model.state_dict(), args.out / "resnet50_pruned.pth")
             if plot:
                 plot_density(sparsity, args.out / "density.png")
-    LOG.info(
-        f"prune.remove on {len(pruned)} tensors; outputs unchanged: {outputs_equal}; "
-        f"zero weights {zeros} / {total} ({zeros / total:.4f})"
-    )
+    LOG.info(f"prune.remove on {len(pruned)} tensors; outputs unchanged: {outputs_equal}; "
+             f"zero weights {zeros} / {total} ({zeros / total:.4f})")  # fmt: skip
 
     acc_dense, acc_final = dense["accuracy"], acc_finetuned or acc_pruned
     ddp = {"world_size": world, "backend": dist.get_backend(), "state_digests": digests} if digests else None
@@ -487,11 +462,9 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         if not args.keep_state:
             state_path.unlink(missing_ok=True)
     tuned = "" if acc_finetuned is None else f" -> fine-tuned {acc_finetuned['top1']:.2%}"
-    LOG.info(
-        f"top-1 accuracy: dense {acc_dense['top1']:.2%} -> BiP {acc_pruned['top1']:.2%}{tuned} at "
-        f"{sparsity['global_sparsity']:.2%} sparsity; {report['wall_time_s']['total']:.1f} s in all; "
-        f"outputs in {args.out}"
-    )
+    LOG.info(f"top-1 accuracy: dense {acc_dense['top1']:.2%} -> BiP {acc_pruned['top1']:.2%}{tuned} at "
+             f"{sparsity['global_sparsity']:.2%} sparsity; {report['wall_time_s']['total']:.1f} s in all; "
+             f"outputs in {args.out}")  # fmt: skip
     if world > 1:
         dist.barrier()  # rank 0's files are complete before any process leaves
     return report
