@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchbip._collectives import all_reduce_mean, broadcast_state, default_group
@@ -96,8 +97,17 @@ class BiP:
     in :class:`~torch.nn.parallel.DistributedDataParallel` as usual. Construction broadcasts
     rank 0's parameters and buffers (as DDP does), and :meth:`step` averages the captured
     gradients over the process group in one all-reduce, so every rank keeps identical scores
-    and masks (and DDP keeps the weights identical). FSDP is not supported: it replaces
-    the parameters, which :meth:`step` detects and refuses.
+    and masks (and DDP keeps the weights identical).
+
+    FSDP2 (:func:`torch.distributed.fsdp.fully_shard`) works the same way: build the object on
+    the whole model on every rank, then call ``fully_shard`` (on the layers and the root, as
+    usual) and build the optimizer on the sharded parameters. The masks and scores stay whole
+    on every rank; the forward pass applies the mask to the weight FSDP gathered, :meth:`step`
+    averages the captured gradients over the process group, holds pruned entries in each rank's
+    own shard of ``weight_orig`` and gathers each pruned tensor once (for :math:`\theta` of the
+    next step). Only sharding along dim 0 on a 1-D mesh (``fully_shard``'s default) is
+    supported; a model that is sharded before BiP is built, or FSDP1's flat parameters, are
+    refused with an error.
 
     Args:
         model: the model (or a ``DistributedDataParallel`` wrapper of it); pruned in place.
@@ -205,7 +215,7 @@ class BiP:
             implicit_coef=implicit_coef, score_init=score_init, min_keep=min_keep,  # type: ignore[arg-type]
         )  # fmt: skip
         spec.check_budget(budget, cfg.min_keep, max_keep)
-        check_no_fsdp(model)
+        check_no_fsdp(model, "build torchbip.BiP on the whole model first, then call fully_shard")
         resolved = resolve_targets(model, parameters, spec.default_parameters(model))
         targets, amounts = _select(model, resolved, amount, exclude)
         weights = [t.weight() for t in targets]
@@ -422,7 +432,8 @@ class BiP:
         Raises:
             RuntimeError: after :meth:`finish`; when no backward pass reached the model since the
                 last step; when a scaler has not stepped yet; when the parameters were replaced
-                (FSDP); on a distributed rank when another rank's step failed.
+                (other than by FSDP2's ``fully_shard`` with its default sharding); on a distributed
+                rank when another rank's step failed.
             ValueError: in the first step, for pruned tensors that got no gradient (their
                 module's forward is never called, or the loss does not use them), or for
                 ``upper_grads`` of the wrong number or shapes.
@@ -482,9 +493,9 @@ class BiP:
         self._check_usable()
         if upper_grads is None:
             self._check_fired()
-            for i, (g, orig) in enumerate(zip(self.captured, self.origs, strict=True)):
+            for i, (g, mask) in enumerate(zip(self.captured, self.masks, strict=True)):
                 if g is None:  # no gradient reached this tensor since the last step
-                    self.captured[i] = torch.zeros_like(orig, memory_format=torch.contiguous_format)
+                    self.captured[i] = torch.zeros_like(mask, memory_format=torch.contiguous_format)
                     self.owned[i] = True
             if self.group is not None:
                 self._own_captured()  # the mean is written in place
@@ -511,8 +522,7 @@ class BiP:
         self._restore_pruned()
         self.update_masks()
         if self.saved is not None:
-            for saved, orig in zip(self.saved, self.origs, strict=True):
-                _copy(saved, orig)
+            self._store_saved()
         self.zero_grad()
         self.step_count += 1
 
@@ -524,7 +534,7 @@ class BiP:
         for i, (g, mask) in enumerate(zip(self._captured(), self.masks, strict=True)):
             if inv_scale != 1.0:
                 g.mul_(inv_scale)
-            theta = self.saved[i] if self.saved is not None else self.origs[i].detach()
+            theta = self.saved[i] if self.saved is not None else self._full(i)
             if self.layout.elementwise:  # g * (theta - c * m * g), written into the score gradient
                 out = self.grad_views[i]
                 if c:
@@ -557,13 +567,81 @@ class BiP:
     def _check_usable(self) -> None:
         if self._finished:
             raise RuntimeError("this BiP object has finished (finish() was called); build a new one")
-        for t, orig in zip(self.targets, self.origs, strict=True):
-            if t.module._parameters.get(t.name + "_orig") is not orig or _is_dtensor(orig):
-                raise RuntimeError(
-                    f"the parameter {t.orig_fqn!r} was replaced after BiP was built (FSDP, which "
-                    "flattens or shards parameters, is not supported; nor is model.to_empty() or "
-                    "load_state_dict(assign=True) after construction)"
-                )
+        self._sync_params()
+
+    def _sync_params(self) -> None:
+        """Check that every ``weight_orig`` is the one BiP was built on, or FSDP2's shard of it."""
+        for i, (t, orig) in enumerate(zip(self.targets, self.origs, strict=True)):
+            current = t.module._parameters.get(t.name + "_orig")
+            if current is orig:
+                continue
+            if current is not None and _is_dtensor(current) and not _is_dtensor(orig):
+                self._adopt_shard(i, current)
+                continue
+            raise RuntimeError(
+                f"the parameter {t.orig_fqn!r} was replaced after BiP was built (only FSDP2's "
+                "fully_shard may replace it, by its shard; FSDP1's flat parameters, model.to_empty() "
+                "and load_state_dict(assign=True) after construction are not supported)"
+            )
+
+    def _adopt_shard(self, index: int, shard: Tensor) -> None:
+        """Take over the sharded ``weight_orig`` that FSDP2's ``fully_shard`` put in place."""
+        name = self.targets[index].orig_fqn
+        placements = tuple(getattr(shard, "placements", ()))
+        mesh = getattr(shard, "device_mesh", None)
+        if (
+            mesh is None
+            or mesh.ndim != 1
+            or len(placements) != 1
+            or type(placements[0]).__name__ != "Shard"
+            or getattr(placements[0], "dim", None) != 0
+        ):
+            raise RuntimeError(
+                f"the parameter {name!r} is sharded as {placements} on {mesh}: BiP supports FSDP2's "
+                "fully_shard with its default sharding (Shard(0) on a 1-D mesh)"
+            )
+        if tuple(shard.shape) != tuple(self.masks[index].shape):
+            raise RuntimeError(
+                f"the sharded parameter {name!r} has the global shape {tuple(shard.shape)}, expected "
+                f"{tuple(self.masks[index].shape)}"
+            )
+        ranks = 1 if self.group is None else dist.get_world_size(self.group)
+        if ranks != mesh.size():
+            raise RuntimeError(
+                f"the parameter {name!r} is sharded over {mesh.size()} ranks, but BiP was built with "
+                f"process_group={self.group!r}: build it on every rank of the FSDP mesh with the "
+                "default process_group"
+            )
+        self.origs[index] = shard
+
+    def _rows(self, index: int) -> tuple[Tensor, slice] | None:
+        """This rank's shard of a sharded ``weight_orig`` and the rows it holds; ``None`` if whole."""
+        orig = self.origs[index]
+        if not _is_dtensor(orig):
+            return None
+        local = orig.to_local()  # type: ignore[attr-defined]  # under no_grad: the shard itself
+        mesh = orig.device_mesh  # type: ignore[attr-defined]
+        rows = orig.shape[0]
+        chunk = -(-rows // mesh.size())  # torch.chunk's split of dim 0, as fully_shard shards
+        start = min(mesh.get_local_rank() * chunk, rows)
+        stop = min(start + chunk, rows)
+        if local.shape[0] != stop - start:
+            raise RuntimeError(
+                f"the shard of {self.targets[index].orig_fqn!r} holds {local.shape[0]} rows, expected "
+                f"rows {start}:{stop} of {rows}"
+            )
+        return local, slice(start, stop)
+
+    def _full(self, index: int) -> Tensor:
+        """The whole value of ``weight_orig`` (gathered from the ranks when it is sharded)."""
+        orig = self.origs[index]
+        return orig.full_tensor() if _is_dtensor(orig) else orig.detach()  # type: ignore[attr-defined]
+
+    def _store_saved(self) -> None:
+        """``saved`` = the current ``weight_orig`` (one gather per sharded tensor)."""
+        assert self.saved is not None
+        for i, saved in enumerate(self.saved):
+            _copy(saved, self._full(i))
 
     def _check_fired(self) -> None:
         if not any(self.fired):
@@ -585,8 +663,13 @@ class BiP:
         """Undo what the optimizer did to pruned entries."""
         if self.saved is None:
             return
-        for orig, keep, saved in zip(self.origs, self.keeps, self.saved, strict=True):
-            torch.where(keep, orig, saved, out=orig.data)
+        for i, (orig, keep, saved) in enumerate(zip(self.origs, self.keeps, self.saved, strict=True)):
+            shard = self._rows(i)
+            if shard is None:
+                torch.where(keep, orig, saved, out=orig.data)
+            else:
+                local, rows = shard
+                torch.where(keep[rows], local, saved[rows], out=local)
 
     @torch.no_grad()
     def update_masks(self) -> None:
@@ -622,14 +705,18 @@ class BiP:
         """
         if self._finished:
             return self.report()
+        self._sync_params()
         with torch.no_grad():
             self._restore_pruned()
-            for t, hook in zip(self.targets, self.hooks, strict=True):
+            for i, (t, hook) in enumerate(zip(self.targets, self.hooks, strict=True)):
                 assert hook is not None
                 set_grad_capture(hook, None)
                 if scores_name(t.name) in t.module._buffers:
                     delattr(t.module, scores_name(t.name))
-                setattr(t.module, t.name, hook.apply_mask(t.module).detach())
+                if _is_dtensor(self.origs[i]):  # FSDP2 gathers it again before every forward
+                    setattr(t.module, t.name, self._full(i) * self.masks[i])
+                else:
+                    setattr(t.module, t.name, hook.apply_mask(t.module).detach())
         self._finished = True
         self.captured, self.saved = [], None
         return self.report()
@@ -683,6 +770,7 @@ class BiP:
             raise ValueError(
                 f"state holds {state['scores'].numel()} scores, expected {self.flat_scores.numel()}"
             )
+        self._sync_params()
         with torch.no_grad():
             self.flat_scores.copy_(state["scores"])
             for i, (mask, keep) in enumerate(zip(self.masks, state["masks"], strict=True)):
@@ -692,8 +780,7 @@ class BiP:
                 for saved, value in zip(self.saved, state["saved"], strict=True):
                     saved.copy_(value)
             elif self.saved is not None:
-                for saved, orig in zip(self.saved, self.origs, strict=True):
-                    saved.copy_(orig)
+                self._store_saved()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
@@ -710,8 +797,14 @@ class BiP:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def check_no_fsdp(model: nn.Module) -> None:
+def check_no_fsdp(
+    model: nn.Module, hint: str = "use DistributedDataParallel, or prune before sharding"
+) -> None:
     """Refuse a model that FSDP wraps or whose parameters are sharded (``DTensor``).
+
+    Args:
+        model: the model.
+        hint: what the message tells the user to do instead.
 
     Raises:
         ValueError: naming the module or parameter.
@@ -722,14 +815,14 @@ def check_no_fsdp(model: nn.Module) -> None:
         ):
             raise ValueError(
                 f"module {name or type(model).__name__!r} is wrapped by FSDP ({type(module).__name__}); "
-                "BiP does not support FSDP (it shards the parameters that the masks apply to): use "
-                "DistributedDataParallel, or prune before sharding"
+                f"BiP cannot be set up on a model FSDP already wraps (it shards the parameters that the "
+                f"masks apply to): {hint}"
             )
     for name, p in model.named_parameters():
         if _is_dtensor(p):
             raise ValueError(
-                f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP's fully_shard); BiP does not "
-                "support FSDP: use DistributedDataParallel, or prune before sharding"
+                f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP's fully_shard); BiP cannot be "
+                f"set up on sharded parameters: {hint}"
             )
 
 

@@ -462,35 +462,84 @@ def _fsdp_script(tmp_path: Path) -> str:
         import torch, torch.distributed as dist, torch.nn.functional as F, torchbip
         from torch import nn
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
         dist.init_process_group("gloo", init_method="file://{tmp_path / "init"}", rank=0, world_size=1)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        def make():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        x, y = torch.randn(4, 8), torch.zeros(4, dtype=torch.long)
+        model = make()
         fully_shard(model)
         try:
             torchbip.BiP(model, 0.5)
         except ValueError as err:
             print("BEFORE:", err)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        model = make()
         pruner = torchbip.BiP(model, 0.5)
         fully_shard(model)
-        F.cross_entropy(model(torch.randn(4, 8)), torch.zeros(4, dtype=torch.long)).backward()
+        F.cross_entropy(model(x), y).backward()
+        pruner.step()
+        print("STEPPED:", pruner.step_count, float(pruner.sparsity))
+        model = make()
+        pruner = torchbip.BiP(model, 0.5)
+        fully_shard(model, shard_placement_fn=lambda p: Shard(p.ndim - 1))
+        F.cross_entropy(model(x), y).backward()
         try:
             pruner.step()
         except RuntimeError as err:
-            print("AFTER:", err)
+            print("SHARD1:", err)
         dist.destroy_process_group()
         """
     )
 
 
 @pytest.mark.timeout(120)
-def test_fsdp_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+def test_fsdp_before_bip_and_other_sharding_are_refused_with_a_clear_error(tmp_path: Path) -> None:
     script = tmp_path / "fsdp.py"
     script.write_text(_fsdp_script(tmp_path))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr
     assert "BEFORE: parameter '0.weight' is a DTensor" in done.stdout
-    assert "use DistributedDataParallel" in done.stdout
-    assert "AFTER: the parameter '0.weight_orig' was replaced after BiP was built (FSDP" in done.stdout
+    assert "build torchbip.BiP on the whole model first, then call fully_shard" in done.stdout
+    assert "STEPPED: 1 0.5" in done.stdout  # BiP, then fully_shard (one process): it steps
+    assert "SHARD1: the parameter '0.weight_orig' is sharded as (Shard(dim=1),)" in done.stdout
+    assert "Shard(0) on a 1-D mesh" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path) -> None:
+    """BiP built on the whole model, then fully_shard: the same result as one process on the whole batch."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(here / "bip_fsdp_worker.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["sharded"] == ["DTensor"] * 3  # the pruned weight_orig really was sharded
+    assert torch.equal(rank0["scores"], rank1["scores"])
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), f"ranks differ on {key}"
+    assert torch.equal(rank0["output"], rank1["output"])
+    # One process on the whole batch: FSDP averages the weight gradients, BiP the captured ones.
+    model = make_model(seed=0, dtype=torch.float64)
+    pruner = torchbip.BiP(model, 0.8, steps=STEPS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    train(model, pruner, optimizer, make_batches(dtype=torch.float64))
+    torch.testing.assert_close(rank0["scores"], pruner.flat_scores, rtol=1e-9, atol=1e-12)
+    assert rank0["state"]["step"] == STEPS
+    for saved, mine in zip(rank0["state"]["saved"], pruner.state_dict()["saved"], strict=True):
+        torch.testing.assert_close(saved, mine, rtol=1e-9, atol=1e-12)
+    pruner.finish()
+    for key, value in model.state_dict().items():
+        if key.endswith("_mask"):
+            assert torch.equal(rank0["model"][key], value), key
+        else:
+            torch.testing.assert_close(rank0["model"][key], value, rtol=1e-9, atol=1e-12)
+    x, _ = make_batches(1, dtype=torch.float64)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(rank0["output"], model(x), rtol=1e-9, atol=1e-12)
 
 
 # -- DDP -----------------------------------------------------------------------------------------
