@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 
 from torchbip._collectives import all_reduce_mean, broadcast_state, default_group
 from torchbip._func import Target, resolve_targets
@@ -935,6 +936,7 @@ def _copy(dst: Tensor, src: Tensor) -> None:
         and not torch.compiler.is_compiling()
     ):
         np.copyto(dst.numpy(), src.numpy(), casting="unsafe")
+        increment_version(dst)  # as copy_ would: autograd still sees that dst changed
     else:
         dst.copy_(src)
 

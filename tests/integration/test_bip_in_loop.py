@@ -447,6 +447,20 @@ def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(kwargs, e
     assert_unchanged(before, model)
 
 
+def test_a_step_between_forward_and_backward_is_caught_by_autograd() -> None:
+    """step() writes the masks in place: a graph built before it refuses to backpropagate through them."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    stale = F.cross_entropy(model(x), y)  # saves the masks for its backward pass
+    pruner.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+
+
 def test_step_without_backward_is_an_error() -> None:
     pruner = torchbip.BiP(make_model(), 0.8)
     with pytest.raises(RuntimeError, match=r"no gradient.*loss.backward\(\)"):
