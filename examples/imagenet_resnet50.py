@@ -11,19 +11,9 @@ followed by an evaluation. BiP adds three lines to that loop::
         scaler.update()
     pruner.finish()  # torch's pruned form; prune.remove then makes the zeros permanent
 
-Commands (``--help`` lists every option, and the stand-in preset that a run without ``--data``
-uses on a folder written once from the MNIST split in the repository)::
-
-    python examples/imagenet_resnet50.py                          # the MNIST stand-in, 2 CPU cores
-    python examples/imagenet_resnet50.py --smoke --out /tmp/smoke  # seconds (what the tests run)
-    python examples/imagenet_resnet50.py --data /datasets/imagenet --pretrained resnet50.pth
-    torchrun --nproc_per_node=8 examples/imagenet_resnet50.py --data /datasets/imagenet --amp bfloat16
-    python examples/imagenet_resnet50.py --data /datasets/imagenet --resume   # after an interruption
-
-``bip_state.pt``, saved after every BiP epoch, holds the ``state_dict`` of model, optimizer,
-scheduler, GradScaler and pruner; ``--resume`` continues after the last saved epoch with the
-result of an uninterrupted run. Outputs in ``--out``: ``resnet50_pruned.pth`` (plain weights),
-``report.json``, ``density.png`` (with matplotlib), ``config.yaml``, ``train.log``, ``dense.pth``.
+Run ``python examples/imagenet_resnet50.py`` (the MNIST stand-in, minutes on a CPU), ``--smoke``
+(seconds), ``--data /datasets/imagenet``, under ``torchrun``, with ``--amp``, ``--compile`` or
+``--resume``: see ``--help`` and ``examples/README.md``.
 """
 
 from __future__ import annotations
