@@ -24,14 +24,19 @@ __all__ = ["ModelSnapshot"]
 # a wrapper tensor subclass (``torch.Tensor._make_wrapper_subclass``; torch's note "Invalid Python
 # Storages").
 _NO_DATA = "invalid python storage"
+# Part of what torch raises for the storage of functorch's wrappers (grad, vmap):
+# "Cannot access storage of TensorWrapper" / "... of BatchedTensorImpl".
+_NO_STORAGE = "Cannot access storage of"
 
 
 def _storage_ptr(tensor: Tensor) -> int | None:
     """The data pointer of ``tensor``'s storage; ``None`` for a tensor subclass without memory of its own."""
     try:
         return int(tensor.untyped_storage().data_ptr())
-    except NotImplementedError:  # functorch's wrappers (grad, vmap): "Cannot access storage of ..."
-        return None
+    except NotImplementedError as err:
+        if _NO_STORAGE in str(err):
+            return None
+        raise
     except RuntimeError as err:
         if _NO_DATA in str(err):
             return None
