@@ -74,24 +74,13 @@ def batches(shape: tuple[int, ...], batch_size: int, n: int) -> list[tuple[torch
     ]
 
 
-def dense_steps(model: nn.Module, data: list) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    model.train()
-    start = time.perf_counter()
-    for x, y in data:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return time.perf_counter() - start
+def sgd_steps(model: nn.Module, data: list, bip: bool = False) -> float:
+    """Seconds of SGD steps over ``data``; with ``bip``, the same loop with :class:`torchbip.BiP` in it.
 
-
-def in_loop_steps(model: nn.Module, data: list) -> float:
-    """The dense step of :func:`dense_steps` with :class:`torchbip.BiP` in it (built before the clock).
-
-    Hooked forward, backward, the same SGD step, then ``pruner.step()``: what a user's own loop
-    pays for BiP.
+    With ``bip`` (the in-loop mode): hooked forward, backward, the same SGD step, then
+    ``pruner.step()``, what a user's own loop pays for BiP; the pruner is built before the clock.
     """
-    pruner = torchbip.BiP(model, amount=0.9, steps=len(data))
+    pruner = torchbip.BiP(model, amount=0.9, steps=len(data)) if bip else None
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
     start = time.perf_counter()
@@ -99,7 +88,8 @@ def in_loop_steps(model: nn.Module, data: list) -> float:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        pruner.step()
+        if pruner is not None:
+            pruner.step()
     return time.perf_counter() - start
 
 
@@ -132,8 +122,10 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
     # one-batch-per-step modes consume `long` batches; two_batch consumes 2 per step
     rows: dict[str, list[float]] = {"dense": [], "in_loop": [], "fused": [], "two_batch": []}
     for _ in range(repeats):  # interleaved, so drifts of the machine hit every variant alike
-        rows["dense"].append(per_step(lambda n: dense_steps(copy.deepcopy(base), data[:n]), short, long))
-        rows["in_loop"].append(per_step(lambda n: in_loop_steps(copy.deepcopy(base), data[:n]), short, long))
+        for key, bip in (("dense", False), ("in_loop", True)):
+            rows[key].append(
+                per_step(lambda n, b=bip: sgd_steps(copy.deepcopy(base), data[:n], b), short, long)
+            )
         for mode in ("fused", "two_batch"):
             rows[mode].append(
                 per_step(lambda n, m=mode: bip_run(copy.deepcopy(base), data[:n], m), short, long)
