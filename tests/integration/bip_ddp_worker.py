@@ -11,8 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from test_bip_in_loop import STEPS, make_batches, make_model
+from test_bip_in_loop import STEPS, make_model, make_sgd, train_on_shards
 from torch.nn.parallel import DistributedDataParallel
 
 import torchbip
@@ -25,12 +24,7 @@ def main(out: str) -> None:
     model = make_model(seed=rank, dtype=torch.float64)  # rank 1 differs until BiP broadcasts
     pruner = torchbip.BiP(model, 0.8, steps=STEPS)
     ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    for x, y in make_batches(dtype=torch.float64):
-        optimizer.zero_grad()
-        F.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
-        optimizer.step()
-        pruner.step()
+    train_on_shards(ddp, pruner, make_sgd(ddp.parameters()), rank, world)
     scores = pruner.flat_scores.clone()
     pruner.finish()
     torch.save({"model": model.state_dict(), "scores": scores}, f"{out}/rank{rank}.pt")

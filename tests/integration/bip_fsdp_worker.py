@@ -13,8 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from test_bip_in_loop import STEPS, make_batches, make_model
+from test_bip_in_loop import STEPS, make_batches, make_model, make_sgd, train_on_shards
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -33,12 +32,7 @@ def main(out: str) -> None:
             fully_shard(layer)
     fully_shard(model)
     sharded = [type(layer.weight_orig).__name__ for layer in model if isinstance(layer, nn.Linear)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    for x, y in make_batches(dtype=torch.float64):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x[rank::world]), y[rank::world]).backward()
-        optimizer.step()
-        pruner.step()
+    train_on_shards(model, pruner, make_sgd(model.parameters()), rank, world)
     scores = pruner.flat_scores.clone()
     state = pruner.state_dict()
     pruner.finish()

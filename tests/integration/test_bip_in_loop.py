@@ -57,6 +57,21 @@ def train(
         pruner.step()
 
 
+def make_sgd(params) -> torch.optim.SGD:
+    """The distributed tests' weight optimizer (the workers' and the one-process reference's)."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def train_on_shards(runner: nn.Module, pruner: torchbip.BiP, optimizer: torch.optim.Optimizer, rank: int,
+                    world: int) -> None:  # fmt: skip
+    """The distributed workers' loop: each rank trains on its share of every float64 batch."""
+    for x, y in make_batches(dtype=torch.float64):
+        optimizer.zero_grad()
+        F.cross_entropy(runner(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+        pruner.step()
+
+
 def weights(model: nn.Module) -> list[Tensor]:
     return [model[i].weight_orig for i in (0, 2, 4)]
 
@@ -520,37 +535,53 @@ def test_fsdp_before_bip_and_other_sharding_are_refused_with_a_clear_error(tmp_p
     assert "Shard(0) on a 1-D mesh" in done.stdout
 
 
-@pytest.mark.timeout(300)
-def test_fsdp2_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path) -> None:
-    """BiP built on the whole model, then fully_shard: the same result as one process on the whole batch."""
+def _two_ranks(worker: str, tmp_path: Path) -> tuple[dict, dict]:
+    """Run ``worker`` as two gloo processes under torchrun; both ranks' results, checked to agree."""
     here = Path(__file__).resolve().parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(here / "bip_fsdp_worker.py"), str(tmp_path)]  # fmt: skip
+           str(here / worker), str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert rank0["sharded"] == ["DTensor"] * 3  # the pruned weight_orig really was sharded
     assert torch.equal(rank0["scores"], rank1["scores"])
     for key, value in rank0["model"].items():
         assert torch.equal(value, rank1["model"][key]), f"ranks differ on {key}"
-    assert torch.equal(rank0["output"], rank1["output"])
-    # One process on the whole batch: FSDP averages the weight gradients, BiP the captured ones.
+    return rank0, rank1
+
+
+def _one_process() -> tuple[nn.Module, torchbip.BiP]:
+    """The reference: one process on the whole batches (not finished yet)."""
     model = make_model(seed=0, dtype=torch.float64)
     pruner = torchbip.BiP(model, 0.8, steps=STEPS)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    train(model, pruner, optimizer, make_batches(dtype=torch.float64))
+    train(model, pruner, make_sgd(model.parameters()), make_batches(dtype=torch.float64))
+    return model, pruner
+
+
+def _assert_model_state_equals(saved: dict[str, Tensor], model: nn.Module) -> None:
+    """Masks equal, everything else equal to float64 rounding."""
+    for key, value in model.state_dict().items():
+        if key.endswith("_mask"):
+            assert torch.equal(saved[key], value), key
+        else:
+            torch.testing.assert_close(saved[key], value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path) -> None:
+    """BiP built on the whole model, then fully_shard: the same result as one process on the whole batch."""
+    rank0, rank1 = _two_ranks("bip_fsdp_worker.py", tmp_path)
+    assert rank0["sharded"] == ["DTensor"] * 3  # the pruned weight_orig really was sharded
+    assert torch.equal(rank0["output"], rank1["output"])
+    # One process on the whole batch: FSDP averages the weight gradients, BiP the captured ones.
+    model, pruner = _one_process()
     torch.testing.assert_close(rank0["scores"], pruner.flat_scores, rtol=1e-9, atol=1e-12)
     assert rank0["state"]["step"] == STEPS
     for saved, mine in zip(rank0["state"]["saved"], pruner.state_dict()["saved"], strict=True):
         torch.testing.assert_close(saved, mine, rtol=1e-9, atol=1e-12)
     pruner.finish()
-    for key, value in model.state_dict().items():
-        if key.endswith("_mask"):
-            assert torch.equal(rank0["model"][key], value), key
-        else:
-            torch.testing.assert_close(rank0["model"][key], value, rtol=1e-9, atol=1e-12)
+    _assert_model_state_equals(rank0["model"], model)
     x, _ = make_batches(1, dtype=torch.float64)[0]
     with torch.no_grad():
         torch.testing.assert_close(rank0["output"], model(x), rtol=1e-9, atol=1e-12)
@@ -561,29 +592,12 @@ def test_fsdp2_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Pa
 
 @pytest.mark.timeout(300)
 def test_ddp_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path) -> None:
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(here / "bip_ddp_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert torch.equal(rank0["scores"], rank1["scores"])
-    for key, value in rank0["model"].items():
-        assert torch.equal(value, rank1["model"][key]), f"ranks differ on {key}"
+    rank0, _ = _two_ranks("bip_ddp_worker.py", tmp_path)
     # One process on the whole batch: DDP averages the weight gradients, BiP the captured ones.
-    model = make_model(seed=0, dtype=torch.float64)
-    pruner = torchbip.BiP(model, 0.8, steps=STEPS)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    train(model, pruner, optimizer, make_batches(dtype=torch.float64))
+    model, pruner = _one_process()
     torch.testing.assert_close(rank0["scores"], pruner.flat_scores, rtol=1e-9, atol=1e-12)
     pruner.finish()
-    for key, value in model.state_dict().items():
-        if key.endswith("_mask"):
-            assert torch.equal(rank0["model"][key], value), key
-        else:
-            torch.testing.assert_close(rank0["model"][key], value, rtol=1e-9, atol=1e-12)
+    _assert_model_state_equals(rank0["model"], model)
 
 
 # -- for trainers that hide their loss scaler or know the length of training late --------------
