@@ -714,10 +714,8 @@ class BiP:
                 set_grad_capture(hook, None)
                 if scores_name(t.name) in t.module._buffers:
                     delattr(t.module, scores_name(t.name))
-                if _is_dtensor(self.origs[i]):  # FSDP2 gathers it again before every forward
-                    setattr(t.module, t.name, self._full(i) * self.masks[i])
-                else:
-                    setattr(t.module, t.name, hook.apply_mask(t.module).detach())
+                # torch's orig * mask, of the whole weight (FSDP2 gathers it again before a forward)
+                setattr(t.module, t.name, self._full(i) * getattr(t.module, t.name + "_mask"))
         self._finished = True
         self.captured, self.saved = [], None
         return self.report()
@@ -932,7 +930,7 @@ def _copy(dst: Tensor, src: Tensor) -> None:
         and src.is_contiguous()
         and not dst.requires_grad
         and type(dst) is Tensor
-        and type(src) in (Tensor, nn.Parameter)
+        and type(src) is Tensor
         and not torch.compiler.is_compiling()
     ):
         np.copyto(dst.numpy(), src.numpy(), casting="unsafe")
