@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
@@ -46,7 +44,7 @@ from torchvision import datasets, models, transforms
 from tqdm.auto import tqdm
 
 import torchbip
-from torchbip.datasets import load_mnist
+from torchbip.datasets import mnist_image_folder
 
 LOG = logging.getLogger("imagenet_resnet50")
 AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,24 +129,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     if args.data is not None and not all((args.data / split).is_dir() for split in ("train", "val")):
         parser.error(f"--data: expected {args.data}/train and {args.data}/val, one sub-folder per class")
     return args, "smoke" if args.smoke else "standin" if args.data is None else "imagenet"
-
-
-def build_standin(folder: Path, train_per_class: int, val_per_class: int) -> None:
-    """Write an ImageNet-layout folder of 64 px RGB PNGs made from the MNIST split in the repository."""
-    tmp = folder.with_name(f".building-{os.getpid()}")
-    try:
-        for split, source, per_class in (("train", "train", train_per_class), ("val", "test", val_per_class)):
-            images, labels = load_mnist(split=source, per_class=per_class).tensors
-            for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
-                (tmp / split / str(label)).mkdir(parents=True, exist_ok=True)
-                pixels = (image[0] * 255).round().to(torch.uint8).numpy()
-                rgb = Image.fromarray(pixels).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)
-                rgb.save(tmp / split / str(label) / f"mnist_{source}_{i:05d}.png")
-        (tmp / "README.txt").write_text("Made from MNIST (LeCun, Cortes, Burges; CC BY-SA 3.0).\n")
-        if not folder.is_dir():  # another process may have finished first
-            os.replace(tmp, folder)  # the folder is complete or absent
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_loaders(root: Path, args: argparse.Namespace, rank: int, world: int) -> tuple[DataLoader, ...]:
@@ -265,35 +245,16 @@ def evaluate(model: nn.Module, loader: DataLoader, args: argparse.Namespace, dev
     return result
 
 
-def plot_density(sparsity: dict[str, Any], path: Path) -> None:
-    """Bar chart of the kept fraction of every pruned tensor, in model order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n.removesuffix(".weight") for n in sparsity["tensors"]]
-    fig, ax = plt.subplots(figsize=(0.2 * len(names) + 2, 4.8), layout="constrained")
-    ax.bar(range(len(names)), [1 - t["sparsity"] for t in sparsity["tensors"].values()])
-    ax.axhline(1 - sparsity["global_sparsity"], color="tab:red", linestyle="--", label="global density")
-    ax.set(ylabel="density (kept fraction)", title=f"ResNet-50, {sparsity['global_sparsity']:.1%} sparse")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def state_digests(model: nn.Module) -> list[str]:
     """Every rank's SHA-256 (16 hex digits) of its whole model state; raises if they differ."""
-    digest = hashlib.sha256()
+    digest, digests = hashlib.sha256(), [None] * dist.get_world_size()
     for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode() + value.cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digests: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest.hexdigest()[:16])
     if len(set(digests)) > 1:
         raise RuntimeError(f"the ranks' models differ at the end: {digests}")
     LOG.info(f"all {len(digests)} ranks hold the same model state at the end (sha256 {digests[0]})")
-    return digests
+    return digests  # type: ignore[return-value]
 
 
 def save(obj: Any, path: Path) -> None:
@@ -313,13 +274,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     args.out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        LOG.handlers = [logging.FileHandler(args.out / "train.log", "w"), logging.StreamHandler(sys.stdout)]
-    else:  # the other ranks print warnings only
-        LOG.handlers = [logging.StreamHandler(sys.stderr)]
-    fmt = f"%(asctime)s %(levelname)s {f'[rank {rank}] ' if rank else ''}%(message)s"
+    # rank 0 logs to train.log and stdout, the other ranks print warnings only
+    LOG.handlers = ([logging.FileHandler(args.out / "train.log", "w"), logging.StreamHandler(sys.stdout)]
+                    if rank == 0 else [logging.StreamHandler(sys.stderr)])  # fmt: skip
+    tag = f"[rank {rank}] " if rank else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S")
     for handler in LOG.handlers:
-        handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+        handler.setFormatter(fmt)
     LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     LOG.propagate = False
     try:
@@ -360,8 +321,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     with phase("data"):
         sizes = args.standin_train_per_class, args.standin_val_per_class
         root = args.data or args.standin_dir / "train{}-val{}-64px".format(*sizes)
-        if args.data is None and rank == 0 and not root.is_dir():
-            build_standin(root, *sizes)
+        if args.data is None and rank == 0:  # written once, then reused
+            mnist_image_folder(root, train_per_class=sizes[0], val_per_class=sizes[1])
         if world > 1:
             dist.barrier()
         train_loader, val_loader = make_loaders(root, args, rank, world)
@@ -376,8 +337,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         state = torch.load(args.pretrained, map_location=device, weights_only=True)
         model.load_state_dict(state.get("state_dict", state))  # dense.pth or a plain state_dict
     dense_path, state_path = args.out / "dense.pth", args.out / "bip_state.pt"
-    resumed = {"warmup": args.resume and args.warmup_epochs > 0 and dense_path.is_file()}
-    resumed["bip_from_epoch"] = None
+    warm = args.resume and args.warmup_epochs > 0 and dense_path.is_file()
+    resumed = {"warmup": warm, "bip_from_epoch": None}
     if resumed["warmup"]:
         dense = torch.load(dense_path, map_location=device, weights_only=True)
         model.load_state_dict(dense.pop("state_dict"))
@@ -400,7 +361,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         resumed["bip_from_epoch"] = torch.load(state_path, weights_only=True, mmap=True)["epoch"]
     with phase("bip"):
         bip_losses = train(model, train_loader, args, device, "bip", pruner)
-        sparsity = pruner.finish().to_dict()  # torch's pruned form; the mask is fixed from here on
+        masks = pruner.finish()  # torch's pruned form; the mask is fixed from here on
+        sparsity = masks.to_dict()
     LOG.info(f"BiP: {pruner.step_count} steps, global sparsity {sparsity['global_sparsity']:.4f}")
     with phase("eval_pruned"):
         acc_pruned = evaluate(model, val_loader, args, device, "pruned")
@@ -423,12 +385,12 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         for module in pruned:
             prune.remove(module, "weight")
         outputs_equal = bool(torch.equal(before, model(probe)))
-        weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-        zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+        weights = torchbip.sparsity_report(model, include_dense=True)  # every conv/linear weight
+        zeros, total = weights.zeros, weights.numel
         if rank == 0:
             torch.save(model.state_dict(), args.out / "resnet50_pruned.pth")
-            if plot:
-                plot_density(sparsity, args.out / "density.png")
+            if plot:  # the kept fraction of every pruned tensor, in model order
+                masks.plot(args.out / "density.png", title=f"ResNet-50, {masks.global_sparsity:.1%} sparse")
     LOG.info(f"prune.remove on {len(pruned)} tensors; outputs unchanged: {outputs_equal}; "
              f"zero weights {zeros} / {total} ({zeros / total:.4f})")  # fmt: skip
 

@@ -6,6 +6,8 @@ environment variable, or else the copy in torchbip's source repository, ``data/m
 it), which a source checkout (such as an editable install) finds on its own. The file is not part
 of the installed wheel: there, point ``path`` or ``TORCHBIP_MNIST`` at a copy.
 ``load_digits`` wraps :func:`sklearn.datasets.load_digits` (scikit-learn ships that data).
+``mnist_image_folder`` writes MNIST as an ImageNet-layout folder of PNGs, for scripts built on
+:class:`torchvision.datasets.ImageFolder`.
 
 Both return a :class:`torch.utils.data.TensorDataset` of ``(images, labels)``: float32 images in
 ``[0, 1]`` shaped ``N x 1 x H x W`` and int64 labels in ``0..9``.
@@ -21,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["MNIST_ENV", "load_digits", "load_mnist", "mnist_path"]
+__all__ = ["MNIST_ENV", "load_digits", "load_mnist", "mnist_image_folder", "mnist_path"]
 
 Split = Literal["train", "test"]
 
@@ -136,6 +139,82 @@ def load_mnist(
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     images = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(scale).unsqueeze(1)
     return TensorDataset(images, torch.from_numpy(y.astype(np.int64)))
+
+
+def mnist_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    train_per_class: int = 100,
+    val_per_class: int = 30,
+    size: int = 64,
+    path: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write MNIST as an ImageNet-layout folder of RGB PNGs, for ``ImageFolder`` pipelines.
+
+    ``root/train/<digit>/*.png`` holds the first ``train_per_class`` training images of each
+    digit, ``root/val/<digit>/*.png`` the first ``val_per_class`` test images, each resized to
+    ``size`` x ``size`` pixels (bilinear) and stored as RGB. A training script written for
+    ImageNet (:class:`torchvision.datasets.ImageFolder` with its usual transforms) then runs
+    unchanged on data that needs no download. The folder is written once, atomically: it is
+    either complete or absent, and an existing ``root`` is returned as it is.
+
+    Args:
+        root: the folder to write (its parent is created).
+        train_per_class: training images per digit (at least 1).
+        val_per_class: validation images per digit (at least 1).
+        size: side of the square images in pixels (at least 1).
+        path: the MNIST ``.npz`` file, as for :func:`load_mnist`.
+
+    Returns:
+        ``root`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileNotFoundError: if the MNIST file does not exist.
+        ValueError: for a count or size that is not a positive integer.
+
+    Example:
+        >>> import tempfile
+        >>> from torchvision.datasets import ImageFolder
+        >>> folder = mnist_image_folder(tempfile.mkdtemp() + "/digits", train_per_class=2, val_per_class=1)
+        >>> train = ImageFolder(folder / "train")
+        >>> len(train), train.classes[:3], train[0][0].size, train[0][0].mode
+        (20, ['0', '1', '2'], (64, 64), 'RGB')
+    """
+    for name, value in (
+        ("train_per_class", train_per_class),
+        ("val_per_class", val_per_class),
+        ("size", size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    folder = Path(root)
+    if folder.is_dir():
+        return folder
+    from PIL import Image  # comes with torchvision
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    try:
+        splits: tuple[tuple[str, Split, int], ...] = (
+            ("train", "train", train_per_class),
+            ("val", "test", val_per_class),
+        )
+        for split, source, per_class in splits:
+            images, labels = load_mnist(path, source, per_class=per_class).tensors
+            for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+                (tmp / split / str(label)).mkdir(parents=True, exist_ok=True)
+                pixels = (image[0] * 255).round().to(torch.uint8).numpy()
+                rgb = Image.fromarray(pixels).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                rgb.save(tmp / split / str(label) / f"mnist_{source}_{i:05d}.png")
+        (tmp / "README.txt").write_text(
+            "Made from MNIST by torchbip.datasets.mnist_image_folder "
+            "(Yann LeCun, Corinna Cortes, Christopher J. C. Burges; CC BY-SA 3.0).\n"
+        )
+        if not folder.is_dir():  # another process may have finished first
+            os.replace(tmp, folder)  # the folder is complete or absent
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load_digits(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -84,6 +86,60 @@ class SparsityReport:
             lines.append(f"| {name} | {t.numel:,} | {t.zeros:,} | {t.sparsity:.2%} |")
         lines.append(f"| **total** | {self.numel:,} | {self.zeros:,} | {self.global_sparsity:.2%} |")
         return "\n".join(lines)
+
+    def plot(self, path: str | Path | None = None, *, title: str | None = None, ax: Any = None) -> Any:
+        """Bar chart of every tensor's density (its kept fraction), in model order.
+
+        A dashed line marks the global density. Needs matplotlib (``pip install matplotlib``,
+        or the ``examples`` extra).
+
+        Args:
+            path: if given, the figure is written there (the format follows the suffix,
+                e.g. ``.png``, ``.svg``, ``.pdf``) and closed.
+            title: the axes' title (default: the global sparsity).
+            ax: a matplotlib ``Axes`` to draw into (default: a new figure sized to the number
+                of tensors).
+
+        Returns:
+            The matplotlib ``Figure``.
+
+        Raises:
+            ImportError: matplotlib is not installed.
+            ValueError: the report has no tensors.
+
+        Example:
+            >>> from torch import nn
+            >>> from torch.nn.utils import prune
+            >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+            >>> _ = prune.l1_unstructured(model[0], "weight", amount=12)
+            >>> fig = sparsity_report(model).plot()
+            >>> [float(bar.get_height()) for bar in fig.axes[0].patches]
+            [0.25]
+            >>> import matplotlib.pyplot as plt
+            >>> plt.close(fig)
+        """
+        if not self.tensors:
+            raise ValueError("plot: the report has no tensors (the model has no pruned tensors)")
+        try:
+            pyplot = importlib.import_module("matplotlib.pyplot") if ax is None else None
+        except ImportError as error:
+            raise ImportError("SparsityReport.plot needs matplotlib: pip install matplotlib") from error
+        names = [name.removesuffix(".weight") for name in self.tensors]
+        if ax is None:
+            assert pyplot is not None
+            fig, ax = pyplot.subplots(figsize=(0.2 * len(names) + 2, 4.8), layout="constrained")
+        fig = ax.get_figure()
+        ax.bar(range(len(names)), [1 - t.sparsity for t in self.tensors.values()])
+        ax.axhline(1 - self.global_sparsity, color="tab:red", linestyle="--", label="global density")
+        ax.set(ylabel="density (kept fraction)", ylim=(0, 1.02))
+        ax.set_title(f"{self.global_sparsity:.1%} sparse" if title is None else title)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 20 else 8)
+        ax.legend()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+            if pyplot is not None:
+                pyplot.close(fig)
+        return fig
 
 
 def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> SparsityReport:

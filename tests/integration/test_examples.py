@@ -153,7 +153,7 @@ def test_imagenet_standin_is_imagenet_layout(smoke_run: tuple[Path, dict]) -> No
         assert classes == [str(d) for d in range(10)]
         for c in classes:
             assert len(list((folder / split / c).glob("*.png"))) == per_class
-    assert not list((root / "standin").glob(".building-*"))
+    assert not list((root / "standin").glob(".*building-*"))
 
 
 def test_imagenet_validation_shards_read_every_image_once(

@@ -177,3 +177,63 @@ def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"needs scikit-learn; install the test extra"):
         load_digits()
+
+
+# -- mnist_image_folder -----------------------------------------------------------------------
+
+
+def test_mnist_image_folder_writes_imagenet_layout_pngs_of_the_split(tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = _write_npz(tmp_path / "m.npz", n_train=30, n_test=20)
+    folder = datasets.mnist_image_folder(
+        tmp_path / "cache" / "digits", train_per_class=2, val_per_class=1, size=28, path=source
+    )
+    assert folder == tmp_path / "cache" / "digits"
+    with np.load(source) as arrays:
+        x_train, x_test = arrays["x_train"], arrays["x_test"]
+    for split, per_class, x in (("train", 2, x_train), ("val", 1, x_test)):
+        assert sorted(p.name for p in (folder / split).iterdir()) == [str(d) for d in range(10)]
+        for digit in range(10):
+            files = sorted((folder / split / str(digit)).glob("*.png"))
+            assert len(files) == per_class
+            # label d is at rows d, d + 10, ... of the file (labels are i % 10); size 28: no resize
+            for k, file in enumerate(files):
+                image = Image.open(file)
+                assert image.mode == "RGB"
+                pixels = np.asarray(image)
+                assert (pixels == x[digit + 10 * k][:, :, None]).all()
+    assert not list(folder.parent.glob(".*building-*"))
+
+
+def test_mnist_image_folder_resizes_and_reuses_an_existing_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = _write_npz(tmp_path / "m.npz")
+    root = tmp_path / "digits"
+    datasets.mnist_image_folder(root, train_per_class=1, val_per_class=1, size=40, path=source)
+    (png,) = (root / "train" / "3").glob("*.png")
+    assert Image.open(png).size == (40, 40)
+    stamp = png.stat().st_mtime_ns
+    assert datasets.mnist_image_folder(root, train_per_class=1, val_per_class=1, path=source) == root
+    assert png.stat().st_mtime_ns == stamp  # not rewritten
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"train_per_class": 0}, "train_per_class must be a positive integer, got 0"),
+        ({"val_per_class": 1.5}, "val_per_class must be a positive integer, got 1.5"),
+        ({"size": True}, "size must be a positive integer, got True"),
+    ],
+)
+def test_mnist_image_folder_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        datasets.mnist_image_folder(tmp_path / "digits", **kwargs)
+    assert not (tmp_path / "digits").exists()
+
+
+def test_mnist_image_folder_missing_file_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="MNIST file not found"):
+        datasets.mnist_image_folder(tmp_path / "digits", path=tmp_path / "none.npz")
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,44 @@ def test_prune_report() -> None:
     assert report.to_markdown() == head + sparsity.to_markdown()
     assert str(report) == report.to_markdown()
     assert PruneReport(sparsity, 1, 0.0, 0.0, 1, {}).losses == []
+
+
+# -- SparsityReport.plot ----------------------------------------------------------------------
+
+
+def test_plot_draws_one_bar_per_tensor_at_its_density(model: nn.Sequential, tmp_path: Path) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    prune.l1_unstructured(model[0], "weight", amount=4)  # 12 of 16 kept
+    prune.random_unstructured(model[2][1], "weight", amount=5)  # 1 of 6 kept
+    report = sparsity_report(model)
+    path = tmp_path / "density.png"
+    fig = report.plot(path, title="two layers")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = fig.axes[0]
+    assert [bar.get_height() for bar in ax.patches] == pytest.approx([12 / 16, 1 / 6])
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["0", "2.1"]
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([1 - 9 / 22] * 2)  # the global density
+    assert ax.get_title() == "two layers"
+    assert not plt.fignum_exists(fig.number)  # written and closed
+
+
+def test_plot_into_given_axes_keeps_the_figure_open(model: nn.Sequential) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    prune.l1_unstructured(model[0], "weight", amount=8)
+    fig, ax = plt.subplots()
+    try:
+        assert sparsity_report(model).plot(ax=ax) is fig
+        assert [bar.get_height() for bar in ax.patches] == pytest.approx([0.5])
+        assert ax.get_title() == "50.0% sparse"
+    finally:
+        plt.close(fig)
+
+
+def test_plot_errors_name_the_cause(model: nn.Sequential, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="plot: the report has no tensors"):
+        sparsity_report(model).plot()
+    prune.l1_unstructured(model[0], "weight", amount=4)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.pyplot", None)  # import raises
+    with pytest.raises(ImportError, match=r"SparsityReport\.plot needs matplotlib: pip install matplotlib"):
+        sparsity_report(model).plot()
