@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from torchbip import bilevel, layouts
 from torchbip.api import global_prune
 from torchbip.config import BiPConfig
+from torchbip.coupled import Coupled
 from torchbip.export import export_slim, load_slim_state_dict
 from torchbip.layouts import NM, Groups, Layout, Unstructured
 from torchbip.method import BiPPruningMethod, bip_unstructured
@@ -31,6 +32,7 @@ __all__ = [
     "BiPConfig",
     "BiPPruningMethod",
     "BiPStructured",
+    "Coupled",
     "Groups",
     "Layout",
     "PruneReport",

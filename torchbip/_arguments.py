@@ -91,6 +91,7 @@ def plan_run(
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     spec = as_layout(structured, budget, arg="structured")
     spec.check_budget(budget, cfg.min_keep, None, arg="structured")
+    spec.check_parameters(parameters)
     two_batch = cfg.mode == "two_batch"
     if upper_loader is not None and not two_batch:
         raise ValueError(

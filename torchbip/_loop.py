@@ -77,6 +77,8 @@ class BiPLoop:
             score_init=cfg.score_init, hold_pruned=self.adamw, process_group=False,
         )  # fmt: skip
         self.layout = self.bip.layout
+        # a layout may leave some targets out (torchbip.Coupled drops excluded groups)
+        targets = self.targets = self.bip.targets
         self.grad_views = self.bip.grad_views
         self.masks = {t.mask_fqn: getattr(t.module, t.name + "_mask") for t in targets}
         self.mask_list = list(self.masks.values())

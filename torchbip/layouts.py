@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +107,30 @@ class MaskLayout(ABC):
     @abstractmethod
     def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
         """Write the score gradient of target ``index`` (from the element-wise one) into ``out``."""
+
+    def masks(self, keeps: Sequence[Tensor]) -> list[Tensor]:
+        """The boolean element masks of all targets for their keeps (one :meth:`mask` each).
+
+        Layouts whose masks couple several targets (one score shared by many tensors) override
+        this instead of :meth:`mask`.
+        """
+        return [self.mask(i, keep) for i, keep in enumerate(keeps)]
+
+    def score_grads(
+        self, element_grads: Iterable[tuple[int, Tensor]], outs: Sequence[Tensor], masks: Sequence[Tensor]
+    ) -> None:
+        """Write every target's score gradient into ``outs``, from ``(index, gradient)`` pairs.
+
+        The element-wise gradients may come one at a time (a generator), so a layout that
+        reduces each tensor on its own (one :meth:`score_grad` each, the default) never holds
+        them all. ``masks`` are the current boolean element masks, one per target.
+        """
+        for index, element in element_grads:
+            self.score_grad(index, element, outs[index])
+
+    def kept_targets(self, targets: Sequence[Target]) -> list[Target]:
+        """The targets this bound layout prunes (all of them, unless the layout dropped some)."""
+        return list(targets)
 
     @abstractmethod
     def apply(self, index: int, module: nn.Module, name: str, scores: Tensor, keep: Tensor) -> None:
@@ -363,6 +387,12 @@ class Layout(ABC):
     def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """The tensors this layout prunes when ``parameters`` is not given."""
         return default_targets(model)
+
+    def check_parameters(self, parameters: object) -> None:  # noqa: B027 - a hook, no-op by default
+        """Refuse a ``parameters`` argument this layout cannot honour (``ValueError``).
+
+        Every layout but :class:`torchbip.Coupled` accepts any tensors.
+        """
 
     def check_budget(
         self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"

@@ -216,6 +216,7 @@ class BiP:
             implicit_coef=implicit_coef, score_init=score_init, min_keep=min_keep,  # type: ignore[arg-type]
         )  # fmt: skip
         spec.check_budget(budget, cfg.min_keep, max_keep)
+        spec.check_parameters(parameters)
         check_no_fsdp(model, "build torchbip.BiP on the whole model first, then call fully_shard")
         resolved = resolve_targets(model, parameters, spec.default_parameters(model))
         targets, amounts = _select(model, resolved, amount, exclude)
@@ -228,6 +229,7 @@ class BiP:
             )
         allowed = [_allowed(t) for t in targets]
         bound = spec.bind(targets, amounts, allowed, cfg.min_keep, max_keep)
+        targets = bound.kept_targets(targets)
 
         self.model, self.targets, self.spec, self.layout = model, targets, spec, bound
         self.implicit_coef = float(cfg.implicit_coef)  # type: ignore[arg-type]
@@ -264,6 +266,7 @@ class BiP:
         targets, layout = self.targets, self.layout
         scores = layout.init_scores([_current(t) for t in targets], score_init)
         keeps = layout.select(scores)
+        elements = layout.masks(keeps)
         for i, (t, s, keep) in enumerate(zip(targets, scores, keeps, strict=True)):
             layout.apply(i, t.module, t.name, s, keep)
         device = targets[0].weight().device
@@ -281,7 +284,7 @@ class BiP:
             self.score_views.append(view)
             offset += shape.numel()
         self.masks = [getattr(t.module, t.name + "_mask") for t in targets]
-        self.keeps = [layout.mask(i, k).to(device) for i, k in enumerate(keeps)]
+        self.keeps = [k.to(device) for k in elements]
         self.origs = [t.weight() for t in targets]
         self.hooks = [pruning_hook(t.module, t.name) for t in targets]
         self.saved = [p.detach().clone() for p in self.origs] if self.hold_pruned else None
@@ -532,19 +535,27 @@ class BiP:
         c = self.implicit_coef
         if inv_scale != 1.0:
             self._own_captured()
-        for i, (g, mask) in enumerate(zip(self._captured(), self.masks, strict=True)):
-            if inv_scale != 1.0:
+        captured = self._captured()
+        if inv_scale != 1.0:
+            for g in captured:
                 g.mul_(inv_scale)
-            theta = self.saved[i] if self.saved is not None else self._full(i)
-            if self.layout.elementwise:  # g * (theta - c * m * g), written into the score gradient
-                out = self.grad_views[i]
+        saved = self.saved
+
+        def theta(i: int) -> Tensor:  # one gather at a time for sharded tensors
+            return saved[i] if saved is not None else self._full(i)
+
+        if self.layout.elementwise:  # g * (theta - c * m * g), written into the score gradient
+            for i, (g, mask, out) in enumerate(zip(captured, self.masks, self.grad_views, strict=True)):
                 if c:
-                    torch.addcmul(theta, mask, g, value=-c, out=out).mul_(g)
+                    torch.addcmul(theta(i), mask, g, value=-c, out=out).mul_(g)
                 else:
-                    torch.mul(theta, g, out=out)
-                continue
-            element = torch.addcmul(theta, mask, g, value=-c).mul_(g) if c else theta * g
-            self.layout.score_grad(i, element, self.grad_views[i])
+                    torch.mul(theta(i), g, out=out)
+            return
+        elements = (
+            (i, torch.addcmul(theta(i), mask, g, value=-c).mul_(g) if c else theta(i) * g)
+            for i, (g, mask) in enumerate(zip(captured, self.masks, strict=True))
+        )
+        self.layout.score_grads(elements, self.grad_views, self.keeps)
 
     def _captured(self) -> list[Tensor]:
         out = [g for g in self.captured if g is not None]
@@ -563,7 +574,7 @@ class BiP:
                     f"upper_grads[{i}] has shape {tuple(g.shape)}, expected {tuple(orig.shape)} "
                     f"(the shape of {self.names[i]!r})"
                 )
-            self.layout.score_grad(i, g, self.grad_views[i])
+        self.layout.score_grads(enumerate(upper_grads), self.grad_views, self.keeps)
 
     def _check_usable(self) -> None:
         if self._finished:
@@ -679,8 +690,7 @@ class BiP:
             keeps = self.layout.select(self.score_views, self.flat_scores)
         except FloatingPointError as err:
             raise FloatingPointError(f"at step {self.step_count}: {err}") from err
-        for i, (mask, keep) in enumerate(zip(self.masks, keeps, strict=True)):
-            element = self.layout.mask(i, keep)
+        for i, (mask, element) in enumerate(zip(self.masks, self.layout.masks(keeps), strict=True)):
             _copy(mask, element)
             self.keeps[i] = element
 

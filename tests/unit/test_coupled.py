@@ -1,0 +1,382 @@
+"""``torchbip.Coupled``: one score per coupled channel, against a hand-written coupling.
+
+The small residual net below has two groups, written out by hand (the oracle):
+
+- A (4 channels): ``conv1``'s filters and bias, ``bn1``, ``conv3``'s filters and bias, ``bn3``
+  (tied to ``conv1`` by the residual addition), and the inputs of ``conv2`` and of ``fc``
+  (after a 2x2 pooling and a flatten, channel ``k`` is ``fc``'s inputs ``4k .. 4k+3``);
+- B (6 channels): ``conv2``'s filters and bias, ``bn2`` and ``conv3``'s inputs.
+
+``fc``'s outputs reach the model's output and are never pruned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_state import assert_unchanged, capture
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import torchbip
+from torchbip.coupled import find_groups
+
+pytest.importorskip("torch_pruning")
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.conv3 = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 2 * 2, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = F.relu(self.bn2(self.conv2(a)))
+        out = F.relu(a + self.bn3(self.conv3(b)))
+        return self.fc(F.adaptive_avg_pool2d(out, 2).flatten(1))
+
+
+# (tensor, dim, channel of each index along dim); None: index k is channel k
+GROUP_A = {
+    ("conv1.weight", 0): None,
+    ("conv1.bias", 0): None,
+    ("bn1.weight", 0): None,
+    ("bn1.bias", 0): None,
+    ("conv2.weight", 1): None,
+    ("conv3.weight", 0): None,
+    ("conv3.bias", 0): None,
+    ("bn3.weight", 0): None,
+    ("bn3.bias", 0): None,
+    ("fc.weight", 1): [k // 4 for k in range(16)],
+}
+GROUP_B = {
+    ("conv2.weight", 0): None,
+    ("conv2.bias", 0): None,
+    ("bn2.weight", 0): None,
+    ("bn2.bias", 0): None,
+    ("conv3.weight", 1): None,
+}
+SIZES = {"A": 4, "B": 6}
+
+
+def _spec(found_group: object, params: list[tuple[nn.Module, str]], names: dict[nn.Module, str]) -> dict:
+    out = {}
+    for slot in found_group.slots:  # type: ignore[attr-defined]
+        module, pname = params[slot.param]
+        order = torch.argsort(slot.positions)
+        assert slot.positions[order].tolist() == list(range(len(slot.positions)))
+        out[(f"{names[module]}.{pname}", slot.dim)] = slot.channels[order].tolist()
+    return out
+
+
+def _expected(group: dict, size: int) -> dict:
+    return {k: (list(range(size)) if v is None else v) for k, v in group.items()}
+
+
+@pytest.fixture
+def net(seed: int) -> Residual:
+    model = Residual()
+    with torch.no_grad():  # BatchNorm parameters away from 1 and 0, so that masking them shows
+        for bn in (model.bn1, model.bn2, model.bn3):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+X = torch.Generator().manual_seed(1)
+
+
+def _inputs(n: int = 4) -> Tensor:
+    return torch.randn(n, 3, 6, 6, generator=X)
+
+
+def test_groups_are_the_hand_written_coupling(net: Residual) -> None:
+    before = capture(net)
+    found = find_groups(net, _inputs())
+    assert_unchanged(before, net)  # tracing ran on a copy: BatchNorm statistics, mode unchanged
+    names = {m: n for n, m in net.named_modules()}
+    specs = sorted((_spec(g, found.params, names) for g in found.groups), key=len, reverse=True)
+    assert specs == [_expected(GROUP_A, 4), _expected(GROUP_B, 6)]
+    assert sorted(g.size for g in found.groups) == [4, 6]
+    for g in found.groups:  # the root is a layer whose filters the group holds
+        assert (f"{g.root}.weight", 0) in _spec(g, found.params, names)
+    assert found.skipped == [("fc", "its channels reach the model's output")]
+    order = [f"{names[m]}.{p}" for m, p in found.params]
+    assert order == [n for n, _ in net.named_parameters() if n != "fc.bias"]  # model order; fc.bias: no group
+
+
+def _masks(net: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """Every tensor's relaxed mask: the product of its channel variables (the hand coupling)."""
+    out = {}
+    for name, value in net.named_parameters():
+        factor = torch.ones_like(value)
+        for group, var in ((GROUP_A, a), (GROUP_B, b)):
+            for (tensor, dim), channels in group.items():
+                if tensor == name:
+                    index = torch.arange(value.shape[dim]) if channels is None else torch.tensor(channels)
+                    shape = [1] * value.dim()
+                    shape[dim] = value.shape[dim]
+                    factor = factor * var[index].view(shape)
+        out[name] = factor
+    return out
+
+
+@pytest.mark.parametrize("implicit_coef", [0.0, 0.5])
+def test_score_gradient_is_the_chain_rule_through_the_shared_mask(
+    net: Residual, implicit_coef: float
+) -> None:
+    """Against autograd through relaxed masks: one variable per group channel.
+
+    With ``z = m(a, b) * theta`` and ``g = dl/dz`` there, a channel's gradient is
+    ``d/da [ l(m(a, b) * theta) - c * sum(m(a, b) * g * g) ]`` (``g`` held fixed).
+    """
+    x, y = _inputs(8), torch.randint(0, 5, (8,), generator=X)
+    net.eval()  # the same function in both computations (running statistics)
+    pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()), implicit_coef=implicit_coef)
+    # the group scores live on the group's root weight: find each group by its size
+    owners = {g.size: o for g, o in zip(pruner.layout.groups, pruner.layout.owners, strict=True)}
+    keep_a = pruner.keeps[pruner.names.index("conv1.bias")].float()
+    keep_b = pruner.keeps[pruner.names.index("conv2.bias")].float()
+    assert (keep_a.sum(), keep_b.sum()) == (2, 3)  # half of each group
+    F.cross_entropy(net(x), y).backward()
+    pruner.prepare()
+    got_a = pruner.grad_views[owners[4]]
+    got_b = pruner.grad_views[owners[6]]
+
+    plain = Residual().eval()
+    plain.load_state_dict(
+        {k.removesuffix("_orig"): v for k, v in net.state_dict().items() if not k.endswith("_mask")}
+    )
+    theta = dict(plain.named_parameters())
+    fixed = _masks(plain, keep_a, keep_b)
+    effective = {k: (v * fixed[k]).detach().requires_grad_() for k, v in theta.items()}
+    g = torch.autograd.grad(
+        F.cross_entropy(functional_call(plain, effective, (x,)), y), list(effective.values())
+    )
+    g_of = dict(zip(effective, g, strict=True))
+    a, b = keep_a.clone().requires_grad_(), keep_b.clone().requires_grad_()
+    masks = _masks(plain, a, b)
+    loss = F.cross_entropy(functional_call(plain, {k: theta[k] * masks[k] for k in theta}, (x,)), y)
+    implicit = sum((masks[k] * g_of[k] * g_of[k]).sum() for k in theta)
+    want_a, want_b = torch.autograd.grad(loss - implicit_coef * implicit, (a, b))
+    torch.testing.assert_close(got_a, want_a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_b, want_b, rtol=1e-5, atol=1e-7)
+
+
+# -- masks, budgets and the training loop -----------------------------------------------------
+
+
+def _train(model: nn.Module, pruner: torchbip.BiP, steps: int = 3, **step_kwargs: object) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for _ in range(steps):
+        x, y = _inputs(8), torch.randint(0, 5, (8,), generator=X)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        pruner.step()
+
+
+def _channel_keeps(net: Residual) -> tuple[Tensor, Tensor]:
+    """Each group's keep, read from one member (the BatchNorm weights bn1 and bn2)."""
+    return net.bn1.weight_mask.bool(), net.bn2.weight_mask.bool()
+
+
+def _outputs(net: nn.Module, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The outputs of the named submodules in one forward pass."""
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str) -> object:
+        return lambda module, args, output: acts.__setitem__(name, output)
+
+    hooks = [getattr(net, n).register_forward_hook(keep(n)) for n in names]
+    try:
+        net(_inputs())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return acts
+
+
+def test_every_member_of_a_pruned_channel_is_zero_and_its_activation_too(net: Residual) -> None:
+    pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()), upper_lr=1e4)
+    seen = []
+    for step in range(4):
+        _train(net, pruner, steps=1)
+        if step % 2:  # a new selection: reverse the order of every group's scores
+            for owner in pruner.layout.owners:
+                pruner.score_views[owner].copy_(
+                    -pruner.score_views[owner] + 1e-3 * torch.arange(len(pruner.score_views[owner]))
+                )
+            pruner.update_masks()
+        keep_a, keep_b = _channel_keeps(net)
+        seen.append((keep_a.tolist(), keep_b.tolist()))
+        assert (int(keep_a.sum()), int(keep_b.sum())) == (2, 3)
+        for group, keep in ((GROUP_A, keep_a), (GROUP_B, keep_b)):
+            for (tensor, dim), channels in group.items():
+                module_name, pname = tensor.split(".")
+                mask = getattr(getattr(net, module_name), pname + "_mask")
+                index = torch.arange(mask.shape[dim]) if channels is None else torch.tensor(channels)
+                per_index = mask.movedim(dim, 0).reshape(mask.shape[dim], -1)
+                assert (per_index[~keep[index]] == 0).all(), tensor  # the pruned channels' slices
+                # the kept ones are not zeroed by this group (another group may zero other slices)
+                assert per_index[keep[index]].any(dim=1).all(), tensor
+    # the activations of pruned channels are exactly zero, in train and in eval mode
+    for mode in (True, False):
+        net.train(mode)
+        acts = _outputs(net, ("bn1", "bn2", "bn3"))
+        keep_a, keep_b = _channel_keeps(net)
+        assert (acts["bn1"][:, ~keep_a] == 0).all()
+        assert (acts["bn3"][:, ~keep_a] == 0).all()
+        assert (acts["bn2"][:, ~keep_b] == 0).all()
+    assert len(set(map(str, seen))) > 1, "the selection never changed: the test would not see a stale mask"
+
+
+def test_a_pruned_channel_gets_no_first_order_gradient(net: Residual) -> None:
+    """Its whole group slice is zero, so the loss is flat in it: only kept channels' scores move."""
+    pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()))
+    F.cross_entropy(net(_inputs(8)), torch.randint(0, 5, (8,), generator=X)).backward()
+    pruner.prepare()
+    for owner in pruner.layout.owners:
+        grad = pruner.grad_views[owner]
+        keep = pruner.layout.select(pruner.score_views)[owner]
+        assert (grad[~keep] == 0).all()
+        assert (grad[keep] != 0).all()
+
+
+def test_budgets_layer_global_and_macs(net: Residual) -> None:
+    x = _inputs()
+    layer = torchbip.BiP(Residual(), amount=0.75, layout=torchbip.Coupled(x))
+    assert layer.layout.counts == [1, 2] or layer.layout.counts == [2, 1]  # 4 -> 1, 6 -> round(1.5)=2
+    assert layer.n_keep == 3
+    glob = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(x, budget="global"), min_keep=2)
+    keep_a, keep_b = _channel_keeps(net)
+    assert int(keep_a.sum()) + int(keep_b.sum()) == 5  # half of the 10 channels, ranked together
+    assert int(keep_a.sum()) >= 2
+    assert int(keep_b.sum()) >= 2
+    assert glob.n_keep == 5
+
+
+def test_macs_budget_counts_the_macs_of_the_kept_channels(seed: int) -> None:
+    model = Residual()
+    x = _inputs(1)
+    pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x, budget="macs"))
+    keep_a, keep_b = (int(k.sum()) for k in _channel_keeps(model))
+
+    # MACs per image by hand: 6x6 maps, 3x3 kernels; fc: 16 inputs per channel group A
+    def macs(a: int, b: int) -> int:
+        return 36 * 9 * (a * 3 + b * a + a * b) + 5 * 4 * a
+
+    assert pruner.layout.dense_macs == macs(4, 6)
+    assert pruner.layout.macs() == macs(4, 6)
+    keeps = [pruner.layout.select(pruner.score_views)[o] for o in pruner.layout.owners]
+    assert pruner.layout.macs(keeps) == macs(keep_a, keep_b)
+    # the counts are those of one common fraction p of the channels nearest to half the MACs
+    options = {(max(1, 4 - round(p * 4)), max(1, 6 - round(p * 6))) for p in [i / 1000 for i in range(1001)]}
+    best = min(options, key=lambda c: abs(macs(*c) - macs(4, 6) / 2))
+    assert (keep_a, keep_b) == best
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"parameters": "conv1"}, ValueError, "chooses its tensors from the model's dependency graph"),
+        ({"amount": {"conv1.weight": 0.5}}, ValueError, "takes one amount"),
+        ({"budget": "global"}, ValueError, "budget='global': with layout=Coupled"),
+        ({"min_keep": 1}, ValueError, r"min_keep=1 applies to Coupled\(..., budget='global'\)"),
+        ({"exclude": ["conv1", "conv2"]}, ValueError, "finds no channel group to prune"),
+        ({"amount": 1.5}, ValueError, "amount"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(
+    net: Residual, kwargs: dict, error: type, message: str
+) -> None:
+    if kwargs.get("parameters") == "conv1":
+        kwargs = {"parameters": [(net.conv1, "weight")]}
+    before = capture(net)
+    with pytest.raises(error, match=message):
+        torchbip.BiP(net, **{"amount": 0.5, "layout": torchbip.Coupled(_inputs()), **kwargs})
+    assert_unchanged(before, net)
+
+
+def test_layout_object_errors_and_the_unreachable_macs_target(net: Residual) -> None:
+    with pytest.raises(ValueError, match=r"Coupled\(budget='channels'\): budget must be one of"):
+        torchbip.Coupled(_inputs(), budget="channels")
+    with pytest.raises(TypeError, match="needs a tensor or a tuple of tensors"):
+        torchbip.Coupled([1, 2, 3])
+    before = capture(net)
+    with pytest.raises(ValueError, match=r"budget='macs': amount=0.999 asks for .* at most amount=0\.\d+"):
+        torchbip.BiP(net, amount=0.999, layout=torchbip.Coupled(_inputs(), budget="macs"))
+    assert_unchanged(before, net)
+    torch.nn.utils.prune.l1_unstructured(net.bn1, "weight", amount=1)
+    with pytest.raises(ValueError, match=r"starts from an unpruned model, but \['bn1.weight'\] are pruned"):
+        torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()))
+
+
+def test_exclude_leaves_a_member_s_whole_group_dense(net: Residual) -> None:
+    pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()), exclude=["bn2"])
+    assert [g.size for g in pruner.layout.groups] == [4]  # group B held bn2
+    assert sorted(pruner.names) == sorted(name for name, _ in GROUP_A)
+    assert ("conv2", "excluded") in pruner.layout.skipped or any(
+        r == "excluded" for _, r in pruner.layout.skipped
+    )
+    assert not hasattr(net.bn2, "weight_mask")
+
+
+def test_state_dict_resume_equals_the_uninterrupted_run(seed: int) -> None:
+    """Stop after 2 of 4 steps, rebuild from the state dicts: the same scores, masks and weights."""
+    x = _inputs()
+    batches = [(_inputs(8), torch.randint(0, 5, (8,), generator=X)) for _ in range(4)]
+    start = Residual().state_dict()
+
+    def build() -> tuple[Residual, torchbip.BiP, torch.optim.Optimizer]:
+        model = Residual()
+        model.load_state_dict(start)
+        pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x), upper_lr=1e4, steps=4)
+        return model, pruner, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+    def run(model: Residual, pruner: torchbip.BiP, optimizer: torch.optim.Optimizer, part: list) -> None:
+        for bx, by in part:
+            optimizer.zero_grad()
+            F.cross_entropy(model(bx), by).backward()
+            optimizer.step()
+            pruner.step()
+
+    whole = build()
+    run(*whole, batches)
+    first = build()
+    run(*first, batches[:2])
+    saved = {k: v.clone() for k, v in first[0].state_dict().items()}
+    states = (first[1].state_dict(), first[2].state_dict())
+    second = build()
+    second[0].load_state_dict(saved)
+    second[1].load_state_dict(states[0])
+    second[2].load_state_dict(states[1])
+    run(*second, batches[2:])
+    assert torch.equal(second[1].flat_scores, whole[1].flat_scores)
+    for got, want in zip(second[1].keeps, whole[1].keeps, strict=True):
+        assert torch.equal(got, want)
+    for (name, got), want in zip(second[0].state_dict().items(), whole[0].state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+    assert second[1].step_count == 4
+
+
+def test_finish_then_prune_remove_gives_a_plain_model_that_reloads_strictly(net: Residual) -> None:
+    pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()))
+    _train(net, pruner, steps=2)
+    report = pruner.finish()
+    assert set(report.tensors) == {name for name, _ in [*GROUP_A, *GROUP_B]}
+    net.eval()
+    x = _inputs()
+    before = net(x)
+    torchbip.export.make_permanent(net)
+    assert not any(name.endswith(("_mask", "_orig", "_scores")) for name in net.state_dict())
+    fresh = Residual().eval()
+    fresh.load_state_dict(net.state_dict(), strict=True)
+    assert torch.equal(fresh(x), before)

@@ -1,0 +1,760 @@
+r"""Coupled channels: one BiP score per channel of a dependency group, so pruned channels go.
+
+Pruning a convolution's output channel on its own leaves the rest of the network reading it:
+its BatchNorm channel still adds a bias, every consumer still has an input channel for it, and
+a residual addition ties it to the same channel of every other layer that writes into the sum.
+:class:`Coupled` learns one score per *coupled channel* instead. Torch-Pruning's dependency
+graph (the optional extra ``torchbip[export]``, i.e. ``pip install torch-pruning``) gives the
+groups of layers whose channels must go together: a convolution's output channel with its
+BatchNorm channel, the input channel of every consumer, and every layer tied to it through
+residual additions, concatenations, splits and flattening. A group of ``C`` channels gets ``C``
+scores; channel ``k``'s mask zeroes the ``k``-th slice of every tensor in the group (weights,
+biases and the BatchNorm's affine parameters), so a pruned channel is exactly zero everywhere
+and :func:`torchbip.export_slim` removes every pruned channel.
+
+The score of channel :math:`k` moves along the chain rule through the shared mask: the sum,
+over every tensor :math:`t` of the group and every entry in its slice :math:`k`, of the
+element-wise upper gradient :math:`d\ell/dm_t` times the tensor's other mask factor (a
+convolution's weight mask is its output channels' keep times its input channels' keep).
+
+Budgets (``amount`` is always one number):
+
+- ``"layer"`` (the paper): every group prunes ``round(amount * C)`` of its ``C`` channels;
+- ``"global"``: all channels of all groups ranked together, with the per-group floor
+  ``min_keep`` and cap ``max_keep`` of :class:`torchbip.BiP`;
+- ``"macs"``: ``amount`` is the fraction of the model's multiply-accumulates (all
+  convolutions and linear layers, on ``example_inputs``) to remove; every group prunes the same
+  fraction of its channels, the one whose MACs come closest to the target.
+
+Every group keeps at least one channel (a layer is never removed whole). Groups whose channels
+reach the model's output (the classifier), or pass through a layer whose channels cannot be
+zeroed exactly (a LayerNorm, a BatchNorm without affine parameters, a grouped convolution that
+is not depthwise), are left dense and listed in :attr:`CoupledLayout.skipped`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import torchbip
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+    ...                       nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 2 * 2, 10))
+    >>> x = torch.randn(2, 3, 6, 6)
+    >>> pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x))
+    >>> pruner.names  # the first conv's group: its filters, its BatchNorm, the next conv's inputs
+    ['0.weight', '0.bias', '1.weight', '1.bias', '3.weight', '3.bias', '5.weight']
+    >>> model[1].weight_mask.tolist() == (model[0].weight_mask[:, 0, 0, 0]).tolist()
+    True
+    >>> _ = pruner.finish()
+    >>> slim = torchbip.export_slim(model, x)
+    >>> slim[0].out_channels, slim[3].in_channels, slim[3].out_channels, slim[5].in_features
+    (4, 4, 4, 16)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip._func import Target
+from torchbip.layouts import Layout, MaskLayout
+from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, topk_mask, validate_amount
+from torchbip.method import BiPMethod, attach_scores, outside_inference_mode, pruning_hook
+from torchbip.pruned import pruned_tensors
+from torchbip.scores import init_scores
+
+__all__ = ["BUDGETS", "BiPCoupled", "ChannelGroup", "Coupled", "CoupledLayout", "Slot", "find_groups"]
+
+BUDGETS: tuple[str, ...] = ("layer", "global", "macs")
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_TYPES = (nn.Linear, *_CONV_TYPES)
+
+
+# -- the groups --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor's share of a group: its entries along ``dim`` at ``positions``.
+
+    Attributes:
+        param: index of the tensor in :attr:`Found.params`.
+        dim: the tensor's axis that the group's channels index.
+        positions: indices along ``dim`` (a long tensor).
+        channels: the group channel of each position (a long tensor of the same length;
+            several positions share a channel after a flatten).
+    """
+
+    param: int
+    dim: int
+    positions: Tensor
+    channels: Tensor
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Layers whose channels go together, one score per channel.
+
+    Attributes:
+        root: the name of the layer whose output channels define the group.
+        size: the number of channels.
+        slots: every tensor's share (see :class:`Slot`).
+        layers: the names of the member layers, in the dependency graph's order.
+    """
+
+    root: str
+    size: int
+    slots: tuple[Slot, ...]
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LayerMacs:
+    """A convolution's or linear layer's multiply-accumulates on the example inputs.
+
+    Attributes:
+        module: the layer (of the user's model).
+        per_pair: MACs per entry pair (output channel, input channel of its weight).
+    """
+
+    module: nn.Module
+    per_pair: float
+
+    @property
+    def dense(self) -> float:
+        """The layer's MACs with every channel kept."""
+        weight = self.module.weight
+        assert isinstance(weight, Tensor)
+        return self.per_pair * weight.shape[0] * weight.shape[1]
+
+
+@dataclass
+class Found:
+    """The result of :func:`find_groups`.
+
+    Attributes:
+        params: ``(module, name)`` of every tensor in a group, in model order.
+        groups: the groups BiP can prune.
+        skipped: ``(root, reason)`` for the groups it leaves dense.
+        macs: the MACs of every convolution and linear layer, by name.
+    """
+
+    params: list[tuple[nn.Module, str]]
+    groups: list[ChannelGroup]
+    skipped: list[tuple[str, str]]
+    macs: dict[str, LayerMacs]
+
+    @property
+    def dense_macs(self) -> float:
+        """The MACs of all convolutions and linear layers on the example inputs."""
+        return sum(layer.dense for layer in self.macs.values())
+
+
+def _torch_pruning() -> Any:
+    try:
+        import torch_pruning
+    except ImportError as err:  # pragma: no cover - the test environment installs it
+        raise ImportError(
+            "torchbip.Coupled needs Torch-Pruning's dependency graph: pip install 'torchbip[export]' "
+            "(or pip install torch-pruning)"
+        ) from err
+    return torch_pruning
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> Found:
+    """The coupled channel groups of ``model``, from Torch-Pruning's dependency graph.
+
+    The graph is traced on a copy of ``model`` (tracing runs a forward pass in eval mode), so
+    ``model`` is left exactly as it was.
+
+    Args:
+        model: the model.
+        example_inputs: a batch for ``model(*example_inputs)`` (a tensor or a tuple).
+
+    Returns:
+        A :class:`Found`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+        >>> found = find_groups(model, torch.randn(1, 3, 4, 4))
+        >>> [(g.root, g.size, g.layers) for g in found.groups]
+        [('0', 4, ('0', '2'))]
+        >>> found.skipped
+        [('2', "its channels reach the model's output")]
+    """
+    pruned = [fqn for fqn, _, _ in pruned_tensors(model)]
+    if pruned:
+        raise ValueError(
+            f"layout=Coupled starts from an unpruned model, but {pruned} are pruned already; "
+            "prune.remove them first"
+        )
+    tp = _torch_pruning()
+    op = tp.ops.OPTYPE
+    passthrough = {op.ELEMENTWISE, op.CONCAT, op.SPLIT, op.RESHAPE, op.SLICE, op.UNBIND, op.EXPAND}
+    inputs = _as_tuple(example_inputs)
+    twin = copy.deepcopy(model)
+    names = {m: n for n, m in twin.named_modules()}
+    modules = dict(model.named_modules())
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(twin, example_inputs=inputs, verbose=False)
+    macs = {n: LayerMacs(modules[n], per_pair) for n, per_pair in _layer_macs(twin, inputs).items()}
+    param_index: dict[tuple[str, str], int] = {}
+    params: list[tuple[nn.Module, str]] = []
+    groups: list[ChannelGroup] = []
+    skipped: list[tuple[str, str]] = []
+    ordered: list[tuple[ChannelGroup, list[tuple[str, str, int, list[int], list[int]]]]] = []
+    for group in graph.get_all_groups(root_module_types=_LAYER_TYPES):
+        root_module = group[0].dep.target.module
+        root, size = names[root_module], len(group[0].idxs)
+        shares: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
+        layers: list[str] = []
+        reason = None
+        for item in group:
+            dep, node = item.dep, item.dep.target
+            module = node.module
+            is_out = graph.is_out_channel_pruning_fn(dep.handler)
+            if node.type == op.OUTPUT or (is_out and not node.outputs):
+                reason = "its channels reach the model's output"
+                break
+            if node.type in passthrough:
+                continue
+            name = names.get(module, str(module))
+            entries: list[tuple[str, int]]
+            if node.type in (op.CONV, op.LINEAR) and getattr(module, "groups", 1) == 1:
+                entries = [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+            elif node.type == op.DEPTHWISE_CONV or (
+                node.type == op.BN and getattr(module, "weight", None) is not None
+            ):
+                entries = [("weight", 0), ("bias", 0)]
+            elif node.type == op.BN:
+                reason = f"the BatchNorm {name!r} has no affine parameters to zero"
+                break
+            else:
+                reason = (
+                    f"{name!r} ({type(module).__name__}) mixes its channels; they cannot be zeroed exactly"
+                )
+                break
+            if name not in layers:
+                layers.append(name)
+            for pname, dim in entries:
+                if getattr(module, pname, None) is None:
+                    continue
+                positions, channels = shares.setdefault((name, pname, dim), ([], []))
+                for i, r in zip(item.idxs, item.root_idxs, strict=True):
+                    positions.append(int(i))
+                    channels.append(int(r))
+        if reason is not None:
+            skipped.append((root, reason))
+            continue
+        ordered.append(
+            (
+                ChannelGroup(root, size, (), tuple(layers)),
+                [(n, p, d, pos, ch) for (n, p, d), (pos, ch) in shares.items()],
+            )
+        )
+    # tensors in model order: modules as named_modules() lists them, then weight before bias
+    rank = {n: i for i, n in enumerate(modules)}
+    keys = sorted(
+        {(n, p) for _, shares_ in ordered for n, p, *_ in shares_},
+        key=lambda k: (rank[k[0]], k[1] != "weight"),
+    )
+    for key in keys:
+        param_index[key] = len(params)
+        params.append((modules[key[0]], key[1]))
+    for group_, shares_ in ordered:
+        slots = []
+        for n, p, d, pos, ch in shares_:
+            unique: dict[int, int] = {}
+            for i, r in zip(pos, ch, strict=True):
+                unique.setdefault(i, r)
+            slots.append(
+                Slot(
+                    param_index[(n, p)],
+                    d,
+                    torch.tensor(list(unique), dtype=torch.long),
+                    torch.tensor(list(unique.values()), dtype=torch.long),
+                )
+            )
+        groups.append(ChannelGroup(group_.root, group_.size, tuple(slots), group_.layers))
+    return Found(params, groups, skipped, macs)
+
+
+def _layer_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
+    """Per conv/linear layer (by name): its MACs per weight entry pair (output, input channel)."""
+    found: dict[str, float] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        out = output[0] if isinstance(output, tuple) else output
+        per_output = out.numel() / out.shape[1 if isinstance(module, _CONV_TYPES) else -1]
+        found[names[module]] = found.get(names[module], 0.0) + per_output * math.prod(weight.shape[2:])
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+# -- the pruning method ------------------------------------------------------------------------
+
+
+class BiPCoupled(BiPMethod):
+    """The pruning method of a tensor in a coupled group: it holds the mask BiP selects.
+
+    The mask comes from the group's scores (:class:`CoupledLayout`), not from the tensor's own
+    values; :meth:`compute_mask` combines it with earlier masks like torch's
+    :class:`~torch.nn.utils.prune.CustomFromMask`. The state on the module is torch's
+    (``<name>_orig``, ``<name>_mask``, the forward pre-hook) plus the ``<name>_scores`` buffer
+    (the group's scores on the group's root weight, an empty tensor elsewhere).
+
+    Args:
+        mask: the element mask, of the tensor's shape.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> bn = nn.BatchNorm1d(3)
+        >>> _ = BiPCoupled.apply(bn, "bias", torch.tensor([1.0, 0.0, 1.0]), torch.empty(0))
+        >>> bn.bias_mask.tolist(), sorted(bn.state_dict())[:2]
+        ([1.0, 0.0, 1.0], ['bias_mask', 'bias_orig'])
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask: Tensor | None = mask
+
+    def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
+        """``default_mask`` times the held mask."""
+        assert self.mask is not None, "the mask is held only while apply() runs"
+        return default_mask * self.mask.to(dtype=default_mask.dtype, device=default_mask.device)
+
+    @classmethod
+    @outside_inference_mode
+    def apply(  # type: ignore[override]
+        cls, module: nn.Module, name: str, mask: Tensor, importance_scores: Tensor
+    ) -> prune.BasePruningMethod:
+        """Prune ``module.<name>`` with ``mask`` and register ``importance_scores`` as its scores."""
+        previous = pruning_hook(module, name)
+        method = super().apply(module, name, mask=mask)
+        for hook in [method, *getattr(method, "_pruning_methods", ())]:
+            if isinstance(hook, cls):
+                hook.mask = None  # the module's <name>_mask holds it from here on
+        attach_scores(method, module, name, importance_scores, previous)
+        return method
+
+
+# -- the layout --------------------------------------------------------------------------------
+
+
+class CoupledLayout(MaskLayout):
+    """:class:`Coupled` bound to the groups of one model and a budget.
+
+    Attributes:
+        groups: the groups it prunes.
+        skipped: ``(root, reason)`` of the groups left dense (see the module docstring).
+        counts: channels kept per group (``None`` for ``budget="global"``).
+        owners: per group, the index of the target that holds its scores (the root's weight).
+    """
+
+    structured = "coupled"
+
+    def __init__(
+        self,
+        found: Found,
+        targets: Sequence[Target],
+        amount: float | int,
+        budget: str,
+        min_keep: float | int | None,
+        max_keep: float | int | None,
+    ) -> None:
+        self.budget = budget
+        wanted = {(id(t.module), t.name) for t in targets}
+        param_key = [(id(m), n) for m, n in found.params]
+        groups, dropped = [], []
+        for group in found.groups:
+            if all(param_key[s.param] in wanted for s in group.slots):
+                groups.append(group)
+            else:
+                dropped.append((group.root, "excluded"))
+        if not groups:
+            raise ValueError(
+                "layout=Coupled finds no channel group to prune (every group is excluded, reaches the "
+                f"model's output or cannot be zeroed exactly: {found.skipped + dropped})"
+            )
+        used = sorted({s.param for g in groups for s in g.slots})
+        by_key = {(id(t.module), t.name): t for t in targets}
+        self.targets = [by_key[param_key[p]] for p in used]
+        index = {p: i for i, p in enumerate(used)}
+        self.groups = [
+            ChannelGroup(
+                g.root,
+                g.size,
+                tuple(Slot(index[s.param], s.dim, s.positions, s.channels) for s in g.slots),
+                g.layers,
+            )
+            for g in groups
+        ]
+        self.skipped = list(found.skipped) + dropped
+        self.shapes = [tuple(t.weight().shape) for t in self.targets]
+        self.owners = []
+        for g in self.groups:
+            root_weight = [s for s in g.slots if s.dim == 0 and self.targets[s.param].module_fqn == g.root]
+            self.owners.append(root_weight[0].param if root_weight else g.slots[0].param)
+        self.by_target: list[list[tuple[int, Slot]]] = [[] for _ in self.targets]
+        for gi, g in enumerate(self.groups):
+            for s in g.slots:
+                self.by_target[s.param].append((gi, s))
+        weights = {id(t.module): i for i, t in enumerate(self.targets) if t.name == "weight"}
+        self._macs = [(weights[id(m.module)], m) for m in found.macs.values() if id(m.module) in weights]
+        self._fixed_macs = sum(m.dense for m in found.macs.values() if id(m.module) not in weights)
+        self.dense_macs = found.dense_macs
+        self._elements: list[Tensor] = []
+        self._global: GlobalTopK | None = None
+        sizes = [g.size for g in self.groups]
+        self.counts: list[int] | None
+        if budget == "layer":
+            self.counts = [max(1, n - count_from_amount(amount, n)) for n in sizes]
+        elif budget == "macs":
+            if isinstance(amount, int):
+                raise ValueError(
+                    f"budget='macs' takes amount as a fraction of the MACs, got the int {amount}"
+                )
+            self.counts = self._counts_for_macs(float(amount))
+        else:
+            total = sum(sizes)
+            n_keep = total - count_from_amount(amount, total)
+            floors = [max(1, f) for f in floor_counts(sizes, min_keep)]
+            caps = cap_counts(sizes, max_keep)
+            if sum(floors) > n_keep:
+                raise ValueError(
+                    f"amount={amount!r} keeps {n_keep} channels, fewer than the {sum(floors)} that the "
+                    f"per-group floors keep (at least one channel of each of the {len(sizes)} groups"
+                    f"{'' if min_keep is None else f', min_keep={min_keep!r}'}); lower amount or min_keep"
+                )
+            if caps is not None and sum(caps) < n_keep:
+                raise ValueError(
+                    f"max_keep={max_keep!r} keeps at most {sum(caps)} channels, fewer than the {n_keep} "
+                    f"that amount={amount!r} keeps; raise max_keep or amount"
+                )
+            self._global = GlobalTopK(n_keep, floors, caps)
+            self.counts = None
+        self.n_keep = sum(self.counts) if self.counts is not None else self._global.n_keep  # type: ignore[union-attr]
+
+    # -- MACs --------------------------------------------------------------------------------
+
+    def macs(self, keeps: Sequence[Tensor] | None = None) -> float:
+        """The MACs of the model's convolutions and linear layers with these group keeps.
+
+        Args:
+            keeps: one boolean keep per group (``None``: every channel kept).
+        """
+        counts = None if keeps is None else [int(k.sum()) for k in keeps]
+        return self._macs_of_counts(counts)
+
+    def _macs_of_counts(self, counts: Sequence[int] | None) -> float:
+        total = self._fixed_macs
+        for i, layer in self._macs:
+            shape = self.shapes[i]
+            kept = [float(shape[0]), float(shape[1])]
+            if counts is not None:
+                for gi, slot in self.by_target[i]:
+                    # the slot's positions are kept in proportion to its group's kept channels
+                    # (exact when each channel has the same number of positions, as it does)
+                    share = len(slot.positions) * counts[gi] / self.groups[gi].size
+                    kept[slot.dim] -= len(slot.positions) - share
+            total += layer.per_pair * kept[0] * kept[1]
+        return total
+
+    def _counts_for_macs(self, amount: float) -> list[int]:
+        target = (1.0 - amount) * self.dense_macs
+        sizes = [g.size for g in self.groups]
+
+        def counts(p: float) -> list[int]:
+            return [max(1, n - round(p * n)) for n in sizes]
+
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            if self._macs_of_counts(counts(mid)) > target:
+                low = mid
+            else:
+                high = mid
+        best = min((low, high), key=lambda p: abs(self._macs_of_counts(counts(p)) - target))
+        least = self._macs_of_counts(counts(1.0))
+        if target < least * (1 - 1e-9):
+            raise ValueError(
+                f"budget='macs': amount={amount!r} asks for {target:.4g} MACs, but one channel per group "
+                f"and the layers outside the groups already take {least:.4g} (of {self.dense_macs:.4g}); "
+                f"at most amount={1 - least / self.dense_macs:.4f} is reachable"
+            )
+        return counts(best)
+
+    # -- MaskLayout --------------------------------------------------------------------------
+
+    def kept_targets(self, targets: Sequence[Target]) -> list[Target]:
+        """See :meth:`MaskLayout.kept_targets`: the tensors of the groups it prunes."""
+        return list(self.targets)
+
+    def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
+        """The mean initial score (see :func:`torchbip.scores.init_scores`) of each channel's entries."""
+        out = [torch.empty(0, dtype=w.dtype, device=w.device) for w in weights]
+        for gi, g in enumerate(self.groups):
+            owner = weights[self.owners[gi]]
+            total = torch.zeros(g.size, dtype=owner.dtype, device=owner.device)
+            count = torch.zeros(g.size, dtype=owner.dtype, device=owner.device)
+            for s in g.slots:
+                w = weights[s.param]
+                per_index = _reduce_except(init_scores(w, method), s.dim)
+                entries = w.numel() // w.shape[s.dim] if w.shape[s.dim] else 0
+                positions, channels = s.positions.to(w.device), s.channels.to(w.device)
+                total.index_add_(0, channels, per_index[positions])
+                count.index_add_(0, channels, torch.full_like(per_index[positions], float(entries)))
+            out[self.owners[gi]] = total / count.clamp_min(1)
+        return out
+
+    def select(self, scores: Sequence[Tensor], flat: Tensor | None = None) -> list[Tensor]:
+        """See :meth:`MaskLayout.select`: a keep per group on its owner, empty keeps elsewhere."""
+        group_scores = [scores[o] for o in self.owners]
+        if self._global is not None:
+            chosen = self._global(group_scores, [None] * len(group_scores))
+        else:
+            assert self.counts is not None
+            chosen = [topk_mask(s, k, None) for s, k in zip(group_scores, self.counts, strict=True)]
+        keeps = [torch.zeros(0, dtype=torch.bool, device=s.device) for s in scores]
+        for owner, keep in zip(self.owners, chosen, strict=True):
+            keeps[owner] = keep
+        return keeps
+
+    def factors(self, keeps: Sequence[Tensor]) -> list[dict[int, Tensor]]:
+        """Per target, the boolean keep of each axis a group indexes (``{dim: keep along dim}``)."""
+        group_keeps = [keeps[o] for o in self.owners]
+        out: list[dict[int, Tensor]] = []
+        for i, shape in enumerate(self.shapes):
+            per_dim: dict[int, Tensor] = {}
+            for gi, s in self.by_target[i]:
+                keep = group_keeps[gi]
+                f = per_dim.get(s.dim)
+                if f is None:
+                    f = per_dim[s.dim] = torch.ones(shape[s.dim], dtype=torch.bool, device=keep.device)
+                f[s.positions.to(keep.device)] = keep[s.channels.to(keep.device)]
+            out.append(per_dim)
+        return out
+
+    def masks(self, keeps: Sequence[Tensor]) -> list[Tensor]:
+        """See :meth:`MaskLayout.masks`: the product of each tensor's per-axis keeps."""
+        elements = []
+        for shape, per_dim in zip(self.shapes, self.factors(keeps), strict=True):
+            mask: Tensor | None = None
+            for dim, f in per_dim.items():
+                part = f.view(_axis(shape, dim))
+                mask = part if mask is None else mask & part
+            assert mask is not None
+            elements.append(mask.expand(shape).contiguous())
+        self._elements = elements
+        return elements
+
+    def mask(self, index: int, keep: Tensor) -> Tensor:
+        """The element mask of target ``index`` from the last :meth:`masks` call."""
+        return self._elements[index]
+
+    def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
+        """Not used: a coupled score gathers many tensors (see :meth:`score_grads`)."""
+        raise NotImplementedError("CoupledLayout writes every score gradient at once: use score_grads")
+
+    def score_grads(
+        self, element_grads: Iterable[tuple[int, Tensor]], outs: Sequence[Tensor], masks: Sequence[Tensor]
+    ) -> None:
+        """Each channel's gradient: its slices' element gradients times the other axes' keeps.
+
+        A tensor's keep along an axis is read from its element mask (``any`` over the other
+        axes: every group keeps at least one channel, so the product's factors are its
+        projections).
+        """
+        for owner in self.owners:
+            outs[owner].zero_()
+        for i, element in element_grads:
+            shape, mask = self.shapes[i], masks[i]
+            dims = {s.dim for _, s in self.by_target[i]}
+            for gi, s in self.by_target[i]:
+                weighted = element
+                for dim in dims - {s.dim}:
+                    keep = _reduce_except(mask.to(torch.int32), dim) > 0
+                    weighted = weighted * keep.view(_axis(shape, dim)).to(element.dtype)
+                per_index = _reduce_except(weighted, s.dim)
+                out = outs[self.owners[gi]]
+                positions, channels = s.positions.to(out.device), s.channels.to(out.device)
+                out.index_add_(0, channels, per_index[positions].to(out.dtype))
+
+    def apply(self, index: int, module: nn.Module, name: str, scores: Tensor, keep: Tensor) -> None:
+        """See :meth:`MaskLayout.apply` (after :meth:`masks`, whose element masks it installs)."""
+        BiPCoupled.apply(module, name, self._elements[index], scores)
+
+    def describe(self) -> dict[str, object]:
+        """See :meth:`MaskLayout.describe`."""
+        return {
+            **super().describe(),
+            "budget": self.budget,
+            "groups": [(g.root, g.size) for g in self.groups],
+            "counts": self.counts,
+        }
+
+
+def _reduce_except(t: Tensor, dim: int) -> Tensor:
+    others = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dim=others) if others else t
+
+
+def _axis(shape: Sequence[int], dim: int) -> list[int]:
+    """The view shape that puts a vector along ``dim`` of a tensor of ``shape``."""
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    return view
+
+
+# -- the layout object -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Coupled(Layout):
+    """One learned score per coupled channel of a Torch-Pruning dependency group.
+
+    See :mod:`torchbip.coupled`. ``amount`` is one number: the fraction of each group's channels
+    to prune (``budget="layer"``), of all channels ranked together (``"global"``, with
+    ``min_keep``/``max_keep`` per group) or of the model's MACs (``"macs"``).
+
+    Args:
+        example_inputs: a batch for ``model(*example_inputs)`` (a tensor or a tuple), used to
+            trace the dependency graph and to count MACs.
+        budget: ``"layer"``, ``"global"`` or ``"macs"``.
+
+    Example:
+        >>> import torch
+        >>> Coupled(torch.randn(1, 3, 8, 8), budget="macs")
+        Coupled(example_inputs=(1, 3, 8, 8), budget='macs')
+    """
+
+    example_inputs: Any
+    budget: str = "layer"
+    _found: dict[int, tuple[nn.Module, Found]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"Coupled(budget={self.budget!r}): budget must be one of {BUDGETS}")
+        inputs = _as_tuple(self.example_inputs)
+        if not inputs or not all(isinstance(x, Tensor) for x in inputs):
+            raise TypeError(
+                "Coupled(example_inputs=...) needs a tensor or a tuple of tensors (a batch for "
+                f"model(*example_inputs)), got {type(self.example_inputs).__name__}"
+            )
+
+    def __repr__(self) -> str:
+        shapes = [tuple(x.shape) for x in _as_tuple(self.example_inputs)]
+        shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
+        return f"Coupled(example_inputs={shown}, budget={self.budget!r})"
+
+    @property
+    def shorthand(self) -> str:
+        """See :meth:`Layout.shorthand`."""
+        return "coupled"
+
+    def found(self, model: nn.Module) -> Found:
+        """The groups of ``model`` (traced once per model and kept)."""
+        hit = self._found.get(id(model))
+        if hit is None or hit[0] is not model:
+            self._found.clear()
+            self._found[id(model)] = (model, find_groups(model, self.example_inputs))
+        return self._found[id(model)][1]
+
+    def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Every tensor of every group: weights, biases and BatchNorm affine parameters."""
+        return list(self.found(model).params)
+
+    def check_parameters(self, parameters: object) -> None:
+        """See :meth:`Layout.check_parameters`: the groups choose the tensors.
+
+        ``parameters`` may only repeat tensors of the groups already traced (as
+        :func:`torchbip.global_prune` passes them on); anything else is refused.
+        """
+        if parameters is None:
+            return
+        try:
+            pairs = [(id(m), n) for m, n in parameters] if isinstance(parameters, list) else None
+        except (TypeError, ValueError):
+            pairs = None
+        for _, found in self._found.values():
+            keys = {(id(m), n) for m, n in found.params}
+            if pairs is not None and all(p in keys for p in pairs):
+                return
+        raise ValueError(
+            "layout=Coupled chooses its tensors from the model's dependency graph: leave "
+            "parameters= out (use exclude= to keep layers dense)"
+        )
+
+    def check_budget(
+        self, budget: str, min_keep: float | int | None, max_keep: float | int | None, arg: str = "layout"
+    ) -> None:
+        """See :meth:`Layout.check_budget`."""
+        if budget != "layer":
+            raise ValueError(
+                f"budget={budget!r}: with {arg}=Coupled(...) the budget is Coupled's own "
+                f"(Coupled(example_inputs, budget={budget!r}))"
+            )
+        if self.budget != "global" and (min_keep is not None or max_keep is not None):
+            name, value = ("min_keep", min_keep) if min_keep is not None else ("max_keep", max_keep)
+            raise ValueError(
+                f"{name}={value!r} applies to Coupled(..., budget='global') (a bound of the global "
+                f"ranking); budget={self.budget!r} prunes the same fraction of every group"
+            )
+
+    def bind(
+        self,
+        targets: Sequence[Target],
+        amount: float | int | Sequence[float | int],
+        allowed: Sequence[Tensor | None],
+        min_keep: float | int | None = None,
+        max_keep: float | int | None = None,
+    ) -> MaskLayout:
+        """See :meth:`Layout.bind`."""
+        if not isinstance(amount, (int, float)):
+            raise ValueError(
+                "layout=Coupled takes one amount (a fraction of the channels, or of the MACs with "
+                "budget='macs'), not a dict of per-tensor amounts"
+            )
+        validate_amount(amount)
+        pruned = [t.fqn for t, a in zip(targets, allowed, strict=True) if a is not None or t.is_pruned]
+        if pruned:
+            raise ValueError(
+                f"layout=Coupled starts from unpruned tensors, but {pruned} are pruned already; "
+                "prune.remove them first (or leave them out with exclude=)"
+            )
+        found = None
+        for _, candidate in self._found.values():
+            keys = {(id(m), n) for m, n in candidate.params}
+            if all((id(t.module), t.name) in keys for t in targets):
+                found = candidate
+                break
+        if found is None:
+            raise ValueError(
+                "layout=Coupled chooses its tensors from the model's dependency graph: leave "
+                "parameters= out (use exclude= to keep layers dense)"
+            )
+        return CoupledLayout(found, targets, amount, self.budget, min_keep, max_keep)
