@@ -1,0 +1,119 @@
+"""BiP's learned channel scores as a Torch-Pruning importance: :class:`BiPImportance`.
+
+Torch-Pruning's pruners (``tp.pruner.MetaPruner`` and the pruners built on it) rank each
+dependency group's channels by an importance object and remove the lowest. Switching one of
+them to BiP is one line: train a :class:`torchbip.BiP` with a :class:`torchbip.Coupled` (or a
+filter, ``Groups(dim=0)``) layout, then pass ``importance=BiPImportance(pruner)``:
+
+.. code-block:: python
+
+    import torch_pruning as tp
+    from torchbip.integrations.torch_pruning import BiPImportance
+
+    bip = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(example_inputs))
+    ...  # the training loop: loss.backward(); optimizer.step(); bip.step()
+    importance = BiPImportance(bip)  # was: tp.importance.MagnitudeImportance(p=1)
+    bip.finish()
+    torchbip.export.make_permanent(model)  # plain weights, as Torch-Pruning expects
+    pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance,
+                                  pruning_ratio=0.5, ignored_layers=[model.fc])
+    pruner.step()  # removes the channels BiP pruned
+
+The importance of a channel is its learned score (a higher score is kept). It is read when the
+object is built, so build it after training and before :meth:`torchbip.BiP.finish`, which
+drops the scores. With the ratio BiP trained at, Torch-Pruning removes exactly BiP's pruned
+channels (its count is ``int(ratio * channels)``, BiP's ``round(amount * channels)``: pick an
+amount where they agree, or see which channels differ by one). Groups BiP did not score (the
+classifier, layers it left dense) get no importance, and Torch-Pruning leaves them alone.
+
+Needs Torch-Pruning (``pip install "torchbip[export]"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchbip.coupled import CoupledLayout
+from torchbip.layouts import GroupLayout
+from torchbip.pruner import BiP
+
+try:
+    import torch_pruning as tp
+except ImportError as err:  # pragma: no cover - the test environment installs it
+    raise ImportError(
+        "torchbip.integrations.torch_pruning needs Torch-Pruning: pip install 'torchbip[export]' "
+        "(or pip install torch-pruning)"
+    ) from err
+
+__all__ = ["BiPImportance"]
+
+
+class BiPImportance(tp.importance.Importance):
+    """A Torch-Pruning importance that ranks channels by a :class:`torchbip.BiP`'s scores.
+
+    Args:
+        pruner: a BiP object with a :class:`torchbip.Coupled` or ``Groups(dim=0)`` layout
+            (one score per channel or filter), before :meth:`~torchbip.BiP.finish`.
+
+    Raises:
+        TypeError: for another object or layout.
+        RuntimeError: after :meth:`~torchbip.BiP.finish`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch_pruning as tp
+        >>> import torchbip
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> bip = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x))
+        >>> kept = model[1].weight_mask.nonzero().flatten().tolist()
+        >>> importance = BiPImportance(bip)
+        >>> _ = bip.finish()
+        >>> _ = torchbip.export.make_permanent(model)
+        >>> tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=0.5,
+        ...                      ignored_layers=[model[3]]).step()
+        >>> model[0].out_channels, model[1].num_features, len(kept)
+        (4, 4, 4)
+    """
+
+    def __init__(self, pruner: BiP) -> None:
+        if not isinstance(pruner, BiP):
+            raise TypeError(f"BiPImportance needs a torchbip.BiP object, got {type(pruner).__name__}")
+        if pruner._finished:
+            raise RuntimeError(
+                "BiPImportance: this BiP object has finished (its scores are gone); build the "
+                "importance before pruner.finish()"
+            )
+        layout = pruner.layout
+        # per module whose output channels BiP scores: the score of each output channel
+        self.scores: dict[int, Tensor] = {}
+        if isinstance(layout, CoupledLayout):
+            for owner, group in zip(layout.owners, layout.groups, strict=True):
+                values = pruner.score_views[owner].detach().clone()
+                for slot in group.slots:
+                    target = pruner.targets[slot.param]
+                    if slot.dim == 0 and target.name == "weight":
+                        per_channel = torch.empty(target.weight().shape[0], dtype=values.dtype)
+                        per_channel[slot.positions] = values[slot.channels.to(values.device)].cpu()
+                        self.scores[id(target.module)] = per_channel
+        elif isinstance(layout, GroupLayout) and layout.dim == 0:
+            for target, view in zip(pruner.targets, pruner.score_views, strict=True):
+                self.scores[id(target.module)] = view.detach().clone().cpu()
+        else:
+            raise TypeError(
+                f"BiPImportance needs one score per channel: a BiP with layout=torchbip.Coupled(...) or "
+                f"Groups(dim=0) ('filter'), got layout {pruner.spec!r}"
+            )
+
+    def __call__(self, group: Any) -> Tensor | None:
+        """The BiP scores of the group's root channels (``None``: BiP did not score this group)."""
+        root = group[0]
+        scores = self.scores.get(id(root.dep.target.module))
+        if scores is None:
+            return None
+        return scores[torch.as_tensor(list(root.idxs), dtype=torch.long)]
