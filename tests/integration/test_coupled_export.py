@@ -168,3 +168,48 @@ def test_global_prune_drives_the_same_layout() -> None:
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(slim(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+def _small_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+    )
+
+
+def _encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "hidden"),
+    [
+        (_small_vit, (2, 3, 32, 32), lambda m: [b.mlp[0] for b in m.encoder.layers]),
+        (_encoder, (2, 5, 32), lambda m: [b.linear1 for b in m.layers]),
+    ],
+    ids=["vit", "transformer_encoder"],
+)
+def test_mlp_hidden_neurons_are_groups_and_export_narrows_the_mlp(
+    build: Callable[[], nn.Module], shape: tuple[int, ...], hidden: Callable[[nn.Module], list[nn.Linear]]
+) -> None:
+    """A hidden neuron's two weight slices (and its bias) form one group; export removes it."""
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(*shape)
+    pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x))
+    firsts = hidden(model)
+    # one group per MLP: the first linear's rows and bias, the second's columns; nothing else
+    assert sorted(g.size for g in pruner.layout.groups) == [f.out_features for f in firsts]
+    assert len(pruner.names) == 3 * len(firsts)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(*shape)).pow(2).mean().backward()
+        optimizer.step()
+        pruner.step()
+    pruner.finish()
+    slim = torchbip.export_slim(model.eval(), x)
+    assert [f.out_features for f in hidden(slim)] == [f.out_features // 2 for f in firsts]
+    inputs = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(inputs), model(inputs), rtol=1e-5, atol=1e-6)
