@@ -461,6 +461,17 @@ class CoupledLayout(MaskLayout):
 
     # -- MACs --------------------------------------------------------------------------------
 
+    def group_keeps(self, scores: Sequence[Tensor]) -> list[Tensor]:
+        """The boolean keep of every group (in :attr:`groups` order) that ``scores`` select.
+
+        Example: the MACs a BiP object's current selection keeps, as a fraction::
+
+            layout = pruner.layout
+            layout.macs(layout.group_keeps(pruner.score_views)) / layout.dense_macs
+        """
+        selection = self.select(scores)
+        return [selection[o] for o in self.owners]
+
     def macs(self, keeps: Sequence[Tensor] | None = None) -> float:
         """The MACs of the model's convolutions and linear layers with these group keeps.
 

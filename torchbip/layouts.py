@@ -10,6 +10,7 @@ object                     shorthand                one score per ...
 :class:`Groups` ``(0)``    ``"filter"``             output filter (``dim=0``), whole filters pruned
 :class:`Groups` ``(1)``    ``"channel"``            input channel (``dim=1``)
 :class:`NM` ``(n, m)``     ``"2:4"`` (any ``N:M``)  entry; the top ``n`` of every block of ``m``
+:class:`torchbip.Coupled`  (needs example inputs)   coupled channel of a dependency group
 =========================  =======================  ===============================================
 
 Each layout object knows its default tensors (:meth:`Layout.default_parameters`) and, given the

@@ -1,0 +1,405 @@
+"""Structured BiP over coupled channels (``torchbip.Coupled``): what the slim model gains, and
+how accurate it is against Torch-Pruning's own criteria.
+
+Part 1, structure (one run, interleaved timings). For torchvision's resnet18, resnet50 and
+mobilenet_v2 (224x224 inputs) and a small VisionTransformer (224x224, 6 layers, width 192; its
+MLP hidden neurons are the groups), at 30/50/70% of each group's channels (``budget="layer"``):
+parameters, MACs per image (counted with forward hooks), CPU latency of the slim model
+(``export_slim``) against the dense one, the fraction of pruned channels the export removed, and
+the largest output difference to the masked model. The scores are the initial ones (weight
+magnitudes): the structure and the speed do not depend on what was learned. A ``macs`` row per
+model asks ``budget="macs"`` for 50% of the MACs.
+
+Part 2, accuracy on real data: scikit-learn's digits and MNIST (a 10,000-image training subset,
+the full test split), a four-conv CNN (20-20-40-40 channels, so every budget is a whole number
+of channels per group and all methods land on the same MACs). The same dense start (trained
+``--dense-epochs``) is pruned at 30/50/70% of each group's channels by
+
+- ``bip``: ``torchbip.BiP`` with ``torchbip.Coupled`` in a plain SGD loop for ``--bip-epochs``
+  (library defaults for the upper level), then ``--finetune-epochs`` with the mask fixed;
+- ``tp_l1`` and ``tp_taylor``: Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)``
+  or ``TaylorImportance`` (gradients of 4 batches) at the same ratio, then
+  ``--bip-epochs + --finetune-epochs`` of fine-tuning, the same number of training steps.
+
+Every model is exported slim and evaluated once on the test split (no choice is made on it);
+the table gives the mean and standard deviation over ``--seeds``. Run::
+
+    python benchmarks/bench_coupled.py --quick   # about a minute
+    python benchmarks/bench_coupled.py           # the full run
+
+Writes ``bench_coupled-cpu-<machine>-<threads>threads-torch<version>[-quick].{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+import torchvision
+from bench_export import Batches, accuracy, count_macs, latency
+from torch import Tensor, nn
+
+import torchbip
+from torchbip.baselines import train
+from torchbip.datasets import load_digits, load_mnist
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def small_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(
+        image_size=224,
+        patch_size=16,
+        num_layers=6,
+        num_heads=3,
+        hidden_dim=192,
+        mlp_dim=768,
+        num_classes=1000,
+    )
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "resnet50": lambda: torchvision.models.resnet50(),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),
+    "vit_small": small_vit,
+}
+
+
+# --------------------------------------------------------------------------- part 1: structure
+
+
+def bench_structure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    dense = MODELS[name]().eval()
+    x = torch.randn(1, 3, args.image_size, args.image_size)
+    variants: dict[str, nn.Module] = {"dense": dense}
+    info: dict[str, dict[str, Any]] = {"dense": {"budget": None, "amount": 0.0}}
+    budgets = [("layer", a) for a in args.amounts] + ([("macs", 0.5)] if args.macs_row else [])
+    for budget, amount in budgets:
+        masked = copy.deepcopy(dense)
+        pruner = torchbip.BiP(masked, amount=amount, layout=torchbip.Coupled(x, budget=budget))
+        keeps = [pruner.layout.select(pruner.score_views)[o] for o in pruner.layout.owners]
+        pruner.finish()
+        start = time.perf_counter()
+        slim = torchbip.export_slim(masked.eval(), x).eval()
+        export_s = time.perf_counter() - start
+        modules = dict(slim.named_modules())
+        pruned = sum(g.size - int(k.sum()) for g, k in zip(pruner.layout.groups, keeps, strict=True))
+        removed = sum(g.size - modules[g.root].weight.shape[0] for g in pruner.layout.groups)
+        with torch.inference_mode():
+            diff = float((slim(x) - masked(x)).abs().max())
+        key = f"{budget}@{amount:.2f}"
+        variants[key] = slim
+        info[key] = {
+            "budget": budget,
+            "amount": amount,
+            "groups": len(pruner.layout.groups),
+            "pruned_channels": pruned,
+            "removed_channels": removed,
+            "removed_fraction": removed / pruned if pruned else 1.0,
+            "export_s": export_s,
+            "max_abs_diff_to_masked": diff,
+        }
+    for key, model in variants.items():
+        info[key]["params"] = sum(p.numel() for p in model.parameters())
+        info[key]["macs"] = count_macs(model, x)
+        latency(model, x, 1)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for key, model in variants.items():
+            times[key].append(latency(model, x, args.inner))
+    rows = []
+    for key in variants:
+        row = {"variant": key, **info[key], "latency_s": min(times[key])}
+        row["latency_median_s"] = statistics.median(times[key])
+        row["param_ratio"] = row["params"] / info["dense"]["params"]
+        row["mac_ratio"] = row["macs"] / info["dense"]["macs"]
+        row["speedup"] = min(times["dense"]) / row["latency_s"]
+        rows.append(row)
+        print(
+            f"[{name}] {key:12s} params {row['param_ratio']:.3f}x MACs {row['mac_ratio']:.3f}x "
+            f"latency {row['latency_s'] * 1e3:8.2f} ms speed-up {row['speedup']:.2f}x "
+            f"removed {row.get('removed_fraction', 1.0):.3f}",
+            flush=True,
+        )
+    return {"model": name, "input": list(x.shape), "rows": rows}
+
+
+# --------------------------------------------------------------------------- part 2: accuracy
+
+
+def cnn() -> nn.Module:
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(1, 20), *block(20, 20), nn.MaxPool2d(2), *block(20, 40), *block(40, 40),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(40, 10),
+    )  # fmt: skip
+
+
+def _data(name: str, args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if name == "digits":
+        xtr, ytr = load_digits("train").tensors
+        xte, yte = load_digits("test").tensors
+    else:
+        xtr, ytr = load_mnist(split="train", per_class=args.mnist_per_class).tensors
+        xte, yte = load_mnist(split="test").tensors
+    return xtr, ytr, xte, yte
+
+
+def _bip(model: nn.Module, data: Batches, amount: float, example: Tensor, args: argparse.Namespace) -> None:
+    steps = round(args.bip_epochs * len(data))
+    pruner = torchbip.BiP(model, amount=amount, layout=torchbip.Coupled(example), steps=steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    done = 0
+    while done < steps:
+        for images, labels in data:
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            pruner.step()
+            schedule.step()
+            done += 1
+            if done == steps:
+                break
+    pruner.finish()
+    if args.finetune_epochs:
+        train(model, data, args.finetune_epochs, lr=args.lr / 10)
+
+
+def _tp(
+    model: nn.Module, data: Batches, amount: float, example: Tensor, method: str, args: argparse.Namespace
+) -> None:
+    if method == "tp_taylor":
+        importance: Any = tp.importance.TaylorImportance()
+        model.zero_grad()
+        for i, (images, labels) in enumerate(data):
+            F.cross_entropy(model(images), labels).backward()
+            if i == 3:
+                break
+    else:
+        importance = tp.importance.MagnitudeImportance(p=1)
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    tp.pruner.MetaPruner(
+        model, example, importance=importance, pruning_ratio=amount, ignored_layers=[head]
+    ).step()
+    model.zero_grad(set_to_none=True)
+    train(model, data, args.bip_epochs + args.finetune_epochs, lr=args.lr)
+
+
+def bench_accuracy(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    xtr, ytr, xte, yte = _data(dataset, args)
+    example = xte[:2]
+    rows: list[dict[str, Any]] = []
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        dense = cnn()
+        train(dense, Batches(xtr, ytr, 64, seed), args.dense_epochs, lr=args.lr)
+        dense_macs = count_macs(dense.eval(), example)
+        rows.append({"dataset": dataset, "seed": seed, "method": "dense", "amount": 0.0,
+                     "accuracy": accuracy(dense, xte, yte), "mac_ratio": 1.0, "wall_s": 0.0})  # fmt: skip
+        for amount in args.amounts:
+            for method in ("bip", "tp_l1", "tp_taylor"):
+                torch.manual_seed(1000 + seed)
+                model = copy.deepcopy(dense).train()
+                data = Batches(xtr, ytr, 64, 1000 + seed)
+                start = time.perf_counter()
+                if method == "bip":
+                    _bip(model, data, amount, example, args)
+                    model = torchbip.export_slim(model.eval(), example)
+                else:
+                    _tp(model, data, amount, example, method, args)
+                wall = time.perf_counter() - start
+                row = {
+                    "dataset": dataset, "seed": seed, "method": method, "amount": amount,
+                    "accuracy": accuracy(model, xte, yte), "wall_s": wall,
+                    "mac_ratio": count_macs(model.eval(), example) / dense_macs,
+                }  # fmt: skip
+                rows.append(row)
+                print(
+                    f"[{dataset} seed {seed}] {method:9s} @{amount:.2f}: accuracy {row['accuracy']:.4f} "
+                    f"MACs {row['mac_ratio']:.3f}x ({wall:.1f} s)",
+                    flush=True,
+                )
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    keys = sorted({(r["dataset"], r["amount"], r["method"]) for r in rows})
+    for dataset, amount, method in keys:
+        cells = [r for r in rows if (r["dataset"], r["amount"], r["method"]) == (dataset, amount, method)]
+        accs = [r["accuracy"] for r in cells]
+        out.append({
+            "dataset": dataset, "amount": amount, "method": method, "n": len(cells),
+            "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "mac_ratio": statistics.mean(r["mac_ratio"] for r in cells),
+        })  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [
+        f"# bench_coupled ({env['device']} {env['machine']}, torch {env['torch']}, {env['threads']} threads)",
+        "",
+        f"Command: `{result['command']}`. Ratios are to the dense model of the same run; speed-up is "
+        "dense latency / slim latency, the best of interleaved repeats (batch 1).",
+        "",
+    ]
+    for model in result["models"]:
+        lines += [
+            f"## {model['model']} (input {'x'.join(map(str, model['input']))})",
+            "",
+            "| variant | params | MACs/image | latency (ms) | params ratio | MACs ratio | speed-up | "
+            "channels removed / pruned | max diff to masked |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in model["rows"]:
+            removed = f"{r['removed_channels']} / {r['pruned_channels']}" if r["budget"] else ""
+            diff = f"{r['max_abs_diff_to_masked']:.1e}" if r["budget"] else ""
+            lines.append(
+                f"| {r['variant']} | {r['params']:,} | {r['macs']:,} | {r['latency_s'] * 1e3:.2f} | "
+                f"{r['param_ratio']:.3f} | {r['mac_ratio']:.3f} | {r['speedup']:.2f}x | {removed} | {diff} |"
+            )
+        lines.append("")
+    if result["accuracy_summary"]:
+        lines += [
+            "## Accuracy: structured BiP against Torch-Pruning's L1 and Taylor importance",
+            "",
+            "Test accuracy of the slim models, mean ± std over seeds; the same dense start, the same "
+            "channels per group (so the same MACs, the `MACs` column) and the same number of training "
+            "steps after the dense phase. `best other`: the better of L1 and Taylor; `BiP ahead` is "
+            "BiP's mean minus it.",
+            "",
+            "| data | channels pruned | MACs | BiP | TP L1 | TP Taylor | BiP ahead |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        cells = {(c["dataset"], c["amount"], c["method"]): c for c in result["accuracy_summary"]}
+        for dataset, amount in sorted({(c["dataset"], c["amount"]) for c in result["accuracy_summary"]}):
+            if amount == 0.0:
+                dense = cells[(dataset, 0.0, "dense")]
+                lines.append(
+                    f"| {dataset} | dense | 1.000 | {dense['mean']:.4f} ± {dense['std']:.4f} | | | |"
+                )
+                continue
+            got = {m: cells[(dataset, amount, m)] for m in ("bip", "tp_l1", "tp_taylor")}
+            best = max(got["tp_l1"]["mean"], got["tp_taylor"]["mean"])
+            lines.append(
+                f"| {dataset} | {amount:.0%} | {got['bip']['mac_ratio']:.3f} | "
+                + " | ".join(
+                    f"{got[m]['mean']:.4f} ± {got[m]['std']:.4f}" for m in ("bip", "tp_l1", "tp_taylor")
+                )
+                + f" | {got['bip']['mean'] - best:+.4f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({c["dataset"] for c in result["accuracy_summary"]})
+    panels = 1 + len(datasets)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), layout="constrained", squeeze=False)
+    ax = axes[0][0]
+    for model in result["models"]:
+        rows = [r for r in model["rows"] if r["budget"] == "layer"]
+        ax.plot([r["mac_ratio"] for r in rows], [r["speedup"] for r in rows], "o-", label=model["model"])
+    ax.set(xlabel="MACs of the slim model / dense", ylabel="CPU speed-up (batch 1)", title="slim models")
+    ax.legend()
+    for ax, dataset in zip(axes[0][1:], datasets, strict=True):
+        for method in ("bip", "tp_l1", "tp_taylor"):
+            cells = sorted(
+                (c for c in result["accuracy_summary"] if c["dataset"] == dataset and c["method"] == method),
+                key=lambda c: c["amount"],
+            )
+            ax.errorbar([c["amount"] for c in cells], [c["mean"] for c in cells], [c["std"] for c in cells],
+                        marker="o", capsize=3, label=method)  # fmt: skip
+        ax.set(xlabel="fraction of channels pruned", ylabel="test accuracy", title=dataset)
+        ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute)")
+    parser.add_argument("--models", nargs="*", default=None, choices=sorted(MODELS))
+    parser.add_argument("--datasets", nargs="*", default=["digits", "mnist"], choices=["digits", "mnist"])
+    parser.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--inner", type=int, default=2, help="forward passes per timing")
+    parser.add_argument("--no-macs-row", dest="macs_row", action="store_false")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--mnist-per-class", type=int, default=1000)
+    parser.add_argument("--dense-epochs", type=float, default=6)
+    parser.add_argument("--bip-epochs", type=float, default=3)
+    parser.add_argument("--finetune-epochs", type=float, default=1)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models = ["resnet18"] if args.models is None else args.models
+        args.datasets = args.datasets[:1]
+        args.image_size, args.repeats, args.inner, args.amounts = 64, 2, 1, [0.5]
+        args.seeds, args.mnist_per_class = 1, 50
+        args.dense_epochs, args.bip_epochs, args.finetune_epochs = 1, 0.5, 0.5
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = list(MODELS) if args.models is None else args.models
+    result: dict[str, Any] = {
+        "command": ("python benchmarks/bench_coupled.py " + " ".join(argv or [])).strip(),
+        "environment": {
+            "device": "cpu",
+            "machine": platform.machine(),
+            "torch": torch.__version__.split("+")[0],
+            "threads": torch.get_num_threads(),
+            "torch_pruning": tp.__version__,
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "models": [bench_structure(name, args) for name in models],
+    }
+    accuracy_rows = [row for dataset in args.datasets for row in bench_accuracy(dataset, args)]
+    result["accuracy"] = accuracy_rows
+    result["accuracy_summary"] = summarize(accuracy_rows) if accuracy_rows else []
+    env = result["environment"]
+    stem = f"bench_coupled-cpu-{env['machine']}-{env['threads']}threads-torch{env['torch']}"
+    stem += "-quick" if args.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    try:
+        plot(result, args.out / f"{stem}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+    print(f"wrote {args.out / stem}.json, .md and .png", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
