@@ -10,7 +10,7 @@ the largest output difference to the masked model. The scores are the initial on
 magnitudes): the structure and the speed do not depend on what was learned. A ``macs`` row per
 model asks ``budget="macs"`` for 50% of the MACs.
 
-Part 2, accuracy on real data: scikit-learn's digits and MNIST (a 10,000-image training subset,
+Part 2, accuracy on real data: scikit-learn's digits and MNIST (a 3,000-image training subset,
 the full test split), a four-conv CNN (20-20-40-40 channels, so every budget is a whole number
 of channels per group and all methods land on the same MACs). The same dense start (trained
 ``--dense-epochs``) is pruned at 30/50/70% of each group's channels by
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--inner", type=int, default=2, help="forward passes per timing")
     parser.add_argument("--no-macs-row", dest="macs_row", action="store_false")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--mnist-per-class", type=int, default=1000)
+    parser.add_argument("--mnist-per-class", type=int, default=300)
     parser.add_argument("--dense-epochs", type=float, default=6)
     parser.add_argument("--bip-epochs", type=float, default=3)
     parser.add_argument("--finetune-epochs", type=float, default=1)

@@ -10,7 +10,10 @@ BatchNorm channel, the input channel of every consumer, and every layer tied to 
 residual additions, concatenations, splits and flattening. A group of ``C`` channels gets ``C``
 scores; channel ``k``'s mask zeroes the ``k``-th slice of every tensor in the group (weights,
 biases and the BatchNorm's affine parameters), so a pruned channel is exactly zero everywhere
-and :func:`torchbip.export_slim` removes every pruned channel.
+and :func:`torchbip.export_slim` removes every pruned channel. The heads of every
+:class:`torch.nn.MultiheadAttention` form one more group per module (a head's query, key and
+value rows of ``in_proj_weight`` and ``in_proj_bias``); the export replaces the module by a
+:class:`torchbip.attention.SlimMultiheadAttention` with the kept heads.
 
 The score of channel :math:`k` moves along the chain rule through the shared mask: the sum,
 over every tensor :math:`t` of the group and every entry in its slice :math:`k`, of the
@@ -23,7 +26,8 @@ Budgets (``amount`` is always one number):
 - ``"global"``: all channels of all groups ranked together, with the per-group floor
   ``min_keep`` and cap ``max_keep`` of :class:`torchbip.BiP`;
 - ``"macs"``: ``amount`` is the fraction of the model's multiply-accumulates (all
-  convolutions and linear layers, on ``example_inputs``) to remove; every group prunes the same
+  convolutions and linear layers called as modules, on ``example_inputs``; an attention
+  module's own projections are not counted) to remove; every group prunes the same
   fraction of its channels, the one whose MACs come closest to the target.
 
 Every group keeps at least one channel (a layer is never removed whole). Groups whose channels
@@ -264,11 +268,25 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
                 [(n, p, d, pos, ch) for (n, p, d), (pos, ch) in shares.items()],
             )
         )
-    # tensors in model order: modules as named_modules() lists them, then weight before bias
+    for name, module in twin.named_modules():  # attention heads: one group per attention module
+        if not isinstance(module, nn.MultiheadAttention) or name in {g.root for g, _ in ordered}:
+            continue
+        if not (module._qkv_same_embed_dim and module.bias_k is None and module.in_proj_weight is not None):
+            skipped.append((name, "attention with separate query/key/value weights or bias_k/bias_v"))
+            continue
+        e, d = module.embed_dim, module.head_dim
+        rows = list(range(3 * e))
+        heads = [(r % e) // d for r in rows]
+        shares_list = [(name, "in_proj_weight", 0, rows, heads)]
+        if module.in_proj_bias is not None:
+            shares_list.append((name, "in_proj_bias", 0, rows, heads))
+        ordered.append((ChannelGroup(name, module.num_heads, (), (name,)), shares_list))
+    # tensors in model order: modules as named_modules() lists them, then their own order
     rank = {n: i for i, n in enumerate(modules)}
+    own = {n: {p: i for i, p in enumerate(m._parameters)} for n, m in modules.items()}
     keys = sorted(
         {(n, p) for _, shares_ in ordered for n, p, *_ in shares_},
-        key=lambda k: (rank[k[0]], k[1] != "weight"),
+        key=lambda k: (rank[k[0]], own[k[0]].get(k[1], 0)),
     )
     for key in keys:
         param_index[key] = len(params)

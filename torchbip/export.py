@@ -22,6 +22,10 @@ bias near the borders). Channels that reach the model's output are never removed
 are read from one forward pass on ``example_inputs`` in eval mode, and the slim model is checked
 against the masked one on the same inputs (``verify=True``): equality holds in eval mode.
 
+Attention heads: a head of an :class:`torch.nn.MultiheadAttention` whose value rows (and value
+bias) are zero contributes nothing, and is removed too; the module becomes a
+:class:`torchbip.attention.SlimMultiheadAttention` with the other heads (at least one stays).
+
 Saving and loading: the slim model's ``state_dict`` holds plain tensors of the smaller shapes.
 Save it with :func:`torch.save`; to load it, build the original architecture again and call
 :func:`load_slim_state_dict`, which resizes each layer to the shapes in the state dict (no pickled
@@ -387,11 +391,27 @@ def export_slim(
                     if graph.is_in_channel_pruning_fn(item.dep.handler):
                         stats.drop(item.dep.target.module, list(item.idxs))
                 group.prune()
+    _remove_heads(slim)
     if verify:
         with torch.no_grad():
             outputs = slim(*inputs)
         _check_close(outputs, reference, rtol, atol)
     return slim.train(training)
+
+
+def _remove_heads(model: nn.Module) -> None:
+    """Turn every attention module with removable heads into a slim one (never removing all)."""
+    from torchbip.attention import SlimMultiheadAttention, removable_heads
+
+    for module in model.modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        dead = set(removable_heads(module))
+        if dead and len(dead) < module.num_heads:
+            keep = [h for h in range(module.num_heads) if h not in dead]
+            module.__class__ = SlimMultiheadAttention
+            assert isinstance(module, SlimMultiheadAttention)
+            module.shrink(keep)
 
 
 def _check_export_arguments(
@@ -527,6 +547,14 @@ def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     except BaseException:
         snapshot.restore()
         raise
+    from torchbip.attention import SlimMultiheadAttention
+
+    for module in plan.modules:  # attention that lost heads computes with the kept ones only
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        if module.num_heads * module.head_dim != module.embed_dim:
+            module.__class__ = SlimMultiheadAttention
+            module._qkv_same_embed_dim = False
     return model
 
 
@@ -541,6 +569,7 @@ _LAYER_ATTRIBUTES = (
     "num_channels",
     "normalized_shape",
     "num_parameters",
+    "num_heads",
 )
 
 
@@ -730,6 +759,12 @@ def _check_layer(module: nn.Module, head: str, shapes: Mapping[str, torch.Size])
             raise fail(f"{weight[0]} channels do not split into num_groups={module.num_groups}")
     elif isinstance(module, nn.LayerNorm) and len({shape(k) for k in ("weight", "bias")} - {None}) > 1:
         raise fail("weight and bias need one shape")
+    elif isinstance(module, nn.MultiheadAttention) and "in_proj_weight" in shapes:
+        rows = shapes["in_proj_weight"][0]
+        if rows % (3 * module.head_dim):
+            raise fail(f"in_proj_weight needs 3 * head_dim = {3 * module.head_dim} rows per head")
+        if tuple(shapes["in_proj_weight"][1:]) != (module.embed_dim,):
+            raise fail(f"in_proj_weight keeps {module.embed_dim} columns (embed_dim)")
 
 
 def _apply_plan(model: nn.Module, plan: _LoadPlan) -> None:
@@ -772,3 +807,5 @@ def _update_attributes(module: nn.Module) -> None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.shape[0]
+    elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        module.num_heads = module.in_proj_weight.shape[0] // (3 * module.head_dim)

@@ -14,6 +14,7 @@ form and :func:`torchbip.export_slim` returns a slim model. Checked against inde
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import pytest
@@ -23,6 +24,7 @@ import torchvision
 from torch import nn
 
 import torchbip
+from torchbip.attention import SlimMultiheadAttention
 
 tp = pytest.importorskip("torch_pruning")
 
@@ -181,6 +183,10 @@ def _encoder() -> nn.Module:
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
 
+def _attentions(model: nn.Module) -> list[nn.MultiheadAttention]:
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
 @pytest.mark.parametrize(
     ("build", "shape", "hidden"),
     [
@@ -189,18 +195,20 @@ def _encoder() -> nn.Module:
     ],
     ids=["vit", "transformer_encoder"],
 )
-def test_mlp_hidden_neurons_are_groups_and_export_narrows_the_mlp(
+def test_heads_and_mlp_neurons_are_groups_and_export_removes_them(
     build: Callable[[], nn.Module], shape: tuple[int, ...], hidden: Callable[[nn.Module], list[nn.Linear]]
 ) -> None:
-    """A hidden neuron's two weight slices (and its bias) form one group; export removes it."""
+    """A head's query, key and value rows form one group, an MLP hidden neuron's two weight
+    slices (and its bias) another; the export leaves fewer heads and a narrower MLP."""
     torch.manual_seed(0)
     model = build()
     x = torch.randn(*shape)
     pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x))
-    firsts = hidden(model)
-    # one group per MLP: the first linear's rows and bias, the second's columns; nothing else
-    assert sorted(g.size for g in pruner.layout.groups) == [f.out_features for f in firsts]
-    assert len(pruner.names) == 3 * len(firsts)
+    firsts, attentions = hidden(model), _attentions(model)
+    sizes = sorted(g.size for g in pruner.layout.groups)
+    assert sizes == sorted([f.out_features for f in firsts] + [a.num_heads for a in attentions])
+    # per MLP: the first linear's weight and bias, the second's weight; per attention: in_proj
+    assert len(pruner.names) == 3 * len(firsts) + 2 * len(attentions)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(2):
         optimizer.zero_grad()
@@ -210,6 +218,24 @@ def test_mlp_hidden_neurons_are_groups_and_export_narrows_the_mlp(
     pruner.finish()
     slim = torchbip.export_slim(model.eval(), x)
     assert [f.out_features for f in hidden(slim)] == [f.out_features // 2 for f in firsts]
+    slim_attentions = _attentions(slim)
+    assert all(isinstance(a, SlimMultiheadAttention) for a in slim_attentions)
+    assert [a.num_heads for a in slim_attentions] == [a.num_heads // 2 for a in attentions]
     inputs = torch.randn(*shape)
+    kwargs = {}
+    if build is _encoder:  # padding and a causal mask go through the slim attention too
+        kwargs = {
+            "src_key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2]),
+            "mask": torch.ones(5, 5, dtype=torch.bool).triu(1),
+        }
     with torch.no_grad():
-        torch.testing.assert_close(slim(inputs), model(inputs), rtol=1e-5, atol=1e-6)
+        want = model(inputs, **kwargs)
+        torch.testing.assert_close(slim(inputs, **kwargs), want, rtol=1e-5, atol=1e-5)
+    # the slim state dict loads into a freshly built model of the same architecture
+    buffer = io.BytesIO()
+    torch.save(slim.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = torchbip.load_slim_state_dict(build(), torch.load(buffer, weights_only=True)).eval()
+    assert [type(a) for a in _attentions(rebuilt)] == [SlimMultiheadAttention] * len(attentions)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(inputs, **kwargs), slim(inputs, **kwargs))

@@ -1,0 +1,103 @@
+"""``SlimMultiheadAttention`` against ``nn.MultiheadAttention`` whose removed heads are zeroed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torchbip.attention import SlimMultiheadAttention, head_rows, removable_heads
+
+E, H, D = 12, 4, 3
+
+
+def _attention(batch_first: bool, bias: bool = True) -> nn.MultiheadAttention:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, bias=bias).eval()
+    with torch.no_grad():  # heads 1 and 3 output nothing: their value rows and bias are zero
+        for head in (1, 3):
+            rows = head_rows(E, D, head)[2 * D :]
+            mha.in_proj_weight[rows] = 0
+            if bias:
+                mha.in_proj_bias[rows] = 0
+    return mha
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize(
+    "masks",
+    ["none", "bool_attn_mask", "float_attn_mask", "key_padding_mask", "causal", "per_head_mask"],
+)
+def test_outputs_and_kept_heads_weights_equal_the_full_attention(batch_first: bool, masks: str) -> None:
+    mha = _attention(batch_first)
+    assert removable_heads(mha) == [1, 3]
+    slim = SlimMultiheadAttention.from_attention(mha, keep=[0, 2])
+    assert (slim.num_heads, slim.head_dim, slim.embed_dim) == (2, D, E)
+    assert slim.in_proj_weight.shape == (3 * 2 * D, E)
+    assert slim.out_proj.weight.shape == (E, 2 * D)
+    gen = torch.Generator().manual_seed(1)
+    n, length, source = 2, 5, 6
+    shape = (n, length, E) if batch_first else (length, n, E)
+    kv_shape = (n, source, E) if batch_first else (source, n, E)
+    q, k, v = (
+        torch.randn(shape, generator=gen),
+        torch.randn(kv_shape, generator=gen),
+        torch.randn(kv_shape, generator=gen),
+    )
+    full_kwargs: dict = {}
+    slim_kwargs: dict = {}
+    if masks == "bool_attn_mask":
+        full_kwargs["attn_mask"] = torch.rand(length, source, generator=gen) > 0.7
+    elif masks == "float_attn_mask":
+        full_kwargs["attn_mask"] = torch.randn(length, source, generator=gen)
+    elif masks == "key_padding_mask":
+        full_kwargs["key_padding_mask"] = torch.tensor([[False] * source, [False] * 4 + [True] * 2])
+    elif masks == "causal":
+        k, v = q, q  # self-attention: a square causal mask
+        full_kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(length)
+        full_kwargs["is_causal"] = True
+    elif masks == "per_head_mask":
+        per_head = torch.randn(n, H, length, source, generator=gen)
+        full_kwargs["attn_mask"] = per_head.reshape(n * H, length, source)
+        slim_kwargs["attn_mask"] = per_head[:, [0, 2]].reshape(n * 2, length, source)
+    slim_kwargs = {**full_kwargs, **slim_kwargs}
+    with torch.no_grad():
+        want, want_weights = mha(q, k, v, average_attn_weights=False, **full_kwargs)
+        got, got_weights = slim(q, k, v, average_attn_weights=False, **slim_kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_weights is not None
+    assert want_weights is not None
+    torch.testing.assert_close(got_weights, want_weights[:, [0, 2]], rtol=1e-5, atol=1e-6)
+    assert slim(q, k, v, need_weights=False, **slim_kwargs)[1] is None
+
+
+def test_unbatched_inputs_and_no_bias() -> None:
+    mha = _attention(batch_first=True, bias=False)
+    slim = SlimMultiheadAttention.from_attention(mha, keep=[0, 2])
+    x = torch.randn(5, E)
+    with torch.no_grad():
+        got, got_weights = slim(x, x, x, average_attn_weights=False)
+        want, want_weights = mha(x, x, x, average_attn_weights=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_weights, want_weights[[0, 2]], rtol=1e-5, atol=1e-6)
+
+
+def test_the_module_it_came_from_is_unchanged_and_bad_keeps_are_refused() -> None:
+    mha = _attention(batch_first=True)
+    before = {k: v.clone() for k, v in mha.state_dict().items()}
+    slim = SlimMultiheadAttention.from_attention(mha, keep=[2, 0, 2])  # order and repeats ignored
+    assert slim.num_heads == 2
+    assert all(torch.equal(before[k], v) for k, v in mha.state_dict().items())
+    assert mha.num_heads == H
+    assert type(mha) is nn.MultiheadAttention
+    with pytest.raises(ValueError, match=r"keep must name 1 to 4 heads in 0\.\.3, got \[\]"):
+        SlimMultiheadAttention.from_attention(mha, keep=[])
+    with pytest.raises(ValueError, match="keep must name"):
+        SlimMultiheadAttention.from_attention(mha, keep=[4])
+    separate = nn.MultiheadAttention(E, H, kdim=5, vdim=5)
+    with pytest.raises(ValueError, match="only attention with one in_proj_weight"):
+        SlimMultiheadAttention.from_attention(separate, keep=[0])
+    assert removable_heads(separate) == []
+    x = torch.randn(2, 5, E)
+    with pytest.raises(ValueError, match="a per-head mask needs batch \\* num_heads = 4 rows"):
+        slim(x, x, x, attn_mask=torch.zeros(2 * H, 5, 5))

@@ -1,0 +1,192 @@
+r"""Attention with fewer heads: what :func:`torchbip.export_slim` makes of pruned heads.
+
+:class:`torch.nn.MultiheadAttention` ties its inner width to ``embed_dim`` (``num_heads *
+head_dim == embed_dim``), so a head cannot be removed from it. :class:`SlimMultiheadAttention`
+is the same module with fewer heads of the same ``head_dim``: its ``in_proj_weight`` holds the
+kept heads' query, key and value rows (``3 * num_heads * head_dim`` rows of ``embed_dim``
+columns) and its ``out_proj`` reads ``num_heads * head_dim`` inputs. Its state dict has the keys
+of the module it replaces, and it takes the same call arguments (``key_padding_mask``,
+``need_weights``, ``attn_mask``, ``average_attn_weights``, ``is_causal``), so a model that calls
+its attention as torchvision's ``VisionTransformer`` or ``nn.TransformerEncoderLayer`` do runs
+unchanged. Attention weights (``need_weights=True``) are those of the kept heads.
+
+A head is removable when its value rows and value bias are zero: its output is then zero
+whatever its attention weights, so removing it (with ``out_proj``'s columns for it) leaves the
+module's output unchanged. :class:`torchbip.Coupled` masks a pruned head's query, key and value
+rows, so every pruned head is removable.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> mha = nn.MultiheadAttention(8, 4, batch_first=True).eval()
+    >>> with torch.no_grad():
+    ...     mha.in_proj_weight[16 + 2:16 + 4] = 0  # the value rows of head 1 (head_dim 2)
+    ...     mha.in_proj_bias[16 + 2:16 + 4] = 0
+    >>> removable_heads(mha)
+    [1]
+    >>> slim = SlimMultiheadAttention.from_attention(mha, keep=[0, 2, 3])
+    >>> x = torch.randn(2, 5, 8)
+    >>> slim.num_heads, torch.allclose(slim(x, x, x)[0], mha(x, x, x)[0], atol=1e-6)
+    (3, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SlimMultiheadAttention", "head_rows", "removable_heads"]
+
+
+def head_rows(embed_dim: int, head_dim: int, head: int) -> list[int]:
+    """The rows of ``in_proj_weight`` that hold one head: its query, key and value rows.
+
+    Example:
+        >>> head_rows(8, 2, 1)
+        [2, 3, 10, 11, 18, 19]
+    """
+    return [part * embed_dim + head * head_dim + i for part in range(3) for i in range(head_dim)]
+
+
+def removable_heads(module: nn.MultiheadAttention) -> list[int]:
+    """The heads of ``module`` whose value rows and value bias are all zero.
+
+    Only attention with one ``in_proj_weight`` (query, key and value of the same width) and
+    without ``bias_k``/``bias_v`` is considered; for other modules the list is empty.
+    """
+    if not (_supported(module) or isinstance(module, SlimMultiheadAttention)):
+        return []
+    weight, bias = module.in_proj_weight, module.in_proj_bias
+    n, d = weight.shape[0] // 3, module.head_dim
+    out = []
+    for h in range(module.num_heads):
+        rows = slice(2 * n + h * d, 2 * n + (h + 1) * d)
+        if not weight[rows].any() and (bias is None or not bias[rows].any()):
+            out.append(h)
+    return out
+
+
+def _supported(module: nn.MultiheadAttention) -> bool:
+    return bool(module._qkv_same_embed_dim) and module.bias_k is None and module.in_proj_weight is not None
+
+
+class SlimMultiheadAttention(nn.MultiheadAttention):
+    """:class:`torch.nn.MultiheadAttention` with fewer heads of the same ``head_dim``.
+
+    Build it with :meth:`from_attention`. ``embed_dim`` (the width of its inputs and outputs)
+    and ``head_dim`` stay; ``num_heads`` counts the kept heads. It reports
+    ``_qkv_same_embed_dim = False`` so that fused fast paths, which assume ``num_heads *
+    head_dim == embed_dim`` (``nn.TransformerEncoderLayer``'s), are not taken.
+    """
+
+    @classmethod
+    def from_attention(cls, module: nn.MultiheadAttention, keep: Sequence[int]) -> SlimMultiheadAttention:
+        """A copy of ``module`` with only the heads ``keep`` (at least one).
+
+        Raises:
+            ValueError: for an empty or out-of-range ``keep``, or a module with separate query,
+                key and value weights or with ``bias_k``/``bias_v``.
+        """
+        if not _supported(module):
+            raise ValueError(
+                f"only attention with one in_proj_weight and no bias_k/bias_v can lose heads, got {module!r}"
+            )
+        heads = sorted({int(h) for h in keep})
+        if not heads or heads[0] < 0 or heads[-1] >= module.num_heads:
+            raise ValueError(
+                f"keep must name 1 to {module.num_heads} heads in 0..{module.num_heads - 1}, got {keep!r}"
+            )
+        slim = copy.deepcopy(module)
+        slim.__class__ = cls
+        assert isinstance(slim, SlimMultiheadAttention)
+        slim.shrink(heads)
+        return slim
+
+    def shrink(self, heads: Sequence[int]) -> None:
+        """Keep only ``heads`` (indices of the current heads), in place."""
+        d = self.head_dim
+        n = self.in_proj_weight.shape[0] // 3
+        rows = [part * n + h * d + i for part in range(3) for h in heads for i in range(d)]
+        columns = [h * d + i for h in heads for i in range(d)]
+        with torch.no_grad():
+            self.in_proj_weight = nn.Parameter(self.in_proj_weight[rows].clone())
+            if self.in_proj_bias is not None:
+                self.in_proj_bias = nn.Parameter(self.in_proj_bias[rows].clone())
+            out = self.out_proj
+            out.weight = nn.Parameter(out.weight[:, columns].clone())
+            out.in_features = len(columns)
+        self.num_heads = len(heads)
+        self._qkv_same_embed_dim = False
+
+    def resize_to(self, rows: int) -> None:
+        """Make the attributes agree with an ``in_proj_weight`` of ``rows`` rows (loading)."""
+        self.num_heads = rows // (3 * self.head_dim)
+        self.out_proj.in_features = self.num_heads * self.head_dim
+        self._qkv_same_embed_dim = False
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`torch.nn.MultiheadAttention.forward`, over the kept heads."""
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        length, batch, _ = query.shape
+        source = key.shape[0]
+        h, d = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def heads(x: Tensor, weight: Tensor, bias: Tensor | None, steps: int) -> Tensor:
+            return F.linear(x, weight, bias).reshape(steps, batch, h, d).permute(1, 2, 0, 3)
+
+        q, k, v = heads(query, w_q, b_q, length), heads(key, w_k, b_k, source), heads(value, w_v, b_v, source)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
+        if attn_mask is not None:
+            mask = attn_mask
+            if mask.dim() == 3:  # (batch * heads, L, S): each head's own mask
+                if mask.shape[0] != batch * h:
+                    raise ValueError(
+                        f"attn_mask of shape {tuple(mask.shape)}: a per-head mask needs batch * num_heads = "
+                        f"{batch * h} rows (this attention keeps {h} heads)"
+                    )
+                mask = mask.reshape(batch, h, length, source)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if key_padding_mask is not None:
+            pad = key_padding_mask.reshape(batch, 1, 1, source)
+            scores = scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else scores + pad
+        weights = scores.softmax(dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        out = (weights @ v).permute(2, 0, 1, 3).reshape(length, batch, h * d)
+        out = self.out_proj(out)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        elif not batched:
+            out = out.squeeze(1)
+        if not need_weights:
+            return out, None
+        shown = weights.mean(dim=1) if average_attn_weights else weights
+        return out, shown if batched else shown.squeeze(0)
