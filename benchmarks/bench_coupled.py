@@ -3,8 +3,8 @@ how accurate it is against Torch-Pruning's own criteria.
 
 Part 1, structure (one run, interleaved timings). For torchvision's resnet18, resnet50 and
 mobilenet_v2 (224x224 inputs) and a small VisionTransformer (224x224, 6 layers, width 192; its
-MLP hidden neurons are the groups), at 30/50/70% of each group's channels (``budget="layer"``):
-parameters, MACs per image (counted with forward hooks), CPU latency of the slim model
+attention heads and MLP hidden neurons are the groups), at 30/50/70% of each group's channels
+(``budget="layer"``): parameters, MACs per image (counted with forward hooks), CPU latency of the slim model
 (``export_slim``) against the dense one, the fraction of pruned channels the export removed, and
 the largest output difference to the masked model. The scores are the initial ones (weight
 magnitudes): the structure and the speed do not depend on what was learned. A ``macs`` row per
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 import torchvision
-from bench_export import Batches, accuracy, count_macs, latency
+from bench_export import Batches, accuracy, latency
 from torch import Tensor, nn
 
 import torchbip
@@ -79,6 +79,55 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 # --------------------------------------------------------------------------- part 1: structure
 
 
+def count_macs(model: nn.Module, x: Tensor) -> int:
+    """Multiply-accumulates per sample: convolutions, linear layers and attention modules.
+
+    An attention module (``nn.MultiheadAttention`` or the slim one) counts its query, key and
+    value projections, the two attention products and its output projection, per head.
+    """
+    total = 0.0
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    inner = {id(a.out_proj) for a in attentions}
+
+    def layer(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * (module.in_channels // module.groups) * module.weight[0, 0].numel()
+        elif isinstance(module, nn.Linear) and id(module) not in inner:
+            total += output.numel() * module.in_features
+
+    def attention(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        nonlocal total
+        assert isinstance(module, nn.MultiheadAttention)
+        query, key = inputs[0], inputs[1]
+        n = query.shape[0] if module.batch_first else query.shape[1]
+        length, source = query.numel() // (n * module.embed_dim), key.numel() // (n * module.kdim)
+        width = module.num_heads * module.head_dim  # the kept heads' inner width
+        projections = (
+            n * (length + 2 * source) * module.embed_dim * width + n * length * width * module.embed_dim
+        )
+        total += projections + 2 * n * length * source * width
+
+    handles = [
+        m.register_forward_hook(layer) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    handles += [m.register_forward_hook(attention) for m in attentions]
+    with torch.inference_mode():
+        model(x)
+    for h in handles:
+        h.remove()
+    return round(total / x.shape[0])
+
+
+def _channels(module: nn.Module) -> int:
+    """What a group's root has left: its heads (attention) or output channels."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.num_heads
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight.shape[0]
+
+
 def bench_structure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     dense = MODELS[name]().eval()
@@ -96,7 +145,7 @@ def bench_structure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         export_s = time.perf_counter() - start
         modules = dict(slim.named_modules())
         pruned = sum(g.size - int(k.sum()) for g, k in zip(pruner.layout.groups, keeps, strict=True))
-        removed = sum(g.size - modules[g.root].weight.shape[0] for g in pruner.layout.groups)
+        removed = sum(g.size - _channels(modules[g.root]) for g in pruner.layout.groups)
         with torch.inference_mode():
             diff = float((slim(x) - masked(x)).abs().max())
         key = f"{budget}@{amount:.2f}"

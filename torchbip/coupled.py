@@ -26,9 +26,11 @@ Budgets (``amount`` is always one number):
 - ``"global"``: all channels of all groups ranked together, with the per-group floor
   ``min_keep`` and cap ``max_keep`` of :class:`torchbip.BiP`;
 - ``"macs"``: ``amount`` is the fraction of the model's multiply-accumulates (all
-  convolutions and linear layers called as modules, on ``example_inputs``; an attention
-  module's own projections are not counted) to remove; every group prunes the same
-  fraction of its channels, the one whose MACs come closest to the target.
+  convolutions, linear layers and attention modules, with their projections and both attention
+  products, on ``example_inputs``) to remove; every group prunes the same fraction of its
+  channels, the one whose MACs come closest to the target (groups of fewer than 16 channels,
+  such as attention heads, move in coarse steps: they keep that fraction rounded, and the larger
+  groups' common fraction is then set again to land closest to the target).
 
 Every group keeps at least one channel (a layer is never removed whole). Groups whose channels
 reach the model's output (the classifier), or pass through a layer whose channels cannot be
@@ -78,6 +80,7 @@ __all__ = ["BUDGETS", "BiPCoupled", "ChannelGroup", "Coupled", "CoupledLayout", 
 BUDGETS: tuple[str, ...] = ("layer", "global", "macs")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER_TYPES = (nn.Linear, *_CONV_TYPES)
+_FINE_GROUP = 16  # groups of at least this many channels take the MACs budget's fine adjustment
 
 
 # -- the groups --------------------------------------------------------------------------------
@@ -133,6 +136,8 @@ class LayerMacs:
     @property
     def dense(self) -> float:
         """The layer's MACs with every channel kept."""
+        if isinstance(self.module, nn.MultiheadAttention):  # per_pair: the MACs of one head
+            return self.per_pair * self.module.num_heads
         weight = self.module.weight
         assert isinstance(weight, Tensor)
         return self.per_pair * weight.shape[0] * weight.shape[1]
@@ -321,7 +326,22 @@ def _layer_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
         per_output = out.numel() / out.shape[1 if isinstance(module, _CONV_TYPES) else -1]
         found[names[module]] = found.get(names[module], 0.0) + per_output * math.prod(weight.shape[2:])
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    def record_attention(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        assert isinstance(module, nn.MultiheadAttention)
+        names_ = ("query", "key", "value")
+        query, key = (args[i] if len(args) > i else kwargs[names_[i]] for i in range(2))
+        e, d = module.embed_dim, module.head_dim
+        tokens, sources = query.numel() / e, key.numel() / module.kdim
+        batch = 1 if query.dim() == 2 else query.shape[0 if module.batch_first else 1]
+        # one head: its query, key and value projections, the two attention products, out_proj
+        per_head = d * (2 * tokens * e + 2 * sources * e + 2 * tokens * sources / batch)
+        found[names[module]] = found.get(names[module], 0.0) + per_head
+
+    layers = [m for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    inner = {id(a.out_proj) for a in attentions}  # counted with its attention
+    hooks = [m.register_forward_hook(record) for m in layers if id(m) not in inner]
+    hooks += [m.register_forward_hook(record_attention, with_kwargs=True) for m in attentions]
     try:
         with torch.no_grad():
             model.eval()(*inputs)
@@ -441,7 +461,8 @@ class CoupledLayout(MaskLayout):
         for gi, g in enumerate(self.groups):
             for s in g.slots:
                 self.by_target[s.param].append((gi, s))
-        weights = {id(t.module): i for i, t in enumerate(self.targets) if t.name == "weight"}
+        named = ("weight", "in_proj_weight")
+        weights = {id(t.module): i for i, t in enumerate(self.targets) if t.name in named}
         self._macs = [(weights[id(m.module)], m) for m in found.macs.values() if id(m.module) in weights]
         self._fixed_macs = sum(m.dense for m in found.macs.values() if id(m.module) not in weights)
         self.dense_macs = found.dense_macs
@@ -510,7 +531,10 @@ class CoupledLayout(MaskLayout):
                     # (exact when each channel has the same number of positions, as it does)
                     share = len(slot.positions) * counts[gi] / self.groups[gi].size
                     kept[slot.dim] -= len(slot.positions) - share
-            total += layer.per_pair * kept[0] * kept[1]
+            if isinstance(layer.module, nn.MultiheadAttention):  # kept rows: 3 * head_dim per head
+                total += layer.per_pair * kept[0] / (3 * layer.module.head_dim)
+            else:
+                total += layer.per_pair * kept[0] * kept[1]
         return total
 
     def _counts_for_macs(self, amount: float) -> list[int]:
@@ -535,7 +559,28 @@ class CoupledLayout(MaskLayout):
                 f"and the layers outside the groups already take {least:.4g} (of {self.dense_macs:.4g}); "
                 f"at most amount={1 - least / self.dense_macs:.4f} is reachable"
             )
-        return counts(best)
+        chosen = counts(best)
+        fine = [i for i, n in enumerate(sizes) if n >= _FINE_GROUP]
+        if not fine or len(fine) == len(sizes):
+            return chosen
+        # Small groups (attention heads) move in coarse steps: keep their rounded counts and
+        # give the larger groups the common fraction that lands closest to the target.
+
+        def with_fine(q: float) -> list[int]:
+            out = list(chosen)
+            for i in fine:
+                out[i] = max(1, sizes[i] - round(q * sizes[i]))
+            return out
+
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            if self._macs_of_counts(with_fine(mid)) > target:
+                low = mid
+            else:
+                high = mid
+        options = [chosen, with_fine(low), with_fine(high)]
+        return min(options, key=lambda c: abs(self._macs_of_counts(c) - target))
 
     # -- MaskLayout --------------------------------------------------------------------------
 

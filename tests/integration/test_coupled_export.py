@@ -239,3 +239,48 @@ def test_heads_and_mlp_neurons_are_groups_and_export_removes_them(
     assert [type(a) for a in _attentions(rebuilt)] == [SlimMultiheadAttention] * len(attentions)
     with torch.no_grad():
         assert torch.equal(rebuilt(inputs, **kwargs), slim(inputs, **kwargs))
+
+
+def _attention_macs(model: nn.Module, x: torch.Tensor) -> float:
+    """Conv and linear MACs (not an attention's out_proj) plus each attention module's own:
+    its query, key, value and output projections and the two products, over its kept heads."""
+    total = 0.0
+    attentions = _attentions(model)
+    inner = {id(a.out_proj) for a in attentions}
+
+    def attention(module: nn.Module, args: tuple, output: object) -> None:
+        nonlocal total
+        assert isinstance(module, nn.MultiheadAttention)
+        n, length, e = args[0].shape  # batch_first
+        width = module.num_heads * module.head_dim
+        total += n * (3 * length * e * width + length * width * e) + 2 * n * length * length * width
+
+    def layer(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if id(module) in inner:
+            return
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        else:
+            total += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [a.register_forward_hook(attention) for a in attentions]
+    hooks += [m.register_forward_hook(layer) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def test_macs_budget_counts_attention_and_lands_within_two_percent_on_a_vit() -> None:
+    torch.manual_seed(0)
+    model = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x, budget="macs"))
+    assert pruner.layout.dense_macs == pytest.approx(_attention_macs(_small_vit(), x), rel=1e-9)
+    pruner.finish()
+    slim = torchbip.export_slim(model.eval(), x)
+    assert _attention_macs(slim, x) / _attention_macs(_small_vit(), x) == pytest.approx(0.5, abs=0.02)
