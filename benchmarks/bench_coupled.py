@@ -335,8 +335,9 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "Test accuracy of the slim models, mean ± std over seeds; the same dense start, the same "
             "channels per group (so the same MACs, the `MACs` column) and the same number of training "
-            "steps after the dense phase. `best other`: the better of L1 and Taylor; `BiP ahead` is "
-            "BiP's mean minus it.",
+            "steps after the dense phase. `BiP ahead`: BiP's mean minus the better of L1 and Taylor. "
+            f"MNIST: a {result['settings']['mnist_per_class'] * 10:,}-image training subset, the full "
+            "test split.",
             "",
             "| data | channels pruned | MACs | BiP | TP L1 | TP Taylor | BiP ahead |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
