@@ -8,17 +8,23 @@ graph (the optional extra ``torchbip[export]``, i.e. ``pip install torch-pruning
 groups of layers whose channels must go together: a convolution's output channel with its
 BatchNorm channel, the input channel of every consumer, and every layer tied to it through
 residual additions, concatenations, splits and flattening. A group of ``C`` channels gets ``C``
-scores; channel ``k``'s mask zeroes the ``k``-th slice of every tensor in the group (weights,
-biases and the BatchNorm's affine parameters), so a pruned channel is exactly zero everywhere
-and :func:`torchbip.export_slim` removes every pruned channel. The heads of every
+scores. While training, channel ``k``'s mask zeroes the ``k``-th input slice of every reader
+(the consumers' input channels): nothing reads a pruned channel, so the model computes what it
+would with the whole channel removed, and the channel keeps a first-order gradient (the change
+of the loss from putting it back), so its score moves and it can return. :meth:`torchbip.BiP.finish`
+then zeroes the ``k``-th slice of every tensor in the group (weights, biases and the
+BatchNorm's affine parameters, the outputs unchanged), so a pruned channel is exactly zero
+everywhere and :func:`torchbip.export_slim` removes every pruned channel. The heads of every
 :class:`torch.nn.MultiheadAttention` form one more group per module (a head's query, key and
 value rows of ``in_proj_weight`` and ``in_proj_bias``); the export replaces the module by a
 :class:`torchbip.attention.SlimMultiheadAttention` with the kept heads.
 
 The score of channel :math:`k` moves along the chain rule through the shared mask: the sum,
-over every tensor :math:`t` of the group and every entry in its slice :math:`k`, of the
+over every masked tensor :math:`t` of the group and every entry in its slice :math:`k`, of the
 element-wise upper gradient :math:`d\ell/dm_t` times the tensor's other mask factor (a
-convolution's weight mask is its output channels' keep times its input channels' keep).
+convolution that reads one group and writes another is masked by both). Masking every tensor
+while training would make that gradient zero for a pruned channel (the loss is flat in a
+channel that is zero everywhere); masking the readers alone keeps it.
 
 Budgets (``amount`` is always one number):
 
@@ -48,9 +54,13 @@ Example:
     >>> pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x))
     >>> pruner.names  # the first conv's group: its filters, its BatchNorm, the next conv's inputs
     ['0.weight', '0.bias', '1.weight', '1.bias', '3.weight', '3.bias', '5.weight']
-    >>> model[1].weight_mask.tolist() == (model[0].weight_mask[:, 0, 0, 0]).tolist()
-    True
-    >>> _ = pruner.finish()
+    >>> # while training, the readers are masked (the next conv's inputs), not the BatchNorm
+    >>> int(model[1].weight_mask.sum()), int(model[3].weight_mask[:, :, 0, 0].any(0).sum())
+    (8, 4)
+    >>> _ = pruner.finish()  # then every tensor of a pruned channel is zero
+    >>> bn, conv = model[1].weight_mask, model[0].weight_mask[:, 0, 0, 0]
+    >>> int(bn.sum()), bn.tolist() == conv.tolist()
+    (4, True)
     >>> slim = torchbip.export_slim(model, x)
     >>> slim[0].out_channels, slim[3].in_channels, slim[3].out_channels, slim[5].in_features
     (4, 4, 4, 16)
@@ -458,9 +468,17 @@ class CoupledLayout(MaskLayout):
             root_weight = [s for s in g.slots if s.dim == 0 and self.targets[s.param].module_fqn == g.root]
             self.owners.append(root_weight[0].param if root_weight else g.slots[0].param)
         self.by_target: list[list[tuple[int, Slot]]] = [[] for _ in self.targets]
+        # While training, a group's mask acts at its readers only (the input channels of its
+        # consumers; a group without any, such as attention heads, masks all its tensors): the
+        # output is the same as with the whole group zeroed, since nothing else reads a pruned
+        # channel, and a pruned channel keeps a first-order gradient (that of putting it back).
+        self.gated: list[list[tuple[int, Slot]]] = [[] for _ in self.targets]
         for gi, g in enumerate(self.groups):
+            readers = any(s.dim == 1 for s in g.slots)
             for s in g.slots:
                 self.by_target[s.param].append((gi, s))
+                if s.dim == 1 or not readers:
+                    self.gated[s.param].append((gi, s))
         named = ("weight", "in_proj_weight")
         weights = {id(t.module): i for i, t in enumerate(self.targets) if t.name in named}
         self._macs = [(weights[id(m.module)], m) for m in found.macs.values() if id(m.module) in weights]
@@ -618,13 +636,17 @@ class CoupledLayout(MaskLayout):
             keeps[owner] = keep
         return keeps
 
-    def factors(self, keeps: Sequence[Tensor]) -> list[dict[int, Tensor]]:
-        """Per target, the boolean keep of each axis a group indexes (``{dim: keep along dim}``)."""
+    def factors(self, keeps: Sequence[Tensor], whole: bool = False) -> list[dict[int, Tensor]]:
+        """Per target, the boolean keep of each axis a group masks (``{dim: keep along dim}``).
+
+        ``whole``: every tensor of every group (the final masks); else the readers only (the
+        masks while training).
+        """
         group_keeps = [keeps[o] for o in self.owners]
         out: list[dict[int, Tensor]] = []
         for i, shape in enumerate(self.shapes):
             per_dim: dict[int, Tensor] = {}
-            for gi, s in self.by_target[i]:
+            for gi, s in (self.by_target if whole else self.gated)[i]:
                 keep = group_keeps[gi]
                 f = per_dim.get(s.dim)
                 if f is None:
@@ -633,18 +655,30 @@ class CoupledLayout(MaskLayout):
             out.append(per_dim)
         return out
 
-    def masks(self, keeps: Sequence[Tensor]) -> list[Tensor]:
-        """See :meth:`MaskLayout.masks`: the product of each tensor's per-axis keeps."""
+    def masks(self, keeps: Sequence[Tensor], whole: bool = False) -> list[Tensor]:
+        """See :meth:`MaskLayout.masks`: the product of each tensor's per-axis keeps.
+
+        While training (the default) only the readers of each group are masked; ``whole=True``
+        gives the final masks, every tensor of every group zeroed for its pruned channels
+        (:meth:`finish_masks`).
+        """
         elements = []
-        for shape, per_dim in zip(self.shapes, self.factors(keeps), strict=True):
-            mask: Tensor | None = None
+        for shape, per_dim in zip(self.shapes, self.factors(keeps, whole), strict=True):
+            mask = torch.ones(shape, dtype=torch.bool, device=keeps[self.owners[0]].device)
             for dim, f in per_dim.items():
-                part = f.view(_axis(shape, dim))
-                mask = part if mask is None else mask & part
-            assert mask is not None
-            elements.append(mask.expand(shape).contiguous())
-        self._elements = elements
+                mask = mask & f.view(_axis(shape, dim))
+            elements.append(mask.contiguous())
+        if not whole:
+            self._elements = elements
         return elements
+
+    def finish_masks(self, scores: Sequence[Tensor]) -> list[Tensor]:
+        """See :meth:`MaskLayout.finish_masks`: every tensor of a pruned channel zeroed.
+
+        The model computes the same as with the training masks (nothing reads a pruned
+        channel), and :func:`torchbip.export_slim` can prove every pruned channel removable.
+        """
+        return self.masks(self.select(scores), whole=True)
 
     def mask(self, index: int, keep: Tensor) -> Tensor:
         """The element mask of target ``index`` from the last :meth:`masks` call."""
@@ -667,8 +701,8 @@ class CoupledLayout(MaskLayout):
             outs[owner].zero_()
         for i, element in element_grads:
             shape, mask = self.shapes[i], masks[i]
-            dims = {s.dim for _, s in self.by_target[i]}
-            for gi, s in self.by_target[i]:
+            dims = {s.dim for _, s in self.gated[i]}
+            for gi, s in self.gated[i]:
                 weighted = element
                 for dim in dims - {s.dim}:
                     keep = _reduce_except(mask.to(torch.int32), dim) > 0

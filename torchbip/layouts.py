@@ -129,6 +129,13 @@ class MaskLayout(ABC):
         for index, element in element_grads:
             self.score_grad(index, element, outs[index])
 
+    def finish_masks(self, scores: Sequence[Tensor]) -> list[Tensor] | None:
+        """The masks :meth:`torchbip.BiP.finish` leaves for the selection of ``scores``.
+
+        ``None`` (the default): the training masks are final.
+        """
+        return None
+
     def kept_targets(self, targets: Sequence[Target]) -> list[Target]:
         """The targets this bound layout prunes (all of them, unless the layout dropped some)."""
         return list(targets)

@@ -719,6 +719,10 @@ class BiP:
         self._sync_params()
         with torch.no_grad():
             self._restore_pruned()
+            final = self.layout.finish_masks(self.score_views)
+            for i, element in enumerate(final or []):  # the layout's final form of the same selection
+                _copy(self.masks[i], element)
+                self.keeps[i] = element
             for i, (t, hook) in enumerate(zip(self.targets, self.hooks, strict=True)):
                 assert hook is not None
                 set_grad_capture(hook, None)

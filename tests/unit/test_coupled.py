@@ -12,6 +12,8 @@ The small residual net below has two groups, written out by hand (the oracle):
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,14 +114,18 @@ def test_groups_are_the_hand_written_coupling(net: Residual) -> None:
     assert order == [n for n, _ in net.named_parameters() if n != "fc.bias"]  # model order; fc.bias: no group
 
 
-def _masks(net: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
-    """Every tensor's relaxed mask: the product of its channel variables (the hand coupling)."""
+def _masks(net: nn.Module, a: Tensor, b: Tensor, whole: bool = False) -> dict[str, Tensor]:
+    """Every tensor's relaxed mask: the product of its channel variables (the hand coupling).
+
+    While training a group masks its readers only (the ``dim=1`` entries: conv2's and fc's
+    inputs for A, conv3's inputs for B); ``whole``: every tensor of the group.
+    """
     out = {}
     for name, value in net.named_parameters():
         factor = torch.ones_like(value)
         for group, var in ((GROUP_A, a), (GROUP_B, b)):
             for (tensor, dim), channels in group.items():
-                if tensor == name:
+                if tensor == name and (whole or dim == 1):
                     index = torch.arange(value.shape[dim]) if channels is None else torch.tensor(channels)
                     shape = [1] * value.dim()
                     shape[dim] = value.shape[dim]
@@ -134,16 +140,17 @@ def test_score_gradient_is_the_chain_rule_through_the_shared_mask(
 ) -> None:
     """Against autograd through relaxed masks: one variable per group channel.
 
-    With ``z = m(a, b) * theta`` and ``g = dl/dz`` there, a channel's gradient is
-    ``d/da [ l(m(a, b) * theta) - c * sum(m(a, b) * g * g) ]`` (``g`` held fixed).
+    With ``z = m(a, b) * theta`` and ``g = dl/dz`` there, the element-wise upper gradient is
+    ``dl/dm = theta * g - c * m * g * g``, and a channel's gradient is its chain rule through
+    ``m(a, b)``: ``d/da [ l(m(a, b) * theta) - c * sum(m(a, b) * (m * g * g)) ]`` with ``m``
+    and ``g`` held at the current selection.
     """
     x, y = _inputs(8), torch.randint(0, 5, (8,), generator=X)
     net.eval()  # the same function in both computations (running statistics)
     pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()), implicit_coef=implicit_coef)
     # the group scores live on the group's root weight: find each group by its size
     owners = {g.size: o for g, o in zip(pruner.layout.groups, pruner.layout.owners, strict=True)}
-    keep_a = pruner.keeps[pruner.names.index("conv1.bias")].float()
-    keep_b = pruner.keeps[pruner.names.index("conv2.bias")].float()
+    keep_a, keep_b = (k.float() for k in _channel_keeps(pruner))
     assert (keep_a.sum(), keep_b.sum()) == (2, 3)  # half of each group
     F.cross_entropy(net(x), y).backward()
     pruner.prepare()
@@ -164,7 +171,8 @@ def test_score_gradient_is_the_chain_rule_through_the_shared_mask(
     a, b = keep_a.clone().requires_grad_(), keep_b.clone().requires_grad_()
     masks = _masks(plain, a, b)
     loss = F.cross_entropy(functional_call(plain, {k: theta[k] * masks[k] for k in theta}, (x,)), y)
-    implicit = sum((masks[k] * g_of[k] * g_of[k]).sum() for k in theta)
+    # the implicit term of dl/dm is -c * m * g * g at the current m, carried by the chain rule
+    implicit = sum((masks[k] * (fixed[k] * g_of[k] * g_of[k])).sum() for k in theta)
     want_a, want_b = torch.autograd.grad(loss - implicit_coef * implicit, (a, b))
     torch.testing.assert_close(got_a, want_a, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got_b, want_b, rtol=1e-5, atol=1e-7)
@@ -183,9 +191,19 @@ def _train(model: nn.Module, pruner: torchbip.BiP, steps: int = 3, **step_kwargs
         pruner.step()
 
 
-def _channel_keeps(net: Residual) -> tuple[Tensor, Tensor]:
-    """Each group's keep, read from one member (the BatchNorm weights bn1 and bn2)."""
-    return net.bn1.weight_mask.bool(), net.bn2.weight_mask.bool()
+def _channel_keeps(pruner: torchbip.BiP) -> tuple[Tensor, Tensor]:
+    """The keeps of group A (4 channels) and group B (6 channels)."""
+    keeps = pruner.layout.group_keeps(pruner.score_views)
+    by_size = {g.size: k for g, k in zip(pruner.layout.groups, keeps, strict=True)}
+    return by_size[4], by_size[6]
+
+
+def _slices(net: nn.Module, tensor: str, dim: int, channels: list[int] | None) -> tuple[Tensor, Tensor]:
+    """A tensor's mask as one row per index along ``dim``, and the group channel of each row."""
+    module_name, pname = tensor.split(".")
+    mask = getattr(getattr(net, module_name), pname + "_mask")
+    index = torch.arange(mask.shape[dim]) if channels is None else torch.tensor(channels)
+    return mask.movedim(dim, 0).reshape(mask.shape[dim], -1), index
 
 
 def _outputs(net: nn.Module, names: tuple[str, ...]) -> dict[str, Tensor]:
@@ -204,9 +222,12 @@ def _outputs(net: nn.Module, names: tuple[str, ...]) -> dict[str, Tensor]:
     return acts
 
 
-def test_every_member_of_a_pruned_channel_is_zero_and_its_activation_too(net: Residual) -> None:
+def test_training_masks_the_readers_and_finish_every_member(net: Residual) -> None:
+    """While training a pruned channel's readers are masked, and the model computes what the
+    whole-group masks compute; after finish every member slice and the activation are zero."""
     pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()), upper_lr=1e4)
     seen = []
+    x = _inputs()
     for step in range(4):
         _train(net, pruner, steps=1)
         if step % 2:  # a new selection: reverse the order of every group's scores
@@ -215,38 +236,50 @@ def test_every_member_of_a_pruned_channel_is_zero_and_its_activation_too(net: Re
                     -pruner.score_views[owner] + 1e-3 * torch.arange(len(pruner.score_views[owner]))
                 )
             pruner.update_masks()
-        keep_a, keep_b = _channel_keeps(net)
+        keep_a, keep_b = _channel_keeps(pruner)
         seen.append((keep_a.tolist(), keep_b.tolist()))
         assert (int(keep_a.sum()), int(keep_b.sum())) == (2, 3)
         for group, keep in ((GROUP_A, keep_a), (GROUP_B, keep_b)):
             for (tensor, dim), channels in group.items():
-                module_name, pname = tensor.split(".")
-                mask = getattr(getattr(net, module_name), pname + "_mask")
-                index = torch.arange(mask.shape[dim]) if channels is None else torch.tensor(channels)
-                per_index = mask.movedim(dim, 0).reshape(mask.shape[dim], -1)
-                assert (per_index[~keep[index]] == 0).all(), tensor  # the pruned channels' slices
-                # the kept ones are not zeroed by this group (another group may zero other slices)
-                assert per_index[keep[index]].any(dim=1).all(), tensor
-    # the activations of pruned channels are exactly zero, in train and in eval mode
-    for mode in (True, False):
+                rows, index = _slices(net, tensor, dim, channels)
+                if dim == 1:  # a reader: its pruned channels' slices are zero
+                    assert (rows[~keep[index]] == 0).all(), tensor
+                else:  # a producer: not masked by this group while training
+                    assert rows[~keep[index]].any(dim=1).all(), tensor
+        whole = copy.deepcopy(net)
+        for (module, name), final in zip(
+            [(t.module_fqn, t.name) for t in pruner.targets],
+            pruner.layout.finish_masks(pruner.score_views),
+            strict=True,
+        ):
+            getattr(whole.get_submodule(module), name + "_mask").copy_(final)
+        for mode in (True, False):
+            with torch.no_grad():
+                torch.testing.assert_close(net.train(mode)(x), whole.train(mode)(x), rtol=0, atol=1e-6)
+    assert len(set(map(str, seen))) > 1, "the selection never changed: the test would not see a stale mask"
+    keep_a, keep_b = _channel_keeps(pruner)
+    pruner.finish()
+    for group, keep in ((GROUP_A, keep_a), (GROUP_B, keep_b)):
+        for (tensor, dim), channels in group.items():
+            rows, index = _slices(net, tensor, dim, channels)
+            assert (rows[~keep[index]] == 0).all(), tensor  # every member's pruned slices
+            assert rows[keep[index]].any(dim=1).all(), tensor  # the kept ones stay
+    for mode in (True, False):  # the activations of pruned channels are exactly zero
         net.train(mode)
         acts = _outputs(net, ("bn1", "bn2", "bn3"))
-        keep_a, keep_b = _channel_keeps(net)
         assert (acts["bn1"][:, ~keep_a] == 0).all()
         assert (acts["bn3"][:, ~keep_a] == 0).all()
         assert (acts["bn2"][:, ~keep_b] == 0).all()
-    assert len(set(map(str, seen))) > 1, "the selection never changed: the test would not see a stale mask"
 
 
-def test_a_pruned_channel_gets_no_first_order_gradient(net: Residual) -> None:
-    """Its whole group slice is zero, so the loss is flat in it: only kept channels' scores move."""
+def test_a_pruned_channel_gets_a_first_order_gradient(net: Residual) -> None:
+    """Its readers are masked, not its producers: its score moves, so it can come back."""
     pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()))
     F.cross_entropy(net(_inputs(8)), torch.randint(0, 5, (8,), generator=X)).backward()
     pruner.prepare()
-    for owner in pruner.layout.owners:
+    for owner, keep in zip(pruner.layout.owners, pruner.layout.group_keeps(pruner.score_views), strict=True):
         grad = pruner.grad_views[owner]
-        keep = pruner.layout.select(pruner.score_views)[owner]
-        assert (grad[~keep] == 0).all()
+        assert (grad[~keep] != 0).all()
         assert (grad[keep] != 0).all()
 
 
@@ -256,7 +289,7 @@ def test_budgets_layer_global_and_macs(net: Residual) -> None:
     assert layer.layout.counts == [1, 2] or layer.layout.counts == [2, 1]  # 4 -> 1, 6 -> round(1.5)=2
     assert layer.n_keep == 3
     glob = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(x, budget="global"), min_keep=2)
-    keep_a, keep_b = _channel_keeps(net)
+    keep_a, keep_b = _channel_keeps(glob)
     assert int(keep_a.sum()) + int(keep_b.sum()) == 5  # half of the 10 channels, ranked together
     assert int(keep_a.sum()) >= 2
     assert int(keep_b.sum()) >= 2
@@ -267,7 +300,7 @@ def test_macs_budget_counts_the_macs_of_the_kept_channels(seed: int) -> None:
     model = Residual()
     x = _inputs(1)
     pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x, budget="macs"))
-    keep_a, keep_b = (int(k.sum()) for k in _channel_keeps(model))
+    keep_a, keep_b = (int(k.sum()) for k in _channel_keeps(pruner))
 
     # MACs per image by hand: 6x6 maps, 3x3 kernels; fc: 16 inputs per channel group A
     def macs(a: int, b: int) -> int:

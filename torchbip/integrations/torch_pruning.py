@@ -71,14 +71,15 @@ class BiPImportance(tp.importance.Importance):
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> x = torch.randn(2, 3, 8, 8)
         >>> bip = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x))
-        >>> kept = model[1].weight_mask.nonzero().flatten().tolist()
         >>> importance = BiPImportance(bip)
         >>> _ = bip.finish()
+        >>> kept = model[1].weight_mask.nonzero().flatten()
+        >>> bias = model[1].bias_orig.detach()[kept]
         >>> _ = torchbip.export.make_permanent(model)
         >>> tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=0.5,
         ...                      ignored_layers=[model[3]]).step()
-        >>> model[0].out_channels, model[1].num_features, len(kept)
-        (4, 4, 4)
+        >>> model[0].out_channels, model[1].num_features, torch.equal(model[1].bias.detach(), bias)
+        (4, 4, True)
     """
 
     def __init__(self, pruner: BiP) -> None:
