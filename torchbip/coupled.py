@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from torchbip._func import Target
+from torchbip._func import PRUNABLE_TYPES, Target
+from torchbip._tracing import as_inputs, torch_pruning
 from torchbip.layouts import Layout, MaskLayout
 from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, topk_mask, validate_amount
 from torchbip.method import BiPMethod, attach_scores, outside_inference_mode, pruning_hook
@@ -89,7 +90,6 @@ __all__ = ["BUDGETS", "BiPCoupled", "ChannelGroup", "Coupled", "CoupledLayout", 
 
 BUDGETS: tuple[str, ...] = ("layer", "global", "macs")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_LAYER_TYPES = (nn.Linear, *_CONV_TYPES)
 _FINE_GROUP = 16  # groups of at least this many channels take the MACs budget's fine adjustment
 
 
@@ -175,21 +175,6 @@ class Found:
         return sum(layer.dense for layer in self.macs.values())
 
 
-def _torch_pruning() -> Any:
-    try:
-        import torch_pruning
-    except ImportError as err:  # pragma: no cover - the test environment installs it
-        raise ImportError(
-            "torchbip.Coupled needs Torch-Pruning's dependency graph: pip install 'torchbip[export]' "
-            "(or pip install torch-pruning)"
-        ) from err
-    return torch_pruning
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
 def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> Found:
     """The coupled channel groups of ``model``, from Torch-Pruning's dependency graph.
 
@@ -219,10 +204,10 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
             f"layout=Coupled starts from an unpruned model, but {pruned} are pruned already; "
             "prune.remove them first"
         )
-    tp = _torch_pruning()
+    tp = torch_pruning("torchbip.Coupled")
     op = tp.ops.OPTYPE
     passthrough = {op.ELEMENTWISE, op.CONCAT, op.SPLIT, op.RESHAPE, op.SLICE, op.UNBIND, op.EXPAND}
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     twin = copy.deepcopy(model)
     names = {m: n for n, m in twin.named_modules()}
     modules = dict(model.named_modules())
@@ -234,7 +219,7 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     groups: list[ChannelGroup] = []
     skipped: list[tuple[str, str]] = []
     ordered: list[tuple[ChannelGroup, list[tuple[str, str, int, list[int], list[int]]]]] = []
-    for group in graph.get_all_groups(root_module_types=_LAYER_TYPES):
+    for group in graph.get_all_groups(root_module_types=PRUNABLE_TYPES):
         root_module = group[0].dep.target.module
         root, size = names[root_module], len(group[0].idxs)
         shares: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
@@ -347,7 +332,7 @@ def _layer_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
         per_head = d * (2 * tokens * e + 2 * sources * e + 2 * tokens * sources / batch)
         found[names[module]] = found.get(names[module], 0.0) + per_head
 
-    layers = [m for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
     attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     inner = {id(a.out_proj) for a in attentions}  # counted with its attention
     hooks = [m.register_forward_hook(record) for m in layers if id(m) not in inner]
@@ -555,13 +540,8 @@ class CoupledLayout(MaskLayout):
                 total += layer.per_pair * kept[0] * kept[1]
         return total
 
-    def _counts_for_macs(self, amount: float) -> list[int]:
-        target = (1.0 - amount) * self.dense_macs
-        sizes = [g.size for g in self.groups]
-
-        def counts(p: float) -> list[int]:
-            return [max(1, n - round(p * n)) for n in sizes]
-
+    def _bisect(self, counts: Callable[[float], list[int]], target: float) -> tuple[float, float]:
+        """The fractions either side of where ``counts(fraction)``'s MACs cross ``target``."""
         low, high = 0.0, 1.0
         for _ in range(60):
             mid = (low + high) / 2
@@ -569,6 +549,16 @@ class CoupledLayout(MaskLayout):
                 low = mid
             else:
                 high = mid
+        return low, high
+
+    def _counts_for_macs(self, amount: float) -> list[int]:
+        target = (1.0 - amount) * self.dense_macs
+        sizes = [g.size for g in self.groups]
+
+        def counts(p: float) -> list[int]:
+            return [max(1, n - round(p * n)) for n in sizes]
+
+        low, high = self._bisect(counts, target)
         best = min((low, high), key=lambda p: abs(self._macs_of_counts(counts(p)) - target))
         least = self._macs_of_counts(counts(1.0))
         if target < least * (1 - 1e-9):
@@ -590,13 +580,7 @@ class CoupledLayout(MaskLayout):
                 out[i] = max(1, sizes[i] - round(q * sizes[i]))
             return out
 
-        low, high = 0.0, 1.0
-        for _ in range(60):
-            mid = (low + high) / 2
-            if self._macs_of_counts(with_fine(mid)) > target:
-                low = mid
-            else:
-                high = mid
+        low, high = self._bisect(with_fine, target)
         options = [chosen, with_fine(low), with_fine(high)]
         return min(options, key=lambda c: abs(self._macs_of_counts(c) - target))
 
@@ -767,7 +751,7 @@ class Coupled(Layout):
     def __post_init__(self) -> None:
         if self.budget not in BUDGETS:
             raise ValueError(f"Coupled(budget={self.budget!r}): budget must be one of {BUDGETS}")
-        inputs = _as_tuple(self.example_inputs)
+        inputs = as_inputs(self.example_inputs)
         if not inputs or not all(isinstance(x, Tensor) for x in inputs):
             raise TypeError(
                 "Coupled(example_inputs=...) needs a tensor or a tuple of tensors (a batch for "
@@ -775,7 +759,7 @@ class Coupled(Layout):
             )
 
     def __repr__(self) -> str:
-        shapes = [tuple(x.shape) for x in _as_tuple(self.example_inputs)]
+        shapes = [tuple(x.shape) for x in as_inputs(self.example_inputs)]
         shown = shapes[0] if len(shapes) == 1 else tuple(shapes)
         return f"Coupled(example_inputs={shown}, budget={self.budget!r})"
 

@@ -38,7 +38,6 @@ code, so ``torch.load(..., weights_only=True)`` works)::
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -49,23 +48,13 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip._snapshot import ModelSnapshot
+from torchbip._tracing import as_inputs, torch_pruning
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["export_slim", "load_slim_state_dict", "make_permanent"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER_TYPES = (nn.Linear, *_CONV_TYPES)
-
-
-def _torch_pruning() -> Any:
-    """Import Torch-Pruning, or say how to install it."""
-    try:
-        return importlib.import_module("torch_pruning")
-    except ImportError as err:  # pragma: no cover - the test environment installs it
-        raise ImportError(
-            "export_slim needs Torch-Pruning's dependency graph: pip install 'torchbip[export]' "
-            "(or pip install torch-pruning)"
-        ) from err
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -124,10 +113,6 @@ def baked_copy(model: nn.Module) -> nn.Module:
                 if isinstance(current, Tensor):
                     memo[id(current)] = hook.apply_mask(module).detach()
     return make_permanent(copy.deepcopy(model, memo))
-
-
-def _as_tuple(example_inputs: Tensor | tuple[Any, ...]) -> tuple[Any, ...]:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
 def _zero_groups(weight: Tensor, dim: int) -> Tensor:
@@ -350,8 +335,8 @@ def export_slim(
         True
     """
     names, ignored = _check_export_arguments(model, example_inputs, ignored_layers, verify, rtol, atol)
-    tp = _torch_pruning()
-    inputs = _as_tuple(example_inputs)
+    tp = torch_pruning("export_slim")
+    inputs = as_inputs(example_inputs)
     training = model.training
     slim = baked_copy(model).eval()
     by_name = dict(slim.named_modules())

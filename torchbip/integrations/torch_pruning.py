@@ -36,22 +36,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchbip._tracing import torch_pruning
 from torchbip.coupled import CoupledLayout
 from torchbip.layouts import GroupLayout
 from torchbip.pruner import BiP
 
-try:
-    import torch_pruning as tp
-except ImportError as err:  # pragma: no cover - the test environment installs it
-    raise ImportError(
-        "torchbip.integrations.torch_pruning needs Torch-Pruning: pip install 'torchbip[export]' "
-        "(or pip install torch-pruning)"
-    ) from err
+tp = torch_pruning("torchbip.integrations.torch_pruning")
+_Importance: Any = tp.importance.Importance
 
 __all__ = ["BiPImportance"]
 
 
-class BiPImportance(tp.importance.Importance):
+class BiPImportance(_Importance):
     """A Torch-Pruning importance that ranks channels by a :class:`torchbip.BiP`'s scores.
 
     Args:
