@@ -339,11 +339,11 @@ class BrokenStorage(Tensor):
         raise RuntimeError("the storage is broken")
 
 
-class UnfinishedStorage(Tensor):
-    """A tensor whose storage is not implemented for a reason other than having none."""
+class RefusedStorage(Tensor):
+    """A tensor whose storage raises NotImplementedError for a reason other than having none."""
 
     def untyped_storage(self) -> Any:
-        raise NotImplementedError("storage of this subclass is not written yet")
+        raise NotImplementedError("this subclass refuses storage access")
 
 
 def test_same_view_of_a_tensor_subclass_without_a_storage_is_false() -> None:
@@ -375,9 +375,9 @@ def test_same_view_lets_other_storage_errors_through() -> None:
     broken = torch.zeros(3).as_subclass(BrokenStorage)
     with pytest.raises(RuntimeError, match="the storage is broken"):
         _same_view(broken, torch.zeros(3))
-    unfinished = torch.zeros(3).as_subclass(UnfinishedStorage)
-    with pytest.raises(NotImplementedError, match="not written yet"):
-        _same_view(unfinished, torch.zeros(3))
+    refused = torch.zeros(3).as_subclass(RefusedStorage)
+    with pytest.raises(NotImplementedError, match="refuses storage access"):
+        _same_view(refused, torch.zeros(3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

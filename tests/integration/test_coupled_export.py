@@ -99,16 +99,22 @@ def test_export_removes_every_pruned_channel_with_equal_outputs(name: str) -> No
     with torch.no_grad():
         torch.testing.assert_close(slim(images), model(images), rtol=1e-4, atol=1e-5)
     # the layout's MACs model against a count of the slim model's conv and linear MACs
-    assert _layer_macs(slim, x) == pytest.approx(predicted, rel=1e-9)
-    assert _layer_macs(MODELS[name](), x) == pytest.approx(pruner.layout.dense_macs, rel=1e-9)
+    assert _macs(slim, x) == pytest.approx(predicted, rel=1e-9)
+    assert _macs(MODELS[name](), x) == pytest.approx(pruner.layout.dense_macs, rel=1e-9)
 
 
-def _layer_macs(model: nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates of every conv and linear layer on ``x``, counted from the outputs."""
+def _macs(model: nn.Module, x: torch.Tensor) -> float:
+    """Multiply-accumulates on ``x``, counted from the outputs: every conv and linear layer, and
+    each attention module's query, key, value and output projections and its two products over
+    its kept heads (its out_proj, which it calls as a function, is counted with it)."""
     total = 0.0
+    attentions = _attentions(model)
+    inner = {id(a.out_proj) for a in attentions}
 
-    def count(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def layer(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         nonlocal total
+        if id(module) in inner:
+            return
         if isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
         else:
@@ -116,8 +122,16 @@ def _layer_macs(model: nn.Module, x: torch.Tensor) -> float:
             kernel = module.kernel_size[0] * module.kernel_size[1]
             total += output.numel() * (module.in_channels // module.groups) * kernel
 
+    def attention(module: nn.Module, args: tuple, output: object) -> None:
+        nonlocal total
+        assert isinstance(module, nn.MultiheadAttention)
+        n, length, e = args[0].shape  # batch_first
+        width = module.num_heads * module.head_dim
+        total += n * (3 * length * e * width + length * width * e) + 2 * n * length * length * width
+
     layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    hooks = [m.register_forward_hook(count) for m in layers]
+    hooks = [m.register_forward_hook(layer) for m in layers]
+    hooks += [a.register_forward_hook(attention) for a in attentions]
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -132,7 +146,7 @@ def test_macs_budget_lands_within_two_percent(name: str, amount: float) -> None:
     model, pruner, x = _prune(name, amount, "macs")
     pruner.finish()
     slim = torchbip.export_slim(model.eval(), x)
-    assert _layer_macs(slim, x) / _layer_macs(MODELS[name](), x) == pytest.approx(1 - amount, abs=0.02)
+    assert _macs(slim, x) / _macs(MODELS[name](), x) == pytest.approx(1 - amount, abs=0.02)
     # Torch-Pruning's count (which adds BatchNorm, activations and pooling) agrees as well
     macs, _ = tp.utils.count_ops_and_params(slim, x[:1])
     dense_macs, _ = tp.utils.count_ops_and_params(MODELS[name](), x[:1])
@@ -241,46 +255,12 @@ def test_heads_and_mlp_neurons_are_groups_and_export_removes_them(
         assert torch.equal(rebuilt(inputs, **kwargs), slim(inputs, **kwargs))
 
 
-def _attention_macs(model: nn.Module, x: torch.Tensor) -> float:
-    """Conv and linear MACs (not an attention's out_proj) plus each attention module's own:
-    its query, key, value and output projections and the two products, over its kept heads."""
-    total = 0.0
-    attentions = _attentions(model)
-    inner = {id(a.out_proj) for a in attentions}
-
-    def attention(module: nn.Module, args: tuple, output: object) -> None:
-        nonlocal total
-        assert isinstance(module, nn.MultiheadAttention)
-        n, length, e = args[0].shape  # batch_first
-        width = module.num_heads * module.head_dim
-        total += n * (3 * length * e * width + length * width * e) + 2 * n * length * length * width
-
-    def layer(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        if id(module) in inner:
-            return
-        if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        else:
-            total += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-
-    hooks = [a.register_forward_hook(attention) for a in attentions]
-    hooks += [m.register_forward_hook(layer) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return total
-
-
 def test_macs_budget_counts_attention_and_lands_within_two_percent_on_a_vit() -> None:
     torch.manual_seed(0)
     model = _small_vit()
     x = torch.randn(2, 3, 32, 32)
     pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x, budget="macs"))
-    assert pruner.layout.dense_macs == pytest.approx(_attention_macs(_small_vit(), x), rel=1e-9)
+    assert pruner.layout.dense_macs == pytest.approx(_macs(_small_vit(), x), rel=1e-9)
     pruner.finish()
     slim = torchbip.export_slim(model.eval(), x)
-    assert _attention_macs(slim, x) / _attention_macs(_small_vit(), x) == pytest.approx(0.5, abs=0.02)
+    assert _macs(slim, x) / _macs(_small_vit(), x) == pytest.approx(0.5, abs=0.02)
