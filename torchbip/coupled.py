@@ -133,11 +133,12 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class LayerMacs:
-    """A convolution's or linear layer's multiply-accumulates on the example inputs.
+    """A convolution's, linear layer's or attention module's multiply-accumulates.
 
     Attributes:
         module: the layer (of the user's model).
-        per_pair: MACs per entry pair (output channel, input channel of its weight).
+        per_pair: MACs per entry pair (output channel, input channel of its weight); for an
+            attention module, the MACs of one head.
     """
 
     module: nn.Module
@@ -161,7 +162,7 @@ class Found:
         params: ``(module, name)`` of every tensor in a group, in model order.
         groups: the groups BiP can prune.
         skipped: ``(root, reason)`` for the groups it leaves dense.
-        macs: the MACs of every convolution and linear layer, by name.
+        macs: the MACs of every convolution, linear layer and attention module, by name.
     """
 
     params: list[tuple[nn.Module, str]]
@@ -171,7 +172,7 @@ class Found:
 
     @property
     def dense_macs(self) -> float:
-        """The MACs of all convolutions and linear layers on the example inputs."""
+        """The MACs of all convolutions, linear layers and attention modules on the example inputs."""
         return sum(layer.dense for layer in self.macs.values())
 
 
@@ -310,7 +311,10 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
 
 
 def _layer_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
-    """Per conv/linear layer (by name): its MACs per weight entry pair (output, input channel)."""
+    """MACs by module name: per weight entry pair of a conv or linear layer, per attention head.
+
+    An attention module's out_proj is counted with its attention.
+    """
     found: dict[str, float] = {}
     names = {m: n for n, m in model.named_modules()}
 
