@@ -1,22 +1,35 @@
-"""Accuracy vs sparsity on MNIST: BiP against IMP, OMP, a random mask and BiP without its
-implicit term, with the wall time each method needs to reach each sparsity.
+"""BiP against IMP and one-shot magnitude pruning on MNIST, at budgets where IMP reaches its
+lottery-ticket quality, with a validation split for every choice and the wall time each method
+needs to reach each accuracy.
 
-Every method starts from the same seeded initialisation and gets a documented budget:
+The protocol:
 
-- dense: ``--dense-epochs`` of SGD from the initialisation (shared by BiP, OMP, random, score);
-- BiP and BiP without the implicit term: ``--prune-epochs`` of BiP from the dense model;
-- OMP and random: one-shot mask, then ``--prune-epochs`` of fine-tuning;
-- IMP: rounds of ``--dense-epochs`` each (the dense training is its round 0), 20% of the
-  remaining weights pruned per round, weights rewound to the initialisation, rounds clipped to hit
-  every requested sparsity exactly.
+- Data: the 60,000 MNIST training images are split once (a fixed seed) into 55,000 for training
+  and 5,000 for validation, as in the lottery-ticket paper (Frankle & Carbin, ICLR 2019); the
+  10,000 test images are read once per final model, for the report only.
+- Every method starts from the same seeded initialisation. ``E`` (``--epochs``, per model) is one
+  training budget: the dense model trains ``E`` epochs (SGD, momentum 0.9, cosine schedule);
+  each IMP round trains ``E`` epochs from the rewound initialisation (20% of the remaining
+  weights pruned per round, rounds clipped to hit each sparsity exactly), so IMP's final ticket
+  trains as long as the dense model; OMP+FT prunes the dense model by magnitude in one shot and
+  fine-tunes it ``E`` epochs; BiP starts from the dense model and runs ``1x``, ``2x`` and ``4x``
+  its base epochs (``--bip-epochs``).
+- Time to a ticket: dense time + method time for BiP and OMP+FT; the cumulative time of the
+  rounds for IMP. Time to IMP's accuracy: the smallest BiP budget whose mean test accuracy is
+  at least IMP's, or level with it (within one standard deviation of either).
+- ``--sweep`` chooses BiP's settings on the validation split only: one factor at a time around
+  the library's defaults (upper learning rate, its schedule, the implicit coefficient, the lower
+  learning rate, the score initialisation, the mode, a short fine-tuning after BiP), two seeds,
+  three sparsities; the test split is never read.
 
-Time to a sparsity: dense time + method time for the one-shot methods; the cumulative time of
-its rounds for IMP. Run::
+Run::
 
-    python benchmarks/bench_accuracy.py --quick   # a few minutes
-    python benchmarks/bench_accuracy.py           # the full run (about an hour on 2 CPU cores)
+    python benchmarks/bench_accuracy.py --quick            # a smoke test (a minute)
+    python benchmarks/bench_accuracy.py --sweep            # choose BiP's settings on validation
+    python benchmarks/bench_accuracy.py --models lenet_300_100 --seeds 0 1 2
 
-Writes ``bench_accuracy-<device>-torch<version>[-quick].{json,md,png}`` into ``--out``.
+Writes ``bench_accuracy-<device>-torch<version>-<model>[-quick].{json,md,png}`` (and
+``bench_accuracy_sweep-...`` for ``--sweep``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -36,16 +49,41 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import torchbip
-from torchbip.baselines import imp, omp_finetune, random_finetune, score_prune, train
+from torchbip.baselines import imp, omp_finetune, train
 from torchbip.datasets import load_mnist
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("bip", "imp", "omp", "random", "bip_no_implicit")
+SPARSITIES = (0.8, 0.9, 0.95, 0.964, 0.98, 0.99)
+BUDGETS = (1, 2, 4)
+VAL_SIZE = 5000
+SPLIT_SEED = 0
+# Accuracy that IMP's LeNet-300-100 tickets reach in the lottery-ticket paper (Frankle & Carbin,
+# ICLR 2019, figure 3, early-stopping test accuracy): about 98.0% dense, winning tickets at or
+# above it down to 3.6% of the weights (96.4% sparsity).
+LOTTERY_REFERENCE = {"lenet_300_100": {"dense": 0.980, "0.964": 0.980}}
 
 
 def lenet_300_100() -> nn.Module:
     return nn.Sequential(
         nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
+
+
+def lenet5() -> nn.Module:
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
     )
 
 
@@ -64,7 +102,30 @@ def small_cnn() -> nn.Module:
     )
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"lenet_300_100": lenet_300_100, "small_cnn": small_cnn}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "lenet_300_100": lenet_300_100,
+    "lenet5": lenet5,
+    "small_cnn": small_cnn,
+}
+# Training epochs per phase and IMP round (E), per model.
+EPOCHS = {"lenet_300_100": 10.0, "lenet5": 5.0, "small_cnn": 5.0}
+# BiP's base epochs (the 1x budget), per model.
+BIP_EPOCHS = {"lenet_300_100": 2.5, "lenet5": 1.25, "small_cnn": 1.25}
+
+# One factor at a time around a center setting (``--sweep``; the center: the defaults and ``--bip``).
+SWEEP: dict[str, list[Any]] = {
+    "upper_lr": [1.0, 3.0, 10.0, 30.0, 100.0],
+    "upper_schedule": ["step", "cosine", "constant"],
+    "implicit_coef": [0.0, 0.5, 1.0, 2.0],
+    "lower_lr": [0.02, 0.05, 0.1, 0.2],
+    "lower_schedule": ["cosine", "step", "constant"],
+    "score_init": ["scaled_magnitude", "magnitude"],
+    "mode": ["fused", "two_batch"],
+    "finetune_epochs": [0.0, 1.0],
+}
+SWEEP_SPARSITIES = (0.9, 0.964, 0.98)
+# The BiPConfig settings a run records and a sweep may vary (besides ``finetune_epochs``).
+BIP_KEYS = ("upper_lr", "upper_schedule", "implicit_coef", "lower_lr", "lower_schedule", "score_init", "mode")
 
 
 class Batches:
@@ -100,316 +161,583 @@ def tensors(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def split(train_size: int | None, val_size: int) -> dict[str, torch.Tensor]:
+    """The fixed training/validation split of MNIST's training images, and the test images."""
+    x, y = tensors(load_mnist(split="train"))
+    xte, yte = tensors(load_mnist(split="test"))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val, rest = order[:val_size], order[val_size:]
+    if train_size is not None:
+        rest = rest[:train_size]
+    return {"xtr": x[rest], "ytr": y[rest], "xval": x[val], "yval": y[val], "xte": xte, "yte": yte}
+
+
+def bip_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The BiP settings of a run: the library's defaults, with ``overrides`` (and a fine-tuning)."""
+    defaults = torchbip.BiPConfig()
+    settings = {k: getattr(defaults, k) for k in BIP_KEYS}
+    settings["finetune_epochs"] = 0.0
+    settings.update(overrides or {})
+    return settings
+
+
+def run_bip(
+    model: nn.Module, sparsity: float, loader: Batches, epochs: float, settings: dict[str, Any], seed: int
+) -> None:
+    """BiP (``settings``) for ``epochs``, then the optional fine-tuning; in place."""
+    options = {k: v for k, v in settings.items() if k != "finetune_epochs"}
+    torchbip.global_prune(model, sparsity, loader, epochs=epochs, seed=seed, progress=False, **options)
+    if settings["finetune_epochs"] > 0:
+        train(model, loader, settings["finetune_epochs"], lr=settings["lower_lr"])
+
+
+class Seed:
+    """One model, one seed: the shared initialisation, the dense model and the batch streams."""
+
+    def __init__(self, name: str, seed: int, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> None:
+        self.name, self.seed, self.args, self.data = name, seed, args, data
+        torch.manual_seed(seed)
+        self.init = MODELS[name]()
+        self.epochs = args.epochs or EPOCHS[name]
+        self.dense = copy.deepcopy(self.init)
+        start = time.perf_counter()
+        train(self.dense, self.batches(0), self.epochs, lr=args.lr)
+        self.dense_time = time.perf_counter() - start
+
+    def batches(self, offset: int) -> Batches:
+        return Batches(self.data["xtr"], self.data["ytr"], self.args.batch_size, self.seed * 1000 + offset)
+
+    def val(self, model: nn.Module) -> float:
+        return accuracy(model, self.data["xval"], self.data["yval"])
+
+    def test(self, model: nn.Module) -> float:
+        return accuracy(model, self.data["xte"], self.data["yte"])
+
+    def row(
+        self, method: str, sparsity: float, model: nn.Module | None, seconds: float, **extra: Any
+    ) -> dict:
+        out = {"model": self.name, "seed": self.seed, "method": method, "sparsity": sparsity}
+        if model is not None:
+            out["measured_sparsity"] = torchbip.sparsity_report(model).global_sparsity if sparsity else 0.0
+            out["val_accuracy"] = self.val(model)
+            out["test_accuracy"] = self.test(model)
+        out["time_s"] = seconds
+        out.update(extra)
+        tag = f" x{extra['budget']}" if "budget" in extra else ""
+        print(
+            f"[{self.name} seed {self.seed}] {method}{tag} @{sparsity:.3f}: val {out['val_accuracy']:.4f} "
+            f"test {out['test_accuracy']:.4f} at {seconds:.1f}s",
+            flush=True,
+        )
+        return out
+
+
 def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> list[dict]:
-    rows: list[dict] = []
-    lr = args.lr
-    torch.manual_seed(seed)
-    init = MODELS[name]()
-    xtr, ytr, xte, yte = data["xtr"], data["ytr"], data["xte"], data["yte"]
-
-    def batches(offset: int) -> Batches:
-        return Batches(xtr, ytr, args.batch_size, seed * 1000 + offset)
-
-    dense = copy.deepcopy(init)
-    start = time.perf_counter()
-    train(dense, batches(0), args.dense_epochs, lr=lr)
-    dense_time = time.perf_counter() - start
-    dense_acc = accuracy(dense, xte, yte)
-    rows.append(
-        {
-            "model": name,
-            "seed": seed,
-            "method": "dense",
-            "sparsity": 0.0,
-            "accuracy": dense_acc,
-            "time_s": dense_time,
-        }
-    )
-    print(f"[{name} seed {seed}] dense {dense_acc:.4f} in {dense_time:.1f}s", flush=True)
-
+    """Dense, BiP at each budget, OMP+FT and IMP for one model and seed (the protocol)."""
+    s = Seed(name, seed, args, data)
+    rows = [s.row("dense", 0.0, s.dense, s.dense_time)]
+    base = args.bip_epochs or BIP_EPOCHS[name]
+    settings = bip_settings(args.bip)
     for sparsity in args.sparsities:
-        for method in ("bip", "bip_no_implicit", "omp", "random"):
-            model = copy.deepcopy(dense)
+        for budget in args.budgets:
+            model = copy.deepcopy(s.dense)
             start = time.perf_counter()
-            if method in ("bip", "bip_no_implicit"):
-                fn = torchbip.global_prune if method == "bip" else score_prune
-                fn(
-                    model,
-                    sparsity,
-                    batches(1),
-                    epochs=args.prune_epochs,
-                    lower_lr=lr,
-                    seed=seed,
-                    progress=False,
-                    **({"implicit_coef": args.implicit_coef} if method == "bip" else {}),
-                )
-            elif method == "omp":
-                omp_finetune(model, sparsity, batches(1), args.prune_epochs, lr=lr)
-            else:
-                random_finetune(model, sparsity, batches(1), args.prune_epochs, lr=lr, seed=seed)
+            run_bip(model, sparsity, s.batches(1), base * budget, settings, seed)
             elapsed = time.perf_counter() - start
-            acc = accuracy(model, xte, yte)
-            real = torchbip.sparsity_report(model).global_sparsity
             rows.append(
-                {
-                    "model": name,
-                    "seed": seed,
-                    "method": method,
-                    "sparsity": sparsity,
-                    "measured_sparsity": real,
-                    "accuracy": acc,
-                    "time_s": dense_time + elapsed,
-                    "method_time_s": elapsed,
-                }
+                s.row("bip", sparsity, model, s.dense_time + elapsed, budget=budget, method_time_s=elapsed)
             )
-            print(f"[{name} seed {seed}] {method} @{sparsity:.2f}: {acc:.4f} in {elapsed:.1f}s", flush=True)
+        model = copy.deepcopy(s.dense)
+        start = time.perf_counter()
+        omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=args.lr)
+        elapsed = time.perf_counter() - start
+        rows.append(s.row("omp_ft", sparsity, model, s.dense_time + elapsed, method_time_s=elapsed))
 
-    model = copy.deepcopy(init)
-    targets = set(args.sparsities)
-    # An IMP round that stops at a target sparsity keeps exactly the count that the target
-    # rounds to, so its measured sparsity is within half an entry of the target.
+    model = copy.deepcopy(s.init)
     prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
     def on_round(record: Any, m: nn.Module) -> None:
-        hit = [s for s in targets if abs(record.sparsity - s) <= 0.5 / prunable + 1e-12]
+        # an IMP round that stops at a target keeps exactly the count the target rounds to
+        hit = [t for t in args.sparsities if abs(record.sparsity - t) <= 0.5 / prunable + 1e-12]
         if hit:
-            acc = accuracy(m, xte, yte)
-            rows.append(
-                {
-                    "model": name,
-                    "seed": seed,
-                    "method": "imp",
-                    "sparsity": hit[0],
-                    "measured_sparsity": record.sparsity,
-                    "accuracy": acc,
-                    "time_s": record.wall_time_s,
-                    "round": record.round,
-                }
-            )
-            print(
-                f"[{name} seed {seed}] imp @{hit[0]:.2f} (round {record.round}): "
-                f"{acc:.4f} at {record.wall_time_s:.1f}s",
-                flush=True,
-            )
+            rows.append(s.row("imp", hit[0], m, record.wall_time_s, round=record.round))
 
     imp(
         model,
         max(args.sparsities),
-        batches(0),
-        args.dense_epochs,
+        s.batches(0),
+        s.epochs,
         rate=0.2,
         milestones=args.sparsities,
         on_round=on_round,
-        lr=lr,
+        lr=args.lr,
     )
     return rows
 
 
-def summarise(rows: list[dict], sparsities: list[float]) -> dict[str, Any]:
-    table: dict[str, Any] = {}
-    for model in sorted({r["model"] for r in rows}):
-        table[model] = {}
-        for method in ("dense", *METHODS):
-            for s in [0.0] if method == "dense" else sparsities:
-                sel = [
-                    r for r in rows if r["model"] == model and r["method"] == method and r["sparsity"] == s
-                ]
-                if not sel:
-                    continue
-                accs = [r["accuracy"] for r in sel]
-                times = [r["time_s"] for r in sel]
-                table[model].setdefault(method, {})[f"{s:.2f}"] = {
-                    "accuracy_mean": statistics.mean(accs),
-                    "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    "time_mean_s": statistics.mean(times),
-                    "n": len(accs),
+def sweep_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> list[dict]:
+    """BiP at the center setting (the library's defaults with ``--bip``), then under each other
+    value of the swept factors (``--factors``), one factor at a time; validation accuracy only."""
+    s = Seed(name, seed, args, data)
+    base = args.bip_epochs or BIP_EPOCHS[name]
+    rows = []
+    center = bip_settings(args.bip)
+    runs = [("center", None, None, center)]
+    for factor in args.factors:
+        runs += [
+            (f"{factor}={v}", factor, v, {**center, factor: v}) for v in SWEEP[factor] if v != center[factor]
+        ]
+    for label, factor, value, settings in runs:
+        for sparsity in args.sparsities:
+            model = copy.deepcopy(s.dense)
+            start = time.perf_counter()
+            run_bip(model, sparsity, s.batches(1), base, settings, seed)
+            elapsed = time.perf_counter() - start
+            val = s.val(model)
+            rows.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "setting": label,
+                    "factor": factor,
+                    "value": value,
+                    "sparsity": sparsity,
+                    "val_accuracy": val,
+                    "time_s": elapsed,
                 }
-    return table
+            )
+            print(f"[sweep {name} seed {seed}] {label} @{sparsity:.3f}: val {val:.4f}", flush=True)
+    return rows
 
 
-def markdown(result: dict[str, Any]) -> str:
+def stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    """Per model: mean and std of test and validation accuracy and of the time, per cell."""
+    table: dict[str, Any] = {}
+    for row in rows:
+        method = row["method"] + (f"_x{row['budget']}" if "budget" in row else "")
+        cell = (
+            table.setdefault(row["model"], {}).setdefault(method, {}).setdefault(f"{row['sparsity']:.3f}", [])
+        )
+        cell.append(row)
+    out: dict[str, Any] = {}
+    for model, methods in table.items():
+        out[model] = {}
+        for method, cells in methods.items():
+            out[model][method] = {
+                s: {
+                    "test": stats([r["test_accuracy"] for r in rs]),
+                    "val": stats([r["val_accuracy"] for r in rs]),
+                    "time_s": stats([r["time_s"] for r in rs]),
+                }
+                for s, rs in cells.items()
+            }
+        out[model]["verdict"] = verdicts(out[model])
+    return out
+
+
+def level(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether mean ``a`` is at least mean ``b`` or within one standard deviation of either."""
+    return a["mean"] >= b["mean"] - max(a["std"], b["std"])
+
+
+def verdicts(methods: dict[str, Any]) -> dict[str, Any]:
+    """Per sparsity: BiP's budget that reaches IMP's test accuracy, the time ratio, the targets."""
+    out = {}
+    budgets = sorted(int(m.split("_x")[1]) for m in methods if m.startswith("bip_x"))
+    for s in sorted(methods.get("imp", {}), key=float):
+        imp_cell = methods["imp"][s]
+        reached = next(
+            (
+                b
+                for b in budgets
+                if s in methods[f"bip_x{b}"] and level(methods[f"bip_x{b}"][s]["test"], imp_cell["test"])
+            ),
+            None,
+        )
+        base = methods.get(f"bip_x{budgets[0]}", {}).get(s) if budgets else None
+        omp = methods.get("omp_ft", {}).get(s)
+        entry: dict[str, Any] = {"bip_budget_at_imp_accuracy": reached}
+        if reached is not None:
+            bip_cell = methods[f"bip_x{reached}"][s]
+            entry["time_ratio_imp_over_bip"] = imp_cell["time_s"]["mean"] / bip_cell["time_s"]["mean"]
+        if base is not None:
+            entry["bip_level_with_imp"] = level(base["test"], imp_cell["test"])
+            entry["bip_base_time_ratio"] = imp_cell["time_s"]["mean"] / base["time_s"]["mean"]
+            if omp is not None:
+                margin = base["test"]["mean"] - omp["test"]["mean"]
+                entry["bip_ahead_of_omp_ft"] = margin > max(base["test"]["std"], omp["test"]["std"])
+        out[s] = entry
+    return out
+
+
+def pct(cell: dict[str, float]) -> str:
+    return f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}"
+
+
+def method_label(method: str, base: float) -> str:
+    if method.startswith("bip_x"):
+        b = int(method.split("_x")[1])
+        return f"BiP {b}x ({b * base:g} ep)"
+    return {"imp": "IMP", "omp_ft": "OMP+FT", "dense": "dense"}[method]
+
+
+def markdown(result: dict[str, Any], model: str) -> str:
+    summary = result["summary"][model]
+    budget = result["budget"][model]
+    methods = [m for m in summary if m not in ("dense", "verdict")]
+    methods.sort(key=lambda m: (m != "imp", m != "omp_ft", m))
+    sparsities = sorted({s for m in methods for s in summary[m]}, key=float)
+    dense = summary.get("dense", {}).get("0.000")
     lines = [
-        f"# bench_accuracy ({result['device']}, torch {result['torch']}"
+        f"# bench_accuracy: {model} ({result['device']}, torch {result['torch']}"
         f"{', quick' if result['quick'] else ''})",
         "",
+        "Budgets: " + ", ".join(f"{k}={v}" for k, v in budget.items()),
+        "",
+        "BiP settings (chosen on the validation split, see the sweep): "
+        + ", ".join(f"{k}={v}" for k, v in result["bip_settings"].items()),
+        "",
     ]
-    lines.append("Budgets: " + ", ".join(f"{k}={v}" for k, v in result["budget"].items()))
-    for model, methods in result["summary"].items():
-        sparsities = sorted({s for m in methods.values() for s in m if s != "0.00"}, key=float)
-        dense = methods.get("dense", {}).get("0.00")
-        lines += ["", f"## {model}" + (f" (dense {dense['accuracy_mean']:.2%})" if dense else ""), ""]
-        lines.append("Test accuracy, mean ± std over seeds (time to reach the sparsity, s):")
+    if dense:
+        seconds = dense["time_s"]["mean"]
+        lines.append(f"Dense: test {pct(dense['test'])}%, validation {pct(dense['val'])}%, {seconds:.0f} s.")
         lines.append("")
-        lines.append("| method | " + " | ".join(f"{float(s):.0%}" for s in sparsities) + " |")
-        lines.append("| --- | " + " | ".join("---:" for _ in sparsities) + " |")
-        for method in METHODS:
-            cells = []
-            for s in sparsities:
-                c = methods.get(method, {}).get(s)
-                cells.append(
-                    ""
-                    if c is None
-                    else f"{c['accuracy_mean']:.2%} ± {c['accuracy_std']:.2%} ({c['time_mean_s']:.0f}s)"
-                )
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        if "0.90" in methods.get("imp", {}) and "0.90" in methods.get("bip", {}):
-            ratio = methods["imp"]["0.90"]["time_mean_s"] / methods["bip"]["0.90"]["time_mean_s"]
-            lines += ["", f"Time to a 90%-sparse ticket, IMP / BiP: **{ratio:.2f}x**"]
+    ref = LOTTERY_REFERENCE.get(model)
+    if ref:
+        lines.append(
+            f"Lottery-ticket reference (Frankle & Carbin 2019): about {100 * ref['dense']:.1f}% dense and "
+            f"{100 * ref['0.964']:.1f}% for IMP's ticket at 96.4% sparsity."
+        )
+        lines.append("")
+    lines.append(
+        "Test accuracy (%), mean ± std over seeds; wall time to the ticket (s, dense training included):"
+    )
+    lines.append("")
+    lines.append("| method | " + " | ".join(f"{100 * float(s):g}%" for s in sparsities) + " |")
+    lines.append("| --- | " + " | ".join("---:" for _ in sparsities) + " |")
+    for method in methods:
+        cells = []
+        for s in sparsities:
+            c = summary[method].get(s)
+            cells.append("" if c is None else f"{pct(c['test'])} ({c['time_s']['mean']:.0f}s)")
+        lines.append(f"| {method_label(method, budget['bip_epochs'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per sparsity: the smallest BiP budget level with IMP (mean at least IMP's, or within one std), "
+        "IMP's time over BiP's there, and the targets at BiP's base budget.",
+        "",
+    ]
+    lines.append(
+        "| sparsity | BiP budget at IMP's accuracy | IMP time / BiP time | BiP 1x level with IMP | "
+        "IMP time / BiP 1x time | BiP 1x ahead of OMP+FT by > 1 std |"
+    )
+    lines.append("| ---: | ---: | ---: | :---: | ---: | :---: |")
+    for s, v in summary["verdict"].items():
+        yes = {True: "yes", False: "**no**", None: ""}
+        ratio = v.get("time_ratio_imp_over_bip")
+        reached = v["bip_budget_at_imp_accuracy"]
+        lines.append(
+            f"| {100 * float(s):g}% | {'not reached' if reached is None else f'{reached}x'} "
+            f"| {'' if ratio is None else f'{ratio:.1f}x'} | {yes[v.get('bip_level_with_imp')]} "
+            f"| {v.get('bip_base_time_ratio', 0):.1f}x | {yes[v.get('bip_ahead_of_omp_ft')]} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Per model: accuracy vs sparsity (zoomed on the methods that keep accuracy; a random mask
-    far below is marked at the bottom edge) and the wall time each method needs to get there."""
+def plot(result: dict[str, Any], model: str, path: Path) -> None:
+    """Test accuracy against sparsity, and against wall time (one marker per method and sparsity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(result["summary"])
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    for (ax, tax), model in zip(axes, models, strict=True):
-        methods = result["summary"][model]
-        dense = methods.get("dense", {}).get("0.00")
-        kept = [
-            100 * c["accuracy_mean"] for m in METHODS if m != "random" for c in methods.get(m, {}).values()
-        ]
-        low = min(kept + ([100 * dense["accuracy_mean"]] if dense else [])) - 1.0
-        high = max(kept + ([100 * dense["accuracy_mean"]] if dense else [])) + 0.5
-        for method in METHODS:
-            if method not in methods:
-                continue
-            pts = sorted((float(s), c) for s, c in methods[method].items())
-            xs = [100 * s for s, _ in pts]
-            ys = [100 * c["accuracy_mean"] for _, c in pts]
-            ax.errorbar(
-                xs,
-                [max(y, low) for y in ys],
-                yerr=[0.0 if y < low else 100 * c["accuracy_std"] for y, (_, c) in zip(ys, pts, strict=True)],
-                marker="o",
-                capsize=3,
+    summary = result["summary"][model]
+    base = result["budget"][model]["bip_epochs"]
+    methods = [m for m in summary if m not in ("dense", "verdict")]
+    methods.sort(key=lambda m: (m != "imp", m != "omp_ft", m))
+    fig, (ax, tax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    dense = summary.get("dense", {}).get("0.000")
+    sparsities = sorted({s for m in methods for s in summary[m]}, key=float)
+    markers = dict(zip(sparsities, "osD^vP*X", strict=False))
+    for method in methods:
+        pts = sorted((float(s), c) for s, c in summary[method].items())
+        ax.errorbar(
+            [100 * s for s, _ in pts],
+            [100 * c["test"]["mean"] for _, c in pts],
+            yerr=[100 * c["test"]["std"] for _, c in pts],
+            marker="o",
+            capsize=3,
+            color=colors[method],
+            label=method_label(method, base),
+        )
+        for s, c in summary[method].items():
+            tax.errorbar(
+                c["time_s"]["mean"],
+                100 * c["test"]["mean"],
+                yerr=100 * c["test"]["std"],
+                marker=markers[s],
                 color=colors[method],
-                label=method,
+                capsize=2,
+                ls="none",
             )
-            for x, y in zip(xs, ys, strict=True):
-                if y < low:
-                    ax.annotate(f"{y:.0f}%", (x, low), textcoords="offset points", xytext=(0, 6),
-                                ha="center", fontsize=7, color=colors[method])  # fmt: skip
-            tax.plot(xs, [c["time_mean_s"] for _, c in pts], marker="o", color=colors[method], label=method)
-        if dense:
-            ax.axhline(100 * dense["accuracy_mean"], color="gray", ls="--", label="dense")
-        ax.set_ylim(low - 0.2, high)
-        ax.set_title(f"{model}: test accuracy")
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("test accuracy (%), mean ± std")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        tax.set_title(f"{model}: wall time to reach the sparsity")
-        tax.set_xlabel("sparsity (%)")
-        tax.set_ylabel("seconds (dense training included)")
-        tax.grid(alpha=0.3)
-        tax.legend(fontsize=8)
+    for s in sparsities:  # BiP's budgets at one sparsity, joined
+        bips = sorted(
+            (summary[m][s]["time_s"]["mean"], summary[m][s]["test"]["mean"])
+            for m in methods
+            if m.startswith("bip_x") and s in summary[m]
+        )
+        if bips:
+            tax.plot([t for t, _ in bips], [100 * a for _, a in bips], color="gray", lw=0.8, alpha=0.6)
+    if dense:
+        for a in (ax, tax):
+            a.axhline(100 * dense["test"]["mean"], color="gray", ls="--", lw=1)
+    handles = [
+        plt.Line2D([], [], color=colors[m], marker="o", ls="none", label=method_label(m, base))
+        for m in methods
+    ]
+    handles += [
+        plt.Line2D([], [], color="black", marker=markers[s], ls="none", label=f"{100 * float(s):g}% sparse")
+        for s in sparsities
+    ]
+    ax.set(
+        title=f"{model}: test accuracy against sparsity",
+        xlabel="sparsity (%)",
+        ylabel="test accuracy (%), mean ± std",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    tax.set_xscale("log")
+    tax.set(
+        title=f"{model}: test accuracy against wall time",
+        xlabel="seconds to the ticket (log)",
+        ylabel="test accuracy (%)",
+    )
+    tax.grid(alpha=0.3)
+    tax.legend(handles=handles, fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_outputs(result: dict[str, Any], out: Path, stem: str) -> None:
-    """``<stem>.json``, ``.md`` and ``.png`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(markdown(result))
-    plot(result, out / f"{stem}.png")
+def sweep_summary(rows: list[dict], center: dict[str, Any]) -> dict[str, Any]:
+    """Mean validation accuracy per setting (over seeds and sparsities); the best value per factor."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["setting"], []).append(r)
+    settings = {
+        label: {
+            "factor": rs[0]["factor"] if label != "center" else None,
+            "value": rs[0]["value"] if label != "center" else None,
+            "val_mean": statistics.mean(r["val_accuracy"] for r in rs),
+            "per_sparsity": {
+                f"{s:.3f}": stats([r["val_accuracy"] for r in rs if r["sparsity"] == s])
+                for s in sorted({r["sparsity"] for r in rs})
+            },
+        }
+        for label, rs in by.items()
+    }
+    best: dict[str, Any] = {}
+    for factor in (f for f in SWEEP if f in center):
+        candidates = {center[factor]: settings["center"]["val_mean"]} if "center" in settings else {}
+        for v in settings.values():
+            if v["factor"] == factor:
+                candidates[v["value"]] = v["val_mean"]
+        if candidates:
+            best[factor] = max(candidates, key=lambda value: candidates[value])
+    return {"center": center, "settings": settings, "best": best}
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    center = ", ".join(f"{k}={v}" for k, v in result["summary"]["center"].items())
+    lines = [
+        f"# bench_accuracy sweep ({result['device']}, torch {result['torch']})",
+        "",
+        f"BiP settings one factor at a time around the center setting ({center}); validation accuracy (%), "
+        f"mean ± std over seeds {result['seeds']}; models {result['models']}; BiP's base epochs. The test "
+        "split is not read.",
+        "",
+    ]
+    if result.get("note"):
+        lines += [f"Note: {result['note']}.", ""]
+    sparsities = sorted(
+        {s for v in result["summary"]["settings"].values() for s in v["per_sparsity"]}, key=float
+    )
+    lines.append("| setting | " + " | ".join(f"{100 * float(s):g}%" for s in sparsities) + " | mean |")
+    lines.append("| --- | " + " | ".join("---:" for _ in sparsities) + " | ---: |")
+    for label, v in sorted(result["summary"]["settings"].items(), key=lambda kv: -kv[1]["val_mean"]):
+        cells = [pct(v["per_sparsity"][s]) if s in v["per_sparsity"] else "" for s in sparsities]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * v['val_mean']:.2f} |")
+    top, cell = max(result["summary"]["settings"].items(), key=lambda kv: kv[1]["val_mean"])
+    lines += ["", f"Best measured setting: {top} ({100 * cell['val_mean']:.2f}% mean validation accuracy)."]
+    best = ", ".join(f"{k}={v}" for k, v in result["summary"]["best"].items())
+    lines += ["", f"Best value per factor (each measured with the others at the center): {best}"]
+    return "\n".join(lines) + "\n"
+
+
+def value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="small data, one seed, LeNet only")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: small data, one seed, LeNet")
+    parser.add_argument("--sweep", action="store_true", help="choose BiP's settings on the validation split")
+    parser.add_argument(
+        "--factors",
+        nargs="*",
+        default=None,
+        choices=sorted(SWEEP),
+        help="with --sweep: the factors to vary (default: all; none: the center alone)",
+    )
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5, 0.8, 0.9, 0.95, 0.98])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=None)
     parser.add_argument(
-        "--train-size", type=int, default=None, help="training images per model (default: all)"
+        "--budgets", type=int, nargs="+", default=list(BUDGETS), help="BiP budgets, x base epochs"
     )
-    parser.add_argument("--dense-epochs", type=float, default=None)
-    parser.add_argument("--prune-epochs", type=float, default=None)
+    parser.add_argument("--train-size", type=int, default=None, help="training images (default: all 55,000)")
+    parser.add_argument("--epochs", type=float, default=None, help="E: dense epochs, IMP epochs per round")
+    parser.add_argument("--bip-epochs", type=float, default=None, help="BiP's base epochs")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of dense, IMP and OMP+FT")
     parser.add_argument(
-        "--implicit-coef",
-        type=float,
-        default=None,
-        help="BiP's implicit coefficient (default: library default)",
+        "--bip",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="BiP settings other than the library's defaults, e.g. upper_lr=30",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument(
         "--replot",
         type=Path,
+        nargs="+",
         default=None,
         metavar="JSON",
-        help="rewrite the markdown and PNG of an earlier run's JSON (nothing is trained)",
+        help="rewrite the markdown and PNG of earlier runs' JSON (nothing is trained); several files of "
+        "one model (or several sweeps) are merged, e.g. seeds run in parallel processes",
     )
+    parser.add_argument("--merged", type=Path, default=None, help="with --replot: the merged JSON to write")
     args = parser.parse_args(argv)
     if args.replot is not None:
-        result = json.loads(args.replot.read_text())
-        result["summary"] = summarise(result["rows"], sorted({r["sparsity"] for r in result["rows"]} - {0.0}))
-        write_outputs(result, args.replot.parent, args.replot.stem)
-        print(markdown(result))
-        return result
+        return replot(args.replot, args.merged)
+    args.bip = {k: value(v) for k, v in (item.split("=", 1) for item in args.bip)}
+    args.factors = list(SWEEP) if args.factors is None else args.factors
+    known = sorted((*BIP_KEYS, "finetune_epochs"))
+    for key in args.bip:
+        if key not in known:
+            parser.error(f"--bip {key}=...: not a BiP setting of this benchmark; one of {known}")
     if args.quick:
         args.models = args.models or ["lenet_300_100"]
         args.seeds = args.seeds or [0]
-        args.train_size = args.train_size or 4000
-        args.dense_epochs = args.dense_epochs or 1
-        args.prune_epochs = args.prune_epochs or 1
-        args.sparsities = (
-            [0.5, 0.9] if args.sparsities == parser.get_default("sparsities") else args.sparsities
-        )
+        args.train_size = args.train_size or 3000
+        args.epochs = args.epochs or 1.0
+        args.bip_epochs = args.bip_epochs or 0.5
+        args.sparsities = args.sparsities or [0.5, 0.9]
+        args.budgets = [1, 2] if args.budgets == list(BUDGETS) else args.budgets
+        val_size = 500
     else:
-        args.models = args.models or ["lenet_300_100", "small_cnn"]
-        args.seeds = args.seeds or [0, 1, 2]
-        args.dense_epochs = args.dense_epochs or 2
-        args.prune_epochs = args.prune_epochs or 2
-    if args.implicit_coef is None:
-        args.implicit_coef = torchbip.BiPConfig().implicit_coef
-    train_set, test_set = load_mnist(split="train"), load_mnist(split="test")
-    xtr_all, ytr_all = tensors(train_set)
-    xte, yte = tensors(test_set)
-    rows: list[dict] = []
-    torch.manual_seed(0)
+        args.models = args.models or ["lenet_300_100", "lenet5"]
+        args.seeds = args.seeds or ([0, 1] if args.sweep else [0, 1, 2])
+        args.sparsities = args.sparsities or list(SWEEP_SPARSITIES if args.sweep else SPARSITIES)
+        val_size = VAL_SIZE
+    data = split(args.train_size, val_size)
+    device = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    meta = {"device": device, "torch": torch.__version__.split("+")[0], "quick": args.quick}
+    stem = f"bench_accuracy{'_sweep' if args.sweep else ''}-{device}-torch{meta['torch']}"
+    suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    if args.sweep:
+        rows = [r for name in args.models for seed in args.seeds for r in sweep_seed(name, seed, args, data)]
+        result = {
+            **meta,
+            "models": args.models,
+            "seeds": args.seeds,
+            "rows": rows,
+            "summary": sweep_summary(rows, bip_settings(args.bip)),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}{suffix}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{stem}{suffix}.md").write_text(sweep_markdown(result))
+        print(sweep_markdown(result))
+        return result
+    result = {**meta, "bip_settings": bip_settings(args.bip), "budget": {}, "rows": []}
     for name in args.models:
-        size = args.train_size or len(xtr_all)
-        idx = torch.randperm(len(xtr_all), generator=torch.Generator().manual_seed(123))[:size]
-        data = {"xtr": xtr_all[idx], "ytr": ytr_all[idx], "xte": xte, "yte": yte}
-        for seed in args.seeds:
-            rows += run_seed(name, seed, args, data)
-    result = {
-        "device": f"cpu-{platform.machine()}-{torch.get_num_threads()}threads",
-        "torch": torch.__version__.split("+")[0],
-        "quick": args.quick,
-        "budget": {
-            "train_size": args.train_size or len(xtr_all),
-            "dense_epochs": args.dense_epochs,
-            "prune_epochs": args.prune_epochs,
-            "imp_epochs_per_round": args.dense_epochs,
+        result["budget"][name] = {
+            "train_images": len(data["xtr"]),
+            "val_images": len(data["xval"]),
+            "epochs": args.epochs or EPOCHS[name],
+            "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
+            "bip_budgets": args.budgets,
             "imp_rate": 0.2,
             "lr": args.lr,
             "batch_size": args.batch_size,
-            "implicit_coef": args.implicit_coef,
             "seeds": args.seeds,
-        },
-        "rows": rows,
-        "summary": summarise(rows, args.sparsities),
-    }
-    stem = f"bench_accuracy-{result['device']}-torch{result['torch']}" + ("-quick" if args.quick else "")
-    stem += f"-{args.tag}" if args.tag else ""
-    write_outputs(result, args.out, stem)
-    print(markdown(result))
+        }
+        rows = [r for seed in args.seeds for r in run_seed(name, seed, args, data)]
+        result["rows"] += rows
+        single = {
+            **result,
+            "budget": {name: result["budget"][name]},
+            "rows": rows,
+            "summary": summarise(rows),
+        }
+        write_outputs(single, name, args.out, f"{stem}-{name}{suffix}")
+    result["summary"] = summarise(result["rows"])
     return result
+
+
+def replot(paths: list[Path], merged: Path | None = None) -> dict[str, Any]:
+    """Rebuild the summaries, markdown and plots from run JSONs; several are merged (rows joined)."""
+    results = [json.loads(p.read_text()) for p in paths]
+    result = results[0]
+    result["rows"] = [r for res in results for r in res["rows"]]
+    target = merged or paths[0]
+    if "bip_settings" not in result:  # a sweep
+        result["seeds"] = sorted({r["seed"] for r in result["rows"]})
+        result["summary"] = sweep_summary(result["rows"], result["summary"]["center"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2))
+        target.with_suffix(".md").write_text(sweep_markdown(result))
+        print(sweep_markdown(result))
+        return result
+    for res in results[1:]:
+        mine, theirs = result["bip_settings"], res["bip_settings"]
+        if (
+            any(mine[k] != theirs[k] for k in mine.keys() & theirs.keys())
+            or res["budget"].keys() != result["budget"].keys()
+        ):
+            raise SystemExit(f"--replot: the runs differ in their settings or models: {paths}")
+    (model,) = result["budget"]
+    result["budget"][model]["seeds"] = sorted({r["seed"] for r in result["rows"]})
+    result["summary"] = summarise(result["rows"])
+    write_outputs(result, model, target.parent, target.stem)
+    return result
+
+
+def write_outputs(result: dict[str, Any], model: str, out: Path, stem: str) -> None:
+    """``<stem>.json``, ``.md`` and ``.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(markdown(result, model))
+    plot(result, model, out / f"{stem}.png")
+    print(markdown(result, model))
 
 
 if __name__ == "__main__":

@@ -355,8 +355,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     # 3. BiP: built on the bare model (before DDP wraps it), stepped in the training loop.
     steps = args.epochs * min(len(train_loader), args.limit_batches or len(train_loader))
     pruner = torchbip.BiP(model, amount=args.amount, steps=steps, upper_lr=args.upper_lr,
-                          upper_momentum=args.momentum, implicit_coef=args.implicit_coef,
-                          min_keep=args.min_keep)  # fmt: skip
+                          upper_momentum=args.momentum, upper_schedule="step", score_init="scaled_magnitude",
+                          implicit_coef=args.implicit_coef, min_keep=args.min_keep)  # fmt: skip
     if args.resume and state_path.is_file():
         resumed["bip_from_epoch"] = torch.load(state_path, weights_only=True, mmap=True)["epoch"]
     with phase("bip"):

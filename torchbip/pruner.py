@@ -134,12 +134,12 @@ class BiP:
             tensor that is kept at most.
         upper_lr: learning rate :math:`\beta` of the scores.
         upper_momentum: SGD momentum of the scores.
-        upper_schedule: ``"step"`` (x0.1 at 50% and 75% of ``steps``), ``"cosine"`` or
-            ``"constant"``; ``None``: ``"step"`` when ``steps`` is given, else ``"constant"``.
+        upper_schedule: ``"constant"``, ``"step"`` (x0.1 at 50% and 75% of ``steps``) or
+            ``"cosine"`` (without ``steps`` both stay constant).
         steps: the number of :meth:`step` calls the schedule spans (``None``: no schedule).
         implicit_coef: :math:`c`, the coefficient of the implicit term (:math:`1/\gamma` in
             theory, with :math:`\gamma` the weights' weight decay; 0 switches it off).
-        score_init: ``"scaled_magnitude"`` or ``"magnitude"`` (see :class:`torchbip.BiPConfig`).
+        score_init: ``"magnitude"`` or ``"scaled_magnitude"`` (see :class:`torchbip.BiPConfig`).
         hold_pruned: undo the optimizer's changes to pruned entries in :meth:`step`. Costs one
             copy of the pruned tensors; turn it off only when the optimizer leaves entries with
             zero gradient alone (plain SGD without momentum and weight decay).
@@ -185,12 +185,12 @@ class BiP:
         budget: str = "layer",
         min_keep: Amount | None = None,
         max_keep: Amount | None = None,
-        upper_lr: float = 10.0,
-        upper_momentum: float = 0.9,
-        upper_schedule: str | None = None,
+        upper_lr: float = BiPConfig.upper_lr,
+        upper_momentum: float = BiPConfig.upper_momentum,
+        upper_schedule: str = BiPConfig.upper_schedule,
         steps: int | None = None,
         implicit_coef: float = 1.0,
-        score_init: str = "scaled_magnitude",
+        score_init: str = BiPConfig.score_init,
         hold_pruned: bool = True,
         process_group: Any = None,
     ) -> None:
@@ -200,7 +200,7 @@ class BiP:
             )
         model = _bare(model)
         spec = as_layout(layout, budget)
-        schedule = ("step" if steps is not None else "constant") if upper_schedule is None else upper_schedule
+        schedule = upper_schedule
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be an int >= 1 or None, got {steps!r}")
         if implicit_coef is None:
@@ -235,7 +235,6 @@ class BiP:
         self.implicit_coef = float(cfg.implicit_coef)  # type: ignore[arg-type]
         self.hold_pruned = hold_pruned
         self.steps = steps
-        self._schedule_given = upper_schedule is not None
         self.step_count = 0
         self.skipped_steps = 0
         self._finished = False
@@ -363,8 +362,7 @@ class BiP:
 
         For trainers that know the length of training only once it starts (the integrations in
         :mod:`torchbip.integrations` build the object earlier, so that a checkpoint loads into the
-        pruned model). Without an explicit ``upper_schedule`` the schedule becomes ``"step"``, as
-        if ``steps`` had been given at construction.
+        pruned model). The schedule is the one given at construction, now spanning ``steps``.
 
         Args:
             steps: an int >= 1.
@@ -383,8 +381,6 @@ class BiP:
                 "before the first step"
             )
         self.steps = steps
-        if not self._schedule_given:
-            self.settings["upper_schedule"] = "step"
         self.settings["steps"] = steps
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"]

@@ -353,7 +353,10 @@ def refused_resume(
         ({"seed": None}, r"was written with seed=3, this call has seed=None"),
         ({"upper_lr": 2.0}, r"was written with upper_lr=1\.0, this call has upper_lr=2\.0"),
         ({"lower_schedule": "constant"}, r"lower_schedule='cosine', this call has lower_schedule='constant'"),
-        ({"score_init": "magnitude"}, r"score_init='scaled_magnitude', this call has score_init='magnitude'"),
+        (
+            {"score_init": "scaled_magnitude"},
+            r"score_init='magnitude', this call has score_init='scaled_magnitude'",
+        ),
         ({"min_keep": 0.1}, r"was written with min_keep=None, this call has min_keep=0\.1"),
         ({"amp": "bfloat16"}, r"was written with amp=None, this call has amp='bfloat16'"),
         ({"steps": 6}, r"was written with steps=4, this call has steps=6"),

@@ -51,15 +51,31 @@ def test_bench_accuracy_quick(tmp_path: Path) -> None:
     result = bench_accuracy.main(["--quick", "--out", str(tmp_path)])
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
     summary = result["summary"]["lenet_300_100"]
-    for method in ("bip", "imp", "omp", "random", "bip_no_implicit"):
-        for sparsity in ("0.50", "0.90"):
+    assert set(summary) == {"dense", "imp", "omp_ft", "bip_x1", "bip_x2", "verdict"}
+    for method in ("imp", "omp_ft", "bip_x1", "bip_x2"):
+        for sparsity in ("0.500", "0.900"):
             cell = summary[method][sparsity]
-            assert 0.0 <= cell["accuracy_mean"] <= 1.0
-            assert cell["time_mean_s"] > 0
+            assert 0.0 <= cell["test"]["mean"] <= 1.0
+            assert 0.0 <= cell["val"]["mean"] <= 1.0
+            assert cell["time_s"]["mean"] > 0
     # every method reached exactly the sparsity it was asked for
     for row in result["rows"]:
         if row["method"] != "dense":
             assert row["measured_sparsity"] == pytest.approx(row["sparsity"], abs=1e-4)
+    # the verdict follows its definition: the smallest budget level with IMP
+    for sparsity, verdict in summary["verdict"].items():
+        imp = summary["imp"][sparsity]["test"]
+        level = [
+            b
+            for b in (1, 2)
+            if summary[f"bip_x{b}"][sparsity]["test"]["mean"]
+            >= imp["mean"] - max(imp["std"], summary[f"bip_x{b}"][sparsity]["test"]["std"])
+        ]
+        assert verdict["bip_budget_at_imp_accuracy"] == (level[0] if level else None)
+    # the validation split is held out of the training images
+    data = bench_accuracy.split(None, 5000)
+    assert len(data["xtr"]) == 55_000
+    assert len(data["xval"]) == 5000
     # --replot rebuilds the same table and a new plot from the JSON alone
     (md,) = tmp_path.glob("*.md")
     (js,) = tmp_path.glob("*.json")
@@ -69,6 +85,30 @@ def test_bench_accuracy_quick(tmp_path: Path) -> None:
     bench_accuracy.main(["--replot", str(js)])
     assert md.read_text() == table
     assert (tmp_path / md.name.replace(".md", ".png")).read_bytes()[:8] == PNG
+
+
+def test_bench_accuracy_sweep_reads_no_test_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_accuracy
+
+    def no_test(self: object, model: object) -> float:
+        raise AssertionError("the sweep read the test split")
+
+    monkeypatch.setattr(bench_accuracy.Seed, "test", no_test)
+    monkeypatch.setattr(bench_accuracy, "SWEEP", {"upper_lr": [1.0, 200.0], "finetune_epochs": [0.0, 0.5]})
+    args = ["--quick", "--sweep", "--sparsities", "0.9", "--out", str(tmp_path)]
+    result = bench_accuracy.main(args)
+    settings = result["summary"]["settings"]
+    assert set(settings) == {"center", "upper_lr=1.0", "upper_lr=200.0", "finetune_epochs=0.5"}
+    best = result["summary"]["best"]
+    means = {label: v["val_mean"] for label, v in settings.items()}
+    default_lr = bench_accuracy.torchbip.BiPConfig().upper_lr
+    lr_candidates = {
+        1.0: means["upper_lr=1.0"],
+        200.0: means["upper_lr=200.0"],
+        default_lr: means["center"],
+    }
+    assert best["upper_lr"] == max(lr_candidates, key=lambda v: lr_candidates[v])
+    assert all("test_accuracy" not in row for row in result["rows"])
 
 
 def test_bench_ablation_quick(tmp_path: Path) -> None:

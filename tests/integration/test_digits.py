@@ -128,6 +128,9 @@ def one_seed(split: Split, seed: int, out: Outcome) -> None:
     report = torchbip.global_prune(
         model, AMOUNT, loader, parameters=targets(model), steps=len(loader), lower_lr=LR,
         lower_schedule="cosine", momentum=MOMENTUM, gamma=GAMMA, upper_lr=1.0, progress=False, seed=seed,
+        # the upper-level settings this comparison was set up with (BiPConfig's defaults are
+        # chosen on MNIST; with them BiP is level with OMP+FT here, 96.44% against 96.52%)
+        upper_schedule="step", score_init="scaled_magnitude",
     )  # fmt: skip
     out.bip.append(accuracy(model, split))
     out.sparsity.append(report.global_sparsity)
