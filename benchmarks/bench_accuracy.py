@@ -54,6 +54,7 @@ from torchbip.datasets import load_mnist
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.8, 0.9, 0.95, 0.964, 0.98, 0.99)
+METHODS = ("bip", "omp_ft", "imp")
 BUDGETS = (1, 2, 4)
 VAL_SIZE = 5000
 SPLIT_SEED = 0
@@ -199,10 +200,18 @@ class Seed:
         torch.manual_seed(seed)
         self.init = MODELS[name]()
         self.epochs = args.epochs or EPOCHS[name]
-        self.dense = copy.deepcopy(self.init)
-        start = time.perf_counter()
-        train(self.dense, self.batches(0), self.epochs, lr=args.lr)
-        self.dense_time = time.perf_counter() - start
+        self._dense: nn.Module | None = None
+        self.dense_time = 0.0
+
+    @property
+    def dense(self) -> nn.Module:
+        """The dense model, trained ``E`` epochs from the initialisation on first use."""
+        if self._dense is None:
+            self._dense = copy.deepcopy(self.init)
+            start = time.perf_counter()
+            train(self._dense, self.batches(0), self.epochs, lr=self.args.lr)
+            self.dense_time = time.perf_counter() - start
+        return self._dense
 
     def batches(self, offset: int) -> Batches:
         return Batches(self.data["xtr"], self.data["ytr"], self.args.batch_size, self.seed * 1000 + offset)
@@ -233,13 +242,13 @@ class Seed:
 
 
 def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> list[dict]:
-    """Dense, BiP at each budget, OMP+FT and IMP for one model and seed (the protocol)."""
+    """Dense, BiP at each budget, OMP+FT and IMP (those of ``--methods``) for one model and seed."""
     s = Seed(name, seed, args, data)
-    rows = [s.row("dense", 0.0, s.dense, s.dense_time)]
+    rows = [s.row("dense", 0.0, s.dense, s.dense_time)] if {"bip", "omp_ft"} & set(args.methods) else []
     base = args.bip_epochs or BIP_EPOCHS[name]
     settings = bip_settings(args.bip)
     for sparsity in args.sparsities:
-        for budget in args.budgets:
+        for budget in args.budgets if "bip" in args.methods else ():
             model = copy.deepcopy(s.dense)
             start = time.perf_counter()
             run_bip(model, sparsity, s.batches(1), base * budget, settings, seed)
@@ -247,12 +256,16 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, tor
             rows.append(
                 s.row("bip", sparsity, model, s.dense_time + elapsed, budget=budget, method_time_s=elapsed)
             )
+        if "omp_ft" not in args.methods:
+            continue
         model = copy.deepcopy(s.dense)
         start = time.perf_counter()
         omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=args.lr)
         elapsed = time.perf_counter() - start
         rows.append(s.row("omp_ft", sparsity, model, s.dense_time + elapsed, method_time_s=elapsed))
 
+    if "imp" not in args.methods:
+        return rows
     model = copy.deepcopy(s.init)
     prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
@@ -606,6 +619,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="with --sweep: the factors to vary (default: all; none: the center alone)",
     )
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="the methods to run (split a run over processes; merge with --replot)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--sparsities", type=float, nargs="+", default=None)
     parser.add_argument(
@@ -690,15 +710,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "seeds": args.seeds,
         }
-        rows = [r for seed in args.seeds for r in run_seed(name, seed, args, data)]
+        rows: list[dict] = []
+        for seed in args.seeds:  # the outputs are rewritten after each seed
+            rows += run_seed(name, seed, args, data)
+            single = {
+                **result,
+                "budget": {name: result["budget"][name]},
+                "rows": rows,
+                "summary": summarise(rows),
+            }
+            write_outputs(single, name, args.out, f"{stem}-{name}{suffix}")
         result["rows"] += rows
-        single = {
-            **result,
-            "budget": {name: result["budget"][name]},
-            "rows": rows,
-            "summary": summarise(rows),
-        }
-        write_outputs(single, name, args.out, f"{stem}-{name}{suffix}")
     result["summary"] = summarise(result["rows"])
     return result
 
