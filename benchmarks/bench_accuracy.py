@@ -579,6 +579,8 @@ def sweep_markdown(result: dict[str, Any]) -> str:
         "split is not read.",
         "",
     ]
+    for name, budget in result.get("budget", {}).items():
+        lines += [f"{name}: " + ", ".join(f"{k}={v}" for k, v in budget.items()), ""]
     if result.get("note"):
         lines += [f"Note: {result['note']}.", ""]
     sparsities = sorted(
@@ -594,6 +596,44 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     best = ", ".join(f"{k}={v}" for k, v in result["summary"]["best"].items())
     lines += ["", f"Best value per factor (each measured with the others at the center): {best}"]
     return "\n".join(lines) + "\n"
+
+
+def sweep_plot(result: dict[str, Any], path: Path) -> None:
+    """Mean validation accuracy per value of each swept factor (the center's value in black);
+    nothing for a sweep of the center alone."""
+    summary = result["summary"]
+    center, settings = summary["center"], summary["settings"]
+    factors = [f for f in SWEEP if any(v["factor"] == f for v in settings.values())]
+    if not factors:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(factors), figsize=(2.3 * len(factors) + 1, 3.6), sharey=True)
+    axes = list(axes) if len(factors) > 1 else [axes]
+    means = [100 * v["val_mean"] for v in settings.values()]
+    low, high = max(min(means), max(means) - 3) - 0.2, max(means) + 0.3
+    for ax, factor in zip(axes, factors, strict=False):
+        points = {str(v["value"]): v["val_mean"] for v in settings.values() if v["factor"] == factor}
+        if "center" in settings:
+            points[str(center[factor])] = settings["center"]["val_mean"]
+        labels = [str(v) for v in SWEEP[factor] if str(v) in points]
+        heights = [100 * points[label] for label in labels]
+        colors = ["black" if label == str(center[factor]) else "C0" for label in labels]
+        ax.bar(range(len(labels)), heights, color=colors)
+        for i, h in enumerate(heights):  # the value, also of a bar below the axis (a collapse)
+            ax.text(i, max(h, low) + 0.05, f"{h:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
+        ax.set_title(factor, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylim(low, high)
+    axes[0].set_ylabel("validation accuracy (%), mean")
+    fig.suptitle(f"{', '.join(result['models'])}: one factor at a time (black: the center)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def value(text: str) -> Any:
@@ -689,12 +729,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **meta,
             "models": args.models,
             "seeds": args.seeds,
+            "budget": {
+                name: {
+                    "train_images": len(data["xtr"]),
+                    "val_images": len(data["xval"]),
+                    "epochs": args.epochs or EPOCHS[name],
+                    "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
+                }
+                for name in args.models
+            },
             "rows": rows,
             "summary": sweep_summary(rows, bip_settings(args.bip)),
         }
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{stem}{suffix}.json").write_text(json.dumps(result, indent=2))
         (args.out / f"{stem}{suffix}.md").write_text(sweep_markdown(result))
+        sweep_plot(result, args.out / f"{stem}{suffix}.png")
         print(sweep_markdown(result))
         return result
     result = {**meta, "bip_settings": bip_settings(args.bip), "budget": {}, "rows": []}
@@ -737,6 +787,7 @@ def replot(paths: list[Path], merged: Path | None = None) -> dict[str, Any]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2))
         target.with_suffix(".md").write_text(sweep_markdown(result))
+        sweep_plot(result, target.with_suffix(".png"))
         print(sweep_markdown(result))
         return result
     for res in results[1:]:

@@ -109,6 +109,9 @@ def test_bench_accuracy_sweep_reads_no_test_image(tmp_path: Path, monkeypatch: p
     }
     assert best["upper_lr"] == max(lr_candidates, key=lambda v: lr_candidates[v])
     assert all("test_accuracy" not in row for row in result["rows"])
+    (png,) = tmp_path.glob("bench_accuracy_sweep-*.png")
+    assert png.read_bytes()[:8] == PNG
+    assert result["budget"]["lenet_300_100"]["train_images"] == 3000
 
 
 def test_bench_ablation_quick(tmp_path: Path) -> None:
