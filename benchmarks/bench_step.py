@@ -249,7 +249,7 @@ def markdown(result: dict) -> str:
         "",
         "Global top-k over n scores after a small score update: `torch.kthvalue` (the threshold "
         "only) vs `GlobalTopK` (the whole exact mask: `np.partition` on CPUs, with a band around "
-        "the last threshold from 4M scores).",
+        "the last threshold from 64k scores on CPUs).",
         "",
         "| scores | kthvalue | GlobalTopK | speed-up |",
         "| ---: | ---: | ---: | ---: |",

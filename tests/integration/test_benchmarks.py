@@ -72,6 +72,19 @@ def test_bench_accuracy_quick(tmp_path: Path) -> None:
             >= imp["mean"] - max(imp["std"], summary[f"bip_x{b}"][sparsity]["test"]["std"])
         ]
         assert verdict["bip_budget_at_imp_accuracy"] == (level[0] if level else None)
+        omp = summary["omp_ft"][sparsity]["test"]
+        all_targets = [
+            b
+            for b in level
+            if summary["imp"][sparsity]["time_s"]["mean"]
+            >= 4 * summary[f"bip_x{b}"][sparsity]["time_s"]["mean"]
+            and (
+                float(sparsity) < 0.95
+                or summary[f"bip_x{b}"][sparsity]["test"]["mean"] - omp["mean"]
+                > max(omp["std"], summary[f"bip_x{b}"][sparsity]["test"]["std"])
+            )
+        ]
+        assert verdict["bip_budget_meeting_all_targets"] == (all_targets[0] if all_targets else None)
     # the validation split is held out of the training images
     data = bench_accuracy.split(None, 5000)
     assert len(data["xtr"]) == 55_000
