@@ -43,7 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from torchbip._func import Target, default_targets
-from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, nm_mask, topk_mask
+from torchbip._tensors import copy_into
+from torchbip.masks import (
+    GlobalTopK,
+    cap_counts,
+    count_from_amount,
+    floor_counts,
+    nm_mask,
+    threshold_mask,
+    topk_mask,
+)
 from torchbip.method import BiPPruningMethod
 from torchbip.scores import init_scores
 from torchbip.semistructured import BiPSemiStructured
@@ -117,6 +126,19 @@ class MaskLayout(ABC):
         """
         return [self.mask(i, keep) for i, keep in enumerate(keeps)]
 
+    def write_masks(
+        self, scores: Sequence[Tensor], flat: Tensor | None, masks: Sequence[Tensor]
+    ) -> list[Tensor] | None:
+        """Select from ``scores`` and write the element masks into ``masks`` (torch's mask buffers).
+
+        Returns the boolean element masks, or ``None`` when a layout wrote ``masks`` without
+        them (the caller then reads them off ``masks`` when it needs them).
+        """
+        elements = self.masks(self.select(scores, flat))
+        for mask, element in zip(masks, elements, strict=True):
+            copy_into(mask, element)
+        return elements
+
     def score_grads(
         self, element_grads: Iterable[tuple[int, Tensor]], outs: Sequence[Tensor], masks: Sequence[Tensor]
     ) -> None:
@@ -124,7 +146,7 @@ class MaskLayout(ABC):
 
         The element-wise gradients may come one at a time (a generator), so a layout that
         reduces each tensor on its own (one :meth:`score_grad` each, the default) never holds
-        them all. ``masks`` are the current boolean element masks, one per target.
+        them all. ``masks`` are the current element masks (torch's 0/1 mask buffers), one per target.
         """
         for index, element in element_grads:
             self.score_grad(index, element, outs[index])
@@ -218,6 +240,29 @@ class UnstructuredLayout(MaskLayout):
     def mask(self, index: int, keep: Tensor) -> Tensor:
         """See :meth:`MaskLayout.mask`."""
         return keep
+
+    def write_masks(
+        self, scores: Sequence[Tensor], flat: Tensor | None, masks: Sequence[Tensor]
+    ) -> list[Tensor] | None:
+        """See :meth:`MaskLayout.write_masks`.
+
+        With one global ranking and a unique threshold, each mask is written by one comparison
+        of its scores (no boolean masks in between).
+        """
+        if not (self.fast and flat is not None and self.n_keep > 0):
+            return super().write_masks(scores, flat, masks)
+        value, unique = self.topk.threshold(flat)
+        if not unique:  # ties at the threshold: broken by index, through the boolean masks
+            keep = threshold_mask(flat.detach().reshape(-1), self.n_keep, value)
+            elements, offset = [], 0
+            for s, mask in zip(scores, masks, strict=True):
+                elements.append(keep[offset : offset + s.numel()].view(s.shape))
+                copy_into(mask, elements[-1])
+                offset += s.numel()
+            return elements
+        for s, mask in zip(scores, masks, strict=True):
+            torch.ge(s, value, out=mask)
+        return None
 
     def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
         """See :meth:`MaskLayout.score_grad`."""

@@ -29,6 +29,7 @@ __all__ = [
     "count_from_amount",
     "floor_counts",
     "nm_mask",
+    "threshold_mask",
     "topk_mask",
     "validate_amount",
 ]
@@ -113,8 +114,27 @@ def count_from_amount(amount: int | float, n: int, name: str = "amount") -> int:
 _BANDED_MIN_CPU = 1 << 16
 
 
-def _select_threshold(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
-    """Keep entries above ``threshold`` plus the lowest-index ties, ``n_keep`` in all."""
+def threshold_mask(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
+    """Keep the entries above ``threshold`` plus the lowest-index ties, ``n_keep`` in all.
+
+    Args:
+        flat: 1-D scores.
+        n_keep: the number of entries to keep.
+        threshold: the ``n_keep``-th largest value of ``flat`` (e.g. from
+            :meth:`GlobalTopK.threshold`).
+
+    Returns:
+        A boolean tensor of ``flat``'s shape with ``n_keep`` ``True`` entries.
+
+    Raises:
+        FloatingPointError: when fewer than ``n_keep`` entries rank at or above the threshold
+            (the scores hold NaN).
+
+    Example:
+        >>> import torch
+        >>> threshold_mask(torch.tensor([0.3, 0.1, 0.3, 0.9]), 2, torch.tensor(0.3)).tolist()
+        [True, False, False, True]
+    """
     keep = _at_least(flat, threshold)
     count = int(torch.count_nonzero(keep))
     if count == n_keep:  # no surplus ties: the common case
@@ -206,7 +226,7 @@ def topk_mask(scores: Tensor, n_keep: int, allowed: Tensor | None = None) -> Ten
         raise ValueError(f"n_keep={n_keep} must lie in [0, {n_allowed}]")
     if n_keep == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    keep = _select_threshold(flat, n_keep, _kth_largest(flat, n_keep))
+    keep = threshold_mask(flat, n_keep, _kth_largest(flat, n_keep))
     if allowed is not None:
         keep &= allowed_flat
     return keep.view(scores.shape)
@@ -338,11 +358,14 @@ class GlobalTopK:
                 if lo > hi:
                     raise ValueError(f"tensor {i}: its floor ({lo}) is above its cap ({hi})")
         self._threshold: Tensor | None = None
-        self._band = 1e-3
+        self._move = 0.0  # the threshold's move in the last call
+        self._half: float | None = None  # the next band's half-width
+        self._band = 1e-3  # the first band's half-width, relative to the threshold
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
 
     def reset(self) -> None:
         """Forget the previous threshold (the next call runs a full selection)."""
-        self._threshold = None
+        self._threshold, self._move, self._half = None, 0.0, None
 
     def __call__(
         self, scores: Sequence[Tensor], allowed: Sequence[Tensor | None] | None = None
@@ -435,57 +458,129 @@ class GlobalTopK:
             raise ValueError("select_flat does not apply per-tensor floors or caps; call the selector")
         return self._select(_as_float(flat.detach().reshape(-1)))
 
+    def threshold(self, flat: Tensor) -> tuple[Tensor, bool]:
+        """The ``n_keep``-th largest value of one flat score tensor, and whether it is unique.
+
+        When it is unique, ``flat >= value`` keeps exactly ``n_keep`` entries (callers may write
+        that comparison straight into a mask of another dtype); otherwise the ties at the value
+        are broken by index (:meth:`select_flat` does both). No floors, caps or disallowed
+        entries (as :meth:`select_flat`). Calls after the first search a band around the
+        threshold the previous call moved to (see the class docstring).
+
+        Raises:
+            ValueError: with floors or caps, or for ``n_keep`` outside ``[1, flat.numel()]``.
+            FloatingPointError: when the scores hold NaN.
+
+        Example:
+            >>> import torch
+            >>> select = GlobalTopK(2)
+            >>> value, unique = select.threshold(torch.tensor([0.1, 0.9, 0.5, 0.3]))
+            >>> float(value), unique
+            (0.5, True)
+        """
+        if (self.floors is not None and any(self.floors)) or self.caps is not None:
+            raise ValueError("threshold does not apply per-tensor floors or caps; call the selector")
+        flat = _as_float(flat.detach().reshape(-1))
+        n, k = flat.numel(), self.n_keep
+        if not 1 <= k <= n:
+            raise ValueError(f"n_keep={k} must lie in [1, {n}] for a threshold")
+        # NaN ranks nowhere, so ``flat >= value`` would keep fewer than n_keep: one sum finds it
+        if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
+            raise FloatingPointError(
+                f"the scores hold NaN: a top-k mask of exactly {k} entries cannot be selected"
+            )
+        # Small CPU tensors: NumPy's full selection is faster than the band's extra passes.
+        small_cpu = flat.device.type == "cpu" and n < _BANDED_MIN_CPU
+        if self._threshold is not None and not small_cpu:
+            found = self._banded_threshold(flat)
+            if found is not None:
+                return found
+        value = _kth_largest(flat, k)
+        self._remember(value, None)
+        return value, bool(torch.count_nonzero(flat == value) == 1)
+
     def _select(self, flat: Tensor) -> Tensor:
         n, k = flat.numel(), self.n_keep
         if not 0 <= k <= n:
             raise ValueError(f"n_keep={k} must lie in [0, {n}]")
         if k == 0:
             return torch.zeros_like(flat, dtype=torch.bool)
-        # Small CPU tensors: NumPy's full selection is faster than the band's extra passes.
         small_cpu = flat.device.type == "cpu" and n < _BANDED_MIN_CPU
         if self._threshold is not None and not small_cpu:
             found = self._banded_threshold(flat)
             if found is not None:
-                self._threshold, unique = found
-                if unique:
-                    return _at_least(flat, self._threshold)
-                return _select_threshold(flat, k, self._threshold)
-        self._threshold = _kth_largest(flat, k)
-        return _select_threshold(flat, k, self._threshold)
+                value, unique = found
+                return _at_least(flat, value) if unique else threshold_mask(flat, k, value)
+        value = _kth_largest(flat, k)
+        self._remember(value, None)
+        return threshold_mask(flat, k, value)
+
+    def _remember(self, value: Tensor, predicted: float | None) -> None:
+        """Keep the threshold, its move and the next band's half-width."""
+        new = float(value)
+        if self._threshold is None or not math.isfinite(new):
+            self._threshold, self._move, self._half = value, 0.0, None
+            return
+        last = float(self._threshold)
+        move = new - last if math.isfinite(last) else 0.0
+        error = abs(new - predicted) if predicted is not None else abs(move)
+        # The next band: centred on the threshold moved by this step's move (thresholds drift
+        # steadily while scores train), four times this step's prediction error wide on each side.
+        self._threshold, self._move = value, move
+        self._half = max(4.0 * error, 0.5 * abs(move), 1e-7 * max(abs(new), 1e-12))
 
     def _banded_threshold(self, flat: Tensor) -> tuple[Tensor, bool] | None:
-        """The exact k-th largest value if it lies in the band around the last threshold.
+        """The exact k-th largest value if it lies in a band around the predicted threshold.
 
         Also says whether that value is unique (then ``flat >= value`` keeps exactly ``n_keep``).
-        Only the side of the band holding the smaller part of the scores is gathered.
+        Two comparisons and one gather of the band (a few hundred to a few thousand entries);
+        when the value lies outside, the band widens and the search repeats, at most three
+        times, before the caller falls back to a full selection.
         """
         assert self._threshold is not None
-        last = self._threshold
-        width = self._band * max(float(last.abs()), 1e-12)
-        lo, hi = last - width, last + width
-        n, k = flat.numel(), self.n_keep
-        arr = _numpy(flat)
-        if arr is not None:  # CPU: NumPy compares and gathers several times faster
-            low, high = float(lo), float(hi)
-            need = k - int(np.count_nonzero(arr > high))
-            band = torch.from_numpy(arr[(arr >= low) & (arr <= high)])
-            if flat.dtype == torch.bfloat16:
-                band = band.to(torch.bfloat16)
-        elif 2 * k <= n:
-            candidates = flat[flat >= lo]
-            need = k - int(torch.count_nonzero(candidates > hi))
-            band = candidates[candidates <= hi]
-        else:
-            candidates = flat[flat <= hi]
-            need = k - (n - candidates.numel())
-            band = candidates[candidates >= lo]
-        if need <= 0 or need > band.numel():
-            self._band *= 4
+        last = float(self._threshold)
+        if not math.isfinite(last):
             return None
-        if band.numel() > max(1024, n // 64):
-            self._band /= 2
-        value = _kth_largest(band, need)
-        return value, int(torch.count_nonzero(band == value)) == 1
+        center = last + self._move
+        half = self._half if self._half is not None else self._band * max(abs(last), 1e-12)
+        n, k = flat.numel(), self.n_keep
+        for _ in range(3):
+            lo, hi = center - half, center + half
+            counted = self._count_and_gather(flat, lo, hi)
+            if counted is not None:
+                above, band = counted
+                need = k - above
+                if 0 < need <= band.numel():
+                    value = _kth_largest(band, need)
+                    self._remember(value, center)
+                    if band.numel() > max(4096, n // 64):  # wide: aim narrower next time
+                        self._half = min(self._half or half, half / 2)
+                    return value, int(torch.count_nonzero(band == value)) == 1
+            half *= 4
+        self._threshold = None
+        return None
+
+    def _count_and_gather(self, flat: Tensor, lo: float, hi: float) -> tuple[int, Tensor] | None:
+        """The number of scores above ``hi`` and the scores in ``[lo, hi]``."""
+        arr = _numpy(flat)
+        if arr is None:
+            at_least = flat >= lo
+            band = flat[at_least & (flat <= hi)]
+            return int(torch.count_nonzero(at_least)) - band.numel(), band
+        low, high = arr.dtype.type(lo), arr.dtype.type(hi)
+        if not low <= high:  # overflow of a narrow dtype
+            return None
+        if self._buffers is None or self._buffers[0].size != arr.size:
+            self._buffers = (np.empty(arr.size, dtype=bool), np.empty(arr.size, dtype=bool))
+        ge, inside = self._buffers  # reused: fresh ones cost page faults on every call
+        np.greater_equal(arr, low, out=ge)
+        np.less_equal(arr, high, out=inside)
+        at_or_above = int(np.count_nonzero(ge))
+        np.logical_and(ge, inside, out=inside)
+        band = torch.from_numpy(arr[inside])
+        if flat.dtype == torch.bfloat16:
+            band = band.to(torch.bfloat16)
+        return at_or_above - band.numel(), band
 
 
 def nm_mask(

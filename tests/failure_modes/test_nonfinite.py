@@ -161,6 +161,19 @@ def test_selection_never_returns_a_mask_of_the_wrong_count(scores: list[Tensor])
         GlobalTopK(n_keep)(scores)
     with pytest.raises(FloatingPointError, match=r"NaN"):
         topk_mask(torch.cat(scores), n_keep)
+    with pytest.raises(FloatingPointError, match=r"NaN"):
+        GlobalTopK(n_keep).threshold(torch.cat(scores))
+
+
+def test_threshold_refuses_nan_also_after_the_band_took_over() -> None:
+    """The band search counts what lies above and inside it, where NaN never lies: still refused."""
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(100_000, generator=gen)  # above the size from which CPUs use the band
+    select = GlobalTopK(1000)
+    select.threshold(flat)
+    flat[123] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"NaN"):
+        select.threshold(flat)
 
 
 def test_nan_scores_in_the_loop_raise_naming_the_step(monkeypatch: pytest.MonkeyPatch) -> None:

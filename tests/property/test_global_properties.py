@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip import masks, sparsity_report
+from torchbip.layouts import UnstructuredLayout
 from torchbip.masks import GlobalTopK, count_from_amount, floor_counts
 from torchbip.testing.strategies import (
     amounts,
@@ -136,6 +137,49 @@ def test_banded_path_equals_fresh_selection(case: Case, steps: list[tuple[float,
         fresh = GlobalTopK(n_keep, floors)(scores, allowed)
         assert as_lists(got) == as_lists(fresh)
         assert as_lists(got) == oracle_global(scores, allowed, n_keep, floors)
+
+
+@given(
+    case=global_cases(ties=True, with_floors=False),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1e-7, 1e-5, 1e-3, 0.1, 10.0]),
+            st.sampled_from([0.0, 1e-4, 1e-2]),  # a drift of every score: the threshold moves
+            st.integers(0, 2**16),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+)
+def test_written_masks_equal_the_oracle_over_moving_scores(
+    case: Case, dtype: torch.dtype, steps: list[tuple[float, float, int]]
+) -> None:
+    """The layout's direct mask writes (one comparison per tensor, or ties by index) keep the
+    oracle's entries in the masks' own dtype, call after call, in the band and outside it."""
+    scores, _, n_keep, _ = case
+    if n_keep == 0:
+        return
+    scores = [s.to(dtype) for s in scores]
+    targets = [mock.Mock(weight=lambda s=s: s, fqn=f"t{i}") for i, s in enumerate(scores)]
+    layout = UnstructuredLayout(targets, sum(s.numel() for s in scores) - n_keep, [None] * len(scores))
+    for i, (scale, drift, seed) in enumerate([(0.0, 0.0, 0), *steps]):
+        gen = torch.Generator().manual_seed(seed)
+        moved = []
+        for s in scores:
+            noise = scale * torch.randn(s.shape, generator=gen) * (torch.rand(s.shape, generator=gen) < 0.5)
+            moved.append((s.double() + noise + drift * (i + 1)).to(dtype))
+        scores = moved
+        flat = torch.cat([s.reshape(-1) for s in scores])
+        parts = flat.split([s.numel() for s in scores])
+        views = [v.view(s.shape) for v, s in zip(parts, scores, strict=True)]
+        out = [torch.full(s.shape, 7.0, dtype=dtype) for s in scores]  # garbage: every entry is written
+        # every other call through the band, whatever the size (it starts at 64k scores on CPUs)
+        with mock.patch.object(masks, "_BANDED_MIN_CPU", 0 if i % 2 else 1 << 22):
+            layout.write_masks(views, flat, out)
+        assert all(m.dtype == dtype for m in out)
+        assert set(torch.cat([m.reshape(-1) for m in out]).tolist()) <= {0.0, 1.0}
+        assert as_lists([m != 0 for m in out]) == oracle_global(views, [None] * len(views), n_keep, None)
 
 
 @given(shape_list=shape_lists(max_numel=1024), data=st.data())
