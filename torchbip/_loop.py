@@ -390,9 +390,23 @@ class BiPLoop:
         self.lower_opt.step()
 
     def _element_upper_grads(self, grads: MaskedGrads) -> list[Tensor]:
-        """The element-wise upper gradient of every target, from the two partial gradients."""
+        """The element-wise upper gradient of every target, from the two partial gradients.
+
+        Written straight into the BiP object's score-gradient buffers when the layout has one
+        score per entry (the object then copies nothing).
+        """
         c = self.bip.implicit_coef
-        return [upper_grad(grads.masks[t.mask_fqn], grads.params[t.orig_fqn], c) for t in self.targets]
+        outs = self.bip.score_grad_buffers()
+        with torch.no_grad():
+            return [
+                upper_grad(
+                    grads.masks[t.mask_fqn],
+                    grads.params[t.orig_fqn],
+                    c,
+                    out=None if outs is None else outs[i],
+                )
+                for i, t in enumerate(self.targets)
+            ]
 
     def _upper_step(self, step: int) -> None:
         try:

@@ -564,6 +564,15 @@ class BiP:
         assert len(out) == len(self.captured), "prepare() fills in every captured gradient"
         return out
 
+    def score_grad_buffers(self) -> list[Tensor] | None:
+        r"""The score-gradient buffers, one per pruned tensor, when the layout has one score per entry.
+
+        A driver that computes :math:`d\ell/dm` itself may write it into these and pass them to
+        :meth:`prepare` (or :meth:`step`), which then copies nothing. ``None`` for layouts whose
+        scores are reduced (groups).
+        """
+        return list(self.grad_views) if self.layout.elementwise else None
+
     def _write_score_grads(self, upper_grads: Sequence[Tensor]) -> None:
         if len(upper_grads) != len(self.targets):
             raise ValueError(
@@ -576,7 +585,9 @@ class BiP:
                     f"upper_grads[{i}] has shape {tuple(g.shape)}, expected {tuple(orig.shape)} "
                     f"(the shape of {self.names[i]!r})"
                 )
-        self.layout.score_grads(enumerate(upper_grads), self.grad_views, self.masks)
+        written = [(i, g) for i, g in enumerate(upper_grads) if g is not self.grad_views[i]]
+        if written:  # gradients that are not already the score-gradient buffers themselves
+            self.layout.score_grads(written, self.grad_views, self.masks)
 
     def _check_usable(self) -> None:
         if self._finished:
