@@ -63,6 +63,9 @@ class BiPLoop:
         self.losses: list[tuple[int, float]] = []
         self.window: list[float] = []
         self.device = targets[0].weight().device
+        # The caller's gradients (``.grad``) are theirs: the loop's optimiser works on its own
+        # gradients, and finish() puts the caller's back, the same tensors with the same values.
+        self.user_grads = {id(p): p.grad for p in model.parameters()}
         if self.group is not None:
             broadcast_state(model, self.group)
         # The upper level: the same object as in a user's loop; this loop feeds it gradients
@@ -417,7 +420,7 @@ class BiPLoop:
     # -- end of the run ---------------------------------------------------------------------
 
     def finish(self) -> SparsityReport:
-        """Leave torch's pruned form: drop the scores, refresh masked weights, clear grads.
+        """Leave torch's pruned form: drop the scores, refresh masked weights, give back grads.
 
         Raises:
             ValueError: for a target that got no gradient in the whole run and on which the loss
@@ -429,8 +432,8 @@ class BiPLoop:
             # The hooks ran inside torch.func and left transformed tensors behind.
             for _, module, hook in pruned_tensors(self.model):
                 setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
-            for p in self.params.values():
-                p.grad = None
+            for p in self.model.parameters():
+                p.grad = self.user_grads.get(id(p))
         return report
 
     # -- checkpoints ------------------------------------------------------------------------

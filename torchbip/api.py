@@ -62,6 +62,8 @@ def global_prune(
     hook, so :func:`torch.nn.utils.prune.is_pruned` and :func:`torch.nn.utils.prune.remove`
     work. A tensor pruned before keeps every earlier zero: ``amount`` then counts among the
     remaining entries (torch's :class:`~torch.nn.utils.prune.PruningContainer` semantics).
+    The gradients are computed with :mod:`torch.func`: every parameter's ``.grad`` is afterwards
+    what it was before the call (the same tensor, the same values, or ``None``).
 
     If anything fails (bad input, a non-finite loss, an exception from ``loader``,
     ``KeyboardInterrupt``), the model is restored exactly: parameters (same objects and values),

@@ -450,3 +450,28 @@ def test_report_is_sane() -> None:
     assert report.config["log_every"] == 3
     assert report.to_dict()["sparsity"]["zeros"] == report.sparsity.zeros
     assert isinstance(model[0]._forward_pre_hooks[next(iter(model[0]._forward_pre_hooks))], BiPPruningMethod)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_batch"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_callers_grads_are_given_back_unchanged(mode: str, optimizer: str) -> None:
+    """global_prune trains with its own gradients: every ``.grad`` the caller had is the same tensor
+    with the same values afterwards, and a parameter without one still has none."""
+    model = make_cnn()
+    x, y = make_xy(16, image=True)
+    F.cross_entropy(model(x), y).backward()
+    model[4].bias.grad = None  # one parameter without a gradient
+    before = {
+        name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()
+    }
+    torchbip.global_prune(
+        model, 0.5, make_data(image=True), steps=4, mode=mode, optimizer=optimizer, progress=False
+    )
+    after = dict(model.named_parameters())
+    for name, (grad, values) in before.items():
+        p = after[name if name in after else name.replace(".weight", ".weight_orig")]
+        if grad is None:
+            assert p.grad is None, name
+        else:
+            assert p.grad is grad, name
+            assert torch.equal(p.grad, values), name
