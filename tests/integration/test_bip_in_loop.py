@@ -8,11 +8,13 @@ plain autograd, top-k selections, exact counts, a second run of the same loop, o
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -313,12 +315,40 @@ def test_in_loop_equals_global_prune_on_the_same_batches() -> None:
             torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-12, msg=key)
 
 
+class _Watching:
+    """A loader that records the pruned layers' ``weight_orig`` and mask whenever a batch is drawn
+    (global_prune draws one per fused step, so each record is the state after the previous step)."""
+
+    def __init__(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self.model, self.batches, self.records = model, batches, []
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.batches:
+            layers = [m for m in self.model if hasattr(m, "weight_orig")]
+            self.records.append([(m.weight_orig.detach().clone(), m.weight_mask.clone()) for m in layers])
+            yield batch
+
+
 def test_global_prune_with_adamw_holds_pruned_entries_and_keeps_the_budget() -> None:
     model = make_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loader = _Watching(model, make_batches(8))
     report = torchbip.global_prune(
-        model, 0.8, make_batches(8), steps=8, optimizer="adamw", lower_lr=1e-2, progress=False
+        model, 0.8, loader, steps=8, optimizer="adamw", lower_lr=1e-2, progress=False
     )
+    # AdamW's decoupled weight decay and its moments would move every entry: a pruned entry keeps
+    # its value from one step to the next as long as it stays pruned, and the masks do change.
+    records = [r for r in loader.records if r]
+    assert len(records) >= 7
+    held = flips = 0
+    for earlier, later in itertools.pairwise(records):
+        for (w0, m0), (w1, m1) in zip(earlier, later, strict=True):
+            still = (m0 == 0) & (m1 == 0)
+            assert torch.equal(w1[still], w0[still])
+            held += int(still.sum())
+            flips += int((m0 != m1).sum())
+    assert held > 0
+    assert flips > 0
     assert report.sparsity.global_sparsity == pytest.approx(0.8, abs=1 / 600)
     sgd = make_model()
     torchbip.global_prune(sgd, 0.8, make_batches(8), steps=8, lower_lr=1e-2, progress=False)
