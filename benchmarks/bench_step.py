@@ -26,10 +26,10 @@ from bench_accuracy import lenet_300_100
 from first_call import DRIVERS
 from first_call import measure as first_call
 from torch import nn
-from torch.nn.utils import prune
 
 import torchbip
 from torchbip.bilevel import tensor_sums
+from torchbip.export import make_permanent
 from torchbip.masks import GlobalTopK
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,10 +135,7 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
     x = data[0][0]
     hooked = copy.deepcopy(base)
     torchbip.global_prune(hooked, 0.9, data[:2], steps=1, progress=False)
-    removed = copy.deepcopy(hooked)
-    for module in removed.modules():
-        if prune.is_pruned(module) and hasattr(module, "weight_orig"):
-            prune.remove(module, "weight")
+    removed = make_permanent(copy.deepcopy(hooked))
     fwd = {"dense": [], "hooked": [], "removed": []}
     for _ in range(repeats):
         fwd["dense"].append(forward_time(base, x, 20))

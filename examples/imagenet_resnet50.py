@@ -38,13 +38,13 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import prune
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, models, transforms
 from tqdm.auto import tqdm
 
 import torchbip
 from torchbip.datasets import mnist_image_folder
+from torchbip.export import make_permanent
 
 LOG = logging.getLogger("imagenet_resnet50")
 AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -238,19 +238,16 @@ def evaluate(model: nn.Module, loader: DataLoader, args: argparse.Namespace, dev
         loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         seen += len(labels)
     top1, top5, loss, seen = all_sum([top1, top5, loss, seen], device)
-    result = {"top1": top1 / seen, "top5": top5 / seen, "loss": loss / seen, "images": int(seen)}
-    LOG.info(
-        f"eval {name}: top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}, loss {result['loss']:.4f}"
-    )
-    return result
+    out = {"top1": top1 / seen, "top5": top5 / seen, "loss": loss / seen, "images": int(seen)}
+    LOG.info(f"eval {name}: top-1 {out['top1']:.2%}, top-5 {out['top5']:.2%}, loss {out['loss']:.4f}")
+    return out
 
 
 def state_digests(model: nn.Module) -> list[str]:
     """Every rank's SHA-256 (16 hex digits) of its whole model state; raises if they differ."""
-    digest, digests = hashlib.sha256(), [None] * dist.get_world_size()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode() + value.cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    dist.all_gather_object(digests, digest.hexdigest()[:16])
+    state, digests = sorted(model.state_dict().items()), [None] * dist.get_world_size()
+    data = b"".join(k.encode() + v.cpu().reshape(-1).view(torch.uint8).numpy().tobytes() for k, v in state)
+    dist.all_gather_object(digests, hashlib.sha256(data).hexdigest()[:16])
     if len(set(digests)) > 1:
         raise RuntimeError(f"the ranks' models differ at the end: {digests}")
     LOG.info(f"all {len(digests)} ranks hold the same model state at the end (sha256 {digests[0]})")
@@ -381,9 +378,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         model.eval()
         probe = next(iter(val_loader))[0].to(device)
         before = model(probe)
-        pruned = [m for m in model.modules() if hasattr(m, "weight_orig")]
-        for module in pruned:
-            prune.remove(module, "weight")
+        pruned = len(torchbip.sparsity_report(model).tensors)
+        make_permanent(model)  # prune.remove on every pruned tensor
         outputs_equal = bool(torch.equal(before, model(probe)))
         weights = torchbip.sparsity_report(model, include_dense=True)  # every conv/linear weight
         zeros, total = weights.zeros, weights.numel
@@ -391,7 +387,7 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
             torch.save(model.state_dict(), args.out / "resnet50_pruned.pth")
             if plot:  # the kept fraction of every pruned tensor, in model order
                 masks.plot(args.out / "density.png", title=f"ResNet-50, {masks.global_sparsity:.1%} sparse")
-    LOG.info(f"prune.remove on {len(pruned)} tensors; outputs unchanged: {outputs_equal}; "
+    LOG.info(f"prune.remove on {pruned} tensors; outputs unchanged: {outputs_equal}; "
              f"zero weights {zeros} / {total} ({zeros / total:.4f})")  # fmt: skip
 
     acc_dense, acc_final = dense["accuracy"], acc_finetuned or acc_pruned

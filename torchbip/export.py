@@ -579,13 +579,13 @@ def _kind(dtype: torch.dtype) -> str:
 
 def _custom_loading(module: nn.Module) -> bool:
     """Whether ``module`` loads in its own way (hooks that may rename keys, its own loader)."""
-    from torchbip.sparse import _CSRModule  # here: torchbip.sparse imports this module
+    from torchbip.sparse import CSRModule  # here: torchbip.sparse imports this module
 
     known = (
         nn.Module._load_from_state_dict,
         nn.modules.batchnorm._NormBase._load_from_state_dict,
         nn.modules.instancenorm._InstanceNorm._load_from_state_dict,
-        _CSRModule._load_from_state_dict,
+        CSRModule._load_from_state_dict,
     )
     return bool(module._load_state_dict_pre_hooks) or type(module)._load_from_state_dict not in known
 

@@ -359,6 +359,11 @@ class BiP:
         return 1.0 - sum(int(m.count_nonzero()) for m in self.masks) / total if total else 0.0
 
     @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` was called (the scores are gone; the object cannot step)."""
+        return self._finished
+
+    @property
     def has_grad(self) -> bool:
         """Whether a backward pass reached the pruned tensors since the last :meth:`step`."""
         return any(self.fired)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["PruneReport", "SparsityReport", "TensorSparsity", "sparsity_report"]
 
@@ -164,13 +164,18 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
         (4, 0.25)
     """
     from torchbip._func import PRUNABLE_TYPES
+    from torchbip.pruned import pruned_tensors
 
+    pruned: dict[int, list[tuple[str, Tensor]]] = {}
+    for fqn, module, hook in pruned_tensors(model):  # each holds its mask buffer
+        mask = module._buffers[hook._tensor_name + "_mask"]
+        assert mask is not None
+        pruned.setdefault(id(module), []).append((fqn, mask))
     tensors: dict[str, TensorSparsity] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            if buffer_name.endswith("_mask") and hasattr(module, buffer_name[:-5] + "_orig"):
-                tensors[prefix + buffer_name[:-5]] = TensorSparsity(buffer.numel(), int((buffer == 0).sum()))
+        for fqn, mask in pruned.get(id(module), []):
+            tensors[fqn] = TensorSparsity(mask.numel(), int((mask == 0).sum()))
         if include_dense and isinstance(module, PRUNABLE_TYPES):
             weight = module._parameters.get("weight")
             if weight is not None:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torchbip.export import baked_copy
 
 __all__ = [
+    "CSRModule",
     "SparseCSRConv2d",
     "SparseCSRLinear",
     "is_nm_sparse",
@@ -64,8 +65,8 @@ def _as_csr(saved: Tensor, current: Tensor) -> Tensor:
     return weight.to(device=current.device, dtype=current.dtype)
 
 
-class _CSRModule(nn.Module):
-    """What the CSR layers share: the product with the CSR weight and loading a CSR state dict."""
+class CSRModule(nn.Module):
+    """The base of the CSR layers: the product with the CSR weight and loading a CSR state dict."""
 
     weight: Tensor
     bias: Tensor | None
@@ -151,7 +152,7 @@ class _CSRModule(nn.Module):
                 bias.copy_(bias_values)
 
 
-class SparseCSRLinear(_CSRModule):
+class SparseCSRLinear(CSRModule):
     """An ``nn.Linear`` whose weight is stored and multiplied as a CSR sparse tensor.
 
     The ``weight`` buffer is a ``torch.sparse_csr`` tensor of shape ``(out, in)``; ``bias`` a
@@ -211,7 +212,7 @@ class SparseCSRLinear(_CSRModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-class SparseCSRConv2d(_CSRModule):
+class SparseCSRConv2d(CSRModule):
     """An ``nn.Conv2d`` (``groups=1``, zero padding) computed as a CSR matrix times unfolded input.
 
     The weight is stored as a ``(out_channels, in_channels * kh * kw)`` CSR tensor; the forward

@@ -547,13 +547,28 @@ def _fsdp_script(tmp_path: Path) -> str:
             pruner.step()
         except RuntimeError as err:
             print("SHARD1:", err)
+        import warnings
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+        warnings.simplefilter("ignore")  # FSDP1's deprecation warning
+        try:
+            torchbip.BiP(FSDP1(make(), device_id=torch.device("cpu")), 0.5)
+        except ValueError as err:
+            print("FSDP1 BEFORE:", err)
+        model = make()
+        pruner = torchbip.BiP(model, 0.5)
+        wrapped = FSDP1(model, device_id=torch.device("cpu"))
+        F.cross_entropy(wrapped(x), y).backward()
+        try:
+            pruner.step()
+        except RuntimeError as err:
+            print("FSDP1 AFTER:", err)
         dist.destroy_process_group()
         """
     )
 
 
 @pytest.mark.timeout(120)
-def test_fsdp_before_bip_and_other_sharding_are_refused_with_a_clear_error(tmp_path: Path) -> None:
+def test_fsdp_before_bip_other_sharding_and_fsdp1_are_refused_with_a_clear_error(tmp_path: Path) -> None:
     script = tmp_path / "fsdp.py"
     script.write_text(_fsdp_script(tmp_path))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
@@ -563,6 +578,10 @@ def test_fsdp_before_bip_and_other_sharding_are_refused_with_a_clear_error(tmp_p
     assert "STEPPED: 1 0.5" in done.stdout  # BiP, then fully_shard (one process): it steps
     assert "SHARD1: the parameter '0.weight_orig' is sharded as (Shard(dim=1),)" in done.stdout
     assert "Shard(0) on a 1-D mesh" in done.stdout
+    # FSDP1 (FullyShardedDataParallel's flat parameters): refused before and after BiP is built
+    assert "FSDP1 BEFORE: module 'FullyShardedDataParallel' is wrapped by FSDP" in done.stdout
+    assert "FSDP1 AFTER: the parameter '0.weight_orig' was replaced after BiP was built" in done.stdout
+    assert "FSDP1's flat parameters" in done.stdout
 
 
 def _two_ranks(worker: str, tmp_path: Path) -> tuple[dict, dict]:

@@ -81,7 +81,7 @@ class BiPImportance(_Importance):
     def __init__(self, pruner: BiP) -> None:
         if not isinstance(pruner, BiP):
             raise TypeError(f"BiPImportance needs a torchbip.BiP object, got {type(pruner).__name__}")
-        if pruner._finished:
+        if pruner.finished:
             raise RuntimeError(
                 "BiPImportance: this BiP object has finished (its scores are gone); build the "
                 "importance before pruner.finish()"
