@@ -1,7 +1,8 @@
 """The documentation builds without warnings, and its runnable snippets run.
 
-Both tests are slow (``tox -e slow`` or ``pytest -m slow``). The build test is skipped when
-Sphinx or the other documentation dependencies are not installed (``pip install -e ".[docs]"``).
+The snippets (seconds) run in the default suite; the build is slow (``tox -e slow`` or
+``pytest -m slow``) and is skipped when Sphinx or the other documentation dependencies are not
+installed (``pip install -e ".[docs]"``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 SNIPPETS = sorted((DOCS / "snippets").glob("*.py"))
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::PendingDeprecationWarning")
 def test_docs_build_without_warnings(tmp_path: Path) -> None:
