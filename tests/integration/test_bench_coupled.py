@@ -35,3 +35,31 @@ def test_bench_coupled_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert all(0.0 <= c["mean"] <= 1.0 for c in methods.values())
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "| digits | 50% |" in markdown
+
+
+def test_bench_coupled_sweep_reads_no_test_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--sweep`` scores settings on images held out of the training split, never on the test split."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_coupled
+
+    for name in ("load_digits", "load_mnist"):
+        loader = getattr(bench_coupled, name)
+
+        def guarded(*args: object, _loader: object = loader, **kwargs: object) -> object:
+            if "test" in args or kwargs.get("split") == "test":
+                raise AssertionError("the sweep read the test split")
+            return _loader(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(bench_coupled, name, guarded)
+    result = bench_coupled.main(["--quick", "--sweep", "--datasets", "digits", "--out", str(tmp_path)])
+    assert {r["setting"] for r in result["sweep"]} == {"center", "upper_lr=1.0"}
+    assert all(set(r) == {"dataset", "seed", "amount", "setting", "val_accuracy"} for r in result["sweep"])
+    summary = {c["setting"]: c for c in result["sweep_summary"]}
+    for setting, cell in summary.items():
+        rows = [r["val_accuracy"] for r in result["sweep"] if r["setting"] == setting]
+        assert cell["mean"] == pytest.approx(sum(rows) / len(rows))
+    stem = "bench_coupled_sweep-cpu-{machine}-{threads}threads-torch{torch}-quick".format(
+        **result["environment"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.{ext}" for ext in ("json", "md", "png")]
+    assert "| center |" in (tmp_path / f"{stem}.md").read_text()

@@ -296,6 +296,30 @@ def test_budgets_layer_global_and_macs(net: Residual) -> None:
     assert glob.n_keep == 5
 
 
+def test_global_budget_caps_every_group_at_max_keep(net: Residual) -> None:
+    """With the highest scores all in group B, the global ranking would keep 5 of B's 6 channels;
+    max_keep=3 keeps 3 of them and gives the rest of the budget to group A."""
+    x = _inputs()
+    capped = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(x, budget="global"), max_keep=3)
+    owners = dict(zip((g.size for g in capped.layout.groups), capped.layout.owners, strict=True))
+    with torch.no_grad():
+        capped.score_views[owners[4]].copy_(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+        capped.score_views[owners[6]].copy_(torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))
+    capped.update_masks()
+    keep_a, keep_b = _channel_keeps(capped)
+    assert keep_b.tolist() == [True, True, True, False, False, False]
+    assert keep_a.tolist() == [True, True, False, False]
+    free = torchbip.BiP(Residual(), amount=0.5, layout=torchbip.Coupled(x, budget="global"))
+    owners = dict(zip((g.size for g in free.layout.groups), free.layout.owners, strict=True))
+    with torch.no_grad():
+        free.score_views[owners[4]].copy_(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+        free.score_views[owners[6]].copy_(torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))
+    free.update_masks()
+    assert [int(k.sum()) for k in _channel_keeps(free)] == [1, 4]  # A's floor of one channel
+    with pytest.raises(ValueError, match=r"max_keep=2 keeps at most 4 channels, fewer than the 5"):
+        torchbip.BiP(Residual(), amount=0.5, layout=torchbip.Coupled(x, budget="global"), max_keep=2)
+
+
 def test_macs_budget_counts_the_macs_of_the_kept_channels(seed: int) -> None:
     model = Residual()
     x = _inputs(1)
