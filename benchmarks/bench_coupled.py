@@ -37,6 +37,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,18 +200,73 @@ def cnn() -> nn.Module:
 
 
 def _data(name: str, args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training and evaluation images: the test split, or with ``--sweep`` a validation split.
+
+    The validation images come from the training split and never from the test split: for MNIST
+    the ``--val-per-class`` images of each digit that follow the ``--mnist-per-class`` training
+    ones (the training subset stays the same); for digits every fifth image of each class of the
+    training split (the others train).
+    """
     if name == "digits":
         xtr, ytr = load_digits("train").tensors
-        xte, yte = load_digits("test").tensors
-    else:
+        if not args.sweep:
+            return xtr, ytr, *load_digits("test").tensors
+        held = torch.zeros(len(ytr), dtype=torch.bool)
+        for label in ytr.unique():
+            held[torch.nonzero(ytr == label).flatten()[::5]] = True
+        return xtr[~held], ytr[~held], xtr[held], ytr[held]
+    if not args.sweep:
         xtr, ytr = load_mnist(split="train", per_class=args.mnist_per_class).tensors
-        xte, yte = load_mnist(split="test").tensors
-    return xtr, ytr, xte, yte
+        return xtr, ytr, *load_mnist(split="test").tensors
+    x, y = load_mnist(split="train", per_class=args.mnist_per_class + args.val_per_class).tensors
+    held = torch.zeros(len(y), dtype=torch.bool)
+    for label in y.unique():
+        held[torch.nonzero(y == label).flatten()[args.mnist_per_class :]] = True
+    return x[~held], y[~held], x[held], y[held]
 
 
-def _bip(model: nn.Module, data: Batches, amount: float, example: Tensor, args: argparse.Namespace) -> None:
-    steps = round(args.bip_epochs * len(data))
-    pruner = torchbip.BiP(model, amount=amount, layout=torchbip.Coupled(example), steps=steps)
+# BiP's settings in part 2: the library's upper-level defaults, the run's epochs (``--bip-epochs``
+# and ``--finetune-epochs``, the same total for every method) and the fine-tuning's learning rate
+# as a fraction of ``--lr``. ``--bip key=value`` changes them; ``--sweep`` tries each factor below
+# on its own around them, on a validation split.
+BIP_SETTINGS: dict[str, Any] = {
+    "upper_lr": torchbip.BiPConfig.upper_lr,
+    "upper_schedule": torchbip.BiPConfig.upper_schedule,
+    "implicit_coef": 1.0,
+    "score_init": torchbip.BiPConfig.score_init,
+    "finetune_lr_factor": 0.1,
+}
+SWEEP: dict[str, list[Any]] = {
+    "upper_lr": [0.3, 1.0, 3.0, 10.0, 30.0],
+    "upper_schedule": ["constant", "cosine"],
+    "implicit_coef": [0.0, 1.0, 2.0, 4.0],
+    "score_init": ["magnitude", "scaled_magnitude"],
+    "finetune_lr_factor": [0.1, 1.0],
+    "epochs": ["4+0", "3+1", "2+2", "1+3"],  # BiP epochs + fine-tuning epochs, the same total
+}
+QUICK_SWEEP: dict[str, list[Any]] = {"upper_lr": [1.0]}
+
+
+def _bip_settings(pairs: list[str]) -> dict[str, Any]:
+    """``BIP_SETTINGS`` with ``key=value`` overrides (numbers parsed, the rest kept as strings)."""
+    settings = dict(BIP_SETTINGS)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in BIP_SETTINGS:
+            raise SystemExit(f"--bip: expected key=value with key in {sorted(BIP_SETTINGS)}, got {pair!r}")
+        settings[key] = type(BIP_SETTINGS[key])(value)
+    return settings
+
+
+def _bip(
+    model: nn.Module, data: Batches, amount: float, example: Tensor, args: argparse.Namespace,
+    settings: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    settings = dict(args.bip_settings if settings is None else settings)
+    bip_epochs, finetune_epochs = settings.pop("epochs", (args.bip_epochs, args.finetune_epochs))
+    lr_factor = settings.pop("finetune_lr_factor")
+    steps = round(bip_epochs * len(data))
+    pruner = torchbip.BiP(model, amount=amount, layout=torchbip.Coupled(example), steps=steps, **settings)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
@@ -226,8 +282,8 @@ def _bip(model: nn.Module, data: Batches, amount: float, example: Tensor, args: 
             if done == steps:
                 break
     pruner.finish()
-    if args.finetune_epochs:
-        train(model, data, args.finetune_epochs, lr=args.lr / 10)
+    if finetune_epochs:
+        train(model, data, finetune_epochs, lr=args.lr * lr_factor)
 
 
 def _tp(
@@ -287,6 +343,103 @@ def bench_accuracy(dataset: str, args: argparse.Namespace) -> list[dict[str, Any
     return rows
 
 
+def sweep_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """The center (``--bip`` settings) and one variant per value of each swept factor."""
+    center = dict(args.bip_settings)
+    out = [("center", center)]
+    total = args.bip_epochs + args.finetune_epochs
+    for factor, values in (QUICK_SWEEP if args.quick else SWEEP).items():
+        for value in values:
+            if factor == "epochs":
+                bip, finetune = (float(v) * total / 4 for v in value.split("+"))
+                if (bip, finetune) == (args.bip_epochs, args.finetune_epochs):
+                    continue
+                out.append((f"epochs={bip:g}+{finetune:g}", center | {"epochs": (bip, finetune)}))
+            elif center[factor] != value:
+                out.append((f"{factor}={value}", center | {factor: value}))
+    return out
+
+
+def bench_sweep(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Structured BiP's settings one factor at a time, scored on a validation split only."""
+    xtr, ytr, xval, yval = _data(dataset, args)
+    example = xval[:2]
+    rows: list[dict[str, Any]] = []
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        dense = cnn()
+        train(dense, Batches(xtr, ytr, 64, seed), args.dense_epochs, lr=args.lr)
+        for amount in args.amounts:
+            for name, settings in sweep_variants(args):
+                torch.manual_seed(1000 + seed)
+                model = copy.deepcopy(dense).train()
+                _bip(model, Batches(xtr, ytr, 64, 1000 + seed), amount, example, args, settings)
+                model = torchbip.export_slim(model.eval(), example)
+                rows.append({"dataset": dataset, "seed": seed, "amount": amount, "setting": name,
+                             "val_accuracy": accuracy(model, xval, yval)})  # fmt: skip
+                print(f"[sweep {dataset} seed {seed}] @{amount:.2f} {name}: {rows[-1]['val_accuracy']:.4f}",
+                      flush=True)  # fmt: skip
+    return rows
+
+
+def sweep_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per dataset and setting: the mean validation accuracy per amount and over the amounts."""
+    out = []
+    for dataset, setting in sorted({(r["dataset"], r["setting"]) for r in rows}):
+        cells = [r for r in rows if (r["dataset"], r["setting"]) == (dataset, setting)]
+        amounts = sorted({r["amount"] for r in cells})
+        per = {
+            f"{a:.2f}": statistics.mean(r["val_accuracy"] for r in cells if r["amount"] == a) for a in amounts
+        }
+        out.append(
+            {"dataset": dataset, "setting": setting, "per_amount": per, "mean": statistics.mean(per.values())}
+        )
+    return out
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    summary = result["sweep_summary"]
+    amounts = sorted({a for c in summary for a in c["per_amount"]}, key=float)
+    lines = [
+        f"# bench_coupled sweep ({env['device']} {env['machine']}, torch {env['torch']}, "
+        f"{env['threads']} threads)",
+        "",
+        f"Command: `{result['command']}`. Structured BiP (`torchbip.Coupled`) with one setting changed "
+        f"at a time around the center ({', '.join(f'{k}={v}' for k, v in result['center'].items())}, "
+        f"{result['settings']['bip_epochs']:g} BiP + {result['settings']['finetune_epochs']:g} "
+        "fine-tuning epochs); validation accuracy of the slim model, mean over "
+        f"{result['settings']['seeds']} seeds. Validation images come from the training split (MNIST: "
+        f"{result['settings']['val_per_class']} per digit after the {result['settings']['mnist_per_class']} "
+        "training ones; digits: every fifth training image); the test split is not read.",
+        "",
+    ]
+    for dataset in sorted({c["dataset"] for c in summary}):
+        cells = sorted((c for c in summary if c["dataset"] == dataset), key=lambda c: -c["mean"])
+        lines += [
+            f"## {dataset}",
+            "",
+            "| setting | " + " | ".join(f"{float(a):.0%}" for a in amounts) + " | mean |",
+            "| --- | " + " | ".join("---:" for _ in amounts) + " | ---: |",
+        ]
+        for c in cells:
+            lines.append(
+                f"| {c['setting']} | "
+                + " | ".join(f"{100 * c['per_amount'][a]:.2f}" for a in amounts)
+                + f" | {100 * c['mean']:.2f} |"
+            )
+        lines.append("")
+    means: dict[str, list[float]] = {}
+    for c in summary:
+        means.setdefault(c["setting"], []).append(c["mean"])
+    best = max(means, key=lambda k: statistics.mean(means[k]))
+    lines.append(
+        f"Best over the datasets (mean of their means): {best} "
+        f"({100 * statistics.mean(means[best]):.2f}%; center {100 * statistics.mean(means['center']):.2f}%)."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     keys = sorted({(r["dataset"], r["amount"], r["method"]) for r in rows})
@@ -338,6 +491,12 @@ def markdown(result: dict[str, Any]) -> str:
             "steps after the dense phase. `BiP ahead`: BiP's mean minus the better of L1 and Taylor. "
             f"MNIST: a {result['settings']['mnist_per_class'] * 10:,}-image training subset, the full "
             "test split.",
+            "",
+            "Structured BiP's settings: "
+            + ", ".join(f"{k}={v}" for k, v in result.get("bip_settings", BIP_SETTINGS).items())
+            + f"; {result['settings']['bip_epochs']:g} BiP epochs, then "
+            f"{result['settings']['finetune_epochs']:g} of fine-tuning (`--sweep` chooses them on a "
+            "validation split).",
             "",
             "| data | channels pruned | MACs | BiP | TP L1 | TP Taylor | BiP ahead |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -392,6 +551,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_plot(result: dict[str, Any], path: Path) -> None:
+    """Validation accuracy (mean over the amounts) per setting and dataset; the center in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["sweep_summary"]
+    datasets = sorted({c["dataset"] for c in summary})
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(6 * len(datasets), 4), layout="constrained", squeeze=False
+    )
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        cells = sorted((c for c in summary if c["dataset"] == dataset), key=lambda c: c["mean"])
+        values = [100 * c["mean"] for c in cells]
+        colors = ["black" if c["setting"] == "center" else "tab:blue" for c in cells]
+        ax.barh([c["setting"] for c in cells], values, color=colors)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_xlim(min(values) - 1.0, max(values) + 0.8)
+        ax.set(
+            xlabel="validation accuracy (%), mean over amounts and seeds", title=f"structured BiP: {dataset}"
+        )
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -410,6 +596,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bip-epochs", type=float, default=3)
     parser.add_argument("--finetune-epochs", type=float, default=1)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument(
+        "--bip", nargs="*", default=[], metavar="KEY=VALUE",
+        help=f"structured BiP's settings in the accuracy part (keys: {', '.join(BIP_SETTINGS)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sweep", action="store_true",
+        help="only the accuracy part, BiP's settings one factor at a time, on a validation split",
+    )  # fmt: skip
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument(
+        "--val-per-class", type=int, default=100, help="with --sweep: MNIST validation images"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -419,36 +617,74 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.image_size, args.repeats, args.inner, args.amounts = 64, 2, 1, [0.5]
         args.seeds, args.mnist_per_class = 1, 50
         args.dense_epochs, args.bip_epochs, args.finetune_epochs = 1, 0.5, 0.5
+    args.bip_settings = _bip_settings(args.bip)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        return sweep_main(args, argv)
     models = list(MODELS) if args.models is None else args.models
     result: dict[str, Any] = {
-        "command": ("python benchmarks/bench_coupled.py " + " ".join(argv or [])).strip(),
-        "environment": {
-            "device": "cpu",
-            "machine": platform.machine(),
-            "torch": torch.__version__.split("+")[0],
-            "threads": torch.get_num_threads(),
-            "torch_pruning": tp.__version__,
-        },
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": (
+            "python benchmarks/bench_coupled.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        ).strip(),
+        "environment": _environment(),
+        "settings": _settings(args),
+        "bip_settings": args.bip_settings,
         "models": [bench_structure(name, args) for name in models],
     }
     accuracy_rows = [row for dataset in args.datasets for row in bench_accuracy(dataset, args)]
     result["accuracy"] = accuracy_rows
     result["accuracy_summary"] = summarize(accuracy_rows) if accuracy_rows else []
+    write(result, "bench_coupled", args, markdown, plot)
+    return result
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "device": "cpu",
+        "machine": platform.machine(),
+        "torch": torch.__version__.split("+")[0],
+        "threads": torch.get_num_threads(),
+        "torch_pruning": tp.__version__,
+    }
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "bip_settings"}
+
+
+def sweep_main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    rows = [row for dataset in args.datasets for row in bench_sweep(dataset, args)]
+    result: dict[str, Any] = {
+        "command": (
+            "python benchmarks/bench_coupled.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        ).strip(),
+        "environment": _environment(),
+        "settings": _settings(args),
+        "center": args.bip_settings,
+        "sweep": rows,
+        "sweep_summary": sweep_summary(rows),
+    }
+    write(result, "bench_coupled_sweep", args, sweep_markdown, sweep_plot)
+    return result
+
+
+def write(
+    result: dict[str, Any], name: str, args: argparse.Namespace,
+    to_markdown: Callable[[dict[str, Any]], str], to_plot: Callable[[dict[str, Any], Path], None],
+) -> None:  # fmt: skip
     env = result["environment"]
-    stem = f"bench_coupled-cpu-{env['machine']}-{env['threads']}threads-torch{env['torch']}"
+    stem = f"{name}-cpu-{env['machine']}-{env['threads']}threads-torch{env['torch']}"
+    stem += f"-{args.tag}" if args.tag else ""
     stem += "-quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+    (args.out / f"{stem}.md").write_text(to_markdown(result))
     try:
-        plot(result, args.out / f"{stem}.png")
+        to_plot(result, args.out / f"{stem}.png")
     except ImportError:
         print("matplotlib is not installed: no plot", flush=True)
     print(f"wrote {args.out / stem}.json, .md and .png", flush=True)
-    return result
 
 
 if __name__ == "__main__":
