@@ -22,7 +22,11 @@ of channels per group and all methods land on the same MACs). The same dense sta
   ``--bip-epochs + --finetune-epochs`` of fine-tuning, the same number of training steps.
 
 Every model is exported slim and evaluated once on the test split (no choice is made on it);
-the table gives the mean and standard deviation over ``--seeds``. Run::
+the table gives the mean and standard deviation over ``--seeds``. The settings are chosen on a
+validation split held out of the training images: ``--sweep`` scores structured BiP's settings
+one factor at a time (``--bip key=value`` sets the center), and with ``--sweep-baselines`` also
+Torch-Pruning's criteria at several fine-tuning learning rates (``--tp-lr`` then sets theirs).
+Run::
 
     python benchmarks/bench_coupled.py --quick   # about a minute
     python benchmarks/bench_coupled.py           # the full run
@@ -230,6 +234,7 @@ def _data(name: str, args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor, 
 # as a fraction of ``--lr``. ``--bip key=value`` changes them; ``--sweep`` tries each factor below
 # on its own around them, on a validation split.
 BIP_SETTINGS: dict[str, Any] = {
+    "lr": 0.05,  # the weights' learning rate, BiP and fine-tuning (the dense training: --lr)
     "upper_lr": torchbip.BiPConfig.upper_lr,
     "upper_schedule": torchbip.BiPConfig.upper_schedule,
     "implicit_coef": 1.0,
@@ -237,6 +242,7 @@ BIP_SETTINGS: dict[str, Any] = {
     "finetune_lr_factor": 0.1,
 }
 SWEEP: dict[str, list[Any]] = {
+    "lr": [0.02, 0.05, 0.1],
     "upper_lr": [0.3, 1.0, 3.0, 10.0, 30.0],
     "upper_schedule": ["constant", "cosine"],
     "implicit_coef": [0.0, 1.0, 2.0, 4.0],
@@ -245,6 +251,8 @@ SWEEP: dict[str, list[Any]] = {
     "epochs": ["4+0", "3+1", "2+2", "1+3"],  # BiP epochs + fine-tuning epochs, the same total
 }
 QUICK_SWEEP: dict[str, list[Any]] = {"upper_lr": [1.0]}
+# Torch-Pruning's criteria are tuned on the same validation split: their fine-tuning learning rate
+TP_LRS = [0.02, 0.05, 0.1]
 
 
 def _bip_settings(pairs: list[str]) -> dict[str, Any]:
@@ -265,9 +273,10 @@ def _bip(
     settings = dict(args.bip_settings if settings is None else settings)
     bip_epochs, finetune_epochs = settings.pop("epochs", (args.bip_epochs, args.finetune_epochs))
     lr_factor = settings.pop("finetune_lr_factor")
+    lr = settings.pop("lr")
     steps = round(bip_epochs * len(data))
     pruner = torchbip.BiP(model, amount=amount, layout=torchbip.Coupled(example), steps=steps, **settings)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     done = 0
@@ -283,12 +292,13 @@ def _bip(
                 break
     pruner.finish()
     if finetune_epochs:
-        train(model, data, finetune_epochs, lr=args.lr * lr_factor)
+        train(model, data, finetune_epochs, lr=lr * lr_factor)
 
 
 def _tp(
-    model: nn.Module, data: Batches, amount: float, example: Tensor, method: str, args: argparse.Namespace
-) -> None:
+    model: nn.Module, data: Batches, amount: float, example: Tensor, method: str, args: argparse.Namespace,
+    lr: float | None = None,
+) -> None:  # fmt: skip
     if method == "tp_taylor":
         importance: Any = tp.importance.TaylorImportance()
         model.zero_grad()
@@ -303,7 +313,7 @@ def _tp(
         model, example, importance=importance, pruning_ratio=amount, ignored_layers=[head]
     ).step()
     model.zero_grad(set_to_none=True)
-    train(model, data, args.bip_epochs + args.finetune_epochs, lr=args.lr)
+    train(model, data, args.bip_epochs + args.finetune_epochs, lr=args.tp_lr if lr is None else lr)
 
 
 def bench_accuracy(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -379,6 +389,16 @@ def bench_sweep(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                              "val_accuracy": accuracy(model, xval, yval)})  # fmt: skip
                 print(f"[sweep {dataset} seed {seed}] @{amount:.2f} {name}: {rows[-1]['val_accuracy']:.4f}",
                       flush=True)  # fmt: skip
+            for method in ("tp_l1", "tp_taylor") if args.sweep_baselines else ():
+                for lr in TP_LRS:
+                    torch.manual_seed(1000 + seed)
+                    model = copy.deepcopy(dense).train()
+                    _tp(model, Batches(xtr, ytr, 64, 1000 + seed), amount, example, method, args, lr)
+                    name = f"{method} lr={lr:g}"
+                    rows.append({"dataset": dataset, "seed": seed, "amount": amount, "setting": name,
+                                 "val_accuracy": accuracy(model.eval(), xval, yval)})  # fmt: skip
+                    print(f"[sweep {dataset} seed {seed}] @{amount:.2f} {name}: "
+                          f"{rows[-1]['val_accuracy']:.4f}", flush=True)  # fmt: skip
     return rows
 
 
@@ -432,11 +452,15 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     means: dict[str, list[float]] = {}
     for c in summary:
         means.setdefault(c["setting"], []).append(c["mean"])
-    best = max(means, key=lambda k: statistics.mean(means[k]))
-    lines.append(
-        f"Best over the datasets (mean of their means): {best} "
-        f"({100 * statistics.mean(means[best]):.2f}%; center {100 * statistics.mean(means['center']):.2f}%)."
-    )
+    for prefix, label in (("", "BiP"), ("tp_l1 ", "TP L1"), ("tp_taylor ", "TP Taylor")):
+        own = [k for k in means if (k.startswith(prefix) if prefix else not k.startswith("tp_"))]
+        if not own:
+            continue
+        best = max(own, key=lambda k: statistics.mean(means[k]))
+        lines.append(
+            f"- {label}: best over the datasets (mean of their means) {best} "
+            f"({100 * statistics.mean(means[best]):.2f}%)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -595,7 +619,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dense-epochs", type=float, default=6)
     parser.add_argument("--bip-epochs", type=float, default=3)
     parser.add_argument("--finetune-epochs", type=float, default=1)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.05, help="the dense training's learning rate")
+    parser.add_argument(
+        "--tp-lr", type=float, default=None, help="Torch-Pruning's fine-tuning learning rate (default: --lr)"
+    )
+    parser.add_argument(
+        "--sweep-baselines", action="store_true",
+        help=f"with --sweep: also Torch-Pruning's L1 and Taylor criteria at the learning rates {TP_LRS}",
+    )  # fmt: skip
     parser.add_argument(
         "--bip", nargs="*", default=[], metavar="KEY=VALUE",
         help=f"structured BiP's settings in the accuracy part (keys: {', '.join(BIP_SETTINGS)})",
@@ -618,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.seeds, args.mnist_per_class = 1, 50
         args.dense_epochs, args.bip_epochs, args.finetune_epochs = 1, 0.5, 0.5
     args.bip_settings = _bip_settings(args.bip)
+    args.tp_lr = args.lr if args.tp_lr is None else args.tp_lr
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sweep:
