@@ -358,7 +358,10 @@ def sweep_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
     center = dict(args.bip_settings)
     out = [("center", center)]
     total = args.bip_epochs + args.finetune_epochs
-    for factor, values in (QUICK_SWEEP if args.quick else SWEEP).items():
+    factors = QUICK_SWEEP if args.quick else SWEEP
+    if args.factors is not None:
+        factors = {k: v for k, v in factors.items() if k in args.factors}
+    for factor, values in factors.items():
         for value in values:
             if factor == "epochs":
                 bip, finetune = (float(v) * total / 4 for v in value.split("+"))
@@ -623,6 +626,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--tp-lr", type=float, default=None, help="Torch-Pruning's fine-tuning learning rate (default: --lr)"
     )
+    parser.add_argument(
+        "--factors", nargs="*", default=None, choices=sorted(SWEEP),
+        help="with --sweep: the factors to vary (default: all; none: the center alone)",
+    )  # fmt: skip
     parser.add_argument(
         "--sweep-baselines", action="store_true",
         help=f"with --sweep: also Torch-Pruning's L1 and Taylor criteria at the learning rates {TP_LRS}",
