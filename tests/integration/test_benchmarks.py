@@ -85,6 +85,36 @@ def test_bench_accuracy_quick(tmp_path: Path) -> None:
             )
         ]
         assert verdict["bip_budget_meeting_all_targets"] == (all_targets[0] if all_targets else None)
+        # every budget meeting all targets is listed (the per-budget lines read this list)
+        all_budgets = [
+            b
+            for b in (1, 2)
+            if b in level
+            and summary["imp"][sparsity]["time_s"]["mean"]
+            >= 4 * summary[f"bip_x{b}"][sparsity]["time_s"]["mean"]
+            and (
+                float(sparsity) < 0.95
+                or summary[f"bip_x{b}"][sparsity]["test"]["mean"] - omp["mean"]
+                > max(omp["std"], summary[f"bip_x{b}"][sparsity]["test"]["std"])
+            )
+        ]
+        assert verdict["bip_budgets_meeting_all_targets"] == all_budgets
+        # the budget chosen on validation: the smallest level with IMP's validation accuracy
+        imp_val = summary["imp"][sparsity]["val"]
+        on_val = [
+            b
+            for b in (1, 2)
+            if summary[f"bip_x{b}"][sparsity]["val"]["mean"]
+            >= imp_val["mean"] - max(imp_val["std"], summary[f"bip_x{b}"][sparsity]["val"]["std"])
+        ]
+        assert verdict["bip_budget_validated"] == (on_val[0] if on_val else None)
+        if on_val:
+            chosen = summary[f"bip_x{on_val[0]}"][sparsity]
+            assert verdict["validated_level_with_imp"] == (on_val[0] in level)
+            assert verdict["validated_time_ratio"] == pytest.approx(
+                summary["imp"][sparsity]["time_s"]["mean"] / chosen["time_s"]["mean"]
+            )
+            assert verdict["validated_meets_all_targets"] == (on_val[0] in all_budgets)
     # the validation split is held out of the training images
     data = bench_accuracy.split(None, 5000)
     assert len(data["xtr"]) == 55_000
@@ -93,6 +123,9 @@ def test_bench_accuracy_quick(tmp_path: Path) -> None:
     (md,) = tmp_path.glob("*.md")
     (js,) = tmp_path.glob("*.json")
     table = md.read_text()
+    assert "Budget chosen on validation" in table
+    assert "after the fact" in table
+    assert "- BiP 1x: all targets hold at" in table
     md.unlink()
     (tmp_path / md.name.replace(".md", ".png")).unlink()
     bench_accuracy.main(["--replot", str(js)])
@@ -125,6 +158,59 @@ def test_bench_accuracy_sweep_reads_no_test_image(tmp_path: Path, monkeypatch: p
     (png,) = tmp_path.glob("bench_accuracy_sweep-*.png")
     assert png.read_bytes()[:8] == PNG
     assert result["budget"]["lenet_300_100"]["train_images"] == 3000
+
+
+def test_bench_accuracy_sweep_baselines_reads_no_test_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench_accuracy
+
+    def no_test(self: object, model: object) -> float:
+        raise AssertionError("the baselines' sweep read the test split")
+
+    split = bench_accuracy.split
+
+    def split_without_test(train_size: int | None, val_size: int) -> dict:
+        data = split(train_size, val_size)
+        del data["xte"], data["yte"]
+        return data
+
+    monkeypatch.setattr(bench_accuracy.Seed, "test", no_test)
+    monkeypatch.setattr(bench_accuracy, "split", split_without_test)
+    common = ["--quick", "--sweep-baselines", "--sparsities", "0.5", "0.9", "--lrs", "0.05", "0.1"]
+    result = bench_accuracy.main([*common, "--out", str(tmp_path), "--tag", "s0"])
+    assert all("test_accuracy" not in row for row in result["rows"])
+    # per learning rate: the dense model, OMP+FT at each sparsity and IMP's rounds that stop at each
+    for lr in (0.05, 0.1):
+        mine = [r for r in result["rows"] if r["lr"] == lr]
+        assert sorted((r["method"], r["sparsity"]) for r in mine) == [
+            ("dense", 0.0),
+            ("imp", 0.5),
+            ("imp", 0.9),
+            ("omp_ft", 0.5),
+            ("omp_ft", 0.9),
+        ]
+        for row in mine:
+            assert row["measured_sparsity"] == pytest.approx(row["sparsity"], abs=1e-4)
+    summary = result["summary"]["lenet_300_100"]
+    for method in ("dense", "imp", "omp_ft"):
+        cells = summary[method]["lrs"]
+        assert set(cells) == {"0.05", "0.1"}
+        for lr, cell in cells.items():
+            rows = [r for r in result["rows"] if r["method"] == method and r["lr"] == float(lr)]
+            assert cell["mean"]["mean"] == pytest.approx(sum(r["val_accuracy"] for r in rows) / len(rows))
+        assert summary[method]["chosen_lr"] == float(max(cells, key=lambda lr: cells[lr]["mean"]["mean"]))
+        assert summary[method]["chosen_lr"] in summary[method]["level_with_chosen"]
+    (js,) = tmp_path.glob("bench_accuracy_baselines-*-quick-s0.json")
+    assert js.with_suffix(".png").read_bytes()[:8] == PNG
+    assert "chosen lr" in js.with_suffix(".md").read_text()
+    # another seed in another process, merged by --replot
+    bench_accuracy.main([*common, "--seeds", "1", "--out", str(tmp_path), "--tag", "s1"])
+    merged = tmp_path / "merged.json"
+    both = bench_accuracy.main(["--replot", str(js), str(js).replace("-s0", "-s1"), "--merged", str(merged)])
+    assert both["seeds"] == [0, 1]
+    assert json.loads(merged.read_text())["summary"]["lenet_300_100"]["imp"]["lrs"]["0.1"]["mean"]["n"] == 2
+    assert merged.with_suffix(".png").read_bytes()[:8] == PNG
 
 
 def test_bench_ablation_quick(tmp_path: Path) -> None:
