@@ -313,7 +313,7 @@ def _tp(
         model, example, importance=importance, pruning_ratio=amount, ignored_layers=[head]
     ).step()
     model.zero_grad(set_to_none=True)
-    train(model, data, args.bip_epochs + args.finetune_epochs, lr=args.tp_lr if lr is None else lr)
+    train(model, data, args.bip_epochs + args.finetune_epochs, lr=args.tp_lr[method] if lr is None else lr)
 
 
 def bench_accuracy(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -520,10 +520,22 @@ def markdown(result: dict[str, Any]) -> str:
             "test split.",
             "",
             "Structured BiP's settings: "
-            + ", ".join(f"{k}={v}" for k, v in result.get("bip_settings", BIP_SETTINGS).items())
+            + (
+                ", ".join(f"{k}={v}" for k, v in result["bip_settings"].items())
+                if "bip_settings" in result
+                else "the library's defaults of the time (not recorded)"
+            )
             + f"; {result['settings']['bip_epochs']:g} BiP epochs, then "
-            f"{result['settings']['finetune_epochs']:g} of fine-tuning (`--sweep` chooses them on a "
-            "validation split).",
+            f"{result['settings']['finetune_epochs']:g} of fine-tuning. Torch-Pruning's criteria: "
+            f"{result['settings']['bip_epochs'] + result['settings']['finetune_epochs']:g} epochs of "
+            "fine-tuning at learning rate "
+            + (
+                "L1 {tp_l1:g}, Taylor {tp_taylor:g}".format(**result["settings"]["tp_lr"])
+                if isinstance(result["settings"].get("tp_lr"), dict)
+                else f"{result['settings']['lr']:g}"
+            )
+            + ". Every setting was chosen on a validation split held out of the training images "
+            "(`--sweep`, `--sweep-baselines`); the test split is read once per final model.",
             "",
             "| data | channels pruned | MACs | BiP | TP L1 | TP Taylor | BiP ahead |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -624,8 +636,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--finetune-epochs", type=float, default=1)
     parser.add_argument("--lr", type=float, default=0.05, help="the dense training's learning rate")
     parser.add_argument(
-        "--tp-lr", type=float, default=None, help="Torch-Pruning's fine-tuning learning rate (default: --lr)"
-    )
+        "--tp-lr", type=float, nargs="+", default=None,
+        help="Torch-Pruning's fine-tuning learning rate: one for both criteria or two (L1, Taylor); "
+        "default: --lr",
+    )  # fmt: skip
     parser.add_argument(
         "--factors", nargs="*", default=None, choices=sorted(SWEEP),
         help="with --sweep: the factors to vary (default: all; none: the center alone)",
@@ -656,7 +670,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.seeds, args.mnist_per_class = 1, 50
         args.dense_epochs, args.bip_epochs, args.finetune_epochs = 1, 0.5, 0.5
     args.bip_settings = _bip_settings(args.bip)
-    args.tp_lr = args.lr if args.tp_lr is None else args.tp_lr
+    rates = [args.lr] if args.tp_lr is None else args.tp_lr
+    if len(rates) not in (1, 2):
+        parser.error(f"--tp-lr takes one learning rate (both criteria) or two (L1, Taylor), got {rates}")
+    args.tp_lr = {"tp_l1": rates[0], "tp_taylor": rates[-1]}
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sweep:
