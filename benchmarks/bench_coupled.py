@@ -467,6 +467,42 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _settings_lines(result: dict[str, Any]) -> list[str]:
+    """What every method ran with, per dataset (older results: one line from the run's options)."""
+    per = result.get("accuracy_settings") or {
+        d: {
+            "bip": result.get("bip_settings"),
+            "bip_epochs": result["settings"]["bip_epochs"],
+            "finetune_epochs": result["settings"]["finetune_epochs"],
+            "tp_lr": result["settings"].get("tp_lr"),
+        }
+        for d in result["settings"]["datasets"]
+    }
+    lines = []
+    for dataset, cfg in per.items():
+        bip = (
+            ", ".join(f"{k}={v}" for k, v in cfg["bip"].items()) if cfg["bip"] else "the defaults of the time"
+        )
+        total = cfg["bip_epochs"] + cfg["finetune_epochs"]
+        tp = (
+            "L1 {tp_l1:g}, Taylor {tp_taylor:g}".format(**cfg["tp_lr"])
+            if isinstance(cfg["tp_lr"], dict)
+            else f"{result['settings']['lr']:g}"
+        )
+        lines.append(
+            f"- {dataset}: structured BiP with {bip}; {cfg['bip_epochs']:g} BiP epochs, then "
+            f"{cfg['finetune_epochs']:g} of fine-tuning. Torch-Pruning's criteria: {total:g} epochs of "
+            f"fine-tuning at learning rate {tp}."
+        )
+    chosen = (
+        "Every setting was chosen on a validation split held out of the training images (`--sweep`, "
+        "`--sweep-baselines`); the test split is read once per final model."
+        if "accuracy_settings" in result
+        else "The test split is read once per final model."
+    )
+    return [*lines, "", chosen, ""]
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     keys = sorted({(r["dataset"], r["amount"], r["method"]) for r in rows})
@@ -519,24 +555,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"MNIST: a {result['settings']['mnist_per_class'] * 10:,}-image training subset, the full "
             "test split.",
             "",
-            "Structured BiP's settings: "
-            + (
-                ", ".join(f"{k}={v}" for k, v in result["bip_settings"].items())
-                if "bip_settings" in result
-                else "the library's defaults of the time (not recorded)"
-            )
-            + f"; {result['settings']['bip_epochs']:g} BiP epochs, then "
-            f"{result['settings']['finetune_epochs']:g} of fine-tuning. Torch-Pruning's criteria: "
-            f"{result['settings']['bip_epochs'] + result['settings']['finetune_epochs']:g} epochs of "
-            "fine-tuning at learning rate "
-            + (
-                "L1 {tp_l1:g}, Taylor {tp_taylor:g}".format(**result["settings"]["tp_lr"])
-                if isinstance(result["settings"].get("tp_lr"), dict)
-                else f"{result['settings']['lr']:g}"
-            )
-            + ". Every setting was chosen on a validation split held out of the training images "
-            "(`--sweep`, `--sweep-baselines`); the test split is read once per final model.",
-            "",
+            *_settings_lines(result),
             "| data | channels pruned | MACs | BiP | TP L1 | TP Taylor | BiP ahead |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -662,7 +681,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, metavar="JSON",
+        help="write one result from earlier runs' JSON (structure of the first that has it, every "
+        "accuracy row), e.g. one run per dataset; nothing is trained",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        return merge(args.merge, args)
     if args.quick:
         args.models = ["resnet18"] if args.models is None else args.models
         args.datasets = args.datasets[:1]
@@ -691,6 +717,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accuracy_rows = [row for dataset in args.datasets for row in bench_accuracy(dataset, args)]
     result["accuracy"] = accuracy_rows
     result["accuracy_summary"] = summarize(accuracy_rows) if accuracy_rows else []
+    result["accuracy_settings"] = {
+        dataset: {
+            "bip": args.bip_settings,
+            "bip_epochs": args.bip_epochs,
+            "finetune_epochs": args.finetune_epochs,
+            "tp_lr": args.tp_lr,
+            "seeds": args.seeds,
+            "command": result["command"],
+        }
+        for dataset in args.datasets
+    }
+    write(result, "bench_coupled", args, markdown, plot)
+    return result
+
+
+def merge(paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """One result from several runs: the structure part of the first run that has one, the
+    accuracy rows of all (e.g. one run per dataset, each with its validated settings)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    result = dict(next((r for r in runs if r["models"]), runs[0]))
+    result["command"] = " && ".join(r["command"] for r in runs)
+    result["accuracy"] = [row for r in runs for row in r.get("accuracy", [])]
+    result["accuracy_summary"] = summarize(result["accuracy"]) if result["accuracy"] else []
+    result["accuracy_settings"] = {k: v for r in runs for k, v in r.get("accuracy_settings", {}).items()}
+    result["merged_from"] = [p.name for p in paths]
     write(result, "bench_coupled", args, markdown, plot)
     return result
 

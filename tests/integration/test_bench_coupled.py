@@ -63,3 +63,33 @@ def test_bench_coupled_sweep_reads_no_test_image(tmp_path: Path, monkeypatch: py
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.{ext}" for ext in ("json", "md", "png")]
     assert "| center |" in (tmp_path / f"{stem}.md").read_text()
+
+
+def test_bench_coupled_merge_joins_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--merge``: the structure of the run that has it, the accuracy rows and settings of all."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_coupled
+
+    first = bench_coupled.main(["--quick", "--out", str(tmp_path / "a")])
+    second = bench_coupled.main(
+        [
+            "--quick",
+            "--models",
+            "--bip",
+            "upper_lr=10",
+            "--tp-lr",
+            "0.02",
+            "0.1",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert second["models"] == []
+    paths = [next((tmp_path / d).glob("*.json")) for d in ("b", "a")]
+    merged = bench_coupled.main(["--merge", *map(str, paths), "--out", str(tmp_path / "m")])
+    assert merged["models"] == json.loads(json.dumps(first["models"]))
+    assert len(merged["accuracy"]) == len(first["accuracy"]) + len(second["accuracy"])
+    assert merged["accuracy_settings"]["digits"]["tp_lr"] == first["accuracy_settings"]["digits"]["tp_lr"]
+    markdown = next((tmp_path / "m").glob("*.md")).read_text()
+    assert "- digits: structured BiP with" in markdown
+    assert "| resnet18 " in markdown or "## resnet18" in markdown
