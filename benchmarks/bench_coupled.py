@@ -361,6 +361,11 @@ def sweep_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
     factors = QUICK_SWEEP if args.quick else SWEEP
     if args.factors is not None:
         factors = {k: v for k, v in factors.items() if k in args.factors}
+    if args.variants:  # explicit variants instead of the factor table
+        factors = {}
+        for pair in args.variants:
+            key, _, text = pair.partition("=")
+            factors.setdefault(key, []).append(text if key == "epochs" else _bip_settings([pair])[key])
     for factor, values in factors.items():
         for value in values:
             if factor == "epochs":
@@ -662,6 +667,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--factors", nargs="*", default=None, choices=sorted(SWEEP),
         help="with --sweep: the factors to vary (default: all; none: the center alone)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", nargs="*", default=None, metavar="KEY=VALUE",
+        help="with --sweep: exactly these one-factor variants of the center (e.g. upper_lr=1 epochs=4+0)",
     )  # fmt: skip
     parser.add_argument(
         "--sweep-baselines", action="store_true",
