@@ -692,8 +692,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=None, metavar="JSON",
-        help="write one result from earlier runs' JSON (structure of the first that has it, every "
-        "accuracy row), e.g. one run per dataset; nothing is trained",
+        help="write one result from earlier runs' JSON: the structure part of the first, the accuracy "
+        "rows of the others (e.g. one run per dataset); nothing is trained",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.merge is not None:
@@ -742,14 +742,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def merge(paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
-    """One result from several runs: the structure part of the first run that has one, the
-    accuracy rows of all (e.g. one run per dataset, each with its validated settings)."""
-    runs = [json.loads(p.read_text()) for p in paths]
-    result = dict(next((r for r in runs if r["models"]), runs[0]))
-    result["command"] = " && ".join(r["command"] for r in runs)
-    result["accuracy"] = [row for r in runs for row in r.get("accuracy", [])]
+    """One result from several runs: the structure part of the first, the accuracy part of the
+    others (e.g. one run per dataset, each with its validated settings)."""
+    first, *others = [json.loads(p.read_text()) for p in paths]
+    if not others:
+        raise SystemExit("--merge: pass the run with the structure part, then the runs with accuracy rows")
+    result = dict(first)
+    result["command"] = " && ".join(r["command"] for r in [first, *others])
+    result["accuracy"] = [row for r in others for row in r.get("accuracy", [])]
     result["accuracy_summary"] = summarize(result["accuracy"]) if result["accuracy"] else []
-    result["accuracy_settings"] = {k: v for r in runs for k, v in r.get("accuracy_settings", {}).items()}
+    result["accuracy_settings"] = {k: v for r in others for k, v in r.get("accuracy_settings", {}).items()}
     result["merged_from"] = [p.name for p in paths]
     write(result, "bench_coupled", args, markdown, plot)
     return result
