@@ -254,6 +254,22 @@ class Seed:
         return out
 
 
+def run_imp(s: Seed, sparsities: list[float], record: Callable[[float, nn.Module, Any], None]) -> None:
+    """IMP from the seed's initialisation to the largest sparsity, at the seed's learning rate;
+    ``record(sparsity, model, round_record)`` at each round that stops at one of ``sparsities``."""
+    model = copy.deepcopy(s.init)
+    prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+    def on_round(round_record: Any, m: nn.Module) -> None:
+        # an IMP round that stops at a target keeps exactly the count the target rounds to
+        hit = [t for t in sparsities if abs(round_record.sparsity - t) <= 0.5 / prunable + 1e-12]
+        if hit:
+            record(hit[0], m, round_record)
+
+    imp(model, max(sparsities), s.batches(0), s.epochs, rate=0.2, milestones=sparsities,
+        on_round=on_round, lr=s.args.lr)  # fmt: skip
+
+
 def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> list[dict]:
     """Dense, BiP at each budget, OMP+FT and IMP (those of ``--methods``) for one model and seed."""
     s = Seed(name, seed, args, data)
@@ -279,25 +295,9 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, tor
 
     if "imp" not in args.methods:
         return rows
-    model = copy.deepcopy(s.init)
-    prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-    def on_round(record: Any, m: nn.Module) -> None:
-        # an IMP round that stops at a target keeps exactly the count the target rounds to
-        hit = [t for t in args.sparsities if abs(record.sparsity - t) <= 0.5 / prunable + 1e-12]
-        if hit:
-            rows.append(s.row("imp", hit[0], m, record.wall_time_s, round=record.round))
-
-    imp(
-        model,
-        max(args.sparsities),
-        s.batches(0),
-        s.epochs,
-        rate=0.2,
-        milestones=args.sparsities,
-        on_round=on_round,
-        lr=args.lr,
-    )
+    run_imp(s, args.sparsities, lambda sparsity, m, record: rows.append(
+        s.row("imp", sparsity, m, record.wall_time_s, round=record.round)
+    ))  # fmt: skip
     return rows
 
 
@@ -365,24 +365,9 @@ def sweep_baselines_seed(
             omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=lr)
             elapsed = time.perf_counter() - start
             rows.append(row(s, "omp_ft", sparsity, model, s.dense_time + elapsed, method_time_s=elapsed))
-        model = copy.deepcopy(s.init)
-        prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-        def on_round(record: Any, m: nn.Module, s: Seed = s, prunable: int = prunable) -> None:
-            hit = [t for t in args.sparsities if abs(record.sparsity - t) <= 0.5 / prunable + 1e-12]
-            if hit:
-                rows.append(row(s, "imp", hit[0], m, record.wall_time_s, round=record.round))
-
-        imp(
-            model,
-            max(args.sparsities),
-            s.batches(0),
-            s.epochs,
-            rate=0.2,
-            milestones=args.sparsities,
-            on_round=on_round,
-            lr=lr,
-        )
+        run_imp(s, args.sparsities, lambda sparsity, m, record, s=s: rows.append(
+            row(s, "imp", sparsity, m, record.wall_time_s, round=record.round)
+        ))  # fmt: skip
     return rows
 
 

@@ -316,14 +316,20 @@ def _tp(
     train(model, data, args.bip_epochs + args.finetune_epochs, lr=args.tp_lr[method] if lr is None else lr)
 
 
+def _dense(x: Tensor, y: Tensor, seed: int, args: argparse.Namespace) -> nn.Module:
+    """The dense start of one seed: the CNN trained ``--dense-epochs`` at ``--lr``."""
+    torch.manual_seed(seed)
+    dense = cnn()
+    train(dense, Batches(x, y, 64, seed), args.dense_epochs, lr=args.lr)
+    return dense
+
+
 def bench_accuracy(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     xtr, ytr, xte, yte = _data(dataset, args)
     example = xte[:2]
     rows: list[dict[str, Any]] = []
     for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        dense = cnn()
-        train(dense, Batches(xtr, ytr, 64, seed), args.dense_epochs, lr=args.lr)
+        dense = _dense(xtr, ytr, seed, args)
         dense_macs = count_macs(dense.eval(), example)
         rows.append({"dataset": dataset, "seed": seed, "method": "dense", "amount": 0.0,
                      "accuracy": accuracy(dense, xte, yte), "mac_ratio": 1.0, "wall_s": 0.0})  # fmt: skip
@@ -384,9 +390,7 @@ def bench_sweep(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     example = xval[:2]
     rows: list[dict[str, Any]] = []
     for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        dense = cnn()
-        train(dense, Batches(xtr, ytr, 64, seed), args.dense_epochs, lr=args.lr)
+        dense = _dense(xtr, ytr, seed, args)
         for amount in args.amounts:
             for name, settings in sweep_variants(args):
                 torch.manual_seed(1000 + seed)
