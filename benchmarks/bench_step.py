@@ -26,6 +26,7 @@ from bench_accuracy import lenet_300_100
 from first_call import DRIVERS
 from first_call import measure as first_call
 from torch import nn
+from torch.nn.utils import prune
 
 import torchbip
 from torchbip.bilevel import tensor_sums
@@ -74,12 +75,18 @@ def batches(shape: tuple[int, ...], batch_size: int, n: int) -> list[tuple[torch
     ]
 
 
-def sgd_steps(model: nn.Module, data: list, bip: bool = False) -> float:
+def sgd_steps(model: nn.Module, data: list, bip: bool = False, torch_pruned: bool = False) -> float:
     """Seconds of SGD steps over ``data``; with ``bip``, the same loop with :class:`torchbip.BiP` in it.
 
     With ``bip`` (the in-loop mode): hooked forward, backward, the same SGD step, then
     ``pruner.step()``, what a user's own loop pays for BiP; the pruner is built before the clock.
+    With ``torch_pruned``: the model pruned by torch's own ``prune.global_unstructured`` (fixed
+    masks, torch's forward pre-hooks): what a training step costs in torch's pruned form alone,
+    the floor of any method that keeps that form.
     """
+    if torch_pruned:
+        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.9)
     pruner = torchbip.BiP(model, amount=0.9, steps=len(data)) if bip else None
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
@@ -120,11 +127,23 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
     base = make()
     data = batches(shape, batch_size, long if long % 2 == 0 else long + 1)
     # one-batch-per-step modes consume `long` batches; two_batch consumes 2 per step
-    rows: dict[str, list[float]] = {"dense": [], "in_loop": [], "fused": [], "two_batch": []}
+    rows: dict[str, list[float]] = {
+        "dense": [],
+        "torch_pruned": [],
+        "in_loop": [],
+        "fused": [],
+        "two_batch": [],
+    }
     for _ in range(repeats):  # interleaved, so drifts of the machine hit every variant alike
-        for key, bip in (("dense", False), ("in_loop", True)):
+        for key, bip, pruned in (
+            ("dense", False, False),
+            ("torch_pruned", False, True),
+            ("in_loop", True, False),
+        ):
             rows[key].append(
-                per_step(lambda n, b=bip: sgd_steps(copy.deepcopy(base), data[:n], b), short, long)
+                per_step(
+                    lambda n, b=bip, t=pruned: sgd_steps(copy.deepcopy(base), data[:n], b, t), short, long
+                )
             )
         for mode in ("fused", "two_batch"):
             rows[mode].append(
@@ -149,6 +168,7 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
         "batch_size": batch_size,
         "prunable_weights": n_prunable,
         "step_s": med,
+        "step_ratio_torch_pruned": med["torch_pruned"] / med["dense"],
         "step_ratio_in_loop": med["in_loop"] / med["dense"],
         "step_ratio_fused": med["fused"] / med["dense"],
         "step_ratio_two_batch": med["two_batch"] / med["dense"],
@@ -225,19 +245,26 @@ def markdown(result: dict) -> str:
         "with `torchbip.BiP` (hooked forward, backward, `optimizer.step()`, `pruner.step()`); fused "
         "and two-batch: `global_prune`'s own loop. Targets: in-loop and fused <= 1.3x, two-batch <= 2.3x, "
         "forward under hooks <= 1.1x, after `prune.remove` 1.0x. The finite check is the part of each "
-        "step that verifies the gradients it applies (included in the fused and two-batch times).",
+        "step that verifies the gradients it applies (included in the fused and two-batch times). "
+        "Torch-pruned: the same SGD step on the model pruned by torch's own "
+        "`prune.global_unstructured` (fixed masks, torch's forward pre-hooks), the cost of torch's "
+        "pruned form alone.",
         "",
-        "| model | batch | prunable | dense step | in-loop | fused | two-batch | in-loop / dense | "
-        "fused / dense | two-batch / dense | fwd hooked / dense | fwd removed / dense | finite check | "
-        "check / dense |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | batch | prunable | dense step | torch-pruned | in-loop | fused | two-batch | "
+        "torch-pruned / dense | in-loop / dense | fused / dense | two-batch / dense | fwd hooked / dense | "
+        "fwd removed / dense | finite check | check / dense |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for r in result["models"]:
         s = r["step_s"]
+        pruned = s.get("torch_pruned")
         lines.append(
-            f"| {r['model']} | {r['batch_size']} | {r['prunable_weights']:,} | "
-            f"{s['dense'] * 1e3:.2f} ms | {s['in_loop'] * 1e3:.2f} ms | {s['fused'] * 1e3:.2f} ms | "
-            f"{s['two_batch'] * 1e3:.2f} ms | {r['step_ratio_in_loop']:.2f}x | "
+            f"| {r['model']} | {r['batch_size']} | {r['prunable_weights']:,} | {s['dense'] * 1e3:.2f} ms | "
+            + (f"{pruned * 1e3:.2f} ms | " if pruned is not None else "| ")
+            + f"{s['in_loop'] * 1e3:.2f} ms | {s['fused'] * 1e3:.2f} ms | {s['two_batch'] * 1e3:.2f} ms | "
+            + (f"{r['step_ratio_torch_pruned']:.2f}x | " if pruned is not None else "| ")
+            + f"{r['step_ratio_in_loop']:.2f}x | "
             f"{r['step_ratio_fused']:.2f}x | {r['step_ratio_two_batch']:.2f}x | "
             f"{r['forward_ratio_hooked']:.2f}x | {r['forward_ratio_removed']:.2f}x | "
             f"{r['check_s'] * 1e3:.3f} ms | {r['check_ratio']:.1%} |"
@@ -293,6 +320,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = {
+        "torch-pruned": "step_ratio_torch_pruned",
         "in-loop": "step_ratio_in_loop",
         "fused": "step_ratio_fused",
         "two-batch": "step_ratio_two_batch",
@@ -304,9 +332,10 @@ def plot(result: dict, path: Path) -> None:
     width = 0.8 / len(keys)
     for j, (label, key) in enumerate(keys.items()):
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(models))]
-        ax.bar(xs, [m[key] for m in models], width, label=label, color=f"C{j}")
-        ax.hlines([TARGETS[label]] * len(xs), [x - width / 2 for x in xs], [x + width / 2 for x in xs],
-                  colors="black", linewidth=2)  # fmt: skip
+        ax.bar(xs, [m.get(key, 0.0) for m in models], width, label=label, color=f"C{j}")
+        if label in TARGETS:
+            ax.hlines([TARGETS[label]] * len(xs), [x - width / 2 for x in xs], [x + width / 2 for x in xs],
+                      colors="black", linewidth=2)  # fmt: skip
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(range(len(models)), [m["model"] for m in models])
     ax.set_ylabel("time / dense time (black: target)")
