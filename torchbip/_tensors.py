@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-__all__ = ["copy_into"]
+__all__ = ["copy_into", "split_like"]
 
 _NUMPY_DTYPES = (torch.bool, torch.float16, torch.float32, torch.float64)
 
@@ -36,3 +38,12 @@ def copy_into(dst: Tensor, src: Tensor) -> None:
         increment_version(dst)  # as copy_ would: autograd still sees that dst changed
     else:
         dst.copy_(src)
+
+
+def split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of the 1-D ``flat`` in the shapes of ``like``, one after the other."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from torchbip._func import Target, default_targets
-from torchbip._tensors import copy_into
+from torchbip._tensors import copy_into, split_like
 from torchbip.masks import (
     GlobalTopK,
     cap_counts,
@@ -126,18 +126,10 @@ class MaskLayout(ABC):
         """
         return [self.mask(i, keep) for i, keep in enumerate(keeps)]
 
-    def write_masks(
-        self, scores: Sequence[Tensor], flat: Tensor | None, masks: Sequence[Tensor]
-    ) -> list[Tensor] | None:
-        """Select from ``scores`` and write the element masks into ``masks`` (torch's mask buffers).
-
-        Returns the boolean element masks, or ``None`` when a layout wrote ``masks`` without
-        them (the caller then reads them off ``masks`` when it needs them).
-        """
-        elements = self.masks(self.select(scores, flat))
-        for mask, element in zip(masks, elements, strict=True):
+    def write_masks(self, scores: Sequence[Tensor], flat: Tensor | None, masks: Sequence[Tensor]) -> None:
+        """Select from ``scores`` and write the element masks into ``masks`` (torch's mask buffers)."""
+        for mask, element in zip(masks, self.masks(self.select(scores, flat)), strict=True):
             copy_into(mask, element)
-        return elements
 
     def score_grads(
         self, element_grads: Iterable[tuple[int, Tensor]], outs: Sequence[Tensor], masks: Sequence[Tensor]
@@ -229,40 +221,31 @@ class UnstructuredLayout(MaskLayout):
         if self.per_tensor is not None:
             return [topk_mask(s, k, a) for s, k, a in zip(scores, self.per_tensor, self.allowed, strict=True)]
         if self.fast and flat is not None:
-            keep = self.topk.select_flat(flat)
-            out, offset = [], 0
-            for s in scores:
-                out.append(keep[offset : offset + s.numel()].view(s.shape))
-                offset += s.numel()
-            return out
+            return split_like(self.topk.select_flat(flat), scores)
         return self.topk(list(scores), self.allowed)
 
     def mask(self, index: int, keep: Tensor) -> Tensor:
         """See :meth:`MaskLayout.mask`."""
         return keep
 
-    def write_masks(
-        self, scores: Sequence[Tensor], flat: Tensor | None, masks: Sequence[Tensor]
-    ) -> list[Tensor] | None:
+    def write_masks(self, scores: Sequence[Tensor], flat: Tensor | None, masks: Sequence[Tensor]) -> None:
         """See :meth:`MaskLayout.write_masks`.
 
         With one global ranking and a unique threshold, each mask is written by one comparison
         of its scores (no boolean masks in between).
         """
         if not (self.fast and flat is not None and self.n_keep > 0):
-            return super().write_masks(scores, flat, masks)
+            super().write_masks(scores, flat, masks)
+            return
         value, unique = self.topk.threshold(flat)
-        if not unique:  # ties at the threshold: broken by index, through the boolean masks
-            keep = threshold_mask(flat.detach().reshape(-1), self.n_keep, value)
-            elements, offset = [], 0
+        if unique:
             for s, mask in zip(scores, masks, strict=True):
-                elements.append(keep[offset : offset + s.numel()].view(s.shape))
-                copy_into(mask, elements[-1])
-                offset += s.numel()
-            return elements
-        for s, mask in zip(scores, masks, strict=True):
-            torch.ge(s, value, out=mask)
-        return None
+                torch.ge(s, value, out=mask)
+            return
+        # ties at the threshold: broken by index, through the boolean masks
+        keep = threshold_mask(flat.detach().reshape(-1), self.n_keep, value)
+        for mask, element in zip(masks, split_like(keep, scores), strict=True):
+            copy_into(mask, element)
 
     def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
         """See :meth:`MaskLayout.score_grad`."""

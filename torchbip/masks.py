@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchbip._tensors import split_like
+
 __all__ = [
     "GlobalTopK",
     "cap_counts",
@@ -417,13 +419,7 @@ class GlobalTopK:
                 flat = torch.where(forced, math.inf, flat)
             flats.append(flat)
         flat = torch.cat(flats) if len(flats) > 1 else flats[0]
-        keep = self._select(flat)
-        out = []
-        start = 0
-        for s in scores:
-            out.append(keep[start : start + s.numel()].view(s.shape))
-            start += s.numel()
-        return out
+        return split_like(self._select(flat), scores)
 
     def _check_counts(self, scores: Sequence[Tensor], allows: Sequence[Tensor | None]) -> None:
         """Raise if ``n_keep`` or a floor asks for more entries than ``allowed`` leaves."""
@@ -481,23 +477,9 @@ class GlobalTopK:
         if (self.floors is not None and any(self.floors)) or self.caps is not None:
             raise ValueError("threshold does not apply per-tensor floors or caps; call the selector")
         flat = _as_float(flat.detach().reshape(-1))
-        n, k = flat.numel(), self.n_keep
-        if not 1 <= k <= n:
-            raise ValueError(f"n_keep={k} must lie in [1, {n}] for a threshold")
-        # NaN ranks nowhere, so ``flat >= value`` would keep fewer than n_keep: one sum finds it
-        if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
-            raise FloatingPointError(
-                f"the scores hold NaN: a top-k mask of exactly {k} entries cannot be selected"
-            )
-        # Small CPU tensors: NumPy's full selection is faster than the band's extra passes.
-        small_cpu = flat.device.type == "cpu" and n < _BANDED_MIN_CPU
-        if self._threshold is not None and not small_cpu:
-            found = self._banded_threshold(flat)
-            if found is not None:
-                return found
-        value = _kth_largest(flat, k)
-        self._remember(value, None)
-        return value, bool(torch.count_nonzero(flat == value) == 1)
+        if not 1 <= self.n_keep <= flat.numel():
+            raise ValueError(f"n_keep={self.n_keep} must lie in [1, {flat.numel()}] for a threshold")
+        return self._kth_value(flat)
 
     def _select(self, flat: Tensor) -> Tensor:
         n, k = flat.numel(), self.n_keep
@@ -505,15 +487,29 @@ class GlobalTopK:
             raise ValueError(f"n_keep={k} must lie in [0, {n}]")
         if k == 0:
             return torch.zeros_like(flat, dtype=torch.bool)
-        small_cpu = flat.device.type == "cpu" and n < _BANDED_MIN_CPU
+        value, unique = self._kth_value(flat)
+        return _at_least(flat, value) if unique else threshold_mask(flat, k, value)
+
+    def _kth_value(self, flat: Tensor) -> tuple[Tensor, bool]:
+        """The ``n_keep``-th largest value of ``flat`` (``n_keep >= 1``) and whether it is unique.
+
+        After the first call the value is searched in a band around the predicted threshold;
+        otherwise (and when the band misses) by a full selection.
+        """
+        # NaN ranks nowhere, so ``flat >= value`` would keep fewer than n_keep: one sum finds it
+        if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
+            raise FloatingPointError(
+                f"the scores hold NaN: a top-k mask of exactly {self.n_keep} entries cannot be selected"
+            )
+        # Small CPU tensors: NumPy's full selection is faster than the band's extra passes.
+        small_cpu = flat.device.type == "cpu" and flat.numel() < _BANDED_MIN_CPU
         if self._threshold is not None and not small_cpu:
             found = self._banded_threshold(flat)
             if found is not None:
-                value, unique = found
-                return _at_least(flat, value) if unique else threshold_mask(flat, k, value)
-        value = _kth_largest(flat, k)
+                return found
+        value = _kth_largest(flat, self.n_keep)
         self._remember(value, None)
-        return threshold_mask(flat, k, value)
+        return value, bool(torch.count_nonzero(flat == value) == 1)
 
     def _remember(self, value: Tensor, predicted: float | None) -> None:
         """Keep the threshold, its move and the next band's half-width."""

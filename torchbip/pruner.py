@@ -264,7 +264,7 @@ class BiP:
         targets, layout = self.targets, self.layout
         scores = layout.init_scores([_current(t) for t in targets], score_init)
         keeps = layout.select(scores)
-        elements = layout.masks(keeps)
+        layout.masks(keeps)  # the element masks, which apply() installs (Coupled builds them here)
         for i, (t, s, keep) in enumerate(zip(targets, scores, keeps, strict=True)):
             layout.apply(i, t.module, t.name, s, keep)
         device = targets[0].weight().device
@@ -282,7 +282,6 @@ class BiP:
             self.score_views.append(view)
             offset += shape.numel()
         self.masks = [getattr(t.module, t.name + "_mask") for t in targets]
-        self._keeps: list[Tensor] | None = [k.to(device) for k in elements]
         self.origs = [t.weight() for t in targets]
         self.hooks = [pruning_hook(t.module, t.name) for t in targets]
         self.saved = [p.detach().clone() for p in self.origs] if self.hold_pruned else None
@@ -342,10 +341,8 @@ class BiP:
 
     @property
     def keeps(self) -> list[Tensor]:
-        """The boolean element masks (``True``: kept), one per pruned tensor."""
-        if self._keeps is None:
-            self._keeps = [m != 0 for m in self.masks]
-        return self._keeps
+        """The boolean element masks (``True``: kept), one per pruned tensor, read off the masks."""
+        return [m != 0 for m in self.masks]
 
     @property
     def n_keep(self) -> int:
@@ -705,7 +702,7 @@ class BiP:
     def update_masks(self) -> None:
         """Set every mask to the selection (top-k) of the current scores."""
         try:
-            self._keeps = self.layout.write_masks(self.score_views, self.flat_scores, self.masks)
+            self.layout.write_masks(self.score_views, self.flat_scores, self.masks)
         except FloatingPointError as err:
             raise FloatingPointError(f"at step {self.step_count}: {err}") from err
 
@@ -738,7 +735,6 @@ class BiP:
             if final is not None:  # the layout's final form of the same selection
                 for mask, element in zip(self.masks, final, strict=True):
                     copy_into(mask, element)
-                self._keeps = list(final)
             for i, (t, hook) in enumerate(zip(self.targets, self.hooks, strict=True)):
                 assert hook is not None
                 set_grad_capture(hook, None)
@@ -804,10 +800,6 @@ class BiP:
             self.flat_scores.copy_(state["scores"])
             for mask, keep in zip(self.masks, state["masks"], strict=True):
                 mask.copy_(keep)
-            self._keeps = [
-                keep.to(mask.device, torch.bool)
-                for mask, keep in zip(self.masks, state["masks"], strict=True)
-            ]
             if self.saved is not None and state["saved"] is not None:
                 for saved, value in zip(self.saved, state["saved"], strict=True):
                     saved.copy_(value)
