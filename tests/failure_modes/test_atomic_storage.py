@@ -329,6 +329,8 @@ class Wrapper(Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # Deliberate: this test double stands for third-party subclasses that run no op; the
+        # raise is the behaviour under test.
         raise NotImplementedError(f"Wrapper does not run {func}")
 
 
@@ -343,6 +345,7 @@ class RefusedStorage(Tensor):
     """A tensor whose storage raises NotImplementedError for a reason other than having none."""
 
     def untyped_storage(self) -> Any:
+        # Deliberate test double: the refusal is the behaviour under test.
         raise NotImplementedError("this subclass refuses storage access")
 
 
