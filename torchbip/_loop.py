@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from torchbip._collectives import all_reduce_mean, broadcast_state
 from torchbip._func import Target, make_forward
-from torchbip.bilevel import MaskedGrads, all_finite, lower_grad, masked_loss_grads, tensor_sums, upper_grad
+from torchbip.bilevel import MaskedGrads, all_finite, masked_loss_grads, tensor_sums, upper_grad
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, describe, to_device
 from torchbip.layouts import Layout
@@ -109,7 +109,7 @@ class BiPLoop:
             n: b for n, b in model.named_buffers() if n not in self.masks and n not in score_names
         }
         # The weights' optimiser (the lower level; the BiP object holds the scores' optimiser).
-        # SGD: the L2 term is in the masked gradients (lower_grad), weight decay for the others.
+        # SGD: the L2 term is in the masked gradients (see _lower_step), weight decay for the others.
         # AdamW: decoupled decay for the targets and the others; tensors whose masks stay fixed
         # in this run (earlier pruning) get the L2 term in their masked gradient instead, so
         # that their pruned entries see a zero gradient and no decay, and never move.
@@ -374,9 +374,11 @@ class BiPLoop:
                 if name in self.grad_hooks:
                     p.grad = _run_hooks(p, torch.add(grads[name], p, alpha=gamma)).mul_(mask)
                 elif id(p) in self.decoupled:  # AdamW's weight decay holds the L2 term
-                    p.grad = grads[name] * mask
+                    p.grad = grads[name]  # already m * g: zero where the mask is
                 else:
-                    p.grad = lower_grad(grads[name], p, mask, gamma)
+                    # lower_grad's m * (g + gamma * theta) in one pass, in place: the gradient of
+                    # m * theta is already m * g, so this is g + gamma * m * theta
+                    p.grad = grads[name].addcmul_(p, mask, value=gamma)
                 state = self.lower_opt.state.get(p, {})
                 if state.get("momentum_buffer") is not None:
                     state["momentum_buffer"].mul_(mask)

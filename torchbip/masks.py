@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -496,20 +497,23 @@ class GlobalTopK:
         After the first call the value is searched in a band around the predicted threshold;
         otherwise (and when the band misses) by a full selection.
         """
-        # NaN ranks nowhere, so ``flat >= value`` would keep fewer than n_keep: one sum finds it
-        if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
-            raise FloatingPointError(
-                f"the scores hold NaN: a top-k mask of exactly {self.n_keep} entries cannot be selected"
-            )
         # Small CPU tensors: NumPy's full selection is faster than the band's extra passes.
         small_cpu = flat.device.type == "cpu" and flat.numel() < _BANDED_MIN_CPU
         if self._threshold is not None and not small_cpu:
-            found = self._banded_threshold(flat)
+            found = self._banded_threshold(flat)  # finds NaN itself, from its counts
             if found is not None:
                 return found
+        # NaN ranks nowhere, so ``flat >= value`` would keep fewer than n_keep: one sum finds it
+        if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
+            self._nan()
         value = _kth_largest(flat, self.n_keep)
         self._remember(value, None)
         return value, bool(torch.count_nonzero(flat == value) == 1)
+
+    def _nan(self) -> NoReturn:
+        raise FloatingPointError(
+            f"the scores hold NaN: a top-k mask of exactly {self.n_keep} entries cannot be selected"
+        )
 
     def _remember(self, value: Tensor, predicted: float | None) -> None:
         """Keep the threshold, its move and the next band's half-width."""
@@ -531,7 +535,8 @@ class GlobalTopK:
         Also says whether that value is unique (then ``flat >= value`` keeps exactly ``n_keep``).
         Two comparisons and one gather of the band (a few hundred to a few thousand entries);
         when the value lies outside, the band widens and the search repeats, at most three
-        times, before the caller falls back to a full selection.
+        times, before the caller falls back to a full selection. The comparisons' counts also
+        find NaN (see :meth:`_count_and_gather`), which raises :class:`FloatingPointError`.
         """
         assert self._threshold is not None
         last = float(self._threshold)
@@ -544,7 +549,9 @@ class GlobalTopK:
             lo, hi = center - half, center + half
             counted = self._count_and_gather(flat, lo, hi)
             if counted is not None:
-                above, band = counted
+                above, band, complete = counted
+                if not complete:
+                    self._nan()
                 need = k - above
                 if 0 < need <= band.numel():
                     value = _kth_largest(band, need)
@@ -556,13 +563,18 @@ class GlobalTopK:
         self._threshold = None
         return None
 
-    def _count_and_gather(self, flat: Tensor, lo: float, hi: float) -> tuple[int, Tensor] | None:
-        """The number of scores above ``hi`` and the scores in ``[lo, hi]``."""
+    def _count_and_gather(self, flat: Tensor, lo: float, hi: float) -> tuple[int, Tensor, bool] | None:
+        """The number of scores above ``hi``, the scores in ``[lo, hi]`` and whether none is NaN.
+
+        For ``lo <= hi`` every score but NaN is ``>= lo`` or ``<= hi`` (or both, in the band), so
+        the scores hold NaN exactly when the two counts less the band's miss some.
+        """
         arr = _numpy(flat)
         if arr is None:
-            at_least = flat >= lo
-            band = flat[at_least & (flat <= hi)]
-            return int(torch.count_nonzero(at_least)) - band.numel(), band
+            at_least, at_most = flat >= lo, flat <= hi
+            band = flat[at_least & at_most]
+            n_ge, n_le = torch.stack([torch.count_nonzero(at_least), torch.count_nonzero(at_most)]).tolist()
+            return n_ge - band.numel(), band, n_ge + n_le - band.numel() == flat.numel()
         low, high = arr.dtype.type(lo), arr.dtype.type(hi)
         if not low <= high:  # overflow of a narrow dtype
             return None
@@ -571,12 +583,12 @@ class GlobalTopK:
         ge, inside = self._buffers  # reused: fresh ones cost page faults on every call
         np.greater_equal(arr, low, out=ge)
         np.less_equal(arr, high, out=inside)
-        at_or_above = int(np.count_nonzero(ge))
+        at_or_above, at_or_below = int(np.count_nonzero(ge)), int(np.count_nonzero(inside))
         np.logical_and(ge, inside, out=inside)
         band = torch.from_numpy(arr[inside])
         if flat.dtype == torch.bfloat16:
             band = band.to(torch.bfloat16)
-        return at_or_above - band.numel(), band
+        return at_or_above - band.numel(), band, at_or_above + at_or_below - band.numel() == arr.size
 
 
 def nm_mask(

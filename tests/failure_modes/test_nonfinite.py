@@ -11,6 +11,7 @@ selection.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from failure_cases import make_data, make_model, raises_and_restores
 from torch import Tensor, nn
 
 import torchbip
+import torchbip.masks as masks_module
 from torchbip.masks import GlobalTopK, topk_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,6 +176,44 @@ def test_threshold_refuses_nan_also_after_the_band_took_over() -> None:
     flat[123] = float("nan")
     with pytest.raises(FloatingPointError, match=r"NaN"):
         select.threshold(flat)
+
+
+@pytest.mark.parametrize("numpy_path", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("where", ["in-band", "far-below", "far-above"])
+def test_banded_selection_finds_nan_anywhere(
+    numpy_path: bool, dtype: torch.dtype, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first call the band search's counts find NaN wherever it lies, on both paths."""
+    if not numpy_path:  # the path of devices other than the CPU
+        monkeypatch.setattr(masks_module, "_numpy", lambda flat: None)
+    gen = torch.Generator().manual_seed(1)
+    flat = torch.randn(100_000, generator=gen).to(dtype)
+    select = GlobalTopK(5_000)
+    value, _ = select.threshold(flat)
+    index = {"in-band": int(torch.argmin((flat - value).abs())), "far-below": int(flat.argmin())}
+    flat[index.get(where, int(flat.argmax()))] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"NaN"):
+        select.threshold(flat)
+    with pytest.raises(FloatingPointError, match=r"NaN"):
+        select.select_flat(flat)
+
+
+@pytest.mark.parametrize("numpy_path", [True, False], ids=["numpy", "torch"])
+def test_banded_selection_ranks_infinities(numpy_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Infinite scores are ranked (only NaN is refused): the mask equals a sort's top-k."""
+    if not numpy_path:
+        monkeypatch.setattr(masks_module, "_numpy", lambda flat: None)
+    gen = torch.Generator().manual_seed(2)
+    flat = torch.randn(100_000, generator=gen)
+    select = GlobalTopK(5_000)
+    select.select_flat(flat)
+    flat[:10] = math.inf
+    flat[10:20] = -math.inf
+    flat += 1e-4 * torch.randn(100_000, generator=gen)  # a small move: the band's case
+    expected = torch.zeros(100_000, dtype=torch.bool)
+    expected[torch.sort(flat, descending=True, stable=True).indices[:5_000]] = True
+    assert torch.equal(select.select_flat(flat), expected)
 
 
 def test_nan_scores_in_the_loop_raise_naming_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
