@@ -50,7 +50,6 @@ from torchbip.masks import (
     count_from_amount,
     floor_counts,
     nm_mask,
-    threshold_mask,
     topk_mask,
 )
 from torchbip.method import BiPPruningMethod
@@ -231,21 +230,26 @@ class UnstructuredLayout(MaskLayout):
     def write_masks(self, scores: Sequence[Tensor], flat: Tensor | None, masks: Sequence[Tensor]) -> None:
         """See :meth:`MaskLayout.write_masks`.
 
-        With one global ranking and a unique threshold, each mask is written by one comparison
-        of its scores (no boolean masks in between).
+        With one global ranking each mask is written by one comparison of its scores (no
+        boolean masks in between). When entries equal to the threshold are left out (ties), the
+        masks keep what lies strictly above it, and then the ties of lowest index, found tensor
+        by tensor until there are enough.
         """
         if not (self.fast and flat is not None and self.n_keep > 0):
             super().write_masks(scores, flat, masks)
             return
-        value, unique = self.topk.threshold(flat)
-        if unique:
-            for s, mask in zip(scores, masks, strict=True):
-                torch.ge(s, value, out=mask)
-            return
-        # ties at the threshold: broken by index, through the boolean masks
-        keep = threshold_mask(flat.detach().reshape(-1), self.n_keep, value)
-        for mask, element in zip(masks, split_like(keep, scores), strict=True):
-            copy_into(mask, element)
+        found = self.topk.locate(flat)
+        compare = torch.ge if found.exact else torch.gt
+        for s, mask in zip(scores, masks, strict=True):
+            compare(s, found.value, out=mask)
+        remaining = 0 if found.exact else found.kept
+        for s, mask in zip(scores, masks, strict=True):
+            if remaining == 0:
+                break
+            ties = torch.nonzero(s.detach().reshape(-1) == found.value).flatten()[:remaining]
+            if ties.numel():
+                mask[torch.unravel_index(ties, mask.shape)] = 1  # any strides
+                remaining -= ties.numel()
 
     def score_grad(self, index: int, element_grad: Tensor, out: Tensor) -> None:
         """See :meth:`MaskLayout.score_grad`."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torchbip._tensors import split_like
 
 __all__ = [
     "GlobalTopK",
+    "Threshold",
     "cap_counts",
     "count_from_amount",
     "floor_counts",
@@ -148,9 +149,31 @@ def threshold_mask(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
             f"({count} entries rank at or above the threshold)"
         )
     above = flat > threshold
-    ties = keep & ~above
-    rank = torch.cumsum(ties, dim=0, dtype=torch.int64)
-    return above | (ties & (rank <= n_keep - int(torch.count_nonzero(above))))
+    _keep_first(above, torch.nonzero(flat == threshold).flatten(), n_keep - int(torch.count_nonzero(above)))
+    return above
+
+
+def _keep_first(keep: Tensor, ties: Tensor, n: int) -> None:
+    """Set ``keep`` (1-D) at the first ``n`` indices of ``ties`` (ascending flat indices)."""
+    keep[ties[:n]] = True
+
+
+class Threshold(NamedTuple):
+    """Where a top-k selection cuts: the ``n_keep``-th largest score and the counts around it.
+
+    The selection keeps the ``above`` entries strictly above ``value`` and the ``kept`` entries
+    equal to it of lowest index, out of the ``ties`` entries equal to it.
+    """
+
+    value: Tensor
+    above: int
+    ties: int
+    kept: int
+
+    @property
+    def exact(self) -> bool:
+        """Whether ``scores >= value`` keeps exactly the selection (no entry equal to it left out)."""
+        return self.kept == self.ties
 
 
 def _as_float(flat: Tensor) -> Tensor:
@@ -184,6 +207,18 @@ def _at_least(flat: Tensor, threshold: Tensor) -> Tensor:
     if arr is None:
         return flat >= threshold
     return torch.from_numpy(arr >= arr.dtype.type(threshold.item()))
+
+
+def _counts_around(flat: Tensor, value: Tensor) -> tuple[int, int]:
+    """How many entries of ``flat`` lie strictly above ``value`` and how many equal it."""
+    arr = _numpy(flat)
+    if arr is None:
+        above, ties = torch.stack(
+            [torch.count_nonzero(flat > value), torch.count_nonzero(flat == value)]
+        ).tolist()
+        return int(above), int(ties)
+    v = arr.dtype.type(value.item())
+    return int(np.count_nonzero(arr > v)), int(np.count_nonzero(arr == v))
 
 
 def _kth_largest(flat: Tensor, n_keep: int) -> Tensor:
@@ -456,13 +491,14 @@ class GlobalTopK:
         return self._select(_as_float(flat.detach().reshape(-1)))
 
     def threshold(self, flat: Tensor) -> tuple[Tensor, bool]:
-        """The ``n_keep``-th largest value of one flat score tensor, and whether it is unique.
+        """The ``n_keep``-th largest value of one flat score tensor, and whether it is exact.
 
-        When it is unique, ``flat >= value`` keeps exactly ``n_keep`` entries (callers may write
-        that comparison straight into a mask of another dtype); otherwise the ties at the value
-        are broken by index (:meth:`select_flat` does both). No floors, caps or disallowed
-        entries (as :meth:`select_flat`). Calls after the first search a band around the
-        threshold the previous call moved to (see the class docstring).
+        Exact: ``flat >= value`` keeps exactly ``n_keep`` entries (callers may write that
+        comparison straight into a mask of another dtype), which holds unless entries equal to
+        the value are left out; those ties are broken by index (:meth:`select_flat` does both,
+        :meth:`locate` gives the counts). No floors, caps or disallowed entries (as
+        :meth:`select_flat`). Calls after the first search a band around the threshold the
+        previous call moved to (see the class docstring).
 
         Raises:
             ValueError: with floors or caps, or for ``n_keep`` outside ``[1, flat.numel()]``.
@@ -471,12 +507,31 @@ class GlobalTopK:
         Example:
             >>> import torch
             >>> select = GlobalTopK(2)
-            >>> value, unique = select.threshold(torch.tensor([0.1, 0.9, 0.5, 0.3]))
-            >>> float(value), unique
+            >>> value, exact = select.threshold(torch.tensor([0.1, 0.9, 0.5, 0.3]))
+            >>> float(value), exact
             (0.5, True)
         """
+        found = self.locate(flat)
+        return found.value, found.exact
+
+    def locate(self, flat: Tensor) -> Threshold:
+        """Where the top-k of one flat score tensor cuts, with the counts around the cut.
+
+        As :meth:`threshold`, and also how many entries lie strictly above the value, how many
+        equal it and how many of those the selection keeps (the ones of lowest index).
+
+        Raises:
+            ValueError: with floors or caps, or for ``n_keep`` outside ``[1, flat.numel()]``.
+            FloatingPointError: when the scores hold NaN.
+
+        Example:
+            >>> import torch
+            >>> found = GlobalTopK(3).locate(torch.tensor([0.1, 0.5, 0.9, 0.5, 0.5]))
+            >>> float(found.value), found.above, found.ties, found.kept, found.exact
+            (0.5, 1, 3, 2, False)
+        """
         if (self.floors is not None and any(self.floors)) or self.caps is not None:
-            raise ValueError("threshold does not apply per-tensor floors or caps; call the selector")
+            raise ValueError("locate/threshold do not apply per-tensor floors or caps; call the selector")
         flat = _as_float(flat.detach().reshape(-1))
         if not 1 <= self.n_keep <= flat.numel():
             raise ValueError(f"n_keep={self.n_keep} must lie in [1, {flat.numel()}] for a threshold")
@@ -488,11 +543,15 @@ class GlobalTopK:
             raise ValueError(f"n_keep={k} must lie in [0, {n}]")
         if k == 0:
             return torch.zeros_like(flat, dtype=torch.bool)
-        value, unique = self._kth_value(flat)
-        return _at_least(flat, value) if unique else threshold_mask(flat, k, value)
+        found = self._kth_value(flat)
+        if found.exact:
+            return _at_least(flat, found.value)
+        keep = flat > found.value
+        _keep_first(keep, torch.nonzero(flat == found.value).flatten(), found.kept)
+        return keep
 
-    def _kth_value(self, flat: Tensor) -> tuple[Tensor, bool]:
-        """The ``n_keep``-th largest value of ``flat`` (``n_keep >= 1``) and whether it is unique.
+    def _kth_value(self, flat: Tensor) -> Threshold:
+        """The ``n_keep``-th largest value of ``flat`` (``n_keep >= 1``) and the counts around it.
 
         After the first call the value is searched in a band around the predicted threshold;
         otherwise (and when the band misses) by a full selection.
@@ -508,7 +567,8 @@ class GlobalTopK:
             self._nan()
         value = _kth_largest(flat, self.n_keep)
         self._remember(value, None)
-        return value, bool(torch.count_nonzero(flat == value) == 1)
+        above, ties = _counts_around(flat, value)
+        return Threshold(value, above, ties, self.n_keep - above)
 
     def _nan(self) -> NoReturn:
         raise FloatingPointError(
@@ -529,10 +589,10 @@ class GlobalTopK:
         self._threshold, self._move = value, move
         self._half = max(4.0 * error, 0.5 * abs(move), 1e-7 * max(abs(new), 1e-12))
 
-    def _banded_threshold(self, flat: Tensor) -> tuple[Tensor, bool] | None:
+    def _banded_threshold(self, flat: Tensor) -> Threshold | None:
         """The exact k-th largest value if it lies in a band around the predicted threshold.
 
-        Also says whether that value is unique (then ``flat >= value`` keeps exactly ``n_keep``).
+        With the counts around it (all entries equal to it lie in the band).
         Two comparisons and one gather of the band (a few hundred to a few thousand entries);
         when the value lies outside, the band widens and the search repeats, at most three
         times, before the caller falls back to a full selection. The comparisons' counts also
@@ -558,7 +618,8 @@ class GlobalTopK:
                     self._remember(value, center)
                     if band.numel() > max(4096, n // 64):  # wide: aim narrower next time
                         self._half = min(self._half or half, half / 2)
-                    return value, int(torch.count_nonzero(band == value)) == 1
+                    in_band_above, ties = _counts_around(band, value)
+                    return Threshold(value, above + in_band_above, ties, need - in_band_above)
             half *= 4
         self._threshold = None
         return None

@@ -151,12 +151,14 @@ def test_banded_path_equals_fresh_selection(case: Case, steps: list[tuple[float,
         min_size=1,
         max_size=5,
     ),
+    strided=st.booleans(),
 )
 def test_written_masks_equal_the_oracle_over_moving_scores(
-    case: Case, dtype: torch.dtype, steps: list[tuple[float, float, int]]
+    case: Case, dtype: torch.dtype, steps: list[tuple[float, float, int]], strided: bool
 ) -> None:
     """The layout's direct mask writes (one comparison per tensor, or ties by index) keep the
-    oracle's entries in the masks' own dtype, call after call, in the band and outside it."""
+    oracle's entries in the masks' own dtype, call after call, in the band and outside it, also
+    into masks of other strides (as ``ones_like`` of a channels-last weight makes)."""
     scores, _, n_keep, _ = case
     if n_keep == 0:
         return
@@ -173,13 +175,49 @@ def test_written_masks_equal_the_oracle_over_moving_scores(
         flat = torch.cat([s.reshape(-1) for s in scores])
         parts = flat.split([s.numel() for s in scores])
         views = [v.view(s.shape) for v, s in zip(parts, scores, strict=True)]
-        out = [torch.full(s.shape, 7.0, dtype=dtype) for s in scores]  # garbage: every entry is written
+        # garbage: every entry is written
+        out = [
+            reversed_strides(s.shape, dtype) if strided else torch.full(s.shape, 7.0, dtype=dtype)
+            for s in scores
+        ]
         # every other call through the band, whatever the size (it starts at 64k scores on CPUs)
         with mock.patch.object(masks, "_BANDED_MIN_CPU", 0 if i % 2 else 1 << 22):
             layout.write_masks(views, flat, out)
         assert all(m.dtype == dtype for m in out)
         assert set(torch.cat([m.reshape(-1) for m in out]).tolist()) <= {0.0, 1.0}
         assert as_lists([m != 0 for m in out]) == oracle_global(views, [None] * len(views), n_keep, None)
+
+
+def reversed_strides(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A tensor of ``shape`` full of 7.0 whose memory runs along its dimensions in reverse."""
+    dims = list(range(len(shape)))[::-1]
+    return torch.full(tuple(shape[d] for d in dims), 7.0, dtype=dtype).permute(*dims)
+
+
+@given(
+    case=global_cases(ties=True, with_floors=False),
+    moves=st.lists(st.sampled_from([0.0, 1e-6, 1e-3, 1.0]), min_size=1, max_size=4),
+)
+def test_locate_counts_equal_direct_counts(case: Case, moves: list[float]) -> None:
+    """locate's value and counts (above, equal, kept) match a sort, in the band and outside it."""
+    scores, _, n_keep, _ = case
+    if n_keep == 0:
+        return
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    select = GlobalTopK(n_keep)
+    for i, move in enumerate([0.0, *moves]):
+        flat = flat + move * torch.randn(flat.shape, generator=torch.Generator().manual_seed(i))
+        with mock.patch.object(masks, "_BANDED_MIN_CPU", 0):
+            found = select.locate(flat)
+        value = torch.sort(flat, descending=True).values[n_keep - 1]
+        above, ties = int((flat > value).sum()), int((flat == value).sum())
+        assert (float(found.value), found.above, found.ties, found.kept) == (
+            float(value),
+            above,
+            ties,
+            n_keep - above,
+        )
+        assert found.exact == (above + ties == n_keep)
 
 
 @given(shape_list=shape_lists(max_numel=1024), data=st.data())

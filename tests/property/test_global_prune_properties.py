@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,22 @@ from torchbip.testing.strategies import Batches, amounts, models_with_data
 pytestmark = pytest.mark.property
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _dense_grads(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    """The gradient of every prunable layer's weight with every mask set to one (the oracle)."""
+    layers = {name: m for name, m in model.named_children() if isinstance(m, PRUNABLE)}
+    masks = {name: m.weight_mask.clone() for name, m in layers.items() if hasattr(m, "weight_mask")}
+    weights = {name: getattr(m, "weight_orig", m.weight) for name, m in layers.items()}
+    try:
+        for name in masks:
+            layers[name].weight_mask.fill_(1)
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+    finally:
+        for name, mask in masks.items():
+            layers[name].weight_mask.copy_(mask)
+    return {n: torch.zeros(1) if g is None else g for n, g in zip(weights, grads, strict=True)}
 
 
 def _earlier_zeros(module: nn.Module) -> Tensor:
@@ -43,11 +61,25 @@ def test_global_prune_on_random_models(case: tuple[nn.Sequential, Batches], data
     if min_keep is not None and remaining - count_from_amount(amount, remaining) < len(layers):
         min_keep = None  # the floor would keep more than the amount allows
 
-    with torch.random.fork_rng(devices=[]):
-        report = torchbip.global_prune(
-            model, amount, batches, loss_fn=F.cross_entropy, steps=3, mode=mode, min_keep=min_keep,
-            seed=0, progress=False, lower_lr=0.05, upper_lr=1.0,
-        )  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            report = torchbip.global_prune(
+                model, amount, batches, loss_fn=F.cross_entropy, steps=3, mode=mode, min_keep=min_keep,
+                seed=0, progress=False, lower_lr=0.05, upper_lr=1.0,
+            )  # fmt: skip
+    except ValueError as err:
+        # A drawn network can be dead (a ReLU that is zero on every input cuts every layer off
+        # the loss): the run refuses it, names those layers and leaves the model as it was.
+        if "on which the loss does not depend" not in str(err):
+            raise
+        named = re.findall(r"'([^']+)\.weight'", str(err).split("(no gradient")[0])
+        assert named
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        dense = _dense_grads(model, batches[-1])
+        assert all(not bool(dense[name].any()) for name in named), "a named layer gets a gradient"
+        return
 
     masks = [m.weight_mask for m in layers]
     expected = sum(int(e.sum()) for e in earlier) + count_from_amount(amount, remaining)
