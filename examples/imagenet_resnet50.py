@@ -49,7 +49,7 @@ from torchbip.export import make_permanent
 LOG = logging.getLogger("imagenet_resnet50")
 AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PHASES = ("warmup", "bip", "finetune")
-MAY_CHANGE_ON_RESUME = {"resume", "progress", "keep_state", "workers", "device", "out", "standin_dir"}
+MAY_CHANGE_ON_RESUME = {"resume", "progress", "workers", "device", "out", "standin_dir"}
 # fmt: off
 STANDIN_PRESET = {"image_size": 64, "batch_size": 32, "workers": 0, "crop_scale": 0.5, "hflip": False,
                   "warmup_epochs": 5, "warmup_lr": 0.05, "epochs": 2, "lower_lr": 0.05, "min_keep": 0.02,
@@ -98,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action=flag, default=False, help="torch.compile the model")
     add("--compile-backend", default="inductor", help="torch.compile backend")
     add("--resume", action="store_true", help="continue the interrupted run in --out")
-    add("--keep-state", action=flag, default=False, help="keep bip_state.pt when the run completes")
     for action in parser._actions:
         if action.dest in STANDIN_PRESET:
             action.help = f"{action.help} [stand-in preset: {STANDIN_PRESET[action.dest]}]"
@@ -165,10 +164,7 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device: torch.device, phase: str,
           pruner: torchbip.BiP | None = None) -> list[float]:  # fmt: skip
-    """SGD with momentum and a cosine schedule (with ``pruner``: BiP); the mean loss of each epoch.
-
-    The BiP phase saves ``bip_state.pt`` after every epoch and starts from it with ``--resume``.
-    """
+    """SGD, cosine schedule (``pruner``: BiP, saved after every epoch for --resume); epoch losses."""
     settings = {"warmup": (args.warmup_epochs, args.warmup_lr, args.weight_decay),
                 "bip": (args.epochs, args.lower_lr, args.gamma),
                 "finetune": (args.finetune_epochs, args.finetune_lr, args.weight_decay)}  # fmt: skip
@@ -300,8 +296,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         changed = [k for k, v in config.items() if saved.get(k, v) != v and k not in MAY_CHANGE_ON_RESUME]
         if changed := [f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed]:
             raise ValueError(f"--resume: options differ from the run in {args.out} ({', '.join(changed)})")
-    if world > 1:
-        dist.barrier()  # every rank has read config.yaml before rank 0 replaces it
+    barrier = dist.barrier if world > 1 else lambda: None
+    barrier()  # every rank has read config.yaml before rank 0 replaces it
     if rank == 0:
         header = f"# examples/imagenet_resnet50.py, preset {preset}; reuse with -c\n"
         (args.out / "config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
@@ -320,8 +316,7 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         root = args.data or args.standin_dir / "train{}-val{}-64px".format(*sizes)
         if args.data is None and rank == 0:  # written once, then reused
             mnist_image_folder(root, train_per_class=sizes[0], val_per_class=sizes[1])
-        if world > 1:
-            dist.barrier()
+        barrier()
         train_loader, val_loader = make_loaders(root, args, rank, world)
     classes, n_train, n_val = train_loader.dataset.classes, len(train_loader.dataset), len(val_loader.dataset)  # type: ignore
     LOG.info(f"{len(classes)} classes, {n_train} training / {n_val} validation images in {root}")
@@ -407,14 +402,12 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     }  # fmt: skip
     if rank == 0:
         (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if not args.keep_state:
-            state_path.unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     tuned = "" if acc_finetuned is None else f" -> fine-tuned {acc_finetuned['top1']:.2%}"
     LOG.info(f"top-1 accuracy: dense {acc_dense['top1']:.2%} -> BiP {acc_pruned['top1']:.2%}{tuned} at "
              f"{sparsity['global_sparsity']:.2%} sparsity; {report['wall_time_s']['total']:.1f} s in all; "
              f"outputs in {args.out}")  # fmt: skip
-    if world > 1:
-        dist.barrier()  # rank 0's files are complete before any process leaves
+    barrier()  # rank 0's files are complete before any process leaves
     return report
 
 
