@@ -150,6 +150,15 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
                 per_step(lambda n, m=mode: bip_run(copy.deepcopy(base), data[:n], m), short, long)
             )
     med = {k: statistics.median(v) for k, v in rows.items()}
+    # each repeat's ratio to the dense step of the same repeat: how far the machine moved them
+    spread = {
+        k: [
+            min(a / d for a, d in zip(v, rows["dense"], strict=True)),
+            max(a / d for a, d in zip(v, rows["dense"], strict=True)),
+        ]
+        for k, v in rows.items()
+        if k != "dense"
+    }
     # forward cost: dense, under BiP hooks, after prune.remove
     x = data[0][0]
     hooked = copy.deepcopy(base)
@@ -172,6 +181,8 @@ def bench_model(name: str, batch_size: int, short: int, long: int, repeats: int)
         "step_ratio_in_loop": med["in_loop"] / med["dense"],
         "step_ratio_fused": med["fused"] / med["dense"],
         "step_ratio_two_batch": med["two_batch"] / med["dense"],
+        "step_ratio_range": spread,
+        "repeats": repeats,
         "forward_s": fmed,
         "forward_ratio_hooked": fmed["hooked"] / fmed["dense"],
         "forward_ratio_removed": fmed["removed"] / fmed["dense"],
@@ -269,6 +280,22 @@ def markdown(result: dict) -> str:
             f"{r['forward_ratio_hooked']:.2f}x | {r['forward_ratio_removed']:.2f}x | "
             f"{r['check_s'] * 1e3:.3f} ms | {r['check_ratio']:.1%} |"
         )
+    lines += [
+        "",
+        "The ratios of the single repeats (each to the dense step of its own repeat), lowest to "
+        "highest: how much the machine's speed moved them during the run.",
+        "",
+        "| model | repeats | torch-pruned | in-loop | fused | two-batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["models"]:
+        if "step_ratio_range" not in r:
+            continue
+        ranges = " | ".join(
+            "{:.2f}-{:.2f}x".format(*r["step_ratio_range"][k])
+            for k in ("torch_pruned", "in_loop", "fused", "two_batch")
+        )
+        lines.append(f"| {r['model']} | {r['repeats']} | {ranges} |")
     lines += [
         "",
         "Global top-k over n scores after a small score update: `torch.kthvalue` (the threshold "
@@ -371,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
         plan = [
             ("lenet_300_100", 128, 10, 60, 5),
             ("small_cnn_bn", 128, 5, 25, 5),
-            ("resnet18_32px", 64, 3, 11, 3),
+            ("resnet18_32px", 64, 3, 11, 5),
         ]
         topk_sizes, topk_reps = [266_610, 11_000_000, 25_500_000], 9
     result = {

@@ -38,6 +38,9 @@ def test_bench_step_quick(tmp_path: Path) -> None:
             row["step_s"]["torch_pruned"] / row["step_s"]["dense"]
         )
         assert row["forward_ratio_removed"] > 0
+        assert set(row["step_ratio_range"]) == {"torch_pruned", "in_loop", "fused", "two_batch"}
+        for low, high in row["step_ratio_range"].values():
+            assert 0 < low <= high
     assert all(r["numel"] > 0 and r["global_topk_s"] > 0 for r in data["topk"])
     assert set(data["first_call"]) == {"dense", "global_prune", "in_loop"}
     for timings in data["first_call"].values():
