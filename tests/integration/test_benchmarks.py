@@ -33,14 +33,10 @@ def test_bench_step_quick(tmp_path: Path) -> None:
     for row in data["models"]:
         assert row["step_s"]["dense"] > 0
         assert row["step_ratio_fused"] > 0
-        assert row["step_ratio_in_loop"] == pytest.approx(row["step_s"]["in_loop"] / row["step_s"]["dense"])
-        assert row["step_ratio_torch_pruned"] == pytest.approx(
-            row["step_s"]["torch_pruned"] / row["step_s"]["dense"]
-        )
         assert row["forward_ratio_removed"] > 0
         assert set(row["step_ratio_range"]) == {"torch_pruned", "in_loop", "fused", "two_batch"}
-        for low, high in row["step_ratio_range"].values():
-            assert 0 < low <= high
+        for key, (low, high) in row["step_ratio_range"].items():  # the median of the repeats' ratios
+            assert 0 < low <= row[f"step_ratio_{key}"] <= high, key
     assert all(r["numel"] > 0 and r["global_topk_s"] > 0 for r in data["topk"])
     assert set(data["first_call"]) == {"dense", "global_prune", "in_loop"}
     for timings in data["first_call"].values():
