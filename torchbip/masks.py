@@ -148,14 +148,15 @@ def threshold_mask(flat: Tensor, n_keep: int, threshold: Tensor) -> Tensor:
             f"the scores hold NaN: a top-k mask of exactly {n_keep} entries cannot be selected "
             f"({count} entries rank at or above the threshold)"
         )
-    above = flat > threshold
-    _keep_first(above, torch.nonzero(flat == threshold).flatten(), n_keep - int(torch.count_nonzero(above)))
-    return above
+    return _above_and_first_ties(flat, threshold, n_keep)
 
 
-def _keep_first(keep: Tensor, ties: Tensor, n: int) -> None:
-    """Set ``keep`` (1-D) at the first ``n`` indices of ``ties`` (ascending flat indices)."""
-    keep[ties[:n]] = True
+def _above_and_first_ties(flat: Tensor, value: Tensor, n_keep: int) -> Tensor:
+    """``flat > value``, topped up to ``n_keep`` entries by those equal to ``value`` of lowest index."""
+    keep = flat > value
+    ties = torch.nonzero(flat == value).flatten()
+    keep[ties[: n_keep - int(torch.count_nonzero(keep))]] = True
+    return keep
 
 
 class Threshold(NamedTuple):
@@ -544,11 +545,7 @@ class GlobalTopK:
         if k == 0:
             return torch.zeros_like(flat, dtype=torch.bool)
         found = self._kth_value(flat)
-        if found.exact:
-            return _at_least(flat, found.value)
-        keep = flat > found.value
-        _keep_first(keep, torch.nonzero(flat == found.value).flatten(), found.kept)
-        return keep
+        return _at_least(flat, found.value) if found.exact else _above_and_first_ties(flat, found.value, k)
 
     def _kth_value(self, flat: Tensor) -> Threshold:
         """The ``n_keep``-th largest value of ``flat`` (``n_keep >= 1``) and the counts around it.
