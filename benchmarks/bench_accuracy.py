@@ -469,6 +469,15 @@ def baselines_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _plain_log_x(ax: Any) -> None:
+    """A log-scaled x axis whose tick labels read as plain numbers (0.05, 2, 500)."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def baselines_plot(result: dict[str, Any], path: Path) -> None:
     """Validation accuracy against the learning rate: per model, IMP and OMP+FT at each sparsity
     (thin) and averaged over the sparsities (thick)."""
@@ -510,10 +519,8 @@ def baselines_plot(result: dict[str, Any], path: Path) -> None:
                     ls=ls,
                     label=f"{method_label(method, 0)} {100 * float(s):g}%",
                 )
-        ax.set_xscale("log")
+        _plain_log_x(ax)
         ax.set_xticks(sorted({float(lr) for m in methods.values() for lr in m["lrs"]}))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(
             title=f"{model}: baselines' learning rate",
             xlabel="SGD learning rate",
@@ -855,10 +862,8 @@ def plot(result: dict[str, Any], model: str, path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    tax.set_xscale("log")
+    _plain_log_x(tax)
     tax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    tax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-    tax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     tax.set(
         title=f"{model}: test accuracy against wall time",
         xlabel="seconds to the ticket (log)",

@@ -324,6 +324,13 @@ def _dense(x: Tensor, y: Tensor, seed: int, args: argparse.Namespace) -> nn.Modu
     return dense
 
 
+def _pruning_start(dense: nn.Module, x: Tensor, y: Tensor, seed: int) -> tuple[nn.Module, Batches]:
+    """What every pruning run of one seed starts from: a copy of the dense model and its batches,
+    with torch's RNG seeded alike (every method and setting sees the same draws)."""
+    torch.manual_seed(1000 + seed)
+    return copy.deepcopy(dense).train(), Batches(x, y, 64, 1000 + seed)
+
+
 def bench_accuracy(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     xtr, ytr, xte, yte = _data(dataset, args)
     example = xte[:2]
@@ -335,9 +342,7 @@ def bench_accuracy(dataset: str, args: argparse.Namespace) -> list[dict[str, Any
                      "accuracy": accuracy(dense, xte, yte), "mac_ratio": 1.0, "wall_s": 0.0})  # fmt: skip
         for amount in args.amounts:
             for method in ("bip", "tp_l1", "tp_taylor"):
-                torch.manual_seed(1000 + seed)
-                model = copy.deepcopy(dense).train()
-                data = Batches(xtr, ytr, 64, 1000 + seed)
+                model, data = _pruning_start(dense, xtr, ytr, seed)
                 start = time.perf_counter()
                 if method == "bip":
                     _bip(model, data, amount, example, args)
@@ -393,9 +398,8 @@ def bench_sweep(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         dense = _dense(xtr, ytr, seed, args)
         for amount in args.amounts:
             for name, settings in sweep_variants(args):
-                torch.manual_seed(1000 + seed)
-                model = copy.deepcopy(dense).train()
-                _bip(model, Batches(xtr, ytr, 64, 1000 + seed), amount, example, args, settings)
+                model, data = _pruning_start(dense, xtr, ytr, seed)
+                _bip(model, data, amount, example, args, settings)
                 model = torchbip.export_slim(model.eval(), example)
                 rows.append({"dataset": dataset, "seed": seed, "amount": amount, "setting": name,
                              "val_accuracy": accuracy(model, xval, yval)})  # fmt: skip
@@ -403,9 +407,8 @@ def bench_sweep(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                       flush=True)  # fmt: skip
             for method in ("tp_l1", "tp_taylor") if args.sweep_baselines else ():
                 for lr in TP_LRS:
-                    torch.manual_seed(1000 + seed)
-                    model = copy.deepcopy(dense).train()
-                    _tp(model, Batches(xtr, ytr, 64, 1000 + seed), amount, example, method, args, lr)
+                    model, data = _pruning_start(dense, xtr, ytr, seed)
+                    _tp(model, data, amount, example, method, args, lr)
                     name = f"{method} lr={lr:g}"
                     rows.append({"dataset": dataset, "seed": seed, "amount": amount, "setting": name,
                                  "val_accuracy": accuracy(model.eval(), xval, yval)})  # fmt: skip
