@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from torchbip._tensors import split_like
+
 __all__ = ["all_reduce_mean", "broadcast_state", "default_group"]
 
 
@@ -41,11 +43,9 @@ def all_reduce_mean(tensors: list[Tensor], group: Any, failed: bool = False) -> 
     if failed or n_failed:
         return n_failed
     flat.div_(dist.get_world_size(group))
-    offset = 1
     with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
+        for t, mean in zip(tensors, split_like(flat[1:], tensors), strict=True):
+            t.copy_(mean)
     return 0
 
 

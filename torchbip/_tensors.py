@@ -1,4 +1,4 @@
-"""Tensor helpers shared by the BiP state and the layouts (no modules, no data)."""
+"""Tensor helpers shared by the BiP state, the layouts and the collectives (no modules, no data)."""
 
 from __future__ import annotations
 

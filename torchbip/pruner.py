@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torchbip._collectives import all_reduce_mean, broadcast_state, default_group
 from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
-from torchbip._tensors import copy_into
+from torchbip._tensors import copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
 from torchbip.config import BiPConfig
 from torchbip.layouts import Layout, as_layout
@@ -271,16 +271,11 @@ class BiP:
         # One flat score buffer (and one for its gradient); the modules' score buffers are views.
         self.flat_scores = torch.cat([getattr(t.module, scores_name(t.name)).reshape(-1) for t in targets])
         self.flat_grad = torch.zeros_like(self.flat_scores)
-        self.score_views: list[Tensor] = []
-        self.grad_views: list[Tensor] = []
-        offset = 0
-        for t in targets:
-            shape = getattr(t.module, scores_name(t.name)).shape
-            view = self.flat_scores[offset : offset + shape.numel()].view(shape)
-            self.grad_views.append(self.flat_grad[offset : offset + shape.numel()].view(shape))
+        buffers = [getattr(t.module, scores_name(t.name)) for t in targets]
+        self.score_views = split_like(self.flat_scores, buffers)
+        self.grad_views = split_like(self.flat_grad, buffers)
+        for t, view in zip(targets, self.score_views, strict=True):
             t.module._buffers[scores_name(t.name)] = view
-            self.score_views.append(view)
-            offset += shape.numel()
         self.masks = [getattr(t.module, t.name + "_mask") for t in targets]
         self.origs = [t.weight() for t in targets]
         self.hooks = [pruning_hook(t.module, t.name) for t in targets]
