@@ -980,6 +980,15 @@ def value(text: str) -> Any:
     return text
 
 
+def _data_budget(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> dict[str, int]:
+    """What every result records of a model's data budget: images and dense epochs."""
+    return {
+        "train_images": len(data["xtr"]),
+        "val_images": len(data["xval"]),
+        "epochs": args.epochs or EPOCHS[name],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1083,9 +1092,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "lrs": args.lrs,
             "budget": {
                 name: {
-                    "train_images": len(data["xtr"]),
-                    "val_images": len(data["xval"]),
-                    "epochs": args.epochs or EPOCHS[name],
+                    **_data_budget(name, args, data),
                     "imp_rate": 0.2,
                     "batch_size": args.batch_size,
                     "sparsities": args.sparsities,
@@ -1107,12 +1114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "models": args.models,
             "seeds": args.seeds,
             "budget": {
-                name: {
-                    "train_images": len(data["xtr"]),
-                    "val_images": len(data["xval"]),
-                    "epochs": args.epochs or EPOCHS[name],
-                    "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
-                }
+                name: {**_data_budget(name, args, data), "bip_epochs": args.bip_epochs or BIP_EPOCHS[name]}
                 for name in args.models
             },
             "rows": rows,
@@ -1127,9 +1129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {**meta, "bip_settings": bip_settings(args.bip), "budget": {}, "rows": []}
     for name in args.models:
         result["budget"][name] = {
-            "train_images": len(data["xtr"]),
-            "val_images": len(data["xval"]),
-            "epochs": args.epochs or EPOCHS[name],
+            **_data_budget(name, args, data),
             "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
             "bip_budgets": args.budgets,
             "imp_rate": 0.2,
