@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from torchbip.pruned import named_pruning_hooks
 
-__all__ = ["Target", "default_targets", "make_forward", "resolve_targets"]
+__all__ = [
+    "Target",
+    "candidate_targets",
+    "check_targets",
+    "default_targets",
+    "make_forward",
+    "resolve_targets",
+]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -85,6 +92,8 @@ def resolve_targets(
 ) -> list[Target]:
     """Check ``parameters`` (or pick the defaults: ``defaults``, else :func:`default_targets`).
 
+    :func:`candidate_targets` followed by :func:`check_targets`.
+
     Raises:
         ValueError: for a module outside ``model``, a missing tensor, a duplicate, a tied
             tensor (a Parameter that another module of the model also holds), a frozen tensor,
@@ -92,20 +101,32 @@ def resolve_targets(
         TypeError: for ``parameters`` that is not an iterable of ``(module, name)`` pairs (a
             module, a single pair, a string or a mapping included).
     """
+    return check_targets(model, candidate_targets(model, parameters, defaults))
+
+
+def candidate_targets(
+    model: nn.Module,
+    parameters: Iterable[tuple[nn.Module, str]] | None,
+    defaults: list[tuple[nn.Module, str]] | None = None,
+) -> list[Target]:
+    """The ``(module, name)`` pairs of ``parameters`` (or the defaults) as targets, unchecked.
+
+    Only what naming them needs is checked here (pairs of modules of ``model``, no duplicates,
+    at least one), so that a caller can leave some out (``exclude=...``) before
+    :func:`check_targets` checks the tensors themselves: a tied ``lm_head`` that is left out is
+    no error.
+
+    Raises:
+        ValueError: for a module outside ``model``, a duplicate or an empty selection.
+        TypeError: for ``parameters`` that is not an iterable of ``(module, name)`` pairs.
+    """
     names = {id(m): n for n, m in model.named_modules()}  # a shared module: its first name
     if parameters is None:
         pairs = default_targets(model) if defaults is None else defaults
     else:
         pairs = _pairs(parameters)
-    uncalled = _uncalled_children(model)
     targets: list[Target] = []
     seen: set[tuple[int, str]] = set()
-    holders: dict[int, list[tuple[int, str, str]]] = {}  # id(Parameter) -> (id(module), name, fqn)
-    for module_fqn, module in model.named_modules():
-        for pname, p in module._parameters.items():
-            if p is not None:
-                fqn = f"{module_fqn}.{pname}" if module_fqn else pname
-                holders.setdefault(id(p), []).append((id(module), pname, fqn))
     for entry in pairs:
         if not (
             isinstance(entry, (tuple, list))
@@ -118,11 +139,38 @@ def resolve_targets(
         if id(module) not in names:
             raise ValueError(f"parameters names a {type(module).__name__} that is not part of the model")
         target = Target(module, name, names[id(module)])
-        if id(module) in uncalled:
-            raise ValueError(f"parameters names {target.fqn!r}: {uncalled[id(module)]}")
         if (id(module), name) in seen:
             raise ValueError(f"parameters names {target.fqn!r} more than once")
         seen.add((id(module), name))
+        targets.append(target)
+    if not targets:
+        what = "no nn.Linear or nn.Conv*d weights" if parameters is None else "an empty list"
+        raise ValueError(
+            f"nothing to prune: the model {type(model).__name__} has {what}; "
+            "pass parameters=[(module, 'weight'), ...]"
+        )
+    return targets
+
+
+def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
+    """Check that every target is a trainable floating-point Parameter BiP can mask; return them.
+
+    Raises:
+        ValueError: for a module whose forward its parent never calls, a missing tensor, a tied
+            tensor (a Parameter that another module of the model also holds), a frozen tensor, a
+            non-float tensor, tensors on several devices or on the ``meta`` device.
+    """
+    uncalled = _uncalled_children(model)
+    holders: dict[int, list[tuple[int, str, str]]] = {}  # id(Parameter) -> (id(module), name, fqn)
+    for module_fqn, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                fqn = f"{module_fqn}.{pname}" if module_fqn else pname
+                holders.setdefault(id(p), []).append((id(module), pname, fqn))
+    for target in targets:
+        module, name = target.module, target.name
+        if id(module) in uncalled:
+            raise ValueError(f"parameters names {target.fqn!r}: {uncalled[id(module)]}")
         tensor = getattr(module, name + "_orig", None) if target.is_pruned else None
         if tensor is None:
             tensor = module._parameters.get(name)
@@ -136,7 +184,8 @@ def resolve_targets(
             raise ValueError(
                 f"parameters names {target.fqn!r}, which is tied to (the same Parameter as) "
                 f"{tied[0]!r}; torch's pruning masks one module at a time, so the other module would "
-                "keep the unmasked tensor: untie the weights or leave them out of parameters"
+                "keep the unmasked tensor: untie the weights or leave them out (exclude=... or "
+                "parameters=...)"
             )
         if not tensor.requires_grad:
             raise ValueError(
@@ -149,20 +198,13 @@ def resolve_targets(
             hooks = [h for hook_name, h in named_pruning_hooks(module) if hook_name == name]
             if len(hooks) != 1:
                 raise ValueError(f"{target.fqn!r} has a *_orig/*_mask pair but no pruning hook")
-        targets.append(target)
-    if not targets:
-        what = "no nn.Linear or nn.Conv*d weights" if parameters is None else "an empty list"
-        raise ValueError(
-            f"nothing to prune: the model {type(model).__name__} has {what}; "
-            "pass parameters=[(module, 'weight'), ...]"
-        )
     devices = {t.weight().device for t in targets}
     if len(devices) > 1:
         raise ValueError(
             f"the tensors to prune live on several devices {sorted(map(str, devices))}; "
             "move the model to one device first, e.g. model.to('cuda')"
         )
-    if next(iter(devices)).type == "meta":
+    if targets and next(iter(devices)).type == "meta":
         raise ValueError(
             f"parameters names {targets[0].fqn!r}, which is on the meta device (shapes without "
             "values); materialise the model first, e.g. model.to_empty(device='cpu') and load its weights"

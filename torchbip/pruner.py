@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchbip._collectives import all_reduce_mean, broadcast_state, default_group
-from torchbip._func import Target, resolve_targets
+from torchbip._func import Target, candidate_targets, check_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
@@ -217,8 +217,9 @@ class BiP:
         spec.check_budget(budget, cfg.min_keep, max_keep)
         spec.check_parameters(parameters)
         check_no_fsdp(model, "build torchbip.BiP on the whole model first, then call fully_shard")
-        resolved = resolve_targets(model, parameters, spec.default_parameters(model))
-        targets, amounts = _select(model, resolved, amount, exclude)
+        found = candidate_targets(model, parameters, spec.default_parameters(model))
+        targets, amounts = _select(model, found, amount, exclude)  # before the checks: exclude a tied head
+        check_targets(model, targets)
         weights = [t.weight() for t in targets]
         if not bool(all_finite(weights)):
             bad = [t.fqn for t in targets if not bool(all_finite([t.weight()]))]

@@ -431,6 +431,70 @@ def test_per_pattern_amounts_and_exclude() -> None:
     assert zeros == round(0.9 * (256 + 512))
 
 
+class TiedLM(nn.Module):
+    """A language model whose ``lm_head`` shares the embedding's Parameter (as GPT-2's does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.body = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.out(torch.relu(self.body(self.emb(x)))))
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        {"amount": 0.75, "exclude": ["lm_head"]},
+        {"amount": 0.75, "exclude": ["*lm_head*"]},
+        {"amount": {"body.*": 0.75, "out": 0.75}},
+    ],
+    ids=["exclude-module", "exclude-glob", "amount-dict"],
+)
+def test_a_tied_lm_head_left_out_by_exclude_or_the_amount_dict(budget: dict) -> None:
+    """Leaving a tied head out (``exclude`` or no amount pattern) is no tie error; the tie holds."""
+    model = TiedLM()
+    pruner = torchbip.BiP(model, upper_lr=50.0, **budget)
+    assert pruner.names == ["body.weight", "out.weight"]
+    assert not prune.is_pruned(model.lm_head)
+    assert model.lm_head.weight is model.emb.weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randint(0, 20, (16, 4), generator=g)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x).reshape(-1, 20), x.reshape(-1)).backward()
+        optimizer.step()
+        pruner.step()
+    pruner.finish()
+    zeros = [int((m.weight_mask == 0).sum()) for m in (model.body, model.out)]
+    if isinstance(budget["amount"], dict):  # 0.75 of each tensor's 128 entries
+        assert zeros == [96, 96]
+    else:  # 0.75 of all 256
+        assert sum(zeros) == 192
+    x = torch.randint(0, 20, (4, 4), generator=g)
+    out = model(x)
+    for m in (model.body, model.out):
+        prune.remove(m, "weight")
+    fresh = TiedLM()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert fresh.lm_head.weight is fresh.emb.weight
+    torch.testing.assert_close(fresh(x), out)
+
+
+def test_a_tied_tensor_still_named_after_exclude_is_refused_and_the_model_kept() -> None:
+    model = TiedLM()
+    before = capture(model)
+    with pytest.raises(ValueError, match=r"'lm_head\.weight', which is tied to .*'emb\.weight'.*exclude="):
+        torchbip.BiP(model, 0.5, exclude=["body"])
+    assert_unchanged(before, model)
+
+
 def test_min_keep_and_max_keep_bound_every_tensor() -> None:
     free = make_model()
     p_free = torchbip.BiP(free, 0.8, upper_lr=50.0)
