@@ -160,6 +160,48 @@ def test_trainer_resume_from_checkpoint_equals_uninterrupted(tmp_path) -> None:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0, msg=key)
+
+
+def test_trainer_resume_reads_the_folder_passed_to_train_not_output_dir(tmp_path) -> None:
+    """``trainer.train(resume_from_checkpoint=folder)`` from another output_dir: BiP's state is read
+    from ``folder``, also when the new output_dir holds another run's checkpoint of the same step."""
+    whole = tiny_bert()
+    half = STEPS // 2
+    run(whole, BiPTrainerCallback(amount=AMOUNT), tmp_path / "a", save_strategy="steps", save_steps=half)
+    folder = tmp_path / "a" / f"checkpoint-{half}"
+    # another run (another initialisation) leaves checkpoint-<half> in output folder "b"
+    run(tiny_bert(seed=7), BiPTrainerCallback(amount=AMOUNT), tmp_path / "b", save_strategy="steps",
+        save_steps=half)  # fmt: skip
+    for out in ("b", "c"):  # "c": a fresh output folder
+        resumed = tiny_bert(seed=4)
+        callback = BiPTrainerCallback(amount=AMOUNT)
+        run(resumed, callback, tmp_path / out, resume=str(folder))
+        assert callback.pruner is not None
+        assert callback.pruner.step_count == STEPS
+        _assert_same_state(whole, resumed)
+
+
+def test_trainer_resume_refuses_another_run_s_bip_state(tmp_path) -> None:
+    """A checkpoint folder whose BiP state belongs to another run is an error, not a silent mix."""
+    half = STEPS // 2
+    run(
+        tiny_bert(), BiPTrainerCallback(amount=AMOUNT), tmp_path / "a", save_strategy="steps", save_steps=half
+    )
+    run(tiny_bert(seed=7), BiPTrainerCallback(amount=AMOUNT), tmp_path / "b", save_strategy="steps",
+        save_steps=half)  # fmt: skip
+    folder = tmp_path / "a" / f"checkpoint-{half}"
+    shutil.copy(tmp_path / "b" / f"checkpoint-{half}" / STATE_FILE, folder / STATE_FILE)
+    with pytest.raises(
+        RuntimeError, match=r"does not match the model the trainer loaded from its checkpoint"
+    ):
+        run(tiny_bert(seed=4), BiPTrainerCallback(amount=AMOUNT), tmp_path / "c", resume=str(folder))
+
+
 def test_trainer_resume_without_bip_state_is_an_error(tmp_path) -> None:
     run(
         tiny_bert(), BiPTrainerCallback(amount=AMOUNT), tmp_path, save_strategy="steps", save_steps=STEPS // 2

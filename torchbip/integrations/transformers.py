@@ -18,13 +18,18 @@ into the model), steps it after every optimizer step (``gradient_accumulation_st
 ``max_grad_norm`` and mixed precision are the trainer's; a step its loss scaler skips is
 skipped), writes its state into every checkpoint folder (``torchbip_bip.pt``, read back by
 ``trainer.train(resume_from_checkpoint=...)``) and calls :meth:`torchbip.BiP.finish` when
-training ends. The upper schedule spans the trainer's ``max_steps`` unless ``steps`` is given.
+training ends. On resume the state is read from the folder the trainer resumes from (the one
+passed to ``trainer.train``, else ``TrainingArguments.resume_from_checkpoint``, else
+``output_dir/checkpoint-<step>``) and must match the model the trainer just loaded from that
+checkpoint (masks, and weights at pruned entries): another run's state is an error, never a
+silent mix. The upper schedule spans the trainer's ``max_steps`` unless ``steps`` is given.
 
 Needs ``transformers`` and ``accelerate`` (``pip install "torchbip[transformers]"``).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 
 from torchbip.integrations._common import Amount, CallbackBase
+from torchbip.pruner import BiP
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -95,7 +101,7 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
         if self.steps is None and pruner.step_count == 0 and state.max_steps >= 1:
             pruner.set_steps(int(state.max_steps))
         if state.global_step > 0:  # resuming from a checkpoint
-            pruner.load_state_dict(torch.load(_resume_file(args, state), weights_only=True))
+            pruner.load_state_dict(_resume_state(args, state, pruner))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -147,18 +153,76 @@ def _optimizer_attr(kwargs: Mapping[str, Any], name: str) -> Any:
     return getattr(kwargs.get("optimizer"), name, None)
 
 
-def _resume_file(args: TrainingArguments, state: TrainerState) -> Path:
-    """The BiP state of the checkpoint the trainer resumed from."""
-    candidates = []
-    if isinstance(args.resume_from_checkpoint, str | os.PathLike):
-        candidates.append(Path(args.resume_from_checkpoint) / STATE_FILE)
-    candidates.append(Path(str(args.output_dir)) / f"checkpoint-{state.global_step}" / STATE_FILE)
+def _resume_state(args: TrainingArguments, state: TrainerState, pruner: BiP) -> dict[str, Any]:
+    """The BiP state saved with the checkpoint the trainer resumed from.
+
+    The trainer has loaded the checkpoint's model, whose buffers include BiP's scores and masks,
+    so the state file that belongs to it holds exactly those: a file that does not (another run's
+    ``checkpoint-<step>`` in ``output_dir``) is refused.
+    """
+    folders = [_trainer_resume_folder(), args.resume_from_checkpoint]
+    folders.append(Path(str(args.output_dir)) / f"checkpoint-{state.global_step}")
+    candidates: list[Path] = []
+    for folder in folders:
+        if isinstance(folder, str | os.PathLike) and Path(folder) / STATE_FILE not in candidates:
+            candidates.append(Path(folder) / STATE_FILE)
+    foreign = []
     for path in candidates:
-        if path.is_file():
-            return path
+        if not path.is_file():
+            continue
+        saved = torch.load(path, weights_only=True)
+        if _belongs_to(saved, pruner):
+            return saved
+        foreign.append(str(path))
+    if foreign:
+        raise RuntimeError(
+            f"BiPTrainerCallback: the trainer resumed at step {state.global_step}, but the BiP state in "
+            f"{', '.join(foreign)} does not match the model the trainer loaded from its checkpoint "
+            "(other masks, or other weights at pruned entries): it was saved by another run or at "
+            "another step; resume from the checkpoint folder the state was saved in"
+        )
     raise FileNotFoundError(
         f"BiPTrainerCallback: the trainer resumed at step {state.global_step}, but no BiP state "
         f"({STATE_FILE}) is in {', '.join(str(p.parent) for p in candidates)}; BiP's scores, "
-        "momentum and schedule cannot be restored. Resume from a checkpoint this callback saved "
-        "(pass its folder as TrainingArguments(resume_from_checkpoint=...) if it is elsewhere)"
+        "momentum and schedule cannot be restored. Resume from a checkpoint this callback saved"
+    )
+
+
+def _trainer_resume_folder() -> str | os.PathLike[str] | None:
+    """The folder given to ``Trainer.train(resume_from_checkpoint=...)``, read off the trainer's frame.
+
+    The trainer passes it to its inner loop, which calls ``on_train_begin``, but not to the
+    callbacks; ``None`` if no such frame is found (the state is then looked for elsewhere, and
+    checked against the model either way).
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop":
+                folder = frame.f_locals.get("resume_from_checkpoint")
+                return folder if isinstance(folder, str | os.PathLike) else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _belongs_to(saved: object, pruner: BiP) -> bool:
+    """Whether a BiP state matches the model ``pruner`` prunes, as the trainer loaded it.
+
+    The masks must be equal, and so must the weights the state holds for pruned entries (saved
+    right after a step, they equal the whole ``weight_orig``). The scores are not compared: the
+    trainer's checkpoint leaves them out (the modules' score buffers share one storage).
+    """
+    if not isinstance(saved, Mapping):
+        return False
+    masks, weights = saved.get("masks"), saved.get("saved")
+    if not isinstance(masks, list | tuple) or len(masks) != len(pruner.masks):
+        return False
+    pairs = list(zip(masks, pruner.keeps, strict=True))
+    if isinstance(weights, list | tuple) and len(weights) == len(pruner.origs):
+        pairs += zip(weights, [p.detach() for p in pruner.origs], strict=True)
+    return all(
+        isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a.to(b.device), b)
+        for a, b in pairs
     )
