@@ -713,11 +713,16 @@ class BiP:
             }
         )
 
-    def finish(self) -> SparsityReport:
+    def finish(self, *, as_loaded: bool = False) -> SparsityReport:
         """Leave exactly torch's pruned form: drop the scores and the gradient capture.
 
         Pruned entries of ``weight_orig`` get back the values they had when they were pruned.
         Afterwards :func:`torch.nn.utils.prune.remove` makes the pruning permanent.
+
+        Args:
+            as_loaded: keep the masks and ``weight_orig`` exactly as they are (no values put
+                back, no final selection from the scores): for a model into which a checkpoint
+                saved after :meth:`finish` was loaded, whose masks are final already.
 
         Returns:
             The final :class:`~torchbip.SparsityReport`.
@@ -726,8 +731,9 @@ class BiP:
             return self.report()
         self._sync_params()
         with torch.no_grad():
-            self._restore_pruned()
-            final = self.layout.finish_masks(self.score_views)
+            final = None if as_loaded else self.layout.finish_masks(self.score_views)
+            if not as_loaded:
+                self._restore_pruned()
             if final is not None:  # the layout's final form of the same selection
                 for mask, element in zip(self.masks, final, strict=True):
                     copy_into(mask, element)

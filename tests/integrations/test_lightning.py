@@ -176,6 +176,44 @@ def test_lightning_resume_from_checkpoint_equals_uninterrupted(tmp_path) -> None
         fit(trainer([BiPCallback(amount=AMOUNT)], max_epochs=3), Classifier(), ckpt_path=str(first[0]))
 
 
+def test_lightning_resume_from_a_checkpoint_saved_after_fit_keeps_the_final_masks(tmp_path) -> None:
+    """``trainer.save_checkpoint`` after fit, then ``fit(ckpt_path=...)`` with a new callback: BiP
+    does not start again; training goes on with the finished run's masks fixed."""
+    module = Classifier()
+    finished = BiPCallback(amount=AMOUNT)
+    first = trainer([finished])
+    fit(first, module)
+    path = tmp_path / "end.ckpt"
+    first.save_checkpoint(path)
+    assert torch.load(path, weights_only=True)["callbacks"]["BiPCallback"] == {"finished": True}
+    masks = [module.net[i].weight_mask.clone() for i in (0, 2, 4)]
+    resumed = Classifier(seed=5)
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback], max_epochs=EPOCHS + 1), resumed, ckpt_path=str(path))
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == 0  # no BiP step after the checkpoint
+    assert callback.report is not None
+    assert finished.report is not None
+    assert callback.report.to_dict() == finished.report.to_dict()
+    assert not any("scores" in k for k in resumed.state_dict())
+    for i, mask in zip((0, 2, 4), masks, strict=True):
+        assert torch.equal(resumed.net[i].weight_mask, mask)
+        assert bool((resumed.net[i].weight[mask == 0] == 0).all())
+    trained = [not torch.equal(resumed.net[i].weight_orig, module.net[i].weight_orig) for i in (0, 2, 4)]
+    assert any(trained)  # the extra epoch trained the kept weights
+
+
+def test_lightning_resume_from_a_checkpoint_without_bip_state_is_an_error(tmp_path) -> None:
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    fit(trainer([BiPCallback(amount=AMOUNT), checkpoint], enable_checkpointing=True), Classifier())
+    path = sorted(tmp_path.glob("epoch=0*.ckpt"))[0]
+    raw = torch.load(path, weights_only=True)
+    del raw["callbacks"]["BiPCallback"]
+    torch.save(raw, path)
+    with pytest.raises(RuntimeError, match=r"holds no BiPCallback state"):
+        fit(trainer([BiPCallback(amount=AMOUNT)]), Classifier(), ckpt_path=str(path))
+
+
 def test_lightning_bfloat16_mixed_precision() -> None:
     module = Classifier()
     callback = BiPCallback(amount=AMOUNT)

@@ -132,9 +132,17 @@ class BiPCallback(CallbackBase, Callback):
             total = trainer.estimated_stepping_batches
             if math.isfinite(total) and total >= 1:
                 pruner.set_steps(int(total))
-        if self._restored is not None:
-            pruner.load_state_dict(self._restored)
-            self._restored = None
+        restored, self._restored = self._restored, None
+        if restored is not None and restored.get("finished"):  # saved after BiP ended: masks are final
+            self.report = pruner.finish(as_loaded=True)
+        elif restored is not None and "bip" in restored:
+            pruner.load_state_dict(restored["bip"])
+        elif trainer.ckpt_path is not None and pruner.step_count == 0:
+            raise RuntimeError(
+                f"BiPCallback: fit() resumed from {trainer.ckpt_path}, which holds no BiPCallback state; "
+                "BiP's scores, momentum and schedule cannot be restored. Resume from a checkpoint saved "
+                "with this callback"
+            )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Leave torch's pruned form (:meth:`torchbip.BiP.finish`), or plain weights with ``remove``."""
@@ -168,11 +176,16 @@ class BiPCallback(CallbackBase, Callback):
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """BiP's state (:meth:`torchbip.BiP.state_dict`), saved in Lightning's checkpoint."""
-        if self.pruner is None or self.report is not None:
+        """BiP's state (:meth:`torchbip.BiP.state_dict`), saved in Lightning's checkpoint.
+
+        After training ended, only the mark that BiP finished: the checkpoint's masks are final.
+        """
+        if self.pruner is None:
             return {}
+        if self.report is not None:
+            return {"finished": True}
         return {"bip": self.pruner.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's BiP state; it is restored when training starts."""
-        self._restored = state_dict.get("bip")
+        self._restored = state_dict
