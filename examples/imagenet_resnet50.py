@@ -11,9 +11,9 @@ followed by an evaluation. BiP adds three lines to that loop::
         scaler.update()
     pruner.finish()  # torch's pruned form; prune.remove then makes the zeros permanent
 
-Run ``python examples/imagenet_resnet50.py`` (the MNIST stand-in, minutes on a CPU), ``--smoke``
-(seconds), ``--data /datasets/imagenet``, under ``torchrun``, with ``--amp``, ``--compile`` or
-``--resume``: see ``--help`` and ``examples/README.md``.
+Run it without arguments (an MNIST stand-in, minutes on a CPU); ``--help`` and ``examples/README.md``
+show ``--smoke`` (seconds), ``--data /datasets/imagenet``, ``torchrun``, ``--amp``, ``--compile`` and
+``--resume``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ SMOKE_PRESET = {"image_size": 32, "batch_size": 8, "workers": 0, "warmup_epochs"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    epilog = f"Without --data, the stand-in preset replaces these defaults: {STANDIN_PRESET}"
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=epilog)
     add, flag = parser.add_argument, argparse.BooleanOptionalAction
     add("-c", "--config", metavar="FILE", help="YAML file of option defaults (the command line wins)")
     add("--data", type=Path, help="folder with train/ and val/ (none: the MNIST stand-in)")
@@ -98,9 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action=flag, default=False, help="torch.compile the model")
     add("--compile-backend", default="inductor", help="torch.compile backend")
     add("--resume", action="store_true", help="continue the interrupted run in --out")
-    for action in parser._actions:
-        if action.dest in STANDIN_PRESET:
-            action.help = f"{action.help} [stand-in preset: {STANDIN_PRESET[action.dest]}]"
     return parser
 
 
@@ -155,10 +153,9 @@ def wrap(model: nn.Module, args: argparse.Namespace, device: torch.device, train
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """``values`` summed over the ranks."""
-    if not dist.is_initialized():
-        return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
+    if dist.is_initialized():
+        dist.all_reduce(total)
     return total.tolist()
 
 
@@ -181,7 +178,7 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
             part.load_state_dict(state[name])
         first, losses = state["epoch"], state["losses"]
         LOG.info(f"resuming BiP from epoch {first} of {path}")
-    if first == epochs:
+    if first == epochs:  # nothing to train: no DDP, no compilation
         return losses
     runner, rank = wrap(model, args, device, training=True), dist.get_rank() if dist.is_initialized() else 0
     quiet = rank > 0 or not args.progress
@@ -209,8 +206,7 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
         if dist.is_initialized():  # each rank's BatchNorm statistics saw its own shard: average them
             for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
                 for stat in (bn.running_mean, bn.running_var):
-                    dist.all_reduce(stat)
-                    stat.div_(dist.get_world_size())
+                    dist.all_reduce(stat.div_(dist.get_world_size()))  # the sum of the ranks' shares
         LOG.info(f"{phase} epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.4f}")
         if pruner is not None and rank == 0:
             save({"epoch": epoch + 1, "losses": losses} | {k: p.state_dict() for k, p in parts.items()}, path)
@@ -271,9 +267,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     LOG.handlers = ([logging.FileHandler(args.out / "train.log", "w"), logging.StreamHandler(sys.stdout)]
                     if rank == 0 else [logging.StreamHandler(sys.stderr)])  # fmt: skip
     tag = f"[rank {rank}] " if rank else ""
-    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S")
     for handler in LOG.handlers:
-        handler.setFormatter(fmt)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S"))
     LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     LOG.propagate = False
     try:
@@ -373,16 +368,15 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         model.eval()
         probe = next(iter(val_loader))[0].to(device)
         before = model(probe)
-        pruned = len(torchbip.sparsity_report(model).tensors)
         make_permanent(model)  # prune.remove on every pruned tensor
         outputs_equal = bool(torch.equal(before, model(probe)))
         weights = torchbip.sparsity_report(model, include_dense=True)  # every conv/linear weight
-        zeros, total = weights.zeros, weights.numel
         if rank == 0:
             torch.save(model.state_dict(), args.out / "resnet50_pruned.pth")
             if plot:  # the kept fraction of every pruned tensor, in model order
                 masks.plot(args.out / "density.png", title=f"ResNet-50, {masks.global_sparsity:.1%} sparse")
-    LOG.info(f"prune.remove on {pruned} tensors; outputs unchanged: {outputs_equal}; "
+    zeros, total = weights.zeros, weights.numel
+    LOG.info(f"prune.remove on {len(pruner.names)} tensors; outputs unchanged: {outputs_equal}; "
              f"zero weights {zeros} / {total} ({zeros / total:.4f})")  # fmt: skip
 
     acc_dense, acc_final = dense["accuracy"], acc_finetuned or acc_pruned
