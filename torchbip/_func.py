@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchbip.method import has_grad_capture
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = [
@@ -198,6 +199,11 @@ def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
             hooks = [h for hook_name, h in named_pruning_hooks(module) if hook_name == name]
             if len(hooks) != 1:
                 raise ValueError(f"{target.fqn!r} has a *_orig/*_mask pair but no pruning hook")
+            if has_grad_capture(hooks[0]):
+                raise ValueError(
+                    f"parameters names {target.fqn!r}, which a torchbip.BiP built earlier on this model "
+                    "prunes and has not finished: call its finish() first (or keep stepping it)"
+                )
     devices = {t.weight().device for t in targets}
     if len(devices) > 1:
         raise ValueError(

@@ -202,6 +202,11 @@ def set_grad_capture(hook: prune.BasePruningMethod, capture: GradCapture | None)
         del hook._grad_capture  # type: ignore[attr-defined]
 
 
+def has_grad_capture(hook: prune.BasePruningMethod) -> bool:
+    """Whether a live :class:`torchbip.BiP` (built, not finished) captures this hook's gradients."""
+    return "_grad_capture" in vars(hook)
+
+
 def capture_grad(hook: prune.BasePruningMethod, masked: Tensor) -> Tensor:
     """Register the hook's gradient capture (if any) on the masked tensor; return the tensor.
 

@@ -22,6 +22,7 @@ gradient and sets the masks to the top-k of the scores:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -141,7 +142,10 @@ class BiP:
         score_init: ``"magnitude"`` or ``"scaled_magnitude"`` (see :class:`torchbip.BiPConfig`).
         hold_pruned: undo the optimizer's changes to pruned entries in :meth:`step`. Costs one
             copy of the pruned tensors; turn it off only when the optimizer leaves entries with
-            zero gradient alone (plain SGD without momentum and weight decay).
+            zero gradient alone (plain SGD without momentum and weight decay). The copy also
+            holds :math:`\theta` before the optimizer's step; without it the upper gradient uses
+            ``weight_orig`` after the step (one weight step later, so the scores differ
+            slightly from :func:`torchbip.global_prune`'s).
         process_group: the :mod:`torch.distributed` group to average over; ``None`` (default)
             uses the default group when it has more than one process, ``False`` never
             communicates.
@@ -308,6 +312,11 @@ class BiP:
             # pruner writes into it only once it owns a copy (a second backward pass, scaling, a
             # collective), so whoever else holds that tensor never sees it change.
             current, grad = captured[index], grad.detach()
+            if grad.layout != torch.strided:  # nn.Embedding(sparse=True): made dense, a copy of our own
+                grad = grad.to_dense()
+                if current is None:
+                    captured[index], owned[index], fired[index] = grad, True, True
+                    return
             if current is None:
                 own = not grad.is_contiguous()
                 captured[index] = grad.contiguous() if own else grad
@@ -593,7 +602,19 @@ class BiP:
         self._sync_params()
 
     def _sync_params(self) -> None:
-        """Check that every ``weight_orig`` is the one BiP was built on, or FSDP2's shard of it."""
+        """Check the model's tensors: every mask buffer and ``weight_orig`` is the one BiP was built on.
+
+        (Or, for ``weight_orig``, FSDP2's shard of it.)
+        """
+        for t, mask in zip(self.targets, self.masks, strict=True):
+            if t.module._buffers.get(t.name + "_mask") is not mask:
+                raise RuntimeError(
+                    f"the mask buffer {t.fqn + '_mask'!r} was replaced after BiP was built, so BiP's "
+                    "masks are no longer the model's: by model.to(), .cuda(), .half() or .double() "
+                    "(move and convert the model first, then build BiP), by another "
+                    "torch.nn.utils.prune call on the tensor, or by a second BiP on the model; build a "
+                    "new BiP on the model as it is now"
+                )
         for i, (t, orig) in enumerate(zip(self.targets, self.origs, strict=True)):
             current = t.module._parameters.get(t.name + "_orig")
             if current is orig:
@@ -773,10 +794,16 @@ class BiP:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (also the masks of the model).
 
+        Everything is checked before anything changes: the format, the tensors' names, the
+        layout and settings, the shapes, and that the masks are the selection of the scores (as
+        every state this object writes holds them).
+
         Raises:
-            ValueError: for a state of another format, model, layout or budget (the message
-                names the difference); nothing is changed then.
+            ValueError: for a state of another format, model, layout or budget, or a damaged one
+                (the message names the difference); nothing is changed then.
+            RuntimeError: after :meth:`finish`.
         """
+        self._check_usable()
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         if found != STATE_FORMAT:
             raise ValueError(f"state is not a BiP state_dict (format {found!r}, expected {STATE_FORMAT!r})")
@@ -793,25 +820,59 @@ class BiP:
         if differ:
             details = ", ".join(f"{k}: saved {state['settings'].get(k)!r}, here {mine[k]!r}" for k in differ)
             raise ValueError(f"state was saved with other settings ({details})")
-        if state["scores"].shape != self.flat_scores.shape:
-            raise ValueError(
-                f"state holds {state['scores'].numel()} scores, expected {self.flat_scores.numel()}"
-            )
-        self._sync_params()
+        scores = state["scores"]
+        if not isinstance(scores, Tensor) or scores.shape != self.flat_scores.shape:
+            found_scores = scores.numel() if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(f"state holds {found_scores} scores, expected {self.flat_scores.numel()}")
+        keeps = self._checked_tensors(state["masks"], self.masks, "masks")
+        if not all(k.dtype == torch.bool or bool(((k == 0) | (k == 1)).all()) for k in keeps):
+            raise ValueError("state['masks'] holds values other than 0 and 1")
+        saved = None if state["saved"] is None else self._checked_tensors(state["saved"], self.origs, "saved")
+        for key in ("step", "skipped_steps"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"state[{key!r}] must be a count (int >= 0), got {state[key]!r}")
+        views = split_like(scores.to(self.flat_scores), self.score_views)
+        try:
+            expected = self.layout.masks(self.layout.select(views))
+        except FloatingPointError as err:
+            raise ValueError(f"state['scores'] cannot be ranked: {err}") from err
+        for name, keep, element in zip(self.names, keeps, expected, strict=True):
+            if not torch.equal(keep.to(element.device) != 0, element):
+                raise ValueError(
+                    f"state['masks'] of {name!r} is not the selection of state['scores'] (a damaged or "
+                    "edited state): every state_dict() holds the masks its scores select"
+                )
+        before = copy.deepcopy((self.optimizer.state_dict(), self.scheduler.state_dict()))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except Exception as err:
+            self.optimizer.load_state_dict(before[0])
+            self.scheduler.load_state_dict(before[1])
+            raise ValueError(f"state's optimizer or scheduler state does not load: {err}") from err
         with torch.no_grad():
-            self.flat_scores.copy_(state["scores"])
-            for mask, keep in zip(self.masks, state["masks"], strict=True):
+            self.flat_scores.copy_(scores)
+            for mask, keep in zip(self.masks, keeps, strict=True):
                 mask.copy_(keep)
-            if self.saved is not None and state["saved"] is not None:
-                for saved, value in zip(self.saved, state["saved"], strict=True):
-                    saved.copy_(value)
+            if self.saved is not None and saved is not None:
+                for current, value in zip(self.saved, saved, strict=True):
+                    current.copy_(value)
             elif self.saved is not None:
                 self._store_saved()
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.zero_grad()
+
+    def _checked_tensors(self, values: object, like: Sequence[Tensor], key: str) -> list[Tensor]:
+        """``values`` if it is a list of tensors of ``like``'s shapes, one per pruned tensor."""
+        if not isinstance(values, list | tuple) or len(values) != len(like):
+            found = len(values) if isinstance(values, list | tuple) else type(values).__name__
+            raise ValueError(f"state[{key!r}] must hold {len(like)} tensors (one per name), got {found}")
+        for name, value, ref in zip(self.names, values, like, strict=True):
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(ref.shape):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"state[{key!r}] of {name!r} has shape {shape}, expected {tuple(ref.shape)}")
+        return list(values)
 
     def __repr__(self) -> str:
         return (

@@ -85,10 +85,15 @@ def masks(model: nn.Module) -> list[Tensor]:
 # -- the math of one step, against plain autograd ------------------------------------------------
 
 
-def test_first_step_moves_scores_along_the_implicit_gradient() -> None:
+@pytest.mark.parametrize("hold_pruned", [True, False])
+def test_first_step_moves_scores_along_the_implicit_gradient(hold_pruned: bool) -> None:
+    """theta is the weights before the optimizer's step; without ``hold_pruned`` (no copy kept),
+    the weights after it, as documented."""
     model = make_model(dtype=torch.float64)
     x, y = make_batches(1, dtype=torch.float64)[0]
-    pruner = torchbip.BiP(model, 0.8, upper_lr=0.5, upper_momentum=0.0, implicit_coef=2.0)
+    pruner = torchbip.BiP(
+        model, 0.8, upper_lr=0.5, upper_momentum=0.0, implicit_coef=2.0, hold_pruned=hold_pruned
+    )
     theta = [w.detach().clone() for w in weights(model)]
     m = masks(model)
     scores = pruner.flat_scores.clone()
@@ -98,6 +103,8 @@ def test_first_step_moves_scores_along_the_implicit_gradient() -> None:
     h = torch.tanh(F.linear(h, z[1], model[2].bias))
     loss = F.cross_entropy(F.linear(h, z[2], model[4].bias), y)
     g = torch.autograd.grad(loss, z)
+    if not hold_pruned:  # the weights after the optimizer's plain SGD step (gradient m * g)
+        theta = [t - 0.1 * mk * gi for t, mk, gi in zip(theta, m, g, strict=True)]
     upper = torch.cat(
         [(t * gi - 2.0 * mk * gi * gi).reshape(-1) for t, gi, mk in zip(theta, g, m, strict=True)]
     )
@@ -388,6 +395,158 @@ def test_state_dict_round_trip_with_weights_only_resumes_bitwise(tmp_path: Path)
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match=r"other settings.*upper_lr"):
         torchbip.BiP(make_model(), 0.8, steps=6, upper_lr=1.0).load_state_dict(state["bip"])
+
+
+def _bip_state(pruner: torchbip.BiP) -> dict:
+    """Everything a load could change: scores, masks, held values, optimizer, schedule, counts."""
+    return copy.deepcopy({**pruner.state_dict(), "model_masks": [m.clone() for m in pruner.masks]})
+
+
+def _assert_same_bip_state(before: dict, pruner: torchbip.BiP) -> None:
+    after = _bip_state(pruner)
+    assert torch.equal(before["scores"], after["scores"])
+    for key in ("masks", "saved", "model_masks"):
+        assert all(torch.equal(a, b) for a, b in zip(before[key], after[key], strict=True)), key
+    assert (before["step"], before["skipped_steps"]) == (after["step"], after["skipped_steps"])
+    assert before["scheduler"] == after["scheduler"]
+    momentum = [s["momentum_buffer"] for s in before["optimizer"]["state"].values()]
+    assert all(
+        torch.equal(a, s["momentum_buffer"])
+        for a, s in zip(momentum, after["optimizer"]["state"].values(), strict=True)
+    )
+
+
+def _damaged(state: dict, how: str) -> dict:
+    bad = copy.deepcopy(state)
+    if how == "transposed-masks":
+        bad["masks"] = [k.t() for k in bad["masks"]]
+    elif how == "one-mask-short":
+        bad["masks"] = bad["masks"][:-1]
+    elif how == "all-ones-masks":
+        bad["masks"] = [torch.ones_like(k) for k in bad["masks"]]
+    elif how == "mask-values":
+        bad["masks"] = [k.float() * 2 for k in bad["masks"]]
+    elif how == "nan-scores":
+        bad["scores"][3] = float("nan")
+    elif how == "saved-shapes":
+        bad["saved"] = [s[:1] for s in bad["saved"]]
+    elif how == "optimizer":
+        bad["optimizer"] = {"state": {}, "param_groups": []}
+    elif how == "scheduler":
+        bad["scheduler"] = {"last_epoch": "x"}
+    elif how == "step":
+        bad["step"] = -1
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("transposed-masks", r"state\['masks'\] of '0\.weight' has shape \(8, 32\), expected \(32, 8\)"),
+        ("one-mask-short", r"state\['masks'\] must hold 3 tensors \(one per name\), got 2"),
+        ("all-ones-masks", r"state\['masks'\] of '0\.weight' is not the selection of state\['scores'\]"),
+        ("mask-values", r"state\['masks'\] holds values other than 0 and 1"),
+        ("nan-scores", r"state\['scores'\] cannot be ranked"),
+        ("saved-shapes", r"state\['saved'\] of '0\.weight' has shape \(1, 8\), expected \(32, 8\)"),
+        ("optimizer", r"optimizer or scheduler state does not load"),
+        ("scheduler", r"optimizer or scheduler state does not load"),
+        ("step", r"state\['step'\] must be a count \(int >= 0\), got -1"),
+    ],
+)
+def test_load_state_dict_of_a_damaged_state_changes_nothing(how: str, match: str) -> None:
+    source = make_model()
+    src = torchbip.BiP(source, 0.8, steps=6)
+    train(source, src, torch.optim.SGD(source.parameters(), lr=0.1), make_batches(2))
+    model = make_model(seed=3)
+    pruner = torchbip.BiP(model, 0.8, steps=6)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(1))
+    before, weights = _bip_state(pruner), capture(model)
+    with pytest.raises(ValueError, match=match):
+        pruner.load_state_dict(_damaged(src.state_dict(), how))
+    _assert_same_bip_state(before, pruner)
+    assert_unchanged(weights, model)
+    pruner.load_state_dict(src.state_dict())  # the undamaged state still loads
+    assert torch.equal(pruner.flat_scores, src.flat_scores)
+
+
+def test_load_state_dict_after_finish_is_an_error() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=6)
+    early = pruner.state_dict()
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(2))
+    pruner.finish()
+    masks = [m.clone() for m in pruner.masks]
+    with pytest.raises(RuntimeError, match="has finished"):
+        pruner.load_state_dict(early)
+    assert all(torch.equal(a, b) for a, b in zip(masks, pruner.masks, strict=True))
+
+
+@pytest.mark.parametrize("change", ["double", "to-float64", "half", "prune-again", "second-bip-after-finish"])
+def test_replaced_mask_buffers_are_an_error_at_the_next_step(change: str) -> None:
+    """model.double() (or another prune call) after construction swaps the mask buffers: BiP
+    would go on writing masks the model no longer reads, so its next step refuses."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=6)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(1))
+    if change == "double":
+        model.double()
+    elif change == "to-float64":
+        model.to(torch.float64)
+    elif change == "half":
+        model.half()
+    elif change == "prune-again":
+        prune.l1_unstructured(model[2], "weight", amount=3)
+    else:  # a finished BiP leaves torch's pruned form; a new one may prune on top, the old one not step
+        other = torchbip.BiP(make_model(), 0.8, steps=6)
+        other.finish()
+        with pytest.raises(ValueError, match=r"'0\.weight', which a torchbip\.BiP built earlier"):
+            torchbip.BiP(model, 0.9)
+        pruner.finish()
+        torchbip.BiP(model, 0.9)
+        with pytest.raises(RuntimeError, match="has finished"):
+            pruner.step()
+        return
+    with pytest.raises(
+        RuntimeError, match=r"mask buffer '(0|2)\.weight_mask' was replaced after BiP was built"
+    ):
+        pruner.step()
+
+
+def test_a_second_bip_on_a_live_one_is_refused_and_the_model_kept() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=6)
+    before = capture(model)
+    with pytest.raises(ValueError, match=r"which a torchbip\.BiP built earlier on this model prunes"):
+        torchbip.BiP(model, 0.5)
+    assert_unchanged(before, model)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(2))  # still works
+    assert pruner.step_count == 2
+
+
+def test_sparse_embedding_gradients_equal_dense_ones() -> None:
+    """``nn.Embedding(sparse=True)`` hands BiP a sparse gradient; its step equals the dense model's."""
+
+    def build(sparse: bool) -> tuple[nn.Module, torchbip.BiP]:
+        torch.manual_seed(0)
+        emb, fc = nn.Embedding(20, 8, sparse=sparse), nn.Linear(8, 3)
+        model = nn.ModuleDict({"emb": emb, "fc": fc})
+        return model, torchbip.BiP(model, 0.5, parameters=[(emb, "weight"), (fc, "weight")], upper_lr=5.0)
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 20, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g))] * 3
+    runs = []
+    for sparse in (True, False):
+        model, pruner = build(sparse)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for tokens, y in batches:
+            for _ in range(2):  # two backward passes per step: the sparse gradients add up
+                F.cross_entropy(model["fc"](model["emb"](tokens).mean(1)), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            pruner.step()
+        runs.append((pruner.flat_scores.clone(), [m.clone() for m in pruner.masks]))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
 
 def test_finish_leaves_torch_pruned_form_and_a_strict_reload_after_remove() -> None:
