@@ -102,7 +102,9 @@ def plan_run(
         check_checkpoint_path(cfg.checkpoint_path)
     _check_backward_hooks(model)
     check_no_fsdp(model)
-    targets = resolve_targets(model, parameters, spec.default_parameters(model))
+    targets = resolve_targets(
+        model, parameters, None if parameters is not None else spec.default_parameters(model)
+    )
     for target in targets:
         if target.weight().is_inference():
             raise ValueError(

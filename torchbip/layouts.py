@@ -207,7 +207,10 @@ class UnstructuredLayout(MaskLayout):
             self.topk = GlobalTopK(self.n_keep, floors if min_keep is not None else None, caps)
             self.fast = all(a is None for a in self.allowed) and min_keep is None and caps is None
         else:
-            self.per_tensor = [n - count_from_amount(a, n) for a, n in zip(amount, n_allowed, strict=True)]
+            self.per_tensor = [
+                n - count_from_amount(a, n, f"amount (for {t.fqn!r})")
+                for a, n, t in zip(amount, n_allowed, targets, strict=True)
+            ]
             self.n_keep = sum(self.per_tensor)
             self.fast = False
 
@@ -293,6 +296,7 @@ class GroupLayout(MaskLayout):
                 raise ValueError(f"{target.fqn!r} has shape {shape}: no dim={dim} to group along")
         self.dim, self.budget, self.allowed = dim, budget, list(allowed)
         self.structured = {0: "filter", 1: "channel"}.get(dim, f"dim={dim}")
+        unit = {0: "filters", 1: "channels"}.get(dim, "groups")
         self.group_allowed = [None if a is None else allowed_groups(a, dim) for a in self.allowed]
         self.n_groups = [
             s[dim] if g is None else int(g.sum())
@@ -300,10 +304,13 @@ class GroupLayout(MaskLayout):
         ]
         self._global: GlobalTopK | None = None
         if not isinstance(amount, (int, float)):
-            self.counts = [n - count_from_amount(a, n) for a, n in zip(amount, self.n_groups, strict=True)]
+            self.counts = [
+                n - count_from_amount(a, n, f"amount (for {t.fqn!r})", unit)
+                for a, n, t in zip(amount, self.n_groups, targets, strict=True)
+            ]
             self.n_keep = sum(self.counts)
             return
-        self.n_keep, self.counts = group_keep_counts(self.n_groups, amount, budget, min_keep)
+        self.n_keep, self.counts = group_keep_counts(self.n_groups, amount, budget, min_keep, unit)
         if budget == "global":
             caps = cap_counts(self.n_groups, max_keep)
             if caps is not None and sum(caps) < self.n_keep:
@@ -441,6 +448,8 @@ class Layout(ABC):
 
         ``arg`` is the name of the argument that chose the layout, for the message.
         """
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         if budget != "layer":
             raise ValueError(
                 f"budget={budget!r} applies to structured runs (Groups layouts); an unstructured run "
@@ -585,7 +594,15 @@ class NM(Layout):
     def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """See :meth:`Layout.default_parameters`."""
         layers = [m for m, _ in default_targets(model)]
-        return [(m, "weight") for m in layers if _weight(m).shape[_input_dim(_weight(m))] % self.m == 0]
+        fitting = [(m, "weight") for m in layers if _weight(m).shape[_input_dim(_weight(m))] % self.m == 0]
+        if layers and not fitting:
+            sizes = sorted({_weight(m).shape[_input_dim(_weight(m))] for m in layers})
+            raise ValueError(
+                f"layout='{self.shorthand}': none of the model's {len(layers)} nn.Linear/nn.Conv*d weights "
+                f"has an input size divisible by {self.m} (input sizes {sizes}); choose another N:M "
+                "pattern or pass parameters=[(module, 'weight'), ...]"
+            )
+        return fitting
 
     def check_budget(
         self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"

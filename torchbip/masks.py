@@ -84,7 +84,7 @@ def validate_amount(amount: object, name: str = "amount") -> int | float:
     return value
 
 
-def count_from_amount(amount: int | float, n: int, name: str = "amount") -> int:
+def count_from_amount(amount: int | float, n: int, name: str = "amount", unit: str = "entries") -> int:
     """Return how many of ``n`` remaining entries ``amount`` asks to prune.
 
     Follows torch's rule: ``round(amount * n)`` for a float, the value itself for an int.
@@ -93,6 +93,7 @@ def count_from_amount(amount: int | float, n: int, name: str = "amount") -> int:
         amount: a float in ``[0, 1]`` (fraction) or an int (count).
         n: the number of entries that are still unpruned.
         name: the argument name used in error messages.
+        unit: what ``n`` counts, for the message (``"entries"``, ``"filters"``, ...).
 
     Returns:
         The number of entries to prune, in ``[0, n]``.
@@ -107,7 +108,7 @@ def count_from_amount(amount: int | float, n: int, name: str = "amount") -> int:
     value = validate_amount(amount, name)
     if isinstance(value, int):
         if value > n:
-            raise ValueError(f"{name}={value} is larger than the number of unpruned entries ({n})")
+            raise ValueError(f"{name}={value} is larger than the number of unpruned {unit} ({n})")
         return value
     return round(value * n)
 

@@ -221,7 +221,9 @@ class BiP:
         spec.check_budget(budget, cfg.min_keep, max_keep)
         spec.check_parameters(parameters)
         check_no_fsdp(model, "build torchbip.BiP on the whole model first, then call fully_shard")
-        found = candidate_targets(model, parameters, spec.default_parameters(model))
+        found = candidate_targets(
+            model, parameters, None if parameters is not None else spec.default_parameters(model)
+        )
         targets, amounts = _select(model, found, amount, exclude)  # before the checks: exclude a tied head
         check_targets(model, targets)
         weights = [t.weight() for t in targets]
@@ -968,6 +970,14 @@ def _select(
                 used_rules.add(pattern)
                 break
     unused_rules = [p for p, _ in rules if p not in used_rules]
+    shadowed = {p: [q for q, _ in rules[:i] if any(_matches(t, q) for t in targets if _matches(t, p))]
+                for i, (p, _) in enumerate(rules) if p in unused_rules}  # fmt: skip
+    if any(shadowed.values()):
+        pattern, earlier = next((p, q) for p, q in shadowed.items() if q)
+        raise ValueError(
+            f"amount: the pattern {pattern!r} matches only tensors that the earlier pattern(s) {earlier!r} "
+            "already take (the first matching pattern wins): put the more specific pattern first"
+        )
     if unused_rules:
         raise ValueError(
             f"amount: the pattern(s) {unused_rules!r} match none of the tensors to prune "

@@ -338,7 +338,11 @@ def bip_structured(
 
 
 def group_keep_counts(
-    n_groups: Sequence[int], amount: int | float, budget: str = "layer", min_keep: int | float | None = None
+    n_groups: Sequence[int],
+    amount: int | float,
+    budget: str = "layer",
+    min_keep: int | float | None = None,
+    unit: str = "groups",
 ) -> tuple[int, list[int]]:
     """How many groups a structured budget keeps: in all, and at least per tensor.
 
@@ -350,6 +354,7 @@ def group_keep_counts(
             ``"global"``, one ranking over all tensors' groups.
         min_keep: the per-tensor floor of the global ranking (see
             :func:`torchbip.masks.floor_counts`); ignored by ``"layer"``.
+        unit: what a group is, for the messages (``"filters"``, ``"channels"``).
 
     Returns:
         ``(total kept, per-tensor counts)``: with ``"layer"`` the exact count each tensor keeps,
@@ -367,10 +372,10 @@ def group_keep_counts(
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if budget == "layer":
-        keeps = [n - count_from_amount(amount, n) for n in n_groups]
+        keeps = [n - count_from_amount(amount, n, unit=unit) for n in n_groups]
         return sum(keeps), keeps
     total = sum(n_groups)
-    return total - count_from_amount(amount, total), floor_counts(n_groups, min_keep)
+    return total - count_from_amount(amount, total, unit=unit), floor_counts(n_groups, min_keep)
 
 
 def select_groups(

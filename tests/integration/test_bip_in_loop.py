@@ -702,6 +702,33 @@ def test_structured_layouts_in_the_loop(layout: object, check) -> None:
         ({"min_keep": 2.0}, ValueError, "min_keep"),
         ({"steps": 0}, ValueError, "steps"),
         ({"process_group": "world"}, TypeError, "process_group"),
+        (
+            {"amount": {"*": 0.5, "0.weight": 0.9}},
+            ValueError,
+            r"the pattern '0\.weight' matches only tensors that the earlier pattern\(s\) \['\*'\] "
+            r"already take",
+        ),
+        (
+            {"amount": {"2.*": 10**6}},
+            ValueError,
+            r"amount \(for '2\.weight'\)=1000000 is larger than the .* \(512\)",
+        ),
+        (
+            {"amount": 0.5, "budget": "bogus"},
+            ValueError,
+            r"budget must be one of \('layer', 'global'\), got 'bogus'",
+        ),
+        (
+            {"amount": 0.5, "layout": "2:3"},
+            ValueError,
+            r"layout='2:3': none of the model's 3 nn\.Linear/nn\.Conv\*d weights has an input size "
+            r"divisible by 3 \(input sizes \[8, 16, 32\]\)",
+        ),
+        (
+            {"amount": 100, "layout": "filter"},
+            ValueError,
+            r"amount=100 is larger than the number of unpruned filters",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(kwargs, error, match) -> None:
