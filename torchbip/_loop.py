@@ -359,6 +359,13 @@ class BiPLoop:
                 self.forward, self.params, ones, buffers, inputs, labels, self.loss_fn, with_mask_grads=True
             )
         independent = [t for t in zero if int(dense.masks[t.mask_fqn].count_nonzero()) == 0]
+        if len(independent) == len(self.targets) and not self._loss_uses_outputs(inputs, labels, buffers):
+            raise ValueError(
+                f"the loss depends on none of the {len(self.targets)} pruned tensors (no gradient in any of "
+                f"the {self.step_index} steps, nor with every mask set to one): does loss_fn return a "
+                "detached or constant tensor (.detach(), .item(), torch.tensor(...))? BiP needs a loss "
+                "computed from the model's outputs"
+            )
         if independent:
             names = ", ".join(repr(t.fqn) for t in independent)
             raise ValueError(
@@ -366,6 +373,24 @@ class BiPLoop:
                 f"the {self.step_index} steps, nor with every mask set to one: is the layer's output "
                 "detached or unused?); BiP could not train it: leave it out of parameters"
             )
+
+    def _loss_uses_outputs(self, inputs: Any, labels: Any, buffers: dict[str, Tensor]) -> bool:
+        """Whether ``loss_fn`` has a nonzero gradient with respect to the model's outputs (plain autograd).
+
+        ``False`` for a loss that is detached or constant, which makes every pruned tensor look
+        unused; a network cut off by its own activations (a dead ReLU) still answers ``True``.
+        """
+        with torch.no_grad(), self._autocast():
+            outputs = self.forward({**self.params, **buffers}, inputs)
+        if not isinstance(outputs, Tensor) or not outputs.is_floating_point():
+            return True  # not a plain tensor: no verdict, the per-tensor message stands
+        outputs = outputs.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = self.loss_fn(outputs, labels)
+            if not isinstance(loss, Tensor) or not loss.requires_grad:
+                return False
+            (grad,) = torch.autograd.grad(loss, outputs, allow_unused=True)
+        return grad is not None and bool(grad.count_nonzero())
 
     def _lower_step(self, grads: dict[str, Tensor]) -> None:
         gamma = self.cfg.gamma

@@ -298,3 +298,23 @@ def test_a_loss_that_depends_on_no_target_is_an_error() -> None:
         loader=data(),
         parameters=[(model.side, "weight")],
     )
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda out, y: F.cross_entropy(out, y).detach(),
+        lambda out, y: torch.tensor(float(F.cross_entropy(out, y))),
+    ],
+    ids=["detached", "constant"],
+)
+def test_a_loss_fn_that_ignores_the_outputs_is_named_as_the_cause(loss_fn) -> None:
+    """Every tensor looks unused when the loss itself is detached: the message says so."""
+    model = make(DetachedBranch)
+    raises_and_restores(
+        model,
+        ValueError,
+        r"the loss depends on none of the 2 pruned tensors .* does loss_fn return a detached or constant",
+        loader=data(),
+        loss_fn=loss_fn,
+    )
