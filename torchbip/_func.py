@@ -135,6 +135,11 @@ def candidate_targets(
             and isinstance(entry[0], nn.Module)
             and isinstance(entry[1], str)
         ):
+            if isinstance(entry, Tensor):  # model.parameters(): name the shape, not the values
+                raise TypeError(
+                    f"parameters must hold (module, name) pairs, got a tensor of shape {tuple(entry.shape)}; "
+                    "pass e.g. parameters=[(model.fc, 'weight')] (not model.parameters())"
+                )
             raise TypeError(f"parameters must hold (module, name) pairs, got {entry!r}")
         module, name = entry
         if id(module) not in names:

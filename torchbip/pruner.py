@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -204,6 +205,7 @@ class BiP:
         model = _bare(model)
         spec = as_layout(layout, budget)
         schedule = upper_schedule
+        steps = _count(steps)
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be an int >= 1 or None, got {steps!r}")
         if implicit_coef is None:
@@ -386,6 +388,7 @@ class BiP:
             ValueError: for a bad ``steps``.
             RuntimeError: after the first step (unless ``steps`` is unchanged).
         """
+        steps = _count(steps)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if steps == self.steps:
@@ -789,7 +792,7 @@ class BiP:
             "scores": self.flat_scores.detach().clone(),
             "masks": [k.clone() for k in self.keeps],
             "saved": None if self.saved is None else [s.clone() for s in self.saved],
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # not the live momentum
             "scheduler": self.scheduler.state_dict(),
         }
 
@@ -913,6 +916,13 @@ def check_no_fsdp(
                 f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP's fully_shard); BiP cannot be "
                 f"set up on sharded parameters: {hint}"
             )
+
+
+def _count(value: Any) -> Any:
+    """An integer of another type (``numpy.int64``) as an ``int``; anything else unchanged."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+        return int(value)
+    return value
 
 
 def _bare(model: object) -> nn.Module:

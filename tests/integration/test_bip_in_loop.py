@@ -997,3 +997,30 @@ def test_set_steps_keeps_an_explicit_schedule() -> None:
         pruner.scheduler.step()
     lr = torchbip.BiPConfig().upper_lr
     assert lrs == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])
+
+
+def test_numpy_steps_and_a_parameters_generator_of_tensors() -> None:
+    import numpy as np
+
+    pruner = torchbip.BiP(make_model(), 0.5, steps=np.int64(6))
+    assert pruner.steps == 6
+    assert type(pruner.settings["steps"]) is int  # a plain int in state_dicts (weights_only loads)
+    model = make_model()
+    before = capture(model)
+    with pytest.raises(
+        TypeError, match=r"got a tensor of shape \(32, 8\); pass e\.g\. .*not model\.parameters"
+    ):
+        torchbip.BiP(model, 0.5, parameters=model.parameters())
+    assert_unchanged(before, model)
+
+
+def test_state_dict_is_a_snapshot_not_live_optimizer_state() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, pruner, optimizer, make_batches(1))
+    state = pruner.state_dict()
+    momentum = state["optimizer"]["state"][0]["momentum_buffer"].clone()
+    train(model, pruner, optimizer, make_batches(2)[1:])
+    assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], momentum)
+    assert not torch.equal(pruner.optimizer.state_dict()["state"][0]["momentum_buffer"], momentum)
