@@ -11,9 +11,12 @@ All use :func:`train` for (re)training, so methods compare like with like.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import numbers
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +27,7 @@ from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
 from torchbip._func import resolve_targets
+from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
 from torchbip.data import to_device
 from torchbip.masks import count_from_amount, validate_amount
@@ -85,6 +89,7 @@ def train(
         >>> train(model, data, epochs=20, lr=0.5) < 0.5
         True
     """
+    _check_training(loader, epochs, schedule=schedule)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return math.nan
@@ -100,6 +105,7 @@ def train(
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         while done < total:
             losses = []
+            before = done
             for inputs, targets in loader:
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 opt.zero_grad(set_to_none=True)
@@ -112,7 +118,56 @@ def train(
                 bar.update()
                 if done >= total:
                     break
+            if done == before:
+                raise ValueError(
+                    f"loader yielded no batch in pass {1 + done // len(loader)} (a one-shot "  # type: ignore[arg-type]
+                    "iterator?); pass a re-iterable of batches such as a list or a DataLoader"
+                )
     return sum(losses) / max(1, len(losses))
+
+
+def _check_training(
+    loader: object, epochs: object, *, schedule: object = "cosine", zero: bool = False
+) -> None:
+    """Refuse training arguments that :func:`train` cannot honour, before any work (``ValueError``).
+
+    ``zero``: ``epochs=0`` is allowed (no training).
+    """
+    finite = isinstance(epochs, numbers.Real) and not isinstance(epochs, bool) and math.isfinite(epochs)
+    if not finite or epochs < 0 or (epochs == 0 and not zero):  # type: ignore[operator]
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"epochs must be a finite number {bound}, got {epochs!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError(
+            f"loader must be a re-iterable of batches with a len() (a list or a DataLoader), got "
+            f"{type(loader).__name__}"
+        ) from err
+    if n == 0:
+        raise ValueError("loader is empty: it holds no batch")
+
+
+def _check_train_options(loader: object, epochs: object, options: dict[str, Any], *, zero: bool) -> None:
+    """Check :func:`train`'s arguments as a baseline will pass them, before the model is pruned."""
+    try:
+        inspect.signature(train).bind(None, loader, epochs, **options)
+    except TypeError as err:
+        raise TypeError(f"train_options: {err}") from err
+    _check_training(loader, epochs, schedule=options.get("schedule", "cosine"), zero=zero)
+
+
+@contextlib.contextmanager
+def _restored_on_failure(model: nn.Module, pairs: Sequence[tuple[nn.Module, str]]) -> Iterator[None]:
+    """Put the model back exactly as it was if the body raises (pruning and training included)."""
+    snapshot = ModelSnapshot(model, {name for _, name in pairs})
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
 
 
 def _pairs(
@@ -161,10 +216,12 @@ def omp_finetune(
         0.75
     """
     validate_amount(amount)
+    _check_train_options(loader, epochs, train_options, zero=True)
     pairs = _pairs(model, parameters)
-    prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=amount)
-    if epochs > 0:
-        train(model, loader, epochs, desc="OMP fine-tune", **train_options)
+    with _restored_on_failure(model, pairs):
+        prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=amount)
+        if epochs > 0:
+            train(model, loader, epochs, desc="OMP fine-tune", **train_options)
     return _report(model, pairs)
 
 
@@ -203,19 +260,21 @@ def random_finetune(
         (10, 48)
     """
     validate_amount(amount)
+    _check_train_options(loader, epochs, train_options, zero=True)
     pairs = _pairs(model, parameters)
     gen = torch.Generator().manual_seed(seed)
     scores = {
         (id(m), n): torch.rand(getattr(m, n).shape, generator=gen).to(getattr(m, n).device) for m, n in pairs
     }
-    prune.global_unstructured(
-        pairs,
-        pruning_method=prune.L1Unstructured,
-        importance_scores={(m, n): scores[(id(m), n)] for m, n in pairs},
-        amount=amount,
-    )
-    if epochs > 0:
-        train(model, loader, epochs, desc="random fine-tune", **train_options)
+    with _restored_on_failure(model, pairs):
+        prune.global_unstructured(
+            pairs,
+            pruning_method=prune.L1Unstructured,
+            importance_scores={(m, n): scores[(id(m), n)] for m, n in pairs},
+            amount=amount,
+        )
+        if epochs > 0:
+            train(model, loader, epochs, desc="random fine-tune", **train_options)
     return _report(model, pairs)
 
 
@@ -331,15 +390,46 @@ def imp(
         >>> [round(r.sparsity, 4) for r in result.rounds]
         [0.1875, 0.3333, 0.4583, 0.5]
     """
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
+    real = isinstance(rate, numbers.Real) and not isinstance(rate, bool)
+    if not real or not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")
+    _check_train_options(loader, epochs_per_round, train_options, zero=False)
+    _check_training(loader, rewind_epochs, zero=True)
     pairs = _pairs(model, parameters)
     start_remaining = _remaining(pairs)
     final_keep = start_remaining - count_from_amount(amount, start_remaining)
-    stops = sorted(
-        {start_remaining - count_from_amount(m, start_remaining) for m in milestones} | {final_keep},
-        reverse=True,
-    )
+    milestone_keeps = [
+        start_remaining - count_from_amount(m, start_remaining, "milestones") for m in milestones
+    ]
+    beyond = [m for m, keep in zip(milestones, milestone_keeps, strict=True) if keep < final_keep]
+    if beyond:
+        raise ValueError(
+            f"milestones {beyond!r} lie beyond the final sparsity of amount={amount!r} "
+            f"({1 - final_keep / start_remaining:.4f} of the {start_remaining} remaining entries)"
+        )
+    stops = sorted(set(milestone_keeps) | {final_keep}, reverse=True)
+    with _restored_on_failure(model, pairs):
+        return _imp_rounds(
+            model, loader, pairs, stops, start_remaining, final_keep, epochs_per_round, rate,
+            rewind_epochs, on_round, progress, train_options,
+        )  # fmt: skip
+
+
+def _imp_rounds(
+    model: nn.Module,
+    loader: Batches,
+    pairs: Sequence[tuple[nn.Module, str]],
+    stops: Sequence[int],
+    start_remaining: int,
+    final_keep: int,
+    epochs_per_round: float,
+    rate: float,
+    rewind_epochs: float,
+    on_round: Callable[[IMPRound, nn.Module], None] | None,
+    progress: bool,
+    train_options: dict[str, Any],
+) -> IMPResult:
+    """The rounds of :func:`imp`, its arguments checked."""
     start = time.perf_counter()
     result = IMPResult()
     if rewind_epochs > 0:

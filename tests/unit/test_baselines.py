@@ -1,0 +1,190 @@
+"""The baselines: exact sparsity against torch's own pruning, IMP's schedule, bad input.
+
+Oracles: :func:`torch.nn.utils.prune.global_unstructured` on a copy of the model (OMP's mask),
+the documented IMP round rule (keep ``ceil(0.8 * kept)``, clipped at milestones and the final
+sparsity), and the model state captured before a call that must fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_state import assert_unchanged, capture
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip.baselines import imp, omp_finetune, random_finetune, train
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def make_data(n: int = 3) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, 6, generator=g)
+        out.append((x, x[:, :3].argmax(1)))
+    return out
+
+
+def masks(model: nn.Sequential) -> list[Tensor]:
+    return [model[i].weight_mask for i in (0, 2)]
+
+
+@pytest.fixture(autouse=True)
+def no_hang() -> Iterator[None]:
+    """A baseline that loops forever fails the test after 60 s instead of hanging the suite."""
+
+    def fail(*_: object) -> None:
+        raise TimeoutError("the call did not return within 60 s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("amount", [0.5, 0.73, 17])
+def test_omp_without_fine_tuning_is_torch_global_magnitude_pruning(amount: float) -> None:
+    model, oracle = make_model(), make_model()
+    report = omp_finetune(model, amount, make_data(), epochs=0)
+    prune.global_unstructured(
+        [(oracle[0], "weight"), (oracle[2], "weight")], pruning_method=prune.L1Unstructured, amount=amount
+    )
+    for a, b in zip(masks(model), masks(oracle), strict=True):
+        assert torch.equal(a, b)
+    zeros = sum(int((m == 0).sum()) for m in masks(model))
+    assert zeros == report.zeros == (amount if isinstance(amount, int) else round(amount * 144))
+
+
+def test_random_masks_are_exact_and_seeded() -> None:
+    a, b, c = make_model(), make_model(), make_model()
+    for model, seed in ((a, 3), (b, 3), (c, 4)):
+        random_finetune(model, 0.6, make_data(), epochs=0, seed=seed)
+    assert all(torch.equal(x, y) for x, y in zip(masks(a), masks(b), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(masks(a), masks(c), strict=True))
+    assert sum(int((m == 0).sum()) for m in masks(a)) == round(0.6 * 144)
+
+
+def test_imp_rounds_follow_the_rate_and_hit_milestones_and_the_end_exactly() -> None:
+    seen: list[float] = []
+    result = imp(
+        make_model(), 0.7, make_data(), epochs_per_round=0.5, milestones=[0.5],
+        on_round=lambda r, m: seen.append(r.sparsity),
+    )  # fmt: skip
+    kept, expected = 144, []
+    for stop in (72, round(0.3 * 144)):  # the milestone, then the end
+        while kept > stop:
+            kept = max(stop, math.ceil(kept * 0.8))
+            expected.append(1 - kept / 144)
+    assert [r.sparsity for r in result.rounds] == pytest.approx(expected)
+    assert seen == [r.sparsity for r in result.rounds]
+    assert 0.5 in [round(s, 10) for s in seen]
+
+
+def test_imp_rewinds_the_unpruned_weights_to_the_start() -> None:
+    model = make_model()
+    start = [model[i].weight.detach().clone() for i in (0, 2)]
+    rewound: list[list[Tensor]] = []
+
+    def before_training(module: nn.Module, args: object) -> None:
+        if prune.is_pruned(model) and len(rewound) < 1:
+            rewound.append([model[i].weight_orig.detach().clone() for i in (0, 2)])
+
+    handle = model.register_forward_pre_hook(before_training)
+    imp(model, 0.5, make_data(), epochs_per_round=1)
+    handle.remove()
+    # the first forward after the first pruning sees the initial weights again
+    assert all(torch.equal(a, b) for a, b in zip(rewound[0], start, strict=True))
+
+
+class OneShot:
+    """A loader with a len() whose iteration runs only once (a generator in disguise)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.it = batches, iter(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return self.it
+
+
+def failing_loss(after: int):
+    calls = {"n": 0}
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise RuntimeError("the loss failed")
+        return F.cross_entropy(out, y)
+
+    return loss
+
+
+BAD = [
+    pytest.param(omp_finetune, {"loader": []}, ValueError, "loader is empty", id="omp-empty"),
+    pytest.param(imp, {"loader": []}, ValueError, "loader is empty", id="imp-empty"),
+    pytest.param(random_finetune, {"loader": iter(make_data())}, TypeError, "len\\(\\)", id="random-no-len"),
+    pytest.param(
+        omp_finetune, {"epochs": -1}, ValueError, r"epochs must be a finite number >= 0, got -1", id="omp-neg"
+    ),
+    pytest.param(imp, {"epochs_per_round": 0}, ValueError, r"epochs must be .* > 0, got 0", id="imp-zero"),
+    pytest.param(
+        omp_finetune, {"schedule": "cosin"}, ValueError, r"schedule must be .*'cosin'", id="schedule"
+    ),
+    pytest.param(random_finetune, {"bogus": 1}, TypeError, r"train_options: .*bogus", id="unknown-option"),
+    pytest.param(omp_finetune, {"lr": -1.0}, ValueError, r"Invalid learning rate", id="lr"),
+    pytest.param(
+        imp, {"milestones": [0.8]}, ValueError, r"milestones \[0\.8\] lie beyond the final", id="milestone"
+    ),
+    pytest.param(imp, {"rate": "a"}, ValueError, r"rate must be a number in \(0, 1\), got 'a'", id="rate"),
+    pytest.param(omp_finetune, {"loss_fn": failing_loss(2)}, RuntimeError, "the loss failed", id="omp-loss"),
+    pytest.param(imp, {"loss_fn": failing_loss(5)}, RuntimeError, "the loss failed", id="imp-loss"),
+    pytest.param(
+        omp_finetune,
+        {"loader": OneShot(make_data()), "epochs": 2},
+        ValueError,
+        "yielded no batch",
+        id="one-shot",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fn", "kwargs", "error", "match"), BAD)
+def test_bad_input_and_failures_leave_the_model_as_it_was(fn, kwargs, error, match) -> None:
+    model = make_model()
+    before = capture(model)
+    kwargs = {"loader": make_data(), **kwargs}
+    loader = kwargs.pop("loader")
+    with pytest.raises(error, match=match):
+        fn(model, 0.5, loader, **kwargs)
+    assert_unchanged(before, model)
+    assert not prune.is_pruned(model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"epochs": 0}, ValueError, r"epochs must be a finite number > 0, got 0"),
+        ({"epochs": float("nan")}, ValueError, r"got nan"),
+        ({"schedule": "linear"}, ValueError, "schedule must be"),
+    ],
+)
+def test_train_checks_its_arguments_before_training(kwargs, error, match) -> None:
+    model = make_model()
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        train(model, make_data(), **kwargs)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
