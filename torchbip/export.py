@@ -203,6 +203,9 @@ class _Planner:
         graph = self.graph
         ok: dict[int, bool] = {}
         dead: dict[int, bool] = defaultdict(lambda: True)
+        # a zero depthwise filter makes its channel constant whatever feeds it: the layers before
+        # it need not be zero (their channel's one reader ignores it; other readers are measured)
+        cut: dict[int, bool] = defaultdict(bool)
         producers: dict[int, int] = defaultdict(int)
         readers: list[tuple[nn.Module, int, int]] = []
         for item in group:
@@ -225,9 +228,11 @@ class _Planner:
                 if getattr(module, "groups", 1) != 1 and node.type != self.tp.ops.OPTYPE.DEPTHWISE_CONV:
                     return [], {}
                 zero = self.zeros(weight, 0)
+                depthwise = node.type == self.tp.ops.OPTYPE.DEPTHWISE_CONV
                 for i, r in zip(idxs, roots, strict=True):
                     producers[r] += 1
                     dead[r] = dead[r] and bool(zero[i])
+                    cut[r] = cut[r] or (depthwise and bool(zero[i]))
             elif is_in and not is_out:
                 if getattr(module, "groups", 1) != 1:
                     return [], {}
@@ -238,6 +243,7 @@ class _Planner:
         folds: dict[int, list[tuple[nn.Module, int, float]]] = defaultdict(list)
         for r in ok:
             ok[r] = producers[r] > 0
+            dead[r] = dead[r] or cut[r]
         for module, i, r in readers:
             if not ok[r]:
                 continue
@@ -287,7 +293,10 @@ def export_slim(
     ``model`` (pruned with :mod:`torch.nn.utils.prune` state or with the masks already made
     permanent) is not changed. In the copy every mask is made permanent, then every filter and
     input channel that is entirely zero is removed along with its dependants when that leaves
-    the outputs unchanged (see the module docstring for the rule and the BatchNorm shift).
+    the outputs unchanged (see the module docstring for the rule and the BatchNorm shift). A zero
+    depthwise filter removes its channel from the layers before and after it as well; a layer
+    whose filters are all zero keeps one (a layer is never removed whole); grouped convolutions
+    other than depthwise ones keep their channels.
     The result is an ordinary ``nn.Module`` of the same classes with smaller layers; masks
     that left no whole channel zero (unstructured pruning) change nothing.
 
@@ -295,7 +304,9 @@ def export_slim(
         model: the pruned model.
         example_inputs: a batch for ``model(*example_inputs)`` (a tensor or a tuple), used to
             trace the graph, to read the constant channels and to verify the result. Use real or
-            random inputs, not a constant image.
+            random inputs, not a constant image, and at least two samples: with one, a channel
+            that is constant within each sample (a per-sample shift) would look constant for
+            every input.
         ignored_layers: modules whose output channels are never removed (the model's output
             layer is protected without being listed).
         verify: check that the slim model's outputs equal the masked model's on
@@ -349,13 +360,23 @@ def export_slim(
     stats: _ChannelStats | None = None
     zeros = _ZeroCache()
     for module in roots:
-        if getattr(module, "groups", 1) != 1:
-            continue
+        groups = getattr(module, "groups", 1)
+        depthwise = groups > 1 and groups == module.weight.shape[0] == getattr(module, "in_channels", 0)
+        if groups != 1 and not depthwise:
+            continue  # grouped convolutions: channels are removed only through their neighbours
         pruner = graph.get_pruner_of_module(module)
-        for dim, fn in ((0, pruner.prune_out_channels), (1, pruner.prune_in_channels)):
+        # a depthwise filter is its own input channel: its out-channel pruning removes both
+        sides = (
+            ((0, pruner.prune_out_channels),)
+            if depthwise
+            else ((0, pruner.prune_out_channels), (1, pruner.prune_in_channels))
+        )
+        for dim, fn in sides:
             candidates = torch.nonzero(zeros(module.weight, dim)).flatten().tolist()
-            if not candidates or len(candidates) >= module.weight.shape[dim]:
-                continue  # nothing to remove, or everything (a layer is never removed whole)
+            if len(candidates) >= module.weight.shape[dim]:
+                candidates = candidates[1:]  # a layer is never removed whole: one zero channel stays
+            if not candidates:
+                continue
             if stats is None:
                 stats = _ChannelStats(slim, inputs)
             planner = _Planner(tp, graph, stats, keep_out, zeros)
@@ -409,6 +430,13 @@ def _check_export_arguments(
         raise TypeError(
             "example_inputs must be a tensor or a tuple of the model's inputs, "
             f"got {type(example_inputs).__name__}"
+        )
+    batch = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    single = [tuple(t.shape) for t in batch if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] < 2]
+    if single:
+        raise ValueError(
+            f"example_inputs holds a batch of one sample (shape {single[0]}): pass at least two, so "
+            "that a channel constant within each sample is not taken for a constant one"
         )
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {verify!r}")

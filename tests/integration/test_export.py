@@ -267,3 +267,71 @@ def test_mobilenet_v2_depthwise_and_inverted_residuals_round_trip(seed: int) -> 
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), slim.eval()(x))
+
+
+def _depthwise_model(second_reader: bool = False) -> nn.Module:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.expand = nn.Conv2d(3, 8, 1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.bn2 = nn.BatchNorm2d(8)
+            self.project = nn.Conv2d(8, 6, 1)
+            self.side = nn.Conv2d(8, 6, 1) if second_reader else None
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.bn1(self.expand(x)))
+            y = self.project(torch.relu(self.bn2(self.dw(h))))
+            if self.side is not None:  # a second reader of the channels that feed dw
+                y = y + self.side(h)
+            return self.head(y.mean((2, 3)))
+
+    return randomize(Net())
+
+
+def test_zero_depthwise_filters_are_removed_with_the_channels_feeding_them(seed: int) -> None:
+    """A zero depthwise filter makes its channel constant whatever feeds it: the expand conv's
+    channel, the filter and the project conv's input channel go, the constant folded."""
+    model = _depthwise_model()
+    bip_structured(model.dw, "weight", amount=3, dim=0)
+    slim = export_slim(model, torch.randn(4, 3, 8, 8))
+    assert (slim.expand.out_channels, slim.dw.out_channels, slim.dw.groups, slim.project.in_channels) == (
+        5,
+    ) * 4
+    assert_same_outputs(slim, model, torch.randn(6, 3, 8, 8) * 3)  # inputs the export never saw
+
+
+def test_a_channel_read_elsewhere_too_stays(seed: int) -> None:
+    model = _depthwise_model(second_reader=True)
+    bip_structured(model.dw, "weight", amount=3, dim=0)
+    slim = export_slim(model, torch.randn(4, 3, 8, 8))
+    assert slim.expand.out_channels == 8  # side reads those channels: they must stay
+    assert_same_outputs(slim, model, torch.randn(6, 3, 8, 8))
+
+
+def test_a_layer_with_every_filter_zero_keeps_one(seed: int) -> None:
+    """More zeros never export larger: a layer whose filters are all zero keeps one (a layer is
+    never removed whole), like a layer with all but one zero."""
+    sizes = []
+    for amount in (7, 8):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+                              nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 64, 2))  # fmt: skip
+        bip_structured(model[0], "weight", amount, dim=0)
+        slim = export_slim(model.eval(), torch.randn(2, 3, 8, 8))
+        assert_same_outputs(slim, model, torch.randn(3, 3, 8, 8))
+        sizes.append((slim[0].out_channels, sum(p.numel() for p in slim.parameters())))
+    assert sizes[0] == sizes[1]
+    assert sizes[0][0] == 1
+
+
+def test_a_batch_of_one_example_is_refused() -> None:
+    """With one sample a per-sample constant (a shift by the input's mean) looks constant."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    bip_structured(model[0], "weight", 2, dim=0)
+    with pytest.raises(
+        ValueError, match=r"example_inputs holds a batch of one sample \(shape \(1, 3, 6, 6\)\)"
+    ):
+        export_slim(model.eval(), torch.randn(1, 3, 6, 6))
