@@ -90,10 +90,21 @@ def check_mask_shape(t: Tensor, default_mask: Tensor) -> None:
         )
 
 
-def check_finite(scores: Tensor) -> None:
-    """Raise ``ValueError`` if the importance scores hold a NaN or an infinity."""
+def check_finite(scores: Tensor, what: str = "importance_scores") -> None:
+    """Raise ``ValueError`` if the importance scores hold a NaN or an infinity.
+
+    ``what`` names them in the message: the argument, or the weight whose magnitudes stand in
+    for it.
+    """
     if not torch.isfinite(scores).all():
-        raise ValueError("importance_scores contain NaN or infinite values")
+        raise ValueError(f"{what} contain NaN or infinite values, which cannot be ranked")
+
+
+def scores_source(importance_scores: Tensor | None, name: str) -> str:
+    """What ranks the entries, for messages: ``importance_scores`` or the tensor ``name`` itself."""
+    if importance_scores is not None:
+        return "importance_scores"
+    return f"the values of {name!r} (ranked by magnitude, as no importance_scores were given)"
 
 
 P = ParamSpec("P")
@@ -425,7 +436,7 @@ class BiPPruningMethod(BiPMethod):
                 f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
                 f"{tuple(current.shape)}"
             )
-        check_finite(scores)
+        check_finite(scores, scores_source(importance_scores, name))
         mask = getattr(module, name + "_mask", None)
         remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
         count_from_amount(amount, remaining)  # raise before torch removes any old hook

@@ -47,6 +47,7 @@ from torchbip.method import (
     named_tensor,
     outside_inference_mode,
     pruning_hook,
+    scores_source,
 )
 
 __all__ = [
@@ -228,7 +229,9 @@ class BiPStructured(BiPMethod):
         dim = normalize_dim(self.dim, t.dim())
         allowed = allowed_groups(default_mask, dim)
         n_allowed = int(allowed.sum())
-        n_prune = count_from_amount(self.amount, n_allowed)
+        n_prune = count_from_amount(
+            self.amount, n_allowed, unit={0: "filters", 1: "channels"}.get(dim, "groups")
+        )
         scores = group_reduce(magnitudes(t).to(torch.float64), dim)
         keep = topk_mask(scores, n_allowed - n_prune, allowed)
         return default_mask * expand_groups(keep, t.shape, dim).to(dtype=default_mask.dtype)
@@ -278,10 +281,11 @@ class BiPStructured(BiPMethod):
                 f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
                 f"{tuple(current.shape)} (pass that shape or ({current.shape[axis]},), one per group)"
             )
-        check_finite(scores)
+        check_finite(scores, scores_source(importance_scores, name))
         mask = getattr(module, name + "_mask", None)
         base = mask if isinstance(mask, Tensor) else torch.ones_like(current)
-        count_from_amount(amount, int(allowed_groups(base, axis).sum()))  # raise before torch acts
+        unit = {0: "filters", 1: "channels"}.get(axis, "groups")
+        count_from_amount(amount, int(allowed_groups(base, axis).sum()), unit=unit)  # raise before torch acts
         if group_scores is None:
             group_scores = group_reduce(magnitudes(scores).to(torch.float64), axis).to(scores.dtype)
         scores = scores.contiguous()

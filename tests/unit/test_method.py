@@ -321,3 +321,27 @@ def test_importing_torchbip_does_not_import_test_dependencies() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_non_finite_weight_without_importance_scores_is_named_as_such() -> None:
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight[0, 0] = math.inf
+    before = layer.weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"the values of 'weight' \(ranked by magnitude, as no importance_scores"
+    ):
+        bip_unstructured(layer, "weight", 0.5)
+    assert torch.equal(layer.weight, before)
+    assert not hasattr(layer, "weight_mask")
+
+
+def test_structured_counts_say_filters_or_channels() -> None:
+    from torchbip import bip_structured
+
+    conv = nn.Conv2d(3, 6, 3)
+    with pytest.raises(ValueError, match=r"amount=7 is larger than the number of unpruned filters \(6\)"):
+        bip_structured(conv, "weight", 7, dim=0)
+    with pytest.raises(ValueError, match=r"amount=4 is larger than the number of unpruned channels \(3\)"):
+        bip_structured(conv, "weight", 4, dim=1)
+    assert not hasattr(conv, "weight_mask")
