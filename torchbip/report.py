@@ -136,9 +136,11 @@ class SparsityReport:
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 20 else 8)
         ax.legend()
         if path is not None:
-            fig.savefig(path, dpi=120)
-            if pyplot is not None:
-                pyplot.close(fig)
+            try:
+                fig.savefig(path, dpi=120)
+            finally:  # also when the path cannot be written: no figure left open
+                if pyplot is not None:
+                    pyplot.close(fig)
         return fig
 
 
@@ -149,7 +151,8 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
         model: any module; tensors pruned by torch's or torchbip's methods are reported by their
             ``*_mask`` buffers.
         include_dense: also report unpruned ``nn.Linear``/``nn.Conv*d`` weights (0 zeros counted
-            from the values themselves).
+            from the values themselves); a weight that several modules share is counted once,
+            under its first name.
 
     Returns:
         A :class:`SparsityReport`.
@@ -172,13 +175,15 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
         assert mask is not None
         pruned.setdefault(id(module), []).append((fqn, mask))
     tensors: dict[str, TensorSparsity] = {}
+    seen: set[int] = set()  # dense weights shared by several modules: counted once
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for fqn, mask in pruned.get(id(module), []):
             tensors[fqn] = TensorSparsity(mask.numel(), int((mask == 0).sum()))
         if include_dense and isinstance(module, PRUNABLE_TYPES):
             weight = module._parameters.get("weight")
-            if weight is not None:
+            if weight is not None and id(weight) not in seen:
+                seen.add(id(weight))
                 tensors[prefix + "weight"] = TensorSparsity(weight.numel(), int((weight == 0).sum()))
     return SparsityReport(tensors)
 

@@ -199,3 +199,26 @@ def test_plot_errors_name_the_cause(model: nn.Sequential, monkeypatch: pytest.Mo
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.pyplot", None)  # import raises
     with pytest.raises(ImportError, match=r"SparsityReport\.plot needs matplotlib: pip install matplotlib"):
         sparsity_report(model).plot()
+
+
+def test_include_dense_counts_a_shared_weight_once() -> None:
+    first = nn.Linear(4, 4)
+    second = nn.Linear(4, 4)
+    second.weight = first.weight  # tied
+    with torch.no_grad():
+        first.weight[0] = 0.0
+    report = sparsity_report(nn.Sequential(first, second), include_dense=True)
+    assert list(report.tensors) == ["0.weight"]
+    assert (report.zeros, report.numel) == (4, 16)
+
+
+def test_plot_to_a_path_that_cannot_be_written_leaves_no_figure_open(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    prune.l1_unstructured(model[0], "weight", amount=4)
+    open_before = len(plt.get_fignums())
+    with pytest.raises(FileNotFoundError):
+        sparsity_report(model).plot(tmp_path / "missing" / "density.png")
+    assert len(plt.get_fignums()) == open_before
