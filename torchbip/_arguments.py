@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules import module as module_impl
 
 from torchbip._checkpoint import check_checkpoint_path
+from torchbip._collectives import agree
 from torchbip._func import Target, resolve_targets
 from torchbip.bilevel import all_finite
 from torchbip.config import BiPConfig
@@ -182,63 +182,31 @@ def check_device(device: str) -> None:
 def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group: Any) -> None:
     """Make every rank of ``group`` agree on the plan, or raise on every rank.
 
-    One ``all_gather_object`` before the first step: each rank sends either the error its own
-    checks raised or the shape of its run (steps, tensors, kept entries). If any rank failed, or
-    the ranks disagree (e.g. shards with different numbers of batches), every rank raises, so
-    that no rank is left waiting in the next collective.
+    One ``all_gather_object`` before the first step (:func:`torchbip._collectives.agree`): each
+    rank sends either the error its own checks raised or the shape of its run (steps, tensors,
+    kept entries). If any rank failed, or the ranks disagree (e.g. shards with different numbers
+    of batches), every rank raises, so that no rank is left waiting in the next collective.
     """
     if group is None:
         if error is not None:
             raise error
         return
-    mine: dict[str, Any]
-    if error is not None:
-        mine = {"error": f"{type(error).__name__}: {error}"}
-    else:
+    mine = None
+    if error is None:
         assert plan is not None
         mine = {
             "steps": plan.steps,
             "tensors": [(t.fqn, tuple(t.weight().shape)) for t in plan.targets],
             "n_keep": plan.layout.n_keep,
-            "settings": {k: v for k, v in plan.cfg.to_dict().items() if k not in _LOCAL_SETTINGS},
             "amount": plan.amount,
+            "settings": {k: v for k, v in plan.cfg.to_dict().items() if k not in _LOCAL_SETTINGS},
         }
-    world = dist.get_world_size(group)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine, group=group)
-    if error is not None:
-        raise error
-    failed = [(rank, g["error"]) for rank, g in enumerate(gathered) if "error" in g]
-    if failed:
-        details = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
-        raise RuntimeError(f"global_prune was refused on other ranks of the process group ({details})")
-    for key, what in (
-        ("steps", "steps"),
-        ("tensors", "tensors to prune"),
-        ("n_keep", "kept entries"),
-        ("amount", "amount"),
-    ):
-        values = [g[key] for g in gathered]
-        if any(v != values[0] for v in values):
-            per_rank = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(values))
-            hint = (
-                "; shards of different lengths: give every rank the same number of batches "
-                "(a DistributedSampler pads them) or pass the same steps= on every rank"
-                if key == "steps"
-                else ""
-            )
-            raise ValueError(f"the ranks of the process group disagree on the {what} ({per_rank}){hint}")
-
-    settings = [g["settings"] for g in gathered]
-    differ = sorted(k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings[1:]))
-    if differ:
-        per_rank = "; ".join(
-            f"{k}: " + ", ".join(f"rank {r}: {s.get(k)!r}" for r, s in enumerate(settings)) for k in differ
-        )
-        raise ValueError(
-            f"the ranks of the process group disagree on the settings {differ} ({per_rank}); every rank "
-            "must run the same BiP, or their weights would drift apart"
-        )
+    hint = (
+        "; shards of different lengths: give every rank the same number of batches "
+        "(a DistributedSampler pads them) or pass the same steps= on every rank"
+    )
+    labels = {"steps": "steps", "tensors": "tensors to prune", "n_keep": "kept entries", "amount": "amount"}
+    agree(mine, error, group, "global_prune", {**labels, "settings": "settings"}, {"steps": hint})
 
 
 # Settings that may differ between ranks: they keep the weights of the ranks equal (a seed per rank

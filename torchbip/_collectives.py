@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from torchbip._tensors import split_like
 
-__all__ = ["all_reduce_mean", "broadcast_state", "default_group"]
+__all__ = ["agree", "all_reduce_mean", "broadcast_state", "default_group"]
 
 
 def broadcast_state(model: nn.Module, group: Any) -> None:
@@ -21,7 +22,9 @@ def broadcast_state(model: nn.Module, group: Any) -> None:
             dist.broadcast(tensor.data, src=src, group=group)
 
 
-def all_reduce_mean(tensors: list[Tensor], group: Any, failed: bool = False) -> int:
+def all_reduce_mean(
+    tensors: list[Tensor], group: Any, failed: bool = False, counts: list[int] | None = None
+) -> int:
     """Average tensors over the ranks of ``group`` in place, in one flat all-reduce.
 
     The flat buffer also carries one status entry per call, so that a rank that failed before the
@@ -29,22 +32,35 @@ def all_reduce_mean(tensors: list[Tensor], group: Any, failed: bool = False) -> 
     learns how many ranks failed. The buffer's dtype depends only on the non-scalar tensors (the
     same on every rank), never on the loss's.
 
+    Args:
+        tensors: the tensors to average (each rank's the same shapes).
+        group: the process group.
+        failed: this rank failed before the collective.
+        counts: small counts summed over the ranks in the same collective (in place), e.g. how
+            many ranks saw a gradient of each tensor.
+
     Returns:
         The number of ranks that reported a failure.
     """
     wide = any(t.dtype == torch.float64 and t.dim() > 0 for t in tensors)
     dtype = torch.float64 if wide else torch.float32
-    status = torch.full(
-        (1,), 1.0 if failed else 0.0, dtype=dtype, device=tensors[0].device if tensors else None
+    extra = list(counts or [])
+    status = torch.tensor(
+        [1.0 if failed else 0.0, *map(float, extra)],
+        dtype=dtype,
+        device=tensors[0].device if tensors else None,
     )
     flat = torch.cat([status, *(t.detach().reshape(-1).to(dtype) for t in tensors)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    n_failed = round(float(flat[0]))
+    head = flat[: 1 + len(extra)].tolist()
+    n_failed = round(head[0])
+    if counts is not None:
+        counts[:] = [round(c) for c in head[1:]]
     if failed or n_failed:
         return n_failed
     flat.div_(dist.get_world_size(group))
     with torch.no_grad():
-        for t, mean in zip(tensors, split_like(flat[1:], tensors), strict=True):
+        for t, mean in zip(tensors, split_like(flat[1 + len(extra) :], tensors), strict=True):
             t.copy_(mean)
     return 0
 
@@ -63,3 +79,57 @@ def default_group(process_group: Any) -> Any:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
+
+
+def agree(
+    mine: Mapping[str, Any] | None,
+    error: BaseException | None,
+    group: Any,
+    caller: str,
+    labels: Mapping[str, str],
+    hints: Mapping[str, str] | None = None,
+) -> None:
+    """Make every rank of ``group`` agree on a plan, or raise on every rank.
+
+    One ``all_gather_object``: each rank sends either the error its own checks raised or its
+    plan (``mine``). A rank that failed raises its own error and every other rank a
+    ``RuntimeError`` naming it; ranks whose plans differ all raise ``ValueError`` listing each
+    rank's value, so that no rank is left waiting in the next collective.
+
+    Args:
+        mine: this rank's plan (``None`` when ``error`` is given).
+        error: the error this rank's own checks raised, if any.
+        group: the process group.
+        caller: what was refused, for the message (``"global_prune"``, ``"BiP"``).
+        labels: the plan's keys to compare, in order, with their names for the messages; the
+            key ``"settings"`` holds a dict compared entry by entry.
+        hints: advice appended to the message of a key that differs.
+    """
+    sent: dict[str, Any] = (
+        {"error": f"{type(error).__name__}: {error}"} if error is not None else dict(mine or {})
+    )
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, sent, group=group)
+    if error is not None:
+        raise error
+    failed = [(rank, g["error"]) for rank, g in enumerate(gathered) if "error" in g]
+    if failed:
+        details = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
+        raise RuntimeError(f"{caller} was refused on other ranks of the process group ({details})")
+    for key, what in labels.items():
+        values = [g[key] for g in gathered]
+        if key == "settings":
+            differ = sorted(k for k in values[0] if any(v.get(k) != values[0][k] for v in values[1:]))
+            if differ:
+                per_rank = "; ".join(
+                    f"{k}: " + ", ".join(f"rank {r}: {v.get(k)!r}" for r, v in enumerate(values))
+                    for k in differ
+                )
+                raise ValueError(
+                    f"the ranks of the process group disagree on the {what} {differ} ({per_rank}); every "
+                    "rank must run the same BiP, or their weights would drift apart"
+                )
+        elif any(v != values[0] for v in values):
+            per_rank = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(values))
+            hint = (hints or {}).get(key, "")
+            raise ValueError(f"the ranks of the process group disagree on the {what} ({per_rank}){hint}")

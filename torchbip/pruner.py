@@ -33,13 +33,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchbip._collectives import all_reduce_mean, broadcast_state, default_group
+from torchbip._collectives import agree, all_reduce_mean, broadcast_state, default_group
 from torchbip._func import Target, candidate_targets, check_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
 from torchbip.config import BiPConfig
-from torchbip.layouts import Layout, as_layout
+from torchbip.layouts import Layout, MaskLayout, as_layout
 from torchbip.masks import validate_amount
 from torchbip.method import GradCapture, pruning_hook, scores_name, set_grad_capture
 from torchbip.report import SparsityReport, TensorSparsity
@@ -203,6 +203,65 @@ class BiP:
                 "BiP trains masks and cannot be built under torch.inference_mode(); build it outside"
             )
         model = _bare(model)
+        group = default_group(process_group)
+        try:
+            plan = self._checked_plan(
+                model, amount, parameters, exclude, layout, budget, min_keep, max_keep, upper_lr,
+                upper_momentum, upper_schedule, steps, implicit_coef, score_init, hold_pruned,
+            )  # fmt: skip
+        except (ValueError, TypeError, RuntimeError) as err:
+            if group is None:
+                raise
+            agree(None, err, group, "torchbip.BiP", {})  # every rank raises, none waits below
+            raise
+        spec, cfg, targets, bound, steps, settings = plan
+        if group is not None:  # the same BiP on every rank, or an error on every rank
+            mine = {
+                "tensors": [(t.fqn, tuple(t.weight().shape)) for t in targets],
+                "n_keep": bound.n_keep,
+                "layout": bound.describe(),
+                "settings": settings,
+            }
+            labels = {"tensors": "tensors to prune", "n_keep": "kept entries", "layout": "layout"}
+            agree(mine, None, group, "torchbip.BiP", {**labels, "settings": "settings"})
+
+        self.model, self.targets, self.spec, self.layout = model, targets, spec, bound
+        self.implicit_coef = float(cfg.implicit_coef)  # type: ignore[arg-type]
+        self.hold_pruned = hold_pruned
+        self.steps = steps
+        self.step_count = 0
+        self.skipped_steps = 0
+        self._finished = False
+        self.group = group
+        self.settings = settings
+        snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
+        try:
+            if self.group is not None:  # start every rank from rank 0's model, as DDP does
+                broadcast_state(model, self.group)
+            self._apply(cfg.score_init)
+        except BaseException:
+            snapshot.restore()
+            raise
+
+    @staticmethod
+    def _checked_plan(
+        model: nn.Module,
+        amount: Amount | Mapping[str, Amount],
+        parameters: Iterable[tuple[nn.Module, str]] | None,
+        exclude: Iterable[str] | None,
+        layout: str | Layout | None,
+        budget: str,
+        min_keep: Amount | None,
+        max_keep: Amount | None,
+        upper_lr: float,
+        upper_momentum: float,
+        upper_schedule: str,
+        steps: int | None,
+        implicit_coef: float,
+        score_init: str,
+        hold_pruned: bool,
+    ) -> tuple[Layout, BiPConfig, list[Target], MaskLayout, int | None, dict[str, object]]:
+        """Check every argument and bind the layout, without changing the model."""
         spec = as_layout(layout, budget)
         schedule = upper_schedule
         steps = _count(steps)
@@ -238,35 +297,19 @@ class BiP:
         allowed = [_allowed(t) for t in targets]
         bound = spec.bind(targets, amounts, allowed, cfg.min_keep, max_keep)
         targets = bound.kept_targets(targets)
-
-        self.model, self.targets, self.spec, self.layout = model, targets, spec, bound
-        self.implicit_coef = float(cfg.implicit_coef)  # type: ignore[arg-type]
-        self.hold_pruned = hold_pruned
-        self.steps = steps
-        self.step_count = 0
-        self.skipped_steps = 0
-        self._finished = False
-        self.group = default_group(process_group)
-        self.settings = {
+        settings: dict[str, object] = {
             "layout": spec.shorthand,
             "amount": amount if not isinstance(amount, Mapping) else dict(amount),
             "upper_lr": cfg.upper_lr,
             "upper_momentum": cfg.upper_momentum,
             "upper_schedule": schedule,
             "steps": steps,
-            "implicit_coef": self.implicit_coef,
+            "implicit_coef": float(cfg.implicit_coef),  # type: ignore[arg-type]
             "score_init": cfg.score_init,
             "min_keep": cfg.min_keep,
             "max_keep": max_keep,
         }
-        snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
-        try:
-            if self.group is not None:  # start every rank from rank 0's model, as DDP does
-                broadcast_state(model, self.group)
-            self._apply(cfg.score_init)
-        except BaseException:
-            snapshot.restore()
-            raise
+        return spec, cfg, targets, bound, steps, settings
 
     def _apply(self, score_init: str) -> None:
         """Put every target in torch's pruned form and build the flat score state."""
@@ -510,16 +553,24 @@ class BiP:
         """
         self._check_usable()
         if upper_grads is None:
-            self._check_fired()
+            error = self._no_gradient_error()
+            if error is not None and self.group is None:
+                raise error
+            fired = [int(f) for f in self.fired]
             for i, (g, mask) in enumerate(zip(self.captured, self.masks, strict=True)):
                 if g is None:  # no gradient reached this tensor since the last step
                     self.captured[i] = torch.zeros_like(mask, memory_format=torch.contiguous_format)
                     self.owned[i] = True
             if self.group is not None:
+                # One collective for the mean gradients, every rank's failure and which tensors
+                # each rank saw a gradient of: a rank that fails does not leave the others waiting.
                 self._own_captured()  # the mean is written in place
-                failed = all_reduce_mean(self._captured(), self.group)
+                failed = all_reduce_mean(self._captured(), self.group, error is not None, fired)
+                if error is not None:
+                    raise error
                 if failed:
                     raise RuntimeError(f"{failed} other rank(s) of the process group failed in BiP.step()")
+            self._check_first_step(fired)
             self._upper_grads_from_captured(inv_scale)
         else:
             self._write_score_grads(upper_grads)
@@ -692,15 +743,20 @@ class BiP:
         for i, saved in enumerate(self.saved):
             copy_into(saved, self._full(i))
 
-    def _check_fired(self) -> None:
-        if not any(self.fired):
-            raise RuntimeError(
-                "BiP.step() found no gradient of the pruned tensors since the last step: call it after "
-                "loss.backward() (and optimizer.step()), on the model this BiP object was built on, in "
-                "train mode with gradients enabled"
-            )
-        if self.step_count == 0 and not all(self.fired):
-            names = ", ".join(repr(n) for n, f in zip(self.names, self.fired, strict=True) if not f)
+    def _no_gradient_error(self) -> RuntimeError | None:
+        """The error for a step with no gradient of any pruned tensor since the last one."""
+        if any(self.fired):
+            return None
+        return RuntimeError(
+            "BiP.step() found no gradient of the pruned tensors since the last step: call it after "
+            "loss.backward() (and optimizer.step()), on the model this BiP object was built on, in "
+            "train mode with gradients enabled"
+        )
+
+    def _check_first_step(self, fired: Sequence[int]) -> None:
+        """In the first step every pruned tensor must have had a gradient (on some rank)."""
+        if self.step_count == 0 and not all(fired):
+            names = ", ".join(repr(n) for n, f in zip(self.names, fired, strict=True) if not f)
             raise ValueError(
                 f"parameters names {names}, which got no gradient in the first backward pass: the "
                 "module's forward is never called (its parent reads the tensor directly, as "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -897,6 +898,37 @@ def test_ddp_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path
     torch.testing.assert_close(rank0["scores"], pruner.flat_scores, rtol=1e-9, atol=1e-12)
     pruner.finish()
     _assert_model_state_equals(rank0["model"], model)
+
+
+def test_ranks_that_disagree_or_fail_all_raise_instead_of_waiting(tmp_path: Path) -> None:
+    """Two gloo ranks: BiP built with other budgets or settings, refused on one rank, a tensor that
+    only one rank's first batch reaches (DDP's find_unused_parameters), a step without backward
+    on one rank. Every rank raises (or both agree); none is left waiting in a collective."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    cases = ["amount", "steps", "refused", "unused", "no_backward"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(here / "bip_ddp_failures_worker.py"), str(tmp_path), *cases]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    kept = "ValueError: the ranks of the process group disagree on the kept entries (rank 0: 86, rank 1: 130)"
+    steps = (
+        "ValueError: the ranks of the process group disagree on the settings ['steps'] "
+        "(steps: rank 0: 4, rank 1: 12)"
+    )
+    for out in (r0, r1):
+        assert out["amount"].startswith(kept), out
+        assert out["steps"].startswith(steps), out
+    assert r1["refused"].startswith("ValueError: amount=1.5"), r1
+    assert r0["refused"].startswith(
+        "RuntimeError: torchbip.BiP was refused on other ranks of the process group "
+        "(rank 1: ValueError: amount=1.5"
+    ), r0
+    assert r0["unused"].startswith("ok ")
+    assert r0["unused"] == r1["unused"]  # both ranks hold the same state
+    assert r1["no_backward"].startswith("RuntimeError: BiP.step() found no gradient"), r1
+    assert r0["no_backward"] == "RuntimeError: 1 other rank(s) of the process group failed in BiP.step()"
 
 
 # -- for trainers that hide their loss scaler or know the length of training late --------------

@@ -1,0 +1,110 @@
+"""Ranks that disagree or fail with ``torchbip.BiP``, launched by ``torchrun`` from ``test_bip_in_loop.py``.
+
+Each case runs on both ranks in turn; rank ``r`` writes ``OUT/rank<r>.json``, the outcome of
+every case: ``ok <digest>`` or the exception's type and message. A rank left waiting in a
+collective would hit the process group's 60 s timeout instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+import torchbip
+
+
+class Routed(nn.Module):
+    """A model whose middle layer a batch may skip (data-dependent routing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor, skip: bool = False) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if not skip:
+            h = torch.tanh(self.b(h))
+        return self.c(h)
+
+
+def batch(step: int, rank: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    x = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def digest(model: nn.Module, pruner: torchbip.BiP) -> str:
+    data = b"".join(v.detach().reshape(-1).numpy().tobytes() for v in model.state_dict().values())
+    return hashlib.sha256(data + pruner.flat_scores.detach().numpy().tobytes()).hexdigest()[:16]
+
+
+def build(rank: int, **kwargs: object) -> tuple[nn.Module, torchbip.BiP]:
+    model = Routed().double()
+    return model, torchbip.BiP(model, **{"amount": 0.8, "steps": 4, **kwargs})  # type: ignore[arg-type]
+
+
+def case_amount(rank: int) -> str:
+    build(rank, amount=0.8 if rank == 0 else 0.7)
+    return "built"
+
+
+def case_steps(rank: int) -> str:
+    build(rank, steps=4 if rank == 0 else 12)
+    return "built"
+
+
+def case_refused(rank: int) -> str:
+    build(rank, amount=0.8 if rank == 0 else 1.5)
+    return "built"
+
+
+def case_unused(rank: int) -> str:
+    """Rank 1's first batch skips layer b: DDP(find_unused_parameters=True) averages what ran."""
+    model, pruner = build(rank)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(4):
+        x, y = batch(step, rank)
+        optimizer.zero_grad()
+        F.cross_entropy(ddp(x, skip=(step == 0 and rank == 1)), y).backward()
+        optimizer.step()
+        pruner.step()
+    return f"ok {digest(model, pruner)}"
+
+
+def case_no_backward(rank: int) -> str:
+    """Rank 1 steps without a backward pass: it raises, rank 0 learns so in the same collective."""
+    model, pruner = build(rank)
+    x, y = batch(0, rank)
+    if rank == 0:
+        F.cross_entropy(model(x), y).backward()
+    pruner.step()
+    return "stepped"
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    outcomes = {}
+    for name in sys.argv[2:]:
+        try:
+            outcomes[name] = globals()[f"case_{name}"](rank)
+        except Exception as err:  # the outcome under test
+            outcomes[name] = f"{type(err).__name__}: {err}"
+    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(outcomes))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
