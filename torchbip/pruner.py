@@ -982,12 +982,22 @@ def _count(value: Any) -> Any:
 
 
 def _bare(model: object) -> nn.Module:
-    """The module itself (a ``DistributedDataParallel`` wrapper unwrapped)."""
+    """The module itself: a ``DistributedDataParallel`` or ``torch.compile`` wrapper unwrapped.
+
+    (So that tensor names are the model's own, ``"0.weight"`` rather than
+    ``"_orig_mod.0.weight"``, and a state saved from one loads into the other.)
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    module: nn.Module = model
+    while True:
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's wrapper (not imported: costly)
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            module = inner
+        else:
+            return module
 
 
 def _select(

@@ -1056,3 +1056,15 @@ def test_state_dict_is_a_snapshot_not_live_optimizer_state() -> None:
     train(model, pruner, optimizer, make_batches(2)[1:])
     assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], momentum)
     assert not torch.equal(pruner.optimizer.state_dict()["state"][0]["momentum_buffer"], momentum)
+
+
+def test_a_compiled_model_is_pruned_under_its_own_names() -> None:
+    """BiP(torch.compile(model)): names without ``_orig_mod.``, so exclude= and states carry over."""
+    plain = make_model()
+    compiled = torch.compile(make_model(), backend="eager")
+    pruner = torchbip.BiP(compiled, 0.8, exclude=["4"], steps=6)
+    assert pruner.names == ["0.weight", "2.weight"]
+    train(compiled, pruner, torch.optim.SGD(compiled.parameters(), lr=0.1), make_batches(2))
+    other = torchbip.BiP(plain, 0.8, exclude=["4"], steps=6)
+    other.load_state_dict(pruner.state_dict())
+    assert torch.equal(other.flat_scores, pruner.flat_scores)
