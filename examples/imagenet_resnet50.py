@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
+import copy
 import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import script_utils
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ LOG = logging.getLogger("imagenet_resnet50")
 AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PHASES = ("warmup", "bip", "finetune")
 MAY_CHANGE_ON_RESUME = {"resume", "progress", "workers", "device", "out", "standin_dir"}
+# a checkpoint does not depend on the options of later phases (a resume may change them)
+BIP_OPTIONS = {"amount", "epochs", "lower_lr", "upper_lr", "gamma", "implicit_coef", "min_keep"}
+FINETUNE = {"finetune_epochs", "finetune_lr"}
 # fmt: off
 STANDIN_PRESET = {"image_size": 64, "batch_size": 32, "workers": 0, "crop_scale": 0.5, "hflip": False,
                   "warmup_epochs": 5, "warmup_lr": 0.05, "epochs": 2, "lower_lr": 0.05, "min_keep": 0.02,
@@ -57,6 +62,9 @@ STANDIN_PRESET = {"image_size": 64, "batch_size": 32, "workers": 0, "crop_scale"
 SMOKE_PRESET = {"image_size": 32, "batch_size": 8, "workers": 0, "warmup_epochs": 1, "epochs": 2,
                 "finetune_epochs": 1, "limit_batches": 2, "standin_train_per_class": 4,
                 "standin_val_per_class": 2}
+RANGES = {"amount": (0.0, 1.0), "momentum": (0.0, 1.0), "crop_scale": (1e-6, 1.0), "min_keep": (0.0, 1.0),
+          **dict.fromkeys(("warmup_lr", "lower_lr", "upper_lr", "finetune_lr", "weight_decay", "gamma",
+                           "implicit_coef"), (0.0, math.inf))}  # checked before any training
 # fmt: on
 
 
@@ -102,25 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def presets(probe: argparse.Namespace) -> dict[str, Any]:
+    """The stand-in preset without ``--data``, the smoke preset with ``--smoke``."""
+    return {**(STANDIN_PRESET if probe.data is None else {}), **(SMOKE_PRESET if probe.smoke else {})}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, str]:
     """The options (defaults < stand-in or smoke preset < ``-c`` file < command line), the preset."""
-    argv, parser = list(sys.argv[1:] if argv is None else argv), build_parser()
-    config = parser.parse_known_args(argv)[0].config
-    from_file = (yaml.safe_load(Path(config).read_text()) or {}) if config else {}
-    unknown = set(from_file) - {a.dest for a in parser._actions if a.dest not in ("help", "config")}
-    if unknown:
-        parser.error(f"{config}: unknown option(s) {sorted(unknown)}")
-    probe = parser.parse_known_args(argv, argparse.Namespace(**from_file))[0]
-    parser.set_defaults(**(STANDIN_PRESET if probe.data is None else {}))
-    parser.set_defaults(**(SMOKE_PRESET if probe.smoke else {}))
-    parser.set_defaults(**from_file)
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args = script_utils.parse_with_config(parser, sys.argv[1:] if argv is None else argv, presets)
     for name, value in vars(args).items():  # the counts: epochs, sizes, workers
         low = 0 if name in ("workers", "warmup_epochs", "finetune_epochs") else 1
         if isinstance(value, int) and not isinstance(value, bool) and name != "seed" and value < low:
             parser.error(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value}")
-    if not 0.0 <= args.amount <= 1.0:
-        parser.error(f"--amount must lie in [0, 1], got {args.amount}")
+    script_utils.check_ranges(parser, args, RANGES)
     if args.pretrained is not None and not args.pretrained.is_file():
         parser.error(f"--pretrained: no such file: {args.pretrained}")
     if args.data is not None and not all((args.data / split).is_dir() for split in ("train", "val")):
@@ -151,14 +154,6 @@ def wrap(model: nn.Module, args: argparse.Namespace, device: torch.device, train
     return torch.compile(model, backend=args.compile_backend) if args.compile else model
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """``values`` summed over the ranks."""
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return total.tolist()
-
-
 def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device: torch.device, phase: str,
           pruner: torchbip.BiP | None = None) -> list[float]:  # fmt: skip
     """SGD, cosine schedule (``pruner``: BiP, saved after every epoch for --resume); epoch losses."""
@@ -174,6 +169,7 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
     path, first, losses = args.out / "bip_state.pt", 0, []
     if pruner is not None and args.resume and path.is_file():
         state = torch.load(path, map_location=device, weights_only=True)
+        script_utils.check_resumable(state["options"], args, path, MAY_CHANGE_ON_RESUME | FINETUNE)
         for name, part in parts.items():
             part.load_state_dict(state[name])
         first, losses = state["epoch"], state["losses"]
@@ -201,7 +197,7 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
             scaler.update()
             sched.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
-        total, seen = all_sum([total, seen], device)
+        total, seen = script_utils.all_sum([total, seen], device)
         losses.append(total / seen)
         if dist.is_initialized():  # each rank's BatchNorm statistics saw its own shard: average them
             for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
@@ -209,7 +205,8 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
                     dist.all_reduce(stat.div_(dist.get_world_size()))  # the sum of the ranks' shares
         LOG.info(f"{phase} epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.4f}")
         if pruner is not None and rank == 0:
-            save({"epoch": epoch + 1, "losses": losses} | {k: p.state_dict() for k, p in parts.items()}, path)
+            state = {"epoch": epoch + 1, "losses": losses, "options": script_utils.plain_options(args)}
+            script_utils.save(state | {k: p.state_dict() for k, p in parts.items()}, path)
     return losses
 
 
@@ -229,26 +226,10 @@ def evaluate(model: nn.Module, loader: DataLoader, args: argparse.Namespace, dev
         top5 += float((best == labels[:, None]).any(1).sum())
         loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         seen += len(labels)
-    top1, top5, loss, seen = all_sum([top1, top5, loss, seen], device)
+    top1, top5, loss, seen = script_utils.all_sum([top1, top5, loss, seen], device)
     out = {"top1": top1 / seen, "top5": top5 / seen, "loss": loss / seen, "images": int(seen)}
     LOG.info(f"eval {name}: top-1 {out['top1']:.2%}, top-5 {out['top5']:.2%}, loss {out['loss']:.4f}")
     return out
-
-
-def state_digests(model: nn.Module) -> list[str]:
-    """Every rank's SHA-256 (16 hex digits) of its whole model state; raises if they differ."""
-    state, digests = sorted(model.state_dict().items()), [None] * dist.get_world_size()
-    data = b"".join(k.encode() + v.cpu().reshape(-1).view(torch.uint8).numpy().tobytes() for k, v in state)
-    dist.all_gather_object(digests, hashlib.sha256(data).hexdigest()[:16])
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"the ranks' models differ at the end: {digests}")
-    LOG.info(f"all {len(digests)} ranks hold the same model state at the end (sha256 {digests[0]})")
-    return digests  # type: ignore[return-value]
-
-
-def save(obj: Any, path: Path) -> None:
-    torch.save(obj, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # complete or absent, also when interrupted
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -263,20 +244,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     args.out.mkdir(parents=True, exist_ok=True)
-    # rank 0 logs to train.log and stdout, the other ranks print warnings only
-    LOG.handlers = ([logging.FileHandler(args.out / "train.log", "w"), logging.StreamHandler(sys.stdout)]
-                    if rank == 0 else [logging.StreamHandler(sys.stderr)])  # fmt: skip
-    tag = f"[rank {rank}] " if rank else ""
-    for handler in LOG.handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S"))
-    LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    LOG.propagate = False
     try:
-        return run(args, preset, device, rank, dist.get_world_size() if dist.is_initialized() else 1)
+        with script_utils.run_log(LOG, args.out, rank, append=args.resume):
+            return run(args, preset, device, rank, dist.get_world_size() if dist.is_initialized() else 1)
     finally:
-        for handler in LOG.handlers:
-            handler.close()
-        LOG.handlers = []
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -285,14 +256,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     start, times = time.perf_counter(), {}
     if not (plot := importlib.util.find_spec("matplotlib") is not None):  # now, not after the training
         LOG.warning("matplotlib is not installed: density.png will not be written (pip install matplotlib)")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "config"}
-    if args.resume and (args.out / "config.yaml").is_file():
-        saved = yaml.safe_load((args.out / "config.yaml").read_text())
-        changed = [k for k, v in config.items() if saved.get(k, v) != v and k not in MAY_CHANGE_ON_RESUME]
-        if changed := [f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed]:
-            raise ValueError(f"--resume: options differ from the run in {args.out} ({', '.join(changed)})")
+    config = script_utils.plain_options(args)
     barrier = dist.barrier if world > 1 else lambda: None
-    barrier()  # every rank has read config.yaml before rank 0 replaces it
     if rank == 0:
         header = f"# examples/imagenet_resnet50.py, preset {preset}; reuse with -c\n"
         (args.out / "config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
@@ -313,7 +278,11 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
             mnist_image_folder(root, train_per_class=sizes[0], val_per_class=sizes[1])
         barrier()
         train_loader, val_loader = make_loaders(root, args, rank, world)
-    classes, n_train, n_val = train_loader.dataset.classes, len(train_loader.dataset), len(val_loader.dataset)  # type: ignore
+    classes, n_train, n_val = (
+        train_loader.dataset.classes,
+        len(train_loader.dataset),
+        len(val_loader.dataset.dataset),
+    )  # type: ignore
     LOG.info(f"{len(classes)} classes, {n_train} training / {n_val} validation images in {root}")
 
     # 2. Dense warm-up and evaluation (a resumed run reads both from dense.pth).
@@ -323,11 +292,20 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     if args.pretrained is not None:
         state = torch.load(args.pretrained, map_location=device, weights_only=True)
         model.load_state_dict(state.get("state_dict", state))  # dense.pth or a plain state_dict
+    steps = args.epochs * min(len(train_loader), args.limit_batches or len(train_loader))
+    bip_settings = {"amount": args.amount, "steps": steps, "upper_lr": args.upper_lr,
+                    "upper_momentum": args.momentum, "implicit_coef": args.implicit_coef,
+                    "min_keep": args.min_keep, "upper_schedule": "step",
+                    "score_init": "scaled_magnitude"}  # fmt: skip
+    torchbip.BiP(copy.deepcopy(model), **bip_settings)  # its checks now, on a copy: not after the warm-up
     dense_path, state_path = args.out / "dense.pth", args.out / "bip_state.pt"
     warm = args.resume and args.warmup_epochs > 0 and dense_path.is_file()
     resumed = {"warmup": warm, "bip_from_epoch": None}
     if resumed["warmup"]:
         dense = torch.load(dense_path, map_location=device, weights_only=True)
+        script_utils.check_resumable(
+            dense.pop("options"), args, dense_path, MAY_CHANGE_ON_RESUME | FINETUNE | BIP_OPTIONS
+        )
         model.load_state_dict(dense.pop("state_dict"))
         times["warmup"] = times["eval_dense"] = 0.0
         LOG.info(f"resumed: the dense warm-up and its evaluation from {dense_path}")
@@ -337,20 +315,18 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         with phase("eval_dense"):
             dense = {"accuracy": evaluate(model, val_loader, args, device, "dense"), "warmup_losses": losses}
         if rank == 0 and args.warmup_epochs > 0:
-            save(dense | {"state_dict": model.state_dict()}, dense_path)
+            script_utils.save(dense | {"state_dict": model.state_dict(), "options": config}, dense_path)
 
     # 3. BiP: built on the bare model (before DDP wraps it), stepped in the training loop.
-    steps = args.epochs * min(len(train_loader), args.limit_batches or len(train_loader))
-    pruner = torchbip.BiP(model, amount=args.amount, steps=steps, upper_lr=args.upper_lr,
-                          upper_momentum=args.momentum, upper_schedule="step", score_init="scaled_magnitude",
-                          implicit_coef=args.implicit_coef, min_keep=args.min_keep)  # fmt: skip
+    pruner = torchbip.BiP(model, **bip_settings)
     if args.resume and state_path.is_file():
         resumed["bip_from_epoch"] = torch.load(state_path, weights_only=True, mmap=True)["epoch"]
     with phase("bip"):
         bip_losses = train(model, train_loader, args, device, "bip", pruner)
         masks = pruner.finish()  # torch's pruned form; the mask is fixed from here on
         sparsity = masks.to_dict()
-    LOG.info(f"BiP: {pruner.step_count} steps, global sparsity {sparsity['global_sparsity']:.4f}")
+    LOG.info(f"BiP: {pruner.step_count} steps ({pruner.skipped_steps} skipped: loss-scale overflows), "
+             f"global sparsity {sparsity['global_sparsity']:.4f}")  # fmt: skip
     with phase("eval_pruned"):
         acc_pruned = evaluate(model, val_loader, args, device, "pruned")
 
@@ -361,7 +337,7 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     if args.finetune_epochs > 0:
         with phase("eval_finetuned"):
             acc_finetuned = evaluate(model, val_loader, args, device, "fine-tuned")
-    digests = state_digests(model) if world > 1 else None
+    digests = script_utils.same_model_on_every_rank(model, LOG) if world > 1 else None
 
     # 5. prune.remove makes the zeros permanent; the plain state_dict loads into a fresh resnet50.
     with phase("save"), torch.no_grad():

@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import script_utils
 import torch
 import torch.nn.functional as F
 import yaml
@@ -54,6 +55,11 @@ SMOKE_PRESET: dict[str, Any] = {
     "dense_epochs": 1,
     "bip_epochs": 0.2,
     "batch_size": 64,
+}
+RANGES = {
+    "amount": (0.0, 1.0),
+    "bip_epochs": (1e-9, math.inf),
+    **dict.fromkeys(("dense_lr", "lower_lr", "upper_lr", "gamma", "finetune_lr"), (0.0, math.inf)),
 }
 
 
@@ -103,31 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Two-stage parse: ``--smoke`` preset < ``-c`` YAML < command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("-c", "--config", default=None)
-    known, remaining = config_parser.parse_known_args(argv)
+    """``--smoke`` preset < ``-c`` YAML < command line (the file's values checked like the command line's)."""
     parser = build_parser()
-    file_defaults: dict[str, Any] = {}
-    if known.config:
-        with open(known.config) as f:
-            file_defaults = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
-        unknown = sorted(set(file_defaults) - {a.dest for a in parser._actions})
-        if unknown:
-            parser.error(f"{known.config}: unknown option(s) {unknown}")
-        for key in ("mnist", "out"):
-            if file_defaults.get(key) is not None:
-                file_defaults[key] = Path(file_defaults[key])
-    parser.set_defaults(**file_defaults)
-    probe, _ = parser.parse_known_args(remaining)
-    if probe.smoke:
-        parser.set_defaults(**SMOKE_PRESET)
-        parser.set_defaults(**file_defaults)
-    args = parser.parse_args(remaining)
-    args.config = known.config
-    if not 0.0 <= args.amount < 1.0:
-        parser.error(f"--amount must lie in [0, 1), got {args.amount}")
+    presets = lambda probe: SMOKE_PRESET if probe.smoke else {}  # noqa: E731
+    args = script_utils.parse_with_config(parser, list(sys.argv[1:] if argv is None else argv), presets)
+    script_utils.check_ranges(parser, args, RANGES)
+    if args.amount == 1.0:
+        parser.error("--amount must lie in [0, 1), got 1.0")
     return args
 
 

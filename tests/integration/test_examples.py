@@ -26,6 +26,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _load_example(name: str) -> ModuleType:
+    if str(EXAMPLES) not in sys.path:  # as when run as a script: its helper module beside it
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"torchbip_example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
@@ -200,6 +202,10 @@ def test_imagenet_presets(imagenet_example: ModuleType, tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["--amount", "1.5"], "--amount must lie in [0, 1], got 1.5"),
+        (["--lower-lr", "-1"], "--lower-lr must lie in [0, inf], got -1.0"),
+        (["--momentum", "1.5"], "--momentum must lie in [0, 1], got 1.5"),
+        (["--crop-scale", "2"], "--crop-scale must lie in [1e-06, 1], got 2.0"),
+        (["--implicit-coef", "nan"], "--implicit-coef must lie in [0, inf], got nan"),
         (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
         (["--warmup-epochs", "-1"], "--warmup-epochs: must be an integer >= 0, got -1"),
         (["--pretrained", "no/such.pth"], "--pretrained: no such file: no/such.pth"),
@@ -225,6 +231,49 @@ def test_imagenet_bad_data_folder_and_config_file(
     with pytest.raises(SystemExit):
         imagenet_example.parse_args(["-c", str(bad)])
     assert "unknown option(s) ['no_such_option']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("amp: float8\n", "argument --amp: invalid choice: 'float8'"),
+        ("epochs: 2.5\n", "argument --epochs: invalid int value: '2.5'"),
+        ("epochs: true\n", "epochs must be a single number or string, got True"),
+        ("lower_lr: [1, 2]\n", "lower_lr must be a single number or string, got [1, 2]"),
+        ("lower_lr: -1\n", "--lower-lr must lie in [0, inf], got -1.0"),
+        ("hflip: maybe\n", "hflip must be true or false, got 'maybe'"),
+        ("5\n", "expected a mapping of option: value, got a int"),
+        ("amount: [\n", "not valid YAML"),
+    ],
+)
+def test_imagenet_config_file_values_are_checked_like_the_command_line(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    """A ``-c`` file's values go through argparse: refused before any work, naming the option."""
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(["-c", str(config)])
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(["-c", str(tmp_path / "missing.yaml")])
+    assert f"-c/--config: no such file: {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
+
+
+def test_imagenet_config_file_switches_and_the_command_line_wins(
+    imagenet_example: ModuleType, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("hflip: false\nprogress: false\nepochs: 3\nsmoke: true\npretrained: null\n")
+    args, preset = imagenet_example.parse_args(["-c", str(config), "--epochs", "4"])
+    assert (args.hflip, args.progress, args.epochs, preset, args.pretrained) == (
+        False,
+        False,
+        4,
+        "smoke",
+        None,
+    )
+    assert args.image_size == 32  # the smoke preset, which the file chose
 
 
 def test_imagenet_with_data_and_pretrained(
@@ -389,14 +438,26 @@ def test_imagenet_resume_after_interruption_equals_uninterrupted(
     assert (out / "dense.pth").is_file()
     saved = torch.load(out / "bip_state.pt", weights_only=True)
     assert (saved["epoch"], saved["pruner"]["step"], len(saved["losses"])) == (1, 2, 1)
-    assert set(saved) == {"epoch", "losses", "model", "optimizer", "scheduler", "scaler", "pruner"}
+    assert set(saved) == {"epoch", "losses", "model", "optimizer", "scheduler", "scaler", "pruner", "options"}
     assert not (out / "report.json").exists()
+    # each checkpoint carries the options it was written with: a resume that changes them is refused
+    # (config.yaml is rewritten by every run, so it cannot tell), options of later phases may change
+    with pytest.raises(
+        ValueError, match=r"dense\.pth was written with other options \(warmup_lr: 0\.05 -> 0\.2\)"
+    ):
+        imagenet_example.main([*args, "--resume", "--warmup-lr", "0.2"])
+    with pytest.raises(
+        ValueError, match=r"bip_state\.pt was written with other options \(upper_lr: 0\.1 -> 0\.2\)"
+    ):
+        imagenet_example.main([*args, "--resume", "--upper-lr", "0.2"])
 
     report = imagenet_example.main([*args, "--resume"])
     _assert_complete(out, report)
     assert report["resumed"] == {"warmup": True, "bip_from_epoch": 1}
     assert report["wall_time_s"]["warmup"] == 0.0
-    assert "resuming BiP from epoch 1" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "resuming BiP from epoch 1" in log
+    assert "bip epoch 1/2" in log  # the interrupted run's lines are kept: a resume appends
     got = torch.load(out / "resnet50_pruned.pth", weights_only=True)
     want = torch.load(root / "out" / "resnet50_pruned.pth", weights_only=True)
     assert got.keys() == want.keys()
@@ -406,9 +467,14 @@ def test_imagenet_resume_after_interruption_equals_uninterrupted(
     assert report["losses"] == reference["losses"]
     assert report["sparsity"] == reference["sparsity"]
 
-    # --resume refuses options that differ from the interrupted run's
-    with pytest.raises(ValueError, match=r"amount: 0.95 -> 0.9"):
-        imagenet_example.main([*args, "--resume", "--amount", "0.9"])
+    # a finished run leaves dense.pth: --resume with another BiP budget reuses the warm-up, which
+    # does not depend on it, and prunes anew; an option of the warm-up is refused
+    other = imagenet_example.main([*args, "--resume", "--amount", "0.9"])
+    assert other["resumed"] == {"warmup": True, "bip_from_epoch": None}
+    assert other["accuracy"]["dense"] == reference["accuracy"]["dense"]
+    assert other["sparsity"]["global_sparsity"] == pytest.approx(0.9, abs=1e-6)
+    with pytest.raises(ValueError, match=r"dense\.pth was written with other options \(seed: 0 -> 1\)"):
+        imagenet_example.main([*args, "--resume", "--seed", "1"])
 
 
 def test_imagenet_torchrun_two_gloo_processes(tmp_path: Path) -> None:

@@ -1,0 +1,167 @@
+"""Plumbing shared by the example scripts, kept out of them so that they show the training.
+
+(As the helpers beside torchvision's ``references/classification/train.py``.)
+
+- Command-line options with a YAML file of option values (``-c FILE``): the file's values go
+  through argparse exactly as if they had been typed on the command line, so they get the same
+  types, choices and checks (``epochs: 2.5`` is refused like ``--epochs 2.5``); the command line
+  still wins, and a preset (``--smoke``, a stand-in dataset) sits below both::
+
+      args = parse_with_config(parser, sys.argv[1:], presets=lambda probe: SMOKE if probe.smoke else {})
+      check_ranges(parser, args, {"lr": (0.0, math.inf), "amount": (0.0, 1.0)})
+
+- A run's log (rank 0 to a file and stdout, the other ranks' warnings to stderr), atomic
+  checkpoint writes, sums over the ranks, a check that every rank ends with the same model, and
+  a check that a checkpoint was written with the options of the run that resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+Presets = Callable[[argparse.Namespace], Mapping[str, Any]]
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str], presets: Presets | None = None
+) -> argparse.Namespace:
+    """Parse ``argv``: defaults < ``presets(probe)`` < the ``-c`` file < the command line.
+
+    Args:
+        parser: the example's parser; it has a ``-c/--config FILE`` option.
+        argv: the command line (without the program name).
+        presets: from a first parse (``probe``), option defaults to use instead of the parser's.
+
+    Returns:
+        The options; errors exit through ``parser.error`` with the option and the value.
+    """
+    argv = list(argv)
+    path = parser.parse_known_args(argv)[0].config
+    tokens = [*(config_argv(parser, path) if path else []), *argv]
+    if presets is not None:
+        parser.set_defaults(**presets(parser.parse_known_args(tokens)[0]))
+    return parser.parse_args(tokens)
+
+
+def config_argv(parser: argparse.ArgumentParser, path: str | Path) -> list[str]:
+    """The YAML file's ``option: value`` pairs as command-line tokens (``null`` keeps the default)."""
+    if not Path(path).is_file():
+        parser.error(f"-c/--config: no such file: {path}")
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        parser.error(f"{path}: not valid YAML ({err})")
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        parser.error(f"{path}: expected a mapping of option: value, got a {type(values).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(str(k) for k in values if str(k).replace("-", "_") not in actions)
+    if unknown:
+        parser.error(f"{path}: unknown option(s) {unknown}")
+    tokens: list[str] = []
+    for key, value in values.items():
+        action = actions[str(key).replace("-", "_")]
+        flag = action.option_strings[0] if action.nargs == 0 else action.option_strings[-1]
+        if action.nargs == 0:  # a switch: --smoke, or --progress/--no-progress
+            if not isinstance(value, bool):
+                parser.error(f"{path}: {key} must be true or false, got {value!r}")
+            if value:
+                tokens.append(flag)
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append("--no-" + flag.removeprefix("--"))
+        elif isinstance(value, bool | list | dict):
+            parser.error(f"{path}: {key} must be a single number or string, got {value!r}")
+        elif value is not None:
+            tokens += [flag, str(value)]
+    return tokens
+
+
+def check_ranges(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, ranges: Mapping[str, tuple[float, float]]
+) -> None:
+    """Refuse an option outside its closed range ``[low, high]`` (or not finite); ``None`` is fine."""
+    for name, (low, high) in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            parser.error(f"--{name.replace('_', '-')} must lie in [{low:g}, {high:g}], got {value}")
+
+
+def plain_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as plain values (for ``config.yaml``, checkpoints and reports), without ``config``."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "config"}
+
+
+def check_resumable(
+    saved: Mapping[str, Any], args: argparse.Namespace, path: Path, ignore: Collection[str]
+) -> None:
+    """Refuse to resume from the checkpoint ``path``, written with ``saved`` options, if any option
+    but those in ``ignore`` differs now (``ValueError`` listing each change)."""
+    now = plain_options(args)
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in ignore and saved.get(k) != v
+    ]
+    if changed:
+        raise ValueError(f"--resume: {path} was written with other options ({', '.join(changed)})")
+
+
+def save(obj: Any, path: Path) -> None:
+    """``torch.save`` that leaves ``path`` complete or absent, also when interrupted."""
+    torch.save(obj, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed over the ranks (as they are without a process group)."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def same_model_on_every_rank(model: nn.Module, log: logging.Logger) -> list[str]:
+    """Every rank's SHA-256 (16 hex digits) of its whole model state; raises if they differ."""
+    state, digests = sorted(model.state_dict().items()), [None] * dist.get_world_size()
+    data = b"".join(k.encode() + v.cpu().reshape(-1).view(torch.uint8).numpy().tobytes() for k, v in state)
+    dist.all_gather_object(digests, hashlib.sha256(data).hexdigest()[:16])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the ranks' models differ at the end: {digests}")
+    log.info(f"all {len(digests)} ranks hold the same model state at the end (sha256 {digests[0]})")
+    return digests  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def run_log(log: logging.Logger, out: Path, rank: int, append: bool) -> Iterator[None]:
+    """Rank 0 logs to ``out/train.log`` (appended to on a resume) and stdout; the other ranks
+    print their warnings to stderr, tagged with their rank. Closed at the end."""
+    if rank == 0:
+        log.handlers = [
+            logging.FileHandler(out / "train.log", "a" if append else "w"),
+            logging.StreamHandler(sys.stdout),
+        ]
+    else:
+        log.handlers = [logging.StreamHandler(sys.stderr)]
+    tag = f"[rank {rank}] " if rank else ""
+    for handler in log.handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S"))
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        for handler in log.handlers:
+            handler.close()
+        log.handlers = []
