@@ -541,12 +541,23 @@ class Groups(Layout):
     def check_budget(
         self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"
     ) -> None:
-        """See :meth:`Layout.check_budget`."""
+        """See :meth:`Layout.check_budget`.
+
+        ``budget`` is the argument that comes with the layout: for a :class:`Groups` object the
+        object's own budget rules, and an argument that asks for another one is refused.
+        """
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        if budget != "layer" and budget != self.budget:
+            raise ValueError(
+                f"budget={budget!r} conflicts with {arg}={self!r}, whose budget is {self.budget!r}: pass "
+                f"Groups(dim={self.dim}, budget={budget!r})"
+            )
         if self.budget == "layer" and (min_keep is not None or max_keep is not None):
             name, value = ("min_keep", min_keep) if min_keep is not None else ("max_keep", max_keep)
             raise ValueError(
                 f"{name}={value!r} applies to budget='global' (a bound of the global ranking); "
-                "budget='layer' prunes the same fraction of every tensor"
+                f"{arg}={self!r} prunes the same fraction of every tensor"
             )
 
     def bind(

@@ -726,6 +726,11 @@ def test_structured_layouts_in_the_loop(layout: object, check) -> None:
             r"divisible by 3 \(input sizes \[8, 16, 32\]\)",
         ),
         (
+            {"amount": 0.5, "layout": torchbip.Groups(0), "budget": "global"},
+            ValueError,
+            r"budget='global' conflicts with layout=Groups\(dim=0, budget='layer'\), whose budget is 'layer'",
+        ),
+        (
             {"amount": 100, "layout": "filter"},
             ValueError,
             r"amount=100 is larger than the number of unpruned filters",
