@@ -557,7 +557,7 @@ class Groups(Layout):
             name, value = ("min_keep", min_keep) if min_keep is not None else ("max_keep", max_keep)
             raise ValueError(
                 f"{name}={value!r} applies to budget='global' (a bound of the global ranking); "
-                f"{arg}={self!r} prunes the same fraction of every tensor"
+                f"with {arg}={self!r}, budget='layer' prunes the same fraction of every tensor"
             )
 
     def bind(
