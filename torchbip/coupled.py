@@ -7,8 +7,11 @@ a residual addition ties it to the same channel of every other layer that writes
 graph (the optional extra ``torchbip[export]``, i.e. ``pip install torch-pruning``) gives the
 groups of layers whose channels must go together: a convolution's output channel with its
 BatchNorm channel, the input channel of every consumer, and every layer tied to it through
-residual additions, concatenations, splits and flattening. A group of ``C`` channels gets ``C``
-scores. While training, channel ``k``'s mask zeroes the ``k``-th input slice of every reader
+residual additions, concatenations, slices and flattening (a group whose channels go through
+``torch.split``, ``torch.chunk`` or ``unbind`` is left dense, as is one that reaches the model's
+output: Torch-Pruning can map a split's pieces to the wrong channels; slice with ``y[:, :k]``
+instead). A group of ``C`` channels gets ``C`` scores. While training, channel ``k``'s mask
+zeroes the ``k``-th input slice of every reader
 (the consumers' input channels): nothing reads a pruned channel, so the model computes what it
 would with the whole channel removed, and the channel keeps a first-order gradient (the change
 of the loss from putting it back), so its score moves and it can return. :meth:`torchbip.BiP.finish`
@@ -232,6 +235,9 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
             is_out = graph.is_out_channel_pruning_fn(dep.handler)
             if node.type == op.OUTPUT or (is_out and not node.outputs):
                 reason = "its channels reach the model's output"
+                break
+            if node.type in (op.SPLIT, op.UNBIND):  # Torch-Pruning can map a split's pieces wrongly
+                reason = "its channels go through torch.split/chunk/unbind (slice them instead: y[:, :k])"
                 break
             if node.type in passthrough:
                 continue

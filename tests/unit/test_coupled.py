@@ -437,3 +437,45 @@ def test_finish_then_prune_remove_gives_a_plain_model_that_reloads_strictly(net:
     fresh = Residual().eval()
     fresh.load_state_dict(net.state_dict(), strict=True)
     assert torch.equal(fresh(x), before)
+
+
+class SplitNet(nn.Module):
+    """A conv's channels split in two: one half added to another conv's, the other read by a third."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.ba = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bb = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c, self.bc = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.d, self.fc = nn.Conv2d(10, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.ba(self.a(x)))
+        if self.how == "split":
+            y1, y2 = torch.split(y, [4, 4], dim=1)
+        elif self.how == "chunk":
+            y1, y2 = torch.chunk(y, 2, dim=1)
+        else:
+            y1, y2 = y[:, :4], y[:, 4:]
+        z = y1 + F.relu(self.bb(self.b(x)))
+        w = F.relu(self.bc(self.c(y2)))
+        return self.fc(self.d(torch.cat([z, w], 1)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["split", "chunk", "slice"])
+def test_split_channels_are_left_dense_and_finish_keeps_the_outputs(how: str) -> None:
+    """torch.split/chunk: Torch-Pruning maps the pieces' channels wrongly, so those groups stay
+    dense; slices are coupled. Either way finish() computes what the training masks did."""
+    torch.manual_seed(0)
+    model = SplitNet(how)
+    pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(torch.randn(4, 3, 6, 6)))
+    names = set(pruner.names)
+    assert ("a.weight" in names) == (how == "slice")
+    model.eval()
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    pruner.finish()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
