@@ -71,3 +71,26 @@ def test_bad_inputs_are_refused_clearly() -> None:
     unstructured.finish()
     with pytest.raises(RuntimeError, match="has finished"):
         BiPImportance(unstructured)
+
+
+@pytest.mark.parametrize("amount", [0.25, 0.3, 0.5])
+def test_the_documented_count_rule_holds_for_the_installed_torch_pruning(amount: float) -> None:
+    """Torch-Pruning keeps int(C * (1 - ratio)) channels, BiP C - round(amount * C): where they
+    agree Torch-Pruning removes exactly BiP's channels; at 0.3 of 8 it keeps one fewer (5, not 6)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    bip = torchbip.BiP(model, amount=amount, layout=torchbip.Coupled(x))
+    importance = BiPImportance(bip)
+    bip.finish()
+    torchbip.export.make_permanent(model)
+    kept = (model[0].weight.detach().flatten(1) != 0).any(1).nonzero().flatten()
+    bias = model[1].bias.detach()[kept].clone()
+    assert len(kept) == 8 - round(amount * 8)
+    tp.pruner.MetaPruner(
+        model, x, importance=importance, pruning_ratio=amount, ignored_layers=[model[3]]
+    ).step()
+    assert model[0].out_channels == int(8 * (1 - amount))
+    if model[0].out_channels == len(kept):
+        assert torch.equal(model[1].bias.detach(), bias)  # the same channels, in order

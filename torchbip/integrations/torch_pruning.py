@@ -21,10 +21,15 @@ filter, ``Groups(dim=0)``) layout, then pass ``importance=BiPImportance(pruner)`
 
 The importance of a channel is its learned score (a higher score is kept). It is read when the
 object is built, so build it after training and before :meth:`torchbip.BiP.finish`, which
-drops the scores. With the ratio BiP trained at, Torch-Pruning removes exactly BiP's pruned
-channels (its count is ``int(ratio * channels)``, BiP's ``round(amount * channels)``: pick an
-amount where they agree, or see which channels differ by one). Groups BiP did not score (the
-classifier, layers it left dense) get no importance, and Torch-Pruning leaves them alone.
+drops the scores. With the ratio BiP trained at and a per-layer budget
+(``Coupled(..., budget="layer")``, Torch-Pruning's default of one ratio per group), Torch-Pruning
+removes exactly BiP's pruned channels when the two counts agree: Torch-Pruning keeps
+``int(channels * (1 - ratio))`` channels of a group, BiP keeps ``channels - round(amount *
+channels)``; for an amount where they differ (0.3 of 8 channels: 5 against 6) it removes one
+channel more than BiP did (0.25 and 0.5 of 8 agree). A global budget ranks all
+groups together, which Torch-Pruning's per-group ratio does not reproduce. Groups BiP did not
+score (the classifier, layers it left dense) get no importance, and Torch-Pruning leaves them
+alone.
 
 Needs Torch-Pruning (``pip install "torchbip[export]"``).
 """
