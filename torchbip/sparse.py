@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -308,7 +308,8 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module`` or ``include_conv`` not a bool.
-        ValueError: if ``min_sparsity`` is not in ``[0, 1]``.
+        ValueError: if ``min_sparsity`` is not in ``[0, 1]``, or for float16/bfloat16 layers on
+            the CPU (torch has no CSR matrix product for them there).
 
     Example:
         >>> import torch
@@ -331,6 +332,24 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity={min_sparsity!r} is outside [0, 1]")
+    layers = [
+        (name, _current_weight(m))
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear or (include_conv and type(m) is nn.Conv2d)
+    ]
+    narrow = [
+        (name, w.dtype)
+        for name, w in layers
+        if w.device.type == "cpu"
+        and w.dtype not in (torch.float32, torch.float64)
+        and _sparsity(w) >= min_sparsity
+    ]
+    if narrow:
+        name, dtype = narrow[0]
+        raise ValueError(
+            f"to_sparse_csr: {name!r} holds {dtype} weights, for which torch has no CSR matrix "
+            "product on the CPU; convert the model first (model.float())"
+        )
     copied = baked_copy(model)
 
     def convert(child: nn.Module) -> nn.Module | None:
@@ -349,6 +368,14 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
 
     _replace(copied, convert)
     return copied
+
+
+def _current_weight(module: nn.Module) -> Tensor:
+    """The weight a forward pass would use now (``weight_orig * weight_mask`` in torch's pruned form)."""
+    orig, mask = getattr(module, "weight_orig", None), getattr(module, "weight_mask", None)
+    if isinstance(orig, Tensor) and isinstance(mask, Tensor):
+        return (orig * mask).detach()
+    return cast(Tensor, module.weight).detach()
 
 
 def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4, dim: int = -1) -> bool:

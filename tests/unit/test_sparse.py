@@ -240,3 +240,17 @@ def test_csr_layer_inside_a_model_keeps_its_weight_when_its_bias_fails(seed: int
         model.load_state_dict({"0.weight": state["weight"], "0.bias": torch.zeros(5)})
     assert model[0].weight is weight
     assert torch.equal(model[0].bias, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_sparse_csr_refuses_narrow_dtypes_on_the_cpu_before_converting(dtype: torch.dtype) -> None:
+    """torch has no CPU CSR product for them: refused naming the layer, not at the first forward."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    bip_unstructured(model[0], "weight", amount=0.95)
+    model.to(dtype)
+    with pytest.raises(
+        ValueError, match=rf"'0' holds {dtype} weights, for which torch has no CSR matrix product"
+    ):
+        to_sparse_csr(model)
+    dense_enough = nn.Sequential(nn.Linear(16, 8)).to(dtype)  # nothing to convert: nothing refused
+    assert type(to_sparse_csr(dense_enough)[0]) is nn.Linear
