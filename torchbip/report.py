@@ -197,7 +197,10 @@ class PruneReport:
         steps: BiP steps run.
         wall_time_s: wall-clock seconds of the run.
         final_loss: mean training loss over the last ``log_every`` steps.
-        losses: ``(step, loss)`` pairs recorded every ``log_every`` steps.
+        losses: ``(step, loss)`` pairs recorded every ``log_every`` steps. The loss of a step is
+            the one its upper step computes: in the fused mode that of its one batch, in
+            ``mode="two_batch"`` that of the second (upper) batch at the weights after the
+            lower step.
         amount: the ``amount`` asked for.
         config: the resolved :class:`torchbip.BiPConfig` as a dict.
         skipped_steps: steps skipped because float16 gradients overflowed (``amp="float16"``).
