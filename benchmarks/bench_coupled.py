@@ -136,7 +136,7 @@ def _channels(module: nn.Module) -> int:
 def bench_structure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     dense = MODELS[name]().eval()
-    x = torch.randn(1, 3, args.image_size, args.image_size)
+    x = torch.randn(2, 3, args.image_size, args.image_size)  # two samples: export_slim needs them
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict[str, Any]] = {"dense": {"budget": None, "amount": 0.0}}
     budgets = [("layer", a) for a in args.amounts] + ([("macs", 0.5)] if args.macs_row else [])
