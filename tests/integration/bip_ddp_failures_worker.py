@@ -103,6 +103,7 @@ def main() -> None:
         except Exception as err:  # the outcome under test
             outcomes[name] = f"{type(err).__name__}: {err}"
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(outcomes))
+    dist.barrier()  # every rank is done with its collectives before any tears the group down
     dist.destroy_process_group()
 
 

@@ -28,6 +28,7 @@ def main(out: str) -> None:
     scores = pruner.flat_scores.clone()
     pruner.finish()
     torch.save({"model": model.state_dict(), "scores": scores}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # every rank is done with its collectives before any tears the group down
     dist.destroy_process_group()
 
 

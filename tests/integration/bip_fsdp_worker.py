@@ -44,6 +44,7 @@ def main(out: str) -> None:
         {"model": whole, "scores": scores, "sharded": sharded, "state": state, "output": output},
         f"{out}/rank{rank}.pt",
     )
+    dist.barrier()  # every rank is done with its collectives before any tears the group down
     dist.destroy_process_group()
 
 
