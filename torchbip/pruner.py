@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -264,9 +263,6 @@ class BiP:
         """Check every argument and bind the layout, without changing the model."""
         spec = as_layout(layout, budget)
         schedule = upper_schedule
-        steps = _count(steps)
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be an int >= 1 or None, got {steps!r}")
         if implicit_coef is None:
             raise ValueError(
                 "implicit_coef=None: BiP needs a number (1/gamma in theory, with gamma the weight decay "
@@ -274,11 +270,13 @@ class BiP:
             )
         if not isinstance(hold_pruned, bool):
             raise TypeError(f"hold_pruned must be a bool, got {hold_pruned!r}")
-        # The upper-level settings are validated by BiPConfig (the same rules as global_prune's).
+        # The upper-level settings and steps are validated by BiPConfig (global_prune's rules).
         cfg = BiPConfig(
             upper_lr=upper_lr, upper_momentum=upper_momentum, upper_schedule=schedule,  # type: ignore[arg-type]
             implicit_coef=implicit_coef, score_init=score_init, min_keep=min_keep,  # type: ignore[arg-type]
+            steps=steps,
         )  # fmt: skip
+        steps = cfg.steps
         spec.check_budget(budget, cfg.min_keep, max_keep)
         spec.check_parameters(parameters)
         check_no_fsdp(model, "build torchbip.BiP on the whole model first, then call fully_shard")
@@ -431,9 +429,11 @@ class BiP:
             ValueError: for a bad ``steps``.
             RuntimeError: after the first step (unless ``steps`` is unchanged).
         """
-        steps = _count(steps)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if steps is None:
+            raise ValueError("steps must be an int >= 1, got None")
+        checked = BiPConfig(steps=steps).steps  # construction's rules (NumPy integers accepted)
+        assert checked is not None
+        steps = checked
         if steps == self.steps:
             return
         if self.step_count or self._finished:
@@ -972,13 +972,6 @@ def check_no_fsdp(
                 f"parameter {name!r} is a DTensor (sharded, e.g. by FSDP's fully_shard); BiP cannot be "
                 f"set up on sharded parameters: {hint}"
             )
-
-
-def _count(value: Any) -> Any:
-    """An integer of another type (``numpy.int64``) as an ``int``; anything else unchanged."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
-        return int(value)
-    return value
 
 
 def _bare(model: object) -> nn.Module:
