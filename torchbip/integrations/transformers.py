@@ -156,9 +156,10 @@ def _optimizer_attr(kwargs: Mapping[str, Any], name: str) -> Any:
 def _resume_state(args: TrainingArguments, state: TrainerState, pruner: BiP) -> dict[str, Any]:
     """The BiP state saved with the checkpoint the trainer resumed from.
 
-    The trainer has loaded the checkpoint's model, whose buffers include BiP's scores and masks,
-    so the state file that belongs to it holds exactly those: a file that does not (another run's
-    ``checkpoint-<step>`` in ``output_dir``) is refused.
+    The trainer has loaded the checkpoint's model, whose buffers include BiP's masks, so the state
+    file that belongs to it holds exactly those masks and, for pruned entries, those weights (see
+    :func:`_belongs_to`): a file that does not (another run's ``checkpoint-<step>`` in
+    ``output_dir``) is refused.
     """
     folders = [_trainer_resume_folder(), args.resume_from_checkpoint]
     folders.append(Path(str(args.output_dir)) / f"checkpoint-{state.global_step}")
