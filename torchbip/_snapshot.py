@@ -9,7 +9,8 @@ expanded one whose entries share a location) gets its saved copy back as its dat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -159,6 +160,15 @@ class ModelSnapshot:
                     {n: module.__dict__[n] for n in self._names if n in module.__dict__},
                 )
             )
+
+    @contextlib.contextmanager
+    def restored_on_failure(self) -> Iterator[None]:
+        """Run the body; if it raises (``KeyboardInterrupt`` included), :meth:`restore`, then re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -11,12 +11,11 @@ All use :func:`train` for (re)training, so methods compare like with like.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,17 +158,6 @@ def _check_train_options(loader: object, epochs: object, options: dict[str, Any]
     _check_training(loader, epochs, schedule=options.get("schedule", "cosine"), zero=zero)
 
 
-@contextlib.contextmanager
-def _restored_on_failure(model: nn.Module, pairs: Sequence[tuple[nn.Module, str]]) -> Iterator[None]:
-    """Put the model back exactly as it was if the body raises (pruning and training included)."""
-    snapshot = ModelSnapshot(model, {name for _, name in pairs})
-    try:
-        yield
-    except BaseException:
-        snapshot.restore()
-        raise
-
-
 def _pairs(
     model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None
 ) -> list[tuple[nn.Module, str]]:
@@ -218,7 +206,7 @@ def omp_finetune(
     validate_amount(amount)
     _check_train_options(loader, epochs, train_options, zero=True)
     pairs = _pairs(model, parameters)
-    with _restored_on_failure(model, pairs):
+    with ModelSnapshot(model, {name for _, name in pairs}).restored_on_failure():
         prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=amount)
         if epochs > 0:
             train(model, loader, epochs, desc="OMP fine-tune", **train_options)
@@ -266,7 +254,7 @@ def random_finetune(
     scores = {
         (id(m), n): torch.rand(getattr(m, n).shape, generator=gen).to(getattr(m, n).device) for m, n in pairs
     }
-    with _restored_on_failure(model, pairs):
+    with ModelSnapshot(model, {name for _, name in pairs}).restored_on_failure():
         prune.global_unstructured(
             pairs,
             pruning_method=prune.L1Unstructured,
@@ -408,7 +396,7 @@ def imp(
             f"({1 - final_keep / start_remaining:.4f} of the {start_remaining} remaining entries)"
         )
     stops = sorted(set(milestone_keeps) | {final_keep}, reverse=True)
-    with _restored_on_failure(model, pairs):
+    with ModelSnapshot(model, {name for _, name in pairs}).restored_on_failure():
         return _imp_rounds(
             model, loader, pairs, stops, start_remaining, final_keep, epochs_per_round, rate,
             rewind_epochs, on_round, progress, train_options,

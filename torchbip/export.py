@@ -87,16 +87,12 @@ def make_permanent(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = {name for module in model.modules() for name, _ in named_pruning_hooks(module)}
-    snapshot = ModelSnapshot(model, names)
-    try:  # all or nothing: a failure in one remove undoes the others
+    with ModelSnapshot(model, names).restored_on_failure():  # a failed remove undoes the others
         for module in model.modules():
             for name, hook in list(named_pruning_hooks(module)):
                 prune.remove(module, name)
                 if holds_bip(hook):
                     drop_scores(module, name)
-    except BaseException:
-        snapshot.restore()
-        raise
     return model
 
 
@@ -553,13 +549,9 @@ def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     plan = _plan_load(model, state_dict)
     replaced = [tensor for tensor, _ in plan.resize.values()]
-    snapshot = ModelSnapshot(model, _LAYER_ATTRIBUTES, unchanged=replaced)
-    try:
+    with ModelSnapshot(model, _LAYER_ATTRIBUTES, unchanged=replaced).restored_on_failure():
         _apply_plan(model, plan)
         model.load_state_dict(state_dict, strict=True)
-    except BaseException:
-        snapshot.restore()
-        raise
     from torchbip.attention import SlimMultiheadAttention
 
     for module in plan.modules:  # attention that lost heads computes with the kept ones only

@@ -234,13 +234,10 @@ class BiP:
         self.group = group
         self.settings = settings
         snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
-        try:
+        with snapshot.restored_on_failure():
             if self.group is not None:  # start every rank from rank 0's model, as DDP does
                 broadcast_state(model, self.group)
             self._apply(cfg.score_init)
-        except BaseException:
-            snapshot.restore()
-            raise
 
     @staticmethod
     def _checked_plan(
