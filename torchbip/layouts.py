@@ -62,6 +62,7 @@ from torchbip.structured import (
     expand_groups,
     group_keep_counts,
     group_reduce,
+    group_unit,
 )
 
 __all__ = [
@@ -296,7 +297,7 @@ class GroupLayout(MaskLayout):
                 raise ValueError(f"{target.fqn!r} has shape {shape}: no dim={dim} to group along")
         self.dim, self.budget, self.allowed = dim, budget, list(allowed)
         self.structured = {0: "filter", 1: "channel"}.get(dim, f"dim={dim}")
-        unit = {0: "filters", 1: "channels"}.get(dim, "groups")
+        unit = group_unit(dim)
         self.group_allowed = [None if a is None else allowed_groups(a, dim) for a in self.allowed]
         self.n_groups = [
             s[dim] if g is None else int(g.sum())

@@ -58,6 +58,7 @@ __all__ = [
     "expand_groups",
     "group_keep_counts",
     "group_reduce",
+    "group_unit",
     "normalize_dim",
     "select_groups",
 ]
@@ -229,9 +230,7 @@ class BiPStructured(BiPMethod):
         dim = normalize_dim(self.dim, t.dim())
         allowed = allowed_groups(default_mask, dim)
         n_allowed = int(allowed.sum())
-        n_prune = count_from_amount(
-            self.amount, n_allowed, unit={0: "filters", 1: "channels"}.get(dim, "groups")
-        )
+        n_prune = count_from_amount(self.amount, n_allowed, unit=group_unit(dim))
         scores = group_reduce(magnitudes(t).to(torch.float64), dim)
         keep = topk_mask(scores, n_allowed - n_prune, allowed)
         return default_mask * expand_groups(keep, t.shape, dim).to(dtype=default_mask.dtype)
@@ -284,7 +283,7 @@ class BiPStructured(BiPMethod):
         check_finite(scores, scores_source(importance_scores, name))
         mask = getattr(module, name + "_mask", None)
         base = mask if isinstance(mask, Tensor) else torch.ones_like(current)
-        unit = {0: "filters", 1: "channels"}.get(axis, "groups")
+        unit = group_unit(axis)
         count_from_amount(amount, int(allowed_groups(base, axis).sum()), unit=unit)  # raise before torch acts
         if group_scores is None:
             group_scores = group_reduce(magnitudes(scores).to(torch.float64), axis).to(scores.dtype)
@@ -339,6 +338,16 @@ def bip_structured(
     """
     BiPStructured.apply(module, name, amount=amount, dim=dim, importance_scores=importance_scores)
     return module
+
+
+def group_unit(dim: int) -> str:
+    """What a group along ``dim`` is called in messages: ``"filters"`` (0), ``"channels"`` (1).
+
+    Example:
+        >>> group_unit(0), group_unit(1), group_unit(2)
+        ('filters', 'channels', 'groups')
+    """
+    return {0: "filters", 1: "channels"}.get(dim, "groups")
 
 
 def group_keep_counts(
