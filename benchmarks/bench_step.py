@@ -316,10 +316,10 @@ def markdown(result: dict) -> str:
             "One-time cost in a fresh process (`benchmarks/first_call.py`, medians): `import torchbip` "
             "(torch's import included), then two runs of 5 steps on LeNet-300-100, each on a new model: "
             "a plain SGD loop (dense), `global_prune`, or the plain loop with `torchbip.BiP`. The first "
-            "run pays for what torch loads on first use: the first `torch.optim` optimizer of a process "
-            "imports `torch._dynamo`, in the dense loop too. The last columns are the first run in "
-            "processes that built one `torch.optim` optimizer before it: the one-time cost of the run "
-            "itself.",
+            "run pays for what torch loads on first use; `torch._dynamo`, which the first `torch.optim` "
+            "optimizer of a process imports, is imported by `import torchbip` (its column). The last "
+            "columns are the first run in processes that built one `torch.optim` optimizer before it: "
+            "the one-time cost of the run itself.",
             "",
             "| driver | import torchbip | first run | second run | first - second | first run, torch warm | "
             "its excess over the second |",

@@ -6,8 +6,9 @@ each on a fresh model: ``global_prune(steps=5, progress=False, seed=0)`` (driver
 ``global_prune``), five steps of a plain SGD loop with :class:`torchbip.BiP` built before it
 (driver ``in_loop``), or the same loop without BiP (driver ``dense``, the reference). The first
 run pays for whatever torch loads lazily on first use; the second shows the steady cost. The
-largest one-time cost is torch's: the first ``torch.optim`` optimizer of a process imports
-``torch._dynamo`` (about 1.5 s on a 2-core CPU), which a dense loop pays as well. Run:
+largest one-time cost is torch's ``torch._dynamo``, which the first ``torch.optim`` optimizer of
+a process imports (about 1 s on a 2-core CPU) and ``import torchbip`` imports at once (see the
+distributed how-to), so the import column holds it and the first runs no longer pay it. Run:
 
     python benchmarks/first_call.py              # 3 fresh processes, medians
     python benchmarks/first_call.py --repeats 5 --driver in_loop

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+# The first torch.optim optimizer of a process imports torch._dynamo, which then keeps references
+# to the default process group of torch.distributed if one exists already: destroy_process_group()
+# no longer frees it and the process can abort at exit ("terminate called without an active
+# exception"). Imported with torchbip, before the user starts a process group, it holds none.
+import torch._dynamo  # noqa: F401
+
 from torchbip import bilevel, layouts
 from torchbip.api import global_prune
 from torchbip.config import BiPConfig

@@ -840,22 +840,12 @@ def test_fsdp_before_bip_other_sharding_and_fsdp1_are_refused_with_a_clear_error
     assert "FSDP1's flat parameters" in done.stdout
 
 
-# gloo can abort a process at interpreter teardown ("terminate called without an active
-# exception"), rarely and on a loaded machine, after every rank has written its results: such a
-# launch is run once more; any other failure, or the same abort twice, fails the test.
-_TEARDOWN_ABORT = "terminate called without an active exception"
-
-
 def _torchrun(cmd: list[str], env: dict[str, str], outputs: list[Path]) -> subprocess.CompletedProcess:
-    """Run ``cmd`` (a torchrun launch); once more if it died at teardown with ``outputs`` written."""
-    for attempt in range(2):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
-        complete = all(path.is_file() for path in outputs)
-        if done.returncode == 0 or attempt == 1 or not (complete and _TEARDOWN_ABORT in done.stderr):
-            break
-        for path in outputs:
-            path.unlink()
+    """Run ``cmd`` (a torchrun launch); every rank must exit cleanly and write its ``outputs``."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    missing = [str(path) for path in outputs if not path.is_file()]
+    assert not missing, f"no output {missing}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
     return done
 
 

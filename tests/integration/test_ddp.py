@@ -7,6 +7,8 @@ process that saw the combined batch.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,33 @@ def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(tmp_path: Pat
             assert torch.equal(rank0[key], want[key]), f"mask {key} differs from one process"
         else:
             torch.testing.assert_close(rank0[key], want[key], rtol=1e-10, atol=1e-12)
+
+
+# Run in a fresh interpreter: prints how many references to the default process group remain
+# after destroy_process_group(), besides the script's own (0: the group is freed there).
+LEFT_AFTER_DESTROY = """
+import sys
+import torch
+import torch.distributed as dist
+{import_line}
+dist.init_process_group("gloo", init_method="file://{init}", rank=0, world_size=1)
+group = dist.distributed_c10d._get_default_group()
+torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)  # the process's first optimizer
+dist.destroy_process_group()
+print(sys.getrefcount(group) - 2)  # less `group` and getrefcount's argument
+"""
+
+
+@pytest.mark.timeout(120)
+def test_destroy_process_group_frees_the_group_when_torchbip_is_imported(tmp_path: Path) -> None:
+    """A group that outlives destroy_process_group() is destroyed at exit, which can abort the process."""
+
+    def left(import_line: str, name: str) -> int:
+        script = LEFT_AFTER_DESTROY.format(import_line=import_line, init=tmp_path / name)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    # torch alone: the first optimizer imports torch._dynamo, which keeps references to the group
+    assert left("", "init-torch") > 0, "torch frees the group by itself now: torchbip's import can go"
+    assert left("import torchbip", "init-torchbip") == 0
