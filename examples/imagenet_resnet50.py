@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import importlib.util
 import itertools
 import json
@@ -249,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return run(args, preset, device, rank, dist.get_world_size() if dist.is_initialized() else 1)
     finally:
         if dist.is_initialized():
+            gc.collect()  # the run's DDP model (reference cycles) lets go of the group: freed below
             dist.destroy_process_group()
 
 

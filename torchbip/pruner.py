@@ -231,7 +231,10 @@ class BiP:
         self.step_count = 0
         self.skipped_steps = 0
         self._finished = False
-        self.group = group
+        # The default group is looked up at every use, not held: a BiP object alive at exit does
+        # not keep it from being freed by dist.destroy_process_group().
+        self._world = group is not None and group is dist.group.WORLD
+        self._group = None if self._world else group
         self.settings = settings
         snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
         with snapshot.restored_on_failure():
@@ -825,7 +828,24 @@ class BiP:
                 setattr(t.module, t.name, self._full(i) * getattr(t.module, t.name + "_mask"))
         self._finished = True
         self.captured, self.saved = [], None
+        self._world, self._group = False, None  # no collective after the end
         return self.report()
+
+    @property
+    def group(self) -> Any:
+        """The process group :meth:`step` averages over (``None``: no communication).
+
+        Raises:
+            RuntimeError: when BiP was built on the default group and that group was destroyed.
+        """
+        if not self._world:
+            return self._group
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "the default process group that BiP averages over was destroyed "
+                "(dist.destroy_process_group()); call step() before destroying it"
+            )
+        return dist.group.WORLD
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from process_group import run_then_destroy
 from torch import Tensor, nn
 
 import torchbip
@@ -131,6 +132,10 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+    run_then_destroy(lambda: run_cases(rank, out_dir))
+
+
+def run_cases(rank: int, out_dir: str) -> None:
     results = {}
     try:
         for name, call in cases(rank):
@@ -141,7 +146,6 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 results[name] = {"ok": False, "type": type(err).__name__, "message": str(err)}
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

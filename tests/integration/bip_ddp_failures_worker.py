@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from process_group import run_then_destroy
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -93,8 +94,6 @@ def case_no_backward(rank: int) -> str:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     outcomes = {}
     for name in sys.argv[2:]:
@@ -104,8 +103,9 @@ def main() -> None:
             outcomes[name] = f"{type(err).__name__}: {err}"
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(outcomes))
     dist.barrier()  # every rank is done with its collectives before any tears the group down
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    run_then_destroy(main)

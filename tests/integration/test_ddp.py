@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from process_group import run_then_destroy
 from torch import nn
 
 import torchbip
@@ -41,17 +42,18 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = make_model()
-        if rank == 1:  # a different start on rank 1: global_prune must broadcast rank 0's weights
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(1.0)
-        shard = [(x[rank::world], y[rank::world]) for x, y in full_batches()]
-        torchbip.global_prune(model, 0.7, shard, **OPTIONS)
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    run_then_destroy(lambda: prune_shard(rank, world, out_dir))
+
+
+def prune_shard(rank: int, world: int, out_dir: str) -> None:
+    model = make_model()
+    if rank == 1:  # a different start on rank 1: global_prune must broadcast rank 0's weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    shard = [(x[rank::world], y[rank::world]) for x, y in full_batches()]
+    torchbip.global_prune(model, 0.7, shard, **OPTIONS)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.timeout(300)
