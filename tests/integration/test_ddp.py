@@ -101,3 +101,31 @@ def test_destroy_process_group_frees_the_group_when_torchbip_is_imported(tmp_pat
     # torch alone: the first optimizer imports torch._dynamo, which keeps references to the group
     assert left("", "init-torch") > 0, "torch frees the group by itself now: torchbip's import can go"
     assert left("import torchbip", "init-torchbip") == 0
+
+
+STEP_AFTER_DESTROY = """
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+import torchbip
+dist.init_process_group("gloo", init_method="file://{init}", rank=0, world_size=1)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+pruner = torchbip.BiP(model, 0.5, process_group=dist.group.WORLD)
+F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+dist.destroy_process_group()
+try:
+    pruner.step()
+except RuntimeError as err:
+    print("REFUSED:", err, "| steps:", pruner.step_count)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_step_after_the_default_group_was_destroyed_is_refused(tmp_path: Path) -> None:
+    """BiP looks the default group up at every step: once it is destroyed, a step says so."""
+    script = STEP_AFTER_DESTROY.format(init=tmp_path / "init")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr
+    assert "REFUSED: the default process group that BiP averages over was destroyed" in done.stdout
+    assert "| steps: 0" in done.stdout
