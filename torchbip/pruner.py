@@ -553,19 +553,20 @@ class BiP:
         """
         self._check_usable()
         if upper_grads is None:
+            group = self.group  # looked up once per step (see the property)
             error = self._no_gradient_error()
-            if error is not None and self.group is None:
+            if error is not None and group is None:
                 raise error
             fired = [int(f) for f in self.fired]
             for i, (g, mask) in enumerate(zip(self.captured, self.masks, strict=True)):
                 if g is None:  # no gradient reached this tensor since the last step
                     self.captured[i] = torch.zeros_like(mask, memory_format=torch.contiguous_format)
                     self.owned[i] = True
-            if self.group is not None:
+            if group is not None:
                 # One collective for the mean gradients, every rank's failure and which tensors
                 # each rank saw a gradient of: a rank that fails does not leave the others waiting.
                 self._own_captured()  # the mean is written in place
-                failed = all_reduce_mean(self._captured(), self.group, error is not None, fired)
+                failed = all_reduce_mean(self._captured(), group, error is not None, fired)
                 if error is not None:
                     raise error
                 if failed:
