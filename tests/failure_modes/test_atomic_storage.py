@@ -329,8 +329,8 @@ class Wrapper(Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        # Deliberate: this test double stands for third-party subclasses that run no op; the
-        # raise is the behaviour under test.
+        # Deliberate: this test double stands for third-party subclasses that run no op. Any op
+        # the check ran on the wrapper would raise here and fail the test.
         raise NotImplementedError(f"Wrapper does not run {func}")
 
 

@@ -75,6 +75,13 @@ def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(tmp_path: Pat
 
 # Run in a fresh interpreter: prints how many references to the default process group remain
 # after destroy_process_group(), besides the script's own (0: the group is freed there).
+def _run_python(script: str) -> str:
+    """Runs ``script`` in a fresh interpreter, asserts it exits cleanly, returns its stdout."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 LEFT_AFTER_DESTROY = """
 import sys
 import torch
@@ -94,9 +101,7 @@ def test_destroy_process_group_frees_the_group_when_torchbip_is_imported(tmp_pat
 
     def left(import_line: str, name: str) -> int:
         script = LEFT_AFTER_DESTROY.format(import_line=import_line, init=tmp_path / name)
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
+        return int(_run_python(script).split()[-1])
 
     # torch alone: the first optimizer imports torch._dynamo, which keeps references to the group
     assert left("", "init-torch") > 0, "torch frees the group by itself now: torchbip's import can go"
@@ -125,7 +130,6 @@ except RuntimeError as err:
 def test_a_step_after_the_default_group_was_destroyed_is_refused(tmp_path: Path) -> None:
     """BiP looks the default group up at every step: once it is destroyed, a step says so."""
     script = STEP_AFTER_DESTROY.format(init=tmp_path / "init")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
-    assert done.returncode == 0, done.stderr
-    assert "REFUSED: the default process group that BiP averages over was destroyed" in done.stdout
-    assert "| steps: 0" in done.stdout
+    out = _run_python(script)
+    assert "REFUSED: the default process group that BiP averages over was destroyed" in out
+    assert "| steps: 0" in out
