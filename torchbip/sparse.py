@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -285,6 +285,9 @@ def _replace(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None])
     return count
 
 
+_CSR_CPU_DTYPES = (torch.float32, torch.float64)  # what torch multiplies in CSR on the CPU
+
+
 def _sparsity(weight: Tensor) -> float:
     return 1.0 - int(weight.count_nonzero()) / weight.numel() if weight.numel() else 0.0
 
@@ -332,50 +335,39 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity={min_sparsity!r} is outside [0, 1]")
-    layers = [
-        (name, _current_weight(m))
-        for name, m in model.named_modules()
-        if type(m) is nn.Linear or (include_conv and type(m) is nn.Conv2d)
-    ]
-    narrow = [
-        (name, w.dtype)
-        for name, w in layers
-        if w.device.type == "cpu"
-        and w.dtype not in (torch.float32, torch.float64)
-        and _sparsity(w) >= min_sparsity
-    ]
-    if narrow:
-        name, dtype = narrow[0]
-        raise ValueError(
-            f"to_sparse_csr: {name!r} holds {dtype} weights, for which torch has no CSR matrix "
-            "product on the CPU; convert the model first (model.float())"
-        )
     copied = baked_copy(model)
 
-    def convert(child: nn.Module) -> nn.Module | None:
-        if type(child) is nn.Linear and _sparsity(child.weight) >= min_sparsity:
-            return SparseCSRLinear.from_dense(child)
-        if (
+    def convertible(child: nn.Module) -> bool:
+        if type(child) is nn.Linear:
+            return _sparsity(child.weight) >= min_sparsity
+        return (
             include_conv
             and type(child) is nn.Conv2d
             and child.groups == 1
             and child.padding_mode == "zeros"
             and not isinstance(child.padding, str)
             and _sparsity(child.weight) >= min_sparsity
-        ):
-            return SparseCSRConv2d.from_dense(child)
-        return None
+        )
+
+    chosen = {id(child): (name, child) for name, child in copied.named_modules() if convertible(child)}
+    for name, child in chosen.values():
+        weight = child.weight
+        if weight.device.type == "cpu" and weight.dtype not in _CSR_CPU_DTYPES:
+            raise ValueError(
+                f"to_sparse_csr: {name!r} holds {weight.dtype} weights, for which torch has no CSR "
+                "matrix product on the CPU; convert the model first (model.float())"
+            )
+
+    def convert(child: nn.Module) -> nn.Module | None:
+        if id(child) not in chosen:
+            return None
+        if isinstance(child, nn.Linear):
+            return SparseCSRLinear.from_dense(child)
+        assert isinstance(child, nn.Conv2d)
+        return SparseCSRConv2d.from_dense(child)
 
     _replace(copied, convert)
     return copied
-
-
-def _current_weight(module: nn.Module) -> Tensor:
-    """The weight a forward pass would use now (``weight_orig * weight_mask`` in torch's pruned form)."""
-    orig, mask = getattr(module, "weight_orig", None), getattr(module, "weight_mask", None)
-    if isinstance(orig, Tensor) and isinstance(mask, Tensor):
-        return (orig * mask).detach()
-    return cast(Tensor, module.weight).detach()
 
 
 def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4, dim: int = -1) -> bool:
