@@ -254,3 +254,6 @@ def test_to_sparse_csr_refuses_narrow_dtypes_on_the_cpu_before_converting(dtype:
         to_sparse_csr(model)
     dense_enough = nn.Sequential(nn.Linear(16, 8)).to(dtype)  # nothing to convert: nothing refused
     assert type(to_sparse_csr(dense_enough)[0]) is nn.Linear
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))  # a conv it does not convert: not refused
+    bip_unstructured(grouped[0], "weight", amount=0.95)
+    assert type(to_sparse_csr(grouped.to(dtype), include_conv=True)[0]) is nn.Conv2d
