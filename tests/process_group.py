@@ -18,9 +18,15 @@ T = TypeVar("T")
 
 
 def run_then_destroy(work: Callable[[], T]) -> T:
-    """``work()``; then, with its objects gone, destroy the default process group."""
+    """``work()``; then, with its objects gone, destroy the default process group.
+
+    After a ``work()`` that returns, a barrier first: every rank is done with its collectives
+    before any tears the group down (after a failure, the other ranks may never arrive).
+    """
     try:
-        return work()
+        result = work()
+        dist.barrier()
+        return result
     finally:
         gc.collect()  # the run's objects, reference cycles included, release the group
         dist.destroy_process_group()

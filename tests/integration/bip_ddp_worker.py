@@ -30,7 +30,6 @@ def main(out: str) -> None:
     scores = pruner.flat_scores.clone()
     pruner.finish()
     torch.save({"model": model.state_dict(), "scores": scores, "held": held}, f"{out}/rank{rank}.pt")
-    dist.barrier()  # every rank is done with its collectives before any tears the group down
 
 
 if __name__ == "__main__":

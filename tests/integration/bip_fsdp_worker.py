@@ -44,7 +44,6 @@ def main(out: str) -> None:
         {"model": whole, "scores": scores, "sharded": sharded, "state": state, "output": output},
         f"{out}/rank{rank}.pt",
     )
-    dist.barrier()  # every rank is done with its collectives before any tears the group down
 
 
 if __name__ == "__main__":
