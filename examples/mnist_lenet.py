@@ -108,11 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def presets(probe: argparse.Namespace) -> dict[str, Any]:
+    """The smoke preset with ``--smoke``."""
+    return SMOKE_PRESET if probe.smoke else {}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """``--smoke`` preset < ``-c`` YAML < command line (the file's values checked like the command line's)."""
     parser = build_parser()
-    presets = lambda probe: SMOKE_PRESET if probe.smoke else {}  # noqa: E731
-    args = script_utils.parse_with_config(parser, list(sys.argv[1:] if argv is None else argv), presets)
+    args = script_utils.parse_with_config(parser, sys.argv[1:] if argv is None else argv, presets)
     script_utils.check_ranges(parser, args, RANGES)
     if args.amount == 1.0:
         parser.error("--amount must lie in [0, 1), got 1.0")
