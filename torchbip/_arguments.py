@@ -27,7 +27,7 @@ from torchbip.config import BiPConfig
 from torchbip.layouts import Layout, MaskLayout, as_layout
 from torchbip.masks import validate_amount
 from torchbip.pruner import check_no_fsdp
-from torchbip.structured import BUDGETS
+from torchbip.structured import validate_budget
 
 __all__ = ["RunPlan", "agree_across_ranks", "plan_run"]
 
@@ -87,8 +87,7 @@ def plan_run(
         raise ValueError("loader is required: an iterable of (inputs, targets) batches")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    validate_budget(budget)
     spec = as_layout(structured, budget, arg="structured")
     spec.check_budget(budget, cfg.min_keep, None, arg="structured")
     spec.check_parameters(parameters)

@@ -56,13 +56,13 @@ from torchbip.method import BiPPruningMethod
 from torchbip.scores import init_scores
 from torchbip.semistructured import BiPSemiStructured
 from torchbip.structured import (
-    BUDGETS,
     BiPStructured,
     allowed_groups,
     expand_groups,
     group_keep_counts,
     group_reduce,
     group_unit,
+    validate_budget,
 )
 
 __all__ = [
@@ -289,8 +289,7 @@ class GroupLayout(MaskLayout):
         min_keep: Amount | None = None,
         max_keep: Amount | None = None,
     ) -> None:
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        validate_budget(budget)
         self.shapes = [tuple(t.weight().shape) for t in targets]
         for target, shape in zip(targets, self.shapes, strict=True):
             if len(shape) <= dim:
@@ -449,8 +448,7 @@ class Layout(ABC):
 
         ``arg`` is the name of the argument that chose the layout, for the message.
         """
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        validate_budget(budget)
         if budget != "layer":
             raise ValueError(
                 f"budget={budget!r} applies to structured runs (Groups layouts); an unstructured run "
@@ -523,8 +521,7 @@ class Groups(Layout):
     def __post_init__(self) -> None:
         if self.dim not in (0, 1) or isinstance(self.dim, bool):
             raise ValueError(f"Groups(dim={self.dim!r}): dim must be 0 (filters) or 1 (input channels)")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        validate_budget(self.budget)
 
     @property
     def shorthand(self) -> str:
@@ -547,8 +544,7 @@ class Groups(Layout):
         ``budget`` is the argument that comes with the layout: for a :class:`Groups` object the
         object's own budget rules, and an argument that asks for another one is refused.
         """
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        validate_budget(budget)
         if budget != "layer" and budget != self.budget:
             raise ValueError(
                 f"budget={budget!r} conflicts with {arg}={self!r}, whose budget is {self.budget!r}: pass "
@@ -669,8 +665,7 @@ def as_layout(layout: object, budget: str = "layer", arg: str = "layout") -> Lay
         return Unstructured()
     if isinstance(layout, str):
         if layout in _GROUP_DIMS:
-            if budget not in BUDGETS:
-                raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+            validate_budget(budget)
             return Groups(_GROUP_DIMS[layout], budget)
         match = _NM.match(layout)
         if match:

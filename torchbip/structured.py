@@ -61,6 +61,7 @@ __all__ = [
     "group_unit",
     "normalize_dim",
     "select_groups",
+    "validate_budget",
 ]
 
 Budget = Literal["layer", "global"]
@@ -340,6 +341,20 @@ def bip_structured(
     return module
 
 
+def validate_budget(budget: str) -> None:
+    """Refuse a ``budget`` that is not one of :data:`BUDGETS` (``ValueError`` naming the value).
+
+    Example:
+        >>> validate_budget("global")
+        >>> validate_budget("per-layer")
+        Traceback (most recent call last):
+        ...
+        ValueError: budget must be one of ('layer', 'global'), got 'per-layer'
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+
+
 def group_unit(dim: int) -> str:
     """What a group along ``dim`` is called in messages: ``"filters"`` (0), ``"channels"`` (1).
 
@@ -382,8 +397,7 @@ def group_keep_counts(
         >>> group_keep_counts([8, 4], 0.75, budget="global", min_keep=1)
         (3, [1, 1])
     """
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    validate_budget(budget)
     if budget == "layer":
         keeps = [n - count_from_amount(amount, n, unit=unit) for n in n_groups]
         return sum(keeps), keeps
