@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchbip.method import has_grad_capture
+from torchbip.method import has_grad_capture, holds_bip, scores_name
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = [
@@ -177,12 +177,25 @@ def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
         module, name = target.module, target.name
         if id(module) in uncalled:
             raise ValueError(f"parameters names {target.fqn!r}: {uncalled[id(module)]}")
+        base = name.removesuffix("_orig")
+        if base != name and base + "_mask" in module._buffers:
+            pruned = Target(module, base, target.module_fqn).fqn
+            raise ValueError(
+                f"parameters names {target.fqn!r}, torch's unmasked copy of the pruned tensor "
+                f"{pruned!r}: name the tensor itself, (module, {base!r})"
+            )
+        _check_scores_slot(target)
         tensor = getattr(module, name + "_orig", None) if target.is_pruned else None
         if tensor is None:
             tensor = module._parameters.get(name)
         if not isinstance(tensor, nn.Parameter):
             raise ValueError(
                 f"parameters names {target.fqn!r}, but {type(module).__name__} has no parameter {name!r}"
+            )
+        if isinstance(tensor, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"parameters names {target.fqn!r}, an uninitialised parameter of the lazy module "
+                f"{type(module).__name__}: run one forward pass (or load the weights) first"
             )
         own = (id(module), name + "_orig" if target.is_pruned else name)
         tied = [fqn for mid, pname, fqn in holders.get(id(tensor), []) if (mid, pname) != own]
@@ -221,6 +234,24 @@ def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
             "values); materialise the model first, e.g. model.to_empty(device='cpu') and load its weights"
         )
     return targets
+
+
+def _check_scores_slot(target: Target) -> None:
+    """Refuse a module that holds something else under the name of the target's score buffer.
+
+    A score buffer left by BiP itself (a deep copy of a model that BiP prunes) is replaced.
+    """
+    module, slot = target.module, scores_name(target.name)
+    taken = slot in module.__dict__ or slot in module._parameters or slot in module._modules
+    if slot in module._buffers:
+        hooks = [h for hook_name, h in named_pruning_hooks(module) if hook_name == target.name]
+        taken = not (hooks and holds_bip(hooks[0]))
+    if taken:
+        where = repr(target.module_fqn) if target.module_fqn else "the model"
+        raise ValueError(
+            f"parameters names {target.fqn!r}, but the module {where} already has an attribute {slot!r}, the "
+            f"name under which BiP keeps the scores of {target.name!r}: rename that attribute"
+        )
 
 
 def _pairs(parameters: Any) -> list[Any]:

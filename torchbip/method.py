@@ -191,6 +191,9 @@ class GradCapture:
     module give its hook no capture.
     """
 
+    # Pickling the masked tensor it hooks drops it on purpose: torch need not warn about that.
+    __torch_unserializable__ = True
+
     def __init__(self, fn: Callable[[Tensor], None]) -> None:
         self.fn = fn
 
@@ -214,8 +217,11 @@ def set_grad_capture(hook: prune.BasePruningMethod, capture: GradCapture | None)
 
 
 def has_grad_capture(hook: prune.BasePruningMethod) -> bool:
-    """Whether a live :class:`torchbip.BiP` (built, not finished) captures this hook's gradients."""
-    return "_grad_capture" in vars(hook)
+    """Whether a live :class:`torchbip.BiP` (built, not finished) captures this hook's gradients.
+
+    A hook of a deep-copied or unpickled module holds no capture (see :class:`GradCapture`).
+    """
+    return isinstance(vars(hook).get("_grad_capture"), GradCapture)
 
 
 def capture_grad(hook: prune.BasePruningMethod, masked: Tensor) -> Tensor:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +42,7 @@ from torchbip.bilevel import all_finite, tensor_sums
 from torchbip.config import BiPConfig
 from torchbip.layouts import Layout, MaskLayout, as_layout
 from torchbip.masks import validate_amount
-from torchbip.method import GradCapture, pruning_hook, scores_name, set_grad_capture
+from torchbip.method import GradCapture, drop_scores, pruning_hook, scores_name, set_grad_capture
 from torchbip.report import SparsityReport, TensorSparsity
 
 __all__ = ["BiP", "STATE_FORMAT", "grad_scaler_state", "schedule_lambda"]
@@ -268,15 +270,26 @@ class BiP:
                 "implicit_coef=None: BiP needs a number (1/gamma in theory, with gamma the weight decay "
                 "of the weights' optimizer; 0 switches the implicit term off)"
             )
+        if isinstance(implicit_coef, bool) or not (
+            isinstance(implicit_coef, numbers.Real) and math.isfinite(implicit_coef) and implicit_coef >= 0
+        ):
+            raise ValueError(f"implicit_coef must be a finite number >= 0, got {implicit_coef!r}")
         if not isinstance(hold_pruned, bool):
             raise TypeError(f"hold_pruned must be a bool, got {hold_pruned!r}")
         # The upper-level settings and steps are validated by BiPConfig (global_prune's rules).
         cfg = BiPConfig(
-            upper_lr=upper_lr, upper_momentum=upper_momentum, upper_schedule=schedule,  # type: ignore[arg-type]
-            implicit_coef=implicit_coef, score_init=score_init, min_keep=min_keep,  # type: ignore[arg-type]
+            upper_lr=upper_lr, upper_momentum=upper_momentum, upper_schedule=schedule,
+            implicit_coef=implicit_coef, score_init=score_init, min_keep=min_keep,
             steps=steps,
         )  # fmt: skip
         steps = cfg.steps
+        if isinstance(amount, Mapping) and (min_keep is not None or max_keep is not None):
+            name, value = ("min_keep", min_keep) if min_keep is not None else ("max_keep", max_keep)
+            raise ValueError(
+                f"{name}={value!r} bounds each tensor's share of one global ranking; amount={dict(amount)!r} "
+                "gives every matching tensor its own amount instead: drop it, or pass one amount"
+            )
+        max_keep = _plain_number(max_keep)
         spec.check_budget(budget, cfg.min_keep, max_keep)
         spec.check_parameters(parameters)
         check_no_fsdp(model, "build torchbip.BiP on the whole model first, then call fully_shard")
@@ -302,7 +315,7 @@ class BiP:
             "upper_momentum": cfg.upper_momentum,
             "upper_schedule": schedule,
             "steps": steps,
-            "implicit_coef": float(cfg.implicit_coef),  # type: ignore[arg-type]
+            "implicit_coef": float(cfg.implicit_coef),
             "score_init": cfg.score_init,
             "min_keep": cfg.min_keep,
             "max_keep": max_keep,
@@ -348,6 +361,18 @@ class BiP:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, schedule_lambda(str(self.settings["upper_schedule"]), self.steps)
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``copy.deepcopy``: the copy captures the gradients of its own copy of the model.
+
+        (The model's hooks are copied without their capture, see
+        :class:`~torchbip.method.GradCapture`.)
+        """
+        self.__dict__.update(state)
+        if not self._finished:
+            for i, hook in enumerate(self.hooks):
+                assert hook is not None
+                set_grad_capture(hook, GradCapture(self._capture_fn(i)))
 
     def _capture_fn(self, index: int) -> Callable[[Tensor], None]:
         captured, fired, owned = self.captured, self.fired, self.owned
@@ -503,9 +528,13 @@ class BiP:
         self._check_usable()
         if not isinstance(skip, bool):
             raise TypeError(f"skip must be a bool, got {skip!r}")
-        bad_scale = isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0
+        bad_scale = (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not 0 < scale < math.inf  # also NaN
+        )
         if scale is not None and bad_scale:
-            raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+            raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
         if scale is not None and scaler is not None:
             raise ValueError("pass either scaler= or scale=, not both")
         if skip:
@@ -669,8 +698,8 @@ class BiP:
                     f"the mask buffer {t.fqn + '_mask'!r} was replaced after BiP was built, so BiP's "
                     "masks are no longer the model's: by model.to(), .cuda(), .half() or .double() "
                     "(move and convert the model first, then build BiP), by another "
-                    "torch.nn.utils.prune call on the tensor, or by a second BiP on the model; build a "
-                    "new BiP on the model as it is now"
+                    "torch.nn.utils.prune call on the tensor, or by a second BiP on the model; call "
+                    "finish() on this BiP object (it releases the model as it is now) and build a new BiP"
                 )
         for i, (t, orig) in enumerate(zip(self.targets, self.origs, strict=True)):
             current = t.module._parameters.get(t.name + "_orig")
@@ -682,7 +711,8 @@ class BiP:
             raise RuntimeError(
                 f"the parameter {t.orig_fqn!r} was replaced after BiP was built (only FSDP2's "
                 "fully_shard may replace it, by its shard; FSDP1's flat parameters, model.to_empty() "
-                "and load_state_dict(assign=True) after construction are not supported)"
+                "and load_state_dict(assign=True) after construction are not supported; finish() "
+                "releases the model as it is now)"
             )
 
     def _adopt_shard(self, index: int, shard: Tensor) -> None:
@@ -807,12 +837,21 @@ class BiP:
                 back, no final selection from the scores): for a model into which a checkpoint
                 saved after :meth:`finish` was loaded, whose masks are final already.
 
+        When the model's masks or ``weight_orig`` were replaced after construction (``model.to()``
+        or ``.double()``, a :mod:`torch.nn.utils.prune` call on a pruned tensor), which :meth:`step`
+        refuses, :meth:`finish` warns and releases the model as it is now: it drops the scores and
+        the gradient capture and changes nothing else (no final selection, no values put back), so
+        that a new :class:`BiP` can be built on the model.
+
         Returns:
             The final :class:`~torchbip.SparsityReport`.
         """
         if self._finished:
             return self.report()
-        self._sync_params()
+        try:
+            self._sync_params()
+        except RuntimeError as err:
+            return self._release(err)
         with torch.no_grad():
             final = None if as_loaded else self.layout.finish_masks(self.score_views)
             if not as_loaded:
@@ -830,6 +869,32 @@ class BiP:
         self._finished = True
         self.captured, self.saved = [], None
         self._world, self._group = False, None  # no collective after the end
+        return self.report()
+
+    def _release(self, reason: RuntimeError) -> SparsityReport:
+        """:meth:`finish` for a model whose tensors were replaced: drop what BiP added, nothing else."""
+        warnings.warn(
+            f"BiP.finish(): {reason}. The model is released as it is: the scores and the gradient "
+            "capture are dropped, the masks and weights are left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        masks = []
+        for t, hook, mask in zip(self.targets, self.hooks, self.masks, strict=True):
+            assert hook is not None
+            set_grad_capture(hook, None)
+            current = pruning_hook(t.module, t.name)
+            if current is hook or hook in getattr(current, "_pruning_methods", ()):
+                drop_scores(t.module, t.name)  # (not the scores of a method on top of BiP's)
+            now = t.module._buffers.get(t.name + "_mask")
+            if now is None:  # pruning made permanent (prune.remove): the weight's zeros
+                weight = getattr(t.module, t.name, None)
+                now = (weight != 0) if isinstance(weight, Tensor) else mask
+            masks.append(now)
+        self.masks = masks
+        self._finished = True
+        self.captured, self.saved = [], None
+        self._world, self._group = False, None
         return self.report()
 
     @property
@@ -906,6 +971,11 @@ class BiP:
         keeps = self._checked_tensors(state["masks"], self.masks, "masks")
         if not all(k.dtype == torch.bool or bool(((k == 0) | (k == 1)).all()) for k in keeps):
             raise ValueError("state['masks'] holds values other than 0 and 1")
+        if (state["saved"] is None) != (self.saved is None):
+            raise ValueError(
+                f"state was saved with hold_pruned={state['saved'] is not None}, this BiP has "
+                f"hold_pruned={self.hold_pruned}"
+            )
         saved = None if state["saved"] is None else self._checked_tensors(state["saved"], self.origs, "saved")
         for key in ("step", "skipped_steps"):
             if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
@@ -1018,6 +1088,8 @@ def _select(
     if exclude is not None:
         if isinstance(exclude, str):
             exclude = [exclude]
+        if not isinstance(exclude, Iterable) or isinstance(exclude, (bytes, bytearray)):
+            raise TypeError(f"exclude must be a name pattern (str) or a list of them, got {exclude!r}")
         patterns = list(exclude)
         for p in patterns:
             if not isinstance(p, str):
@@ -1071,6 +1143,21 @@ def _select(
             f"{[t.fqn for t in targets]}"
         )
     return chosen, amounts
+
+
+def _plain_number(value: object) -> Any:
+    """A NumPy (or other ``numbers``) scalar as a Python int or float; anything else as it is.
+
+    Settings are saved in :meth:`BiP.state_dict`, which ``torch.load(weights_only=True)`` reads
+    only when they are plain types.
+    """
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _matches(target: Target, pattern: str) -> bool:

@@ -407,6 +407,9 @@ def _assert_same_bip_state(before: dict, pruner: torchbip.BiP) -> None:
     after = _bip_state(pruner)
     assert torch.equal(before["scores"], after["scores"])
     for key in ("masks", "saved", "model_masks"):
+        if before[key] is None:
+            assert after[key] is None, key
+            continue
         assert all(torch.equal(a, b) for a, b in zip(before[key], after[key], strict=True)), key
     assert (before["step"], before["skipped_steps"]) == (after["step"], after["skipped_steps"])
     assert before["scheduler"] == after["scheduler"]
@@ -511,6 +514,18 @@ def test_replaced_mask_buffers_are_an_error_at_the_next_step(change: str) -> Non
         RuntimeError, match=r"mask buffer '(0|2)\.weight_mask' was replaced after BiP was built"
     ):
         pruner.step()
+    # The way out the message names: finish() releases the model as it is, a new BiP builds on it.
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match=r"released as it is"):
+        report = pruner.finish()
+    assert pruner.finished
+    after = model.state_dict()
+    assert list(after) == list(kept)
+    assert all(torch.equal(after[k], kept[k]) for k in kept)  # nothing changed but BiP's own state
+    assert not any(hasattr(m, "weight_scores") for m in model.modules())
+    assert report.tensors["2.weight"].zeros == int((model[2].weight_mask == 0).sum())
+    again = torchbip.BiP(model, 0.9)
+    assert again.names == ["0.weight", "2.weight", "4.weight"]
 
 
 def test_a_second_bip_on_a_live_one_is_refused_and_the_model_kept() -> None:
@@ -698,8 +713,23 @@ def test_structured_layouts_in_the_loop(layout: object, check) -> None:
         ({"amount": 1.5}, ValueError, "amount"),
         ({"amount": {"nope.*": 0.5}}, ValueError, r"amount: the pattern\(s\) \['nope\.\*'\] match none"),
         ({"exclude": ["missing"]}, ValueError, r"exclude=\['missing'\]"),
+        ({"exclude": 3}, TypeError, r"exclude must be a name pattern \(str\) or a list of them, got 3"),
+        ({"exclude": b"0"}, TypeError, r"exclude must be a name pattern \(str\) or a list of them, got b'0'"),
+        (
+            {"amount": {"*": 0.9}, "min_keep": 0.5},
+            ValueError,
+            r"min_keep=0\.5 bounds each tensor's share of one global ranking; amount=\{'\*': 0\.9\}",
+        ),
+        (
+            {"amount": {"0.*": 0.1}, "max_keep": 0.2},
+            ValueError,
+            r"max_keep=0\.2 bounds each tensor's share of one global ranking",
+        ),
         ({"layout": "diagonal"}, ValueError, "diagonal"),
         ({"upper_lr": -1.0}, ValueError, "upper_lr"),
+        ({"implicit_coef": -1.0}, ValueError, r"implicit_coef must be a finite number >= 0, got -1\.0$"),
+        ({"implicit_coef": math.nan}, ValueError, r"implicit_coef must be a finite number >= 0, got nan$"),
+        ({"implicit_coef": "1"}, ValueError, r"implicit_coef must be a finite number >= 0, got '1'$"),
         ({"min_keep": 2.0}, ValueError, "min_keep"),
         ({"steps": 0}, ValueError, "steps"),
         ({"process_group": "world"}, TypeError, "process_group"),
@@ -1001,9 +1031,11 @@ def test_step_skip_drops_the_gradients_and_undoes_the_optimizer() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"scale": 0.0}, ValueError, "scale must be a positive number"),
-        ({"scale": -2.0}, ValueError, "scale must be a positive number"),
-        ({"scale": True}, ValueError, "scale must be a positive number"),
+        ({"scale": 0.0}, ValueError, "scale must be a finite positive number or None, got 0.0"),
+        ({"scale": -2.0}, ValueError, "scale must be a finite positive number"),
+        ({"scale": True}, ValueError, "scale must be a finite positive number"),
+        ({"scale": math.inf}, ValueError, "scale must be a finite positive number or None, got inf"),
+        ({"scale": math.nan}, ValueError, "scale must be a finite positive number or None, got nan"),
         ({"skip": "yes"}, TypeError, "skip must be a bool"),
         ({"scale": 2.0, "scaler": torch.amp.GradScaler("cpu")}, ValueError, "either scaler= or scale="),
     ],
@@ -1090,3 +1122,122 @@ def test_a_compiled_model_is_pruned_under_its_own_names() -> None:
     other = torchbip.BiP(plain, 0.8, exclude=["4"], steps=6)
     other.load_state_dict(pruner.state_dict())
     assert torch.equal(other.flat_scores, pruner.flat_scores)
+
+
+def test_numpy_max_keep_is_saved_as_a_plain_number(tmp_path: Path) -> None:
+    import numpy as np
+
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, max_keep=np.float64(0.5), min_keep=np.int64(2))
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(1))
+    assert type(pruner.settings["max_keep"]) is float
+    torch.save(pruner.state_dict(), tmp_path / "bip.pt")
+    state = torch.load(tmp_path / "bip.pt", weights_only=True)
+    assert state["settings"]["max_keep"] == 0.5
+    twin = torchbip.BiP(make_model(), 0.8, max_keep=0.5, min_keep=2)
+    twin.load_state_dict(state)
+    assert torch.equal(twin.flat_scores, pruner.flat_scores)
+
+
+@pytest.mark.parametrize("saved_with", [True, False])
+def test_a_state_of_the_other_hold_pruned_setting_is_refused(saved_with: bool) -> None:
+    """The held values belong to the run: a state without them cannot resume a run that holds them,
+    and one with them would be dropped silently by a run that does not."""
+    source = make_model()
+    src = torchbip.BiP(source, 0.8, hold_pruned=saved_with)
+    train(source, src, torch.optim.SGD(source.parameters(), lr=0.1), make_batches(1))
+    model = make_model(seed=3)
+    pruner = torchbip.BiP(model, 0.8, hold_pruned=not saved_with)
+    before, weights = _bip_state(pruner), capture(model)
+    with pytest.raises(
+        ValueError, match=rf"saved with hold_pruned={saved_with}, this BiP has hold_pruned={not saved_with}"
+    ):
+        pruner.load_state_dict(src.state_dict())
+    _assert_same_bip_state(before, pruner)
+    assert_unchanged(weights, model)
+
+
+class _Holder(nn.Module):
+    """A model whose first layer holds something under the name of BiP's score buffer."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.net = make_model()
+        if what == "attribute":
+            self.net[0].weight_scores = 3
+        elif what == "buffer":
+            self.net[0].register_buffer("weight_scores", torch.ones(2))
+        else:
+            self.net[0].weight_scores = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _torch_pruned() -> nn.Module:
+    model = make_model()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    return model
+
+
+def _lazy() -> nn.Module:
+    return nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize(
+    ("build", "kwargs", "match"),
+    [
+        (
+            _torch_pruned,
+            {"parameters": "weight_orig"},
+            r"parameters names '0\.weight_orig', torch's unmasked copy of the pruned tensor '0\.weight': "
+            r"name the tensor itself, \(module, 'weight'\)",
+        ),
+        (
+            _lazy,
+            {},
+            r"parameters names '0\.weight', an uninitialised parameter of the lazy module LazyLinear: "
+            r"run one forward pass",
+        ),
+        (
+            lambda: _Holder("attribute"),
+            {},
+            r"parameters names 'net\.0\.weight', but the module 'net\.0' already has an attribute "
+            r"'weight_scores', the name under which BiP keeps the scores of 'weight'",
+        ),
+        (lambda: _Holder("buffer"), {}, r"the module 'net\.0' already has an attribute 'weight_scores'"),
+        (lambda: _Holder("parameter"), {}, r"the module 'net\.0' already has an attribute 'weight_scores'"),
+    ],
+)
+def test_tensors_bip_cannot_prune_are_refused_and_the_model_kept(build, kwargs, match) -> None:
+    model = build()
+    if kwargs.get("parameters") == "weight_orig":
+        kwargs = {"parameters": [(model[0], "weight_orig")]}
+    lazy = any(isinstance(m, nn.LazyLinear) for m in model.modules())
+    before = None if lazy else capture(model)  # (the values of a lazy parameter cannot be read)
+    params = dict(model.named_parameters())
+    hooks = {name: dict(m._forward_pre_hooks) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=match):
+        torchbip.BiP(model, 0.5, **kwargs)
+    if before is not None:
+        assert_unchanged(before, model)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects, by identity
+    assert {name: dict(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks
+
+
+def test_a_deep_copy_of_the_pruner_trains_its_own_copy_of_the_model() -> None:
+    """copy.deepcopy(pruner) copies the model with it; the copy steps exactly as the original."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=6)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(2))
+    twin = copy.deepcopy(pruner)
+    assert twin.model is not model
+    assert twin.masks[0] is twin.model[0].weight_mask
+    assert twin.origs[0] is twin.model[0].weight_orig
+    batches = make_batches(4)[2:]
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), batches)
+    train(twin.model, twin, torch.optim.SGD(twin.model.parameters(), lr=0.1), batches)
+    assert twin.step_count == pruner.step_count == 4
+    assert torch.equal(twin.flat_scores, pruner.flat_scores)
+    assert all(torch.equal(a, b) for a, b in zip(weights(twin.model), weights(model), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(masks(twin.model), masks(model), strict=True))

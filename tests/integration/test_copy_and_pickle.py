@@ -312,3 +312,26 @@ def test_deepcopy_and_pickle_of_structured_methods_after_a_training_step(how: An
     prune.remove(model[0], "weight")
     assert extras(model[0]) == NOTHING
     assert sorted(model[0].state_dict()) == ["bias", "weight"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_model_under_a_live_bip_takes_a_new_bip_and_leaves_the_first_alone(how: str) -> None:
+    """The copy's hooks carry no capture: a new BiP builds on the copy, and training the copy
+    hands the first BiP no gradient."""
+    model = make_mlp()
+    pruner = torchbip.BiP(model, 0.6)
+    (x, y), (x2, y2) = make_data()
+    train_step(model, x, y)
+    pruner.step()
+    clone = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    train_step(clone, x2, y2)
+    assert not pruner.has_grad  # the copy's backward pass reached only the copy
+    second = torchbip.BiP(clone, 0.5)
+    assert second.names == ["0.weight", "2.weight"]
+    train_step(clone, x2, y2)
+    assert second.has_grad
+    assert not pruner.has_grad
+    second.step()
+    train_step(model, x2, y2)
+    assert pruner.has_grad
+    pruner.step()
