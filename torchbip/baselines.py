@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from torchbip._func import resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
-from torchbip.data import to_device
+from torchbip.data import split_batch, to_device
 from torchbip.masks import count_from_amount, validate_amount
 from torchbip.report import PruneReport, SparsityReport, sparsity_report
 
@@ -78,6 +78,12 @@ def train(
     Returns:
         The mean loss of the last epoch.
 
+    Raises:
+        ValueError: for bad ``epochs``/``schedule``, an empty loader, or batches that are not
+            ``(inputs, targets)`` pairs.
+        FloatingPointError: when the loss is NaN or infinite (raised before that batch's step;
+            the baselines then restore the model).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -105,14 +111,21 @@ def train(
         while done < total:
             losses = []
             before = done
-            for inputs, targets in loader:
+            for batch in loader:
+                inputs, targets = split_batch(batch, "loader")
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(inputs), targets)
+                value = float(loss.detach())
+                if not math.isfinite(value):  # a step on it would spread NaN into every weight
+                    raise FloatingPointError(
+                        f"{desc}: loss_fn returned a non-finite loss ({value}) at step {done}; lower lr "
+                        "or check the data"
+                    )
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss.detach()))
+                losses.append(value)
                 done += 1
                 bar.update()
                 if done >= total:
@@ -343,11 +356,11 @@ def imp(
     """Iterative magnitude pruning with rewinding, to the sparsity that ``amount`` asks for.
 
     Each round trains for ``epochs_per_round``, prunes ``rate`` of the remaining entries
-    globally by magnitude, and rewinds the unpruned weights (all parameters, in fact) to the
-    checkpoint taken after ``rewind_epochs`` of the first training (0: the initial weights, the
-    original lottery-ticket recipe). Rounds are clipped so every sparsity in ``milestones`` and
-    the final one are reached exactly. A last training round follows the final pruning, so the
-    returned model is trained at its final mask.
+    (rounded down, at least one) globally by magnitude, and rewinds the unpruned weights (all
+    parameters, in fact) to the checkpoint taken after ``rewind_epochs`` of the first training
+    (0: the initial weights, the original lottery-ticket recipe). Rounds are clipped so every
+    sparsity in ``milestones`` and the final one are reached exactly. A last training round
+    follows the final pruning, so the returned model is trained at its final mask.
 
     Args:
         model: the model (dense or pruned); pruned in place.
@@ -430,7 +443,8 @@ def _imp_rounds(
         loss = train(model, loader, epochs_per_round, desc="IMP round 0", **train_options)
         while remaining > final_keep:
             target = max(s for s in stops if s < remaining)
-            keep = max(target, math.ceil(remaining * (1 - rate)))
+            # at least one entry per round: rate * remaining rounds to 0 for the last few entries
+            keep = max(target, min(remaining - 1, math.ceil(remaining * (1 - rate))))
             prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=remaining - keep)
             remaining = keep
             _rewind(model, rewind)

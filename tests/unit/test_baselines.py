@@ -1,8 +1,8 @@
 """The baselines: exact sparsity against torch's own pruning, IMP's schedule, bad input.
 
 Oracles: :func:`torch.nn.utils.prune.global_unstructured` on a copy of the model (OMP's mask),
-the documented IMP round rule (keep ``ceil(0.8 * kept)``, clipped at milestones and the final
-sparsity), and the model state captured before a call that must fail.
+the documented IMP round rule (keep ``ceil(0.8 * kept)``, at least one entry fewer, clipped at
+milestones and the final sparsity), and the model state captured before a call that must fail.
 """
 
 from __future__ import annotations
@@ -92,6 +92,21 @@ def test_imp_rounds_follow_the_rate_and_hit_milestones_and_the_end_exactly() -> 
     assert 0.5 in [round(s, 10) for s in seen]
 
 
+@pytest.mark.parametrize("amount", [1.0, 0.99, 144, 142])
+def test_imp_reaches_targets_that_keep_fewer_entries_than_one_over_the_rate(amount: float) -> None:
+    """The last entries: ``ceil(0.8 * kept)`` is ``kept`` itself below 5 entries; each round still
+    prunes one, so IMP reaches the end (it looped forever before)."""
+    model = make_model()
+    result = imp(model, amount, make_data(1), epochs_per_round=0.25)
+    final = 144 - (round(amount * 144) if isinstance(amount, float) else amount)
+    kept, expected = 144, []
+    while kept > final:
+        kept = max(final, min(kept - 1, math.ceil(kept * 0.8)))
+        expected.append(1 - kept / 144)
+    assert [r.sparsity for r in result.rounds] == pytest.approx(expected)
+    assert sum(int(m.sum()) for m in masks(model)) == final
+
+
 def test_imp_rewinds_the_unpruned_weights_to_the_start() -> None:
     model = make_model()
     start = [model[i].weight.detach().clone() for i in (0, 2)]
@@ -152,6 +167,35 @@ BAD = [
     pytest.param(imp, {"rate": "a"}, ValueError, r"rate must be a number in \(0, 1\), got 'a'", id="rate"),
     pytest.param(omp_finetune, {"loss_fn": failing_loss(2)}, RuntimeError, "the loss failed", id="omp-loss"),
     pytest.param(imp, {"loss_fn": failing_loss(5)}, RuntimeError, "the loss failed", id="imp-loss"),
+    pytest.param(
+        omp_finetune,
+        {"loader": [{"x": x, "y": y} for x, y in make_data()]},
+        ValueError,
+        r"loader must yield \(inputs, targets\) pairs, got "
+        r"dict\(x=Tensor\[16, 6\] float32, y=Tensor\[16\] int64\)",
+        id="omp-dict-batches",
+    ),
+    pytest.param(
+        imp,
+        {"loader": [(x, y, y) for x, y in make_data()]},
+        ValueError,
+        r"loader must yield \(inputs, targets\) pairs, got tuple\(Tensor\[16, 6\] float32, Tensor",
+        id="imp-triples",
+    ),
+    pytest.param(
+        omp_finetune,
+        {"loader": [(torch.full_like(x, math.nan), y) for x, y in make_data()]},
+        FloatingPointError,
+        r"fine-tune: loss_fn returned a non-finite loss \(nan\) at step 0",
+        id="omp-nan-loss",
+    ),
+    pytest.param(
+        imp,
+        {"loader": [(x * math.inf, y) for x, y in make_data()]},
+        FloatingPointError,
+        r"loss_fn returned a non-finite loss \(nan\) at step 0",
+        id="imp-inf-inputs",
+    ),
     pytest.param(
         omp_finetune,
         {"loader": OneShot(make_data()), "epochs": 2},
