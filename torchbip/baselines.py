@@ -410,10 +410,12 @@ def imp(
         )
     stops = sorted(set(milestone_keeps) | {final_keep}, reverse=True)
     with ModelSnapshot(model, {name for _, name in pairs}).restored_on_failure():
-        return _imp_rounds(
+        result = _imp_rounds(
             model, loader, pairs, stops, start_remaining, final_keep, epochs_per_round, rate,
             rewind_epochs, on_round, progress, train_options,
         )  # fmt: skip
+    _report(model, pairs)  # (warns when the ranking pruned a whole tensor)
+    return result
 
 
 def _imp_rounds(
@@ -472,6 +474,8 @@ def _report(model: nn.Module, pairs: Sequence[tuple[nn.Module, str]]) -> Sparsit
     chosen = {id(m) for m, _ in pairs}
     names = {n for n, m in model.named_modules() if id(m) in chosen}
     full = sparsity_report(model)
-    return SparsityReport(
+    report = SparsityReport(
         {k: v for k, v in full.tensors.items() if k.rsplit(".", 1)[0] in names or "." not in k}
     )
+    report.warn_if_pruned_away("the global ranking", "lower amount or leave the tensor out (parameters=...)")
+    return report

@@ -869,7 +869,12 @@ class BiP:
         self._finished = True
         self.captured, self.saved = [], None
         self._world, self._group = False, None  # no collective after the end
-        return self.report()
+        report = self.report()
+        if not isinstance(self.settings["amount"], Mapping):  # (a tensor's own amount is what it asked)
+            report.warn_if_pruned_away(
+                "BiP", "lower amount, set min_keep (a floor in every tensor) or leave the tensor out"
+            )
+        return report
 
     def _release(self, reason: RuntimeError) -> SparsityReport:
         """:meth:`finish` for a model whose tensors were replaced: drop what BiP added, nothing else."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from torch import Tensor, nn
@@ -69,6 +72,35 @@ class SparsityReport:
     def global_sparsity(self) -> float:
         """Pruned fraction over all reported tensors."""
         return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def pruned_away(self) -> list[str]:
+        """The tensors with every entry pruned (a layer that passes nothing on), in report order.
+
+        Example:
+            >>> SparsityReport({"a": TensorSparsity(4, 4), "b": TensorSparsity(4, 1)}).pruned_away
+            ['a']
+        """
+        return [name for name, t in self.tensors.items() if t.numel and t.zeros == t.numel]
+
+    def warn_if_pruned_away(self, ranking: str, remedy: str) -> None:
+        """Warn (``UserWarning``) when a ranking pruned whole tensors but kept entries elsewhere.
+
+        A tensor with no entry left disconnects the network there, which nothing else reports.
+        When every entry of every tensor is pruned, that is what the budget asked for: no warning.
+
+        Args:
+            ranking: what ranked the entries, for the message (e.g. ``"BiP's global ranking"``).
+            remedy: what keeps a floor in each tensor, for the message.
+        """
+        gone = self.pruned_away
+        if gone and self.zeros < self.numel:
+            warnings.warn(
+                f"{ranking} pruned every entry of {', '.join(map(repr, gone))}: the network passes "
+                f"nothing on through {'it' if len(gone) == 1 else 'them'}; {remedy}",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -142,6 +174,16 @@ class SparsityReport:
                 if pyplot is not None:
                     pyplot.close(fig)
         return fig
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside torchbip, for its caller's ``warnings.warn``."""
+    package = str(Path(__file__).resolve().parent)
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> SparsityReport:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1241,3 +1242,39 @@ def test_a_deep_copy_of_the_pruner_trains_its_own_copy_of_the_model() -> None:
     assert torch.equal(twin.flat_scores, pruner.flat_scores)
     assert all(torch.equal(a, b) for a, b in zip(weights(twin.model), weights(model), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(masks(twin.model), masks(model), strict=True))
+
+
+def _starved_model() -> nn.Sequential:
+    """The last layer's weights are tiny: a global ranking by magnitude prunes all of it."""
+    model = make_model()
+    with torch.no_grad():
+        model[4].weight.mul_(1e-6)
+    return model
+
+
+def test_a_global_ranking_that_prunes_a_whole_tensor_warns_at_finish() -> None:
+    model = _starved_model()
+    pruner = torchbip.BiP(model, 0.5, upper_lr=1e-6)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.0), make_batches(1))
+    with pytest.warns(UserWarning, match=r"BiP pruned every entry of '4\.weight': .* set min_keep") as record:
+        report = pruner.finish()
+    assert record[0].filename == __file__  # points at the user's call
+    assert report.pruned_away == ["4.weight"]
+    assert not bool(model[4].weight_mask.any())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"amount": 0.5, "min_keep": 0.1},  # the floor the warning suggests
+        {"amount": 1.0},  # the budget prunes everything: no surprise
+        {"amount": {"0.*": 0.5, "4.*": 1.0}},  # the tensor's own amount
+    ],
+)
+def test_no_warning_when_the_whole_tensor_is_kept_or_asked_for(kwargs) -> None:
+    model = _starved_model()
+    pruner = torchbip.BiP(model, upper_lr=1e-6, **kwargs)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.0), make_batches(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.finish()

@@ -232,3 +232,18 @@ def test_train_checks_its_arguments_before_training(kwargs, error, match) -> Non
     with pytest.raises(error, match=match):
         train(model, make_data(), **kwargs)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("run", ["omp", "imp"])
+def test_baselines_warn_when_the_global_ranking_prunes_a_whole_tensor(run: str) -> None:
+    model = make_model()
+    with torch.no_grad():
+        model[2].weight.mul_(1e-6)
+    call = (
+        (lambda: omp_finetune(model, 0.5, make_data(), 0))
+        if run == "omp"
+        else (lambda: imp(model, 0.5, make_data(), epochs_per_round=0.25, lr=0.0))
+    )
+    with pytest.warns(UserWarning, match=r"the global ranking pruned every entry of '2\.weight'"):
+        call()
+    assert not bool(model[2].weight_mask.any())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,30 @@ def test_plot_to_a_path_that_cannot_be_written_leaves_no_figure_open(tmp_path) -
     with pytest.raises(FileNotFoundError):
         sparsity_report(model).plot(tmp_path / "missing" / "density.png")
     assert len(plt.get_fignums()) == open_before
+
+
+@pytest.mark.parametrize(
+    ("counts", "gone"),
+    [
+        ({"a": (4, 4), "b": (4, 1)}, ["a"]),
+        ({"a": (4, 3), "b": (4, 1)}, []),
+        ({"a": (0, 0), "b": (4, 1)}, []),  # an empty tensor has nothing to prune away
+        ({"a": (4, 4), "b": (2, 2), "c": (8, 0)}, ["a", "b"]),
+    ],
+)
+def test_pruned_away_lists_the_tensors_with_no_entry_left(counts, gone) -> None:
+    report = SparsityReport({k: TensorSparsity(n, z) for k, (n, z) in counts.items()})
+    assert report.pruned_away == gone
+
+
+def test_warn_if_pruned_away_names_the_tensors_and_stays_quiet_when_all_is_pruned() -> None:
+    some = SparsityReport({"a": TensorSparsity(4, 4), "b": TensorSparsity(4, 1)})
+    with pytest.warns(
+        UserWarning, match=r"^X pruned every entry of 'a': the network passes nothing on through it; Y$"
+    ):
+        some.warn_if_pruned_away("X", "Y")
+    everything = SparsityReport({"a": TensorSparsity(4, 4), "b": TensorSparsity(2, 2)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        everything.warn_if_pruned_away("X", "Y")  # the budget asked for it
+        SparsityReport({"a": TensorSparsity(4, 3)}).warn_if_pruned_away("X", "Y")
