@@ -347,6 +347,7 @@ class BiP:
         self.captured: list[Tensor | None] = [None] * len(targets)
         self.owned = [False] * len(targets)  # whether captured[i] is a copy the pruner may write into
         self.fired = [False] * len(targets)
+        self._capturing = [True]  # (a list: the capture closures read it without holding self)
         self.grad_seen = torch.zeros(len(targets), dtype=torch.bool, device=device)
         for i, hook in enumerate(self.hooks):
             assert hook is not None
@@ -375,9 +376,11 @@ class BiP:
                 set_grad_capture(hook, GradCapture(self._capture_fn(i)))
 
     def _capture_fn(self, index: int) -> Callable[[Tensor], None]:
-        captured, fired, owned = self.captured, self.fired, self.owned
+        captured, fired, owned, on = self.captured, self.fired, self.owned, self._capturing
 
         def capture(grad: Tensor) -> None:
+            if not on[0]:
+                return
             # The first gradient is kept as autograd made it (no copy) when it is contiguous; the
             # pruner writes into it only once it owns a copy (a second backward pass, scaling, a
             # collective), so whoever else holds that tensor never sees it change.
@@ -434,6 +437,31 @@ class BiP:
     def finished(self) -> bool:
         """Whether :meth:`finish` was called (the scores are gone; the object cannot step)."""
         return self._finished
+
+    @property
+    def capturing(self) -> bool:
+        """Whether backward passes hand their gradients to this object (``True`` by default).
+
+        Set it to ``False`` around backward passes that are not training, e.g. a validation loop
+        that computes input gradients; gradients captured before stay.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Linear(4, 4))
+            >>> pruner = BiP(model, amount=0.5)
+            >>> pruner.capturing = False
+            >>> model(torch.randn(2, 4)).sum().backward()
+            >>> pruner.has_grad
+            False
+        """
+        return self._capturing[0]
+
+    @capturing.setter
+    def capturing(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"capturing must be a bool, got {value!r}")
+        self._capturing[0] = value
 
     @property
     def has_grad(self) -> bool:

@@ -184,10 +184,12 @@ def _tiny_last_layer(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
-def test_without_a_floor_a_layer_can_be_pruned_away() -> None:
+def test_without_a_floor_a_layer_can_be_pruned_away_and_the_run_warns() -> None:
     model = _tiny_last_layer(make_mlp())
-    torchbip.global_prune(model, 0.9, make_data(), **FAST, score_init="magnitude", upper_lr=1e-6)
+    with pytest.warns(UserWarning, match=r"BiP pruned every entry of '5\.weight': .* set min_keep"):
+        report = torchbip.global_prune(model, 0.9, make_data(), **FAST, score_init="magnitude", upper_lr=1e-6)
     assert int(model[5].weight_mask.sum()) == 0
+    assert report.sparsity.pruned_away == ["5.weight"]
 
 
 @pytest.mark.parametrize(

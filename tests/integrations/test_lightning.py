@@ -83,14 +83,14 @@ def fit(trainer_: L.Trainer, module: L.LightningModule, **kwargs) -> None:
         trainer_.fit(module, loader(), **kwargs)
 
 
-def own_loop(accumulate: int = 1) -> tuple[nn.Module, torchbip.BiP]:
+def own_loop(accumulate: int = 1, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torchbip.BiP]:
     """The same training in a plain loop: the oracle."""
-    net = make_net()
+    net = make_net().to(dtype)
     pruner = torchbip.BiP(net, AMOUNT, steps=BATCHES * EPOCHS // accumulate)
     optimizer = make_optimizer(net.parameters())
     for _ in range(EPOCHS):
         for i, (x, y) in enumerate(loader()):
-            (F.cross_entropy(net(x), y) / accumulate).backward()
+            (F.cross_entropy(net(x.to(dtype)), y) / accumulate).backward()
             if (i + 1) % accumulate == 0:
                 optimizer.step()
                 optimizer.zero_grad()
@@ -147,7 +147,7 @@ def test_lightning_keeps_pruned_form_and_masks_stay_fixed_in_a_second_fit() -> N
     assert not any("scores" in k for k in module.state_dict())
     masks = [module.net[i].weight_mask.clone() for i in (0, 2, 4)]
     second = trainer([callback], max_epochs=1)
-    with pytest.warns(UserWarning, match="keeps the masks fixed"):
+    with pytest.warns(UserWarning, match="this fit\\(\\) trains it with the masks fixed"):
         second.fit(module, loader())
     for i, mask in zip((0, 2, 4), masks, strict=True):
         assert torch.equal(module.net[i].weight_mask, mask)
@@ -311,3 +311,98 @@ def test_lightning_copy_of_callback_is_independent() -> None:
     assert twin.pruner is None
     assert callback.pruner is not None
     assert callback.pruner.settings["upper_lr"] == 5.0
+
+
+class DoubleClassifier(Classifier):
+    """Lightning's ``precision="64-true"`` converts the module; the batches are converted here."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x.double()), y)
+
+
+def test_lightning_true_precision_converts_the_module_before_bip_and_equals_own_loop() -> None:
+    """``precision="64-true"`` converts the module (``.double()``), which would replace BiP's mask
+    buffers after construction: the callback converts it first, so BiP prunes what trains."""
+    module = DoubleClassifier()
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback], precision="64-true"), module)
+    net, _ = own_loop(dtype=torch.float64)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == BATCHES * EPOCHS
+    assert module.net[0].weight_mask.dtype == torch.float64
+    assert_same_state(module.net, net)
+
+
+def test_lightning_bf16_true_precision_keeps_exact_sparsity() -> None:
+    class Bf16(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x.bfloat16()), y)
+
+    module = Bf16()
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback], precision="bf16-true"), module)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == BATCHES * EPOCHS
+    masks = [module.net[i].weight_mask for i in (0, 2, 4)]
+    assert masks[0].dtype == torch.bfloat16
+    total = sum(m.numel() for m in masks)
+    assert sum(int((m == 0).sum()) for m in masks) == round(AMOUNT * total)
+
+
+def test_lightning_second_fit_after_remove_trains_with_the_masks_fixed_and_removes_again() -> None:
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT, remove=True)
+    fit(trainer([callback]), module)
+    zeros = [module.net[i].weight == 0 for i in (0, 2, 4)]
+    before = [module.net[i].weight.detach().clone() for i in (0, 2, 4)]
+    with pytest.warns(UserWarning, match="trains it with the masks fixed"):
+        trainer([callback], max_epochs=1).fit(module, loader())
+    assert not prune.is_pruned(module)  # removed again at the end
+    for i, zero, old in zip((0, 2, 4), zeros, before, strict=True):
+        weight = module.net[i].weight
+        assert torch.equal(weight == 0, zero)  # the pruned entries stayed at zero
+        assert not torch.equal(weight, old)  # the kept ones trained
+    other = Classifier(seed=2)
+    with pytest.raises(RuntimeError, match=r"already pruned another model; it prunes one model"):
+        trainer([callback], max_epochs=1).fit(other, loader())
+    assert not prune.is_pruned(other)
+
+
+def test_lightning_resume_from_a_checkpoint_saved_after_fit_with_remove(tmp_path) -> None:
+    """The checkpoint holds plain weights (``remove=True``): the masks are read off their zeros,
+    training goes on with them fixed, and ``remove=True`` makes them permanent again."""
+    module = Classifier()
+    first = trainer([BiPCallback(amount=AMOUNT, remove=True)])
+    fit(first, module)
+    path = tmp_path / "end.ckpt"
+    first.save_checkpoint(path)
+    zeros = [module.net[i].weight == 0 for i in (0, 2, 4)]
+    for remove in (True, False):
+        resumed = Classifier(seed=5)
+        callback = BiPCallback(amount=AMOUNT, remove=remove)
+        fit(trainer([callback], max_epochs=EPOCHS + 1), resumed, ckpt_path=str(path))
+        assert callback.pruner is not None
+        assert callback.pruner.step_count == 0
+        assert prune.is_pruned(resumed) is not remove
+        for i, zero in zip((0, 2, 4), zeros, strict=True):
+            assert torch.equal(resumed.net[i].weight == 0, zero)
+        assert not torch.equal(resumed.net[0].weight, module.net[0].weight)  # the extra epoch trained
+
+
+def test_lightning_backward_passes_in_validation_do_not_reach_bip() -> None:
+    class Probing(Classifier):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            with torch.enable_grad():  # e.g. input gradients for a saliency metric
+                F.cross_entropy(self(x), y).backward()
+            self.zero_grad()
+
+    module = Probing()
+    callback = BiPCallback(amount=AMOUNT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer([callback], inference_mode=False, val_check_interval=1).fit(module, loader(), loader())
+    net, _ = own_loop()
+    assert_same_state(module.net, net)

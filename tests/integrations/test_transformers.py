@@ -239,3 +239,57 @@ def test_trainer_plain_module_and_bad_settings(tmp_path) -> None:
     with pytest.raises(ValueError, match="amount"):
         transformers.Trainer(model=model, args=args, callbacks=[BiPTrainerCallback(amount=-0.1)])
     assert_unchanged(before, model)
+
+
+def _trainer(callback: BiPTrainerCallback, out, model=None, model_init=None) -> transformers.Trainer:
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1, report_to=[],
+        use_cpu=True, disable_tqdm=True, logging_strategy="no", save_strategy="no", seed=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.Trainer(
+            model=model, model_init=model_init, args=args, train_dataset=dataset(), callbacks=[callback]
+        )
+
+
+def test_trainer_model_init_prunes_the_model_that_trains(tmp_path) -> None:
+    """``train()`` calls ``model_init`` again: BiP moves to that model, which trains pruned."""
+    made: list[nn.Module] = []
+
+    def model_init() -> nn.Module:
+        made.append(tiny_bert())
+        return made[-1]
+
+    callback = BiPTrainerCallback(amount=AMOUNT)
+    trainer = _trainer(callback, tmp_path, model_init=model_init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert len(made) == 2
+    assert trainer.model is made[-1]
+    assert callback.pruner is not None
+    assert callback.pruner.model is made[-1]
+    assert callback.pruner.step_count == SAMPLES // BATCH
+    assert prune.is_pruned(made[-1])
+    weights = [m.weight for m in made[-1].modules() if isinstance(m, nn.Linear) and prune.is_pruned(m)]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == round(AMOUNT * total)
+    assert not any(hasattr(m, "weight_scores") for m in made[0].modules())  # the dropped model, released
+
+
+def test_trainer_second_train_after_remove_keeps_the_masks_fixed(tmp_path) -> None:
+    model = tiny_bert()
+    callback = BiPTrainerCallback(amount=AMOUNT, remove=True)
+    trainer = _trainer(callback, tmp_path, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    zeros = [w == 0 for w in linear_weights(model)]
+    with pytest.warns(UserWarning, match=r"this train\(\) trains it with the masks fixed"):
+        trainer.train()
+    assert not prune.is_pruned(model)
+    assert all(torch.equal(w == 0, z) for w, z in zip(linear_weights(model), zeros, strict=True))
+    other = _trainer(callback, tmp_path, model=tiny_bert(seed=1))
+    with pytest.raises(RuntimeError, match=r"already pruned another model"):
+        other.train()

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.pruner import BiP
 from torchbip.report import SparsityReport
 
-__all__ = ["CallbackBase", "check_settings", "remove_pruning"]
+__all__ = ["CallbackBase", "accept_permanent_state", "check_settings", "remove_pruning"]
 
 # Arguments of BiP that a callback sets itself.
 _OWN = {"self", "model", "amount", "steps"}
@@ -35,6 +36,28 @@ def check_settings(owner: str, settings: Mapping[str, Any]) -> dict[str, Any]:
                 f"{owner}() got an unexpected keyword argument {key!r}; BiP's settings are {known}"
             )
     return dict(settings)
+
+
+def accept_permanent_state(pruner: BiP) -> Callable[..., None]:
+    """A ``load_state_dict`` pre-hook for the model ``pruner`` prunes: read a pruned checkpoint's plain keys.
+
+    A checkpoint saved after :func:`remove_pruning` holds each pruned tensor as a plain
+    ``<name>`` with zeros where it was pruned; the model, pruned again by a new callback, expects
+    ``<name>_orig`` and ``<name>_mask``. The hook renames the tensor and takes its mask from its
+    zeros, for every target the model still prunes and the state holds only in the plain form.
+    """
+    names = {t.fqn: t for t in pruner.targets}
+
+    def hook(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        for fqn, target in names.items():
+            plain, orig = prefix + fqn, prefix + target.orig_fqn
+            mask = getattr(target.module, target.name + "_mask", None)
+            if plain in state and orig not in state and isinstance(mask, Tensor):
+                value = state.pop(plain)
+                state[orig] = value
+                state[prefix + target.mask_fqn] = (value != 0).to(mask.dtype)
+
+    return hook
 
 
 def remove_pruning(pruner: BiP) -> None:
@@ -78,6 +101,8 @@ class CallbackBase:
         self.report = None
         self._due = False
         self._scale = None
+        self._keeps: list[Tensor] = []  # the final masks, once training ended
+        self._again = False  # a later run trains with those masks fixed
 
     def _build(self, model: nn.Module | None) -> BiP | None:
         """Build BiP on ``model`` unless it is built (or the model is not known yet); then :meth:`_active`."""
@@ -90,10 +115,52 @@ class CallbackBase:
         return None if self.pruner is None or self.report is not None else self.pruner
 
     def _finish(self) -> None:
-        """:meth:`torchbip.BiP.finish` (keeping its report), then :func:`remove_pruning` with ``remove``."""
+        """:meth:`torchbip.BiP.finish` (keeping its report), then :func:`remove_pruning` with ``remove``.
+
+        After a later run with the masks fixed (:meth:`_train_again`), only the latter.
+        """
         pruner = self._active()
         if pruner is None:
+            if self.pruner is not None and self._again and self.remove:
+                remove_pruning(self.pruner)
+            self._again = False
             return
         self.report = pruner.finish()
+        self._keeps = [keep.clone() for keep in pruner.keeps]
         if self.remove:
             remove_pruning(pruner)
+
+    def _finish_as_loaded(self, pruner: BiP) -> None:
+        """End BiP on a model whose masks a checkpoint saved after the end made final.
+
+        The run that follows trains with those masks fixed (and, with ``remove``, makes them
+        permanent at its end).
+        """
+        self.report = pruner.finish(as_loaded=True)
+        self._keeps = [keep.clone() for keep in pruner.keeps]
+        self._again = True
+
+    def _train_again(self, model: nn.Module, what: str) -> None:
+        """A later training run with this finished callback: the same model, its masks fixed.
+
+        The final masks are put back on every tensor that is no longer pruned (``remove=True``,
+        or :func:`torch.nn.utils.prune.remove` by hand), so the run trains the kept entries only.
+
+        Raises:
+            RuntimeError: for another model (a callback prunes one model).
+        """
+        assert self.pruner is not None
+        if model is not self.pruner.model:
+            raise RuntimeError(
+                f"{type(self).__name__}: this callback already pruned another model; it prunes one "
+                f"model: give this {what} a new {type(self).__name__}"
+            )
+        for target, keep in zip(self.pruner.targets, self._keeps, strict=True):
+            if target.name + "_mask" not in target.module._buffers:
+                prune.custom_from_mask(target.module, target.name, keep)
+        self._again = True
+        warnings.warn(
+            f"{type(self).__name__}: this callback already pruned the model; this {what} trains it "
+            "with the masks fixed (use a new callback to prune again)",
+            stacklevel=3,
+        )

@@ -14,8 +14,9 @@ they are:
 The callback builds one :class:`torchbip.BiP` on the LightningModule in ``setup`` (before
 Lightning wraps it for DDP and calls ``configure_optimizers``, so the optimizer holds the same
 ``weight_orig`` Parameters), steps it once after every optimizer step (``accumulate_grad_batches``,
-``gradient_clip_val`` and ``precision="16-mixed"`` / ``"bf16-mixed"`` are Lightning's own; a step
-that the loss scaler skips is skipped), saves its state in Lightning's checkpoints (resume with
+``gradient_clip_val``, the device and the precision, ``"16-mixed"``/``"bf16-mixed"`` or
+``"64-true"``/``"bf16-true"``, are Lightning's own; a step that the loss scaler skips is
+skipped; backward passes in validation are ignored), saves its state in Lightning's checkpoints (resume with
 ``trainer.fit(..., ckpt_path=...)``) and calls :meth:`torchbip.BiP.finish` when training ends.
 The upper schedule spans ``trainer.estimated_stepping_batches`` unless ``steps`` is given.
 
@@ -26,11 +27,12 @@ package works too.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from torchbip.integrations._common import Amount, CallbackBase
+from torch.utils.hooks import RemovableHandle
+
+from torchbip.integrations._common import Amount, CallbackBase, accept_permanent_state
 from torchbip.pruner import grad_scaler_state
 
 try:
@@ -106,22 +108,30 @@ class BiPCallback(CallbackBase, Callback):
         self._configure(amount, steps, remove, settings)
         self._restored: Mapping[str, Any] | None = None
         self._skip = False
+        self._load_hook: RemovableHandle | None = None
 
     # -- building and the end -----------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Build BiP on the module (``stage="fit"`` only), before the optimizers exist."""
+        """Build BiP on the module (``stage="fit"`` only), before the optimizers exist.
+
+        The module is first converted to the trainer's precision and moved to its device, as
+        the strategy does next (a no-op then), so that BiP's masks are the buffers the module
+        keeps. A later ``fit()`` with this callback, once it finished, trains the same module
+        with the masks fixed.
+        """
         if stage != "fit":
             return
         if self.pruner is not None:
             if self.report is not None:
-                warnings.warn(
-                    "BiPCallback: this callback already pruned a model; a second fit() keeps the masks "
-                    "fixed (use a new BiPCallback to prune again)",
-                    stacklevel=2,
-                )
+                self._train_again(pl_module, "fit()")
             return
-        self._build(pl_module)
+        strategy = trainer.strategy
+        strategy.precision_plugin.convert_module(pl_module)  # in place ("64-true", "bf16-true", ...)
+        pl_module.to(strategy.root_device)
+        pruner = self._build(pl_module)
+        if pruner is not None:  # a checkpoint saved after remove=True holds the plain weights
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(accept_permanent_state(pruner))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Set the schedule's length and restore a checkpoint's BiP state."""
@@ -134,7 +144,7 @@ class BiPCallback(CallbackBase, Callback):
                 pruner.set_steps(int(total))
         restored, self._restored = self._restored, None
         if restored is not None and restored.get("finished"):  # saved after BiP ended: masks are final
-            self.report = pruner.finish(as_loaded=True)
+            self._finish_as_loaded(pruner)
         elif restored is not None and "bip" in restored:
             pruner.load_state_dict(restored["bip"])
         elif trainer.ckpt_path is not None and pruner.step_count == 0:
@@ -144,8 +154,21 @@ class BiPCallback(CallbackBase, Callback):
                 "with this callback"
             )
 
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Stop capturing gradients: a backward pass in validation is not training."""
+        if self.pruner is not None:
+            self.pruner.capturing = False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Capture gradients again (the training batches' of an unfinished accumulation are kept)."""
+        if self.pruner is not None:
+            self.pruner.capturing = True
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Leave torch's pruned form (:meth:`torchbip.BiP.finish`), or plain weights with ``remove``."""
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
         self._finish()
 
     # -- the step -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ trainer's optimizer stay as they are:
 
 The callback builds one :class:`torchbip.BiP` on the model when the trainer is built
 (``on_init_end``, before the trainer creates its optimizer and before a checkpoint is loaded
-into the model), steps it after every optimizer step (``gradient_accumulation_steps``,
+into the model; a model that ``model_init`` makes anew in ``train()`` is pruned in
+``on_train_begin``), steps it after every optimizer step (``gradient_accumulation_steps``,
 ``max_grad_norm`` and mixed precision are the trainer's; a step its loss scaler skips is
 skipped), writes its state into every checkpoint folder (``torchbip_bip.pt``, read back by
 ``trainer.train(resume_from_checkpoint=...)``) and calls :meth:`torchbip.BiP.finish` when
@@ -94,8 +95,28 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Build BiP if the model came late (``model_init``), set the schedule, read a checkpoint's state."""
-        pruner = self._build(kwargs.get("model"))
+        """Build BiP if the model came late (``model_init``), set the schedule, read a checkpoint's state.
+
+        ``train()`` calls ``model_init`` again and trains that new model: BiP moves to it (before
+        its first step). A later ``train()`` of the same model, once BiP finished, keeps the masks
+        fixed.
+        """
+        model = kwargs.get("model")
+        if self.pruner is not None and self.report is not None:
+            if model is not None:
+                self._train_again(model, "train()")
+            return
+        if self.pruner is not None and model is not None and model is not self.pruner.model:
+            if state.global_step > 0 or self.pruner.step_count:
+                loaded = " and loaded a checkpoint into the new, unpruned model" if state.global_step else ""
+                raise RuntimeError(
+                    f"BiPTrainerCallback: the trainer replaced the model (model_init) after BiP had started "
+                    f"on it{loaded}; resuming a run whose model comes from model_init is not supported: "
+                    "pass the model itself (Trainer(model=...))"
+                )
+            self.pruner.finish(as_loaded=True)  # the model the trainer dropped: release it
+            self.pruner = None
+        pruner = self._build(model)
         if pruner is None:
             return
         if self.steps is None and pruner.step_count == 0 and state.max_steps >= 1:
