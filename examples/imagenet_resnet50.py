@@ -125,11 +125,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
         if isinstance(value, int) and not isinstance(value, bool) and name != "seed" and value < low:
             parser.error(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value}")
     script_utils.check_ranges(parser, args, RANGES)
+    script_utils.check_device(parser, args.device)
+    script_utils.check_compile_backend(parser, args.compile_backend if args.compile else None)
+    if args.batch_size < 2:  # BatchNorm needs two images per batch and process in training
+        parser.error(f"--batch-size: must be >= 2 (BatchNorm statistics), got {args.batch_size}")
     if args.pretrained is not None and not args.pretrained.is_file():
         parser.error(f"--pretrained: no such file: {args.pretrained}")
     if args.data is not None and not all((args.data / split).is_dir() for split in ("train", "val")):
         parser.error(f"--data: expected {args.data}/train and {args.data}/val, one sub-folder per class")
+    try:  # BiP's own checks of --amount, --min-keep, ... on a model of the run's shape, before any work
+        classes = 10 if args.data is None else len(datasets.folder.find_classes(str(args.data / "train"))[0])
+        torchbip.BiP(models.resnet50(num_classes=classes), **bip_settings(args, steps=1))
+    except FileNotFoundError as err:
+        parser.error(f"--data: {err}")
+    except (ValueError, TypeError) as err:
+        parser.error(f"--amount/--min-keep/--upper-lr/--momentum/--implicit-coef: {err}")
     return args, "smoke" if args.smoke else "standin" if args.data is None else "imagenet"
+
+
+def bip_settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:  # the scores: the weights' momentum
+    return {"amount": args.amount, "steps": steps, "upper_lr": args.upper_lr, "upper_momentum": args.momentum,
+            "implicit_coef": args.implicit_coef, "min_keep": args.min_keep, "upper_schedule": "step",
+            "score_init": "scaled_magnitude"}  # fmt: skip
 
 
 def make_loaders(root: Path, args: argparse.Namespace, rank: int, world: int) -> tuple[DataLoader, ...]:
@@ -280,12 +297,8 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
             mnist_image_folder(root, train_per_class=sizes[0], val_per_class=sizes[1])
         barrier()
         train_loader, val_loader = make_loaders(root, args, rank, world)
-    classes, n_train, n_val = (
-        train_loader.dataset.classes,
-        len(train_loader.dataset),
-        len(val_loader.dataset.dataset),
-    )  # type: ignore
-    LOG.info(f"{len(classes)} classes, {n_train} training / {n_val} validation images in {root}")
+    classes, sets = train_loader.dataset.classes, (train_loader.dataset, val_loader.dataset.dataset)  # type: ignore
+    LOG.info(f"{len(classes)} classes, {len(sets[0])} training / {len(sets[1])} validation images in {root}")
 
     # 2. Dense warm-up and evaluation (a resumed run reads both from dense.pth).
     torch.manual_seed(args.seed)
@@ -295,11 +308,10 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         state = torch.load(args.pretrained, map_location=device, weights_only=True)
         model.load_state_dict(state.get("state_dict", state))  # dense.pth or a plain state_dict
     steps = args.epochs * min(len(train_loader), args.limit_batches or len(train_loader))
-    bip_settings = {"amount": args.amount, "steps": steps, "upper_lr": args.upper_lr,
-                    "upper_momentum": args.momentum, "implicit_coef": args.implicit_coef,
-                    "min_keep": args.min_keep, "upper_schedule": "step",
-                    "score_init": "scaled_magnitude"}  # fmt: skip
-    torchbip.BiP(copy.deepcopy(model), **bip_settings)  # its checks now, on a copy: not after the warm-up
+    settings = bip_settings(args, steps)
+    torchbip.BiP(
+        copy.deepcopy(model), **settings
+    )  # the weights' checks (--pretrained): not after the warm-up
     dense_path, state_path = args.out / "dense.pth", args.out / "bip_state.pt"
     warm = args.resume and args.warmup_epochs > 0 and dense_path.is_file()
     resumed = {"warmup": warm, "bip_from_epoch": None}
@@ -320,7 +332,7 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
             script_utils.save(dense | {"state_dict": model.state_dict(), "options": config}, dense_path)
 
     # 3. BiP: built on the bare model (before DDP wraps it), stepped in the training loop.
-    pruner = torchbip.BiP(model, **bip_settings)
+    pruner = torchbip.BiP(model, **settings)
     if args.resume and state_path.is_file():
         resumed["bip_from_epoch"] = torch.load(state_path, weights_only=True, mmap=True)["epoch"]
     with phase("bip"):

@@ -100,6 +100,29 @@ def check_ranges(
             parser.error(f"--{name.replace('_', '-')} must lie in [{low:g}, {high:g}], got {value}")
 
 
+def check_device(parser: argparse.ArgumentParser, value: str, option: str = "--device") -> None:
+    """Refuse a device name torch does not know, or a CUDA device on a machine without CUDA."""
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        parser.error(f"{option}: not a torch device: {value!r} (e.g. 'auto', 'cpu', 'cuda', 'cuda:1')")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"{option} {value}: CUDA is not available on this machine (use 'cpu' or 'auto')")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"{option} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_compile_backend(
+    parser: argparse.ArgumentParser, backend: str | None, option: str = "--compile-backend"
+) -> None:
+    """Refuse a ``torch.compile`` backend that torch does not list (``None``: not compiling)."""
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend is not None and backend not in known:
+        parser.error(f"{option}: unknown torch.compile backend {backend!r}; known: {', '.join(known)}")
+
+
 def plain_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options as plain values (for ``config.yaml``, checkpoints and reports), without ``config``."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "config"}

@@ -278,7 +278,8 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
     Args:
         numels: number of (allowed) entries of each tensor.
         min_keep: ``None`` (no floor), an int count kept in every tensor (capped at its size),
-            or a float in ``[0, 1]``, the fraction of each tensor kept (rounded up, at least 1).
+            or a float in ``[0, 1]``, the fraction of each tensor kept (rounded up, at least 1;
+            ``0.0`` is no floor, as ``0``).
 
     Returns:
         One count per tensor.
@@ -292,6 +293,8 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
         [1, 10]
         >>> floor_counts([10, 1000], 20)
         [10, 20]
+        >>> floor_counts([10, 1000], 0.0)
+        [0, 0]
     """
     if min_keep is None:
         return [0] * len(numels)
@@ -307,6 +310,8 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
     fraction = float(min_keep)
     if not 0.0 <= fraction <= 1.0:  # also catches NaN
         raise ValueError(f"min_keep={min_keep!r} is a float outside [0, 1] (a fraction of each tensor)")
+    if fraction == 0.0:  # no floor, as min_keep=0
+        return [0] * len(numels)
     return [min(n, max(1, math.ceil(fraction * n))) for n in numels]
 
 

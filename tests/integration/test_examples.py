@@ -183,7 +183,7 @@ def test_imagenet_config_yaml_round_trip(imagenet_example: ModuleType, smoke_run
 
 def test_imagenet_presets(imagenet_example: ModuleType, tmp_path: Path) -> None:
     for split in ("train", "val"):
-        (tmp_path / split).mkdir()
+        (tmp_path / split / "a_class").mkdir(parents=True)
     real, preset = imagenet_example.parse_args(["--data", str(tmp_path)])
     assert preset == "imagenet"
     assert (real.image_size, real.lower_lr, real.upper_lr, real.momentum, real.gamma) == (
@@ -210,6 +210,11 @@ def test_imagenet_presets(imagenet_example: ModuleType, tmp_path: Path) -> None:
         (["--warmup-epochs", "-1"], "--warmup-epochs: must be an integer >= 0, got -1"),
         (["--pretrained", "no/such.pth"], "--pretrained: no such file: no/such.pth"),
         (["--amp", "float8"], "invalid choice: 'float8'"),
+        (["--device", "foo"], "--device: not a torch device: 'foo'"),
+        (["--batch-size", "1"], "--batch-size: must be >= 2 (BatchNorm statistics), got 1"),
+        (["--compile", "--compile-backend", "nosuch"], "unknown torch.compile backend 'nosuch'"),
+        (["--amount", "1.0"], "min_keep=0.02 keeps at least 469529 entries"),  # the stand-in's floor
+        (["--min-keep", "0.9"], "min_keep=0.9 keeps at least 21127879 entries"),
     ],
 )
 def test_imagenet_bad_arguments(
@@ -220,12 +225,33 @@ def test_imagenet_bad_arguments(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_imagenet_cuda_device_without_cuda_is_refused_before_any_work(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        imagenet_example.main(["--device", "cuda:0", "--out", str(out)])
+    assert "--device cuda:0: CUDA is not available on this machine" in capsys.readouterr().err
+    assert not out.exists()  # no log, no config, no stand-in
+
+
+def test_imagenet_a_float_min_keep_of_zero_is_no_floor(imagenet_example: ModuleType) -> None:
+    args, _ = imagenet_example.parse_args(["--amount", "1.0", "--min-keep", "0"])
+    assert (args.amount, args.min_keep) == (1.0, 0.0)
+
+
 def test_imagenet_bad_data_folder_and_config_file(
     imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
         imagenet_example.parse_args(["--data", str(tmp_path)])  # no train/ and val/
     assert f"--data: expected {tmp_path}/train and {tmp_path}/val" in capsys.readouterr().err
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(["--data", str(tmp_path)])  # no class folders
+    assert f"--data: Couldn't find any class folder in {tmp_path / 'train'}" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("no_such_option: 1\n")
     with pytest.raises(SystemExit):
