@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import importlib.util
 import itertools
@@ -309,9 +308,7 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         model.load_state_dict(state.get("state_dict", state))  # dense.pth or a plain state_dict
     steps = args.epochs * min(len(train_loader), args.limit_batches or len(train_loader))
     settings = bip_settings(args, steps)
-    torchbip.BiP(
-        copy.deepcopy(model), **settings
-    )  # the weights' checks (--pretrained): not after the warm-up
+    torchbip.BiP.check(model, **settings)  # the weights' checks (--pretrained): not after the warm-up
     dense_path, state_path = args.out / "dense.pth", args.out / "bip_state.pt"
     warm = args.resume and args.warmup_epochs > 0 and dense_path.is_file()
     resumed = {"warmup": warm, "bip_from_epoch": None}

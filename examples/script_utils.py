@@ -101,17 +101,23 @@ def check_ranges(
 
 
 def check_device(parser: argparse.ArgumentParser, value: str, option: str = "--device") -> None:
-    """Refuse a device name torch does not know, or a CUDA device on a machine without CUDA."""
+    """Refuse a device name torch does not know, or a device this machine does not have."""
     if value == "auto":
         return
     try:
         device = torch.device(value)
     except RuntimeError:
         parser.error(f"{option}: not a torch device: {value!r} (e.g. 'auto', 'cpu', 'cuda', 'cuda:1')")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"{option} {value}: CUDA is not available on this machine (use 'cpu' or 'auto')")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        parser.error(f"{option} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cpu":
+        return
+    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if here is None or here.type != device.type:
+        what = "CUDA" if device.type == "cuda" else repr(device.type)
+        parser.error(f"{option} {value}: {what} is not available on this machine (use 'cpu' or 'auto')")
+    if device.index is not None and device.index >= torch.accelerator.device_count():
+        parser.error(
+            f"{option} {value}: this machine has {torch.accelerator.device_count()} {device.type} device(s)"
+        )
 
 
 def check_compile_backend(

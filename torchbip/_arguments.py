@@ -119,17 +119,7 @@ def plan_run(
             "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
         )
     allowed = [_allowed(t) for t in targets]
-    try:
-        layout = spec.bind(targets, amount, allowed, cfg.min_keep)
-    except ValueError as err:
-        layout_name = spec.shorthand
-        if structured is None or not str(err).startswith("the per-layer floors keep"):
-            raise
-        raise ValueError(
-            f"min_keep={cfg.min_keep!r} is infeasible with amount={amount!r} for "
-            f"structured={structured!r}: {err} (counted in groups: "
-            f"{'filters' if layout_name == 'filter' else 'channels'}); lower min_keep or amount"
-        ) from err
+    layout = spec.bind(targets, amount, allowed, cfg.min_keep)  # its errors name min_keep and amount
     steps = resolve_steps(cfg, loader, per_step=2 if two_batch and upper_loader is None else 1)
     return RunPlan(cfg, amount, targets, allowed, layout, steps, group)
 

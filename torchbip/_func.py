@@ -242,7 +242,12 @@ def _check_scores_slot(target: Target) -> None:
     A score buffer left by BiP itself (a deep copy of a model that BiP prunes) is replaced.
     """
     module, slot = target.module, scores_name(target.name)
-    taken = slot in module.__dict__ or slot in module._parameters or slot in module._modules
+    taken = (
+        slot in module.__dict__
+        or slot in module._parameters
+        or slot in module._modules
+        or hasattr(type(module), slot)  # a property or class attribute
+    )
     if slot in module._buffers:
         hooks = [h for hook_name, h in named_pruning_hooks(module) if hook_name == target.name]
         taken = not (hooks and holds_bip(hooks[0]))

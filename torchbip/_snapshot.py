@@ -155,7 +155,7 @@ class ModelSnapshot:
                     set(module._non_persistent_buffers_set),
                     dict(module._forward_pre_hooks),
                     dict(module._forward_hooks),
-                    [(hook, dict(vars(hook))) for _, hook in named_pruning_hooks(module)],
+                    [(hook, type(hook), dict(vars(hook))) for _, hook in named_pruning_hooks(module)],
                     module.training,
                     {n: module.__dict__[n] for n in self._names if n in module.__dict__},
                 )
@@ -196,7 +196,8 @@ class ModelSnapshot:
             module._forward_pre_hooks.update(hooks)
             module._forward_hooks.clear()
             module._forward_hooks.update(post_hooks)
-            for hook, state in hook_states:
+            for hook, cls, state in hook_states:
+                hook.__class__ = cls  # (BiP makes a torch container it prunes on top of its own class)
                 vars(hook).clear()
                 vars(hook).update(state)
             module.training = training

@@ -85,7 +85,7 @@ from torchbip._func import PRUNABLE_TYPES, Target
 from torchbip._tracing import as_inputs, torch_pruning
 from torchbip.layouts import Layout, MaskLayout
 from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, topk_mask, validate_amount
-from torchbip.method import BiPMethod, attach_scores, outside_inference_mode, pruning_hook
+from torchbip.method import BiPMethod, attach_scores, outside_inference_mode
 from torchbip.pruned import pruned_tensors
 from torchbip.scores import init_scores
 
@@ -215,6 +215,15 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     twin = copy.deepcopy(model)
     names = {m: n for n, m in twin.named_modules()}
     modules = dict(model.named_modules())
+    try:  # the model's own error, before the tracer retries it in ways that hide it
+        with torch.no_grad():
+            twin(*inputs)
+    except Exception as err:
+        shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
+        raise ValueError(
+            f"Coupled(example_inputs=...): the model fails on the example inputs of shapes {shapes} "
+            f"({type(err).__name__}: {err}); pass a batch the model accepts"
+        ) from err
     with torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(twin, example_inputs=inputs, verbose=False)
     macs = {n: LayerMacs(modules[n], per_pair) for n, per_pair in _layer_macs(twin, inputs).items()}
@@ -396,12 +405,11 @@ class BiPCoupled(BiPMethod):
         cls, module: nn.Module, name: str, mask: Tensor, importance_scores: Tensor
     ) -> prune.BasePruningMethod:
         """Prune ``module.<name>`` with ``mask`` and register ``importance_scores`` as its scores."""
-        previous = pruning_hook(module, name)
         method = super().apply(module, name, mask=mask)
         for hook in [method, *getattr(method, "_pruning_methods", ())]:
             if isinstance(hook, cls):
                 hook.mask = None  # the module's <name>_mask holds it from here on
-        attach_scores(method, module, name, importance_scores, previous)
+        attach_scores(method, module, name, importance_scores)
         return method
 
 

@@ -294,6 +294,15 @@ class GroupLayout(MaskLayout):
         for target, shape in zip(targets, self.shapes, strict=True):
             if len(shape) <= dim:
                 raise ValueError(f"{target.fqn!r} has shape {shape}: no dim={dim} to group along")
+            _refuse_transposed(target, f"Groups(dim={dim})")
+            groups = getattr(target.module, "groups", 1)
+            if dim == 1 and isinstance(groups, int) and groups > 1:
+                raise ValueError(
+                    f"parameters names {target.fqn!r}, a grouped convolution (groups={groups}): dim 1 "
+                    "of its weight indexes the channels within each group, not the layer's input "
+                    "channels, so channel pruning does not apply; leave it out (exclude=...) or prune "
+                    "its filters (layout='filter')"
+                )
         self.dim, self.budget, self.allowed = dim, budget, list(allowed)
         self.structured = {0: "filter", 1: "channel"}.get(dim, f"dim={dim}")
         unit = group_unit(dim)
@@ -313,11 +322,24 @@ class GroupLayout(MaskLayout):
         self.n_keep, self.counts = group_keep_counts(self.n_groups, amount, budget, min_keep, unit)
         if budget == "global":
             caps = cap_counts(self.n_groups, max_keep)
+            if min_keep is not None and sum(self.counts) > self.n_keep:
+                raise ValueError(
+                    f"min_keep={min_keep!r} keeps at least {sum(self.counts)} {unit} (its floor in each of "
+                    f"the {len(targets)} tensors), more than the {self.n_keep} that amount={amount!r} "
+                    "keeps; lower min_keep or amount"
+                )
             if caps is not None and sum(caps) < self.n_keep:
                 raise ValueError(
-                    f"max_keep={max_keep!r} keeps at most {sum(caps)} groups, fewer than the "
+                    f"max_keep={max_keep!r} keeps at most {sum(caps)} {unit}, fewer than the "
                     f"{self.n_keep} that amount={amount!r} keeps; raise max_keep or amount"
                 )
+            if caps is not None and min_keep is not None:
+                for target, low, high in zip(targets, self.counts, caps, strict=True):
+                    if low > high:
+                        raise ValueError(
+                            f"min_keep={min_keep!r} keeps {low} {unit} of {target.fqn!r} but "
+                            f"max_keep={max_keep!r} at most {high}"
+                        )
             self._global = GlobalTopK(self.n_keep, self.counts if min_keep is not None else None, caps)
 
     def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
@@ -374,6 +396,8 @@ class NMLayout(MaskLayout):
                     f"amount={value!r} but the layout {n}:{m} prunes exactly a fraction 1 - n/m = "
                     f"{1 - n / m:g} of every tensor; pass amount={1 - n / m:g}"
                 )
+        for target in targets:
+            _refuse_transposed(target, f"'{n}:{m}'")
         self.n, self.m, self.allowed = n, m, list(allowed)
         self.structured = f"{n}:{m}"
         self.dims = [_input_dim(t.weight()) for t in targets]
@@ -532,9 +556,14 @@ class Groups(Layout):
         """Every ``Linear``/``Conv`` weight but the last layer's (filters) or the first (channels).
 
         The last layer's filters are the model's outputs, the first layer's channels its inputs.
+        Channels also leave out grouped (and depthwise) convolutions, whose weight's dim 1 is a
+        channel within each group; naming one in ``parameters`` is an error.
         """
         layers = [m for m, _ in default_targets(model)]
-        return [(m, "weight") for m in (layers[:-1] if self.dim == 0 else layers[1:])]
+        if self.dim == 0:
+            return [(m, "weight") for m in layers[:-1]]
+        # (a grouped convolution's dim 1 is not its input channels: left out)
+        return [(m, "weight") for m in layers[1:] if getattr(m, "groups", 1) == 1]
 
     def check_budget(
         self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"
@@ -676,6 +705,20 @@ def as_layout(layout: object, budget: str = "layer", arg: str = "layout") -> Lay
         f"{arg} must be None, 'unstructured', 'filter' (output filters), 'channel' (input channels), "
         f"an 'N:M' pattern such as '2:4', or a torchbip.layouts.Layout, got {layout!r}"
     )
+
+
+def _refuse_transposed(target: Target, layout: str) -> None:
+    """Refuse a transposed convolution, whose weight is ``(in, out / groups, *kernel)``.
+
+    Filters, channels and N:M blocks are defined on the ``(out, in, ...)`` layout of
+    ``nn.Linear`` and ``nn.Conv*d`` weights.
+    """
+    if isinstance(target.module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        raise ValueError(
+            f"parameters names {target.fqn!r}, the weight of a {type(target.module).__name__}, laid out "
+            f"(in, out, ...): layout {layout} groups the (out, in, ...) weights of nn.Linear and "
+            "nn.Conv*d; prune it with the unstructured layout or leave it out"
+        )
 
 
 def _input_dim(weight: Tensor) -> int:

@@ -301,7 +301,6 @@ def attach_scores(
     module: nn.Module,
     name: str,
     scores: Tensor,
-    previous: prune.BasePruningMethod | None,
 ) -> None:
     """What every BiP method adds after torch's ``apply``: the score buffer, a leaf tensor.
 
@@ -310,12 +309,12 @@ def attach_scores(
         module: the pruned module.
         name: the pruned tensor's name.
         scores: the tensor to keep as the score buffer (registered as it is).
-        previous: the tensor's pruning hook before ``apply`` (``None`` if it was not pruned).
     """
-    if type(method) is prune.PruningContainer and method is not previous:
-        # The container that torch's apply just built around the earlier method: make it BiP's
-        # (same state, BiP's pre-hook and remove). A container that existed before is left as it
-        # is (a failed global_prune puts back hooks and their attributes, not their classes).
+    if type(method) is prune.PruningContainer:
+        # The container that torch's apply built around the earlier method, or a container of
+        # torch's that already held earlier methods: make it BiP's (same state, BiP's pre-hook,
+        # which captures gradients for torchbip.BiP, and a remove that drops the scores). A failed
+        # global_prune or BiP construction puts the hook's class back (see ModelSnapshot).
         method.__class__ = BiPContainer
     # Non-persistent: state_dict holds exactly the keys that torch's own methods leave.
     module.register_buffer(scores_name(name), scores, persistent=False)
@@ -446,9 +445,8 @@ class BiPPruningMethod(BiPMethod):
         mask = getattr(module, name + "_mask", None)
         remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
         count_from_amount(amount, remaining)  # raise before torch removes any old hook
-        previous = pruning_hook(module, name)
         method = super().apply(module, name, amount=amount, importance_scores=scores)
-        attach_scores(method, module, name, scores.detach().clone(), previous)
+        attach_scores(method, module, name, scores.detach().clone())
         return method
 
 

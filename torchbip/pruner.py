@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import math
 import numbers
 import warnings
@@ -243,6 +244,49 @@ class BiP:
             if self.group is not None:  # start every rank from rank 0's model, as DDP does
                 broadcast_state(model, self.group)
             self._apply(cfg.score_init)
+
+    @classmethod
+    def check(cls, model: nn.Module, amount: Amount | Mapping[str, Amount] = 0.95, **settings: Any) -> None:
+        """Raise what building :class:`BiP` with these arguments would raise, changing nothing.
+
+        For code that must refuse bad settings before it changes or trains the model (a trainer
+        callback that converts the model's precision first, a script before its data phase).
+        Process groups are not contacted.
+
+        Args:
+            model: the model.
+            amount: as for :class:`BiP`.
+            **settings: any other keyword argument of :class:`BiP`.
+
+        Raises:
+            ValueError, TypeError, RuntimeError: as :class:`BiP` would, for the same arguments.
+
+        Example:
+            >>> from torch import nn
+            >>> BiP.check(nn.Sequential(nn.Linear(4, 4)), amount=0.5)  # fine: returns None
+            >>> try:
+            ...     BiP.check(nn.Sequential(nn.Linear(4, 4)), amount=1.5)
+            ... except ValueError as err:
+            ...     print(str(err).split(";")[0])
+            amount=1.5 is a float outside [0, 1] (a fraction of the remaining entries)
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "BiP trains masks and cannot be built under torch.inference_mode(); build it outside"
+            )
+        try:
+            arguments = inspect.signature(cls.__init__).bind(None, model, amount, **settings)
+        except TypeError as err:
+            raise TypeError(f"BiP.check(): {err}") from err
+        arguments.apply_defaults()
+        given = arguments.arguments
+        default_group(given["process_group"])  # its type
+        cls._checked_plan(
+            _bare(model), given["amount"], given["parameters"], given["exclude"], given["layout"],
+            given["budget"], given["min_keep"], given["max_keep"], given["upper_lr"],
+            given["upper_momentum"], given["upper_schedule"], given["steps"], given["implicit_coef"],
+            given["score_init"], given["hold_pruned"],
+        )  # fmt: skip
 
     @staticmethod
     def _checked_plan(

@@ -31,7 +31,6 @@ from torchbip.method import (
     magnitudes,
     named_tensor,
     outside_inference_mode,
-    pruning_hook,
 )
 
 __all__ = ["BiPSemiStructured", "bip_semi_structured"]
@@ -115,9 +114,8 @@ class BiPSemiStructured(BiPMethod):
                 f"{tuple(current.shape)}"
             )
         nm_mask(scores, n, m, dim)  # raise for a bad dim or block size before torch acts
-        previous = pruning_hook(module, name)
         method = super().apply(module, name, n=n, m=m, dim=dim, importance_scores=scores)
-        attach_scores(method, module, name, scores.clone(), previous)
+        attach_scores(method, module, name, scores.clone())
         return method
 
 

@@ -46,7 +46,6 @@ from torchbip.method import (
     magnitudes,
     named_tensor,
     outside_inference_mode,
-    pruning_hook,
     scores_source,
 )
 
@@ -289,9 +288,8 @@ class BiPStructured(BiPMethod):
         if group_scores is None:
             group_scores = group_reduce(magnitudes(scores).to(torch.float64), axis).to(scores.dtype)
         scores = scores.contiguous()
-        previous = pruning_hook(module, name)
         method = super().apply(module, name, amount=amount, dim=dim, importance_scores=scores)
-        attach_scores(method, module, name, group_scores, previous)
+        attach_scores(method, module, name, group_scores)
         return method
 
 

@@ -708,7 +708,7 @@ def test_structured_layouts_in_the_loop(layout: object, check) -> None:
 # -- bad input -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
+BAD_ARGUMENTS = pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"amount": 1.5}, ValueError, "amount"),
@@ -768,6 +768,9 @@ def test_structured_layouts_in_the_loop(layout: object, check) -> None:
         ),
     ],
 )
+
+
+@BAD_ARGUMENTS
 def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(kwargs, error, match) -> None:
     model = make_model()
     x, y = make_batches(1)[0]
@@ -777,6 +780,29 @@ def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(kwargs, e
     with pytest.raises(error, match=match):
         torchbip.BiP(model, **options)
     assert_unchanged(before, model)
+
+
+@BAD_ARGUMENTS
+def test_check_raises_what_construction_raises_and_changes_nothing(kwargs, error, match) -> None:
+    model = make_model()
+    before = capture(model)
+    options = {"amount": 0.8, **kwargs}
+    with pytest.raises(error, match=match) as checked:
+        torchbip.BiP.check(model, **options)
+    assert_unchanged(before, model)
+    with pytest.raises(error) as built:
+        torchbip.BiP(model, **options)
+    assert str(checked.value) == str(built.value)
+
+
+def test_check_accepts_what_construction_accepts_and_refuses_unknown_arguments() -> None:
+    model = make_model()
+    before = capture(model)
+    torchbip.BiP.check(model, 0.5, layout="2:4", exclude=["4.*"], upper_lr=1.0)
+    assert_unchanged(before, model)
+    assert not prune.is_pruned(model)
+    with pytest.raises(TypeError, match=r"BiP\.check\(\): got an unexpected keyword argument 'bogus'"):
+        torchbip.BiP.check(model, 0.5, bogus=1)
 
 
 def test_a_step_between_forward_and_backward_is_caught_by_autograd() -> None:
@@ -1175,6 +1201,16 @@ class _Holder(nn.Module):
         return self.net(x)
 
 
+class _LinearWithScores(nn.Linear):
+    @property
+    def weight_scores(self) -> str:
+        return "a property of the user's class"
+
+
+def _ScoresProperty() -> nn.Module:  # noqa: N802 (named as the case it builds)
+    return nn.Sequential(_LinearWithScores(8, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
 def _torch_pruned() -> nn.Module:
     model = make_model()
     prune.l1_unstructured(model[0], "weight", amount=0.5)
@@ -1207,6 +1243,7 @@ def _lazy() -> nn.Module:
             r"'weight_scores', the name under which BiP keeps the scores of 'weight'",
         ),
         (lambda: _Holder("buffer"), {}, r"the module 'net\.0' already has an attribute 'weight_scores'"),
+        (_ScoresProperty, {}, r"the module '0' already has an attribute 'weight_scores'"),
         (lambda: _Holder("parameter"), {}, r"the module 'net\.0' already has an attribute 'weight_scores'"),
     ],
 )
@@ -1278,3 +1315,123 @@ def test_no_warning_when_the_whole_tensor_is_kept_or_asked_for(kwargs) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pruner.finish()
+
+
+def test_bip_on_a_tensor_that_torch_pruned_twice_captures_its_gradients() -> None:
+    """torch's own PruningContainer (two torch methods on one tensor) becomes BiP's when BiP
+    prunes on top, so the in-loop step gets the tensor's gradient; earlier zeros stay."""
+    model = make_model()
+    prune.l1_unstructured(model[0], "weight", amount=0.25)
+    prune.random_unstructured(model[0], "weight", amount=0.25)
+    earlier = model[0].weight_mask.clone()
+    pruner = torchbip.BiP(model, 0.8)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(2))
+    assert pruner.step_count == 2
+    assert bool((model[0].weight_mask[earlier == 0] == 0).all())
+
+
+def test_a_failed_run_gives_torch_s_container_its_class_back() -> None:
+    model = make_model()
+    prune.l1_unstructured(model[0], "weight", amount=0.25)
+    prune.random_unstructured(model[0], "weight", amount=0.25)
+    (hook,) = model[0]._forward_pre_hooks.values()
+    before = capture(model)
+
+    def failing():
+        yield make_batches(1)[0]
+        raise RuntimeError("the loader failed")
+
+    class Loader:
+        def __len__(self) -> int:
+            return 4
+
+        def __iter__(self):
+            return failing()
+
+    with pytest.raises(RuntimeError, match="the loader failed"):
+        torchbip.global_prune(model, 0.8, Loader(), steps=3, progress=False)
+    assert type(hook) is prune.PruningContainer
+    assert list(model[0]._forward_pre_hooks.values()) == [hook]
+    assert_unchanged(before, model)
+
+
+class _Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.c2 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.g(F.relu(self.dw(F.relu(self.c1(x))))))
+        return self.fc(F.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_channel_pruning_leaves_grouped_convolutions_out_and_refuses_them_by_name() -> None:
+    """dim 1 of a grouped conv's weight is a channel within each group, not an input channel."""
+    model = _Depthwise()
+    pruner = torchbip.BiP(model, 0.5, layout="channel")
+    assert pruner.names == ["c2.weight", "fc.weight"]
+    model = _Depthwise()
+    before = capture(model)
+    with pytest.raises(
+        ValueError, match=r"parameters names 'dw\.weight', a grouped convolution \(groups=16\): dim 1"
+    ):
+        torchbip.BiP(model, 0.5, layout="channel", parameters=[(model.dw, "weight"), (model.c2, "weight")])
+    assert_unchanged(before, model)
+    filters = torchbip.BiP(model, 0.5, layout="filter")  # a grouped conv's filters are real filters
+    assert "dw.weight" in filters.names
+
+
+@pytest.mark.parametrize("layout", ["filter", "channel", "2:4"])
+def test_transposed_convolutions_are_refused_by_the_structured_layouts(layout: str) -> None:
+    model = nn.Sequential(nn.ConvTranspose2d(8, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    before = capture(model)
+    with pytest.raises(
+        ValueError, match=r"parameters names '0\.weight', the weight of a ConvTranspose2d, laid out \(in, out"
+    ):
+        torchbip.BiP(model, 0.5, layout=layout, parameters=[(model[0], "weight")])
+    assert_unchanged(before, model)
+    torchbip.BiP(model, 0.5, parameters=[(model[0], "weight")])  # unstructured: any layout of entries
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"amount": 0.5, "min_keep": 0.8},
+            r"min_keep=0\.8 keeps at least 39 filters \(its floor in each of the 2 tensors\), more than the "
+            r"24 that amount=0\.5 keeps; lower min_keep or amount",
+        ),
+        (
+            {"amount": 0.75, "min_keep": 6, "max_keep": 0.3},
+            r"min_keep=6 keeps 6 filters of '2\.weight' but max_keep=0\.3 at most 4",
+        ),
+        (
+            {"amount": 0.5, "max_keep": 0.1},
+            r"max_keep=0\.1 keeps at most 4 filters, fewer than the 24 that amount=0\.5 keeps",
+        ),
+    ],
+)
+def test_global_group_floors_and_caps_that_cannot_hold_name_the_arguments(kwargs, match) -> None:
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = capture(model)
+    with pytest.raises(ValueError, match=match):
+        torchbip.BiP(model, layout=torchbip.Groups(0, budget="global"), **kwargs)
+    assert_unchanged(before, model)
+
+
+def test_coupled_example_inputs_the_model_rejects_are_named() -> None:
+    pytest.importorskip("torch_pruning")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4))
+    before = capture(model)
+    with pytest.raises(
+        ValueError,
+        match=r"Coupled\(example_inputs=\.\.\.\): the model fails on the example inputs of shapes "
+        r"\[\(2, 4, 8, 8\)\] \(RuntimeError: .*expected input\[2, 4, 8, 8\] to have 3 channels",
+    ):
+        torchbip.BiP(model, 0.5, layout=torchbip.Coupled(torch.randn(2, 4, 8, 8)))
+    assert_unchanged(before, model)

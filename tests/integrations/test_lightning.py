@@ -406,3 +406,15 @@ def test_lightning_backward_passes_in_validation_do_not_reach_bip() -> None:
         trainer([callback], inference_mode=False, val_check_interval=1).fit(module, loader(), loader())
     net, _ = own_loop()
     assert_same_state(module.net, net)
+
+
+def test_lightning_refused_settings_leave_the_module_unconverted() -> None:
+    """BiP's checks run before the callback converts the module to ``"64-true"``: a refused
+    ``fit`` leaves its dtype, values and hooks as they were."""
+    module = DoubleClassifier()
+    before = capture(module)
+    with pytest.raises(ValueError, match=r"amount=1\.5 is a float outside \[0, 1\]"):
+        fit(trainer([BiPCallback(amount=1.5)], precision="64-true"), module)
+    assert module.net[0].weight.dtype == torch.float32
+    assert_unchanged(before, module)
+    assert not prune.is_pruned(module)

@@ -33,7 +33,7 @@ from typing import Any
 from torch.utils.hooks import RemovableHandle
 
 from torchbip.integrations._common import Amount, CallbackBase, accept_permanent_state
-from torchbip.pruner import grad_scaler_state
+from torchbip.pruner import BiP, grad_scaler_state
 
 try:
     from lightning.pytorch import LightningModule, Trainer
@@ -126,6 +126,7 @@ class BiPCallback(CallbackBase, Callback):
             if self.report is not None:
                 self._train_again(pl_module, "fit()")
             return
+        BiP.check(pl_module, self.amount, steps=self.steps, **self.settings)  # refused: module untouched
         strategy = trainer.strategy
         strategy.precision_plugin.convert_module(pl_module)  # in place ("64-true", "bf16-true", ...)
         pl_module.to(strategy.root_device)
