@@ -179,6 +179,35 @@ class Found:
         return sum(layer.dense for layer in self.macs.values())
 
 
+def _layer_signature(
+    model: nn.Module,
+) -> tuple[tuple[str, str, tuple[tuple[str, tuple[int, ...]], ...]], ...]:
+    """What the traced groups depend on: every module's name, type and parameter shapes."""
+    return tuple(
+        (
+            name,
+            type(module).__name__,
+            tuple((k, tuple(p.shape)) for k, p in module._parameters.items() if p is not None),
+        )
+        for name, module in model.named_modules()
+    )
+
+
+def _like_parameters(inputs: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
+    """Floating-point example inputs on the device and in the dtype of the model's parameters.
+
+    The channel groups do not depend on either; the example batch may have been made for the
+    precision or device the model is trained in (a trainer converts it later).
+    """
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return inputs
+    return tuple(
+        x.to(device=param.device, dtype=param.dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+        for x in inputs
+    )
+
+
 def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> Found:
     """The coupled channel groups of ``model``, from Torch-Pruning's dependency graph.
 
@@ -211,13 +240,15 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     tp = torch_pruning("torchbip.Coupled")
     op = tp.ops.OPTYPE
     passthrough = {op.ELEMENTWISE, op.CONCAT, op.SPLIT, op.RESHAPE, op.SLICE, op.UNBIND, op.EXPAND}
-    inputs = as_inputs(example_inputs)
     twin = copy.deepcopy(model)
+    inputs = _like_parameters(as_inputs(example_inputs), twin)
     names = {m: n for n, m in twin.named_modules()}
     modules = dict(model.named_modules())
-    try:  # the model's own error, before the tracer retries it in ways that hide it
-        with torch.no_grad():
-            twin(*inputs)
+    training = twin.training
+    try:  # the model's own error, before the tracer retries it in ways that hide it (in eval, as it)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            twin.eval()(*inputs)
+        twin.train(training)
     except Exception as err:
         shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
         raise ValueError(
@@ -764,7 +795,7 @@ class Coupled(Layout):
 
     example_inputs: Any
     budget: str = "layer"
-    _found: dict[int, tuple[nn.Module, Found]] = field(default_factory=dict, repr=False, compare=False)
+    _found: dict[int, tuple[nn.Module, Any, Found]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.budget not in BUDGETS:
@@ -787,12 +818,13 @@ class Coupled(Layout):
         return "coupled"
 
     def found(self, model: nn.Module) -> Found:
-        """The groups of ``model`` (traced once per model and kept)."""
+        """The groups of ``model`` (traced once per model and kept while its layers stay the same)."""
+        layers = _layer_signature(model)
         hit = self._found.get(id(model))
-        if hit is None or hit[0] is not model:
+        if hit is None or hit[0] is not model or hit[1] != layers:
             self._found.clear()
-            self._found[id(model)] = (model, find_groups(model, self.example_inputs))
-        return self._found[id(model)][1]
+            self._found[id(model)] = (model, layers, find_groups(model, self.example_inputs))
+        return self._found[id(model)][2]
 
     def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """Every tensor of every group: weights, biases and BatchNorm affine parameters."""
@@ -810,7 +842,7 @@ class Coupled(Layout):
             pairs = [(id(m), n) for m, n in parameters] if isinstance(parameters, list) else None
         except (TypeError, ValueError):
             pairs = None
-        for _, found in self._found.values():
+        for _, _, found in self._found.values():
             keys = {(id(m), n) for m, n in found.params}
             if pairs is not None and all(p in keys for p in pairs):
                 return
@@ -857,7 +889,7 @@ class Coupled(Layout):
                 "prune.remove them first (or leave them out with exclude=)"
             )
         found = None
-        for _, candidate in self._found.values():
+        for _, _, candidate in self._found.values():
             keys = {(id(m), n) for m, n in candidate.params}
             if all((id(t.module), t.name) in keys for t in targets):
                 found = candidate

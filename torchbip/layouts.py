@@ -300,8 +300,8 @@ class GroupLayout(MaskLayout):
                 raise ValueError(
                     f"parameters names {target.fqn!r}, a grouped convolution (groups={groups}): dim 1 "
                     "of its weight indexes the channels within each group, not the layer's input "
-                    "channels, so channel pruning does not apply; leave it out (exclude=...) or prune "
-                    "its filters (layout='filter')"
+                    "channels, so channel pruning does not apply; leave it out of the pruned tensors or "
+                    "prune its filters (the filter layout)"
                 )
         self.dim, self.budget, self.allowed = dim, budget, list(allowed)
         self.structured = {0: "filter", 1: "channel"}.get(dim, f"dim={dim}")

@@ -280,9 +280,10 @@ class BiP:
             raise TypeError(f"BiP.check(): {err}") from err
         arguments.apply_defaults()
         given = arguments.arguments
+        model = _bare(model)  # (in construction's order: the model's errors first)
         default_group(given["process_group"])  # its type
         cls._checked_plan(
-            _bare(model), given["amount"], given["parameters"], given["exclude"], given["layout"],
+            model, given["amount"], given["parameters"], given["exclude"], given["layout"],
             given["budget"], given["min_keep"], given["max_keep"], given["upper_lr"],
             given["upper_momentum"], given["upper_schedule"], given["steps"], given["implicit_coef"],
             given["score_init"], given["hold_pruned"],

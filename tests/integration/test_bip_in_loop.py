@@ -1435,3 +1435,39 @@ def test_coupled_example_inputs_the_model_rejects_are_named() -> None:
     ):
         torchbip.BiP(model, 0.5, layout=torchbip.Coupled(torch.randn(2, 4, 8, 8)))
     assert_unchanged(before, model)
+
+
+def test_coupled_traces_in_eval_mode_without_drawing_random_numbers() -> None:
+    """A batch of one passes BatchNorm in eval mode (as Torch-Pruning's tracer runs the model);
+    dropout draws nothing, so neither construction nor ``BiP.check`` moves the global RNG."""
+    pytest.importorskip("torch_pruning")
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    before = capture(model)
+    batch = torch.randn(1, 8)
+    state = torch.get_rng_state()
+    torchbip.BiP.check(model, 0.5, layout=torchbip.Coupled(batch))
+    assert torch.equal(state, torch.get_rng_state())
+    assert_unchanged(before, model)  # (running statistics included)
+    assert model.training
+    pruner = torchbip.BiP(model, 0.5, layout=torchbip.Coupled(batch))
+    assert torch.equal(state, torch.get_rng_state())
+    assert "0.weight" in pruner.names
+
+
+def test_coupled_traces_example_inputs_of_another_precision_and_a_changed_model_again() -> None:
+    pytest.importorskip("torch_pruning")
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    layout = torchbip.Coupled(torch.randn(4, 8, dtype=torch.float64))  # made for a float64 run
+    torchbip.BiP.check(model, 0.5, layout=layout)
+    model[2], model[4] = nn.Linear(16, 32), nn.Linear(32, 2)  # changed after the groups were traced
+    pruner = torchbip.BiP(model, 0.5, layout=layout)
+    assert pruner.names == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]
+    assert model[2].weight_mask.shape == (32, 16)
+
+
+def test_check_meets_the_model_s_errors_before_the_process_group_s_as_construction_does() -> None:
+    with pytest.raises(TypeError) as built:
+        torchbip.BiP("x", 0.5, process_group=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as checked:
+        torchbip.BiP.check("x", 0.5, process_group=1)  # type: ignore[arg-type]
+    assert str(checked.value) == str(built.value)

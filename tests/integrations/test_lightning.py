@@ -418,3 +418,16 @@ def test_lightning_refused_settings_leave_the_module_unconverted() -> None:
     assert module.net[0].weight.dtype == torch.float32
     assert_unchanged(before, module)
     assert not prune.is_pruned(module)
+
+
+def test_lightning_coupled_example_inputs_in_the_trainer_s_precision() -> None:
+    """Example inputs made for the ``"64-true"`` run work although BiP's checks run on the module
+    before the trainer converts it."""
+    pytest.importorskip("torch_pruning")
+    module = DoubleClassifier()
+    layout = torchbip.Coupled(torch.randn(4, 8, dtype=torch.float64))
+    callback = BiPCallback(amount=0.5, layout=layout)
+    fit(trainer([callback], precision="64-true"), module)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == BATCHES * EPOCHS
+    assert module.net[0].weight_mask.dtype == torch.float64
