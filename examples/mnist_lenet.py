@@ -120,6 +120,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     script_utils.check_ranges(parser, args, RANGES)
     if args.amount == 1.0:
         parser.error("--amount must lie in [0, 1), got 1.0")
+    for name in ("lower_lr", "upper_lr"):  # BiP's learning rates (a step of 0 would change nothing)
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name, low in (("batch_size", 1), ("dense_epochs", 0), ("train_per_class", 1), ("test_per_class", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value}")
     return args
 
 

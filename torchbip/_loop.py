@@ -229,7 +229,7 @@ class BiPLoop:
                     f"{failed} other rank(s) of the process group failed at step {step} (see their "
                     "error); this rank stops too, and its model was restored"
                 )
-        if scale != 1.0:
+        if self.cfg.amp == "float16":  # loss scaling, also at a scale of 1 (then: overflow without it)
             grads = [*out.params.values(), *out.masks.values()]
             finite = bool(all_finite(grads))
             loss = float(out.loss) / scale
@@ -243,9 +243,10 @@ class BiPLoop:
                         "use amp='bfloat16' or amp=None"
                     )
                 return None, loss if math.isfinite(loss) else math.nan
-            with torch.no_grad():
-                for g in grads:
-                    g.div_(scale)
+            if scale != 1.0:
+                with torch.no_grad():
+                    for g in grads:
+                        g.div_(scale)
             self.good_steps += 1
             if self.good_steps % 2000 == 0:
                 self.loss_scale *= 2.0

@@ -223,8 +223,12 @@ class BiP:
                 "n_keep": bound.n_keep,
                 "layout": bound.describe(),
                 "settings": settings,
+                "hold_pruned": hold_pruned,
             }
-            labels = {"tensors": "tensors to prune", "n_keep": "kept entries", "layout": "layout"}
+            labels = {
+                "tensors": "tensors to prune", "n_keep": "kept entries", "layout": "layout",
+                "hold_pruned": "hold_pruned",
+            }  # fmt: skip
             agree(mine, None, group, "torchbip.BiP", {**labels, "settings": "settings"})
 
         self.model, self.targets, self.spec, self.layout = model, targets, spec, bound
@@ -599,24 +603,38 @@ class BiP:
             FloatingPointError: when the gradients hold a NaN or an infinity (without a scaler).
         """
         self._check_usable()
-        if not isinstance(skip, bool):
-            raise TypeError(f"skip must be a bool, got {skip!r}")
-        bad_scale = (
-            isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or not 0 < scale < math.inf  # also NaN
-        )
-        if scale is not None and bad_scale:
-            raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
-        if scale is not None and scaler is not None:
-            raise ValueError("pass either scaler= or scale=, not both")
-        if skip:
+        try:
+            if not isinstance(skip, bool):
+                raise TypeError(f"skip must be a bool, got {skip!r}")
+            bad_scale = (
+                isinstance(scale, bool)
+                or not isinstance(scale, int | float)
+                or not 0 < scale < math.inf  # also NaN
+            )
+            if scale is not None and bad_scale:
+                raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
+            if scale is not None and scaler is not None:
+                raise ValueError("pass either scaler= or scale=, not both")
+            scaled = upper_grads is None and scaler is not None and scaler.is_enabled()
+            if scaled and not skip:
+                assert scaler is not None
+                scale, skip = grad_scaler_state(scaler)
+                scaled_skip = skip
+            else:
+                scaled_skip = False
+        except (TypeError, ValueError, RuntimeError):
+            if upper_grads is None:
+                self._fail_collective()  # the other ranks raise instead of waiting for this one
+            raise
+        if skip and not scaled_skip:
+            if upper_grads is None:
+                self._skip_collective()
             self.zero_grad()
             self._restore_pruned()
             self.skipped_steps += 1
             return False
-        if upper_grads is None and scaler is not None and scaler.is_enabled():
-            scale, skip = grad_scaler_state(scaler)
+        if scaled:
+            assert scale is not None
             sums = self.prepare(inv_scale=1.0 / scale)
         elif upper_grads is None and scale is not None:
             sums = self.prepare(inv_scale=1.0 / float(scale))
@@ -672,7 +690,10 @@ class BiP:
                 if error is not None:
                     raise error
                 if failed:
-                    raise RuntimeError(f"{failed} other rank(s) of the process group failed in BiP.step()")
+                    raise RuntimeError(
+                        f"{failed} other rank(s) of the process group failed in BiP.step() or skipped "
+                        "this step (step(skip=True)); every rank must step or skip together"
+                    )
             self._check_first_step(fired)
             self._upper_grads_from_captured(inv_scale)
         else:
@@ -697,6 +718,40 @@ class BiP:
             self._store_saved()
         self.zero_grad()
         self.step_count += 1
+
+    def _fail_collective(self) -> None:
+        """This rank's part of the step's collective when its step fails before it (zeros, failed)."""
+        group = self._group_if_any()
+        if group is not None:
+            zeros = [torch.zeros_like(m, memory_format=torch.contiguous_format) for m in self.masks]
+            all_reduce_mean(zeros, group, True, [0] * len(self.masks))
+
+    def _skip_collective(self) -> None:
+        """``step(skip=True)`` under a process group: every rank must skip the same step.
+
+        The ranks that skip contribute the failure flag of the step's collective, so a rank that
+        steps learns of them; a rank that skips alone raises.
+        """
+        group = self._group_if_any()
+        if group is None:
+            return
+        zeros = [torch.zeros_like(m, memory_format=torch.contiguous_format) for m in self.masks]
+        skipped = all_reduce_mean(zeros, group, True, [0] * len(self.masks))
+        world = dist.get_world_size(group)
+        if skipped != world:
+            self.zero_grad()
+            raise RuntimeError(
+                f"BiP.step(skip=True) on this rank while {world - skipped} other rank(s) of the process "
+                "group stepped: every rank must skip the same steps (a loss scaler's overflow is the "
+                "same on every rank under DDP)"
+            )
+
+    def _group_if_any(self) -> Any:
+        """:attr:`group`, or ``None`` where that group is gone (nothing to tell then)."""
+        try:
+            return self.group
+        except RuntimeError:
+            return None
 
     def _upper_grads_from_captured(self, inv_scale: float) -> None:
         r""":math:`\theta \odot g - c\, m \odot g \odot g` from the captured :math:`g`, as score grads."""

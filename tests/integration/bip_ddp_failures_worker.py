@@ -93,6 +93,36 @@ def case_no_backward(rank: int) -> str:
     return "stepped"
 
 
+def case_hold_pruned(rank: int) -> str:
+    build(rank, hold_pruned=rank == 0)
+    return "built"
+
+
+def _one_step(rank: int, **step: object) -> tuple[nn.Module, torchbip.BiP]:
+    model, pruner = build(rank)
+    x, y = batch(0, rank)
+    F.cross_entropy(model(x), y).backward()
+    pruner.step(**step)  # type: ignore[arg-type]
+    return model, pruner
+
+
+def case_skip_alone(rank: int) -> str:
+    """Rank 1 skips a step that rank 0 takes: both raise (neither waits)."""
+    _one_step(rank, skip=rank == 1)
+    return "stepped"
+
+
+def case_skip_together(rank: int) -> str:
+    model, pruner = _one_step(rank, skip=True)
+    return f"ok {pruner.skipped_steps} {digest(model, pruner)}"
+
+
+def case_bad_scale(rank: int) -> str:
+    """Rank 1's step is refused before the collective: rank 0 learns so in it."""
+    _one_step(rank, scale=2.0 if rank == 0 else -1.0)
+    return "stepped"
+
+
 def main() -> None:
     rank = dist.get_rank()
     outcomes = {}

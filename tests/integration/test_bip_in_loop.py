@@ -986,7 +986,8 @@ def test_ranks_that_disagree_or_fail_all_raise_instead_of_waiting(tmp_path: Path
     on one rank. Every rank raises (or both agree); none is left waiting in a collective."""
     here = Path(__file__).resolve().parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
-    cases = ["amount", "steps", "refused", "unused", "no_backward"]
+    cases = ["amount", "steps", "refused", "unused", "no_backward", "hold_pruned", "skip_alone",
+             "skip_together", "bad_scale"]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(here / "bip_ddp_failures_worker.py"), str(tmp_path), *cases]  # fmt: skip
     _torchrun(cmd, env, [tmp_path / "rank0.json", tmp_path / "rank1.json"])
@@ -1007,7 +1008,23 @@ def test_ranks_that_disagree_or_fail_all_raise_instead_of_waiting(tmp_path: Path
     assert r0["unused"].startswith("ok ")
     assert r0["unused"] == r1["unused"]  # both ranks hold the same state
     assert r1["no_backward"].startswith("RuntimeError: BiP.step() found no gradient"), r1
-    assert r0["no_backward"] == "RuntimeError: 1 other rank(s) of the process group failed in BiP.step()"
+    failed = "RuntimeError: 1 other rank(s) of the process group failed in BiP.step() or skipped this step"
+    assert r0["no_backward"].startswith(failed), r0
+    held = (
+        "ValueError: the ranks of the process group disagree on the hold_pruned (rank 0: True, rank 1: False)"
+    )
+    assert r0["hold_pruned"].startswith(held), r0
+    assert r1["hold_pruned"].startswith(held), r1
+    assert r1["skip_alone"].startswith(
+        "RuntimeError: BiP.step(skip=True) on this rank while 1 other rank(s) of the process group stepped"
+    ), r1
+    assert r0["skip_alone"].startswith(failed), r0
+    assert r0["skip_together"].startswith("ok 1 "), r0
+    assert r0["skip_together"] == r1["skip_together"]
+    assert r1["bad_scale"].startswith(
+        "ValueError: scale must be a finite positive number or None, got -1.0"
+    ), r1
+    assert r0["bad_scale"].startswith(failed), r0
 
 
 # -- for trainers that hide their loss scaler or know the length of training late --------------

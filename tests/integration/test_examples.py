@@ -384,6 +384,26 @@ def test_mnist_lenet_smoke(lenet_example: ModuleType, tmp_path: Path) -> None:
 # -- AMP, torch.compile, resume, torchrun ---------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
+        (["--dense-epochs", "-1"], "--dense-epochs: must be an integer >= 0, got -1"),
+        (["--train-per-class", "0"], "--train-per-class: must be an integer >= 1, got 0"),
+        (["--test-per-class", "0"], "--test-per-class: must be an integer >= 1, got 0"),
+        (["--lower-lr", "0"], "--lower-lr must be > 0, got 0.0"),
+        (["--upper-lr", "0"], "--upper-lr must be > 0, got 0.0"),
+        (["--amount", "1.0"], "--amount must lie in [0, 1), got 1.0"),
+    ],
+)
+def test_mnist_lenet_bad_arguments_are_refused_before_any_work(
+    lenet_example: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        lenet_example.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_imagenet_amp_bfloat16_and_compile(
     imagenet_example: ModuleType,
     tmp_path: Path,

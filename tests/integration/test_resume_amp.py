@@ -161,6 +161,22 @@ def test_float16_overflow_lowers_the_loss_scale_and_skips_the_step() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_float16_overflow_even_at_a_loss_scale_of_one_is_an_error_that_names_bfloat16() -> None:
+    """Halving reaches a scale of exactly 1: its overflow is the one without scaling, and the run
+    stops with the advice to use bfloat16 (it used to skip the check at a scale of 1)."""
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.float(), y) * 1e9  # overflows float16 at any scale
+
+    with pytest.raises(FloatingPointError, match=r"even without loss scaling; use amp='bfloat16'"):
+        torchbip.global_prune(
+            model, 0.5, make_loader(), loss_fn=loss_fn, amp="float16", **{**OPTIONS, "steps": 40}
+        )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_compiled_pruned_model_matches_eager() -> None:
     model = make_model()
     torchbip.global_prune(model, 0.8, make_loader(), **OPTIONS)

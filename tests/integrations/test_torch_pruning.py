@@ -94,3 +94,25 @@ def test_the_documented_count_rule_holds_for_the_installed_torch_pruning(amount:
     assert model[0].out_channels == int(8 * (1 - amount))
     if model[0].out_channels == len(kept):
         assert torch.equal(model[1].bias.detach(), bias)  # the same channels, in order
+
+
+def test_a_pruner_that_prunes_in_several_steps_is_refused_not_misranked() -> None:
+    """After Torch-Pruning's first iterative step the layers are smaller than what BiP scored:
+    the importance refuses instead of ranking the remaining channels by the wrong scores."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3),
+        torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    )  # fmt: skip
+    x = torch.randn(4, 3, 16, 16)
+    bip = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(x))
+    importance = BiPImportance(bip)
+    bip.finish()
+    torchbip.export.make_permanent(model)
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=importance, pruning_ratio=0.5, iterative_steps=2, ignored_layers=[model[8]]
+    )
+    pruner.step()
+    with pytest.raises(RuntimeError, match=r"output channels now, BiP scored \d+: .*iterative_steps=1"):
+        pruner.step()

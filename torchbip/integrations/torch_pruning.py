@@ -115,7 +115,16 @@ class BiPImportance(_Importance):
     def __call__(self, group: Any) -> Tensor | None:
         """The BiP scores of the group's root channels (``None``: BiP did not score this group)."""
         root = group[0]
-        scores = self.scores.get(id(root.dep.target.module))
+        module = root.dep.target.module
+        scores = self.scores.get(id(module))
         if scores is None:
             return None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.shape[0] != scores.numel():
+            raise RuntimeError(
+                f"BiPImportance: the {type(module).__name__} has {weight.shape[0]} output channels now, "
+                f"BiP scored {scores.numel()}: the pruner removed channels since the scores were read "
+                "(iterative_steps > 1?); BiP's scores rank the model as BiP trained it: prune in one "
+                "step (iterative_steps=1)"
+            )
         return scores[torch.as_tensor(list(root.idxs), dtype=torch.long)]
