@@ -198,30 +198,49 @@ def test_imagenet_presets(imagenet_example: ModuleType, tmp_path: Path) -> None:
     assert override.image_size == 80
 
 
+LENET_BAD = {  # command line: what the error says
+    "--batch-size 0": "--batch-size: must be an integer >= 1, got 0",
+    "--dense-epochs -1": "--dense-epochs: must be an integer >= 0, got -1",
+    "--train-per-class 0": "--train-per-class: must be an integer >= 1, got 0",
+    "--test-per-class 0": "--test-per-class: must be an integer >= 1, got 0",
+    "--lower-lr 0": "--lower-lr must be > 0, got 0.0",
+    "--upper-lr 0": "--upper-lr must be > 0, got 0.0",
+    "--amount 1.0": "--amount must lie in [0, 1), got 1.0",
+}
+
+
 @pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--amount", "1.5"], "--amount must lie in [0, 1], got 1.5"),
-        (["--lower-lr", "-1"], "--lower-lr must lie in [0, inf], got -1.0"),
-        (["--momentum", "1.5"], "--momentum must lie in [0, 1], got 1.5"),
-        (["--crop-scale", "2"], "--crop-scale must lie in [1e-06, 1], got 2.0"),
-        (["--implicit-coef", "nan"], "--implicit-coef must lie in [0, inf], got nan"),
-        (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
-        (["--warmup-epochs", "-1"], "--warmup-epochs: must be an integer >= 0, got -1"),
-        (["--pretrained", "no/such.pth"], "--pretrained: no such file: no/such.pth"),
-        (["--amp", "float8"], "invalid choice: 'float8'"),
-        (["--device", "foo"], "--device: not a torch device: 'foo'"),
-        (["--batch-size", "1"], "--batch-size: must be >= 2 (BatchNorm statistics), got 1"),
-        (["--compile", "--compile-backend", "nosuch"], "unknown torch.compile backend 'nosuch'"),
-        (["--amount", "1.0"], "min_keep=0.02 keeps at least 469529 entries"),  # the stand-in's floor
-        (["--min-keep", "0.9"], "min_keep=0.9 keeps at least 21127879 entries"),
+    ("example", "argv", "message"),
+    [("lenet_example", line.split(), message) for line, message in LENET_BAD.items()]
+    + [
+        ("imagenet_example", argv, message)
+        for argv, message in [
+            (["--amount", "1.5"], "--amount must lie in [0, 1], got 1.5"),
+            (["--lower-lr", "-1"], "--lower-lr must lie in [0, inf], got -1.0"),
+            (["--momentum", "1.5"], "--momentum must lie in [0, 1], got 1.5"),
+            (["--crop-scale", "2"], "--crop-scale must lie in [1e-06, 1], got 2.0"),
+            (["--implicit-coef", "nan"], "--implicit-coef must lie in [0, inf], got nan"),
+            (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
+            (["--warmup-epochs", "-1"], "--warmup-epochs: must be an integer >= 0, got -1"),
+            (["--pretrained", "no/such.pth"], "--pretrained: no such file: no/such.pth"),
+            (["--amp", "float8"], "invalid choice: 'float8'"),
+            (["--device", "foo"], "--device: not a torch device: 'foo'"),
+            (["--batch-size", "1"], "--batch-size: must be >= 2 (BatchNorm statistics), got 1"),
+            (["--compile", "--compile-backend", "nosuch"], "unknown torch.compile backend 'nosuch'"),
+            (["--amount", "1.0"], "min_keep=0.02 keeps at least 469529 entries"),  # the stand-in's floor
+            (["--min-keep", "0.9"], "min_keep=0.9 keeps at least 21127879 entries"),
+        ]
     ],
 )
-def test_imagenet_bad_arguments(
-    imagenet_example: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+def test_bad_arguments_are_refused_before_any_work(
+    example: str,
+    argv: list[str],
+    message: str,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(SystemExit):
-        imagenet_example.parse_args(argv)
+        request.getfixturevalue(example).parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -382,26 +401,6 @@ def test_mnist_lenet_smoke(lenet_example: ModuleType, tmp_path: Path) -> None:
 
 
 # -- AMP, torch.compile, resume, torchrun ---------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
-        (["--dense-epochs", "-1"], "--dense-epochs: must be an integer >= 0, got -1"),
-        (["--train-per-class", "0"], "--train-per-class: must be an integer >= 1, got 0"),
-        (["--test-per-class", "0"], "--test-per-class: must be an integer >= 1, got 0"),
-        (["--lower-lr", "0"], "--lower-lr must be > 0, got 0.0"),
-        (["--upper-lr", "0"], "--upper-lr must be > 0, got 0.0"),
-        (["--amount", "1.0"], "--amount must lie in [0, 1), got 1.0"),
-    ],
-)
-def test_mnist_lenet_bad_arguments_are_refused_before_any_work(
-    lenet_example: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit):
-        lenet_example.parse_args(argv)
-    assert message in capsys.readouterr().err
 
 
 def test_imagenet_amp_bfloat16_and_compile(
