@@ -123,8 +123,8 @@ def masked_loss_grads(
             raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
         if not loss.is_floating_point():
             raise ValueError(
-                f"loss_fn must return a floating-point loss (got dtype {loss.dtype}): "
-                "an integer loss has no gradient"
+                f"loss_fn must return a real floating-point loss (got dtype {loss.dtype}): "
+                "an integer, boolean or complex loss cannot be minimised by its gradient"
             )
         loss = loss.reshape(())
         return loss, (loss.detach(), fresh)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import os
 import shutil
 from pathlib import Path
@@ -122,7 +123,13 @@ def load_mnist(
     _check_split(split)
     _check_per_class(per_class)
     file = mnist_path(path)
-    with np.load(file, allow_pickle=False) as archive:
+    try:
+        archive_file = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{file} is not an MNIST .npz archive ({err})") from err
+    if not isinstance(archive_file, np.lib.npyio.NpzFile):
+        raise ValueError(f"{file} is not an MNIST .npz archive (it holds a single array)")
+    with archive_file as archive:
         missing = [k for k in (f"x_{split}", f"y_{split}") if k not in archive.files]
         if missing:
             raise ValueError(f"{file} is not an MNIST archive: it lacks {missing} (has {archive.files})")
@@ -132,6 +139,16 @@ def load_mnist(
         raise ValueError(
             f"{file}: expected x_{split} of shape (N, H, W) and y_{split} of shape (N,), "
             f"got {x.shape} and {y.shape}"
+        )
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9):
+        raise ValueError(
+            f"{file}: y_{split} must hold the digits 0..9 as integers, got {y.dtype} {np.unique(y)[:10]}"
+        )
+    top = 255 if x.dtype == np.uint8 else 1.0
+    if x.size and (x.min() < 0 or x.max() > top):
+        raise ValueError(
+            f"{file}: x_{split} must hold uint8 pixels (0..255) or floats in [0, 1], got {x.dtype} values "
+            f"in [{x.min()}, {x.max()}]"
         )
     keep = _per_class_indices(y, per_class)
     if keep is not None:
@@ -284,7 +301,7 @@ def _check_split(split: object) -> None:
 
 def _check_per_class(per_class: object) -> None:
     if per_class is not None and (
-        isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1
+        isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class < 1
     ):
         raise ValueError(f"per_class must be an int >= 1 or None, got {per_class!r}")
 

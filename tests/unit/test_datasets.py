@@ -129,6 +129,43 @@ def test_mnist_rejects_pickled_and_incomplete_archives(tmp_path: Path) -> None:
         load_mnist(shapes, "test")
 
 
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (
+            {"y_train": np.array([0, 57, -1] + [1] * 17)},
+            r"y_train must hold the digits 0\.\.9 as integers, got int64",
+        ),
+        ({"y_train": np.linspace(0, 9, 20)}, r"y_train must hold the digits 0\.\.9 as integers, got float64"),
+        (
+            {"x_train": np.full((20, 28, 28), 255.0, dtype=np.float32)},
+            r"x_train must hold uint8 pixels \(0\.\.255\) or floats in \[0, 1\], got float32 values in "
+            r"\[255\.0, 255\.0\]",
+        ),
+    ],
+)
+def test_mnist_refuses_labels_and_pixels_outside_the_documented_ranges(tmp_path: Path, extra, match) -> None:
+    path = _write_npz(tmp_path / "odd.npz", **extra)
+    with pytest.raises(ValueError, match=match):
+        load_mnist(path)
+
+
+def test_mnist_a_file_that_is_not_an_npz_archive_is_named(tmp_path: Path) -> None:
+    text = tmp_path / "mnist.npz"
+    text.write_text("not an archive")
+    with pytest.raises(ValueError, match=rf"{text} is not an MNIST \.npz archive"):
+        load_mnist(text)
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros(3))
+    with pytest.raises(ValueError, match=r"is not an MNIST \.npz archive \(it holds a single array\)"):
+        load_mnist(single)
+
+
+def test_mnist_and_digits_take_numpy_integer_counts() -> None:
+    assert len(load_mnist(split="test", per_class=np.int64(2))) == 20
+    assert len(load_digits("test", per_class=np.int64(2))) == 20
+
+
 PER_CLASS = "per_class must be an int >= 1 or None, got "
 
 
