@@ -186,25 +186,7 @@ class UnstructuredLayout(MaskLayout):
             self.n_keep = sum(n_allowed) - count_from_amount(amount, sum(n_allowed))
             floors = floor_counts(n_allowed, min_keep)
             caps = cap_counts(n_allowed, max_keep)
-            if sum(floors) > self.n_keep:
-                raise ValueError(
-                    f"min_keep={min_keep!r} keeps at least {sum(floors)} entries (its floor in each of "
-                    f"the {len(targets)} tensors), more than the {self.n_keep} that amount={amount!r} "
-                    "leaves; lower min_keep or amount"
-                )
-            if caps is not None and sum(caps) < self.n_keep:
-                raise ValueError(
-                    f"max_keep={max_keep!r} keeps at most {sum(caps)} entries (its cap in each of the "
-                    f"{len(targets)} tensors), fewer than the {self.n_keep} that amount={amount!r} "
-                    "keeps; raise max_keep or amount"
-                )
-            if caps is not None and min_keep is not None:
-                for t, lo, hi in zip(targets, floors, caps, strict=True):
-                    if lo > hi:
-                        raise ValueError(
-                            f"min_keep={min_keep!r} keeps {lo} entries of {t.fqn!r} but max_keep="
-                            f"{max_keep!r} at most {hi}"
-                        )
+            _check_floors_and_caps(targets, self.n_keep, amount, min_keep, floors, max_keep, caps, "entries")
             self.topk = GlobalTopK(self.n_keep, floors if min_keep is not None else None, caps)
             self.fast = all(a is None for a in self.allowed) and min_keep is None and caps is None
         else:
@@ -295,10 +277,10 @@ class GroupLayout(MaskLayout):
             if len(shape) <= dim:
                 raise ValueError(f"{target.fqn!r} has shape {shape}: no dim={dim} to group along")
             _refuse_transposed(target, f"Groups(dim={dim})")
-            groups = getattr(target.module, "groups", 1)
-            if dim == 1 and isinstance(groups, int) and groups > 1:
+            if dim == 1 and _is_grouped(target.module):
                 raise ValueError(
-                    f"parameters names {target.fqn!r}, a grouped convolution (groups={groups}): dim 1 "
+                    f"parameters names {target.fqn!r}, a grouped convolution "
+                    f"(groups={getattr(target.module, 'groups', 1)}): dim 1 "
                     "of its weight indexes the channels within each group, not the layer's input "
                     "channels, so channel pruning does not apply; leave it out of the pruned tensors or "
                     "prune its filters (the filter layout)"
@@ -322,24 +304,7 @@ class GroupLayout(MaskLayout):
         self.n_keep, self.counts = group_keep_counts(self.n_groups, amount, budget, min_keep, unit)
         if budget == "global":
             caps = cap_counts(self.n_groups, max_keep)
-            if min_keep is not None and sum(self.counts) > self.n_keep:
-                raise ValueError(
-                    f"min_keep={min_keep!r} keeps at least {sum(self.counts)} {unit} (its floor in each of "
-                    f"the {len(targets)} tensors), more than the {self.n_keep} that amount={amount!r} "
-                    "keeps; lower min_keep or amount"
-                )
-            if caps is not None and sum(caps) < self.n_keep:
-                raise ValueError(
-                    f"max_keep={max_keep!r} keeps at most {sum(caps)} {unit}, fewer than the "
-                    f"{self.n_keep} that amount={amount!r} keeps; raise max_keep or amount"
-                )
-            if caps is not None and min_keep is not None:
-                for target, low, high in zip(targets, self.counts, caps, strict=True):
-                    if low > high:
-                        raise ValueError(
-                            f"min_keep={min_keep!r} keeps {low} {unit} of {target.fqn!r} but "
-                            f"max_keep={max_keep!r} at most {high}"
-                        )
+            _check_floors_and_caps(targets, self.n_keep, amount, min_keep, self.counts, max_keep, caps, unit)
             self._global = GlobalTopK(self.n_keep, self.counts if min_keep is not None else None, caps)
 
     def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
@@ -563,7 +528,7 @@ class Groups(Layout):
         if self.dim == 0:
             return [(m, "weight") for m in layers[:-1]]
         # (a grouped convolution's dim 1 is not its input channels: left out)
-        return [(m, "weight") for m in layers[1:] if getattr(m, "groups", 1) == 1]
+        return [(m, "weight") for m in layers[1:] if not _is_grouped(m)]
 
     def check_budget(
         self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"
@@ -705,6 +670,47 @@ def as_layout(layout: object, budget: str = "layer", arg: str = "layout") -> Lay
         f"{arg} must be None, 'unstructured', 'filter' (output filters), 'channel' (input channels), "
         f"an 'N:M' pattern such as '2:4', or a torchbip.layouts.Layout, got {layout!r}"
     )
+
+
+def _check_floors_and_caps(
+    targets: Sequence[Target],
+    n_keep: int,
+    amount: Amount,
+    min_keep: Amount | None,
+    floors: Sequence[int],
+    max_keep: Amount | None,
+    caps: Sequence[int] | None,
+    unit: str,
+) -> None:
+    """Refuse per-tensor floors and caps of a global ranking that its budget cannot meet.
+
+    ``unit``: what the counts count (``"entries"``, ``"filters"``, ``"channels"``).
+    """
+    if min_keep is not None and sum(floors) > n_keep:
+        raise ValueError(
+            f"min_keep={min_keep!r} keeps at least {sum(floors)} {unit} (its floor in each of the "
+            f"{len(targets)} tensors), more than the {n_keep} that amount={amount!r} leaves; lower "
+            "min_keep or amount"
+        )
+    if caps is not None and sum(caps) < n_keep:
+        raise ValueError(
+            f"max_keep={max_keep!r} keeps at most {sum(caps)} {unit} (its cap in each of the "
+            f"{len(targets)} tensors), fewer than the {n_keep} that amount={amount!r} keeps; raise "
+            "max_keep or amount"
+        )
+    if caps is not None and min_keep is not None:
+        for target, low, high in zip(targets, floors, caps, strict=True):
+            if low > high:
+                raise ValueError(
+                    f"min_keep={min_keep!r} keeps {low} {unit} of {target.fqn!r} but max_keep="
+                    f"{max_keep!r} at most {high}"
+                )
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    """A convolution with ``groups > 1``: dim 1 of its weight is a channel within each group."""
+    groups = getattr(module, "groups", 1)
+    return isinstance(groups, int) and groups > 1
 
 
 def _refuse_transposed(target: Target, layout: str) -> None:

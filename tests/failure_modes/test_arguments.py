@@ -965,7 +965,7 @@ def test_an_infeasible_min_keep_of_a_structured_global_budget_names_it(structure
         model,
         ValueError,
         rf"min_keep=4 keeps at least 8 {structured}s \(its floor in each of the 2 tensors\), more than "
-        r"the 2 that amount=0\.9 keeps; lower min_keep or amount",
+        r"the 2 that amount=0\.9 leaves; lower min_keep or amount",
         amount=0.9,
         structured=structured,
         budget="global",

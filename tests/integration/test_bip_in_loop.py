@@ -1421,7 +1421,7 @@ def test_transposed_convolutions_are_refused_by_the_structured_layouts(layout: s
         (
             {"amount": 0.5, "min_keep": 0.8},
             r"min_keep=0\.8 keeps at least 39 filters \(its floor in each of the 2 tensors\), more than the "
-            r"24 that amount=0\.5 keeps; lower min_keep or amount",
+            r"24 that amount=0\.5 leaves; lower min_keep or amount",
         ),
         (
             {"amount": 0.75, "min_keep": 6, "max_keep": 0.3},
@@ -1429,7 +1429,8 @@ def test_transposed_convolutions_are_refused_by_the_structured_layouts(layout: s
         ),
         (
             {"amount": 0.5, "max_keep": 0.1},
-            r"max_keep=0\.1 keeps at most 4 filters, fewer than the 24 that amount=0\.5 keeps",
+            r"max_keep=0\.1 keeps at most 4 filters \(its cap in each of the 2 tensors\), fewer than the 24 "
+            r"that amount=0\.5 keeps",
         ),
     ],
 )
