@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from torchbip.method import has_grad_capture, holds_bip, scores_name
-from torchbip.pruned import named_pruning_hooks
+from torchbip.pruned import named_pruning_hooks, pruning_hook
 
 __all__ = [
     "Target",
@@ -249,8 +249,7 @@ def _check_scores_slot(target: Target) -> None:
         or hasattr(type(module), slot)  # a property or class attribute
     )
     if slot in module._buffers:
-        hooks = [h for hook_name, h in named_pruning_hooks(module) if hook_name == target.name]
-        taken = not (hooks and holds_bip(hooks[0]))
+        taken = not holds_bip(pruning_hook(module, target.name))
     if taken:
         where = repr(target.module_fqn) if target.module_fqn else "the model"
         raise ValueError(

@@ -616,17 +616,14 @@ class BiP:
             if scale is not None and scaler is not None:
                 raise ValueError("pass either scaler= or scale=, not both")
             scaled = upper_grads is None and scaler is not None and scaler.is_enabled()
-            if scaled and not skip:
+            if scaled and not skip:  # the scaler's skip goes through the step's collective below
                 assert scaler is not None
-                scale, skip = grad_scaler_state(scaler)
-                scaled_skip = skip
-            else:
-                scaled_skip = False
+                scale, scaler_skips = grad_scaler_state(scaler)
         except (TypeError, ValueError, RuntimeError):
             if upper_grads is None:
                 self._fail_collective()  # the other ranks raise instead of waiting for this one
             raise
-        if skip and not scaled_skip:
+        if skip:
             if upper_grads is None:
                 self._skip_collective()
             self.zero_grad()
@@ -636,6 +633,7 @@ class BiP:
         if scaled:
             assert scale is not None
             sums = self.prepare(inv_scale=1.0 / scale)
+            skip = scaler_skips
         elif upper_grads is None and scale is not None:
             sums = self.prepare(inv_scale=1.0 / float(scale))
         else:
@@ -719,12 +717,17 @@ class BiP:
         self.zero_grad()
         self.step_count += 1
 
-    def _fail_collective(self) -> None:
-        """This rank's part of the step's collective when its step fails before it (zeros, failed)."""
+    def _fail_collective(self) -> int | None:
+        """This rank's part of the step's collective when it does not step (zeros, failed).
+
+        Returns:
+            How many ranks did not step, or ``None`` without a process group.
+        """
         group = self._group_if_any()
-        if group is not None:
-            zeros = [torch.zeros_like(m, memory_format=torch.contiguous_format) for m in self.masks]
-            all_reduce_mean(zeros, group, True, [0] * len(self.masks))
+        if group is None:
+            return None
+        zeros = [torch.zeros_like(m, memory_format=torch.contiguous_format) for m in self.masks]
+        return all_reduce_mean(zeros, group, True, [0] * len(self.masks))
 
     def _skip_collective(self) -> None:
         """``step(skip=True)`` under a process group: every rank must skip the same step.
@@ -732,12 +735,10 @@ class BiP:
         The ranks that skip contribute the failure flag of the step's collective, so a rank that
         steps learns of them; a rank that skips alone raises.
         """
-        group = self._group_if_any()
-        if group is None:
+        skipped = self._fail_collective()
+        if skipped is None:
             return
-        zeros = [torch.zeros_like(m, memory_format=torch.contiguous_format) for m in self.masks]
-        skipped = all_reduce_mean(zeros, group, True, [0] * len(self.masks))
-        world = dist.get_world_size(group)
+        world = dist.get_world_size(self._group_if_any())
         if skipped != world:
             self.zero_grad()
             raise RuntimeError(
@@ -994,9 +995,7 @@ class BiP:
                     delattr(t.module, scores_name(t.name))
                 # torch's orig * mask, of the whole weight (FSDP2 gathers it again before a forward)
                 setattr(t.module, t.name, self._full(i) * getattr(t.module, t.name + "_mask"))
-        self._finished = True
-        self.captured, self.saved = [], None
-        self._world, self._group = False, None  # no collective after the end
+        self._end()
         report = self.report()
         if not isinstance(self.settings["amount"], Mapping):  # (a tensor's own amount is what it asked)
             report.warn_if_pruned_away(
@@ -1025,10 +1024,14 @@ class BiP:
                 now = (weight != 0) if isinstance(weight, Tensor) else mask
             masks.append(now)
         self.masks = masks
+        self._end()
+        return self.report()
+
+    def _end(self) -> None:
+        """Mark the object finished and drop its per-step state."""
         self._finished = True
         self.captured, self.saved = [], None
-        self._world, self._group = False, None
-        return self.report()
+        self._world, self._group = False, None  # no collective after the end
 
     @property
     def group(self) -> Any:
