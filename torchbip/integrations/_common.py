@@ -126,7 +126,7 @@ class CallbackBase:
             self._again = False
             return
         self.report = pruner.finish()
-        self._keeps = [keep.clone() for keep in pruner.keeps]
+        self._keeps = pruner.keeps  # (new tensors: m != 0)
         if self.remove:
             remove_pruning(pruner)
 
@@ -137,7 +137,7 @@ class CallbackBase:
         permanent at its end).
         """
         self.report = pruner.finish(as_loaded=True)
-        self._keeps = [keep.clone() for keep in pruner.keeps]
+        self._keeps = pruner.keeps  # (new tensors: m != 0)
         self._again = True
 
     def _train_again(self, model: nn.Module, what: str) -> None:
