@@ -239,7 +239,8 @@ def _run(
     with bar:
         while loop.step_index < steps:
             loss = loop.step()
-            if loop.step_index % cfg.log_every == 1 or loop.step_index == steps:
+            # steps 1, 1 + log_every, 1 + 2 * log_every, ... (as the recorded losses) and the last
+            if (loop.step_index - 1) % cfg.log_every == 0 or loop.step_index == steps:
                 bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{loop.sparsity:.2%}", refresh=False)
             bar.update()
             if (

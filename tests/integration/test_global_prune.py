@@ -477,3 +477,20 @@ def test_the_callers_grads_are_given_back_unchanged(mode: str, optimizer: str) -
         else:
             assert p.grad is grad, name
             assert torch.equal(p.grad, values), name
+
+
+@pytest.mark.parametrize("log_every", [1, 2, 3, 12, 20])
+def test_progress_bar_postfix_every_log_every_steps(log_every: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar's loss/sparsity postfix is set at steps 1, 1 + log_every, ... and at the last step."""
+    positions: list[int] = []
+
+    class CountingBar(torchbip.api.tqdm):
+        def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+            positions.append(self.n)  # steps completed before this one
+            super().set_postfix(*args, **kwargs)
+
+    monkeypatch.setattr(torchbip.api, "tqdm", CountingBar)
+    steps = 12
+    torchbip.global_prune(make_mlp(), 0.5, make_data(), steps=steps, progress=True, log_every=log_every)
+    want = sorted({*range(0, steps, log_every), steps - 1})
+    assert positions == want
