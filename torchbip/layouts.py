@@ -355,11 +355,13 @@ class NMLayout(MaskLayout):
         amount: Amount | Sequence[Amount],
         allowed: Sequence[Tensor | None],
     ) -> None:
+        fraction = 1 - n / m
         for value in [amount] if isinstance(amount, (int, float)) else list(amount):
-            if isinstance(value, int) or abs(float(value) - (1 - n / m)) > 1e-9:
+            if isinstance(value, int) or abs(float(value) - fraction) > 1e-9:
+                # repr: a float literal (0.0, not 0, which counts entries) that this check accepts
                 raise ValueError(
                     f"amount={value!r} but the layout {n}:{m} prunes exactly a fraction 1 - n/m = "
-                    f"{1 - n / m:g} of every tensor; pass amount={1 - n / m:g}"
+                    f"{fraction:g} of every tensor; pass amount={fraction!r}"
                 )
         for target in targets:
             _refuse_transposed(target, f"'{n}:{m}'")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,24 @@ def test_two_four_masks_keep_two_of_every_four_inputs(seed: int) -> None:
         assert isinstance(pruning_hooks(layer, "weight")[0], BiPSemiStructured)
         mask = layer.weight_mask.movedim(1, -1) if layer.weight_mask.dim() == 4 else layer.weight_mask
         assert bool((mask.reshape(-1, 4).sum(dim=1) == 2).all())
+
+
+@pytest.mark.parametrize(
+    ("pattern", "amount"), [("4:4", 0), ("0:4", 1), ("2:4", 0.9), ("1:3", 0.5), ("2:3", 1), ("0:1", 1)]
+)
+def test_nm_amount_error_suggests_an_amount_that_is_accepted(pattern: str, amount: float) -> None:
+    """The hint of a refused N:M amount is a float literal equal to 1 - n/m, which a run accepts."""
+    n, m = map(int, pattern.split(":"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 4))
+    with pytest.raises(ValueError, match=r"; pass amount=") as err:
+        global_prune(model, amount, batches(), steps=1, progress=False, structured=pattern)
+    hint = str(err.value).rsplit("pass amount=", 1)[1]
+    value = ast.literal_eval(hint)
+    assert isinstance(value, float)
+    assert value == pytest.approx(1 - n / m, abs=1e-12)
+    report = global_prune(model, value, batches(), steps=1, progress=False, structured=pattern)
+    assert report.sparsity.global_sparsity == pytest.approx(1 - n / m)
 
 
 def test_structured_run_exports_to_an_equal_slim_model(seed: int) -> None:
