@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-__all__ = ["copy_into", "split_like"]
+__all__ = ["copy_into", "split_like", "tensor_leaves"]
 
 _NUMPY_DTYPES = (torch.bool, torch.float16, torch.float32, torch.float64)
 
@@ -47,3 +48,22 @@ def split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         out.append(flat[offset : offset + t.numel()].view(t.shape))
         offset += t.numel()
     return out
+
+
+def tensor_leaves(value: Any) -> list[Tensor]:
+    """The tensors of a model's output: a tensor, or nested tuples, lists and mappings of them.
+
+    Mappings are read in the order of their sorted keys; anything else is left out.
+
+    Example:
+        >>> import torch
+        >>> [t.tolist() for t in tensor_leaves({"b": torch.ones(1), "a": (torch.zeros(1), None)})]
+        [[0.0], [1.0]]
+    """
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for k in sorted(value) for t in tensor_leaves(value[k])]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in tensor_leaves(v)]
+    return []

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["as_inputs", "torch_pruning"]
+import torch
+from torch import nn
+
+__all__ = ["as_inputs", "build_graph", "is_depthwise", "torch_pruning"]
 
 
 def torch_pruning(feature: str) -> Any:
@@ -36,3 +39,42 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
         ((1,), (1, 2))
     """
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def build_graph(tp: Any, model: nn.Module, inputs: tuple[Any, ...], feature: str) -> Any:
+    """Torch-Pruning's dependency graph of ``model`` traced on ``inputs``.
+
+    Args:
+        tp: the ``torch_pruning`` module (see :func:`torch_pruning`).
+        model: the model to trace (a copy: tracing runs a forward pass).
+        inputs: the arguments of ``model(*inputs)``.
+        feature: the call that needs the graph, for the message.
+
+    Raises:
+        ValueError: when Torch-Pruning cannot trace the model (its error is chained).
+    """
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    except Exception as err:
+        raise ValueError(
+            f"{feature}: Torch-Pruning's dependency graph cannot be built for this "
+            f"{type(model).__name__} ({type(err).__name__}: {err}); the model was left unchanged. "
+            "Structured pruning by coupled channel groups and the slim export need that graph; "
+            "the filter and channel layouts of torchbip.BiP do not"
+        ) from err
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution: one input and one output channel per group.
+
+    (Torch-Pruning's graph calls every convolution with ``groups == out_channels`` depthwise,
+    also one that reads several input channels per group.)
+
+    Example:
+        >>> is_depthwise(nn.Conv2d(8, 8, 3, groups=8)), is_depthwise(nn.Conv2d(16, 8, 3, groups=8))
+        (True, False)
+    """
+    if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return False
+    return module.groups > 1 and module.groups == module.in_channels == module.out_channels

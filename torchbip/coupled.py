@@ -42,9 +42,13 @@ Budgets (``amount`` is always one number):
   groups' common fraction is then set again to land closest to the target).
 
 Every group keeps at least one channel (a layer is never removed whole). Groups whose channels
-reach the model's output (the classifier), or pass through a layer whose channels cannot be
+reach the model's output (the classifier), pass through a layer whose channels cannot be
 zeroed exactly (a LayerNorm, a BatchNorm without affine parameters, a grouped convolution that
-is not depthwise), are left dense and listed in :attr:`CoupledLayout.skipped`.
+is not depthwise, a transposed convolution) or through an operation without parameters that
+mixes them (``F.normalize`` or ``softmax`` over channels, a channel shuffle, ``flip``; the
+dependency graph takes these for element-wise operations, so every group is also measured on
+the example inputs, see :func:`find_groups`) are left dense and listed in
+:attr:`CoupledLayout.skipped`.
 
 Example:
     >>> import torch
@@ -82,7 +86,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip._func import PRUNABLE_TYPES, Target
-from torchbip._tracing import as_inputs, torch_pruning
+from torchbip._tensors import tensor_leaves
+from torchbip._tracing import as_inputs, build_graph, is_depthwise, torch_pruning
 from torchbip.layouts import Layout, MaskLayout
 from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, topk_mask, validate_amount
 from torchbip.method import BiPMethod, attach_scores, outside_inference_mode
@@ -212,7 +217,9 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     """The coupled channel groups of ``model``, from Torch-Pruning's dependency graph.
 
     The graph is traced on a copy of ``model`` (tracing runs a forward pass in eval mode), so
-    ``model`` is left exactly as it was.
+    ``model`` is left exactly as it was. Each group is then measured on the copy (see
+    :func:`_mixing_groups`): a group whose pruned channels would still reach the outputs past
+    its readers is left dense.
 
     Args:
         model: the model.
@@ -220,6 +227,9 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
 
     Returns:
         A :class:`Found`.
+
+    Raises:
+        ValueError: when the model fails on ``example_inputs`` or Torch-Pruning cannot trace it.
 
     Example:
         >>> import torch
@@ -255,8 +265,7 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
             f"Coupled(example_inputs=...): the model fails on the example inputs of shapes {shapes} "
             f"({type(err).__name__}: {err}); pass a batch the model accepts"
         ) from err
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(twin, example_inputs=inputs, verbose=False)
+    graph = build_graph(tp, twin, inputs, "Coupled(example_inputs=...)")
     macs = {n: LayerMacs(modules[n], per_pair) for n, per_pair in _layer_macs(twin, inputs).items()}
     param_index: dict[tuple[str, str], int] = {}
     params: list[tuple[nn.Module, str]] = []
@@ -283,11 +292,20 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
                 continue
             name = names.get(module, str(module))
             entries: list[tuple[str, int]]
-            if node.type in (op.CONV, op.LINEAR) and getattr(module, "groups", 1) == 1:
+            layer = node.type in (op.CONV, op.LINEAR, op.DEPTHWISE_CONV)
+            if layer and not isinstance(module, PRUNABLE_TYPES):
+                # Torch-Pruning takes a transposed convolution, whose weight is laid out
+                # (in, out, ...), for an ordinary one
+                reason = f"{name!r} ({type(module).__name__}) is not a Linear or Conv layer Coupled prunes"
+                break
+            if layer and getattr(module, "groups", 1) != 1:
+                if not is_depthwise(module):  # Torch-Pruning calls groups == out_channels depthwise
+                    reason = f"{name!r} is a grouped convolution that is not depthwise"
+                    break
+                entries = [("weight", 0), ("bias", 0)]
+            elif node.type in (op.CONV, op.LINEAR):
                 entries = [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
-            elif node.type == op.DEPTHWISE_CONV or (
-                node.type == op.BN and getattr(module, "weight", None) is not None
-            ):
+            elif node.type == op.BN and getattr(module, "weight", None) is not None:
                 entries = [("weight", 0), ("bias", 0)]
             elif node.type == op.BN:
                 reason = f"the BatchNorm {name!r} has no affine parameters to zero"
@@ -315,6 +333,8 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
                 [(n, p, d, pos, ch) for (n, p, d), (pos, ch) in shares.items()],
             )
         )
+    for index in reversed(_mixing_groups(twin, inputs, [shares_ for _, shares_ in ordered])):
+        skipped.append((ordered.pop(index)[0].root, _MIXING))
     for name, module in twin.named_modules():  # attention heads: one group per attention module
         if not isinstance(module, nn.MultiheadAttention) or name in {g.root for g, _ in ordered}:
             continue
@@ -354,6 +374,97 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
             )
         groups.append(ChannelGroup(group_.root, group_.size, tuple(slots), group_.layers))
     return Found(params, groups, skipped, macs)
+
+
+_MIXING = (
+    "its channels pass through an operation without parameters that mixes them (a normalization "
+    "over channels, a softmax, a channel shuffle or flip, ...): a pruned channel would still change "
+    "what the kept channels compute"
+)
+
+Share = tuple[str, str, int, list[int], list[int]]  # (module, tensor, dim, positions, channels)
+
+
+def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[Share]]) -> list[int]:
+    """The groups (indices, ascending) whose channels reach the output past their readers.
+
+    While training, a group's channels are masked at their readers only (the input slices of
+    its consumers); :meth:`torchbip.BiP.finish` then zeroes the rest of each pruned channel,
+    which leaves the outputs unchanged only if nothing but the readers sees the channel. The
+    dependency graph takes some channel-mixing operations without parameters for element-wise
+    ones (``F.normalize``, ``softmax``, ``flip``, a channel shuffle). Measured here: a random
+    half of each group's channels is masked at the readers, and the outputs must not move when
+    those channels' producers (weights, biases, BatchNorm parameters) take random values. All
+    groups are tested at once, and halves of a failing set again (two forward passes per test,
+    in eval mode, drawing no random numbers of the caller's).
+    """
+    modules = dict(model.named_modules())
+    generator = torch.Generator().manual_seed(0)
+    plans: list[tuple[int, list[tuple[Tensor, int, Tensor, bool]]]] = []
+    for index, shares in enumerate(groups):
+        size = 1 + max((c for *_, channels in shares for c in channels), default=0)
+        if size < 2 or not any(dim == 1 for _, _, dim, _, _ in shares):
+            continue  # nothing to prune, or no readers (the whole group is masked while training)
+        chosen = torch.zeros(size, dtype=torch.bool)
+        chosen[torch.randperm(size, generator=generator)[: size // 2]] = True
+        entries = []
+        for name, pname, dim, positions, channels in shares:
+            tensor = modules[name]._parameters[pname]
+            assert tensor is not None
+            picked = [p for p, c in zip(positions, channels, strict=True) if chosen[c]]
+            if picked:
+                index_ = torch.tensor(sorted(set(picked)), device=tensor.device)
+                entries.append((tensor, dim, index_, dim == 0))
+        plans.append((index, entries))
+
+    def run(selected: list[tuple[int, list[tuple[Tensor, int, Tensor, bool]]]], perturb: bool) -> Any:
+        tensors = {id(t): t for _, entries in selected for t, *_ in entries}
+        saved = {key: t.detach().clone() for key, t in tensors.items()}
+        try:
+            with torch.no_grad():
+                if perturb:  # producers first: a reader slice of the same tensor stays zero
+                    for _, entries in selected:
+                        for tensor, dim, index, producer in entries:
+                            if producer:
+                                shape = list(tensor.shape)
+                                shape[dim] = len(index)
+                                scale = float(tensor.detach().abs().max()) or 1.0
+                                noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+                                tensor.index_copy_(dim, index, (noise * scale).to(tensor))
+                for _, entries in selected:
+                    for tensor, dim, index, producer in entries:
+                        if not producer:
+                            tensor.index_fill_(dim, index, 0.0)
+                return model(*inputs)
+        finally:
+            with torch.no_grad():
+                for key, tensor in tensors.items():
+                    tensor.copy_(saved[key])
+
+    def clean(selected: list[tuple[int, list[tuple[Tensor, int, Tensor, bool]]]]) -> bool:
+        reference, perturbed = run(selected, False), run(selected, True)
+        for a, b in zip(tensor_leaves(reference), tensor_leaves(perturbed), strict=True):
+            if a.is_floating_point():
+                tolerance = 1e-5 * max(float(a.detach().abs().max()) if a.numel() else 0.0, 1e-12)
+                if not torch.allclose(a, b, rtol=1e-4, atol=tolerance):
+                    return False
+        return True
+
+    def search(selected: list[tuple[int, list[tuple[Tensor, int, Tensor, bool]]]]) -> list[int]:
+        if not selected or clean(selected):
+            return []
+        if len(selected) == 1:
+            return [selected[0][0]]
+        half = len(selected) // 2
+        return search(selected[:half]) + search(selected[half:])
+
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.eval()
+            return search(plans)
+    finally:
+        model.train(training)
 
 
 def _layer_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:

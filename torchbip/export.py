@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip._snapshot import ModelSnapshot
-from torchbip._tracing import as_inputs, torch_pruning
+from torchbip._tensors import tensor_leaves
+from torchbip._tracing import as_inputs, build_graph, is_depthwise, torch_pruning
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["export_slim", "load_slim_state_dict", "make_permanent"]
@@ -190,7 +191,9 @@ class _Planner:
     ) -> None:
         t = tp.ops.OPTYPE
         self.tp, self.graph, self.stats, self.keep_out, self.zeros = tp, graph, stats, keep_out, zeros
-        self.passthrough = {t.BN, t.ELEMENTWISE, t.CONCAT, t.SPLIT, t.RESHAPE, t.SLICE, t.PRELU, t.IN}
+        self.passthrough = {
+            t.BN, t.ELEMENTWISE, t.CONCAT, t.SPLIT, t.RESHAPE, t.SLICE, t.EXPAND, t.PRELU, t.IN
+        }  # fmt: skip
         self.layer_types = {t.CONV, t.LINEAR, t.DEPTHWISE_CONV}
         self.output = t.OUTPUT
 
@@ -218,13 +221,13 @@ class _Planner:
             if node.type not in self.layer_types or not isinstance(module, _LAYER_TYPES):
                 return [], {}  # a layer whose channels mix in ways we do not fold (LayerNorm, ...)
             weight = module.weight
-            if node.type == self.tp.ops.OPTYPE.DEPTHWISE_CONV or (is_out and not is_in):
+            depthwise = is_depthwise(module)  # not Torch-Pruning's label: see is_depthwise
+            if getattr(module, "groups", 1) != 1 and not depthwise:
+                return [], {}  # a grouped convolution that is not depthwise keeps its channels
+            if depthwise or (is_out and not is_in):
                 if module in self.keep_out:
                     return [], {}
-                if getattr(module, "groups", 1) != 1 and node.type != self.tp.ops.OPTYPE.DEPTHWISE_CONV:
-                    return [], {}
                 zero = self.zeros(weight, 0)
-                depthwise = node.type == self.tp.ops.OPTYPE.DEPTHWISE_CONV
                 for i, r in zip(idxs, roots, strict=True):
                     producers[r] += 1
                     dead[r] = dead[r] and bool(zero[i])
@@ -316,8 +319,8 @@ def export_slim(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor or a
             tuple, ``ignored_layers`` not an iterable of modules or ``verify`` not a bool.
-        ValueError: if an ignored layer is not part of ``model``, or ``rtol``/``atol`` is not a
-            finite number >= 0.
+        ValueError: if an ignored layer is not part of ``model``, ``rtol``/``atol`` is not a
+            finite number >= 0, or Torch-Pruning cannot trace ``model``.
         ImportError: if Torch-Pruning is not installed.
         RuntimeError: if ``verify`` finds different outputs (an operation that mixes channels
             and that the dependency graph took for an element-wise one).
@@ -350,15 +353,13 @@ def export_slim(
     keep_out = {by_name[names[id(m)]] for m in ignored}
     with torch.no_grad():
         reference = slim(*inputs)
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(slim, example_inputs=inputs, verbose=False)
+    graph = build_graph(tp, slim, inputs, "export_slim")
     roots = [m for m in slim.modules() if isinstance(m, _LAYER_TYPES) and m in graph.module2node]
     stats: _ChannelStats | None = None
     zeros = _ZeroCache()
     for module in roots:
-        groups = getattr(module, "groups", 1)
-        depthwise = groups > 1 and groups == module.weight.shape[0] == getattr(module, "in_channels", 0)
-        if groups != 1 and not depthwise:
+        depthwise = is_depthwise(module)
+        if getattr(module, "groups", 1) != 1 and not depthwise:
             continue  # grouped convolutions: channels are removed only through their neighbours
         pruner = graph.get_pruner_of_module(module)
         # a depthwise filter is its own input channel: its out-channel pruning removes both
@@ -452,8 +453,8 @@ def _check_export_arguments(
 
 
 def _check_close(outputs: Any, reference: Any, rtol: float, atol: float) -> None:
-    got = _flatten(outputs)
-    want = _flatten(reference)
+    got = tensor_leaves(outputs)
+    want = tensor_leaves(reference)
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=False)):
         raise RuntimeError(
             "the slim model's outputs have other shapes than the masked model's: "
@@ -468,16 +469,6 @@ def _check_close(outputs: Any, reference: Any, rtol: float, atol: float) -> None
                 f"output {scale:.3g}) on example_inputs: an operation mixes channels in a way the "
                 "dependency graph did not see; pass its producers in ignored_layers"
             )
-
-
-def _flatten(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for k in sorted(value) for t in _flatten(value[k])]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flatten(v)]
-    return []
 
 
 def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
