@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "run_descriptor",
     "save_checkpoint",
     "save_final_checkpoint",
+    "special_file_kind",
 ]
 
 #: Settings that do not change what a run computes (``steps``/``epochs`` and ``device`` enter the
@@ -142,14 +144,19 @@ def check_resume(state: dict[str, Any], run: dict[str, Any], path: str | os.Path
 def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
     """Refuse, before any work, a ``checkpoint_path`` that no checkpoint could be saved to.
 
-    Nothing is created: missing directories are made at the first save.
+    Nothing is created: missing directories are made at the first save. A save replaces the
+    file at ``path`` (it renames a temporary file ``<path>.tmp`` over it), so an existing path
+    must be a regular file: a FIFO, a socket or a device node (``/dev/null``) would be replaced
+    by a regular file, and writing the temporary file into a FIFO would block.
 
     Args:
         path: the ``checkpoint_path`` option.
 
     Raises:
         ValueError: for an empty path, a directory (an existing one, or a path ending in a
-            separator), or a path whose nearest existing parent is a file or not writable.
+            separator), an existing path (or ``<path>.tmp``) that is not a regular file (a
+            FIFO, a socket, a device), or a path whose nearest existing parent is a file or not
+            writable.
 
     Example:
         >>> check_checkpoint_path("runs/bip.ckpt")
@@ -167,6 +174,20 @@ def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
             f"checkpoint_path={text!r} is a directory; pass a file path such as "
             f"{os.path.join(text, 'bip.ckpt')!r}"
         )
+    kind = special_file_kind(target)
+    if kind is not None:
+        raise ValueError(
+            f"checkpoint_path={text!r} is {kind}, not a regular file; a checkpoint replaces the file "
+            "at checkpoint_path: pass the path of a regular file, or of one to create"
+        )
+    scratch = _scratch_path(target)
+    kind = special_file_kind(scratch)
+    if kind is not None:
+        raise ValueError(
+            f"checkpoint_path={text!r}: {str(scratch)!r}, where a checkpoint is written before it "
+            f"replaces checkpoint_path, is {kind}, not a regular file; remove it or pass another "
+            "checkpoint_path"
+        )
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -180,6 +201,39 @@ def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
         )
 
 
+def special_file_kind(path: str | os.PathLike[str]) -> str | None:
+    """What an existing ``path`` is when it is not a regular file; ``None`` otherwise.
+
+    Symbolic links are followed. ``None`` also for a missing path (or one that cannot be
+    examined: the save itself then names the cause).
+
+    Example:
+        >>> special_file_kind("/no/such/file") is None
+        True
+        >>> special_file_kind("/")
+        'a directory'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _scratch_path(path: Path) -> Path:
+    """The temporary file a checkpoint is written to before it is renamed to ``path``."""
+    return path.with_name(path.name + ".tmp")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a checkpoint atomically: a temporary file beside ``path``, flushed, then renamed.
 
@@ -191,9 +245,19 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
         OSError: when the file cannot be written (a full disk, a quota, permissions), naming
             ``checkpoint_path``, the step and the cause, with the cause's ``errno`` where it has
             one. The temporary file is removed and an earlier file at ``path`` is left as it was.
+            Also (``EINVAL``) when ``path`` or the temporary file has become something other
+            than a regular file since the run started (a FIFO, a device): it is left alone.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _scratch_path(path)
+    for where in (path, tmp):
+        kind = special_file_kind(where)
+        if kind is not None:
+            raise OSError(
+                errno.EINVAL,
+                f"checkpoint_path={str(path)!r}: the checkpoint of step {state.get('step')} was not "
+                f"written: {str(where)!r} is {kind}, not a regular file, and was left alone",
+            )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as file:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -587,6 +588,50 @@ def test_unusable_checkpoint_path(tmp_path: Path, make_path: Callable[[Path], st
         torchbip.global_prune(model, 0.8, shuffled(), loss_fn=calls, checkpoint_path=path, **OPTIONS)
     assert calls.calls == 0
     assert_unchanged(before, model)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize(
+    ("where", "match"),
+    [
+        ("path", r"' is a FIFO \(named pipe\), not a regular file; a checkpoint replaces"),
+        ("link", r"' is a FIFO \(named pipe\), not a regular file; a checkpoint replaces"),
+        ("scratch", r"\.tmp', where a checkpoint is written .* is a FIFO \(named pipe\)"),
+    ],
+    ids=["fifo", "link-to-fifo", "fifo-at-the-temporary-file"],
+)
+def test_checkpoint_path_that_is_not_a_regular_file(tmp_path: Path, where: str, match: str) -> None:
+    """A special file at checkpoint_path (or where the save writes first) is refused before any
+    work and left as it was; a save would have replaced it with a regular file (or blocked)."""
+    fifo = tmp_path / ("bip.ckpt.tmp" if where == "scratch" else "pipe")
+    os.mkfifo(fifo)
+    path = tmp_path / "bip.ckpt" if where != "path" else fifo
+    if where == "link":
+        path.symlink_to(fifo)
+    with pytest.raises(ValueError, match=match) as info:
+        check_checkpoint_path(str(path))
+    assert str(info.value).startswith(f"checkpoint_path={str(path)!r}")
+    model = make_model()
+    before = capture(model)
+    calls = StopAt(0)
+    with pytest.raises(ValueError, match=match):
+        torchbip.global_prune(model, 0.8, shuffled(), loss_fn=calls, checkpoint_path=path, **OPTIONS)
+    assert calls.calls == 0
+    assert_unchanged(before, model)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    left = {fifo.name, path.name} if where == "link" else {fifo.name}  # nothing written
+    assert {p.name for p in tmp_path.iterdir()} == left
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_save_leaves_a_special_file_that_appeared_during_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "bip.ckpt"
+    os.mkfifo(path)
+    with pytest.raises(OSError, match=r"was not written: '.*bip\.ckpt' is a FIFO") as info:
+        save_checkpoint({"step": 3}, path)
+    assert info.value.errno == errno.EINVAL
+    assert stat.S_ISFIFO(os.stat(path).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["bip.ckpt"]
 
 
 def test_empty_checkpoint_path() -> None:
