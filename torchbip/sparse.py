@@ -7,7 +7,9 @@ measure (``benchmarks/bench_export.py``), never assume. Two formats:
   ``nn.Conv2d`` with ``groups=1``) whose weight is at least ``min_sparsity`` zero becomes a
   :class:`SparseCSRLinear` / :class:`SparseCSRConv2d` holding the weight as a
   ``torch.sparse_csr`` tensor and multiplying with it (the convolution through
-  :func:`torch.nn.functional.unfold`). Works on CPU and GPU; inference only (no gradients).
+  :func:`torch.nn.functional.unfold`). Works on CPU and GPU; inference only (no gradients). The
+  layers take the inputs of the layers they replace (``(*, in_features)``; ``(N, C, H, W)`` or
+  unbatched ``(C, H, W)``).
 - **2:4 semi-structured** (:func:`to_semi_structured`): the weights of ``nn.Linear`` layers pruned
   with an N:M mask (:func:`torchbip.masks.nm_mask`, :class:`torchbip.semistructured.BiPSemiStructured`)
   become :func:`torch.sparse.to_sparse_semi_structured` tensors, which torch multiplies with the
@@ -201,7 +203,19 @@ class SparseCSRLinear(CSRModule):
         return cls(weight, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x @ weight.T + bias`` computed as ``(weight_csr @ x.T).T``."""
+        """``x @ weight.T + bias`` computed as ``(weight_csr @ x.T).T``.
+
+        Takes what ``nn.Linear`` takes: ``(*, in_features)``, any number of leading dimensions
+        (none for a single sample).
+
+        Raises:
+            RuntimeError: for an input whose last dimension is not ``in_features``.
+        """
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise RuntimeError(
+                f"SparseCSRLinear(in_features={self.in_features}) takes inputs of shape "
+                f"(*, {self.in_features}), got shape {tuple(x.shape)}"
+            )
         flat = x.reshape(-1, self.in_features).t().contiguous()
         out = self._matmul(flat)
         return out.t().reshape(*x.shape[:-1], self.out_features)
@@ -252,7 +266,27 @@ class SparseCSRConv2d(CSRModule):
         return cls(conv)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Unfold, multiply by the CSR weight, fold back to ``(N, out, H', W')``."""
+        """Unfold, multiply by the CSR weight, fold back to ``(N, out, H', W')``.
+
+        Takes what ``nn.Conv2d`` takes: a batch ``(N, C, H, W)``, or one unbatched sample
+        ``(C, H, W)``, for which it returns ``(out, H', W')``.
+
+        Raises:
+            RuntimeError: for an input that is neither 3-D nor 4-D, or has another number of
+                channels than ``in_channels``.
+        """
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise RuntimeError(
+                f"SparseCSRConv2d(in_channels={self.in_channels}) takes inputs of shape (N, "
+                f"{self.in_channels}, H, W) or unbatched ({self.in_channels}, H, W), got shape "
+                f"{tuple(x.shape)}"
+            )
+        if x.dim() == 3:
+            return self._batched(x.unsqueeze(0)).squeeze(0)
+        return self._batched(x)
+
+    def _batched(self, x: Tensor) -> Tensor:
+        """The forward pass of a 4-D batch."""
         n, _, h, w = x.shape
         out_hw = [
             (size + 2 * p - d * (k - 1) - 1) // s + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(5, 32), (2, 3, 32)])
+@pytest.mark.parametrize("shape", [(5, 32), (2, 3, 32), (32,), (0, 32), (2, 0, 32)])
 def test_csr_linear_equals_dense(seed: int, bias: bool, shape: tuple[int, ...]) -> None:
     dense = nn.Linear(32, 8, bias=bias)
     with torch.no_grad():
@@ -47,11 +48,47 @@ def test_csr_linear_equals_dense(seed: int, bias: bool, shape: tuple[int, ...]) 
         pytest.param(lambda: nn.Conv2d(3, 6, 1, bias=False), id="pointwise"),
     ],
 )
-def test_csr_conv_equals_dense(seed: int, conv) -> None:
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 11, 9), (3, 11, 9), (0, 3, 11, 9)], ids=["batch", "unbatched", "empty"]
+)
+def test_csr_conv_equals_dense(seed: int, conv, shape: tuple[int, ...]) -> None:
     dense = conv()
     layer = SparseCSRConv2d.from_dense(dense)
-    x = torch.randn(2, 3, 11, 9)
+    x = torch.randn(shape)
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dense", "shape"),
+    [
+        pytest.param(lambda: nn.Linear(8, 3), (4, 6), id="linear-features"),
+        pytest.param(lambda: nn.Linear(8, 3), (3,), id="linear-unbatched-features"),
+        pytest.param(lambda: nn.Linear(8, 3), (), id="linear-scalar"),
+        pytest.param(lambda: nn.Conv2d(3, 4, 3), (2, 4, 6, 6), id="conv-channels"),
+        pytest.param(lambda: nn.Conv2d(3, 4, 3), (4, 6, 6), id="conv-unbatched-channels"),
+        pytest.param(lambda: nn.Conv2d(3, 4, 3), (6, 6), id="conv-2d"),
+        pytest.param(lambda: nn.Conv2d(3, 4, 3), (1, 2, 3, 6, 6), id="conv-5d"),
+    ],
+)
+def test_csr_layers_refuse_what_the_dense_layer_refuses(dense, shape: tuple[int, ...]) -> None:
+    """An input the dense layer rejects is rejected, with a message that names the expected shape
+    (it used to fail inside the reshape, or unpack, with an unrelated message)."""
+    layer, x = dense(), torch.randn(shape)
+    csr = SparseCSRLinear.from_dense(layer) if isinstance(layer, nn.Linear) else SparseCSRConv2d(layer)
+    with pytest.raises(RuntimeError):
+        layer(x)
+    with pytest.raises(RuntimeError, match=rf"takes inputs of shape .*, got shape {re.escape(str(shape))}"):
+        csr(x)
+
+
+def test_to_sparse_csr_model_takes_the_unbatched_inputs_the_model_takes(seed: int) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(0), nn.Linear(8 * 36, 4))
+    for layer in (model[0], model[3]):
+        bip_unstructured(layer, "weight", amount=0.95)
+    csr = to_sparse_csr(model, include_conv=True)
+    assert [type(m).__name__ for m in csr] == ["SparseCSRConv2d", "ReLU", "Flatten", "SparseCSRLinear"]
+    x = torch.randn(3, 6, 6)  # one sample, no batch dimension
+    torch.testing.assert_close(csr(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_csr_conv_rejects_groups() -> None:
