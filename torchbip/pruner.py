@@ -41,6 +41,7 @@ from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
 from torchbip.config import BiPConfig
+from torchbip.data import describe
 from torchbip.layouts import Layout, MaskLayout, as_layout
 from torchbip.masks import validate_amount
 from torchbip.method import GradCapture, drop_scores, pruning_hook, scores_name, set_grad_capture
@@ -600,12 +601,26 @@ class BiP:
             ValueError: in the first step, for pruned tensors that got no gradient (their
                 module's forward is never called, or the loss does not use them), or for
                 ``upper_grads`` of the wrong number or shapes.
+            TypeError: for ``upper_grads`` that is not a sequence of tensors, a ``scaler`` that
+                is not a loss scaler, or a ``skip`` that is not a bool.
             FloatingPointError: when the gradients hold a NaN or an infinity (without a scaler).
         """
         self._check_usable()
         try:
             if not isinstance(skip, bool):
                 raise TypeError(f"skip must be a bool, got {skip!r}")
+            if upper_grads is not None and (
+                not isinstance(upper_grads, Sequence)
+                or isinstance(upper_grads, str)
+                or not all(isinstance(g, Tensor) for g in upper_grads)
+            ):
+                raise TypeError(
+                    f"upper_grads must be a sequence of tensors (one per pruned tensor) or None, got "
+                    f"{describe(upper_grads)}"
+                    + (" (pass a loss scaler as scaler=...)" if _is_scaler(upper_grads) else "")
+                )
+            if scaler is not None and not _is_scaler(scaler):
+                raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {describe(scaler)}")
             bad_scale = (
                 isinstance(scale, bool)
                 or not isinstance(scale, int | float)
@@ -1071,22 +1086,34 @@ class BiP:
             "scheduler": self.scheduler.state_dict(),
         }
 
+    state_dict_keys: tuple[str, ...] = (
+        "format", "names", "layout", "settings", "step", "skipped_steps", "scores", "masks", "saved",
+        "optimizer", "scheduler",
+    )  # fmt: skip
+    """The keys of every :meth:`state_dict`."""
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (also the masks of the model).
+
+        ``state`` is copied, not kept: later steps leave it as it was, so one state can be loaded
+        again (a rollback) or into several pruners.
 
         Everything is checked before anything changes: the format, the tensors' names, the
         layout and settings, the shapes, and that the masks are the selection of the scores (as
         every state this object writes holds them).
 
         Raises:
-            ValueError: for a state of another format, model, layout or budget, or a damaged one
-                (the message names the difference); nothing is changed then.
+            ValueError: for a state of another format, model, layout or budget, or a damaged or
+                truncated one (the message names the difference); nothing is changed then.
             RuntimeError: after :meth:`finish`.
         """
         self._check_usable()
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         if found != STATE_FORMAT:
             raise ValueError(f"state is not a BiP state_dict (format {found!r}, expected {STATE_FORMAT!r})")
+        missing = [key for key in self.state_dict_keys if key not in state]
+        if missing:
+            raise ValueError(f"state lacks {missing} (a damaged or truncated BiP state_dict)")
         if list(state["names"]) != self.names:
             raise ValueError(
                 f"state was saved for the tensors {state['names']}, this BiP prunes {self.names}"
@@ -1129,8 +1156,10 @@ class BiP:
                 )
         before = copy.deepcopy((self.optimizer.state_dict(), self.scheduler.state_dict()))
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            # copies: torch's optimizer keeps the tensors of the state it loads (the momentum)
+            # and changes them in place, which would change the caller's state
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+            self.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
         except Exception as err:
             self.optimizer.load_state_dict(before[0])
             self.scheduler.load_state_dict(before[1])
@@ -1329,6 +1358,13 @@ def _keep_or_restore(value: Tensor, mask: Tensor, saved: Tensor) -> None:
 
 def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" or type(getattr(t, "data", t)).__name__ == "DTensor"
+
+
+def _is_scaler(value: object) -> bool:
+    """A :class:`torch.amp.GradScaler`, or an object with the scaler methods :meth:`BiP.step` calls."""
+    return isinstance(value, torch.amp.GradScaler) or all(
+        callable(getattr(value, name, None)) for name in ("is_enabled", "get_scale")
+    )
 
 
 def grad_scaler_state(scaler: torch.amp.GradScaler, *, unscaled: bool = False) -> tuple[float, bool]:

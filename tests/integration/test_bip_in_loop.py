@@ -441,6 +441,8 @@ def _damaged(state: dict, how: str) -> dict:
         bad["scheduler"] = {"last_epoch": "x"}
     elif how == "step":
         bad["step"] = -1
+    elif how == "truncated":
+        del bad["skipped_steps"], bad["scheduler"]
     return bad
 
 
@@ -456,6 +458,7 @@ def _damaged(state: dict, how: str) -> dict:
         ("optimizer", r"optimizer or scheduler state does not load"),
         ("scheduler", r"optimizer or scheduler state does not load"),
         ("step", r"state\['step'\] must be a count \(int >= 0\), got -1"),
+        ("truncated", r"state lacks \['skipped_steps', 'scheduler'\]"),
     ],
 )
 def test_load_state_dict_of_a_damaged_state_changes_nothing(how: str, match: str) -> None:
@@ -472,6 +475,53 @@ def test_load_state_dict_of_a_damaged_state_changes_nothing(how: str, match: str
     assert_unchanged(weights, model)
     pruner.load_state_dict(src.state_dict())  # the undamaged state still loads
     assert torch.equal(pruner.flat_scores, src.flat_scores)
+
+
+def test_a_loaded_state_stays_the_callers_and_resumes_every_time() -> None:
+    """The score optimizer's momentum is copied on load: one in-memory state resumes two pruners
+    (or the same pruner twice, a rollback) exactly like the run that wrote it, and stays as it was."""
+    batches = make_batches(STEPS)
+    reference = make_model()
+    ref_pruner = torchbip.BiP(reference, 0.8, steps=STEPS, upper_momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    train(reference, ref_pruner, ref_opt, batches[:3])
+    state = {"model": copy.deepcopy(reference.state_dict()), "pruner": ref_pruner.state_dict()}
+    kept = copy.deepcopy(state["pruner"])
+    train(reference, ref_pruner, ref_opt, batches[3:])
+    for _ in range(2):  # two pruners from the same state object
+        model = make_model(seed=5)
+        pruner = torchbip.BiP(model, 0.8, steps=STEPS, upper_momentum=0.9)
+        model.load_state_dict(state["model"])
+        pruner.load_state_dict(state["pruner"])
+        train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), batches[3:])
+        assert torch.equal(pruner.flat_scores, ref_pruner.flat_scores)
+        assert all(torch.equal(a, b) for a, b in zip(pruner.masks, ref_pruner.masks, strict=True))
+    momentum = state["pruner"]["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, kept["optimizer"]["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda p, opt: p.step(opt), r"upper_grads must be a sequence of tensors .* got SGD"),
+        (lambda p, opt: p.step(torch.zeros(3)), r"upper_grads must be .* got Tensor\[3\] float32"),
+        (lambda p, opt: p.step(scaler=opt), r"scaler must be a torch.amp.GradScaler or None, got SGD"),
+    ],
+    ids=["optimizer-as-upper_grads", "tensor-as-upper_grads", "optimizer-as-scaler"],
+)
+def test_step_names_an_argument_of_the_wrong_type(call, match: str) -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=STEPS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    before, weights = _bip_state(pruner), capture(model)
+    with pytest.raises(TypeError, match=match):
+        call(pruner, opt)
+    _assert_same_bip_state(before, pruner)
+    assert_unchanged(weights, model)
+    assert pruner.step()  # the captured gradients are still there
 
 
 def test_load_state_dict_after_finish_is_an_error() -> None:
