@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from torchbip.method import has_grad_capture, holds_bip, scores_name
 from torchbip.pruned import named_pruning_hooks, pruning_hook
@@ -16,6 +19,7 @@ __all__ = [
     "Target",
     "candidate_targets",
     "check_targets",
+    "computed_weight",
     "default_targets",
     "make_forward",
     "resolve_targets",
@@ -61,10 +65,55 @@ def default_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model``.
 
     Leaves out layers whose forward their parent never calls (``nn.MultiheadAttention``'s
-    ``out_proj``): a pruning mask there would never be applied.
+    ``out_proj``): a pruning mask there would never be applied. Leaves out computed weights
+    (:func:`computed_weight`: ``weight_norm``, ``spectral_norm`` and other parametrizations),
+    which are not Parameters that a mask could be put on.
     """
     uncalled = _uncalled_children(model)
-    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE_TYPES) and id(m) not in uncalled]
+    return [
+        (m, "weight")
+        for m in model.modules()
+        if isinstance(m, PRUNABLE_TYPES) and id(m) not in uncalled and computed_weight(m, "weight") is None
+    ]
+
+
+def computed_weight(module: nn.Module, name: str) -> str | None:
+    """Why ``module.<name>`` is computed from other tensors at each use; ``None`` if it is not.
+
+    Such a tensor is no Parameter of the module, so torch's pruning cannot put a mask on it:
+    a parametrization of :mod:`torch.nn.utils.parametrize` (``torch.nn.utils.parametrizations
+    .weight_norm``, ``spectral_norm``, ``orthogonal``, your own) computes it each time it is read;
+    the older ``torch.nn.utils.weight_norm`` and ``spectral_norm`` recompute it before every
+    forward from ``<name>_g``/``<name>_v`` or ``<name>_orig``.
+
+    Example:
+        >>> from torch import nn
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> computed_weight(weight_norm(nn.Linear(2, 2)), "weight").split(",")[0]
+        'a parametrized tensor (_WeightNorm'
+        >>> computed_weight(nn.Linear(2, 2), "weight") is None
+        True
+    """
+    if parametrize.is_parametrized(module, name):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])  # type: ignore[index]
+        return (
+            f"a parametrized tensor ({kinds}, through torch.nn.utils.parametrize), computed from "
+            f"module.parametrizations.{name} each time it is read; remove the parametrization "
+            f"first (torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})) or leave "
+            "the tensor out"
+        )
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return (
+                f"computed from {name}_g and {name}_v before every forward by torch.nn.utils.weight_norm; "
+                "remove it first (torch.nn.utils.remove_weight_norm) or leave the tensor out"
+            )
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            return (
+                f"computed from {name}_orig before every forward by torch.nn.utils.spectral_norm; "
+                "remove it first (torch.nn.utils.remove_spectral_norm) or leave the tensor out"
+            )
+    return None
 
 
 def _uncalled_children(model: nn.Module) -> dict[int, str]:
@@ -151,10 +200,19 @@ def candidate_targets(
         targets.append(target)
     if not targets:
         what = "no nn.Linear or nn.Conv*d weights" if parameters is None else "an empty list"
-        raise ValueError(
-            f"nothing to prune: the model {type(model).__name__} has {what}; "
-            "pass parameters=[(module, 'weight'), ...]"
-        )
+        hint = "pass parameters=[(module, 'weight'), ...]"
+        computed = [
+            f"{n}.weight" if n else "weight"
+            for n, m in model.named_modules()
+            if isinstance(m, PRUNABLE_TYPES) and computed_weight(m, "weight") is not None
+        ]
+        if parameters is None and computed:
+            what = (
+                f"only computed nn.Linear/nn.Conv*d weights ({', '.join(map(repr, computed))}: weight_norm, "
+                "spectral_norm or another parametrization), which cannot be pruned and are left out"
+            )
+            hint = f"remove their parametrizations first, or {hint} naming other tensors"
+        raise ValueError(f"nothing to prune: the model {type(model).__name__} has {what}; {hint}")
     return targets
 
 
@@ -188,6 +246,9 @@ def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
         tensor = getattr(module, name + "_orig", None) if target.is_pruned else None
         if tensor is None:
             tensor = module._parameters.get(name)
+        computed = None if tensor is not None else computed_weight(module, name)
+        if computed is not None:
+            raise ValueError(f"parameters names {target.fqn!r}, {computed}")
         if not isinstance(tensor, nn.Parameter):
             raise ValueError(
                 f"parameters names {target.fqn!r}, but {type(module).__name__} has no parameter {name!r}"

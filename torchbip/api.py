@@ -76,7 +76,8 @@ def global_prune(
         loader: an iterable of ``(inputs, targets)`` batches (restarted when exhausted).
         parameters: ``(module, name)`` pairs to prune, as for
             :func:`torch.nn.utils.prune.global_unstructured`; by default the ``weight`` of every
-            ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+            ``nn.Linear`` and ``nn.Conv1d/2d/3d``, but computed weights (``weight_norm``,
+            ``spectral_norm`` and other parametrizations), which cannot be pruned.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
         upper_loader: in ``mode="two_batch"``, the stream of the upper level; by default the
             upper step draws the next batch of ``loader``. Rejected in ``mode="fused"``, where

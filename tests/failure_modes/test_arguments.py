@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from failure_cases import KINDS, RUN, make_data, make_model, raises_and_restores
 from model_state import assert_unchanged, capture
 from torch import nn
+from torch.nn.utils import parametrizations
+from torch.nn.utils import spectral_norm as legacy_spectral_norm
+from torch.nn.utils import weight_norm as legacy_weight_norm
 
 import torchbip
 from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
@@ -139,6 +142,18 @@ def _tied_model() -> nn.Sequential:
     return model
 
 
+def _parametrized(wrap: Callable[[nn.Module], nn.Module], *which: int) -> Callable[[], nn.Sequential]:
+    """``make_model("two-layer")`` with layers ``which`` wrapped (weight_norm, spectral_norm, ...)."""
+
+    def build() -> nn.Sequential:
+        model = make_model("two-layer")
+        for i in which:
+            model[i] = wrap(model[i])
+        return model
+
+    return build
+
+
 def _on_two_devices() -> nn.Sequential:
     """Simulated with the ``meta`` device: resolve_targets sees each tensor's device."""
     model = make_model("two-layer")
@@ -247,6 +262,50 @@ def _on_two_devices() -> nn.Sequential:
             ValueError,
             r"parameters names '1\.weight', but ReLU has no parameter 'weight'",
             id="no-parameter-module",
+        ),
+        pytest.param(
+            _parametrized(parametrizations.weight_norm, 2),
+            lambda m: [(m[0], "weight"), (m[2], "weight")],
+            ValueError,
+            r"parameters names '2\.weight', a parametrized tensor \(_WeightNorm, through "
+            r"torch\.nn\.utils\.parametrize\), computed from module\.parametrizations\.weight each time "
+            r"it is read; remove the parametrization first .*remove_parametrizations\(module, 'weight'\)",
+            id="parametrized",
+        ),
+        pytest.param(
+            _parametrized(parametrizations.spectral_norm, 0),
+            lambda m: [(m[0], "weight")],
+            ValueError,
+            r"parameters names '0\.weight', a parametrized tensor \(_SpectralNorm,",
+            id="spectral-norm",
+        ),
+        pytest.param(
+            _parametrized(legacy_weight_norm, 0),
+            lambda m: [(m[0], "weight")],
+            ValueError,
+            r"parameters names '0\.weight', computed from weight_g and weight_v before every forward by "
+            r"torch\.nn\.utils\.weight_norm; remove it first",
+            id="legacy-weight-norm",
+            marks=pytest.mark.filterwarnings(
+                "ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning"
+            ),
+        ),
+        pytest.param(
+            _parametrized(legacy_spectral_norm, 2),
+            lambda m: [(m[2], "weight")],
+            ValueError,
+            r"parameters names '2\.weight', computed from weight_orig before every forward by "
+            r"torch\.nn\.utils\.spectral_norm",
+            id="legacy-spectral-norm",
+        ),
+        pytest.param(
+            _parametrized(parametrizations.weight_norm, 0, 2),
+            lambda m: None,
+            ValueError,
+            r"nothing to prune: the model Sequential has only computed nn\.Linear/nn\.Conv\*d weights "
+            r"\('0\.weight', '2\.weight': .*which cannot be pruned and are left out; remove their "
+            r"parametrizations first, or pass parameters=",
+            id="all-parametrized-default",
         ),
         pytest.param(
             lambda: make_model("dense"),

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrizations, parametrize, prune
+from torch.nn.utils import spectral_norm as legacy_spectral_norm
+from torch.nn.utils import weight_norm as legacy_weight_norm
 
 import torchbip
 from torchbip.masks import count_from_amount
@@ -239,6 +241,41 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_odd_model(name: str) -> None:
     prune_and_check(CASES[name])
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": lambda m: parametrizations.weight_norm(m),
+    "spectral_norm": lambda m: parametrizations.spectral_norm(m),
+    "orthogonal": lambda m: parametrizations.orthogonal(m),
+    "legacy-weight_norm": lambda m: legacy_weight_norm(m),
+    "legacy-spectral_norm": lambda m: legacy_spectral_norm(m),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")
+@pytest.mark.parametrize("wrap", list(PARAMETRIZATIONS))
+def test_computed_weights_are_left_out_of_the_defaults(wrap: str) -> None:
+    """A weight_norm / spectral_norm layer holds no weight Parameter a mask could go on: by default
+    the other layers are pruned, and the computed one keeps its parametrization, unmasked."""
+    torch.manual_seed(0)
+    plain = [nn.Linear(8, 16), nn.Linear(16, 16)]
+    computed = PARAMETRIZATIONS[wrap](nn.Linear(16, 16))
+    model = nn.Sequential(plain[0], nn.ReLU(), computed, nn.ReLU(), plain[1], nn.Linear(16, 3))
+    plain.append(model[5])
+    hooks_before = list(computed._forward_pre_hooks.values())
+    report = torchbip.global_prune(model, 0.5, batches((8,)), **RUN)
+    assert set(report.sparsity.tensors) == {"0.weight", "4.weight", "5.weight"}
+    assert report.sparsity.zeros == count_from_amount(0.5, sum(m.weight.numel() for m in plain))
+    assert all(prune.is_pruned(m) for m in plain)
+    assert not hasattr(computed, "weight_mask")
+    assert list(computed._forward_pre_hooks.values()) == hooks_before
+    assert parametrize.is_parametrized(computed, "weight") == (not wrap.startswith("legacy"))
+    with torch.no_grad():
+        assert torch.isfinite(model(batches((8,))[0][0])).all()
+    # BiP in a training loop picks the same tensors
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(8, 4), PARAMETRIZATIONS[wrap](nn.Linear(4, 4)), nn.Linear(4, 3))
+    assert torchbip.BiP(fresh, 0.5).names == ["0.weight", "2.weight"]
 
 
 def test_sparse_embedding() -> None:
