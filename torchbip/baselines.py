@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
-from torchbip._func import resolve_targets
+from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
-from torchbip.data import split_batch, to_device
+from torchbip.data import model_args, split_batch, to_device
 from torchbip.masks import count_from_amount, validate_amount
-from torchbip.report import PruneReport, SparsityReport, sparsity_report
+from torchbip.report import PruneReport, SparsityReport, TensorSparsity
 
 __all__ = [
     "IMPRound",
@@ -64,7 +64,9 @@ def train(
 
     Args:
         model: the model (pruned or dense).
-        loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``.
+        loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``; as in
+            :func:`torchbip.global_prune`, a plain tuple of inputs is passed as positional
+            arguments (``model(*inputs)``), anything else, a namedtuple included, as one.
         epochs: passes over ``loader`` (a fraction runs part of the last pass).
         lr: initial learning rate.
         momentum: SGD momentum.
@@ -115,7 +117,7 @@ def train(
                 inputs, targets = split_batch(batch, "loader")
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs), targets)
+                loss = loss_fn(model(*model_args(inputs)), targets)
                 value = float(loss.detach())
                 if not math.isfinite(value):  # a step on it would spread NaN into every weight
                     raise FloatingPointError(
@@ -171,18 +173,39 @@ def _check_train_options(loader: object, epochs: object, options: dict[str, Any]
     _check_training(loader, epochs, schedule=options.get("schedule", "cosine"), zero=zero)
 
 
-def _pairs(
-    model: nn.Module, parameters: Iterable[tuple[nn.Module, str]] | None
-) -> list[tuple[nn.Module, str]]:
-    return [(t.module, t.name) for t in resolve_targets(model, parameters)]
-
-
-def _remaining(pairs: Sequence[tuple[nn.Module, str]]) -> int:
+def _remaining(targets: Sequence[Target]) -> int:
+    """The number of unpruned entries of ``targets`` (all entries of a tensor not yet pruned)."""
     total = 0
-    for module, name in pairs:
-        mask = getattr(module, name + "_mask", None)
-        total += int(mask.sum()) if isinstance(mask, Tensor) else getattr(module, name).numel()
+    for target in targets:
+        mask = getattr(target.module, target.name + "_mask", None)
+        total += int(mask.sum()) if isinstance(mask, Tensor) else target.weight().numel()
     return total
+
+
+def _current(target: Target) -> Tensor:
+    """The tensor's values now: ``*_orig * *_mask`` for a pruned tensor, else the tensor itself.
+
+    The ``module.<name>`` attribute of a pruned tensor is what torch's pruning hook computed in
+    the last forward pass, before the optimizer's last step: ranking on it would be stale.
+    """
+    if target.is_pruned:
+        module, name = target.module, target.name
+        return (getattr(module, name + "_orig") * getattr(module, name + "_mask")).detach()
+    return getattr(target.module, target.name).detach()
+
+
+def _magnitude_prune(targets: Sequence[Target], amount: int | float) -> None:
+    """Prune ``amount`` of the unpruned entries of ``targets`` by global magnitude, as torch does.
+
+    :func:`torch.nn.utils.prune.global_unstructured` with ``L1Unstructured``, ranked on the
+    current values of the tensors (:func:`_current`), not on the stale ``module.<name>``.
+    """
+    prune.global_unstructured(
+        [(t.module, t.name) for t in targets],
+        pruning_method=prune.L1Unstructured,
+        importance_scores={(t.module, t.name): _current(t) for t in targets},
+        amount=amount,
+    )
 
 
 def omp_finetune(
@@ -196,6 +219,9 @@ def omp_finetune(
 ) -> SparsityReport:
     """One-shot global magnitude pruning (OMP) to ``amount``, then :func:`train`.
 
+    The entries are ranked by the magnitude of their current values (``weight_orig *
+    weight_mask`` for a tensor pruned before), among the entries not yet pruned.
+
     Args:
         model: the (trained) model; pruned in place.
         amount: fraction of the remaining entries (float) or a count (int), ranked globally.
@@ -205,7 +231,8 @@ def omp_finetune(
         **train_options: passed to :func:`train`.
 
     Returns:
-        The sparsity of the pruned tensors.
+        The sparsity of exactly the tensors this call pruned (``parameters``, or the default
+        weights), keyed by their fully qualified names.
 
     Example:
         >>> import torch
@@ -218,12 +245,12 @@ def omp_finetune(
     """
     validate_amount(amount)
     _check_train_options(loader, epochs, train_options, zero=True)
-    pairs = _pairs(model, parameters)
-    with ModelSnapshot(model, {name for _, name in pairs}).restored_on_failure():
-        prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=amount)
+    targets = resolve_targets(model, parameters)
+    with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
+        _magnitude_prune(targets, amount)
         if epochs > 0:
             train(model, loader, epochs, desc="OMP fine-tune", **train_options)
-    return _report(model, pairs)
+    return _report(targets)
 
 
 def random_finetune(
@@ -248,7 +275,7 @@ def random_finetune(
         **train_options: passed to :func:`train`.
 
     Returns:
-        The sparsity of the pruned tensors.
+        The sparsity of exactly the tensors this call pruned, as in :func:`omp_finetune`.
 
     Example:
         >>> import torch
@@ -262,21 +289,21 @@ def random_finetune(
     """
     validate_amount(amount)
     _check_train_options(loader, epochs, train_options, zero=True)
-    pairs = _pairs(model, parameters)
+    targets = resolve_targets(model, parameters)
     gen = torch.Generator().manual_seed(seed)
     scores = {
-        (id(m), n): torch.rand(getattr(m, n).shape, generator=gen).to(getattr(m, n).device) for m, n in pairs
+        (t.module, t.name): torch.rand(t.weight().shape, generator=gen).to(t.weight().device) for t in targets
     }
-    with ModelSnapshot(model, {name for _, name in pairs}).restored_on_failure():
+    with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
         prune.global_unstructured(
-            pairs,
+            [(t.module, t.name) for t in targets],
             pruning_method=prune.L1Unstructured,
-            importance_scores={(m, n): scores[(id(m), n)] for m, n in pairs},
+            importance_scores=scores,
             amount=amount,
         )
         if epochs > 0:
             train(model, loader, epochs, desc="random fine-tune", **train_options)
-    return _report(model, pairs)
+    return _report(targets)
 
 
 def score_prune(model: nn.Module, amount: int | float, loader: Batches, **options: Any) -> PruneReport:
@@ -356,11 +383,12 @@ def imp(
     """Iterative magnitude pruning with rewinding, to the sparsity that ``amount`` asks for.
 
     Each round trains for ``epochs_per_round``, prunes ``rate`` of the remaining entries
-    (rounded down, at least one) globally by magnitude, and rewinds the unpruned weights (all
-    parameters, in fact) to the checkpoint taken after ``rewind_epochs`` of the first training
-    (0: the initial weights, the original lottery-ticket recipe). Rounds are clipped so every
-    sparsity in ``milestones`` and the final one are reached exactly. A last training round
-    follows the final pruning, so the returned model is trained at its final mask.
+    (rounded down, at least one) globally by the magnitude of their trained values, and rewinds
+    the unpruned weights (all parameters, in fact) to the checkpoint taken after
+    ``rewind_epochs`` of the first training (0: the initial weights, the original lottery-ticket
+    recipe). Rounds are clipped so every sparsity in ``milestones`` and the final one are reached
+    exactly. A last training round follows the final pruning, so the returned model is trained at
+    its final mask.
 
     Args:
         model: the model (dense or pruned); pruned in place.
@@ -396,8 +424,8 @@ def imp(
         raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")
     _check_train_options(loader, epochs_per_round, train_options, zero=False)
     _check_training(loader, rewind_epochs, zero=True)
-    pairs = _pairs(model, parameters)
-    start_remaining = _remaining(pairs)
+    targets = resolve_targets(model, parameters)
+    start_remaining = _remaining(targets)
     final_keep = start_remaining - count_from_amount(amount, start_remaining)
     milestone_keeps = [
         start_remaining - count_from_amount(m, start_remaining, "milestones") for m in milestones
@@ -409,19 +437,19 @@ def imp(
             f"({1 - final_keep / start_remaining:.4f} of the {start_remaining} remaining entries)"
         )
     stops = sorted(set(milestone_keeps) | {final_keep}, reverse=True)
-    with ModelSnapshot(model, {name for _, name in pairs}).restored_on_failure():
+    with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
         result = _imp_rounds(
-            model, loader, pairs, stops, start_remaining, final_keep, epochs_per_round, rate,
-            rewind_epochs, on_round, progress, train_options,
+            model, loader, targets, stops, start_remaining, final_keep, epochs_per_round,
+            rate, rewind_epochs, on_round, progress, train_options,
         )  # fmt: skip
-    _report(model, pairs)  # (warns when the ranking pruned a whole tensor)
+    _report(targets)  # (warns when the ranking pruned a whole tensor)
     return result
 
 
 def _imp_rounds(
     model: nn.Module,
     loader: Batches,
-    pairs: Sequence[tuple[nn.Module, str]],
+    targets: Sequence[Target],
     stops: Sequence[int],
     start_remaining: int,
     final_keep: int,
@@ -447,7 +475,7 @@ def _imp_rounds(
             target = max(s for s in stops if s < remaining)
             # at least one entry per round: rate * remaining rounds to 0 for the last few entries
             keep = max(target, min(remaining - 1, math.ceil(remaining * (1 - rate))))
-            prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=remaining - keep)
+            _magnitude_prune(targets, remaining - keep)
             remaining = keep
             _rewind(model, rewind)
             round_index += 1
@@ -470,12 +498,18 @@ def _rewind(model: nn.Module, rewind: dict[str, Tensor]) -> None:
             state[own].copy_(value)
 
 
-def _report(model: nn.Module, pairs: Sequence[tuple[nn.Module, str]]) -> SparsityReport:
-    chosen = {id(m) for m, _ in pairs}
-    names = {n for n, m in model.named_modules() if id(m) in chosen}
-    full = sparsity_report(model)
-    report = SparsityReport(
-        {k: v for k, v in full.tensors.items() if k.rsplit(".", 1)[0] in names or "." not in k}
-    )
+def _report(targets: Sequence[Target]) -> SparsityReport:
+    """The sparsity of exactly ``targets`` (the tensors a baseline pruned), keyed by their FQNs.
+
+    Warns when the global ranking pruned every entry of one of them.
+    """
+    tensors: dict[str, TensorSparsity] = {}
+    for target in targets:
+        mask = getattr(target.module, target.name + "_mask", None)
+        if isinstance(mask, Tensor):
+            tensors[target.fqn] = TensorSparsity(mask.numel(), int((mask == 0).sum()))
+        else:  # not pruned (yet): every entry kept
+            tensors[target.fqn] = TensorSparsity(target.weight().numel(), 0)
+    report = SparsityReport(tensors)
     report.warn_if_pruned_away("the global ranking", "lower amount or leave the tensor out (parameters=...)")
     return report

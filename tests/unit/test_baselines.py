@@ -1,16 +1,20 @@
 """The baselines: exact sparsity against torch's own pruning, IMP's schedule, bad input.
 
 Oracles: :func:`torch.nn.utils.prune.global_unstructured` on a copy of the model (OMP's mask),
-the documented IMP round rule (keep ``ceil(0.8 * kept)``, at least one entry fewer, clipped at
-milestones and the final sparsity), and the model state captured before a call that must fail.
+the k smallest magnitudes of ``weight_orig * weight_mask`` among the unpruned entries, picked by
+a sort here (the magnitude ranking of an already-pruned model), the documented IMP round rule in
+integer arithmetic (prune ``floor(rate * kept)`` entries, at least one, clipped at milestones
+and the final sparsity), the tensors a call was given (its report), and the model state
+captured before a call that must fail.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip.baselines import imp, omp_finetune, random_finetune, train
+from torchbip.report import SparsityReport
 
 
 def make_model() -> nn.Sequential:
@@ -85,7 +90,7 @@ def test_imp_rounds_follow_the_rate_and_hit_milestones_and_the_end_exactly() -> 
     kept, expected = 144, []
     for stop in (72, round(0.3 * 144)):  # the milestone, then the end
         while kept > stop:
-            kept = max(stop, math.ceil(kept * 0.8))
+            kept = max(stop, kept - max(1, kept // 5))
             expected.append(1 - kept / 144)
     assert [r.sparsity for r in result.rounds] == pytest.approx(expected)
     assert seen == [r.sparsity for r in result.rounds]
@@ -94,14 +99,14 @@ def test_imp_rounds_follow_the_rate_and_hit_milestones_and_the_end_exactly() -> 
 
 @pytest.mark.parametrize("amount", [1.0, 0.99, 144, 142])
 def test_imp_reaches_targets_that_keep_fewer_entries_than_one_over_the_rate(amount: float) -> None:
-    """The last entries: ``ceil(0.8 * kept)`` is ``kept`` itself below 5 entries; each round still
-    prunes one, so IMP reaches the end (it looped forever before)."""
+    """The last entries: ``floor(0.2 * kept)`` is 0 below 5 entries; each round still prunes one,
+    so IMP reaches the end (it looped forever before)."""
     model = make_model()
     result = imp(model, amount, make_data(1), epochs_per_round=0.25)
     final = 144 - (round(amount * 144) if isinstance(amount, float) else amount)
     kept, expected = 144, []
     while kept > final:
-        kept = max(final, min(kept - 1, math.ceil(kept * 0.8)))
+        kept = max(final, kept - max(1, kept // 5))
         expected.append(1 - kept / 144)
     assert [r.sparsity for r in result.rounds] == pytest.approx(expected)
     assert sum(int(m.sum()) for m in masks(model)) == final
@@ -247,3 +252,105 @@ def test_baselines_warn_when_the_global_ranking_prunes_a_whole_tensor(run: str) 
     with pytest.warns(UserWarning, match=r"the global ranking pruned every entry of '2\.weight'"):
         call()
     assert not bool(model[2].weight_mask.any())
+
+
+# -- ranking on the current weights, reports ----------------------------------------------------
+
+
+def smallest_alive(values: Tensor, alive: Tensor, k: int) -> Tensor:
+    """Oracle: a mask of the ``k`` entries of smallest ``|values|`` among ``alive``, by a sort."""
+    order = sorted((abs(float(v)), i) for i, v in enumerate(values.tolist()) if alive[i])
+    chosen = torch.zeros_like(alive)
+    chosen[[i for _, i in order[:k]]] = True
+    return chosen
+
+
+def trained_after_pruning(lr: float = 0.5) -> nn.Sequential:
+    """A model pruned to 50%, then trained for one SGD step: its ``weight`` attributes are stale.
+
+    torch's pruning hook computes ``weight`` in the forward pass, before the optimizer's step, so
+    afterwards ``weight`` lags ``weight_orig * weight_mask`` by that step.
+    """
+    model = make_model()
+    prune.global_unstructured(
+        [(model[0], "weight"), (model[2], "weight")], pruning_method=prune.L1Unstructured, amount=0.5
+    )
+    train(model, make_data(1), epochs=1, lr=lr)
+    return model
+
+
+def flat(model: nn.Sequential, what: str) -> Tensor:
+    """The concatenated ``weight_orig * weight_mask`` (``"current"``), ``weight`` or mask."""
+    parts = {
+        "current": lambda m: (m.weight_orig * m.weight_mask).detach(),
+        "stale": lambda m: m.weight.detach(),
+        "mask": lambda m: m.weight_mask.bool(),
+    }[what]
+    return torch.cat([parts(model[i]).flatten() for i in (0, 2)])
+
+
+def test_omp_on_a_pruned_trained_model_ranks_the_current_weights_not_the_stale_ones() -> None:
+    """OMP on a pruned model prunes the smallest ``|weight_orig * weight_mask|`` of the unpruned
+    entries, not the smallest of ``weight`` as the last forward pass left it."""
+    model = trained_after_pruning()
+    current, stale, alive = flat(model, "current"), flat(model, "stale"), flat(model, "mask")
+    k = round(0.4 * int(alive.sum()))
+    expected = smallest_alive(current, alive, k)
+    assert not torch.equal(expected, smallest_alive(stale, alive, k))  # the test can tell them apart
+    omp_finetune(model, 0.4, make_data(), epochs=0)
+    newly = alive & ~flat(model, "mask")
+    assert torch.equal(newly, expected)
+
+
+def test_imp_ranks_each_round_on_the_trained_weights_of_the_round_before() -> None:
+    """``on_round`` sees the trained model just before the next round prunes: the entries that
+    round prunes are the smallest of those weights among the unpruned ones."""
+    model = make_model()
+    seen: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def record(_: object, m: nn.Module) -> None:
+        current, stale, mask = (flat(model, what).clone() for what in ("current", "stale", "mask"))
+        seen.append((current, stale, mask))
+
+    imp(model, 0.7, make_data(1), epochs_per_round=1, lr=0.3, on_round=record)
+    assert len(seen) >= 4
+    differs = 0
+    for (current, stale, alive), (_, _, after) in itertools.pairwise(seen):
+        newly = alive & ~after
+        k = int(newly.sum())
+        assert torch.equal(newly, smallest_alive(current, alive, k))
+        differs += not torch.equal(newly, smallest_alive(stale, alive, k))
+    assert differs  # the stale weights would have chosen other entries
+
+
+class WithRootTensor(nn.Module):
+    """A root-level parameter and two Linear layers, for what a report may name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 6))
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.a(x * self.scale)))
+
+
+@pytest.mark.parametrize("run", [omp_finetune, random_finetune])
+def test_the_report_names_exactly_the_tensors_the_call_pruned(run: Callable[..., SparsityReport]) -> None:
+    """Tensors pruned before the call (a root-level one, a bias of a chosen module) stay out."""
+    torch.manual_seed(0)
+    model = WithRootTensor()
+    prune.l1_unstructured(model, "scale", 2)  # pruned before, not by the call
+    prune.l1_unstructured(model.a, "bias", 3)
+    report = run(model, 0.5, make_data(), epochs=0, parameters=[(model.a, "weight")])
+    assert {k: (t.numel, t.zeros) for k, t in report.tensors.items()} == {"a.weight": (48, 24)}
+    assert report.global_sparsity == 0.5
+
+    torch.manual_seed(0)
+    model = WithRootTensor()
+    prune.l1_unstructured(model.a, "bias", 3)
+    report = run(model, 10, make_data(), epochs=0, parameters=[(model.b, "weight"), (model, "scale")])
+    assert list(report.tensors) == ["b.weight", "scale"]  # in the order given
+    assert report.numel == 24 + 6
+    assert report.zeros == 10
