@@ -17,6 +17,7 @@ import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
-from torchbip.data import model_args, split_batch, to_device
+from torchbip.data import split_batch, to_device
 from torchbip.masks import count_from_amount, validate_amount
 from torchbip.report import PruneReport, SparsityReport, TensorSparsity
 
@@ -64,9 +65,7 @@ def train(
 
     Args:
         model: the model (pruned or dense).
-        loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``; as in
-            :func:`torchbip.global_prune`, a plain tuple of inputs is passed as positional
-            arguments (``model(*inputs)``), anything else, a namedtuple included, as one.
+        loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``.
         epochs: passes over ``loader`` (a fraction runs part of the last pass).
         lr: initial learning rate.
         momentum: SGD momentum.
@@ -117,7 +116,7 @@ def train(
                 inputs, targets = split_batch(batch, "loader")
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(*model_args(inputs)), targets)
+                loss = loss_fn(model(inputs), targets)
                 value = float(loss.detach())
                 if not math.isfinite(value):  # a step on it would spread NaN into every weight
                     raise FloatingPointError(
@@ -386,9 +385,10 @@ def imp(
     (rounded down, at least one) globally by the magnitude of their trained values, and rewinds
     the unpruned weights (all parameters, in fact) to the checkpoint taken after
     ``rewind_epochs`` of the first training (0: the initial weights, the original lottery-ticket
-    recipe). Rounds are clipped so every sparsity in ``milestones`` and the final one are reached
-    exactly. A last training round follows the final pruning, so the returned model is trained at
-    its final mask.
+    recipe). ``rate`` counts as the decimal it is written as: ``rate=0.45`` prunes exactly 45 of
+    100 remaining entries (``floor(0.45 * 100)``). Rounds are clipped so every sparsity in
+    ``milestones`` and the final one are reached exactly. A last training round follows the final
+    pruning, so the returned model is trained at its final mask.
 
     Args:
         model: the model (dense or pruned); pruned in place.
@@ -414,7 +414,7 @@ def imp(
         >>> torch.manual_seed(0) and None
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(2)]
-        >>> # 48 weights; each round keeps ceil(0.8 * kept): 39, 32, 26, then 24 (clipped at 50%)
+        >>> # 48 weights; each round prunes floor(0.2 * kept): 39, 32, 26 kept, then 24 (50%)
         >>> result = imp(model, 0.5, data, epochs_per_round=1)
         >>> [round(r.sparsity, 4) for r in result.rounds]
         [0.1875, 0.3333, 0.4583, 0.5]
@@ -440,7 +440,7 @@ def imp(
     with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
         result = _imp_rounds(
             model, loader, targets, stops, start_remaining, final_keep, epochs_per_round,
-            rate, rewind_epochs, on_round, progress, train_options,
+            _exact_rate(rate), rewind_epochs, on_round, progress, train_options,
         )  # fmt: skip
     _report(targets)  # (warns when the ranking pruned a whole tensor)
     return result
@@ -454,7 +454,7 @@ def _imp_rounds(
     start_remaining: int,
     final_keep: int,
     epochs_per_round: float,
-    rate: float,
+    rate: Fraction,
     rewind_epochs: float,
     on_round: Callable[[IMPRound, nn.Module], None] | None,
     progress: bool,
@@ -473,8 +473,7 @@ def _imp_rounds(
         loss = train(model, loader, epochs_per_round, desc="IMP round 0", **train_options)
         while remaining > final_keep:
             target = max(s for s in stops if s < remaining)
-            # at least one entry per round: rate * remaining rounds to 0 for the last few entries
-            keep = max(target, min(remaining - 1, math.ceil(remaining * (1 - rate))))
+            keep = max(target, remaining - _round_cut(remaining, rate))
             _magnitude_prune(targets, remaining - keep)
             remaining = keep
             _rewind(model, rewind)
@@ -487,6 +486,44 @@ def _imp_rounds(
             if remaining in stops:
                 bar.update()
     return result
+
+
+def _exact_rate(rate: float) -> Fraction:
+    """``rate`` as the exact fraction it is written as: ``0.45`` is 9/20.
+
+    Float arithmetic on the binary value rounds some counts the wrong way (``100 * (1 - 0.45)``
+    is 55.00000000000001, and 0.41 lies just below 41/100); the shortest decimal that prints as
+    ``rate`` gives the count the decimal promises.
+
+    Args:
+        rate: a real number (a ``float``, a NumPy scalar, a :class:`~fractions.Fraction` ...).
+
+    Returns:
+        The fraction: exact for a rational ``rate``, else that of ``str(rate)`` (the float's
+        shortest round-tripping decimal), else the float's binary value.
+    """
+    if isinstance(rate, numbers.Rational):
+        return Fraction(int(rate.numerator), int(rate.denominator))
+    try:
+        return Fraction(str(rate))
+    except ValueError:
+        return Fraction(float(rate))
+
+
+def _round_cut(remaining: int, rate: Fraction) -> int:
+    """How many of ``remaining`` entries one IMP round prunes: ``floor(rate * remaining)``, at least one.
+
+    At least one, so that the last few entries (where ``rate * remaining < 1``) are still
+    reached. With ``0 < rate < 1`` the count is below ``remaining`` for ``remaining >= 2``.
+
+    Args:
+        remaining: the unpruned entries before the round.
+        rate: the exact fraction pruned per round (:func:`_exact_rate`).
+
+    Returns:
+        The number of entries to prune, before clipping at a milestone or the final sparsity.
+    """
+    return max(1, remaining * rate.numerator // rate.denominator)
 
 
 @torch.no_grad()

@@ -15,7 +15,9 @@ import itertools
 import math
 import signal
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from model_state import assert_unchanged, capture
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from torchbip.baselines import imp, omp_finetune, random_finetune, train
+from torchbip.baselines import _exact_rate, _round_cut, imp, omp_finetune, random_finetune, train
 from torchbip.report import SparsityReport
 
 
@@ -254,7 +256,7 @@ def test_baselines_warn_when_the_global_ranking_prunes_a_whole_tensor(run: str) 
     assert not bool(model[2].weight_mask.any())
 
 
-# -- ranking on the current weights, reports ----------------------------------------------------
+# -- ranking on the current weights, reports, IMP's per-round count ---------------------------
 
 
 def smallest_alive(values: Tensor, alive: Tensor, k: int) -> Tensor:
@@ -354,3 +356,45 @@ def test_the_report_names_exactly_the_tensors_the_call_pruned(run: Callable[...,
     assert list(report.tensors) == ["b.weight", "scale"]  # in the order given
     assert report.numel == 24 + 6
     assert report.zeros == 10
+
+
+def test_imp_rate_rule_is_exact_for_every_rate_in_hundredths_and_thousandths() -> None:
+    """``floor(rate * kept)`` entries per round (at least one), in integer arithmetic: ``1 - rate``
+    in floats gave one entry fewer for 27 of the 99 rates i/100 (0.45 of 100 pruned 44)."""
+    remaining = [*range(1, 202), *range(250, 10_001, 250), 266_200, 10**6 + 1]
+    for den in (100, 1000):
+        for i in range(1, den):
+            rate = _exact_rate(i / den)
+            assert rate == Fraction(i, den)
+            for n in remaining:
+                assert _round_cut(n, rate) == max(1, n * i // den), (i / den, n)
+
+
+@pytest.mark.parametrize(
+    ("rate", "exact"),
+    [
+        (np.float32(0.45), Fraction(9, 20)),
+        (np.float64(0.41), Fraction(41, 100)),
+        (Fraction(1, 3), Fraction(1, 3)),
+    ],
+    ids=["float32", "float64", "Fraction"],
+)
+def test_imp_rate_is_taken_as_written_for_numpy_scalars_and_fractions(rate: object, exact: Fraction) -> None:
+    """A NumPy scalar counts as the decimal it prints as; a fraction as itself."""
+    assert _exact_rate(rate) == exact  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rate", [0.45, 0.41, 0.7, 0.57])
+def test_imp_prunes_rate_of_the_remaining_entries_rounded_down(rate: float) -> None:
+    """End to end on 100 weights, for rates that the float rule rounded one entry short."""
+    torch.manual_seed(0)
+    model = nn.Linear(10, 10)  # 100 weights
+    data = [(torch.randn(8, 10), torch.randint(0, 10, (8,)))]
+    result = imp(model, 0.95, data, epochs_per_round=1, rate=rate)
+    percent = round(rate * 100)  # the rate in whole percent, an int
+    kept, expected = 100, []
+    while kept > 5:
+        kept = max(5, kept - max(1, kept * percent // 100))
+        expected.append(kept)
+    assert [round((1 - r.sparsity) * 100) for r in result.rounds] == expected
+    assert int(model.get_buffer("weight_mask").sum()) == 5
