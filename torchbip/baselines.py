@@ -390,6 +390,10 @@ def imp(
     ``milestones`` and the final one are reached exactly. A last training round follows the final
     pruning, so the returned model is trained at its final mask.
 
+    When ``amount`` prunes nothing (``amount=0``, or a fraction that rounds to no entry), there is
+    no round to run: the model is returned untouched (not trained, not pruned) with an empty
+    :class:`IMPResult` (no rounds, ``wall_time_s`` 0.0).
+
     Args:
         model: the model (dense or pruned); pruned in place.
         amount: final fraction of the currently remaining entries to prune (float), or count.
@@ -436,7 +440,9 @@ def imp(
             f"milestones {beyond!r} lie beyond the final sparsity of amount={amount!r} "
             f"({1 - final_keep / start_remaining:.4f} of the {start_remaining} remaining entries)"
         )
-    stops = sorted(set(milestone_keeps) | {final_keep}, reverse=True)
+    if final_keep == start_remaining:  # nothing to prune: no round, no training
+        return IMPResult()
+    stops = sorted({keep for keep in milestone_keeps if keep < start_remaining} | {final_keep}, reverse=True)
     with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
         result = _imp_rounds(
             model, loader, targets, stops, start_remaining, final_keep, epochs_per_round,

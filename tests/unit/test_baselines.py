@@ -5,7 +5,7 @@ the k smallest magnitudes of ``weight_orig * weight_mask`` among the unpruned en
 a sort here (the magnitude ranking of an already-pruned model), the documented IMP round rule in
 integer arithmetic (prune ``floor(rate * kept)`` entries, at least one, clipped at milestones
 and the final sparsity), the tensors a call was given (its report), and the model state
-captured before a call that must fail.
+captured before a call that must fail or that has nothing to do.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def test_baselines_warn_when_the_global_ranking_prunes_a_whole_tensor(run: str) 
     assert not bool(model[2].weight_mask.any())
 
 
-# -- ranking on the current weights, reports, IMP's per-round count ---------------------------
+# -- ranking on the current weights, reports, IMP's per-round count, amount=0 -------------------
 
 
 def smallest_alive(values: Tensor, alive: Tensor, k: int) -> Tensor:
@@ -398,3 +398,25 @@ def test_imp_prunes_rate_of_the_remaining_entries_rounded_down(rate: float) -> N
         expected.append(kept)
     assert [round((1 - r.sparsity) * 100) for r in result.rounds] == expected
     assert int(model.get_buffer("weight_mask").sum()) == 5
+
+
+@pytest.mark.parametrize("amount", [0, 0.0, 0.003], ids=["int", "float", "rounds-to-none"])
+def test_imp_with_nothing_to_prune_runs_no_round_and_leaves_the_model_untouched(amount: float) -> None:
+    """No training (no loss computed, not even the rewind point's), no round, nothing changed."""
+    model = make_model()
+    before = capture(model)
+    calls: list[object] = []
+
+    def counting_loss(out: Tensor, y: Tensor) -> Tensor:
+        calls.append(None)
+        return F.cross_entropy(out, y)
+
+    result = imp(
+        model, amount, make_data(), epochs_per_round=2, rewind_epochs=1, milestones=[0.0],
+        loss_fn=counting_loss, on_round=lambda r, m: calls.append(r),
+    )  # fmt: skip
+    assert result.rounds == []
+    assert result.wall_time_s == 0.0
+    assert calls == []  # no training step, no round reported
+    assert_unchanged(before, model)
+    assert not prune.is_pruned(model)
