@@ -1,8 +1,11 @@
-"""Ablation of BiP's defaults on MNIST: the implicit-term coefficient, the upper learning rate,
-and fused vs two-batch steps, so that ``global_prune``'s defaults are chosen by measurement.
+"""Ablation of BiP's settings on MNIST: the implicit-term coefficient, the upper learning rate,
+and fused vs two-batch steps, with OMP + fine-tuning as a reference line.
 
 Each variant prunes the same dense LeNet-300-100 (per seed) with the same number of BiP epochs;
-test accuracy and wall time are reported as mean ± std over seeds. Run::
+test accuracy and wall time are reported as mean ± std over seeds. The figures are for
+reference: they are test accuracies, so nothing is chosen by them. ``global_prune``'s defaults
+come from ``bench_accuracy.py --sweep``, which chooses on a validation split held out of the
+training images. Run::
 
     python benchmarks/bench_ablation.py --quick   # about a minute
     python benchmarks/bench_ablation.py           # the full run (about 10 minutes on 2 CPU cores)
