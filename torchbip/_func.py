@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from torchbip.data import model_args
 from torchbip.method import has_grad_capture, holds_bip, scores_name
 from torchbip.pruned import named_pruning_hooks, pruning_hook
 
@@ -353,6 +354,9 @@ def _pairs(parameters: Any) -> list[Any]:
 def make_forward(model: nn.Module) -> Any:
     """``forward(tensors, inputs)`` through :func:`torch.func.functional_call`.
 
+    ``inputs`` is a batch's inputs: a plain tuple is passed as positional arguments, anything
+    else (a namedtuple included) as one argument (:func:`torchbip.data.model_args`).
+
     A module that the model holds at two paths (``nn.Sequential(shared, act, shared)``) gets its
     own parameters and buffers back after every call: under :func:`torch.func.grad`,
     ``functional_call`` otherwise leaves it holding the transform's (dead) tensors, and the
@@ -361,9 +365,8 @@ def make_forward(model: nn.Module) -> Any:
     shared = _shared_slots(model)
 
     def forward(tensors: dict[str, Tensor], inputs: Any) -> Any:
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
         try:
-            return torch.func.functional_call(model, tensors, args)
+            return torch.func.functional_call(model, tensors, model_args(inputs))
         finally:
             for slots, name, tensor in shared:
                 if slots.get(name) is not tensor:

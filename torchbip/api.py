@@ -73,7 +73,10 @@ def global_prune(
         model: the model; pruned in place.
         amount: a float in ``[0, 1]``, the fraction of the remaining entries of all chosen
             tensors to prune (ranked globally), or an int, a count.
-        loader: an iterable of ``(inputs, targets)`` batches (restarted when exhausted).
+        loader: an iterable of ``(inputs, targets)`` batches (restarted when exhausted). A plain
+            tuple of ``inputs`` is passed as positional arguments, ``model(*inputs)``; anything
+            else (a tensor, a namedtuple, a list, a dict) as one, ``model(inputs)``. ``targets``
+            reaches ``loss_fn`` as it is (moved to the model's device).
         parameters: ``(module, name)`` pairs to prune, as for
             :func:`torch.nn.utils.prune.global_unstructured`; by default the ``weight`` of every
             ``nn.Linear`` and ``nn.Conv1d/2d/3d``, but computed weights (``weight_norm``,

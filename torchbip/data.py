@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BatchStream", "describe", "order_generators", "to_device"]
+__all__ = ["BatchStream", "describe", "is_namedtuple", "model_args", "order_generators", "to_device"]
 
 
 class BatchStream:
@@ -40,7 +41,8 @@ class BatchStream:
 
     Args:
         loader: any iterable of batches, e.g. a :class:`torch.utils.data.DataLoader`. Each
-            batch is a pair ``(inputs, targets)``; ``inputs`` is a tensor or a tuple of tensors.
+            batch is a pair ``(inputs, targets)``; ``inputs`` is one argument of the model (a
+            tensor, a namedtuple, a list, a dict) or a plain tuple of them (see :func:`model_args`).
         name: the argument name used in error messages.
 
     Raises:
@@ -284,7 +286,7 @@ def _leaves(value: Any) -> Iterator[Any]:
     if isinstance(value, (tuple, list)):
         for v in value:
             yield from _leaves(v)
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
         for v in value.values():
             yield from _leaves(v)
     else:
@@ -305,21 +307,70 @@ def split_batch(batch: Any, name: str) -> tuple[Any, Any]:
     raise ValueError(f"{name} must yield (inputs, targets) pairs, got {describe(batch)}")
 
 
+def model_args(inputs: Any) -> tuple[Any, ...]:
+    """The positional arguments of the model call for a batch's ``inputs``.
+
+    A plain tuple holds several arguments, ``model(*inputs)``; anything else is one argument,
+    ``model(inputs)``: a tensor, a list, a dict, and a namedtuple (one structured input, such as
+    :func:`torch.utils.data.default_collate` builds from a dataset's namedtuple samples).
+
+    Example:
+        >>> from collections import namedtuple
+        >>> Pair = namedtuple("Pair", "image mask")
+        >>> model_args((1, 2)), model_args([1, 2]), model_args(Pair(1, 2))
+        ((1, 2), ([1, 2],), (Pair(image=1, mask=2),))
+    """
+    return inputs if isinstance(inputs, tuple) and not is_namedtuple(inputs) else (inputs,)
+
+
+def is_namedtuple(value: Any) -> bool:
+    """Whether ``value`` is an instance of a :func:`collections.namedtuple` (or ``typing.NamedTuple``)."""
+    return isinstance(value, tuple) and isinstance(getattr(type(value), "_fields", None), tuple)
+
+
 def to_device(value: Any, device: torch.device) -> Any:
-    """Move tensors (also inside tuples, lists and dicts) to ``device``.
+    """Move tensors (also inside tuples, namedtuples, lists and mappings, nested) to ``device``.
+
+    Containers keep their type: a namedtuple is rebuilt from its fields, a tuple or list subclass
+    from its items (a plain tuple or list when its constructor does not build one from them),
+    and a mutable mapping (``dict``, ``OrderedDict``, ``defaultdict`` with its factory,
+    ``UserDict``) is a shallow copy with its values moved; another mapping becomes a ``dict``.
 
     Example:
         >>> import torch
+        >>> from collections import namedtuple
         >>> batch = to_device({"x": torch.ones(2), "meta": [torch.zeros(1), "id"]}, torch.device("cpu"))
         >>> batch["x"].device.type, batch["meta"][1]
         ('cpu', 'id')
+        >>> Target = namedtuple("Target", "label weight")
+        >>> to_device(Target(torch.tensor([1]), torch.tensor([0.5])), torch.device("cpu"))
+        Target(label=tensor([1]), weight=tensor([0.5000]))
     """
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        items = [to_device(v, device) for v in value]
+        if is_namedtuple(value):
+            return type(value)(*items)
+        plain = tuple(items) if isinstance(value, tuple) else items
+        if type(value) in (tuple, list):
+            return plain
+        try:
+            rebuilt = type(value)(items)
+        except Exception:  # a subclass whose constructor takes something else
+            return plain
+        same = len(rebuilt) == len(items) and all(a is b for a, b in zip(rebuilt, items, strict=True))
+        return rebuilt if same else plain
+    if isinstance(value, Mapping):
+        moved = {k: to_device(v, device) for k, v in value.items()}
+        if isinstance(value, MutableMapping):
+            try:
+                clone = copy.copy(value)
+                clone.update(moved)
+                return clone
+            except Exception:  # a mapping that cannot be copied or updated
+                return moved
+        return moved
     return value
 
 
@@ -336,6 +387,6 @@ def describe(value: Any) -> str:
         return f"Tensor[{', '.join(map(str, value.shape))}] {dtype}"
     if isinstance(value, (tuple, list)):
         return f"{type(value).__name__}({', '.join(describe(v) for v in value)})"
-    if isinstance(value, dict):
-        return "dict(" + ", ".join(f"{k}={describe(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__}(" + ", ".join(f"{k}={describe(v)}" for k, v in value.items()) + ")"
     return type(value).__name__

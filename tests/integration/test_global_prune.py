@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -347,6 +348,64 @@ def test_dataloader_and_tuple_inputs() -> None:
     report = torchbip.global_prune(model, 0.5, batches, **FAST)
     assert report.sparsity.zeros == round(0.5 * (32 + 32 + 24))
     assert set(report.sparsity.tensors) == {"a.weight", "b.weight", "head.weight"}
+
+
+Weighted = collections.namedtuple("Weighted", "label weight")
+Views = collections.namedtuple("Views", "left right")
+
+
+class NamedPairs(torch.utils.data.Dataset):
+    """Samples ``(Views(left, right), Weighted(label, weight))``: default_collate keeps the
+    namedtuples, so every batch's inputs and targets are namedtuples of batched tensors."""
+
+    def __init__(self, n: int = 48) -> None:
+        x, self.y = make_xy(n)
+        self.left, self.right = x[:, :4], x[:, 4:]
+        self.w = torch.rand(n, generator=torch.Generator().manual_seed(2))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Views, Weighted]:
+        return Views(self.left[i], self.right[i]), Weighted(self.y[i], self.w[i])
+
+
+class OneViewsArgument(nn.Module):
+    """``forward(views)``: one namedtuple argument, as a plain training loop passes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+        self.seen: list[type] = []
+
+    def forward(self, views: Views) -> Tensor:
+        self.seen.append(type(views))
+        return self.head(F.relu(self.a(views.left) + self.b(views.right)))
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_namedtuple_inputs_and_targets_from_default_collate(device: str | None) -> None:
+    """A namedtuple of inputs is one argument of the model (a plain tuple would be unpacked), and a
+    namedtuple of targets reaches loss_fn as the namedtuple, as in a plain training loop."""
+    loader = DataLoader(NamedPairs(), batch_size=16)
+    inputs, targets = next(iter(loader))
+    assert (type(inputs), type(targets)) == (Views, Weighted)  # what torch's collate yields
+    torch.manual_seed(0)
+    model = OneViewsArgument()
+    plain_loss = F.cross_entropy(model(inputs), targets.label)  # a plain loop works
+    assert torch.isfinite(plain_loss)
+    model.seen.clear()
+    received: list[type] = []
+
+    def weighted_loss(out: Tensor, t: Weighted) -> Tensor:
+        received.append(type(t))
+        return (F.cross_entropy(out, t.label, reduction="none") * t.weight).mean()
+
+    report = torchbip.global_prune(model, 0.5, loader, loss_fn=weighted_loss, device=device, **FAST)
+    assert report.sparsity.zeros == round(0.5 * (32 + 32 + 24))
+    assert set(model.seen) == {Views}
+    assert received
+    assert set(received) == {Weighted}
 
 
 def test_a_module_used_twice_is_pruned_once() -> None:

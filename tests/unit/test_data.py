@@ -1,0 +1,127 @@
+"""``torchbip.data``: moving batches to a device and passing their inputs to the model.
+
+Oracles: the container types and field values built by hand, the ``meta`` device (every tensor
+leaf must land there, whatever container holds it), and the arguments a model records.
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from torch import Tensor
+
+from torchbip.data import describe, model_args, targets_digest, to_device
+
+META = torch.device("meta")
+Pair = collections.namedtuple("Pair", "label weight")
+
+
+class Typed(NamedTuple):
+    image: Tensor
+    name: str
+
+
+class Tagged(tuple):
+    """A tuple subclass whose constructor takes no iterable of items."""
+
+    def __new__(cls, tag: str, *items: Any) -> Tagged:
+        return super().__new__(cls, items)
+
+
+class Items(list):
+    pass
+
+
+def leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in leaves(v)]
+    if isinstance(value, collections.abc.Mapping):
+        return [leaf for v in value.values() for leaf in leaves(v)]
+    return [value]
+
+
+def t(*values: float) -> Tensor:
+    return torch.tensor(values)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        pytest.param(Pair(t(1), t(0.5)), Pair, id="namedtuple"),
+        pytest.param(Typed(t(1, 2), "a"), Typed, id="typing-NamedTuple"),
+        pytest.param((t(1), [t(2), "x"]), tuple, id="tuple-of-list"),
+        pytest.param(Items([t(1), 3]), Items, id="list-subclass"),
+        pytest.param(collections.OrderedDict(b=t(1), a=t(2)), collections.OrderedDict, id="OrderedDict"),
+        pytest.param(collections.UserDict(x=t(1)), collections.UserDict, id="UserDict"),
+        pytest.param(types.MappingProxyType({"x": t(1)}), dict, id="read-only-mapping"),
+        pytest.param(Tagged("tag", t(1), t(2)), tuple, id="tuple-subclass-other-constructor"),
+        pytest.param(
+            {"inputs": [Pair(t(1), {"w": t(2)})], "targets": (Typed(t(3), "b"),)}, dict, id="nested"
+        ),
+    ],
+)
+def test_to_device_moves_every_tensor_and_keeps_the_containers(value: Any, kind: type) -> None:
+    moved = to_device(value, META)
+    assert type(moved) is kind
+    before, after = leaves(value), leaves(moved)
+    assert len(before) == len(after)
+    for old, new in zip(before, after, strict=True):
+        if isinstance(old, Tensor):
+            assert new.is_meta
+            assert (new.shape, new.dtype) == (old.shape, old.dtype)
+        else:
+            assert new is old
+    if isinstance(value, collections.abc.Mapping):
+        assert list(moved) == list(value)  # the keys in their order
+    if hasattr(kind, "_fields"):
+        assert moved._fields == kind._fields
+
+
+def test_to_device_keeps_a_defaultdicts_factory() -> None:
+    value = collections.defaultdict(list, x=t(1))
+    moved = to_device(value, META)
+    assert type(moved) is collections.defaultdict
+    assert moved.default_factory is list
+    assert moved["x"].is_meta
+    assert moved["missing"] == []
+    assert "missing" not in value  # a copy: the caller's batch is left as it was
+    assert not value["x"].is_meta
+
+
+def test_to_device_nested_namedtuples() -> None:
+    Outer = collections.namedtuple("Outer", "pair items")
+    moved = to_device(Outer(Pair(t(1), t(2)), [Pair(t(3), t(4))]), META)
+    kinds = [type(moved), type(moved.pair), type(moved.items), type(moved.items[0])]
+    assert kinds == [Outer, Pair, list, Pair]
+    assert moved.pair.weight.is_meta
+    assert moved.items[0].label.is_meta
+
+
+@pytest.mark.parametrize(
+    ("inputs", "args"),
+    [
+        pytest.param(t(1), 1, id="tensor"),
+        pytest.param((t(1), t(2)), 2, id="tuple: positional arguments"),
+        pytest.param(Pair(t(1), t(2)), 1, id="namedtuple: one argument"),
+        pytest.param(Typed(t(1), "a"), 1, id="typing-NamedTuple: one argument"),
+        pytest.param([t(1), t(2)], 1, id="list: one argument"),
+        pytest.param({"x": t(1)}, 1, id="dict: one argument"),
+    ],
+)
+def test_model_args(inputs: Any, args: int) -> None:
+    got = model_args(inputs)
+    assert type(got) is tuple
+    expected = (inputs,) if args == 1 else inputs
+    assert len(got) == len(expected)
+    assert all(a is b for a, b in zip(got, expected, strict=True))
+
+
+def test_mappings_are_described_and_digested() -> None:
+    targets = collections.UserDict(label=torch.tensor([1, 2]))
+    assert describe(targets) == "UserDict(label=Tensor[2] int64)"
+    assert targets_digest(targets) == targets_digest({"label": torch.tensor([1, 2])})
+    assert targets_digest(targets) != targets_digest({"label": torch.tensor([2, 1])})
