@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
-from torchbip.data import split_batch, to_device
+from torchbip.data import model_args, split_batch, to_device
 from torchbip.masks import count_from_amount, validate_amount
 from torchbip.report import PruneReport, SparsityReport, TensorSparsity
 
@@ -65,7 +65,9 @@ def train(
 
     Args:
         model: the model (pruned or dense).
-        loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``.
+        loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``; as in
+            :func:`torchbip.global_prune`, a plain tuple of inputs is passed as positional
+            arguments (``model(*inputs)``), anything else, a namedtuple included, as one.
         epochs: passes over ``loader`` (a fraction runs part of the last pass).
         lr: initial learning rate.
         momentum: SGD momentum.
@@ -116,7 +118,7 @@ def train(
                 inputs, targets = split_batch(batch, "loader")
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs), targets)
+                loss = loss_fn(model(*model_args(inputs)), targets)
                 value = float(loss.detach())
                 if not math.isfinite(value):  # a step on it would spread NaN into every weight
                     raise FloatingPointError(

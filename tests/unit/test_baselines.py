@@ -10,12 +10,14 @@ captured before a call that must fail or that has nothing to do.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
 import signal
 from collections.abc import Callable, Iterator
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,6 +225,42 @@ def test_bad_input_and_failures_leave_the_model_as_it_was(fn, kwargs, error, mat
         fn(model, 0.5, loader, **kwargs)
     assert_unchanged(before, model)
     assert not prune.is_pruned(model)
+
+
+Views = collections.namedtuple("Views", "left right")
+
+
+class Recorder(nn.Module):
+    """Takes ``(left, right)`` or one ``Views``; records how it was called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.calls: list[str] = []
+
+    def forward(self, left: Tensor | Views, right: Tensor | None = None) -> Tensor:
+        if right is None:
+            assert isinstance(left, Views)
+            self.calls.append("one Views")
+            left, right = left
+        else:
+            self.calls.append("two tensors")
+        return self.a(left) + self.b(right)
+
+
+@pytest.mark.parametrize(
+    ("pack", "call"),
+    [(lambda x: (x[:, :3], x[:, 3:]), "two tensors"), (lambda x: Views(x[:, :3], x[:, 3:]), "one Views")],
+    ids=["tuple", "namedtuple"],
+)
+def test_train_passes_inputs_as_global_prune_does(pack: Callable[[Tensor], Any], call: str) -> None:
+    """A plain tuple of inputs is unpacked into positional arguments, a namedtuple is one argument
+    (torchbip.global_prune's convention, so that one loader serves BiP and the baselines)."""
+    torch.manual_seed(0)
+    model = Recorder()
+    loss = train(model, [(pack(x), y) for x, y in make_data()], epochs=1)
+    assert math.isfinite(loss)
+    assert model.calls == [call] * 3
 
 
 @pytest.mark.parametrize(
