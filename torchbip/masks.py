@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import NamedTuple, NoReturn
 
 import numpy as np
@@ -183,6 +184,17 @@ def _as_float(flat: Tensor) -> Tensor:
     return flat if flat.is_floating_point() else flat.to(torch.float64)
 
 
+def _finite_ranks(flat: Tensor) -> Tensor:
+    """``flat`` with ``+inf``/``-inf`` scores moved to the dtype's largest finite values.
+
+    The selection marks entries that are never kept with ``-inf`` and entries that are always
+    kept with ``+inf``; a score of the same value would tie with the marks. (An infinite score
+    then ties with the largest finite one; NaN stays NaN.)
+    """
+    big = torch.finfo(flat.dtype).max
+    return torch.nan_to_num(flat, nan=math.nan, posinf=big, neginf=-big)
+
+
 def _numpy(flat: Tensor) -> np.ndarray | None:
     """A NumPy view of a CPU score tensor (bfloat16 widened exactly to float32), else ``None``.
 
@@ -236,7 +248,8 @@ def topk_mask(scores: Tensor, n_keep: int, allowed: Tensor | None = None) -> Ten
     """Boolean mask of the ``n_keep`` highest scores, never keeping a disallowed entry.
 
     Args:
-        scores: a tensor of finite scores, any shape.
+        scores: a tensor of scores, any shape (with ``allowed``, ``+inf``/``-inf`` rank as the
+            largest/smallest finite value: a disallowed entry is never kept).
         n_keep: how many entries to keep (``0 <= n_keep <= allowed.sum()``).
         allowed: optional boolean tensor of ``scores``' shape; ``False`` entries are never kept.
 
@@ -261,7 +274,7 @@ def topk_mask(scores: Tensor, n_keep: int, allowed: Tensor | None = None) -> Ten
             raise ValueError(f"allowed has shape {tuple(allowed.shape)}, scores {tuple(scores.shape)}")
         allowed_flat = allowed.reshape(-1).bool()
         n_allowed = int(allowed_flat.sum())
-        flat = torch.where(allowed_flat, flat, torch.full_like(flat, -math.inf))
+        flat = torch.where(allowed_flat, _finite_ranks(flat), torch.full_like(flat, -math.inf))
     if not 0 <= n_keep <= n_allowed:
         raise ValueError(f"n_keep={n_keep} must lie in [0, {n_allowed}]")
     if n_keep == 0:
@@ -278,7 +291,8 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
     Args:
         numels: number of (allowed) entries of each tensor.
         min_keep: ``None`` (no floor), an int count kept in every tensor (capped at its size),
-            or a float in ``[0, 1]``, the fraction of each tensor kept (rounded up, at least 1;
+            or a float in ``[0, 1]``, the fraction of each tensor kept (the exact product with the
+            decimal fraction as written, rounded up, at least 1;
             ``0.0`` is no floor, as ``0``).
 
     Returns:
@@ -312,7 +326,8 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
         raise ValueError(f"min_keep={min_keep!r} is a float outside [0, 1] (a fraction of each tensor)")
     if fraction == 0.0:  # no floor, as min_keep=0
         return [0] * len(numels)
-    return [min(n, max(1, math.ceil(fraction * n))) for n in numels]
+    exact = _exact(min_keep)
+    return [min(n, max(1, math.ceil(exact * n))) for n in numels]
 
 
 def cap_counts(numels: Sequence[int], max_keep: int | float | None) -> list[int] | None:
@@ -321,7 +336,8 @@ def cap_counts(numels: Sequence[int], max_keep: int | float | None) -> list[int]
     Args:
         numels: number of (allowed) entries of each tensor.
         max_keep: ``None`` (no cap), an int count (at most that many kept in every tensor) or a
-            float in ``[0, 1]``, the largest fraction of each tensor kept (rounded down).
+            float in ``[0, 1]``, the largest fraction of each tensor kept (the exact product with
+            the decimal fraction as written, rounded down: 0.58 of 100 is 58).
 
     Returns:
         One count per tensor, or ``None`` without a cap.
@@ -350,7 +366,19 @@ def cap_counts(numels: Sequence[int], max_keep: int | float | None) -> list[int]
     fraction = float(max_keep)
     if not 0.0 <= fraction <= 1.0:  # also catches NaN
         raise ValueError(f"max_keep={max_keep!r} is a float outside [0, 1] (a fraction of each tensor)")
-    return [math.floor(fraction * n) for n in numels]
+    exact = _exact(max_keep)
+    return [math.floor(exact * n) for n in numels]
+
+
+def _exact(fraction: numbers.Real) -> Fraction:
+    """The fraction as written (``0.58`` is 58/100, not the binary float just below it).
+
+    So that ``fraction * n`` rounds as the user's decimal does: ``math.floor(0.58 * 100)`` is 57.
+    """
+    try:
+        return Fraction(str(fraction))
+    except ValueError:
+        return Fraction(float(fraction))
 
 
 class GlobalTopK:
@@ -367,7 +395,8 @@ class GlobalTopK:
         n_keep: the number of entries kept across all tensors.
         floors: optional per-tensor counts that are always kept (the highest-scoring ones).
         caps: optional per-tensor counts that are never exceeded (only a tensor's
-            highest-scoring ``cap`` entries can be kept).
+            highest-scoring ``cap`` entries can be kept; a cap above the tensor's number of
+            allowed entries does not bind).
 
     Example:
         >>> import torch
@@ -426,8 +455,9 @@ class GlobalTopK:
             One boolean mask per score tensor, of its shape.
 
         Raises:
-            ValueError: if the lists are empty or of different lengths, or if ``n_keep`` or a
-                floor exceeds the number of allowed entries.
+            ValueError: if the lists are empty or of different lengths, if ``n_keep`` or a
+                floor exceeds the number of allowed entries, or if the caps leave fewer than
+                ``n_keep`` of them.
         """
         if len(scores) == 0:
             raise ValueError("scores is empty: pass at least one score tensor")
@@ -447,16 +477,18 @@ class GlobalTopK:
                         f"allowed[{i}] has shape {tuple(allow.shape)}, scores[{i}] {tuple(s.shape)}"
                     )
                 allows[i] = allow.reshape(-1).bool()
-        self._check_counts(scores, allows)
+        counts = self._check_counts(scores, allows)
         flats = []
         for i, s in enumerate(scores):
             flat = _as_float(s.detach().reshape(-1))
             allow = allows[i]
+            if allow is not None or self.caps is not None or self.floors is not None:
+                flat = _finite_ranks(flat)  # -inf and +inf below mark left-out and forced entries
             if allow is not None:
                 flat = torch.where(allow, flat, -math.inf)
-            if self.caps is not None and self.caps[i] < flat.numel():
-                eligible = topk_mask(flat, self.caps[i], allow)
-                flat = torch.where(eligible, flat, -math.inf)
+            if self.caps is not None and self.caps[i] < counts[i]:
+                allow = topk_mask(flat, self.caps[i], allow)  # the entries within the cap
+                flat = torch.where(allow, flat, -math.inf)
             if self.floors is not None and self.floors[i] > 0:
                 forced = topk_mask(flat, self.floors[i], allow)
                 flat = torch.where(forced, math.inf, flat)
@@ -464,8 +496,11 @@ class GlobalTopK:
         flat = torch.cat(flats) if len(flats) > 1 else flats[0]
         return split_like(self._select(flat), scores)
 
-    def _check_counts(self, scores: Sequence[Tensor], allows: Sequence[Tensor | None]) -> None:
-        """Raise if ``n_keep`` or a floor asks for more entries than ``allowed`` leaves."""
+    def _check_counts(self, scores: Sequence[Tensor], allows: Sequence[Tensor | None]) -> list[int]:
+        """Each tensor's number of allowed entries.
+
+        Raises if ``n_keep``, a floor or the caps ask for more entries than ``allowed`` leaves.
+        """
         present = [a.sum() for a in allows if a is not None]
         allowed_counts = iter(torch.stack(present).tolist() if present else [])  # one device sync
         counts = [
@@ -482,6 +517,14 @@ class GlobalTopK:
                         f"floors[{i}]={floor} is larger than the number of allowed entries of "
                         f"tensor {i} ({count})"
                     )
+        if self.caps is not None:
+            reachable = sum(min(cap, count) for cap, count in zip(self.caps, counts, strict=True))
+            if reachable < self.n_keep:
+                raise ValueError(
+                    f"the per-layer caps keep at most {reachable} of the allowed entries, fewer than "
+                    f"the {self.n_keep} that n_keep asks for"
+                )
+        return counts
 
     def select_flat(self, flat: Tensor) -> Tensor:
         """Select ``n_keep`` entries of one flat score tensor (no floors, nothing disallowed).
@@ -639,7 +682,8 @@ class GlobalTopK:
             band = flat[at_least & at_most]
             n_ge, n_le = torch.stack([torch.count_nonzero(at_least), torch.count_nonzero(at_most)]).tolist()
             return n_ge - band.numel(), band, n_ge + n_le - band.numel() == flat.numel()
-        low, high = arr.dtype.type(lo), arr.dtype.type(hi)
+        with np.errstate(over="ignore"):  # a band edge beyond float16's range: checked below
+            low, high = arr.dtype.type(lo), arr.dtype.type(hi)
         if not low <= high:  # overflow of a narrow dtype
             return None
         if self._buffers is None or self._buffers[0].size != arr.size:

@@ -26,6 +26,7 @@ shape or dtype is wrong) load with :func:`torchbip.load_slim_state_dict`.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -365,7 +366,7 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(include_conv, bool):
         raise TypeError(f"include_conv must be a bool, got {include_conv!r}")
-    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, numbers.Real):
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity={min_sparsity!r} is outside [0, 1]")
@@ -401,7 +402,8 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
         return SparseCSRConv2d.from_dense(child)
 
     _replace(copied, convert)
-    return copied
+    root = convert(copied)  # the model may be one layer itself
+    return copied if root is None else root
 
 
 def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4, dim: int = -1) -> bool:

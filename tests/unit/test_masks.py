@@ -6,6 +6,7 @@ Their errors on bad arguments are checked in ``tests/failure_modes/test_argument
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from unittest import mock
 
@@ -14,7 +15,14 @@ import pytest
 import torch
 
 from torchbip import masks
-from torchbip.masks import GlobalTopK, count_from_amount, floor_counts, topk_mask, validate_amount
+from torchbip.masks import (
+    GlobalTopK,
+    cap_counts,
+    count_from_amount,
+    floor_counts,
+    topk_mask,
+    validate_amount,
+)
 
 T, F = True, False
 
@@ -171,6 +179,25 @@ def test_floor_counts(numels: list[int], min_keep: int | float | None, expected:
     assert floor_counts(numels, min_keep) == expected
 
 
+@pytest.mark.parametrize("n", [1, 7, 100, 200, 1000, 4096])
+def test_fractional_floors_and_caps_round_the_decimal_fraction(n: int) -> None:
+    """Oracle: integer arithmetic on the fraction i/100 as written (no binary float product)."""
+    for i in range(101):
+        fraction = i / 100
+        assert cap_counts([n], fraction) == [i * n // 100], fraction
+        if i:
+            assert floor_counts([n], fraction) == [min(n, max(1, -(-i * n // 100)))], fraction
+
+
+def test_a_cap_of_what_amount_keeps_is_always_feasible() -> None:
+    """max_keep = 1 - amount caps every tensor at what amount keeps: never one entry fewer."""
+    for i in range(1, 100):
+        amount = i / 100
+        n = 100
+        keep = n - count_from_amount(amount, n)
+        assert cap_counts([n], round(1 - amount, 2)) == [keep], amount
+
+
 # --------------------------------------------------------------------------- GlobalTopK
 
 
@@ -205,6 +232,39 @@ def test_global_topk_allowed_by_hand() -> None:
     assert [m.tolist() for m in masks_] == [[F, T, F], [T, F]]
     masks_ = GlobalTopK(1)(scores, [None, bools([T, F])])
     assert [m.tolist() for m in masks_] == [[T, F, F], [F, F]]
+
+
+def test_global_topk_caps_count_the_allowed_entries() -> None:
+    a, b = torch.tensor([1.0, 2, 3, 4]), torch.tensor([5.0, 6, 7, 8])
+    allow_a = bools([T, T, F, F])
+    # a holds 2 allowed entries: a cap of 3 there is no cap, and b's cap of 2 leaves 4 in all
+    masks_ = GlobalTopK(4, caps=[3, 2])([a, b], [allow_a, None])
+    assert [m.tolist() for m in masks_] == [[T, T, F, F], [F, F, T, T]]
+    # caps of 4 and 1 reach 2 + 1 allowed entries, fewer than 4: refused, no disallowed entry kept
+    with pytest.raises(ValueError, match="caps keep at most 3 of the allowed entries, fewer than the 4"):
+        GlobalTopK(4, caps=[4, 1])([a, b], [allow_a, None])
+
+
+def test_infinite_scores_never_beat_the_allowed_floor_and_cap_rules() -> None:
+    inf = math.inf
+    assert topk_mask(torch.tensor([-inf, -inf]), 1, bools([F, T])).tolist() == [F, T]
+    masks_ = GlobalTopK(1)([torch.tensor([-inf, -inf])], [bools([F, T])])
+    assert masks_[0].tolist() == [F, T]
+    masks_ = GlobalTopK(1, floors=[0, 1])([torch.tensor([inf]), torch.tensor([0.0])])
+    assert [m.tolist() for m in masks_] == [[F], [T]]
+    masks_ = GlobalTopK(2, caps=[1, 2])([torch.tensor([inf, inf]), torch.tensor([-inf, 0.0])])
+    assert [m.tolist() for m in masks_] == [[T, F], [F, T]]
+
+
+def test_the_banded_search_on_float16_scores_beyond_their_range_warns_nothing() -> None:
+    select = GlobalTopK(1)
+    base = torch.rand(70_000, generator=torch.Generator().manual_seed(0))
+    for top in (64225.0, 13560.0, 64929.0, 20372.0):  # the threshold jumps: band edges past 65504
+        scores = (base * top).half()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            keep = select.select_flat(scores)
+        assert torch.equal(keep, topk_mask(scores, 1))
 
 
 @pytest.mark.parametrize("n_keep", [0, 5])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -136,6 +137,17 @@ def test_csr_state_dict_round_trip_with_weights_only(seed: int) -> None:
     other.load_state_dict(torch.load(buffer, weights_only=True))
     x = torch.randn(3, 32)
     assert torch.equal(other(x), csr(x))
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_to_sparse_csr_converts_a_model_that_is_one_layer(seed: int, layer: str) -> None:
+    model: nn.Module = nn.Linear(32, 16) if layer == "linear" else nn.Conv2d(3, 8, 3)
+    bip_unstructured(model, "weight", amount=0.95)
+    csr = to_sparse_csr(model, include_conv=True, min_sparsity=np.float32(0.9))
+    assert isinstance(csr, SparseCSRLinear if layer == "linear" else SparseCSRConv2d)
+    x = torch.randn(4, 32) if layer == "linear" else torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(csr(x), model(x), rtol=1e-5, atol=1e-5)
+    assert prune.is_pruned(model)  # the input model is unchanged
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, "0.9", True])
