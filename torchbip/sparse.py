@@ -429,7 +429,10 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
     has at most 2 nonzeros in every block of 4 along the input dimension (e.g. after
     ``global_prune(..., structured="2:4")``) gets
     ``weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(weight))``, torch's documented
-    recipe; other layers are left dense.
+    recipe; other layers are left dense. torch's kernels take only weights whose dimensions are
+    multiples of a dtype's minimum block (for float16 with CUTLASS, 32 rows and 64 columns): a
+    2:4-sparse layer they refuse (a small classifier head) is left dense too, with a warning
+    that names it.
 
     Args:
         model: the pruned model (not changed).
@@ -467,9 +470,23 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
             f"2:4 semi-structured sparsity needs compute capability >= 8.0, this GPU has {major}.x"
         )
     copied = baked_copy(model)
-    for module in copied.modules():
+    left: list[str] = []
+    for name, module in copied.named_modules():
         if type(module) is nn.Linear and is_nm_sparse(module.weight.detach(), 2, 4):
-            module.weight = nn.Parameter(
-                torch.sparse.to_sparse_semi_structured(module.weight.detach()), requires_grad=False
-            )
+            weight = module.weight.detach()
+            try:
+                sparse = torch.sparse.to_sparse_semi_structured(weight)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # a shape or dtype torch's kernels do not take
+                left.append(f"{name or type(module).__name__} {tuple(weight.shape)} {weight.dtype} ({err})")
+                continue
+            module.weight = nn.Parameter(sparse, requires_grad=False)
+    if left:
+        warnings.warn(
+            f"to_semi_structured left {len(left)} 2:4-sparse layer(s) dense, whose weights torch's "
+            f"semi-structured kernels do not take: {'; '.join(left)}",
+            UserWarning,
+            stacklevel=2,
+        )
     return copied

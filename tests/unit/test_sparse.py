@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -209,6 +210,33 @@ def test_bip_semi_structured_feeds_the_two_four_check() -> None:
 def test_semi_structured_needs_a_gpu() -> None:
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         to_semi_structured(nn.Linear(8, 8))
+
+
+def test_semi_structured_leaves_the_layers_torch_refuses_dense_and_names_them() -> None:
+    """torch's kernels refuse small shapes (a 10-class head): that layer stays dense, the rest
+    converts. The GPU and torch's conversion are stood in for (the refusal rule is torch's own
+    shape check for float16 with CUTLASS: dimensions multiples of 32 and 64)."""
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    for layer in (model[0], model[2]):
+        bip_semi_structured(layer, "weight")
+
+    def convert(weight: torch.Tensor) -> torch.Tensor:
+        rows, cols = weight.shape
+        if rows % 32 or cols % 64:
+            raise RuntimeError(f"Error original_tensor.shape {weight.shape} is not supported!")
+        return weight.to_sparse()  # a stand-in sparse tensor
+
+    with (
+        mock.patch.object(torch.cuda, "is_available", return_value=True),
+        mock.patch.object(torch.cuda, "get_device_capability", return_value=(9, 0)),
+        mock.patch.object(torch.sparse, "to_sparse_semi_structured", side_effect=convert),
+        pytest.warns(UserWarning, match=r"left 1 2:4-sparse layer\(s\) dense.*'?2'? \(10, 64\)"),
+    ):
+        converted = to_semi_structured(model)
+    assert converted[0].weight.layout == torch.sparse_coo
+    assert converted[2].weight.layout == torch.strided
+    assert torch.equal(converted[2].weight, model[2].weight)
+    assert prune.is_pruned(model)  # the input model is unchanged
 
 
 @pytest.mark.skipif(
