@@ -21,10 +21,10 @@ from torch.nn.modules import module as module_impl
 
 from torchbip._checkpoint import check_checkpoint_path
 from torchbip._collectives import agree
-from torchbip._func import Target, resolve_targets
+from torchbip._func import Target, candidate_targets, resolve_targets
 from torchbip.bilevel import all_finite
 from torchbip.config import BiPConfig
-from torchbip.layouts import Layout, MaskLayout, as_layout
+from torchbip.layouts import Groups, Layout, MaskLayout, as_layout
 from torchbip.masks import validate_amount
 from torchbip.pruner import check_no_fsdp
 from torchbip.structured import validate_budget
@@ -34,15 +34,22 @@ __all__ = ["RunPlan", "agree_across_ranks", "plan_run"]
 
 @dataclass
 class RunPlan:
-    """What a checked ``global_prune`` call will do."""
+    """What a checked ``global_prune`` call will do.
+
+    ``needs_inputs``: the default tensors of a ``"filter"``/``"channel"`` run leave out layers
+    found by running the model on the first batch, which is not at hand yet; ``targets`` holds
+    the unchecked candidates (for the model's snapshot) and ``layout`` is ``None``. Call
+    :func:`plan_run` again with ``first_inputs`` once the loader's stream has started.
+    """
 
     cfg: BiPConfig
     amount: int | float
     targets: list[Target]
     allowed: list[Tensor | None]
-    layout: MaskLayout
+    layout: MaskLayout | None
     steps: int
     group: Any
+    needs_inputs: bool = False
 
 
 def plan_run(
@@ -58,8 +65,14 @@ def plan_run(
     structured: str | Layout | None,
     budget: str,
     options: dict[str, Any],
+    first_inputs: Callable[[], Any] | None = None,
 ) -> RunPlan:
     """Check every argument of ``global_prune`` and resolve what the run will do.
+
+    ``first_inputs`` returns the inputs of the loader's first batch. A ``"filter"`` or
+    ``"channel"`` run with the default tensors needs them (its defaults leave out the layers that
+    the model calls first or whose outputs it returns); without them the plan comes back with
+    ``needs_inputs`` set, the tensors unchecked.
 
     Raises:
         ValueError, TypeError, RuntimeError: see :func:`torchbip.global_prune`.
@@ -101,9 +114,17 @@ def plan_run(
         check_checkpoint_path(cfg.checkpoint_path)
     _check_backward_hooks(model)
     check_no_fsdp(model)
-    targets = resolve_targets(
-        model, parameters, None if parameters is not None else spec.default_parameters(model)
-    )
+    per_step = 2 if two_batch and upper_loader is None else 1
+    defaults = None
+    if parameters is None and isinstance(spec, Groups):
+        if first_inputs is None:  # the edges come from the first batch: checked once it is read
+            targets = candidate_targets(model, None, spec.candidate_parameters(model))
+            steps = resolve_steps(cfg, loader, per_step)
+            return RunPlan(cfg, amount, targets, [], None, steps, group, needs_inputs=True)
+        defaults = spec.called_default_parameters(model, first_inputs(), "loader")
+    elif parameters is None:
+        defaults = spec.default_parameters(model)
+    targets = resolve_targets(model, parameters, defaults)
     for target in targets:
         if target.weight().is_inference():
             raise ValueError(
@@ -120,7 +141,7 @@ def plan_run(
         )
     allowed = [_allowed(t) for t in targets]
     layout = spec.bind(targets, amount, allowed, cfg.min_keep)  # its errors name min_keep and amount
-    steps = resolve_steps(cfg, loader, per_step=2 if two_batch and upper_loader is None else 1)
+    steps = resolve_steps(cfg, loader, per_step)
     return RunPlan(cfg, amount, targets, allowed, layout, steps, group)
 
 
@@ -186,7 +207,7 @@ def agree_across_ranks(plan: RunPlan | None, error: BaseException | None, group:
         mine = {
             "steps": plan.steps,
             "tensors": [(t.fqn, tuple(t.weight().shape)) for t in plan.targets],
-            "n_keep": plan.layout.n_keep,
+            "n_keep": plan.layout.n_keep if plan.layout is not None else None,
             "amount": plan.amount,
             "settings": {k: v for k, v in plan.cfg.to_dict().items() if k not in _LOCAL_SETTINGS},
         }

@@ -100,9 +100,14 @@ def global_prune(
             of ``m`` along the input dimension, :class:`torchbip.semistructured.BiPSemiStructured`).
             With ``"filter"``/``"channel"``, ``amount`` counts filters/channels (groups), and a
             group's score moves along the sum of its entries' upper gradients. By default
-            ``"filter"`` leaves out the last layer (its filters are the outputs), ``"channel"``
-            the first (its channels are the inputs), ``"N:M"`` every layer whose input size is not
-            a multiple of ``m``; an N:M run needs ``amount = 1 - n/m``. Slim the result with
+            ``"filter"`` leaves out the output layers (their filters are the model's outputs),
+            ``"channel"`` the input layers (their channels are the model's inputs), and
+            ``"N:M"`` every layer whose input size is not a multiple of ``m``; an N:M run needs
+            ``amount = 1 - n/m``. The output and input layers are found by the order in which
+            the model calls its layers, in one forward pass on the first batch (which changes
+            nothing: BatchNorm statistics and random number generators are left alone): the
+            layers whose outputs reach the model's outputs without passing through another
+            ``nn.Linear``/``nn.Conv*d`` layer, and those called before any other. Slim the result with
             :func:`torchbip.export_slim`.
         budget: for ``"filter"``/``"channel"``: ``"layer"`` prunes the same fraction of groups
             in every tensor (the paper; an int ``amount`` is then a count per tensor),
@@ -180,10 +185,17 @@ def global_prune(
             try:
                 lower_stream = BatchStream(loader, "loader")  # type: ignore[arg-type]
                 upper_stream = BatchStream(upper_loader, "upper_loader") if upper_loader is not None else None
+                if plan.needs_inputs:  # default filters/channels: the edges are found on the first batch
+                    plan = plan_run(
+                        model, amount, loader, parameters=parameters, loss_fn=loss_fn,
+                        upper_loader=upper_loader, config=config, group=group, structured=structured,
+                        budget=budget, options=options, first_inputs=lambda: lower_stream.peek()[0],
+                    )  # fmt: skip
             except Exception as err:
                 agree_across_ranks(None, err, group)
                 raise
             agree_across_ranks(plan, None, group)
+            assert plan.layout is not None  # (resolved with the first batch above)
             return _run(
                 model, plan.amount, plan.targets, plan.allowed, plan.layout,
                 as_layout(structured, budget, arg="structured"), plan.steps, cfg, loss_fn,

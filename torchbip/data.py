@@ -103,20 +103,35 @@ class BatchStream:
             batch = self._peeked
             self._peeked = None
         else:
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self.epoch += 1
-                self.position = 0
-                self._it = self._start()
-                try:
-                    batch = next(self._it)
-                except StopIteration:
-                    raise ValueError(f"{self.name} yielded no batch in epoch {self.epoch}") from None
+            batch = self._fetch()
         self.position += 1
         pair = split_batch(batch, self.name)
         self._last_targets = pair[1]
         return pair
+
+    def peek(self) -> tuple[Any, Any]:
+        """The pair :meth:`next` returns next, without consuming it.
+
+        A new stream already holds its first batch, so peeking at it reads nothing more from the
+        loader.
+        """
+        if not self._has_peeked:
+            self._peeked = self._fetch()
+            self._has_peeked = True
+        return split_batch(self._peeked, self.name)
+
+    def _fetch(self) -> Any:
+        """The loader's next batch, starting a new epoch when the loader ends."""
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.position = 0
+            self._it = self._start()
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise ValueError(f"{self.name} yielded no batch in epoch {self.epoch}") from None
 
     def signature(self) -> dict[str, Any]:
         """What a continued run must see again.

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torchbip._edges import Edges, called_edges, traced_edges
 from torchbip._func import Target, default_targets
 from torchbip._tensors import copy_into, split_like
 from torchbip.masks import (
@@ -520,17 +522,67 @@ class Groups(Layout):
         return "filter" if self.dim == 0 else "channel"
 
     def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
-        """Every ``Linear``/``Conv`` weight but the last layer's (filters) or the first (channels).
+        """Every ``Linear``/``Conv`` weight but the output layers' (filters) or the input layers' (channels).
 
-        The last layer's filters are the model's outputs, the first layer's channels its inputs.
+        The output layers' filters are the model's outputs, the input layers' channels its
+        inputs. They are found from the order in which the model calls its layers, not the order
+        in which it registers them: the output layers are those whose outputs reach the model's
+        outputs without passing through another ``Linear``/``Conv`` layer (the last layer called,
+        or every head), the input layers those called before any other (the first layer called,
+        or the first of every input branch). Without a batch (:class:`torchbip.BiP`) the calls
+        come from tracing the model with :mod:`torch.fx`; a model it cannot trace is refused
+        (``ValueError``: pass ``parameters``). :func:`torchbip.global_prune` finds them on its
+        first batch instead (:meth:`called_default_parameters`).
+
         Channels also leave out grouped (and depthwise) convolutions, whose weight's dim 1 is a
         channel within each group; naming one in ``parameters`` is an error.
         """
-        layers = [m for m, _ in default_targets(model)]
-        if self.dim == 0:
-            return [(m, "weight") for m in layers[:-1]]
+        return self._without_edges(
+            model,
+            lambda layers: traced_edges(
+                model, layers, f"layout={self.shorthand!r}", "outputs" if self.dim == 0 else "inputs"
+            ),
+        )
+
+    def called_default_parameters(
+        self, model: nn.Module, inputs: Any, source: str
+    ) -> list[tuple[nn.Module, str]]:
+        """:meth:`default_parameters`, with the calls seen in one forward pass on a batch's ``inputs``.
+
+        The pass changes nothing (see :func:`torchbip._edges.called_edges`). ``source`` names
+        where the batch came from, for the error when the model fails on it.
+        """
+        candidates = self.candidate_parameters(model)
+        weights = [getattr(m, "weight", None) for m, _ in candidates]
+        if any(
+            isinstance(w, nn.parameter.UninitializedParameter) or (isinstance(w, Tensor) and w.is_meta)
+            for w in weights
+        ):
+            return candidates  # the checks of the tensors refuse them, with their own reason
+        return self._without_edges(model, lambda layers: called_edges(model, layers, inputs, source))
+
+    def candidate_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """The tensors :meth:`default_parameters` chooses from, before the edges are left out.
+
+        Those of every layout, less grouped convolutions for channels.
+        """
         # (a grouped convolution's dim 1 is not its input channels: left out)
-        return [(m, "weight") for m in layers[1:] if not _is_grouped(m)]
+        return [(m, "weight") for m, _ in default_targets(model) if self.dim == 0 or not _is_grouped(m)]
+
+    def _without_edges(
+        self, model: nn.Module, find: Callable[[list[nn.Module]], Edges]
+    ) -> list[tuple[nn.Module, str]]:
+        """:meth:`candidate_parameters` less the output (filters) or input (channels) layers.
+
+        The edges are found among all ``Linear``/``Conv`` layers (grouped ones included: a layer
+        after a grouped convolution does not read the model's inputs).
+        """
+        layers = list({id(m): m for m, _ in default_targets(model)}.values())
+        if not layers:
+            return []
+        edges = find(layers)
+        ends = {id(m) for m in (edges.outputs if self.dim == 0 else edges.inputs)}
+        return [(m, name) for m, name in self.candidate_parameters(model) if id(m) not in ends]
 
     def check_budget(
         self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"

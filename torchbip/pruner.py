@@ -129,7 +129,11 @@ class BiP:
         exclude: name patterns of tensors (or modules) to leave out, e.g. ``["fc.weight"]``,
             ``["conv1"]`` or ``["*.lm_head.*"]``; a pattern that matches nothing is an error.
         layout: ``"unstructured"``, ``"filter"``, ``"channel"``, an ``"N:M"`` pattern or a
-            :class:`torchbip.layouts.Layout`.
+            :class:`torchbip.layouts.Layout`. By default ``"filter"`` leaves out the layers whose
+            outputs are the model's outputs and ``"channel"`` those that read its inputs, by the
+            order in which the model calls its layers, found by tracing it with :mod:`torch.fx`
+            (there is no batch to run it on yet); a model whose ends torch.fx cannot trace is
+            refused: pass ``parameters``.
         budget: with ``"filter"``/``"channel"``: ``"layer"`` (the same fraction of every
             tensor) or ``"global"``.
         min_keep: per-tensor floor of a global ranking: an int count or a float fraction of each

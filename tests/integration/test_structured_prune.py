@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+import torchbip
 from torchbip import BiPStructured, export_slim, global_prune
+from torchbip._edges import called_edges, traced_edges
 from torchbip._func import resolve_targets
 from torchbip._loop import BiPLoop
 from torchbip.config import BiPConfig
@@ -188,3 +191,206 @@ def test_group_score_gradient_is_the_sum_of_element_upper_gradients(seed: int) -
     loop.step()
     torch.testing.assert_close(loop.bip.flat_scores, scores - 0.5 * group_reduce(element, 0))
     assert kept_groups(model[0].weight_mask, 0) == 3
+
+
+# -- the default layers: which layers are the model's first and last, by how it calls them ------
+
+
+class HeadFirst(nn.Module):
+    """Registers its output layer first and its input layer last (called body, mid, head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 4)
+        self.mid = nn.Linear(16, 16)
+        self.body = nn.Linear(8, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.mid(torch.relu(self.body(x)))))
+
+
+class TwoBranchesTwoHeads(nn.Module):
+    """Two input branches (``left``, ``right``) and two heads (``logits``, ``aux``, one returned
+    after a log-softmax), registered heads first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits, self.aux = nn.Linear(16, 4), nn.Linear(16, 2)
+        self.trunk = nn.Linear(16, 16)
+        self.left, self.right = nn.Linear(4, 16), nn.Linear(4, 16)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = torch.relu(self.trunk(torch.relu(self.left(x[:, :4]) + self.right(x[:, 4:]))))
+        return {"logits": self.logits(h), "aux": self.aux(h).log_softmax(-1)}
+
+
+class DataDependent(HeadFirst):
+    """HeadFirst with control flow on the input's values, which torch.fx cannot trace."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(x.sum() > 1e9):
+            x = x.flip(0)
+        return super().forward(x)
+
+
+def flat_batches() -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)) for _ in range(4)]
+
+
+def aux_loss(out: dict[str, Tensor], y: Tensor) -> Tensor:
+    return F.cross_entropy(out["logits"], y) + F.nll_loss(out["aux"], y % 2)
+
+
+# (model, loss, structured, the tensors the defaults prune): the edges by construction
+HEAD, TWO = HeadFirst, TwoBranchesTwoHeads
+EDGE_CASES = [
+    pytest.param(HEAD, F.cross_entropy, "filter", {"body.weight", "mid.weight"}, id="head-first-filter"),
+    pytest.param(HEAD, F.cross_entropy, "channel", {"head.weight", "mid.weight"}, id="head-first-channel"),
+    pytest.param(
+        TWO, aux_loss, "filter", {"left.weight", "right.weight", "trunk.weight"}, id="two-heads-filter"
+    ),
+    pytest.param(
+        TWO, aux_loss, "channel", {"logits.weight", "aux.weight", "trunk.weight"}, id="two-branches"
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "loss_fn", "structured", "pruned"), EDGE_CASES)
+def test_defaults_leave_out_the_layers_the_model_calls_first_or_returns(
+    seed: int, make, loss_fn, structured: str, pruned: set[str]
+) -> None:
+    """Not the layers registered first or last: a model may declare its head first."""
+    model = make()
+    report = global_prune(
+        model, 0.5, flat_batches(), steps=2, progress=False, structured=structured, loss_fn=loss_fn
+    )
+    assert set(report.sparsity.tensors) == pruned
+    for name, module in model.named_children():
+        assert prune.is_pruned(module) == (f"{name}.weight" in pruned), name
+    # BiP in the user's loop (no batch at construction: the model is traced) picks the same
+    assert set(torchbip.BiP(make(), 0.5, layout=structured).names) == pruned
+
+
+def test_head_first_model_keeps_every_output_class(seed: int) -> None:
+    """The reported case: every output's weight row survives (no logit reduced to its bias)."""
+    model = HeadFirst()
+    global_prune(model, 0.5, flat_batches(), steps=4, progress=False, structured="filter")
+    assert not prune.is_pruned(model.head)
+    assert bool((model.head.weight != 0).any(dim=1).all())
+    assert kept_groups(model.body.weight_mask, 0) == 8
+
+
+def test_global_prune_finds_the_edges_of_a_model_torch_fx_cannot_trace(seed: int) -> None:
+    report = global_prune(DataDependent(), 0.5, flat_batches(), steps=2, progress=False, structured="filter")
+    assert set(report.sparsity.tensors) == {"body.weight", "mid.weight"}
+
+
+@pytest.mark.parametrize("structured", ["filter", "channel"])
+def test_bip_refuses_defaults_it_cannot_find_and_leaves_the_model(structured: str) -> None:
+    model = DataDependent()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    match = r"torch\.fx, which cannot trace DataDependent's forward \(TraceError: .*\)\. Pass parameters="
+    with pytest.raises(ValueError, match=rf"layout='{structured}' leaves out the layers that .*{match}"):
+        torchbip.BiP(model, 0.5, layout=structured)
+    with pytest.raises(ValueError, match=match):
+        torchbip.BiP.check(model, 0.5, layout=structured)
+    assert not prune.is_pruned(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # naming the tensors needs no trace
+    pruner = torchbip.BiP(model, 0.5, layout=structured, parameters=[(model.mid, "weight")])
+    assert pruner.names == ["mid.weight"]
+
+
+def test_bip_traces_past_a_module_torch_fx_cannot_trace_when_a_layer_stands_after_it() -> None:
+    """nn.TransformerEncoderLayer branches on its inputs; the head after it is still found."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    model = nn.Sequential(nn.Linear(8, 16), encoder, nn.Linear(16, 3))
+    names = torchbip.BiP(model, 0.5, layout="filter").names
+    assert "2.weight" not in names
+    assert {"0.weight", "1.layers.0.linear1.weight", "1.layers.0.linear2.weight"} <= set(names)
+    head_last = nn.Sequential(nn.Linear(8, 16), encoder)  # its last layers are inside the encoder
+    with pytest.raises(
+        ValueError, match=r"cannot trace the module '1', whose outputs reach the model's outputs"
+    ):
+        torchbip.BiP(head_last, 0.5, layout="filter")
+
+
+class Counted(list):
+    """A list of batches that counts how many it hands out."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        super().__init__(batches)
+        self.read = 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.read += 1
+            yield batch
+
+
+@pytest.mark.parametrize("loader", ["list", "one-shot", "shuffled"])
+@pytest.mark.parametrize("structured", ["filter", "channel"])
+def test_finding_the_edges_changes_nothing_in_the_run(loader: str, structured: str) -> None:
+    """The forward pass that finds the edges reads no extra batch, draws no random numbers
+    (dropout) and leaves BatchNorm's statistics alone: the run equals one with those tensors
+    named in ``parameters``."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4),
+        )  # fmt: skip
+
+    def data() -> Any:
+        items = batches(96)
+        if loader == "one-shot":
+            return iter(items)
+        if loader == "shuffled":
+            x, y = torch.cat([b[0] for b in items]), torch.cat([b[1] for b in items])
+            g = torch.Generator().manual_seed(5)
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True, generator=g
+            )
+        return Counted(items)
+
+    run = {"steps": 5, "progress": False, "seed": 3, "structured": structured}
+    by_default, named = make(), make()
+    default_loader = data()
+    global_prune(by_default, 0.5, default_loader, **run)
+    keep = [0, 4] if structured == "filter" else [4, 7]
+    global_prune(named, 0.5, data(), parameters=[(named[i], "weight") for i in keep], **run)
+    assert [prune.is_pruned(m) for m in by_default] == [prune.is_pruned(m) for m in named]
+    for key, value in named.state_dict().items():
+        assert torch.equal(by_default.state_dict()[key], value), key
+    if loader == "list":
+        assert default_loader.read == 5  # one batch per fused step, none more
+
+
+def test_a_model_that_fails_on_the_first_batch_is_named_and_left_alone() -> None:
+    model = HeadFirst()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = [(torch.randn(16, 5), torch.zeros(16, dtype=torch.long))]  # 5 features, not 8
+    match = (
+        r"the model failed on the first batch from loader \(inputs Tensor\[16, 5\] float32\), .*RuntimeError"
+    )
+    with pytest.raises(ValueError, match=match):
+        global_prune(model, 0.5, wrong, steps=1, progress=False, structured="filter")
+    assert not prune.is_pruned(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_running_and_tracing_find_the_same_ends_of_a_resnet(seed: int) -> None:
+    """Residual additions, a downsampling shortcut, BatchNorm, pooling: conv1 reads the inputs,
+    fc returns the outputs, whether the calls are seen in a forward pass or traced by torch.fx."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    called = called_edges(model, layers, torch.randn(2, 3, 32, 32), "loader")
+    assert called.inputs == [model.conv1]
+    assert called.outputs == [model.fc]
+    assert traced_edges(model, layers, "layout='channel'", "inputs").inputs == [model.conv1]
+    assert traced_edges(model, layers, "layout='filter'", "outputs").outputs == [model.fc]
+    assert model.bn1.num_batches_tracked == 0  # the forward pass ran on copies of the buffers
