@@ -30,7 +30,7 @@ from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
 from torchbip.data import model_args, split_batch, to_device
-from torchbip.masks import count_from_amount, validate_amount
+from torchbip.masks import count_from_amount, exact_fraction, validate_amount
 from torchbip.report import PruneReport, SparsityReport, TensorSparsity
 
 __all__ = [
@@ -448,7 +448,7 @@ def imp(
     with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
         result = _imp_rounds(
             model, loader, targets, stops, start_remaining, final_keep, epochs_per_round,
-            _exact_rate(rate), rewind_epochs, on_round, progress, train_options,
+            exact_fraction(rate), rewind_epochs, on_round, progress, train_options,
         )  # fmt: skip
     _report(targets)  # (warns when the ranking pruned a whole tensor)
     return result
@@ -496,28 +496,6 @@ def _imp_rounds(
     return result
 
 
-def _exact_rate(rate: float) -> Fraction:
-    """``rate`` as the exact fraction it is written as: ``0.45`` is 9/20.
-
-    Float arithmetic on the binary value rounds some counts the wrong way (``100 * (1 - 0.45)``
-    is 55.00000000000001, and 0.41 lies just below 41/100); the shortest decimal that prints as
-    ``rate`` gives the count the decimal promises.
-
-    Args:
-        rate: a real number (a ``float``, a NumPy scalar, a :class:`~fractions.Fraction` ...).
-
-    Returns:
-        The fraction: exact for a rational ``rate``, else that of ``str(rate)`` (the float's
-        shortest round-tripping decimal), else the float's binary value.
-    """
-    if isinstance(rate, numbers.Rational):
-        return Fraction(int(rate.numerator), int(rate.denominator))
-    try:
-        return Fraction(str(rate))
-    except ValueError:
-        return Fraction(float(rate))
-
-
 def _round_cut(remaining: int, rate: Fraction) -> int:
     """How many of ``remaining`` entries one IMP round prunes: ``floor(rate * remaining)``, at least one.
 
@@ -526,7 +504,7 @@ def _round_cut(remaining: int, rate: Fraction) -> int:
 
     Args:
         remaining: the unpruned entries before the round.
-        rate: the exact fraction pruned per round (:func:`_exact_rate`).
+        rate: the exact fraction pruned per round (:func:`torchbip.masks.exact_fraction`).
 
     Returns:
         The number of entries to prune, before clipping at a milestone or the final sparsity.

@@ -32,6 +32,7 @@ __all__ = [
     "Threshold",
     "cap_counts",
     "count_from_amount",
+    "exact_fraction",
     "floor_counts",
     "nm_mask",
     "threshold_mask",
@@ -326,7 +327,7 @@ def floor_counts(numels: Sequence[int], min_keep: int | float | None) -> list[in
         raise ValueError(f"min_keep={min_keep!r} is a float outside [0, 1] (a fraction of each tensor)")
     if fraction == 0.0:  # no floor, as min_keep=0
         return [0] * len(numels)
-    exact = _exact(min_keep)
+    exact = exact_fraction(min_keep)
     return [min(n, max(1, math.ceil(exact * n))) for n in numels]
 
 
@@ -366,19 +367,34 @@ def cap_counts(numels: Sequence[int], max_keep: int | float | None) -> list[int]
     fraction = float(max_keep)
     if not 0.0 <= fraction <= 1.0:  # also catches NaN
         raise ValueError(f"max_keep={max_keep!r} is a float outside [0, 1] (a fraction of each tensor)")
-    exact = _exact(max_keep)
+    exact = exact_fraction(max_keep)
     return [math.floor(exact * n) for n in numels]
 
 
-def _exact(fraction: numbers.Real) -> Fraction:
-    """The fraction as written (``0.58`` is 58/100, not the binary float just below it).
+def exact_fraction(value: float | numbers.Real) -> Fraction:
+    """``value`` as the exact fraction it is written as: ``0.45`` is 9/20.
 
-    So that ``fraction * n`` rounds as the user's decimal does: ``math.floor(0.58 * 100)`` is 57.
+    Float arithmetic on the binary value rounds some counts the wrong way (``0.58 * 100`` is
+    57.99999999999999, ``100 * (1 - 0.45)`` is 55.00000000000001); the shortest decimal that
+    prints as ``value`` gives the count the decimal promises.
+
+    Args:
+        value: a real number (a ``float``, a NumPy scalar, a :class:`~fractions.Fraction` ...).
+
+    Returns:
+        The fraction: exact for a rational ``value``, else that of ``str(value)`` (a float's
+        shortest round-tripping decimal), else the float's binary value.
+
+    Example:
+        >>> exact_fraction(0.58) * 100, exact_fraction(0.45)
+        (Fraction(58, 1), Fraction(9, 20))
     """
+    if isinstance(value, numbers.Rational):
+        return Fraction(int(value.numerator), int(value.denominator))
     try:
-        return Fraction(str(fraction))
+        return Fraction(str(value))
     except ValueError:
-        return Fraction(float(fraction))
+        return Fraction(float(value))
 
 
 class GlobalTopK:

@@ -27,7 +27,8 @@ from model_state import assert_unchanged, capture
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from torchbip.baselines import _exact_rate, _round_cut, imp, omp_finetune, random_finetune, train
+from torchbip.baselines import _round_cut, imp, omp_finetune, random_finetune, train
+from torchbip.masks import exact_fraction
 from torchbip.report import SparsityReport
 
 
@@ -402,7 +403,7 @@ def test_imp_rate_rule_is_exact_for_every_rate_in_hundredths_and_thousandths() -
     remaining = [*range(1, 202), *range(250, 10_001, 250), 266_200, 10**6 + 1]
     for den in (100, 1000):
         for i in range(1, den):
-            rate = _exact_rate(i / den)
+            rate = exact_fraction(i / den)
             assert rate == Fraction(i, den)
             for n in remaining:
                 assert _round_cut(n, rate) == max(1, n * i // den), (i / den, n)
@@ -419,7 +420,7 @@ def test_imp_rate_rule_is_exact_for_every_rate_in_hundredths_and_thousandths() -
 )
 def test_imp_rate_is_taken_as_written_for_numpy_scalars_and_fractions(rate: object, exact: Fraction) -> None:
     """A NumPy scalar counts as the decimal it prints as; a fraction as itself."""
-    assert _exact_rate(rate) == exact  # type: ignore[arg-type]
+    assert exact_fraction(rate) == exact  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("rate", [0.45, 0.41, 0.7, 0.57])
