@@ -431,3 +431,72 @@ def test_lightning_coupled_example_inputs_in_the_trainer_s_precision() -> None:
     assert callback.pruner is not None
     assert callback.pruner.step_count == BATCHES * EPOCHS
     assert module.net[0].weight_mask.dtype == torch.float64
+
+
+class LateClassifier(Classifier):
+    """Builds part of its network in ``setup`` and the rest in ``configure_model``."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+        self.net: nn.Module | None = None
+        self.late: nn.Module | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.net is None:
+            full = make_net()
+            self.net = full[:2]
+            self.late = full[2:]
+
+    def configure_model(self) -> None:
+        assert self.net is not None  # setup ran first
+        if self.late is not None:
+            self.net = nn.Sequential(*self.net, *self.late)
+            self.late = None
+
+
+def test_lightning_prunes_layers_made_in_setup_and_configure_model() -> None:
+    module, callback = LateClassifier(), BiPCallback(amount=AMOUNT)
+    fit(trainer([callback]), module)
+    reference, ref_pruner = own_loop()  # the same network built in __init__
+    assert callback.pruner is not None
+    assert callback.pruner.names == ["net.0.weight", "net.2.weight", "net.4.weight"]
+    assert callback.pruner.names == [f"net.{n}" for n in ref_pruner.names]
+    assert_same_state(module.net, reference)
+    assert "configure_model" not in vars(module)  # the module's own hook again
+
+
+def test_lightning_refused_checkpoint_leaves_the_module_unpruned_and_a_retry_works(tmp_path) -> None:
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    fit(trainer([BiPCallback(amount=AMOUNT), checkpoint], enable_checkpointing=True), Classifier())
+    path = sorted(tmp_path.glob("epoch=0*.ckpt"))[0]
+    module = Classifier(seed=4)
+    params = dict(module.named_parameters())
+    with pytest.raises(ValueError, match=r"other settings \(steps: saved 8, here 12\)"):
+        fit(trainer([BiPCallback(amount=AMOUNT)], max_epochs=3), module, ckpt_path=str(path))
+    assert not prune.is_pruned(module)
+    assert dict(module.named_parameters()).keys() == params.keys()
+    assert all(module.get_parameter(n) is p for n, p in params.items())  # the same Parameters
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback]), module, ckpt_path=str(path))  # the saved run's length: it resumes
+    assert callback.report is not None
+    assert callback.report.global_sparsity == pytest.approx(AMOUNT, abs=1e-3)
+
+
+def test_lightning_fit_that_trains_nothing_after_remove_leaves_plain_weights() -> None:
+    module, callback = Classifier(), BiPCallback(amount=AMOUNT, remove=True)
+    run = trainer([callback])
+    fit(run, module)
+    weights = [module.net[i].weight.detach().clone() for i in (0, 2, 4)]
+    with pytest.warns(UserWarning, match="trains it with the masks fixed"):
+        run.fit(module, loader())  # max_epochs reached: Lightning runs no training loop
+    assert not prune.is_pruned(module)
+    make_net().load_state_dict(module.net.state_dict(), strict=True)
+    assert all(torch.equal(module.net[i].weight, w) for i, w in zip((0, 2, 4), weights, strict=True))
+
+
+def test_lightning_strategy_that_starts_new_processes_is_refused() -> None:
+    module = Classifier()
+    run = trainer([BiPCallback(amount=AMOUNT)], strategy="ddp_fork", devices=1)
+    with pytest.raises(Exception, match=r"runs fit\(\) in new processes"):
+        fit(run, module)
+    assert not prune.is_pruned(module)

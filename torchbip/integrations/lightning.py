@@ -11,8 +11,9 @@ they are:
     trainer.fit(module, train_loader)
     # module's layers are in torch's pruned form: weight_orig, weight_mask and the hook
 
-The callback builds one :class:`torchbip.BiP` on the LightningModule in ``setup`` (before
-Lightning wraps it for DDP and calls ``configure_optimizers``, so the optimizer holds the same
+The callback builds one :class:`torchbip.BiP` on the LightningModule right after its
+``configure_model`` (so layers made there or in ``setup`` are pruned; before Lightning wraps the
+module for DDP and calls ``configure_optimizers``, so the optimizer holds the same
 ``weight_orig`` Parameters), steps it once after every optimizer step (``accumulate_grad_batches``,
 ``gradient_clip_val``, the device and the precision, ``"16-mixed"``/``"bf16-mixed"`` or
 ``"64-true"``/``"bf16-true"``, are Lightning's own; a step that the loss scaler skips is
@@ -27,11 +28,12 @@ package works too.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch.utils.hooks import RemovableHandle
 
+from torchbip._snapshot import ModelSnapshot
 from torchbip.integrations._common import Amount, CallbackBase, accept_permanent_state
 from torchbip.pruner import BiP, grad_scaler_state
 
@@ -48,6 +50,19 @@ except ImportError:  # pragma: no cover - the standalone package
         ) from err
 
 __all__ = ["BiPCallback"]
+
+
+def _pending(module: LightningModule) -> Any:
+    """The callback whose build waits in ``module.configure_model`` (see :meth:`BiPCallback.setup`)."""
+    return getattr(module.__dict__.get("configure_model"), "bip_callback", None)
+
+
+def _unwrap(module: LightningModule, previous: Any) -> None:
+    """Give ``module`` its ``configure_model`` back (``previous``: what its ``__dict__`` held)."""
+    if previous is None:
+        module.__dict__.pop("configure_model", None)
+    else:
+        module.__dict__["configure_model"] = previous
 
 
 class BiPCallback(CallbackBase, Callback):
@@ -109,16 +124,26 @@ class BiPCallback(CallbackBase, Callback):
         self._restored: Mapping[str, Any] | None = None
         self._skip = False
         self._load_hook: RemovableHandle | None = None
+        self._snapshot: ModelSnapshot | None = None  # the module before BiP, until training starts
+        self._unwrap: Callable[[], None] | None = None  # drops a pending build (see setup)
 
     # -- building and the end -----------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Build BiP on the module (``stage="fit"`` only), before the optimizers exist.
+        """Arrange for BiP to be built on the module (``stage="fit"`` only).
 
-        The module is first converted to the trainer's precision and moved to its device, as
-        the strategy does next (a no-op then), so that BiP's masks are the buffers the module
-        keeps. A later ``fit()`` with this callback, once it finished, trains the same module
-        with the masks fixed.
+        Lightning calls the callbacks' ``setup`` before the module's own ``setup`` and
+        ``configure_model`` (where layers may be made late), and wraps the module for DDP and
+        calls ``configure_optimizers`` after them. BiP is built in between: right after the
+        module's ``configure_model`` (for every module: Lightning then calls it), so that it
+        prunes every layer and the optimizer holds the same ``weight_orig`` Parameters. A later
+        ``fit()`` with this callback, once it finished, trains the same module with the masks
+        fixed.
+
+        Raises:
+            RuntimeError: under a strategy that runs ``fit()`` in new processes (``"ddp_spawn"``,
+                ``"ddp_fork"``, ``"ddp_notebook"``): Lightning hands back only the weights,
+                loaded non-strictly, so the pruned form would be lost; use ``strategy="ddp"``.
         """
         if stage != "fit":
             return
@@ -126,19 +151,90 @@ class BiPCallback(CallbackBase, Callback):
             if self.report is not None:
                 self._train_again(pl_module, "fit()")
             return
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if type(launcher).__name__ == "_MultiProcessingLauncher":
+            raise RuntimeError(
+                f"BiPCallback: strategy {type(trainer.strategy).__name__} with start method "
+                f"{getattr(launcher, '_start_method', '?')!r} runs fit() in new processes and hands back "
+                "only the weights, loaded non-strictly: the pruned model would be lost. Use "
+                'strategy="ddp" (Lightning starts the processes itself, or torchrun does)'
+            )
+        if _pending(pl_module) is self:
+            return  # already arranged by a fit() that failed before configure_model
+        previous = pl_module.__dict__.get("configure_model")
+        configure = pl_module.configure_model
+
+        def configure_model_then_prune() -> None:
+            _unwrap(pl_module, previous)
+            configure()
+            self._prune(trainer, pl_module)
+
+        configure_model_then_prune.bip_callback = self  # type: ignore[attr-defined]
+        pl_module.__dict__["configure_model"] = configure_model_then_prune  # (nn.Module keeps it there)
+        self._unwrap = lambda: _unwrap(pl_module, previous)
+
+    def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build BiP on the module, converted to the trainer's precision and moved to its device.
+
+        The strategy converts and moves it next (a no-op then), so BiP's masks are the buffers
+        the module keeps. What BiP changes is remembered until training starts: a refusal there
+        (a checkpoint that does not fit) puts the module back as it was.
+        """
+        self._unwrap = None
         BiP.check(pl_module, self.amount, steps=self.steps, **self.settings)  # refused: module untouched
+        names = {name.rsplit(".", 1)[-1] for name, _ in pl_module.named_parameters()}
+        tensors = [*pl_module.parameters(), *pl_module.buffers()]  # converted copies, not writes
+        snapshot = ModelSnapshot(pl_module, names, unchanged=tensors)
         strategy = trainer.strategy
         strategy.precision_plugin.convert_module(pl_module)  # in place ("64-true", "bf16-true", ...)
         pl_module.to(strategy.root_device)
         pruner = self._build(pl_module)
+        self._snapshot = snapshot
         if pruner is not None:  # a checkpoint saved after remove=True holds the plain weights
             self._load_hook = pl_module.register_load_state_dict_pre_hook(accept_permanent_state(pruner))
 
+    def _undo(self) -> None:
+        """Put the module back as it was before :meth:`_prune` (a refusal before training)."""
+        snapshot, self._snapshot = self._snapshot, None
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+        if snapshot is not None:
+            snapshot.restore()
+        self.pruner = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check that BiP was built (Lightning called the module's ``configure_model``)."""
+        if self.pruner is None and _pending(pl_module) is self:
+            self.teardown(trainer, pl_module, "fit")
+            raise RuntimeError(
+                "BiPCallback: this Lightning version did not call the module's configure_model() "
+                "before training, where the callback builds BiP; it needs Lightning >= 2.1"
+            )
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Drop a build still pending (a ``fit()`` that failed before ``configure_model``)."""
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Set the schedule's length and restore a checkpoint's BiP state."""
+        """Set the schedule's length and restore a checkpoint's BiP state.
+
+        A checkpoint that does not fit (another schedule length, no BiP state) is refused, and
+        the module is put back as it was before the callback pruned it.
+        """
         pruner = self._active()
         if pruner is None:
             return
+        try:
+            self._start(trainer, pruner)
+        except BaseException:
+            self._undo()
+            raise
+        self._snapshot = None
+
+    def _start(self, trainer: Trainer, pruner: BiP) -> None:
         if self.steps is None and pruner.step_count == 0:
             total = trainer.estimated_stepping_batches
             if math.isfinite(total) and total >= 1:
@@ -171,6 +267,15 @@ class BiPCallback(CallbackBase, Callback):
             self._load_hook.remove()
             self._load_hook = None
         self._finish()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``remove``, plain weights also after a later ``fit()`` that trained nothing.
+
+        (Lightning skips the training loop, and ``on_train_end``, when ``max_epochs`` or
+        ``max_steps`` was reached already; the masks the callback put back are removed here.)
+        """
+        if self._again and self.remove:
+            self._finish()
 
     # -- the step -----------------------------------------------------------------------------
 
