@@ -128,17 +128,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     script_utils.check_compile_backend(parser, args.compile_backend if args.compile else None)
     if args.batch_size < 2:  # BatchNorm needs two images per batch and process in training
         parser.error(f"--batch-size: must be >= 2 (BatchNorm statistics), got {args.batch_size}")
-    if args.pretrained is not None and not args.pretrained.is_file():
-        parser.error(f"--pretrained: no such file: {args.pretrained}")
     if args.data is not None and not all((args.data / split).is_dir() for split in ("train", "val")):
         parser.error(f"--data: expected {args.data}/train and {args.data}/val, one sub-folder per class")
     try:  # BiP's own checks of --amount, --min-keep, ... on a model of the run's shape, before any work
         classes = 10 if args.data is None else len(datasets.folder.find_classes(str(args.data / "train"))[0])
-        torchbip.BiP(models.resnet50(num_classes=classes), **bip_settings(args, steps=1))
+        torchbip.BiP.check(models.resnet50(num_classes=classes), **bip_settings(args, steps=1))
     except FileNotFoundError as err:
         parser.error(f"--data: {err}")
     except (ValueError, TypeError) as err:
         parser.error(f"--amount/--min-keep/--upper-lr/--momentum/--implicit-coef: {err}")
+    if args.pretrained is not None:
+        dense = models.resnet50(num_classes=classes)
+        script_utils.check_state_dict(parser, "--pretrained", args.pretrained, dense)
+    keep = MAY_CHANGE_ON_RESUME | FINETUNE  # what a resume may change (checked before --out is written)
+    resumable = {args.out / "dense.pth": keep | BIP_OPTIONS} if args.warmup_epochs else {}
+    script_utils.check_resume_files(parser, args, resumable | {args.out / "bip_state.pt": keep})
     return args, "smoke" if args.smoke else "standin" if args.data is None else "imagenet"
 
 

@@ -147,6 +147,36 @@ def check_resumable(
         raise ValueError(f"--resume: {path} was written with other options ({', '.join(changed)})")
 
 
+def check_resume_files(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, files: Mapping[Path, Collection[str]]
+) -> None:
+    """With ``--resume``: refuse, before any work, checkpoints in ``files`` (path: the options they
+    may differ in) that cannot be read or were written with other options."""
+    for path, ignore in files.items():
+        if not (args.resume and path.is_file()):
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["options"]
+        except Exception as err:
+            parser.error(f"--resume: {path} cannot be read ({type(err).__name__}: {err})")
+        try:
+            check_resumable(saved, args, path, ignore)
+        except ValueError as err:
+            parser.error(str(err))
+
+
+def check_state_dict(parser: argparse.ArgumentParser, option: str, path: Path, model: nn.Module) -> None:
+    """Refuse ``path`` unless it holds a state_dict (or a ``{"state_dict": ...}``) that ``model``
+    loads strictly (``model`` takes it: pass a throwaway model of the run's shape)."""
+    if not path.is_file():
+        parser.error(f"{option}: no such file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, Mapping) else state)
+    except Exception as err:
+        parser.error(f"{option}: {path} is not a state_dict of this model ({type(err).__name__}: {err})")
+
+
 def save(obj: Any, path: Path) -> None:
     """``torch.save`` that leaves ``path`` complete or absent, also when interrupted."""
     torch.save(obj, path.with_suffix(".tmp"))

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+import torchvision
 import yaml
 from torch import nn
 from torchvision.models import resnet50
@@ -260,6 +261,48 @@ def test_imagenet_a_float_min_keep_of_zero_is_no_floor(imagenet_example: ModuleT
     assert (args.amount, args.min_keep) == (1.0, 0.0)
 
 
+def test_imagenet_resume_with_other_options_is_refused_before_anything_in_out_changes(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    first, _ = imagenet_example.parse_args(["--smoke", "--out", str(out)])
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(first).items() if k != "config"}
+    torch.save({"options": options, "epoch": 1}, out / "bip_state.pt")  # the options as the run saves them
+    (out / "config.yaml").write_text("# the interrupted run's\n")
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(["--smoke", "--out", str(out), "--resume", "--amount", "0.9"])
+    err = capsys.readouterr().err
+    assert f"--resume: {out / 'bip_state.pt'} was written with other options (amount: 0.95 -> 0.9)" in err
+    assert (out / "config.yaml").read_text() == "# the interrupted run's\n"
+    imagenet_example.parse_args(["--smoke", "--out", str(out), "--resume"])  # the same options resume
+    (out / "bip_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(["--smoke", "--out", str(out), "--resume"])
+    assert f"--resume: {out / 'bip_state.pt'} cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["other-classes", "not-a-state-dict"])
+def test_imagenet_pretrained_weights_of_another_model_are_refused_before_any_work(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    path, out = tmp_path / "weights.pth", tmp_path / "out"
+    if content == "other-classes":
+        torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), path)
+    else:
+        torch.save({101: torch.zeros(3)}, path)
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(["--smoke", "--out", str(out), "--pretrained", str(path)])
+    err = capsys.readouterr().err
+    assert f"--pretrained: {path} is not a state_dict of this model" in err
+    assert ("size mismatch for fc.weight" in err) == (content == "other-classes")
+    assert not out.exists()
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": torchvision.models.resnet50(num_classes=10).state_dict()}, good)
+    args, _ = imagenet_example.parse_args(["--smoke", "--out", str(out), "--pretrained", str(good)])
+    assert args.pretrained == good
+
+
 def test_imagenet_bad_data_folder_and_config_file(
     imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -463,6 +506,7 @@ def test_imagenet_resume_after_interruption_equals_uninterrupted(
     smoke_run: tuple[Path, dict],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A run stopped in BiP's second epoch and continued with ``--resume`` saves the same model,
     bit for bit, as the uninterrupted ``smoke_run`` (same options)."""
@@ -487,14 +531,16 @@ def test_imagenet_resume_after_interruption_equals_uninterrupted(
     assert not (out / "report.json").exists()
     # each checkpoint carries the options it was written with: a resume that changes them is refused
     # (config.yaml is rewritten by every run, so it cannot tell), options of later phases may change
-    with pytest.raises(
-        ValueError, match=r"dense\.pth was written with other options \(warmup_lr: 0\.05 -> 0\.2\)"
-    ):
+    # (refused before any work: the log and config.yaml stay the interrupted run's)
+    log, config = (out / "train.log").read_text(), (out / "config.yaml").read_text()
+    with pytest.raises(SystemExit):
         imagenet_example.main([*args, "--resume", "--warmup-lr", "0.2"])
-    with pytest.raises(
-        ValueError, match=r"bip_state\.pt was written with other options \(upper_lr: 0\.1 -> 0\.2\)"
-    ):
+    assert "dense.pth was written with other options (warmup_lr: 0.05 -> 0.2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         imagenet_example.main([*args, "--resume", "--upper-lr", "0.2"])
+    assert "bip_state.pt was written with other options (upper_lr: 0.1 -> 0.2)" in capsys.readouterr().err
+    assert (out / "train.log").read_text() == log
+    assert (out / "config.yaml").read_text() == config
 
     report = imagenet_example.main([*args, "--resume"])
     _assert_complete(out, report)
@@ -518,8 +564,9 @@ def test_imagenet_resume_after_interruption_equals_uninterrupted(
     assert other["resumed"] == {"warmup": True, "bip_from_epoch": None}
     assert other["accuracy"]["dense"] == reference["accuracy"]["dense"]
     assert other["sparsity"]["global_sparsity"] == pytest.approx(0.9, abs=1e-6)
-    with pytest.raises(ValueError, match=r"dense\.pth was written with other options \(seed: 0 -> 1\)"):
+    with pytest.raises(SystemExit):
         imagenet_example.main([*args, "--resume", "--seed", "1"])
+    assert "dense.pth was written with other options (seed: 0 -> 1)" in capsys.readouterr().err
 
 
 def test_imagenet_torchrun_two_gloo_processes(tmp_path: Path) -> None:
