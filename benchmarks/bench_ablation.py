@@ -8,7 +8,7 @@ come from ``bench_accuracy.py --sweep``, which chooses on a validation split hel
 training images. Run::
 
     python benchmarks/bench_ablation.py --quick   # about a minute
-    python benchmarks/bench_ablation.py           # the full run (about 10 minutes on 2 CPU cores)
+    python benchmarks/bench_ablation.py           # the full run (about half an hour on 2 CPU cores)
 
 Writes ``bench_ablation-<device>-torch<version>[-quick].{json,md}`` into ``--out``.
 """
