@@ -8,6 +8,7 @@ for resume.
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -500,3 +501,65 @@ def test_lightning_strategy_that_starts_new_processes_is_refused() -> None:
     with pytest.raises(Exception, match=r"runs fit\(\) in new processes"):
         fit(run, module)
     assert not prune.is_pruned(module)
+
+
+class FailingSetup(Classifier):
+    """Its setup fails once (after the callback's setup ran): a broken first fit()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def setup(self, stage: str) -> None:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("setup failed")
+
+
+def test_lightning_fit_that_fails_before_training_leaves_nothing_behind() -> None:
+    module = FailingSetup()
+    before = capture(module)
+    with pytest.raises(RuntimeError, match="setup failed"):
+        fit(trainer([BiPCallback(amount=AMOUNT)]), module)
+    assert "configure_model" not in vars(module)
+    assert_unchanged(before, module)
+    fit(trainer([]), module)  # a fit without the callback trains the module dense
+    assert not prune.is_pruned(module)
+    callback = BiPCallback(amount=AMOUNT)
+    fit(trainer([callback]), module)
+    assert callback.report is not None
+    assert callback.report.global_sparsity == pytest.approx(AMOUNT, abs=1e-3)
+
+
+class FailingValidation(Classifier):
+    def validation_step(self, batch, batch_idx):
+        raise RuntimeError("validation failed")
+
+
+def test_lightning_sanity_check_failure_leaves_the_module_unpruned() -> None:
+    module = FailingValidation()
+    before = capture(module)
+    run = trainer([BiPCallback(amount=AMOUNT)], num_sanity_val_steps=1)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        fit(run, module, val_dataloaders=loader())
+    assert not prune.is_pruned(module)
+    assert_unchanged(before, module)
+
+
+class CopiesItself(L.Callback):
+    """Copies and pickles the module between BiPCallback's setup and configure_model."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.copy = copy.deepcopy(pl_module)
+        self.pickled = pickle.loads(pickle.dumps(pl_module))
+
+
+def test_lightning_module_copied_before_configure_model_is_a_plain_module() -> None:
+    module, callback, copier = Classifier(), BiPCallback(amount=AMOUNT), CopiesItself()
+    fit(trainer([callback, copier]), module)
+    assert prune.is_pruned(module)
+    for other in (copier.copy, copier.pickled):
+        other.configure_model()  # the module's own (a no-op), not BiP's build
+        assert not prune.is_pruned(other)
+    assert callback.pruner is not None
+    assert callback.pruner.model is module

@@ -54,15 +54,43 @@ __all__ = ["BiPCallback"]
 
 def _pending(module: LightningModule) -> Any:
     """The callback whose build waits in ``module.configure_model`` (see :meth:`BiPCallback.setup`)."""
-    return getattr(module.__dict__.get("configure_model"), "bip_callback", None)
+    wrapper = module.__dict__.get("configure_model")
+    return wrapper.callback if isinstance(wrapper, _PruneAfterConfigure) else None
 
 
-def _unwrap(module: LightningModule, previous: Any) -> None:
-    """Give ``module`` its ``configure_model`` back (``previous``: what its ``__dict__`` held)."""
-    if previous is None:
-        module.__dict__.pop("configure_model", None)
-    else:
-        module.__dict__["configure_model"] = previous
+class _PruneAfterConfigure:
+    """The module's ``configure_model`` for one ``fit()``: the module's own, then BiP is built.
+
+    Set on the module by :meth:`BiPCallback.setup`, removed when called (or when the fit fails
+    before). A copy or pickle of the module holds the module's own ``configure_model`` instead.
+    """
+
+    def __init__(self, callback: BiPCallback, trainer: Trainer, module: LightningModule) -> None:
+        self.callback, self.trainer, self.module = callback, trainer, module
+        self.previous = module.__dict__.get("configure_model")
+        self.configure = module.configure_model
+
+    def unwrap(self) -> None:
+        """Give the module its ``configure_model`` back."""
+        if self.module.__dict__.get("configure_model") is not self:
+            return
+        if self.previous is None:
+            del self.module.__dict__["configure_model"]
+        else:
+            self.module.__dict__["configure_model"] = self.previous
+
+    def __call__(self) -> None:
+        self.unwrap()
+        self.configure()
+        if getattr(self.module, "_trainer", None) is self.trainer:  # (not a stale wrapper)
+            self.callback._prune(self.trainer, self.module)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return getattr, (self.module, "configure_model")  # (copied: the module's own method)
+
+
+# Lightning calls configure_model only where it differs from LightningModule's (by code object)
+_PruneAfterConfigure.__code__ = _PruneAfterConfigure.__call__.__code__  # type: ignore[attr-defined]
 
 
 class BiPCallback(CallbackBase, Callback):
@@ -159,19 +187,11 @@ class BiPCallback(CallbackBase, Callback):
                 "only the weights, loaded non-strictly: the pruned model would be lost. Use "
                 'strategy="ddp" (Lightning starts the processes itself, or torchrun does)'
             )
-        if _pending(pl_module) is self:
-            return  # already arranged by a fit() that failed before configure_model
-        previous = pl_module.__dict__.get("configure_model")
-        configure = pl_module.configure_model
-
-        def configure_model_then_prune() -> None:
-            _unwrap(pl_module, previous)
-            configure()
-            self._prune(trainer, pl_module)
-
-        configure_model_then_prune.bip_callback = self  # type: ignore[attr-defined]
-        pl_module.__dict__["configure_model"] = configure_model_then_prune  # (nn.Module keeps it there)
-        self._unwrap = lambda: _unwrap(pl_module, previous)
+        if self._unwrap is not None:
+            self._unwrap()  # (a wrapper of an earlier fit() that failed before configure_model)
+        wrapper = _PruneAfterConfigure(self, trainer, pl_module)
+        pl_module.__dict__["configure_model"] = wrapper  # (nn.Module keeps a plain attribute there)
+        self._unwrap = wrapper.unwrap
 
     def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build BiP on the module, converted to the trainer's precision and moved to its device.
@@ -183,8 +203,7 @@ class BiPCallback(CallbackBase, Callback):
         self._unwrap = None
         BiP.check(pl_module, self.amount, steps=self.steps, **self.settings)  # refused: module untouched
         names = {name.rsplit(".", 1)[-1] for name, _ in pl_module.named_parameters()}
-        tensors = [*pl_module.parameters(), *pl_module.buffers()]  # converted copies, not writes
-        snapshot = ModelSnapshot(pl_module, names, unchanged=tensors)
+        snapshot = ModelSnapshot(pl_module, names)  # (one copy of the values: a checkpoint loads into them)
         strategy = trainer.strategy
         strategy.precision_plugin.convert_module(pl_module)  # in place ("64-true", "bf16-true", ...)
         pl_module.to(strategy.root_device)
@@ -217,6 +236,16 @@ class BiPCallback(CallbackBase, Callback):
         if self._unwrap is not None:
             self._unwrap()
             self._unwrap = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A ``fit()`` that fails before training starts leaves the module as it was.
+
+        (A build still pending is dropped; a module pruned already, say before a failing sanity
+        check, is put back. A failure during training keeps BiP, for a resume.)
+        """
+        self.teardown(trainer, pl_module, "fit")
+        if self._snapshot is not None:
+            self._undo()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Set the schedule's length and restore a checkpoint's BiP state.
