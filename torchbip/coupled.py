@@ -255,8 +255,9 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     names = {m: n for n, m in twin.named_modules()}
     modules = dict(model.named_modules())
     training = twin.training
+    cuda = _cuda_devices(twin, inputs)  # the forward passes below draw none of the caller's numbers
     try:  # the model's own error, before the tracer retries it in ways that hide it (in eval, as it)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             twin.eval()(*inputs)
         twin.train(training)
     except Exception as err:
@@ -265,8 +266,10 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
             f"Coupled(example_inputs=...): the model fails on the example inputs of shapes {shapes} "
             f"({type(err).__name__}: {err}); pass a batch the model accepts"
         ) from err
-    graph = build_graph(tp, twin, inputs, "Coupled(example_inputs=...)")
-    macs = {n: LayerMacs(modules[n], per_pair) for n, per_pair in _layer_macs(twin, inputs).items()}
+    with torch.random.fork_rng(devices=cuda):
+        graph = build_graph(tp, twin, inputs, "Coupled(example_inputs=...)")
+        per_layer = _layer_macs(twin, inputs)
+    macs = {n: LayerMacs(modules[n], per_pair) for n, per_pair in per_layer.items()}
     param_index: dict[tuple[str, str], int] = {}
     params: list[tuple[nn.Module, str]] = []
     groups: list[ChannelGroup] = []
@@ -384,6 +387,21 @@ _MIXING = (
 
 Share = tuple[str, str, int, list[int], list[int]]  # (module, tensor, dim, positions, channels)
 
+_PASS_SEED = 0  # the seed each forward pass of a :func:`_mixing_groups` test starts from
+
+
+def _cuda_devices(model: nn.Module, inputs: tuple[Any, ...]) -> list[int]:
+    """The CUDA devices (indices) holding the model's tensors or the inputs.
+
+    A forward pass may draw from their generators: they are forked, with the CPU's, around it.
+    """
+    devices: set[int] = set()
+    for tensor in [*model.parameters(), *model.buffers(), *tensor_leaves(inputs)]:
+        if tensor.device.type == "cuda":
+            index = tensor.device.index
+            devices.add(index if index is not None else torch.cuda.current_device())
+    return sorted(devices)
+
 
 def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[Share]]) -> list[int]:
     """The groups (indices, ascending) whose channels reach the output past their readers.
@@ -396,7 +414,9 @@ def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[
     half of each group's channels is masked at the readers, and the outputs must not move when
     those channels' producers (weights, biases, BatchNorm parameters) take random values. All
     groups are tested at once, and halves of a failing set again (two forward passes per test,
-    in eval mode, drawing no random numbers of the caller's).
+    in eval mode, each from the same fixed seed so that a forward that samples (a VAE, MC
+    dropout) draws the same numbers in both; the CPU's generator and those of the model's CUDA
+    devices are forked, so the caller's random state is left as it was).
     """
     modules = dict(model.named_modules())
     generator = torch.Generator().manual_seed(0)
@@ -417,7 +437,14 @@ def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[
                 entries.append((tensor, dim, index_, dim == 0))
         plans.append((index, entries))
 
+    cuda = _cuda_devices(model, inputs)
+
     def run(selected: list[tuple[int, list[tuple[Tensor, int, Tensor, bool]]]], perturb: bool) -> Any:
+        # both passes of a test draw the same random numbers (a VAE's sampling, MC dropout), from
+        # the generators forked below only
+        torch.random.default_generator.manual_seed(_PASS_SEED)
+        for device in cuda:
+            torch.cuda.default_generators[device].manual_seed(_PASS_SEED)
         tensors = {id(t): t for _, entries in selected for t, *_ in entries}
         saved = {key: t.detach().clone() for key, t in tensors.items()}
         try:
@@ -460,7 +487,7 @@ def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[
 
     training = model.training
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=cuda):
             model.eval()
             return search(plans)
     finally:

@@ -217,3 +217,35 @@ def test_a_model_the_dependency_graph_cannot_trace_gets_a_named_error() -> None:
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(k.endswith("_orig") for k in after)
+
+
+class Sampling(nn.Module):
+    """Two conv-ReLU blocks with a head; ``sample`` draws noise in every mode (a VAE's latent,
+    MC dropout)."""
+
+    def __init__(self, sample: bool) -> None:
+        super().__init__()
+        self.sample = sample
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c1(x))
+        if self.sample:
+            h = h + 0.5 * torch.randn_like(h)
+            h = F.dropout(h, 0.25, training=True)
+        return self.head(F.relu(self.c2(h)).mean((2, 3)))
+
+
+def test_a_model_whose_eval_forward_is_random_keeps_its_groups_and_the_callers_random_state() -> None:
+    from torchbip.coupled import find_groups
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    plain = find_groups(Sampling(sample=False), x)
+    model = Sampling(sample=True)
+    state = torch.get_rng_state()
+    found = find_groups(model, x)
+    assert torch.equal(torch.get_rng_state(), state)  # no random number of the caller's drawn
+    assert [g.root for g in found.groups] == [g.root for g in plain.groups] == ["c2", "c1"]
+    assert found.skipped == plain.skipped
