@@ -27,6 +27,7 @@ shape or dtype is wrong) load with :func:`torchbip.load_slim_state_dict`.
 from __future__ import annotations
 
 import numbers
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -421,6 +422,18 @@ def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4, dim: int = -1) -> bool:
     return bool((blocks <= n).all())
 
 
+# the weight dtypes of torch's semi-structured kernels (torch.sparse.semi_structured's
+# _DTYPE_SHAPE_CONSTRAINTS) that an nn.Linear computes with; int8 and float8 need other matmuls
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+# torch's refusal of a shape its kernels do not take (SparseSemiStructuredTensor's
+# _validate_device_dim_dtype_shape: "Error original_tensor.shape ... is not supported! ...")
+_SHAPE_REFUSED = re.compile(r"original_tensor\.shape .* is not supported")
+
+
+def _on_cuda(weight: Tensor) -> bool:
+    return weight.device.type == "cuda"
+
+
 def to_semi_structured(model: nn.Module) -> nn.Module:
     """Return a copy whose 2:4-sparse ``nn.Linear`` weights are semi-structured sparse tensors.
 
@@ -443,7 +456,9 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
         RuntimeError: on a CPU or an unsupported GPU (there, keep the masked dense model: the
-            mask is all that N:M pruning yields without the sparse kernels).
+            mask is all that N:M pruning yields without the sparse kernels); when a 2:4-sparse
+            layer's weight is not float16/bfloat16 on a CUDA device (naming the layer); and
+            when torch's conversion fails other than by refusing a layer's shape.
 
     Example:
         >>> import torch
@@ -470,18 +485,30 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
             f"2:4 semi-structured sparsity needs compute capability >= 8.0, this GPU has {major}.x"
         )
     copied = baked_copy(model)
+    layers = [
+        (name or type(module).__name__, module)
+        for name, module in copied.named_modules()
+        if type(module) is nn.Linear and is_nm_sparse(module.weight.detach(), 2, 4)
+    ]
+    for name, module in layers:  # all refused before any is converted
+        weight = module.weight
+        if not _on_cuda(weight) or weight.dtype not in _SEMI_STRUCTURED_DTYPES:
+            raise RuntimeError(
+                f"to_semi_structured: the 2:4-sparse layer {name!r} has a {weight.dtype} weight on "
+                f"{weight.device}; torch's semi-structured kernels need float16 or bfloat16 weights "
+                "on a CUDA GPU (model.half().cuda() or model.to(torch.bfloat16).cuda())"
+            )
     left: list[str] = []
-    for name, module in copied.named_modules():
-        if type(module) is nn.Linear and is_nm_sparse(module.weight.detach(), 2, 4):
-            weight = module.weight.detach()
-            try:
-                sparse = torch.sparse.to_sparse_semi_structured(weight)
-            except torch.OutOfMemoryError:
+    for name, module in layers:
+        weight = module.weight.detach()
+        try:
+            sparse = torch.sparse.to_sparse_semi_structured(weight)
+        except RuntimeError as err:
+            if not _SHAPE_REFUSED.search(str(err)):  # only torch's shape check leaves a layer dense
                 raise
-            except RuntimeError as err:  # a shape or dtype torch's kernels do not take
-                left.append(f"{name or type(module).__name__} {tuple(weight.shape)} {weight.dtype} ({err})")
-                continue
-            module.weight = nn.Parameter(sparse, requires_grad=False)
+            left.append(f"{name} {tuple(weight.shape)} {weight.dtype} ({err})")
+            continue
+        module.weight = nn.Parameter(sparse, requires_grad=False)
     if left:
         warnings.warn(
             f"to_semi_structured left {len(left)} 2:4-sparse layer(s) dense, whose weights torch's "

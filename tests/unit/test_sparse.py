@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -214,22 +218,23 @@ def test_semi_structured_needs_a_gpu() -> None:
 
 def test_semi_structured_leaves_the_layers_torch_refuses_dense_and_names_them() -> None:
     """torch's kernels refuse small shapes (a 10-class head): that layer stays dense, the rest
-    converts. The GPU and torch's conversion are stood in for (the refusal rule is torch's own
-    shape check for float16 with CUTLASS: dimensions multiples of 32 and 64)."""
-    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-    for layer in (model[0], model[2]):
-        bip_semi_structured(layer, "weight")
+    converts. The GPU (weights on it included) and torch's conversion are stood in for (the
+    refusal rule and its message are torch's own shape check for float16 with CUTLASS:
+    dimensions multiples of 32 and 64)."""
+    model = _two_four_model()
 
     def convert(weight: torch.Tensor) -> torch.Tensor:
         rows, cols = weight.shape
         if rows % 32 or cols % 64:
-            raise RuntimeError(f"Error original_tensor.shape {weight.shape} is not supported!")
+            raise RuntimeError(
+                f"Error original_tensor.shape {weight.shape} is not supported! "
+                "Both dimensions must be larger than or equal to and a multiple of (32, 64)"
+            )
         return weight.to_sparse()  # a stand-in sparse tensor
 
     with (
-        mock.patch.object(torch.cuda, "is_available", return_value=True),
-        mock.patch.object(torch.cuda, "get_device_capability", return_value=(9, 0)),
-        mock.patch.object(torch.sparse, "to_sparse_semi_structured", side_effect=convert),
+        _fake_gpu(convert),
+        mock.patch("torchbip.sparse._on_cuda", return_value=True),
         pytest.warns(UserWarning, match=r"left 1 2:4-sparse layer\(s\) dense.*'?2'? \(10, 64\)"),
     ):
         converted = to_semi_structured(model)
@@ -237,6 +242,65 @@ def test_semi_structured_leaves_the_layers_torch_refuses_dense_and_names_them() 
     assert converted[2].weight.layout == torch.strided
     assert torch.equal(converted[2].weight, model[2].weight)
     assert prune.is_pruned(model)  # the input model is unchanged
+
+
+def _two_four_model(dtype: torch.dtype = torch.float16) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).to(dtype)
+    for layer in (model[0], model[2]):
+        bip_semi_structured(layer, "weight")
+    return model
+
+
+@contextlib.contextmanager
+def _fake_gpu(convert: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Any]:
+    """An sm90 GPU, and ``convert`` for torch's conversion."""
+    with (
+        mock.patch.object(torch.cuda, "is_available", return_value=True),
+        mock.patch.object(torch.cuda, "get_device_capability", return_value=(9, 0)),
+        mock.patch.object(torch.sparse, "to_sparse_semi_structured", side_effect=convert) as patched,
+    ):
+        yield patched
+
+
+@pytest.mark.parametrize(
+    ("dtype", "on_cuda", "what"),
+    [
+        pytest.param(torch.float16, False, "torch.float16 weight on cpu", id="cpu"),
+        pytest.param(torch.float32, True, "torch.float32 weight on", id="float32"),
+    ],
+)
+def test_semi_structured_refuses_weights_not_fp16_or_bf16_on_a_gpu(
+    dtype: torch.dtype, on_cuda: bool, what: str
+) -> None:
+    """A model left on the CPU (or in float32) on a GPU machine is refused, naming the layer: it
+    used to come back dense with a warning that quoted torch's device error."""
+    model = _two_four_model(dtype)
+    with (
+        _fake_gpu(lambda weight: weight.to_sparse()) as convert,
+        mock.patch("torchbip.sparse._on_cuda", return_value=True) if on_cuda else contextlib.nullcontext(),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match=rf"layer '0' has a {what}.*need float16 or bfloat16 weights"):
+            to_semi_structured(model)
+    convert.assert_not_called()
+
+
+def test_semi_structured_lets_other_errors_of_the_conversion_through() -> None:
+    """Only torch's refusal of a shape leaves a layer dense; any other error of the conversion
+    (here a stand-in for a contiguity or kernel error) propagates, with no warning."""
+
+    def convert(weight: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("Error original_tensor is not contiguous!Only contiguous tensors are supported.")
+
+    with (
+        _fake_gpu(convert),
+        mock.patch("torchbip.sparse._on_cuda", return_value=True),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="not contiguous"):
+            to_semi_structured(_two_four_model())
 
 
 @pytest.mark.skipif(
