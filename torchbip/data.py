@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections import UserDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -349,7 +350,8 @@ def to_device(value: Any, device: torch.device) -> Any:
     Containers keep their type: a namedtuple is rebuilt from its fields, a tuple or list subclass
     from its items (a plain tuple or list when its constructor does not build one from them),
     and a mutable mapping (``dict``, ``OrderedDict``, ``defaultdict`` with its factory,
-    ``UserDict``) is a shallow copy with its values moved; another mapping becomes a ``dict``.
+    ``UserDict``, ``BatchEncoding``) is rebuilt from its moved items (a ``dict`` when its type
+    cannot be); another mapping becomes a ``dict``. The caller's containers are never written to.
 
     Example:
         >>> import torch
@@ -378,15 +380,41 @@ def to_device(value: Any, device: torch.device) -> Any:
         return rebuilt if same else plain
     if isinstance(value, Mapping):
         moved = {k: to_device(v, device) for k, v in value.items()}
-        if isinstance(value, MutableMapping):
-            try:
-                clone = copy.copy(value)
-                clone.update(moved)
-                return clone
-            except Exception:  # a mapping that cannot be copied or updated
-                return moved
-        return moved
+        if type(value) is dict or not isinstance(value, MutableMapping):
+            return moved
+        return _rebuilt_mapping(value, moved)
     return value
+
+
+def _rebuilt_mapping(value: MutableMapping[Any, Any], moved: dict[Any, Any]) -> Any:
+    """A new mapping of ``value``'s type holding ``moved``, or ``moved`` (a ``dict``).
+
+    Nothing of the caller's is written to: ``copy.copy`` of a mapping may share its storage (a
+    class over a dict attribute). A ``UserDict`` whose class keeps ``UserDict.__copy__`` is
+    copied and given ``moved`` as its ``data`` (a ``BatchEncoding`` keeps its other attributes);
+    another type is built from the moved items (a ``defaultdict`` with its factory), and kept if
+    it holds exactly them.
+    """
+    kind: Any = type(value)
+    try:
+        if isinstance(value, UserDict) and kind.__copy__ is UserDict.__copy__:
+            rebuilt: Any = copy.copy(value)
+            rebuilt.data = moved  # a data dict of its own, the other attributes kept
+        elif isinstance(value, defaultdict):
+            rebuilt = kind(value.default_factory, moved)
+        else:
+            rebuilt = kind(moved)
+    except Exception:  # a constructor that takes something else
+        return moved
+    try:
+        same = (
+            isinstance(rebuilt, Mapping)
+            and len(rebuilt) == len(moved)
+            and all(k in rebuilt and rebuilt[k] is v for k, v in moved.items())
+        )
+    except Exception:
+        same = False
+    return rebuilt if same else moved
 
 
 def describe(value: Any) -> str:

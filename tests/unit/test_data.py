@@ -7,7 +7,9 @@ leaf must land there, whatever container holds it), and the arguments a model re
 from __future__ import annotations
 
 import collections
+import collections.abc
 import types
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -90,6 +92,71 @@ def test_to_device_keeps_a_defaultdicts_factory() -> None:
     assert moved["missing"] == []
     assert "missing" not in value  # a copy: the caller's batch is left as it was
     assert not value["x"].is_meta
+
+
+class Store(collections.abc.MutableMapping):
+    """A user mapping over a dict attribute: ``copy.copy`` shares that dict."""
+
+    def __init__(self, items: Any) -> None:
+        self._d = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._d[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._d[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._d[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class NoItems(Store):
+    """A mapping whose constructor takes something else."""
+
+    def __init__(self, tag: str, **items: Any) -> None:
+        super().__init__(items)
+
+
+class Encoding(collections.UserDict):
+    """Like transformers' BatchEncoding: a UserDict with attributes of its own."""
+
+    def __init__(self, data: Any = None, encodings: Any = None) -> None:
+        super().__init__(data)
+        self.encodings = encodings
+
+
+def test_to_device_never_writes_into_the_callers_mapping() -> None:
+    """A mapping whose shallow copy shares its storage was moved in place (the caller's batch
+    ended on the device); it is rebuilt from the moved items instead."""
+    batch = Store({"x": t(1), "id": "a"})
+    moved = to_device(batch, META)
+    assert type(moved) is Store
+    assert moved["x"].is_meta
+    assert moved["id"] == "a"
+    assert not batch["x"].is_meta  # the caller's batch is unchanged
+    assert batch._d is not moved._d
+    other = NoItems("tag", x=t(1))
+    moved_other = to_device(other, META)
+    assert type(moved_other) is dict
+    assert moved_other["x"].is_meta
+    assert not other["x"].is_meta
+
+
+def test_to_device_keeps_a_userdicts_attributes_without_sharing_its_data() -> None:
+    encodings = ["enc"]
+    batch = Encoding({"input_ids": t(1, 2)}, encodings=encodings)
+    moved = to_device(batch, META)
+    assert type(moved) is Encoding
+    assert moved.encodings is encodings
+    assert moved["input_ids"].is_meta
+    assert moved.data is not batch.data
+    assert not batch["input_ids"].is_meta
 
 
 def test_to_device_nested_namedtuples() -> None:
