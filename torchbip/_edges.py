@@ -25,6 +25,7 @@ does.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
@@ -149,6 +150,26 @@ def called_edges(model: nn.Module, layers: Sequence[nn.Module], inputs: Any, sou
 
 
 def traced_edges(model: nn.Module, layers: Sequence[nn.Module], what: str, side: str) -> Edges:
+    """See :func:`_traced_edges`: traced on a copy of ``model`` (where it can be copied).
+
+    Tracing runs the forward's Python code on proxies: on the model itself, a counter it keeps
+    would count the trace, and a tensor it stores would be a proxy afterwards.
+    """
+    if id(model) in {id(m) for m in layers}:
+        return _traced_edges(model, layers, what, side)
+    try:
+        twin = copy.deepcopy(model)
+    except Exception:  # a model that cannot be copied is traced itself
+        return _traced_edges(model, layers, what, side)
+    names = {id(m): n for n, m in model.named_modules()}
+    twins = dict(twin.named_modules())
+    twin_layers = [twins[names[id(m)]] for m in layers]
+    found = _traced_edges(twin, twin_layers, what, side)
+    back = {id(t): m for t, m in zip(twin_layers, layers, strict=True)}
+    return Edges(inputs=[back[id(m)] for m in found.inputs], outputs=[back[id(m)] for m in found.outputs])
+
+
+def _traced_edges(model: nn.Module, layers: Sequence[nn.Module], what: str, side: str) -> Edges:
     """The edges of ``model`` among ``layers``, from its :mod:`torch.fx` graph (nothing is run).
 
     The tracer steps into every module that holds a candidate layer and records the layers and
@@ -181,6 +202,8 @@ def traced_edges(model: nn.Module, layers: Sequence[nn.Module], what: str, side:
         True
     """
     index = {id(m): i for i, m in enumerate(layers)}
+    if id(model) in index:  # the model is one layer: it reads the inputs and writes the outputs
+        return Edges(inputs=[model], outputs=[model])
     holders = {id(m) for m in model.modules() if any(id(s) in index for s in m.modules())}
     opaque: dict[int, tuple[str, BaseException]] = {}  # id(module) -> (its name, the tracer's error)
 
@@ -222,13 +245,28 @@ def traced_edges(model: nn.Module, layers: Sequence[nn.Module], what: str, side:
     modules = dict(model.named_modules(remove_duplicate=False))
     produced: dict[int, int] = {}  # id(fx node) -> layer index, or -1 - i for the i-th opaque call
     opaque_calls: list[nn.Module] = []
+    # a layer's parameter read by the forward itself (F.linear(h, self.out.weight, ...)) makes
+    # the operation that reads it a call of that layer
+    owners = {
+        f"{name}.{p}": index[id(m)]
+        for name, m in modules.items()
+        if id(m) in index
+        for p, _ in m.named_parameters()
+    }
     for node in graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
+        reads = [
+            owners[str(a.target)]
+            for a in node.all_input_nodes
+            if a.op == "get_attr" and str(a.target) in owners
+        ]
         if module is not None and id(module) in index:
             produced[id(node)] = index[id(module)]
         elif module is not None and id(module) in opaque:
             opaque_calls.append(module)
             produced[id(node)] = -len(opaque_calls)
+        elif reads:
+            produced[id(node)] = reads[0]
 
     def inputs_of(node: torch.fx.Node) -> list[torch.fx.Node]:
         return list(node.all_input_nodes)

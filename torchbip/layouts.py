@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from torchbip._edges import Edges, called_edges, traced_edges
-from torchbip._func import Target, default_targets
+from torchbip._frames import user_stacklevel
+from torchbip._func import PRUNABLE_TYPES, Target, default_targets
 from torchbip._tensors import copy_into, split_like
 from torchbip.masks import (
     GlobalTopK,
@@ -529,25 +531,45 @@ class Groups(Layout):
         in which it registers them: the output layers are those whose outputs reach the model's
         outputs without passing through another ``Linear``/``Conv`` layer (the last layer called,
         or every head), the input layers those called before any other (the first layer called,
-        or the first of every input branch). Without a batch (:class:`torchbip.BiP`) the calls
-        come from tracing the model with :mod:`torch.fx`; a model it cannot trace is refused
-        (``ValueError``: pass ``parameters``). :func:`torchbip.global_prune` finds them on its
-        first batch instead (:meth:`called_default_parameters`).
+        or the first of every input branch). The calls come from tracing a copy of the model with
+        :mod:`torch.fx`; where torch.fx cannot trace the model's ends, the last (filters) or
+        first (channels) layer the model registers is left out, with a ``UserWarning``.
+        :func:`torchbip.global_prune` runs the model on its first batch there instead
+        (:meth:`called_default_parameters`).
 
         Channels also leave out grouped (and depthwise) convolutions, whose weight's dim 1 is a
         channel within each group; naming one in ``parameters`` is an error.
         """
-        return self._without_edges(
-            model,
-            lambda layers: traced_edges(
-                model, layers, f"layout={self.shorthand!r}", "outputs" if self.dim == 0 else "inputs"
-            ),
-        )
+        return self._without_edges(model, lambda layers: self._traced(model, layers, None))
+
+    def _traced(
+        self, model: nn.Module, layers: list[nn.Module], fallback: Callable[[], Edges] | None
+    ) -> Edges:
+        """The edges from :func:`torchbip._edges.traced_edges`, or where torch.fx cannot trace.
+
+        There: ``fallback()``, or else the layers by registration order, with a warning.
+        """
+        side = "outputs" if self.dim == 0 else "inputs"
+        try:
+            return traced_edges(model, layers, f"layout={self.shorthand!r}", side)
+        except ValueError as err:
+            if fallback is not None:
+                return fallback()
+            names = {id(m): n for n, m in model.named_modules()}
+            end = layers[-1] if self.dim == 0 else layers[0]
+            warnings.warn(
+                f"{err}. Until then, the {'last' if self.dim == 0 else 'first'} Linear/Conv layer the "
+                f"model registers, {names.get(id(end), type(end).__name__)!r}, is taken for that layer "
+                "and left out",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+            return Edges(inputs=[end], outputs=[end])
 
     def called_default_parameters(
         self, model: nn.Module, inputs: Any, source: str
     ) -> list[tuple[nn.Module, str]]:
-        """:meth:`default_parameters`, with the calls seen in one forward pass on a batch's ``inputs``.
+        """:meth:`default_parameters`, or where torch.fx cannot trace, one forward pass on ``inputs``.
 
         The pass changes nothing (see :func:`torchbip._edges.called_edges`). ``source`` names
         where the batch came from, for the error when the model fails on it.
@@ -559,7 +581,10 @@ class Groups(Layout):
             for w in weights
         ):
             return candidates  # the checks of the tensors refuse them, with their own reason
-        return self._without_edges(model, lambda layers: called_edges(model, layers, inputs, source))
+        return self._without_edges(
+            model,
+            lambda layers: self._traced(model, layers, lambda: called_edges(model, layers, inputs, source)),
+        )
 
     def candidate_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """The tensors :meth:`default_parameters` chooses from, before the edges are left out.
@@ -577,8 +602,10 @@ class Groups(Layout):
         The edges are found among all ``Linear``/``Conv`` layers (grouped ones included: a layer
         after a grouped convolution does not read the model's inputs).
         """
-        layers = list({id(m): m for m, _ in default_targets(model)}.values())
-        if not layers:
+        # every Linear/Conv layer, also those left out of the defaults (a weight_norm head): the
+        # layer before such a head is not an output layer
+        layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+        if not layers or not default_targets(model):
             return []
         edges = find(layers)
         ends = {id(m) for m in (edges.outputs if self.dim == 0 else edges.inputs)}

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from torch import Tensor, nn
+
+from torchbip._frames import user_stacklevel
 
 __all__ = ["PruneReport", "SparsityReport", "TensorSparsity", "sparsity_report"]
 
@@ -99,7 +99,7 @@ class SparsityReport:
                 f"{ranking} pruned every entry of {', '.join(map(repr, gone))}: the network passes "
                 f"nothing on through {'it' if len(gone) == 1 else 'them'}; {remedy}",
                 UserWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,16 +174,6 @@ class SparsityReport:
                 if pyplot is not None:
                     pyplot.close(fig)
         return fig
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside torchbip, for its caller's ``warnings.warn``."""
-    package = str(Path(__file__).resolve().parent)
-    frame: FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> SparsityReport:

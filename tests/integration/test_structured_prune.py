@@ -286,20 +286,72 @@ def test_global_prune_finds_the_edges_of_a_model_torch_fx_cannot_trace(seed: int
     assert set(report.sparsity.tensors) == {"body.weight", "mid.weight"}
 
 
-@pytest.mark.parametrize("structured", ["filter", "channel"])
-def test_bip_refuses_defaults_it_cannot_find_and_leaves_the_model(structured: str) -> None:
+@pytest.mark.parametrize(("structured", "left_out"), [("filter", "body"), ("channel", "head")])
+def test_bip_without_a_trace_leaves_out_the_registered_end_and_says_so(
+    structured: str, left_out: str
+) -> None:
+    """No batch and no trace: the last (filters) or first (channels) registered layer is left
+    out, as a guess the warning names (for this head-first model a wrong one: pass parameters)."""
     model = DataDependent()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    match = r"torch\.fx, which cannot trace DataDependent's forward \(TraceError: .*\)\. Pass parameters="
-    with pytest.raises(ValueError, match=rf"layout='{structured}' leaves out the layers that .*{match}"):
-        torchbip.BiP(model, 0.5, layout=structured)
-    with pytest.raises(ValueError, match=match):
+    match = (
+        r"torch\.fx, which cannot trace DataDependent's forward \(TraceError: .*\)\. .*"
+        rf"Linear/Conv layer the model registers, '{left_out}', is taken for that layer and left out"
+    )
+    with pytest.warns(UserWarning, match=rf"layout='{structured}' leaves out the layers that .*{match}"):
         torchbip.BiP.check(model, 0.5, layout=structured)
     assert not prune.is_pruned(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match=match) as caught:
+        pruner = torchbip.BiP(model, 0.5, layout=structured)
+    assert caught[0].filename == __file__  # the warning points at the user's call
+    assert f"{left_out}.weight" not in pruner.names
+    assert len(pruner.names) == 2
     # naming the tensors needs no trace
-    pruner = torchbip.BiP(model, 0.5, layout=structured, parameters=[(model.mid, "weight")])
+    other = DataDependent()
+    pruner = torchbip.BiP(other, 0.5, layout=structured, parameters=[(other.mid, "weight")])
     assert pruner.names == ["mid.weight"]
+
+
+def test_the_layer_of_a_weight_the_forward_reads_itself_is_an_edge() -> None:
+    """``F.linear(h, self.out.weight)``: ``out`` is the output layer although never called."""
+
+    class TiedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(torch.relu(self.b(torch.relu(self.a(x)))), self.out.weight, self.out.bias)
+
+    assert torchbip.BiP(TiedHead(), 0.5, layout="filter").names == ["a.weight", "b.weight"]
+
+
+def test_defaults_see_the_layers_left_out_of_them_and_a_model_that_is_one_layer() -> None:
+    """A spectral-norm head (no default target itself) is still the output layer; a model that
+    is one Linear has nothing to prune by filters."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model.append(nn.utils.parametrizations.spectral_norm(nn.Linear(8, 2)))
+    assert torchbip.BiP(model, 0.5, layout="filter").names == ["0.weight", "2.weight", "4.weight"]
+    with pytest.raises(ValueError, match="nothing to prune"):
+        torchbip.BiP(nn.Linear(4, 2), 0.5, layout="filter")
+
+
+def test_tracing_leaves_the_model_s_own_state_alone() -> None:
+    """The trace runs a copy's forward: a counter the model keeps does not count it."""
+
+    class Counting(nn.Sequential):
+        calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            return super().forward(x)
+
+    model = Counting(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    torchbip.BiP(model, 0.5, layout="filter")
+    assert model.calls == 0
+    global_prune(Counting(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), 0.5, flat_batches(), steps=2,
+                 progress=False, structured="channel")  # fmt: skip
 
 
 def test_bip_traces_past_a_module_torch_fx_cannot_trace_when_a_layer_stands_after_it() -> None:
@@ -310,11 +362,13 @@ def test_bip_traces_past_a_module_torch_fx_cannot_trace_when_a_layer_stands_afte
     names = torchbip.BiP(model, 0.5, layout="filter").names
     assert "2.weight" not in names
     assert {"0.weight", "1.layers.0.linear1.weight", "1.layers.0.linear2.weight"} <= set(names)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
     head_last = nn.Sequential(nn.Linear(8, 16), encoder)  # its last layers are inside the encoder
-    with pytest.raises(
-        ValueError, match=r"cannot trace the module '1', whose outputs reach the model's outputs"
+    with pytest.warns(
+        UserWarning, match=r"cannot trace the module '1', whose outputs reach the model's outputs"
     ):
-        torchbip.BiP(head_last, 0.5, layout="filter")
+        names = torchbip.BiP(head_last, 0.5, layout="filter").names
+    assert "1.layers.0.linear2.weight" not in names  # the last registered layer, as the warning says
 
 
 class Counted(list):
@@ -370,14 +424,14 @@ def test_finding_the_edges_changes_nothing_in_the_run(loader: str, structured: s
 
 
 def test_a_model_that_fails_on_the_first_batch_is_named_and_left_alone() -> None:
-    model = HeadFirst()
+    model = DataDependent()  # torch.fx cannot trace it: the first batch shows the calls
     before = {k: v.clone() for k, v in model.state_dict().items()}
     wrong = [(torch.randn(16, 5), torch.zeros(16, dtype=torch.long))]  # 5 features, not 8
-    match = (
-        r"the model failed on the first batch from loader \(inputs Tensor\[16, 5\] float32\), .*RuntimeError"
-    )
+    match = r"the model failed on the first batch from loader \(inputs Tensor\[16, 5\] float32\), .*Runtime"
     with pytest.raises(ValueError, match=match):
         global_prune(model, 0.5, wrong, steps=1, progress=False, structured="filter")
+    with pytest.raises(ValueError, match=r"the model or loss_fn failed on a batch from loader at step 0"):
+        global_prune(HeadFirst(), 0.5, wrong, steps=1, progress=False, structured="filter")  # (traced)
     assert not prune.is_pruned(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
