@@ -26,8 +26,8 @@ does.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from torchbip._func import make_forward
+from torchbip._tensors import tensor_leaves
 from torchbip.data import describe, to_device
 
 __all__ = ["Edges", "called_edges", "traced_edges"]
@@ -104,8 +105,8 @@ def called_edges(model: nn.Module, layers: Sequence[nn.Module], inputs: Any, sou
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         i = index[id(module)]
         called.append(i)
-        read_from.append((i, [t.grad_fn for t in _tensors(args) if t.grad_fn is not None]))
-        for t in _tensors(output):
+        read_from.append((i, [t.grad_fn for t in tensor_leaves(args) if t.grad_fn is not None]))
+        for t in tensor_leaves(output):
             if t.grad_fn is not None:
                 produced[id(t.grad_fn)] = i
                 keep_alive.append(t.grad_fn)
@@ -136,7 +137,9 @@ def called_edges(model: nn.Module, layers: Sequence[nn.Module], inputs: Any, sou
             module.training = training
 
     ends = _reached(
-        [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None], produced, lambda n: n.next_functions
+        [t.grad_fn for t in tensor_leaves(outputs) if t.grad_fn is not None],
+        produced,
+        lambda n: n.next_functions,
     )
     if not ends and called:  # outputs computed without autograd (argmax, detached): the last call
         ends = {called[-1]}
@@ -319,18 +322,3 @@ def _reached(starts: Iterable[Any], produced: Mapping[int, int], parents: Callab
 
 def _uninitialized(t: Tensor) -> bool:
     return isinstance(t, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
-
-
-def _tensors(value: Any) -> Iterator[Tensor]:
-    """The tensors in a nest of tuples, lists, mappings and dataclasses (a model's outputs)."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-    elif is_dataclass(value) and not isinstance(value, type):
-        for f in fields(value):
-            yield from _tensors(getattr(value, f.name, None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -51,9 +52,10 @@ def split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 def tensor_leaves(value: Any) -> list[Tensor]:
-    """The tensors of a model's output: a tensor, or nested tuples, lists and mappings of them.
+    """The tensors of a model's output: a tensor, or nested tuples, lists, mappings and dataclasses.
 
-    Mappings are read in the order of their sorted keys; anything else is left out.
+    Mappings are read in the order of their sorted keys (or their own, where keys do not
+    compare); anything else is left out.
 
     Example:
         >>> import torch
@@ -63,7 +65,13 @@ def tensor_leaves(value: Any) -> list[Tensor]:
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, Mapping):
-        return [t for k in sorted(value) for t in tensor_leaves(value[k])]
+        try:
+            keys = sorted(value)
+        except TypeError:  # keys that do not compare: their own order
+            keys = list(value)
+        return [t for k in keys for t in tensor_leaves(value[k])]
     if isinstance(value, list | tuple):
         return [t for v in value for t in tensor_leaves(v)]
+    if is_dataclass(value) and not isinstance(value, type):  # (a model output class)
+        return [t for f in fields(value) for t in tensor_leaves(getattr(value, f.name, None))]
     return []

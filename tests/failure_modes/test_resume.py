@@ -564,6 +564,17 @@ def test_checkpoint_of_another_format(tmp_path: Path, edit: Callable[[dict], Any
 # -- checkpoint_path that no checkpoint could be saved to ------------------------------------
 
 
+def assert_refused_before_any_work(path: str | Path, match: str) -> None:
+    """global_prune refuses ``checkpoint_path=path`` before its first step, the model unchanged."""
+    model = make_model()
+    before = capture(model)
+    calls = StopAt(0)
+    with pytest.raises(ValueError, match=match):
+        torchbip.global_prune(model, 0.8, shuffled(), loss_fn=calls, checkpoint_path=path, **OPTIONS)
+    assert calls.calls == 0
+    assert_unchanged(before, model)
+
+
 @pytest.mark.parametrize(
     ("make_path", "match"),
     [
@@ -581,13 +592,7 @@ def test_unusable_checkpoint_path(tmp_path: Path, make_path: Callable[[Path], st
         check_checkpoint_path(path)
     assert str(info.value).startswith(f"checkpoint_path={path!r} ")
     # global_prune refuses it before its first step
-    model = make_model()
-    before = capture(model)
-    calls = StopAt(0)
-    with pytest.raises(ValueError, match=match):
-        torchbip.global_prune(model, 0.8, shuffled(), loss_fn=calls, checkpoint_path=path, **OPTIONS)
-    assert calls.calls == 0
-    assert_unchanged(before, model)
+    assert_refused_before_any_work(path, match)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
@@ -611,13 +616,7 @@ def test_checkpoint_path_that_is_not_a_regular_file(tmp_path: Path, where: str, 
     with pytest.raises(ValueError, match=match) as info:
         check_checkpoint_path(str(path))
     assert str(info.value).startswith(f"checkpoint_path={str(path)!r}")
-    model = make_model()
-    before = capture(model)
-    calls = StopAt(0)
-    with pytest.raises(ValueError, match=match):
-        torchbip.global_prune(model, 0.8, shuffled(), loss_fn=calls, checkpoint_path=path, **OPTIONS)
-    assert calls.calls == 0
-    assert_unchanged(before, model)
+    assert_refused_before_any_work(path, match)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     left = {fifo.name, path.name} if where == "link" else {fifo.name}  # nothing written
     assert {p.name for p in tmp_path.iterdir()} == left
