@@ -104,11 +104,12 @@ def global_prune(
             ``"channel"`` the input layers (their channels are the model's inputs), and
             ``"N:M"`` every layer whose input size is not a multiple of ``m``; an N:M run needs
             ``amount = 1 - n/m``. The output and input layers are found by the order in which
-            the model calls its layers, in one forward pass on the first batch (which changes
+            the model calls its layers, traced on a copy of the model with :mod:`torch.fx` (or,
+            where it cannot be traced, in one forward pass on the first batch, which changes
             nothing: BatchNorm statistics and random number generators are left alone): the
             layers whose outputs reach the model's outputs without passing through another
-            ``nn.Linear``/``nn.Conv*d`` layer, and those called before any other. Slim the result with
-            :func:`torchbip.export_slim`.
+            ``nn.Linear``/``nn.Conv*d`` layer, and those called before any other. Slim the result
+            with :func:`torchbip.export_slim`.
         budget: for ``"filter"``/``"channel"``: ``"layer"`` prunes the same fraction of groups
             in every tensor (the paper; an int ``amount`` is then a count per tensor),
             ``"global"`` ranks all groups together, with the per-tensor floor ``min_keep``.

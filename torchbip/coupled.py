@@ -336,7 +336,7 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
                 [(n, p, d, pos, ch) for (n, p, d), (pos, ch) in shares.items()],
             )
         )
-    for index in reversed(_mixing_groups(twin, inputs, [shares_ for _, shares_ in ordered])):
+    for index in reversed(_mixing_groups(twin, inputs, [shares_ for _, shares_ in ordered], cuda)):
         skipped.append((ordered.pop(index)[0].root, _MIXING))
     for name, module in twin.named_modules():  # attention heads: one group per attention module
         if not isinstance(module, nn.MultiheadAttention) or name in {g.root for g, _ in ordered}:
@@ -403,7 +403,9 @@ def _cuda_devices(model: nn.Module, inputs: tuple[Any, ...]) -> list[int]:
     return sorted(devices)
 
 
-def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[Share]]) -> list[int]:
+def _mixing_groups(
+    model: nn.Module, inputs: tuple[Any, ...], groups: list[list[Share]], cuda: list[int]
+) -> list[int]:
     """The groups (indices, ascending) whose channels reach the output past their readers.
 
     While training, a group's channels are masked at their readers only (the input slices of
@@ -416,7 +418,8 @@ def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[
     groups are tested at once, and halves of a failing set again (two forward passes per test,
     in eval mode, each from the same fixed seed so that a forward that samples (a VAE, MC
     dropout) draws the same numbers in both; the CPU's generator and those of the model's CUDA
-    devices are forked, so the caller's random state is left as it was).
+    devices are forked, so the caller's random state is left as it was). ``cuda``: those
+    devices (:func:`_cuda_devices`).
     """
     modules = dict(model.named_modules())
     generator = torch.Generator().manual_seed(0)
@@ -436,8 +439,6 @@ def _mixing_groups(model: nn.Module, inputs: tuple[Any, ...], groups: list[list[
                 index_ = torch.tensor(sorted(set(picked)), device=tensor.device)
                 entries.append((tensor, dim, index_, dim == 0))
         plans.append((index, entries))
-
-    cuda = _cuda_devices(model, inputs)
 
     def run(selected: list[tuple[int, list[tuple[Tensor, int, Tensor, bool]]]], perturb: bool) -> Any:
         # both passes of a test draw the same random numbers (a VAE's sampling, MC dropout), from

@@ -540,7 +540,9 @@ class Groups(Layout):
         Channels also leave out grouped (and depthwise) convolutions, whose weight's dim 1 is a
         channel within each group; naming one in ``parameters`` is an error.
         """
-        return self._without_edges(model, lambda layers: self._traced(model, layers, None))
+        return self._without_edges(
+            model, self.candidate_parameters(model), lambda layers: self._traced(model, layers, None)
+        )
 
     def _traced(
         self, model: nn.Module, layers: list[nn.Module], fallback: Callable[[], Edges] | None
@@ -583,6 +585,7 @@ class Groups(Layout):
             return candidates  # the checks of the tensors refuse them, with their own reason
         return self._without_edges(
             model,
+            candidates,
             lambda layers: self._traced(model, layers, lambda: called_edges(model, layers, inputs, source)),
         )
 
@@ -595,9 +598,12 @@ class Groups(Layout):
         return [(m, "weight") for m, _ in default_targets(model) if self.dim == 0 or not _is_grouped(m)]
 
     def _without_edges(
-        self, model: nn.Module, find: Callable[[list[nn.Module]], Edges]
+        self,
+        model: nn.Module,
+        candidates: list[tuple[nn.Module, str]],
+        find: Callable[[list[nn.Module]], Edges],
     ) -> list[tuple[nn.Module, str]]:
-        """:meth:`candidate_parameters` less the output (filters) or input (channels) layers.
+        """``candidates`` (:meth:`candidate_parameters`) less the output (filters) or input (channels) layers.
 
         The edges are found among all ``Linear``/``Conv`` layers (grouped ones included: a layer
         after a grouped convolution does not read the model's inputs).
@@ -605,11 +611,11 @@ class Groups(Layout):
         # every Linear/Conv layer, also those left out of the defaults (a weight_norm head): the
         # layer before such a head is not an output layer
         layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
-        if not layers or not default_targets(model):
+        if not layers or not candidates:
             return []
         edges = find(layers)
         ends = {id(m) for m in (edges.outputs if self.dim == 0 else edges.inputs)}
-        return [(m, name) for m, name in self.candidate_parameters(model) if id(m) not in ends]
+        return [(m, name) for m, name in candidates if id(m) not in ends]
 
     def check_budget(
         self, budget: str, min_keep: Amount | None, max_keep: Amount | None, arg: str = "layout"

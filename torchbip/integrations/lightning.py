@@ -52,12 +52,6 @@ except ImportError:  # pragma: no cover - the standalone package
 __all__ = ["BiPCallback"]
 
 
-def _pending(module: LightningModule) -> Any:
-    """The callback whose build waits in ``module.configure_model`` (see :meth:`BiPCallback.setup`)."""
-    wrapper = module.__dict__.get("configure_model")
-    return wrapper.callback if isinstance(wrapper, _PruneAfterConfigure) else None
-
-
 class _PruneAfterConfigure:
     """The module's ``configure_model`` for one ``fit()``: the module's own, then BiP is built.
 
@@ -224,7 +218,7 @@ class BiPCallback(CallbackBase, Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check that BiP was built (Lightning called the module's ``configure_model``)."""
-        if self.pruner is None and _pending(pl_module) is self:
+        if self.pruner is None and self._unwrap is not None:  # the build still waits
             self.teardown(trainer, pl_module, "fit")
             raise RuntimeError(
                 "BiPCallback: this Lightning version did not call the module's configure_model() "
