@@ -244,9 +244,10 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
     Raises:
         OSError: when the file cannot be written (a full disk, a quota, permissions), naming
             ``checkpoint_path``, the step and the cause, with the cause's ``errno`` where it has
-            one. The temporary file is removed and an earlier file at ``path`` is left as it was.
-            Also (``EINVAL``) when ``path`` or the temporary file has become something other
-            than a regular file since the run started (a FIFO, a device): it is left alone.
+            one. The temporary file is removed, so are the directories this save created, and
+            an earlier file at ``path`` is left as it was. Also (``EINVAL``) when ``path`` or the
+            temporary file has become something other than a regular file since the run started
+            (a FIFO, a device): it is left alone.
     """
     path = Path(path)
     tmp = _scratch_path(path)
@@ -258,6 +259,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
                 f"checkpoint_path={str(path)!r}: the checkpoint of step {state.get('step')} was not "
                 f"written: {str(where)!r} is {kind}, not a regular file, and was left alone",
             )
+    # The directories this save creates, deepest first: a failed save removes them again.
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as file:
@@ -268,6 +271,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        for directory in created:
+            with contextlib.suppress(OSError):  # (only if still empty)
+                directory.rmdir()
         if not isinstance(err, (OSError, RuntimeError)):
             raise
         code = err.errno if isinstance(err, OSError) else None

@@ -179,6 +179,8 @@ def global_prune(
     generators = {id(g): g for lo in loaders for g in order_generators(lo)}.values()
     rng_states = [(g, g.get_state()) for g in generators]
     cpu_rng = torch.get_rng_state()
+    # (CUDA's generators too, where CUDA is in use: dropout on a GPU model draws from them.)
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         with _seeded(cfg.seed):
             # The streams start inside the seeded block: a shuffling DataLoader draws its order
@@ -205,6 +207,8 @@ def global_prune(
     except BaseException:
         snapshot.restore()
         torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         for g, state in rng_states:
             g.set_state(state)
         raise

@@ -244,7 +244,7 @@ def omp_finetune(
         >>> omp_finetune(model, 0.75, data, epochs=1).global_sparsity
         0.75
     """
-    validate_amount(amount)
+    amount = validate_amount(amount)  # a Python number: torch would round a float32 product
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
     with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
@@ -288,7 +288,7 @@ def random_finetune(
         >>> report.zeros, report.numel
         (10, 48)
     """
-    validate_amount(amount)
+    amount = validate_amount(amount)  # a Python number, as in omp_finetune
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
     gen = torch.Generator().manual_seed(seed)
@@ -487,7 +487,8 @@ def _imp_rounds(
             _rewind(model, rewind)
             round_index += 1
             loss = train(model, loader, epochs_per_round, desc=f"IMP round {round_index}", **train_options)
-            record = IMPRound(round_index, 1 - remaining / start_remaining, time.perf_counter() - start, loss)
+            pruned = (start_remaining - remaining) / start_remaining  # exactly the zeros over the entries
+            record = IMPRound(round_index, pruned, time.perf_counter() - start, loss)
             result.rounds.append(record)
             if on_round is not None:
                 on_round(record, model)

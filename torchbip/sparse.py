@@ -310,11 +310,21 @@ class SparseCSRConv2d(CSRModule):
 
 
 def _replace(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Replace every child for which ``convert`` returns a module; return how many."""
+    """Replace every child for which ``convert`` returns a module; return how many places.
+
+    A child registered at several places (one layer the model calls twice) is converted once and
+    the converted module takes every one of its places, so the places still share one layer.
+    (``named_children`` lists a child once per parent, so it is not used here.)
+    """
     count = 0
+    converted: dict[int, nn.Module | None] = {}
     for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            new = convert(child)
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in converted:
+                converted[id(child)] = convert(child)
+            new = converted[id(child)]
             if new is not None:
                 setattr(module, name, new)
                 count += 1

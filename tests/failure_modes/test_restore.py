@@ -243,3 +243,40 @@ def test_a_failed_call_leaves_the_generators_as_they_were(at: int, where: str) -
     first = [yb.tolist() for _, yb in loader]
     g.set_state(g_state)
     assert [yb.tolist() for _, yb in loader] == first
+
+
+def loader_of(x: Tensor, y: Tensor) -> Any:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def test_a_failed_call_on_a_gpu_leaves_cudas_generator_as_it_was(device: torch.device) -> None:
+    """Dropout on a GPU model draws from CUDA's generator: a failed call puts it back."""
+    if device.type != "cuda":
+        pytest.skip("CUDA's generator: needs TORCH_DEVICE=cuda")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    data = loader_of(torch.randn(96, 8, device=device), torch.randint(0, 3, (96,), device=device))
+    torch.rand(3, device=device)  # some caller state
+    before = torch.cuda.get_rng_state(device)
+    with pytest.raises(RuntimeError, match="loader broke"):
+        torchbip.global_prune(model, 0.5, RaisingAt(data, 3), **RUN)
+    assert torch.equal(torch.cuda.get_rng_state(device), before)
+
+
+def test_a_failed_call_puts_back_the_cuda_generators_it_found_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where CUDA is in use, its generators' states from before the call are set back on failure.
+
+    (A stand-in for CUDA on machines without it: the states are recorded, not drawn from.)
+    """
+    state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    restored: list[list[Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state.clone()])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    data = loader_of(torch.randn(96, 8), torch.randint(0, 3, (96,)))
+    with pytest.raises(RuntimeError, match="loader broke"):
+        torchbip.global_prune(make_model("dense"), 0.5, RaisingAt(data, 3), **RUN)
+    assert [[s.tolist() for s in states] for states in restored] == [[[1, 2, 3]]]

@@ -734,6 +734,23 @@ def test_save_checkpoint_keeps_the_previous_file(tmp_path: Path, monkeypatch: py
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
 
 
+@pytest.mark.parametrize("error", [OS_FULL, KeyboardInterrupt()], ids=["enospc", "interrupt"])
+def test_failed_first_save_removes_the_directories_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    (tmp_path / "kept").mkdir()  # an existing directory stays
+    path = tmp_path / "kept" / "runs" / "a" / "bip.pt"
+    model = make_model()
+    before = capture(model)
+    monkeypatch.setattr(torch, "save", failing_save(error))
+    with pytest.raises(type(error)):
+        torchbip.global_prune(
+            model, 0.8, shuffled(), checkpoint_path=str(path), checkpoint_every=2, **OPTIONS
+        )
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["kept"]
+    assert_unchanged(before, model)
+
+
 def test_save_checkpoint_keeps_the_errno(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "save", failing_save(OS_FULL))
     with pytest.raises(OSError, match=r"the checkpoint of step 3 could not be written") as info:

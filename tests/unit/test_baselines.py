@@ -459,3 +459,32 @@ def test_imp_with_nothing_to_prune_runs_no_round_and_leaves_the_model_untouched(
     assert calls == []  # no training step, no round reported
     assert_unchanged(before, model)
     assert not prune.is_pruned(model)
+
+
+def test_imp_reports_each_round_at_exactly_the_fraction_of_entries_its_masks_prune() -> None:
+    """``IMPRound.sparsity`` is zeros / entries of the masks, not ``1 - kept / entries`` (which
+    is off in the last bit for most counts, e.g. 1 - 116/144)."""
+    counted: list[tuple[float, float]] = []
+
+    def count(r: Any, model: nn.Module) -> None:
+        counted.append((r.sparsity, int((model.get_buffer("weight_mask") == 0).sum()) / 144))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 12), torch.randint(0, 12, (8,)))]
+    imp(nn.Linear(12, 12), 0.9, data, epochs_per_round=0.25, on_round=count)  # 144 weights
+    assert len(counted) > 5
+    assert [reported for reported, _ in counted] == [exact for _, exact in counted]
+
+
+@pytest.mark.parametrize("run", ["omp", "random"])
+def test_omp_and_random_prune_the_count_of_a_numpy_float32_amount_as_global_prune_does(run: str) -> None:
+    """float32(0.0173611...) * 144 is 2.50000012: 3 entries (as ``count_from_amount`` and
+    ``global_prune`` count), not the 2 that torch's float32 product, exactly 2.5, rounds to."""
+    amount = np.float32(0.0173611119389534)
+    expected = round(float(amount) * 144)
+    assert expected == 3
+    model = make_model()
+    fn = omp_finetune if run == "omp" else random_finetune
+    report = fn(model, amount, make_data(), epochs=0)
+    zeros = sum(int((m == 0).sum()) for m in masks(model))
+    assert zeros == report.zeros == expected

@@ -155,6 +155,20 @@ def test_to_sparse_csr_converts_a_model_that_is_one_layer(seed: int, layer: str)
     assert prune.is_pruned(model)  # the input model is unchanged
 
 
+def test_to_sparse_csr_converts_a_layer_used_at_two_places_at_both(seed: int) -> None:
+    shared = nn.Linear(6, 6)
+    prune.l1_unstructured(shared, "weight", amount=0.95)
+    inner = nn.Sequential(nn.ReLU(), shared)  # a second parent of the same layer
+    model = nn.Sequential(shared, nn.ReLU(), shared, inner)
+    csr = to_sparse_csr(model)
+    assert isinstance(csr[0], SparseCSRLinear)
+    assert csr[2] is csr[0]  # one layer, as in the model
+    assert csr[3][1] is csr[0]
+    assert csr[0].weight.values().numel() == int(shared.weight.count_nonzero())
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(csr(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.5, "0.9", True])
 def test_to_sparse_csr_rejects_bad_thresholds(value: object) -> None:
     with pytest.raises(ValueError, match="min_sparsity"):
