@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["as_inputs", "build_graph", "is_depthwise", "torch_pruning"]
+__all__ = ["as_inputs", "build_graph", "cuts_channels", "is_depthwise", "torch_pruning"]
 
 
 def torch_pruning(feature: str) -> Any:
@@ -78,3 +78,40 @@ def is_depthwise(module: nn.Module) -> bool:
     if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return False
     return module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
+def cuts_channels(node: Any) -> bool:
+    """Whether a slice node of Torch-Pruning's graph keeps part of an axis that may hold channels.
+
+    Such a slice (``y[:, :k]``, ``y.narrow(1, 0, k)``) has bounds fixed in the forward code:
+    removing a channel before it shifts which channels it keeps, so its channels cannot be
+    removed. A slice along another axis (a spatial crop, every channel kept) passes channels
+    through unchanged. The channel axis is 1 (``(N, C, ...)``), or also the last one for a
+    3-dimensional tensor (``(N, L, C)`` in transformers). A node whose slice cannot be read
+    counts as cutting.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> x = torch.randn(2, 8, 4, 4, requires_grad=True)
+        >>> [cuts_channels(SimpleNamespace(grad_fn=y.grad_fn)) for y in (x[:, :4], x[:, :, 1:])]
+        [True, False]
+    """
+    grad_fn = getattr(node, "grad_fn", None)
+    try:
+        sizes = [int(s) for s in grad_fn._saved_self_sym_sizes]  # type: ignore[union-attr]
+        dim, start, end, step = (
+            int(grad_fn._saved_dim),  # type: ignore[union-attr]
+            int(grad_fn._saved_start),  # type: ignore[union-attr]
+            int(grad_fn._saved_end),  # type: ignore[union-attr]
+            int(grad_fn._saved_step),  # type: ignore[union-attr]
+        )
+    except (AttributeError, TypeError, ValueError):
+        return True
+    if not sizes:
+        return True
+    dim %= len(sizes)
+    size = sizes[dim]
+    whole = step == 1 and (start == 0 or start <= -size) and end >= size
+    channel_axes = {1, 2} if len(sizes) == 3 else {min(1, len(sizes) - 1)}
+    return dim in channel_axes and not whole

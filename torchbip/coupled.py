@@ -7,10 +7,12 @@ a residual addition ties it to the same channel of every other layer that writes
 graph (the optional extra ``torchbip[export]``, i.e. ``pip install torch-pruning``) gives the
 groups of layers whose channels must go together: a convolution's output channel with its
 BatchNorm channel, the input channel of every consumer, and every layer tied to it through
-residual additions, concatenations, slices and flattening (a group whose channels go through
+residual additions, concatenations and flattening (a group whose channels go through
 ``torch.split``, ``torch.chunk`` or ``unbind`` is left dense, as is one that reaches the model's
-output: Torch-Pruning can map a split's pieces to the wrong channels; slice with ``y[:, :k]``
-instead). A group of ``C`` channels gets ``C`` scores. While training, channel ``k``'s mask
+output: Torch-Pruning can map a split's pieces to the wrong channels; so is one whose channels
+go through a channel slice such as ``y[:, :k]``, whose bounds the forward fixes: removing a
+channel would shift them. Give each piece a layer of its own instead). A group of ``C``
+channels gets ``C`` scores. While training, channel ``k``'s mask
 zeroes the ``k``-th input slice of every reader
 (the consumers' input channels): nothing reads a pruned channel, so the model computes what it
 would with the whole channel removed, and the channel keeps a first-order gradient (the change
@@ -87,7 +89,7 @@ from torch.nn.utils import prune
 
 from torchbip._func import PRUNABLE_TYPES, Target
 from torchbip._tensors import tensor_leaves
-from torchbip._tracing import as_inputs, build_graph, is_depthwise, torch_pruning
+from torchbip._tracing import as_inputs, build_graph, cuts_channels, is_depthwise, torch_pruning
 from torchbip.layouts import Layout, MaskLayout
 from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, topk_mask, validate_amount
 from torchbip.method import BiPMethod, attach_scores, outside_inference_mode
@@ -289,7 +291,10 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
                 reason = "its channels reach the model's output"
                 break
             if node.type in (op.SPLIT, op.UNBIND):  # Torch-Pruning can map a split's pieces wrongly
-                reason = "its channels go through torch.split/chunk/unbind (slice them instead: y[:, :k])"
+                reason = _SPLIT
+                break
+            if node.type == op.SLICE and cuts_channels(node):  # the export cannot shift its bounds
+                reason = _SLICE
                 break
             if node.type in passthrough:
                 continue
@@ -378,6 +383,15 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
         groups.append(ChannelGroup(group_.root, group_.size, tuple(slots), group_.layers))
     return Found(params, groups, skipped, macs)
 
+
+_SPLIT = (
+    "its channels go through torch.split/chunk/unbind, whose pieces the dependency graph can map to "
+    "the wrong channels (give each piece a layer of its own instead)"
+)
+_SLICE = (
+    "its channels go through a slice such as y[:, :k], whose bounds the forward fixes: removing a "
+    "channel would shift which channels it keeps (give each piece a layer of its own instead)"
+)
 
 _MIXING = (
     "its channels pass through an operation without parameters that mixes them (a normalization "
@@ -966,8 +980,19 @@ class Coupled(Layout):
         return self._found[id(model)][2]
 
     def default_parameters(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
-        """Every tensor of every group: weights, biases and BatchNorm affine parameters."""
-        return list(self.found(model).params)
+        """Every tensor of every group: weights, biases and BatchNorm affine parameters.
+
+        Raises:
+            ValueError: when the model has no group to prune (the message lists why each group
+                is left dense).
+        """
+        found = self.found(model)
+        if not found.params:
+            raise ValueError(
+                f"layout=Coupled finds no channel group to prune in this {type(model).__name__}: every "
+                f"group reaches the model's output or cannot be pruned safely: {found.skipped}"
+            )
+        return list(found.params)
 
     def check_parameters(self, parameters: object) -> None:
         """See :meth:`Layout.check_parameters`: the groups choose the tensors.

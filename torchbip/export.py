@@ -18,7 +18,9 @@ A channel is removed only when every layer that reads it gets the same result wi
   without padding: :math:`b \mathrel{+}= v \sum_k W_{:,c,k}`).
 
 Otherwise the channel is kept (a nonzero constant entering a zero-padded convolution is not a
-bias near the borders). Channels that reach the model's output are never removed. The constants
+bias near the borders). Channels that reach the model's output are never removed, nor channels
+that go through ``torch.split``, ``torch.chunk``, ``unbind`` or a channel slice such as
+``y[:, :k]``, whose bounds the forward fixes (removing a channel before it would shift them). The constants
 are read from one forward pass on ``example_inputs`` in eval mode, and the slim model is checked
 against the masked one on the same inputs (``verify=True``): equality holds in eval mode.
 
@@ -49,7 +51,7 @@ from torch.nn.utils import prune
 
 from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import tensor_leaves
-from torchbip._tracing import as_inputs, build_graph, is_depthwise, torch_pruning
+from torchbip._tracing import as_inputs, build_graph, cuts_channels, is_depthwise, torch_pruning
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["export_slim", "load_slim_state_dict", "make_permanent"]
@@ -191,9 +193,10 @@ class _Planner:
     ) -> None:
         t = tp.ops.OPTYPE
         self.tp, self.graph, self.stats, self.keep_out, self.zeros = tp, graph, stats, keep_out, zeros
-        self.passthrough = {
-            t.BN, t.ELEMENTWISE, t.CONCAT, t.SPLIT, t.RESHAPE, t.SLICE, t.EXPAND, t.PRELU, t.IN
-        }  # fmt: skip
+        self.passthrough = {t.BN, t.ELEMENTWISE, t.CONCAT, t.RESHAPE, t.SLICE, t.EXPAND, t.PRELU, t.IN}
+        # torch.split/chunk/unbind: Torch-Pruning can map the pieces to the wrong channels
+        self.splits = {t.SPLIT, t.UNBIND}
+        self.slice = t.SLICE
         self.layer_types = {t.CONV, t.LINEAR, t.DEPTHWISE_CONV}
         self.output = t.OUTPUT
 
@@ -216,6 +219,8 @@ class _Planner:
             is_in = graph.is_in_channel_pruning_fn(dep.handler)
             if node.type == self.output or (is_out and not node.outputs):
                 return [], {}  # the channel reaches the model's output
+            if node.type in self.splits or (node.type == self.slice and cuts_channels(node)):
+                return [], {}  # pieces of fixed bounds in the forward: a removal shifts them
             if node.type in self.passthrough:
                 continue
             if node.type not in self.layer_types or not isinstance(module, _LAYER_TYPES):
@@ -257,6 +262,24 @@ class _Planner:
             for module, i, value in folds[r]:
                 plan[module][i] = value
         return accepted, dict(plan)
+
+
+def _emptying_roots(graph: Any, group: Any) -> set[int]:
+    """One root index per layer of ``group`` that the group would leave without any channel."""
+    spare: set[int] = set()
+    for item in group:
+        module, idxs, roots = item.dep.target.module, list(item.idxs), list(item.root_idxs)
+        if not isinstance(module, _LAYER_TYPES) or not idxs:
+            continue
+        if graph.is_out_channel_pruning_fn(item.dep.handler):
+            size = module.weight.shape[0]
+        elif graph.is_in_channel_pruning_fn(item.dep.handler):
+            size = module.weight.shape[1] * getattr(module, "groups", 1)
+        else:
+            continue
+        if len(set(idxs)) >= size:
+            spare.add(int(roots[0]))
+    return spare
 
 
 def _fold(plan: Mapping[nn.Module, Mapping[int, float]]) -> None:
@@ -381,12 +404,17 @@ def export_slim(
             # A root can stand for a coarser unit than itself (one Linear input feature for a
             # whole conv channel after a flatten): judge the group of the accepted roots again,
             # until it is accepted whole.
+            # A layer is never emptied, also one that the group reaches through a concatenation
+            # (its channels then are only some of the root's): one of its channels stays.
             group = None
             while accepted:
                 group = graph.get_pruning_group(module, fn, accepted)
                 again, plan = planner.judge(group)
                 if again == accepted:
-                    break
+                    spare = _emptying_roots(graph, group)
+                    if not spare:
+                        break
+                    again = [r for r in accepted if r not in spare]
                 accepted = again
             if accepted and group is not None:
                 _fold(plan)

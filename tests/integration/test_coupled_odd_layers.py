@@ -249,3 +249,45 @@ def test_a_model_whose_eval_forward_is_random_keeps_its_groups_and_the_callers_r
     assert torch.equal(torch.get_rng_state(), state)  # no random number of the caller's drawn
     assert [g.root for g in found.groups] == [g.root for g in plain.groups] == ["c2", "c1"]
     assert found.skipped == plain.skipped
+
+
+class Halves(nn.Module):
+    """A conv's output cut in two (``how``: its channels in halves, or its rows by a spatial
+    crop), each piece read by its own conv-BN-ReLU."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        width = 4 if how == "slice" else 8
+        self.a, self.ba = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.p, self.bp = nn.Conv2d(width, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.q, self.bq = nn.Conv2d(width, 6, 1), nn.BatchNorm2d(6)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.ba(self.a(x)))
+        first, second = (h[:, :4], h[:, 4:]) if self.how == "slice" else (h[:, :, 1:], h[:, :, :-1])
+        h = torch.cat([F.relu(self.bp(self.p(first))), F.relu(self.bq(self.q(second)))], 1)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["slice", "crop"])
+def test_a_channel_slice_leaves_its_group_dense_and_the_export_runs(how: str) -> None:
+    """``h[:, :4]`` and ``h[:, 4:]`` have bounds the forward fixes: removing a channel of the
+    first half would shift the second half. That group is left dense with the reason; a crop of
+    the spatial axes keeps every channel, and its group is pruned. Either way the export runs
+    and removes every pruned channel."""
+    torch.manual_seed(0)
+    model = Halves(how)
+    x = torch.randn(4, 3, 8, 8)
+    pruner = _train(model, x)
+    skipped = dict(pruner.layout.skipped)
+    if how == "slice":
+        assert skipped["a"].startswith("its channels go through a slice such as y[:, :k]")
+    assert {g.root for g in pruner.layout.groups} == ({"p", "q"} if how == "slice" else {"a", "p", "q"})
+    slim = _finish_and_export(model, pruner, x)
+    assert (slim.a.out_channels, slim.p.out_channels, slim.q.out_channels) == (
+        8 if how == "slice" else 4,
+        3,
+        3,
+    )

@@ -12,7 +12,7 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from torchbip import bip_structured, bip_unstructured, export_slim, load_slim_state_dict
+from torchbip import BiP, bip_structured, bip_unstructured, export_slim, load_slim_state_dict
 from torchbip.export import _Planner, make_permanent
 
 pytest.importorskip("torch_pruning")
@@ -335,3 +335,96 @@ def test_a_batch_of_one_example_is_refused() -> None:
         ValueError, match=r"example_inputs holds a batch of one sample \(shape \(1, 3, 6, 6\)\)"
     ):
         export_slim(model.eval(), torch.randn(1, 3, 6, 6))
+
+
+class _TwoBranches(nn.Module):
+    """Two convolutions concatenated on the channel axis and read by one 1x1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.c, self.head = nn.Conv2d(8, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.c(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
+
+
+def test_a_branch_of_a_concatenation_is_never_emptied(seed: int) -> None:
+    """The reader of a concatenation reads one channel only (of the first branch): the second
+    branch's filters all go unread, but a layer is never emptied: it keeps one of them."""
+    model = _TwoBranches().eval()
+    mask = torch.zeros_like(model.c.weight)
+    mask[:, 0] = 1
+    prune.custom_from_mask(model.c, "weight", mask)
+    slim = export_slim(model, torch.randn(2, 3, 8, 8))
+    assert (slim.a.out_channels, slim.b.out_channels, slim.c.in_channels) == (1, 1, 2)
+    assert_same_outputs(slim, model, torch.randn(3, 3, 8, 8))
+
+
+class _Pieces(nn.Module):
+    """A conv's 8 channels cut in two halves (``how``), each read by its own convolution; the
+    two outputs concatenated and read by a 1x1 convolution."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b1, self.b2 = nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 3, padding=1)
+        self.c, self.head = nn.Conv2d(12, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.a(x)))
+        if self.how == "split":
+            p, q = torch.split(h, [4, 4], dim=1)
+        elif self.how == "chunk":
+            p, q = h.chunk(2, dim=1)
+        elif self.how == "narrow":
+            p, q = h.narrow(1, 0, 4), h.narrow(1, 4, 4)
+        else:
+            p, q = h[:, :4], h[:, 4:]
+        h = torch.cat([self.b1(p), self.b2(q)], 1)
+        return self.head(torch.relu(self.c(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["slice", "narrow", "split", "chunk"])
+@pytest.mark.parametrize("layout", ["filter", "channel"])
+def test_channels_cut_into_pieces_stay(how: str, layout: str) -> None:
+    """The forward fixes the pieces' bounds (``h[:, :4]``, ``split(h, 4)``): removing a pruned
+    channel of the first half would shift the second half's channels into it. Those channels
+    stay; the slim model computes what the masked one computes."""
+    torch.manual_seed(0)
+    model = randomize(_Pieces(how)).eval()
+    pruner = BiP(model, amount=0.5, layout=layout)
+    with torch.no_grad():
+        for scores in pruner.score_views:
+            scores.copy_(torch.randn_like(scores))
+    pruner.finish()
+    slim = export_slim(model, torch.randn(4, 3, 8, 8))
+    assert (slim.a.out_channels, slim.bn.num_features, slim.b1.in_channels, slim.b2.in_channels) == (
+        8,
+        8,
+        4,
+        4,
+    )
+    assert_same_outputs(slim, model, torch.randn(3, 3, 8, 8))
+
+
+def test_a_crop_of_the_spatial_axes_passes_channels_on(seed: int) -> None:
+    """A slice along another axis keeps every channel: the pruned filters still go (their
+    constant folds into the 1x1 reader)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    reader = nn.Conv2d(8, 4, 1)
+
+    class Crop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.reader, self.head = model, reader, nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.reader(self.body(x)[:, :, 1:, :-1]).mean((2, 3)))
+
+    net = Crop().eval()
+    bip_structured(net.body[0], "weight", amount=3, dim=0)
+    slim = export_slim(net, torch.randn(2, 3, 8, 8))
+    assert (slim.body[0].out_channels, slim.reader.in_channels) == (5, 5)
+    assert_same_outputs(slim, net, torch.randn(3, 3, 8, 8))

@@ -465,13 +465,19 @@ class SplitNet(nn.Module):
 
 @pytest.mark.parametrize("how", ["split", "chunk", "slice"])
 def test_split_channels_are_left_dense_and_finish_keeps_the_outputs(how: str) -> None:
-    """torch.split/chunk: Torch-Pruning maps the pieces' channels wrongly, so those groups stay
-    dense; slices are coupled. Either way finish() computes what the training masks did."""
+    """torch.split/chunk: Torch-Pruning maps the pieces' channels wrongly; a slice ``y[:, :4]``
+    has bounds the forward fixes, which a removed channel would shift. Either way those groups
+    stay dense, with the reason, and finish() computes what the training masks did."""
     torch.manual_seed(0)
     model = SplitNet(how)
     pruner = torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(torch.randn(4, 3, 6, 6)))
     names = set(pruner.names)
-    assert ("a.weight" in names) == (how == "slice")
+    assert "a.weight" not in names
+    assert "b.weight" not in names  # b's channels are added to a's first half
+    assert "c.weight" in names
+    reason = dict(pruner.layout.skipped)["a"]
+    assert ("y[:, :k]" in reason) == (how == "slice")
+    assert ("split" in reason) == (how != "slice")
     model.eval()
     x = torch.randn(5, 3, 6, 6)
     with torch.no_grad():
@@ -479,3 +485,17 @@ def test_split_channels_are_left_dense_and_finish_keeps_the_outputs(how: str) ->
     pruner.finish()
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+
+
+def test_a_model_without_a_group_to_prune_gets_the_reasons_and_is_left_alone() -> None:
+    """Every group of the model is left dense: the error says so and why, not that the model
+    has no Linear or Conv layer, and the model keeps its tensors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layout=Coupled finds no channel group to prune") as info:
+        torchbip.BiP(model, amount=0.5, layout=torchbip.Coupled(torch.randn(2, 3, 6, 6)))
+    assert "'2' (ConvTranspose2d) is not a Linear or Conv layer Coupled prunes" in str(info.value)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not model[0]._forward_pre_hooks
