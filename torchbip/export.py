@@ -20,9 +20,14 @@ A channel is removed only when every layer that reads it gets the same result wi
 Otherwise the channel is kept (a nonzero constant entering a zero-padded convolution is not a
 bias near the borders). Channels that reach the model's output are never removed, nor channels
 that go through ``torch.split``, ``torch.chunk``, ``unbind`` or a channel slice such as
-``y[:, :k]``, whose bounds the forward fixes (removing a channel before it would shift them). The constants
-are read from one forward pass on ``example_inputs`` in eval mode, and the slim model is checked
+``y[:, :k]``, whose bounds the forward fixes (removing a channel before it would shift them).
+The constants are read from one forward pass on ``example_inputs`` in eval mode, and the slim model is checked
 against the masked one on the same inputs (``verify=True``): equality holds in eval mode.
+
+When these rules keep more than a quarter of the weights that lie in entirely zero filters or
+input channels (not counting input channels read straight from the model's inputs), so that
+the slim model saves visibly less than the masks promise, :func:`export_slim` warns with a
+:class:`SlimExportWarning` naming the layers where they stay.
 
 Attention heads: a head of an :class:`torch.nn.MultiheadAttention` whose value rows (and value
 bias) are zero contributes nothing, and is removed too; the module becomes a
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -54,10 +60,19 @@ from torchbip._tensors import tensor_leaves
 from torchbip._tracing import as_inputs, build_graph, cuts_channels, is_depthwise, torch_pruning
 from torchbip.pruned import named_pruning_hooks
 
-__all__ = ["export_slim", "load_slim_state_dict", "make_permanent"]
+__all__ = ["SlimExportWarning", "export_slim", "load_slim_state_dict", "make_permanent"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER_TYPES = (nn.Linear, *_CONV_TYPES)
+_KEPT_ZEROS_WARN = 0.25  # the share of zero-slice weights kept above which the export warns
+
+
+class SlimExportWarning(UserWarning):
+    """:func:`export_slim` kept a visible share of the entirely zero filters or input channels.
+
+    Filter this category to silence it: ``warnings.filterwarnings("ignore",
+    category=SlimExportWarning)``.
+    """
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -378,6 +393,8 @@ def export_slim(
         reference = slim(*inputs)
     graph = build_graph(tp, slim, inputs, "export_slim")
     roots = [m for m in slim.modules() if isinstance(m, _LAYER_TYPES) and m in graph.module2node]
+    fed = _reading_inputs(slim, inputs)
+    zero_before = _zero_slice_weights(slim, fed)
     stats: _ChannelStats | None = None
     zeros = _ZeroCache()
     for module in roots:
@@ -425,9 +442,79 @@ def export_slim(
     _remove_heads(slim)
     if verify:
         with torch.no_grad():
-            outputs = slim(*inputs)
+            try:
+                outputs = slim(*inputs)
+            except Exception as err:
+                raise RuntimeError(
+                    f"the slim model fails on example_inputs ({type(err).__name__}: {err}): an operation "
+                    "ties channels in a way the dependency graph did not see; pass its producers in "
+                    "ignored_layers"
+                ) from err
         _check_close(outputs, reference, rtol, atol)
+    _warn_kept_zeros(zero_before, _zero_slice_weights(slim, fed))
     return slim.train(training)
+
+
+def _reading_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> set[str]:
+    """The names of the conv and linear layers whose input is (a view of) one of the model's inputs."""
+    storages = {t.untyped_storage().data_ptr() for t in tensor_leaves(inputs)}
+    found: set[str] = set()
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].untyped_storage().data_ptr() in storages:
+            found.add(names[id(module)])
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def _zero_slice_weights(model: nn.Module, fed: set[str]) -> dict[str, int]:
+    """Per conv/linear layer: the weights in entirely zero filters or input channels.
+
+    Input channels of a layer in ``fed`` (it reads the model's inputs, which no export can
+    shrink) do not count.
+    """
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, _LAYER_TYPES) or not isinstance(weight, Tensor) or weight.dim() < 2:
+            continue
+        rows, cols = weight.shape[0], weight.shape[1]
+        per_pair = weight.numel() // (rows * cols)
+        zero_rows = int(_zero_groups(weight, 0).sum())
+        zero_cols = 0 if name in fed else int(_zero_groups(weight, 1).sum())
+        count = (zero_rows * cols + zero_cols * rows - zero_rows * zero_cols) * per_pair
+        if count:
+            counts[name] = count
+    return counts
+
+
+def _warn_kept_zeros(before: Mapping[str, int], after: Mapping[str, int]) -> None:
+    """Warn when the export kept more than a quarter of the weights in zero filters/channels."""
+    total, kept = sum(before.values()), sum(after.values())
+    if total == 0 or kept <= _KEPT_ZEROS_WARN * total:
+        return
+    worst = sorted(after.items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{name!r} ({count:,})" for name, count in worst[:5])
+    more = f" and {len(worst) - 5} more layers" if len(worst) > 5 else ""
+    warnings.warn(
+        f"the slim model still holds {kept:,} of the {total:,} weights ({kept / total:.0%}) that lay in "
+        f"entirely zero filters or input channels of the masked model: {listed}{more}. Channels stay "
+        "where removing them would change the outputs, and where you asked: layers in ignored_layers, "
+        "channels that reach the model's output, residual "
+        "additions or concatenations tied to channels that are not zero, grouped (not depthwise) or "
+        "transposed convolutions, a layer used at two places, split or sliced channels, a nonzero constant "
+        "entering a zero-padded convolution, and one channel of a layer whose channels are all zero",
+        SlimExportWarning,
+        stacklevel=3,
+    )
 
 
 def _remove_heads(model: nn.Module) -> None:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchbip._collectives import agree, all_reduce_mean, broadcast_state, default_group
+from torchbip._frames import user_stacklevel
 from torchbip._func import Target, candidate_targets, check_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import copy_into, split_like
@@ -397,6 +398,11 @@ class BiP:
         self.origs = [t.weight() for t in targets]
         self.hooks = [pruning_hook(t.module, t.name) for t in targets]
         self.saved = [p.detach().clone() for p in self.origs] if self.hold_pruned else None
+        # The version counters of weight_orig after the last step and at the last backward pass
+        # that reached each tensor (None: none since the last step); see _check_order.
+        self.saved_versions = [p._version for p in self.origs]
+        self.seen_versions: list[int | None] = [None] * len(targets)
+        self._order_warned = False
         # g summed over the backward passes since the last step (None: no gradient yet).
         self.captured: list[Tensor | None] = [None] * len(targets)
         self.owned = [False] * len(targets)  # whether captured[i] is a copy the pruner may write into
@@ -424,17 +430,21 @@ class BiP:
         :class:`~torchbip.method.GradCapture`.)
         """
         self.__dict__.update(state)
-        if not self._finished:
+        if not self._finished:  # (the copy's tensors have version counters of their own)
+            self.saved_versions = [p._version for p in self.origs]
+            self.seen_versions[:] = [None] * len(self.origs)
             for i, hook in enumerate(self.hooks):
                 assert hook is not None
                 set_grad_capture(hook, GradCapture(self._capture_fn(i)))
 
     def _capture_fn(self, index: int) -> Callable[[Tensor], None]:
         captured, fired, owned, on = self.captured, self.fired, self.owned, self._capturing
+        origs, versions = self.origs, self.seen_versions
 
         def capture(grad: Tensor) -> None:
             if not on[0]:
                 return
+            versions[index] = origs[index]._version  # weight_orig as this backward pass saw it
             # The first gradient is kept as autograd made it (no copy) when it is contiguous; the
             # pruner writes into it only once it owns a copy (a second backward pass, scaling, a
             # collective), so whoever else holds that tensor never sees it change.
@@ -566,6 +576,7 @@ class BiP:
         self.captured[:] = [None] * len(self.captured)
         self.owned[:] = [False] * len(self.owned)
         self.fired[:] = [False] * len(self.fired)
+        self.seen_versions[:] = [None] * len(self.seen_versions)
 
     @torch.no_grad()
     def step(
@@ -712,6 +723,7 @@ class BiP:
                         "this step (step(skip=True)); every rank must step or skip together"
                     )
             self._check_first_step(fired)
+            self._check_order()
             self._upper_grads_from_captured(inv_scale)
         else:
             self._write_score_grads(upper_grads)
@@ -733,6 +745,7 @@ class BiP:
         self.update_masks()
         if self.saved is not None:
             self._store_saved()
+        self.saved_versions = [p._version for p in self.origs]
         self.zero_grad()
         self.step_count += 1
 
@@ -922,6 +935,29 @@ class BiP:
         for i, saved in enumerate(self.saved):
             copy_into(saved, self._full(i))
 
+    def _check_order(self) -> None:
+        r"""Warn (once) when :meth:`step` is called before ``optimizer.step()``.
+
+        Autograd's version counter of ``weight_orig`` tells: in the documented order the weights
+        change after the backward pass (the optimizer's step) and before :meth:`step`; called
+        the other way round, they changed after the last :meth:`step` and before the forward
+        pass. :math:`\theta` of the upper gradient is then one optimizer step older than the
+        weights the loss saw. (Writes through ``.data`` bypass the counter and are not seen.)
+        """
+        if self._order_warned:
+            return
+        for orig, seen, saved in zip(self.origs, self.seen_versions, self.saved_versions, strict=True):
+            if seen is not None and not _is_dtensor(orig) and saved != seen == orig._version:
+                self._order_warned = True
+                warnings.warn(
+                    "BiP.step() is called before optimizer.step(): the weights changed after the last "
+                    "BiP.step() and before the forward pass, so the upper gradient uses weights one "
+                    "optimizer step older than the loss saw; call pruner.step() after optimizer.step()",
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                return
+
     def _no_gradient_error(self) -> RuntimeError | None:
         """The error for a step with no gradient of any pruned tensor since the last one."""
         if any(self.fired):
@@ -936,6 +972,18 @@ class BiP:
         """In the first step every pruned tensor must have had a gradient (on some rank)."""
         if self.step_count == 0 and not all(fired):
             names = ", ".join(repr(n) for n, f in zip(self.names, fired, strict=True) if not f)
+            frozen = [
+                t.orig_fqn
+                for t, f in zip(self.targets, fired, strict=True)
+                if not f and not getattr(t.module._parameters.get(t.name + "_orig"), "requires_grad", True)
+            ]
+            if frozen:
+                raise ValueError(
+                    f"parameters names {names}, which got no gradient in the first backward pass: "
+                    f"{', '.join(map(repr, frozen))} has requires_grad=False, so autograd computes no "
+                    "gradient at the masked weight, which the scores need; set requires_grad=True (and "
+                    "leave it out of the optimizer to keep its weights fixed) or leave it out (exclude=...)"
+                )
             raise ValueError(
                 f"parameters names {names}, which got no gradient in the first backward pass: the "
                 "module's forward is never called (its parent reads the tensor directly, as "
@@ -1177,6 +1225,7 @@ class BiP:
                     current.copy_(value)
             elif self.saved is not None:
                 self._store_saved()
+        self.saved_versions = [p._version for p in self.origs]
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.zero_grad()

@@ -875,6 +875,54 @@ def test_step_without_backward_is_an_error() -> None:
         pruner.step()
 
 
+@pytest.mark.parametrize("optimizer_first", [True, False], ids=["documented-order", "step-first"])
+def test_step_before_the_optimizer_is_told_once(optimizer_first: bool) -> None:
+    """Called before ``optimizer.step()``, theta would be one optimizer step older than the weights
+    the loss saw: the pruner sees it from the version counters and says so, once."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in make_batches(4):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if optimizer_first:
+                optimizer.step()
+                pruner.step()
+            else:
+                pruner.step()
+                optimizer.step()
+            # validation forwards in between change nothing
+            with torch.no_grad():
+                model(x)
+    told = [w for w in caught if "called before optimizer.step()" in str(w.message)]
+    assert len(told) == (0 if optimizer_first else 1)
+    if told:
+        assert told[0].filename == __file__  # points at the user's call
+
+
+def test_a_frozen_tensor_is_named_with_its_cause_and_its_mask_trains_outside_the_optimizer() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8)
+    model[2].weight_orig.requires_grad_(False)
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"'2.weight'.*'2.weight_orig' has requires_grad=False"):
+        pruner.step()
+    # The remedy the message names: a gradient, but no optimizer step, for that tensor.
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, upper_lr=50.0)
+    fixed = model[2].weight_orig.detach().clone()
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if n != "2.weight_orig"], lr=0.05)
+    first = masks(model)[1]
+    train(model, pruner, optimizer, make_batches())
+    assert torch.equal(model[2].weight_orig, fixed)
+    assert not torch.equal(masks(model)[1], first)
+    total = sum(mk.numel() for mk in masks(model))
+    assert sum(int((mk == 0).sum()) for mk in masks(model)) == round(0.8 * total)
+
+
 # -- FSDP ----------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from unittest import mock
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip import BiP, bip_structured, bip_unstructured, export_slim, load_slim_state_dict
-from torchbip.export import _Planner, make_permanent
+from torchbip.export import SlimExportWarning, _Planner, make_permanent
 
 pytest.importorskip("torch_pruning")
 
@@ -428,3 +429,96 @@ def test_a_crop_of_the_spatial_axes_passes_channels_on(seed: int) -> None:
     slim = export_slim(net, torch.randn(2, 3, 8, 8))
     assert (slim.body[0].out_channels, slim.reader.in_channels) == (5, 5)
     assert_same_outputs(slim, net, torch.randn(3, 3, 8, 8))
+
+
+# -- what the export could not remove -------------------------------------------------------------
+
+
+class ResidualPair(nn.Module):
+    """Two convolutions added together; only ``a``'s filters are masked, so the sum keeps them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head((self.a(x) + self.b(x)).relu().mean((2, 3)))
+
+
+def zero_filter_weights(conv: nn.Conv2d) -> int:
+    """The weights in entirely zero filters of ``conv``, counted from its weight."""
+    w = conv.weight.detach()
+    zero = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+    return int(zero.sum()) * w[0].numel()
+
+
+def test_an_export_that_keeps_the_zero_filters_warns_naming_the_layer_and_the_counts() -> None:
+    torch.manual_seed(0)
+    model = ResidualPair().eval()
+    bip_structured(model.a, "weight", amount=0.5, dim=0)
+    promised = zero_filter_weights(model.a)  # 4 filters of 3 * 3 * 3
+    with pytest.warns(SlimExportWarning) as caught:
+        slim = export_slim(model, torch.randn(4, 3, 8, 8))
+    kept = zero_filter_weights(slim.a)  # the residual sum keeps every channel
+    assert (promised, kept) == (108, 108)
+    message = str(caught[0].message)
+    assert f"still holds {kept:,} of the {promised:,} weights (100%)" in message
+    assert "'a' (108)" in message
+    assert caught[0].filename == __file__
+
+
+def test_an_export_that_removes_the_zero_filters_does_not_warn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(64, 2))
+    bip_structured(model[0], "weight", amount=0.5, dim=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlimExportWarning)
+        slim = export_slim(model.eval(), torch.randn(4, 3, 6, 6))
+    assert slim[0].out_channels == 4  # the four zero filters are gone (their constant folded)
+    assert zero_filter_weights(slim[0]) == 0
+
+
+def test_zero_input_columns_read_from_the_models_inputs_are_not_counted() -> None:
+    """Unstructured masks leave whole input columns of the first layer zero (an image's border):
+    no export can remove what the model's inputs feed, so that is no shortfall to warn about."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
+    with torch.no_grad():
+        model[1].weight[:, :20] = 0
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlimExportWarning)
+        slim = export_slim(model, torch.randn(4, 1, 8, 8))
+    assert slim[1].in_features == 64
+
+
+class IndexedChannels(nn.Module):
+    """Channels picked by a fixed index tensor, which the dependency graph takes as element-wise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.register_buffer("order", torch.arange(7, -1, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.a(x)[:, self.order]).mean((2, 3))
+
+
+def test_a_slim_model_that_fails_on_the_example_inputs_is_a_clear_error() -> None:
+    torch.manual_seed(0)
+    model = IndexedChannels()
+    bip_structured(model.a, "weight", amount=0.5, dim=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        RuntimeError, match=r"the slim model fails on example_inputs \(IndexError: .*ignored_layers"
+    ):
+        export_slim(model, torch.randn(4, 3, 8, 8))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert prune.is_pruned(model)
+    # the message's remedy works (and the export says it kept the zero filters it was told to keep)
+    with pytest.warns(SlimExportWarning, match="ignored_layers"):
+        slim = export_slim(model, torch.randn(4, 3, 8, 8), ignored_layers=[model.a])
+    assert_same_outputs(slim, model, torch.randn(2, 3, 8, 8))
