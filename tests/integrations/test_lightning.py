@@ -563,3 +563,81 @@ def test_lightning_module_copied_before_configure_model_is_a_plain_module() -> N
         assert not prune.is_pruned(other)
     assert callback.pruner is not None
     assert callback.pruner.model is module
+
+
+class SkipsEndOfWindow(Classifier):
+    """Returns ``None`` for the last batch of every second accumulation window (``accumulate=2``)."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 3 else super().training_step(batch, batch_idx)
+
+
+def test_lightning_loss_scaler_with_a_window_that_ends_in_none_equals_own_loop() -> None:
+    """Under a GradScaler, Lightning skips the optimizer's step when the batch that ends an
+    accumulation returns ``None`` (and zeroes the window's gradients before the next one): BiP
+    neither steps nor keeps that window's gradients."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = SkipsEndOfWindow()
+    callback = BiPCallback(amount=AMOUNT)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+    fit(trainer([callback], plugins=[plugin], accumulate_grad_batches=2), module)
+
+    net = make_net()
+    pruner = torchbip.BiP(net, AMOUNT, steps=BATCHES * EPOCHS // 2)
+    optimizer = make_optimizer(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for _ in range(EPOCHS):
+        for i, (x, y) in enumerate(loader()):
+            if i == 3:  # no backward pass, no step for the window: its gradients are dropped
+                optimizer.zero_grad()
+                pruner.zero_grad()
+                continue
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(net(x), y) / 2
+            scaler.scale(loss).backward()
+            if i == 1:
+                scaler.step(optimizer)
+                pruner.step(scaler=scaler)
+                scaler.update()
+                optimizer.zero_grad()
+    pruner.finish()
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == pruner.step_count == EPOCHS
+    assert_same_state(module.net, net)
+
+
+class FusedAdamW(Classifier):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+
+def test_lightning_loss_scaler_with_a_fused_optimizer_equals_own_loop_and_skips_overflows() -> None:
+    """A fused optimizer unscales its gradients inside ``scaler.step`` (Lightning does not unscale
+    before ``on_before_optimizer_step``): BiP reads the skip after the step, as a plain loop does."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    init_scale = 2.0**22  # the first steps overflow in float16
+    module = FusedAdamW()
+    callback = BiPCallback(amount=AMOUNT)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    fit(trainer([callback], plugins=[plugin]), module)
+
+    net = make_net()
+    pruner = torchbip.BiP(net, AMOUNT, steps=BATCHES * EPOCHS)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    for _ in range(EPOCHS):
+        for x, y in loader():
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(net(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            pruner.step(scaler=scaler)
+            scaler.update()
+    pruner.finish()
+    assert callback.pruner is not None
+    assert callback.pruner.skipped_steps == pruner.skipped_steps > 0
+    assert callback.pruner.step_count == pruner.step_count > 0
+    assert_same_state(module.net, net)

@@ -293,3 +293,40 @@ def test_trainer_second_train_after_remove_keeps_the_masks_fixed(tmp_path) -> No
     other = _trainer(callback, tmp_path, model=tiny_bert(seed=1))
     with pytest.raises(RuntimeError, match=r"already pruned another model"):
         other.train()
+
+
+def test_trainer_load_best_model_at_end_leaves_the_best_checkpoint_s_model(tmp_path) -> None:
+    """``load_best_model_at_end``: the trainer loads the best checkpoint before ``on_train_end``; the
+    final model is that checkpoint's model exactly (masks, and ``weight_orig`` at pruned entries),
+    not its kept weights with the last step's values put back at the pruned ones."""
+    from safetensors.torch import load_file
+
+    model = tiny_bert()
+    callback = BiPTrainerCallback(amount=AMOUNT)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, report_to=[],
+        use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0, eval_strategy="steps", eval_steps=2,
+        save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True,  # the highest evaluation loss: an early checkpoint
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=dataset(), eval_dataset=dataset()[:32], callbacks=[callback]
+        )
+        trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    assert not best.endswith(f"checkpoint-{STEPS}")  # the best is not the last step's model
+    saved = load_file(f"{best}/model.safetensors")
+    state = model.state_dict()
+    assert saved.keys() == state.keys()
+    for key in saved:
+        torch.testing.assert_close(state[key], saved[key], rtol=0, atol=0, msg=key)
+    masks = [m.weight_mask for m in model.modules() if isinstance(m, nn.Linear)]
+    total = sum(m.numel() for m in masks)
+    assert sum(int((m == 0).sum()) for m in masks) == round(AMOUNT * total)
+    assert callback.report is not None
+    assert callback.report.global_sparsity == round(AMOUNT * total) / total
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == int(best.rsplit("-", 1)[1])

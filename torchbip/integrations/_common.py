@@ -114,10 +114,14 @@ class CallbackBase:
         """The pruner while it prunes: ``None`` before it is built and after training ended."""
         return None if self.pruner is None or self.report is not None else self.pruner
 
-    def _finish(self) -> None:
+    def _finish(self, as_loaded: bool = False) -> None:
         """:meth:`torchbip.BiP.finish` (keeping its report), then :func:`remove_pruning` with ``remove``.
 
         After a later run with the masks fixed (:meth:`_train_again`), only the latter.
+
+        Args:
+            as_loaded: finish with ``as_loaded=True``: the masks and weights the model holds are
+                final as they are (a checkpoint the trainer loaded into it at the end).
         """
         pruner = self._active()
         if pruner is None:
@@ -125,7 +129,7 @@ class CallbackBase:
                 remove_pruning(self.pruner)
             self._again = False
             return
-        self.report = pruner.finish()
+        self.report = pruner.finish(as_loaded=as_loaded)
         self._keeps = pruner.keeps  # (new tensors: m != 0)
         if self.remove:
             remove_pruning(pruner)

@@ -145,6 +145,7 @@ class BiPCallback(CallbackBase, Callback):
         self._configure(amount, steps, remove, settings)
         self._restored: Mapping[str, Any] | None = None
         self._skip = False
+        self._backoff = False  # the skip is read off the scale after the step (a fused optimizer)
         self._load_hook: RemovableHandle | None = None
         self._snapshot: ModelSnapshot | None = None  # the module before BiP, until training starts
         self._unwrap: Callable[[], None] | None = None  # drops a pending build (see setup)
@@ -303,17 +304,31 @@ class BiPCallback(CallbackBase, Callback):
     # -- the step -----------------------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        """Note that an optimizer step follows, and the loss scale its gradients carry."""
+        """Note that an optimizer step follows, and the loss scale its gradients carry.
+
+        Under a loss scaler, Lightning skips the optimizer's step when the ``training_step`` that
+        ends an accumulation returns ``None``; BiP then drops the window's gradients (Lightning
+        zeroes them before the next one) and does not step. A fused optimizer unscales its
+        gradients inside the scaler's step: whether that step was skipped is read after it.
+        """
         pruner = self._active()
         if pruner is None or self._due:
             return
         # A training_step that returns None runs no backward pass: nothing to step then.
         self._due = pruner.has_grad
-        self._scale, self._skip = None, False
+        self._scale, self._skip, self._backoff = None, False, False
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self._due and scaler is not None and scaler.is_enabled():
+        if not self._due or scaler is None or not scaler.is_enabled():
+            return
+        stage = _scaler_stage(scaler, optimizer)
+        if stage is None or stage == "UNSCALED":
             # Lightning unscales before this hook and updates the scale right after its step.
             self._scale, self._skip = grad_scaler_state(scaler, unscaled=True)
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            self._scale, self._backoff = float(scaler.get_scale()), True
+        else:  # not unscaled: the closure returned None and Lightning does not step
+            self._due = False
+            pruner.zero_grad()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -323,6 +338,10 @@ class BiPCallback(CallbackBase, Callback):
         if pruner is None or not self._due:
             return
         self._due = False
+        if self._backoff:  # the scaler updated its scale after the step: lowered on an overflow
+            scaler = trainer.precision_plugin.scaler  # type: ignore[attr-defined]
+            assert self._scale is not None
+            self._skip = float(scaler.get_scale()) < self._scale
         pruner.step(scale=self._scale, skip=self._skip)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -341,3 +360,15 @@ class BiPCallback(CallbackBase, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's BiP state; it is restored when training starts."""
         self._restored = state_dict
+
+
+def _scaler_stage(scaler: Any, optimizer: Any) -> str | None:
+    """The stage of ``scaler`` for ``optimizer`` (``"READY"``, ``"UNSCALED"``, ``"STEPPED"``).
+
+    ``None`` for a scaler that does not keep one per optimizer (another implementation).
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is None:
+        return None
+    state = states.get(id(optimizer))  # (a defaultdict: get() adds nothing)
+    return "READY" if state is None else getattr(state.get("stage"), "name", None)

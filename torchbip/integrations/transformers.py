@@ -127,7 +127,26 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Leave torch's pruned form (:meth:`torchbip.BiP.finish`), or plain weights with ``remove``."""
+        """Leave torch's pruned form (:meth:`torchbip.BiP.finish`), or plain weights with ``remove``.
+
+        With ``load_best_model_at_end`` the trainer has just loaded the best checkpoint into the
+        model: BiP's state saved in that folder is restored first, so that BiP finishes the
+        model as it was at that checkpoint (its masks, and its values at pruned entries). Without
+        a state of that checkpoint (a folder this callback did not write), the masks and weights
+        the trainer loaded are kept as they are.
+        """
+        pruner = self._active()
+        best = state.best_model_checkpoint
+        if pruner is None or not args.load_best_model_at_end or best is None:
+            self._finish()
+            return
+        path = Path(best) / STATE_FILE
+        saved = torch.load(path, weights_only=True) if path.is_file() else None
+        if saved is None or not _belongs_to(saved, pruner):
+            self._finish(as_loaded=True)
+            return
+        if saved.get("step") != pruner.step_count:
+            pruner.load_state_dict(saved)
         self._finish()
 
     # -- the step -----------------------------------------------------------------------------
