@@ -36,10 +36,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from torchbip.method import drop_scores, holds_bip
+from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["SlimMultiheadAttention", "head_rows", "removable_heads"]
 
@@ -72,6 +77,33 @@ def removable_heads(module: nn.MultiheadAttention) -> list[int]:
     return out
 
 
+def _permanent_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every pruning made permanent (``module`` is not changed)."""
+    # A masked tensor computed with gradients on is not a leaf, which deepcopy rejects (pytorch
+    # issue #37322): the copy gets the value the next forward pass would compute instead.
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, hook in named_pruning_hooks(sub):
+                current = sub.__dict__.get(name)
+                if isinstance(current, Tensor):
+                    memo[id(current)] = hook.apply_mask(sub).detach()
+    twin = copy.deepcopy(module, memo)
+    for sub in twin.modules():
+        for name, hook in list(named_pruning_hooks(sub)):
+            prune.remove(sub, name)
+            if holds_bip(hook):
+                drop_scores(sub, name)
+    return twin
+
+
+def _append_zero(t: Tensor, dim: int) -> Tensor:
+    """``t`` with one more slice of zeros (``False`` for a boolean mask) at the end of ``dim``."""
+    shape = list(t.shape)
+    shape[dim] = 1
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def _supported(module: nn.MultiheadAttention) -> bool:
     return bool(module._qkv_same_embed_dim) and module.bias_k is None and module.in_proj_weight is not None
 
@@ -89,6 +121,11 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
     def from_attention(cls, module: nn.MultiheadAttention, keep: Sequence[int]) -> SlimMultiheadAttention:
         """A copy of ``module`` with only the heads ``keep`` (at least one).
 
+        A ``module`` in torch's pruned form (``in_proj_weight_orig``, ``in_proj_weight_mask`` and
+        a pruning hook, also on ``out_proj``) gives a copy whose pruning is made permanent, as
+        :func:`torch.nn.utils.prune.remove` would: it holds the masked values as plain
+        parameters. ``module`` itself keeps its pruning.
+
         Raises:
             ValueError: for an empty or out-of-range ``keep``, or a module with separate query,
                 key and value weights or with ``bias_k``/``bias_v``.
@@ -102,14 +139,29 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
             raise ValueError(
                 f"keep must name 1 to {module.num_heads} heads in 0..{module.num_heads - 1}, got {keep!r}"
             )
-        slim = copy.deepcopy(module)
+        slim = _permanent_copy(module)
         slim.__class__ = cls
         assert isinstance(slim, SlimMultiheadAttention)
         slim.shrink(heads)
         return slim
 
     def shrink(self, heads: Sequence[int]) -> None:
-        """Keep only ``heads`` (indices of the current heads), in place."""
+        """Keep only ``heads`` (indices of the current heads), in place.
+
+        Raises:
+            ValueError: if a tensor of the module is in torch's pruned form (make the pruning
+                permanent first, e.g. with :func:`torch.nn.utils.prune.remove`).
+        """
+        pruned = [
+            f"{where}{name}"
+            for where, sub in (("", self), ("out_proj.", self.out_proj))
+            for name, _ in named_pruning_hooks(sub)
+        ]
+        if pruned:
+            raise ValueError(
+                f"cannot shrink an attention module whose tensors {pruned} are pruned in torch's "
+                "reparametrised form; call torch.nn.utils.prune.remove on them first"
+            )
         d = self.head_dim
         n = self.in_proj_weight.shape[0] // 3
         rows = [part * n + h * d + i for part in range(3) for h in heads for i in range(d)]
@@ -161,9 +213,14 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
             return F.linear(x, weight, bias).reshape(steps, batch, h, d).permute(1, 2, 0, 3)
 
         q, k, v = heads(query, w_q, b_q, length), heads(key, w_k, b_k, source), heads(value, w_v, b_v, source)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
         if attn_mask is None and is_causal:
             attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
+        if self.add_zero_attn:  # a key and value of zeros at the end, as torch's attention adds
+            k, v = _append_zero(k, 2), _append_zero(v, 2)
+            attn_mask = None if attn_mask is None else _append_zero(attn_mask, -1)
+            key_padding_mask = None if key_padding_mask is None else _append_zero(key_padding_mask, -1)
+            source += 1
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
         if attn_mask is not None:
             mask = attn_mask
             if mask.dim() == 3:  # (batch * heads, L, S): each head's own mask

@@ -23,9 +23,10 @@ its pruning hooks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import torch
@@ -94,9 +95,9 @@ def check_finite(scores: Tensor, what: str = "importance_scores") -> None:
     """Raise ``ValueError`` if the importance scores hold a NaN or an infinity.
 
     ``what`` names them in the message: the argument, or the weight whose magnitudes stand in
-    for it.
+    for it. A ``meta`` tensor holds no values to check.
     """
-    if not torch.isfinite(scores).all():
+    if not scores.is_meta and not torch.isfinite(scores).all():
         raise ValueError(f"{what} contain NaN or infinite values, which cannot be ranked")
 
 
@@ -133,6 +134,55 @@ def outside_inference_mode(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def remaining_entries(module: nn.Module, name: str, current: Tensor) -> int:
+    """How many entries of ``module.<name>`` a further unstructured pruning may still prune.
+
+    Torch's :class:`~torch.nn.utils.prune.PruningContainer` hands an unstructured method the
+    entries whose mask is exactly 1, so they are counted here the same way (for a binary mask,
+    the entries not pruned yet); without a mask, every entry of ``current``.
+    """
+    mask = getattr(module, name + "_mask", None)
+    if not isinstance(mask, Tensor) or mask.is_meta:  # a meta mask holds no values to count
+        return current.numel()
+    return int(torch.count_nonzero(mask == 1))
+
+
+@contextlib.contextmanager
+def unchanged_on_failure(module: nn.Module, name: str) -> Iterator[None]:
+    """Undo what torch's :meth:`~torch.nn.utils.prune.BasePruningMethod.apply` leaves on failure.
+
+    When a mask computation fails, torch's ``apply`` has already taken an earlier pruning hook of
+    ``name`` off the module (and added the new method to it, if it was a container), and its own
+    rollback registers a first-time parameter again at the end of ``module._parameters``. This
+    puts the hooks, the container's methods and the order of the parameters and buffers back as
+    they were, then re-raises.
+
+    Args:
+        module: the module being pruned.
+        name: the pruned tensor's name.
+    """
+    hooks = list(module._forward_pre_hooks.items())
+    with_kwargs = dict(module._forward_pre_hooks_with_kwargs)
+    parameters = list(module._parameters.items())
+    buffers = list(module._buffers.items())
+    hook = pruning_hook(module, name)
+    methods = tuple(hook) if isinstance(hook, prune.PruningContainer) else None
+    try:
+        yield
+    except BaseException:
+        if isinstance(hook, prune.PruningContainer) and methods is not None:
+            hook._pruning_methods = methods
+        module._forward_pre_hooks.clear()
+        module._forward_pre_hooks.update(hooks)
+        module._parameters.clear()
+        module._parameters.update(parameters)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        module._forward_pre_hooks_with_kwargs.clear()
+        module._forward_pre_hooks_with_kwargs.update(with_kwargs)
+        raise
 
 
 def holds_bip(hook: object) -> bool:
@@ -395,10 +445,15 @@ class BiPPruningMethod(BiPMethod):
 
         Returns:
             A mask of ``default_mask``'s dtype with exactly ``count`` more zeros, where ``count``
-            is ``round(amount * remaining)`` for a float amount or ``amount`` for an int.
+            is ``round(amount * remaining)`` for a float amount or ``amount`` for an int. For a
+            ``meta`` tensor (no values), a ``meta`` mask of that shape, as torch's methods give.
         """
         check_mask_shape(t, default_mask)
         check_finite(t)
+        if t.is_meta or default_mask.is_meta:
+            # no values to rank: a mask of the right shape, as torch's own methods give
+            count_from_amount(self.amount, default_mask.numel())
+            return torch.empty_like(default_mask, device="meta")
         allowed = default_mask != 0
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed)
@@ -442,10 +497,10 @@ class BiPPruningMethod(BiPMethod):
                 f"{tuple(current.shape)}"
             )
         check_finite(scores, scores_source(importance_scores, name))
-        mask = getattr(module, name + "_mask", None)
-        remaining = int(mask.sum()) if isinstance(mask, Tensor) else current.numel()
-        count_from_amount(amount, remaining)  # raise before torch removes any old hook
-        method = super().apply(module, name, amount=amount, importance_scores=scores)
+        # raise before torch removes any old hook
+        count_from_amount(amount, remaining_entries(module, name, current))
+        with unchanged_on_failure(module, name):
+            method = super().apply(module, name, amount=amount, importance_scores=scores)
         attach_scores(method, module, name, scores.detach().clone())
         return method
 

@@ -31,6 +31,8 @@ from torchbip.method import (
     magnitudes,
     named_tensor,
     outside_inference_mode,
+    scores_source,
+    unchanged_on_failure,
 )
 
 __all__ = ["BiPSemiStructured", "bip_semi_structured"]
@@ -101,8 +103,9 @@ class BiPSemiStructured(BiPMethod):
         """Prune ``module.<name>`` to an N:M pattern by the magnitudes of scores (default: the weight).
 
         Raises:
-            ValueError: for bad ``n``, ``m``, ``dim`` or ``importance_scores`` (the module is
-                unchanged).
+            ValueError: for bad ``n``, ``m``, ``dim`` or ``importance_scores``, or scores (the
+                ``importance_scores`` or, without them, the weight) holding NaN or infinite
+                values; the module is unchanged.
         """
         _check_nm(n, m)
         current = named_tensor(module, name)
@@ -114,7 +117,11 @@ class BiPSemiStructured(BiPMethod):
                 f"{tuple(current.shape)}"
             )
         nm_mask(scores, n, m, dim)  # raise for a bad dim or block size before torch acts
-        method = super().apply(module, name, n=n, m=m, dim=dim, importance_scores=scores)
+        # and for scores that cannot be ranked: torch's own rollback would drop an earlier pruning
+        # hook of this tensor and move a first-time parameter to the end of the module's parameters
+        check_finite(scores, scores_source(importance_scores, name))
+        with unchanged_on_failure(module, name):
+            method = super().apply(module, name, n=n, m=m, dim=dim, importance_scores=scores)
         attach_scores(method, module, name, scores.clone())
         return method
 

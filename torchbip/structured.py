@@ -47,6 +47,7 @@ from torchbip.method import (
     named_tensor,
     outside_inference_mode,
     scores_source,
+    unchanged_on_failure,
 )
 
 __all__ = [
@@ -217,7 +218,8 @@ class BiPStructured(BiPMethod):
         Returns:
             A mask of ``default_mask``'s dtype in which exactly ``count`` more groups are zero,
             where ``count`` is ``round(amount * remaining_groups)`` for a float amount or
-            ``amount`` for an int.
+            ``amount`` for an int. For a ``meta`` tensor (no values), a ``meta`` mask of that
+            shape, as torch's methods give.
 
         Raises:
             ValueError: for mismatched shapes, non-finite scores, a bad ``dim`` or an int
@@ -228,6 +230,10 @@ class BiPStructured(BiPMethod):
             raise ValueError("structured pruning needs a tensor with at least one dimension, got a scalar")
         check_finite(t)
         dim = normalize_dim(self.dim, t.dim())
+        if t.is_meta or default_mask.is_meta:
+            # no values to rank: a mask of the right shape, as torch's own methods give
+            count_from_amount(self.amount, t.shape[dim], unit=group_unit(dim))
+            return torch.empty_like(default_mask, device="meta")
         allowed = allowed_groups(default_mask, dim)
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed, unit=group_unit(dim))
@@ -284,11 +290,14 @@ class BiPStructured(BiPMethod):
         mask = getattr(module, name + "_mask", None)
         base = mask if isinstance(mask, Tensor) else torch.ones_like(current)
         unit = group_unit(axis)
-        count_from_amount(amount, int(allowed_groups(base, axis).sum()), unit=unit)  # raise before torch acts
+        # raise before torch acts (a meta mask holds no values: every group counts)
+        n_groups = current.shape[axis] if base.is_meta else int(allowed_groups(base, axis).sum())
+        count_from_amount(amount, n_groups, unit=unit)
         if group_scores is None:
             group_scores = group_reduce(magnitudes(scores).to(torch.float64), axis).to(scores.dtype)
         scores = scores.contiguous()
-        method = super().apply(module, name, amount=amount, dim=dim, importance_scores=scores)
+        with unchanged_on_failure(module, name):
+            method = super().apply(module, name, amount=amount, dim=dim, importance_scores=scores)
         attach_scores(method, module, name, group_scores)
         return method
 

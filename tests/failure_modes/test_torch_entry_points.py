@@ -382,3 +382,146 @@ def test_global_prune_applies_non_negative_scores_only(
         torchbip.global_prune(model, 0.5, data(), steps=2, progress=False, seed=0, **options)
     assert calls
     assert all(bool((s >= 0).all()) for s in calls)
+
+
+# --- a failed apply leaves the module as it was ----------------------------------------------------
+
+
+def module_state(module: nn.Module) -> tuple[list[tuple[str, Any]], ...]:
+    """The module's parameters, buffers and hooks (objects, in order) and its containers' methods."""
+    containers = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.PruningContainer)]
+    return (
+        list(module._parameters.items()),
+        list(module._buffers.items()),
+        list(module._forward_pre_hooks.items()),
+        [(type(c).__name__, tuple(c)) for c in containers],
+    )
+
+
+def assert_same_state(module: nn.Module, before: tuple[list[tuple[str, Any]], ...]) -> None:
+    after = module_state(module)
+    for got, want in zip(after[:3], before[:3], strict=True):
+        assert [k for k, _ in got] == [k for k, _ in want]
+        assert all(a is b for (_, a), (_, b) in zip(got, want, strict=True))
+    assert after[3] == before[3]  # the same methods (compared by identity) in every container
+
+
+def pruned_before(before: str) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    if before in ("l1", "container"):
+        prune.l1_unstructured(layer, "weight", amount=4)
+    if before == "container":
+        prune.random_unstructured(layer, "weight", amount=4)
+    if before == "bip":
+        bip_unstructured(layer, "weight", amount=4)
+    return layer
+
+
+@pytest.mark.parametrize("before", ["none", "l1", "bip"])
+@pytest.mark.parametrize("where", ["weight", "importance_scores"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_semi_structured_non_finite_scores_leave_the_module_as_it_was(
+    before: str, where: str, bad: float
+) -> None:
+    layer = pruned_before(before)
+    scores = None
+    if where == "weight":
+        with torch.no_grad():
+            weight = layer.weight_orig if before != "none" else layer.weight
+            weight[(layer.weight != 0).nonzero()[0].tolist()] = bad  # an entry not pruned yet
+            layer(torch.zeros(1, 8))  # the pruning hook recomputes layer.weight
+    else:
+        scores = signed((4, 8), seed=6)
+        scores[2, 3] = bad
+    state = module_state(layer)
+    named = "importance_scores" if where == "importance_scores" else "the values of 'weight'"
+    with pytest.raises(ValueError, match=f"^{named}.* contain NaN or infinite values"):
+        bip_semi_structured(layer, "weight", importance_scores=scores)
+    assert_same_state(layer, state)
+    assert prune.is_pruned(layer) == (before != "none")
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [(BiPPruningMethod, {"amount": 2}), (BiPStructured, {"amount": 1}), (BiPSemiStructured, {})],
+    ids=["unstructured", "structured", "semi-structured"],
+)
+@pytest.mark.parametrize("before", ["none", "l1", "container", "bip"])
+def test_a_failing_mask_computation_leaves_the_module_as_it_was(
+    method: type[prune.BasePruningMethod], kwargs: dict[str, int], before: str
+) -> None:
+    layer = pruned_before(before)
+    state = module_state(layer)
+    with (
+        mock.patch.object(method, "compute_mask", side_effect=RuntimeError("no mask")),
+        pytest.raises(RuntimeError, match="no mask"),
+    ):
+        method.apply(layer, "weight", **kwargs)
+    assert_same_state(layer, state)
+    # and it prunes as before
+    method.apply(layer, "weight", **kwargs)
+    assert prune.is_pruned(layer)
+
+
+def test_an_int_amount_counts_the_entries_a_torch_container_hands_on() -> None:
+    # torch's container hands an unstructured method the entries whose mask is exactly 1
+    layer = nn.Linear(4, 2)
+    mask = torch.tensor([[2.0, 2.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    prune.custom_from_mask(layer, "weight", mask)
+    state = module_state(layer)
+    with pytest.raises(ValueError, match=r"amount=6 is larger than the number of unpruned entries \(5\)"):
+        bip_unstructured(layer, "weight", amount=6)
+    assert_same_state(layer, state)
+    theirs = nn.Linear(4, 2)
+    theirs.load_state_dict({"weight": layer.weight_orig, "bias": layer.bias})
+    prune.custom_from_mask(theirs, "weight", mask)
+    bip_unstructured(layer, "weight", amount=5)
+    prune.l1_unstructured(theirs, "weight", amount=5)
+    assert torch.equal(layer.weight_mask, theirs.weight_mask)
+    assert layer.weight_mask.tolist() == [[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+# --- meta tensors: masks of the right shape, as torch's own methods give ---------------------------
+
+
+@pytest.mark.parametrize(
+    "apply",
+    [
+        lambda m: bip_unstructured(m, "weight", amount=0.5),
+        lambda m: bip_unstructured(m, "weight", amount=3),
+        lambda m: bip_structured(m, "weight", amount=1, dim=0),
+        lambda m: bip_structured(m, "weight", amount=0.5, dim=1),
+        lambda m: bip_semi_structured(m, "weight"),
+    ],
+    ids=["fraction", "count", "filters", "channels", "2:4"],
+)
+def test_meta_tensors_are_pruned_as_torch_prunes_them(apply: Any) -> None:
+    torch.manual_seed(0)
+    real = nn.Linear(8, 4)
+    theirs = nn.Linear(8, 4, device="meta")
+    prune.l1_unstructured(theirs, "weight", amount=0.5)
+    ours = nn.Linear(8, 4, device="meta")
+    apply(ours)
+    apply(real)
+    assert ours.weight_mask.is_meta
+    assert (ours.weight_mask.shape, ours.weight_mask.dtype) == (
+        theirs.weight_mask.shape,
+        theirs.weight_mask.dtype,
+    )
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    # materialised and loaded, it computes what the real module computes
+    ours.to_empty(device="cpu")
+    ours.load_state_dict(real.state_dict())
+    x = torch.randn(3, 8)
+    assert torch.equal(ours(x), real(x))
+
+
+def test_an_int_amount_larger_than_a_meta_tensor_is_refused() -> None:
+    layer = nn.Linear(2, 2, device="meta")
+    with pytest.raises(ValueError, match=r"amount=5 is larger than the number of unpruned entries \(4\)"):
+        bip_unstructured(layer, "weight", amount=5)
+    with pytest.raises(ValueError, match=r"amount=3 is larger than the number of unpruned filters \(2\)"):
+        bip_structured(layer, "weight", amount=3, dim=0)
+    assert not prune.is_pruned(layer)
+    assert list(layer._parameters) == ["weight", "bias"]

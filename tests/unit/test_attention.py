@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
+from torchbip import bip_unstructured
 from torchbip.attention import SlimMultiheadAttention, head_rows, removable_heads
 
 E, H, D = 12, 4, 3
@@ -101,3 +103,73 @@ def test_the_module_it_came_from_is_unchanged_and_bad_keeps_are_refused() -> Non
     x = torch.randn(2, 5, E)
     with pytest.raises(ValueError, match="a per-head mask needs batch \\* num_heads = 4 rows"):
         slim(x, x, x, attn_mask=torch.zeros(2 * H, 5, 5))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "bool_attn_mask", "float_attn_mask", "key_padding_mask"])
+def test_add_zero_attn_is_honoured(batch_first: bool, masks: str) -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, add_zero_attn=True).eval()
+    with torch.no_grad():  # head 1 outputs nothing
+        mha.in_proj_weight[head_rows(E, D, 1)[2 * D :]] = 0
+        mha.in_proj_bias[head_rows(E, D, 1)[2 * D :]] = 0
+    slim = SlimMultiheadAttention.from_attention(mha, keep=[0, 2, 3])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((2, 5, E) if batch_first else (5, 2, E), generator=gen)
+    kwargs: dict[str, torch.Tensor] = {}
+    if masks == "bool_attn_mask":
+        kwargs["attn_mask"] = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    elif masks == "float_attn_mask":
+        kwargs["attn_mask"] = torch.randn(5, 5, generator=gen)
+    elif masks == "key_padding_mask":
+        kwargs["key_padding_mask"] = torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
+    with torch.no_grad():
+        want, want_weights = mha(x, x, x, average_attn_weights=False, **kwargs)
+        got, got_weights = slim(x, x, x, average_attn_weights=False, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_weights is not None
+    assert want_weights is not None
+    assert want_weights.shape[-1] == 6  # the zero key's column
+    torch.testing.assert_close(got_weights, want_weights[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
+
+
+def test_from_attention_of_a_pruned_module_copies_the_masked_values() -> None:
+    mha = _attention(batch_first=True)
+    weight, bias = mha.in_proj_weight.detach().clone(), mha.in_proj_bias.detach().clone()
+    mask = torch.ones_like(weight)
+    mask[head_rows(E, D, 2)[2 * D :]] = 0  # head 2 removable by its mask only
+    bias_mask = torch.ones_like(bias)
+    bias_mask[head_rows(E, D, 2)[2 * D :]] = 0
+    with torch.no_grad():  # give head 2 nonzero value rows that only the mask zeroes
+        weight[head_rows(E, D, 2)[2 * D :]] = 1.0
+        bias[head_rows(E, D, 2)[2 * D :]] = 1.0
+        mha.in_proj_weight.copy_(weight)
+        mha.in_proj_bias.copy_(bias)
+    bip_unstructured(mha, "in_proj_weight", amount=0)
+    mha.in_proj_weight_mask.copy_(mask)
+    prune.custom_from_mask(mha, "in_proj_bias", bias_mask)
+    bip_unstructured(mha.out_proj, "weight", amount=0.25)
+    x = torch.randn(2, 5, E)
+    mha(x, x, x)[0].sum().backward()  # the masked tensors now carry a graph
+    assert removable_heads(mha) == [1, 2, 3]
+    with torch.no_grad():
+        want = mha(x, x, x)[0]
+    slim = SlimMultiheadAttention.from_attention(mha, keep=[0])
+    with torch.no_grad():
+        got = slim(x, x, x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not prune.is_pruned(slim)
+    assert sorted(name for name, _ in slim.named_buffers()) == []
+    # the module it came from keeps its pruning
+    assert prune.is_pruned(mha)
+    assert torch.equal(mha.in_proj_weight_orig, weight)
+    assert torch.equal(mha.in_proj_weight_mask, mask)
+
+
+def test_shrink_refuses_a_module_in_pruned_form() -> None:
+    slim = SlimMultiheadAttention.from_attention(_attention(batch_first=True), keep=[0, 1, 2, 3])
+    prune.l1_unstructured(slim.out_proj, "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"tensors \['out_proj.weight'\] are pruned"):
+        slim.shrink([0, 2])
+    assert slim.num_heads == H
+    assert slim.in_proj_weight.shape == (3 * E, E)
