@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
 from abc import ABC, abstractmethod
@@ -670,10 +671,12 @@ class NM(Layout):
     m: int = 4
 
     def __post_init__(self) -> None:
-        if not (
-            isinstance(self.n, int) and isinstance(self.m, int) and self.m >= 1 and 0 <= self.n <= self.m
-        ):
+        integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (self.n, self.m))
+        if not (integers and self.m >= 1 and 0 <= self.n <= self.m):
             raise ValueError(f"NM(n={self.n!r}, m={self.m!r}): need integers with 0 <= n <= m and m >= 1")
+        # (NumPy integers become Python ints: the shorthand and the checkpoints hold plain ints)
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "m", int(self.m))
 
     @property
     def shorthand(self) -> str:

@@ -1030,3 +1030,28 @@ def test_an_infeasible_min_keep_of_a_structured_global_budget_names_it(structure
         budget="global",
         min_keep=4,
     )
+
+
+# -- layout objects -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: torchbip.NM(True, 4), r"NM\(n=True, m=4\): need integers"),
+        (lambda: torchbip.NM(2, 4.0), r"NM\(n=2, m=4.0\): need integers"),
+        (lambda: torchbip.NM(5, 4), r"NM\(n=5, m=4\): need integers with 0 <= n <= m"),
+        (lambda: torchbip.Groups(dim=True), r"Groups\(dim=True\): dim must be 0"),
+    ],
+)
+def test_layout_objects_refuse_bad_fields_by_name(make: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_nm_takes_numpy_integers_as_plain_ints() -> None:
+    layout = torchbip.NM(np.int64(2), np.int64(4))
+    assert layout.shorthand == "2:4"
+    assert type(layout.n) is int
+    assert type(layout.m) is int
+    assert layout == torchbip.NM(2, 4)
