@@ -51,7 +51,7 @@ from torchbip.export import make_permanent
 LOG = logging.getLogger("imagenet_resnet50")
 AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PHASES = ("warmup", "bip", "finetune")
-MAY_CHANGE_ON_RESUME = {"resume", "progress", "workers", "device", "out", "standin_dir"}
+MAY_CHANGE_ON_RESUME = {"resume", "progress", "device", "out", "standin_dir"}  # workers: they draw the crops
 # a checkpoint does not depend on the options of later phases (a resume may change them)
 BIP_OPTIONS = {"amount", "epochs", "lower_lr", "upper_lr", "gamma", "implicit_coef", "min_keep"}
 FINETUNE = {"finetune_epochs", "finetune_lr"}
@@ -119,31 +119,38 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     """The options (defaults < stand-in or smoke preset < ``-c`` file < command line), the preset."""
     parser = build_parser()
     args = script_utils.parse_with_config(parser, sys.argv[1:] if argv is None else argv, presets)
-    for name, value in vars(args).items():  # the counts: epochs, sizes, workers
-        low = 0 if name in ("workers", "warmup_epochs", "finetune_epochs") else 1
-        if isinstance(value, int) and not isinstance(value, bool) and name != "seed" and value < low:
-            parser.error(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value}")
+    script_utils.check_counts(parser, args, zero_ok=("workers", "warmup_epochs", "finetune_epochs"))
     script_utils.check_ranges(parser, args, RANGES)
+    script_utils.check_seed(parser, args.seed)
     script_utils.check_device(parser, args.device)
     script_utils.check_compile_backend(parser, args.compile_backend if args.compile else None)
     if args.batch_size < 2:  # BatchNorm needs two images per batch and process in training
         parser.error(f"--batch-size: must be >= 2 (BatchNorm statistics), got {args.batch_size}")
-    if args.data is not None and not all((args.data / split).is_dir() for split in ("train", "val")):
-        parser.error(f"--data: expected {args.data}/train and {args.data}/val, one sub-folder per class")
-    try:  # BiP's own checks of --amount, --min-keep, ... on a model of the run's shape, before any work
-        classes = 10 if args.data is None else len(datasets.folder.find_classes(str(args.data / "train"))[0])
-        torchbip.BiP.check(models.resnet50(num_classes=classes), **bip_settings(args, steps=1))
-    except FileNotFoundError as err:
-        parser.error(f"--data: {err}")
+    script_utils.check_folder(parser, "--out", args.out)  # a file or a read-only folder: refused now
+    if args.data is None and not standin_root(args).is_dir():  # the stand-in, written unless it is there
+        script_utils.check_folder(parser, "--standin-dir", args.standin_dir)
+    classes = 10 if args.data is None else len(script_utils.image_folder_classes(parser, "--data", args.data))
+    model = models.resnet50(num_classes=classes)  # BiP's own checks on a model of the run's shape,
+    if args.pretrained is not None:  # with the run's weights (BiP refuses NaN ones): before any work
+        script_utils.check_state_dict(parser, "--pretrained", args.pretrained, model)
+    try:
+        torchbip.BiP.check(model, **bip_settings(args, steps=1))
     except (ValueError, TypeError) as err:
-        parser.error(f"--amount/--min-keep/--upper-lr/--momentum/--implicit-coef: {err}")
-    if args.pretrained is not None:
-        dense = models.resnet50(num_classes=classes)
-        script_utils.check_state_dict(parser, "--pretrained", args.pretrained, dense)
-    keep = MAY_CHANGE_ON_RESUME | FINETUNE  # what a resume may change (checked before --out is written)
-    resumable = {args.out / "dense.pth": keep | BIP_OPTIONS} if args.warmup_epochs else {}
-    script_utils.check_resume_files(parser, args, resumable | {args.out / "bip_state.pt": keep})
+        weights = f"/--pretrained {args.pretrained}" if args.pretrained else ""
+        parser.error(f"--amount/--min-keep/--upper-lr/--momentum/--implicit-coef{weights}: {err}")
+    keep = MAY_CHANGE_ON_RESUME | FINETUNE  # what a resume may change (checked once, here)
+    files = {args.out / "dense.pth": keep | BIP_OPTIONS} if args.warmup_epochs else {}
+    files[args.out / "bip_state.pt"] = keep
+    script_utils.check_resume_files(parser, args, saved_options(args), files)
     return args, "smoke" if args.smoke else "standin" if args.data is None else "imagenet"
+
+
+def saved_options(args: argparse.Namespace) -> dict[str, Any]:  # a checkpoint's: a resume needs the same
+    return script_utils.plain_options(args) | {"processes": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def standin_root(args: argparse.Namespace) -> Path:
+    return args.standin_dir / f"train{args.standin_train_per_class}-val{args.standin_val_per_class}-64px"
 
 
 def bip_settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:  # the scores: the weights' momentum
@@ -188,9 +195,8 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "float16")
     parts = {"model": model, "optimizer": optimizer, "scheduler": sched, "scaler": scaler, "pruner": pruner}
     path, first, losses = args.out / "bip_state.pt", 0, []
-    if pruner is not None and args.resume and path.is_file():
+    if pruner is not None and args.resume and path.is_file():  # its options: checked by parse_args
         state = torch.load(path, map_location=device, weights_only=True)
-        script_utils.check_resumable(state["options"], args, path, MAY_CHANGE_ON_RESUME | FINETUNE)
         for name, part in parts.items():
             part.load_state_dict(state[name])
         first, losses = state["epoch"], state["losses"]
@@ -226,7 +232,7 @@ def train(model: nn.Module, loader: DataLoader, args: argparse.Namespace, device
                     dist.all_reduce(stat.div_(dist.get_world_size()))  # the sum of the ranks' shares
         LOG.info(f"{phase} epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.4f}")
         if pruner is not None and rank == 0:
-            state = {"epoch": epoch + 1, "losses": losses, "options": script_utils.plain_options(args)}
+            state = {"epoch": epoch + 1, "losses": losses, "options": saved_options(args)}
             script_utils.save(state | {k: p.state_dict() for k, p in parts.items()}, path)
     return losses
 
@@ -280,7 +286,9 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         LOG.warning("matplotlib is not installed: density.png will not be written (pip install matplotlib)")
     config = script_utils.plain_options(args)
     barrier = dist.barrier if world > 1 else lambda: None
-    if rank == 0:
+    if rank == 0:  # an earlier run's outputs in --out would describe that run: gone until written anew
+        for name in ("report.json", "resnet50_pruned.pth", "density.png"):
+            (args.out / name).unlink(missing_ok=True)
         header = f"# examples/imagenet_resnet50.py, preset {preset}; reuse with -c\n"
         (args.out / "config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
     LOG.info(f"preset {preset}, device {device}, {world} process(es), torch {torch.__version__}; {config}")
@@ -294,10 +302,10 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
 
     # 1. Data: ImageFolder over --data, or over the MNIST stand-in (written once, by rank 0).
     with phase("data"):
-        sizes = args.standin_train_per_class, args.standin_val_per_class
-        root = args.data or args.standin_dir / "train{}-val{}-64px".format(*sizes)
+        root = args.data or standin_root(args)
         if args.data is None and rank == 0:  # written once, then reused
-            mnist_image_folder(root, train_per_class=sizes[0], val_per_class=sizes[1])
+            mnist_image_folder(root, train_per_class=args.standin_train_per_class,
+                               val_per_class=args.standin_val_per_class)  # fmt: skip
         barrier()
         train_loader, val_loader = make_loaders(root, args, rank, world)
     classes, sets = train_loader.dataset.classes, (train_loader.dataset, val_loader.dataset.dataset)  # type: ignore
@@ -317,10 +325,7 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     warm = args.resume and args.warmup_epochs > 0 and dense_path.is_file()
     resumed = {"warmup": warm, "bip_from_epoch": None}
     if resumed["warmup"]:
-        dense = torch.load(dense_path, map_location=device, weights_only=True)
-        script_utils.check_resumable(
-            dense.pop("options"), args, dense_path, MAY_CHANGE_ON_RESUME | FINETUNE | BIP_OPTIONS
-        )
+        dense = torch.load(dense_path, map_location=device, weights_only=True)  # options: see parse_args
         model.load_state_dict(dense.pop("state_dict"))
         times["warmup"] = times["eval_dense"] = 0.0
         LOG.info(f"resumed: the dense warm-up and its evaluation from {dense_path}")
@@ -328,9 +333,10 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
         with phase("warmup"):
             losses = train(model, train_loader, args, device, "warmup")
         with phase("eval_dense"):
-            dense = {"accuracy": evaluate(model, val_loader, args, device, "dense"), "warmup_losses": losses}
+            accuracy = evaluate(model, val_loader, args, device, "dense")
+        dense = {"accuracy": accuracy, "warmup_losses": losses, "options": saved_options(args)}
         if rank == 0 and args.warmup_epochs > 0:
-            script_utils.save(dense | {"state_dict": model.state_dict(), "options": config}, dense_path)
+            script_utils.save(dense | {"state_dict": model.state_dict()}, dense_path)
 
     # 3. BiP: built on the bare model (before DDP wraps it), stepped in the training loop.
     pruner = torchbip.BiP(model, **settings)

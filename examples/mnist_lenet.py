@@ -43,7 +43,7 @@ from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
 import torchbip
-from torchbip.datasets import load_mnist
+from torchbip.datasets import load_mnist, mnist_path
 
 # %%
 # Command line
@@ -127,6 +127,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < low:
             parser.error(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value}")
+    script_utils.check_seed(parser, args.seed)
+    script_utils.check_folder(parser, "--out", args.out)  # refused now, not after the training
+    try:
+        mnist_path(args.mnist)
+    except FileNotFoundError as err:
+        parser.error(f"--mnist: {err}")
     return args
 
 

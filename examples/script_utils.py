@@ -10,6 +10,8 @@
       args = parse_with_config(parser, sys.argv[1:], presets=lambda probe: SMOKE if probe.smoke else {})
       check_ranges(parser, args, {"lr": (0.0, math.inf), "amount": (0.0, 1.0)})
 
+- Checks made before any work: counts, ranges, seeds, devices, output folders (a file or a
+  read-only folder is refused), the class folders of an ImageFolder tree, state_dict files.
 - A run's log (rank 0 to a file and stdout, the other ranks' warnings to stderr), atomic
   checkpoint writes, sums over the ranks, a check that every rank ends with the same model, and
   a check that a checkpoint was written with the options of the run that resumes from it.
@@ -100,6 +102,23 @@ def check_ranges(
             parser.error(f"--{name.replace('_', '-')} must lie in [{low:g}, {high:g}], got {value}")
 
 
+def check_seed(parser: argparse.ArgumentParser, seed: int, option: str = "--seed") -> None:
+    """Refuse a seed that torch's generators cannot take (offsets per phase and epoch included)."""
+    if not -(2**62) <= seed <= 2**62:
+        parser.error(f"{option}: must be an integer in [-2**62, 2**62], got {seed}")
+
+
+def check_folder(parser: argparse.ArgumentParser, option: str, path: Path) -> None:
+    """Refuse ``path`` unless it is a folder this process may write into, or one it can create (its
+    nearest existing ancestor is such a folder)."""
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        what = "is not a folder" if existing == path else f"cannot be created: {existing} is not a folder"
+        parser.error(f"{option}: {path} {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{option}: {path} cannot be written: {existing} is not writable")
+
+
 def check_device(parser: argparse.ArgumentParser, value: str, option: str = "--device") -> None:
     """Refuse a device name torch does not know, or a device this machine does not have."""
     if value == "auto":
@@ -135,11 +154,10 @@ def plain_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_resumable(
-    saved: Mapping[str, Any], args: argparse.Namespace, path: Path, ignore: Collection[str]
+    saved: Mapping[str, Any], now: Mapping[str, Any], path: Path, ignore: Collection[str]
 ) -> None:
-    """Refuse to resume from the checkpoint ``path``, written with ``saved`` options, if any option
-    but those in ``ignore`` differs now (``ValueError`` listing each change)."""
-    now = plain_options(args)
+    """Refuse to resume from the checkpoint ``path``, written with the options ``saved``, if any of
+    the options ``now`` but those in ``ignore`` differs (``ValueError`` listing each change)."""
     changed = [
         f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in ignore and saved.get(k) != v
     ]
@@ -148,10 +166,11 @@ def check_resumable(
 
 
 def check_resume_files(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, files: Mapping[Path, Collection[str]]
-) -> None:
+    parser: argparse.ArgumentParser, args: argparse.Namespace, now: Mapping[str, Any],
+    files: Mapping[Path, Collection[str]],
+) -> None:  # fmt: skip
     """With ``--resume``: refuse, before any work, checkpoints in ``files`` (path: the options they
-    may differ in) that cannot be read or were written with other options."""
+    may differ in) that cannot be read or were written with options other than ``now``."""
     for path, ignore in files.items():
         if not (args.resume and path.is_file()):
             continue
@@ -160,9 +179,35 @@ def check_resume_files(
         except Exception as err:
             parser.error(f"--resume: {path} cannot be read ({type(err).__name__}: {err})")
         try:
-            check_resumable(saved, args, path, ignore)
+            check_resumable(saved, now, path, ignore)
         except ValueError as err:
             parser.error(str(err))
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace, zero_ok: Collection[str]) -> None:
+    """Refuse an integer option (but ``seed``) below 1, or below 0 for those in ``zero_ok``."""
+    for name, value in vars(args).items():
+        low = 0 if name in zero_ok else 1
+        if isinstance(value, int) and not isinstance(value, bool) and name != "seed" and value < low:
+            parser.error(f"--{name.replace('_', '-')}: must be an integer >= {low}, got {value}")
+
+
+def image_folder_classes(parser: argparse.ArgumentParser, option: str, root: Path) -> list[str]:
+    """The classes of ``root/train`` (one sub-folder each), refused unless ``root/val`` has the same:
+    ``ImageFolder`` numbers each split's classes by itself, so other folders would mislabel images."""
+    if not all((root / split).is_dir() for split in ("train", "val")):
+        parser.error(f"{option}: expected {root}/train and {root}/val, one sub-folder per class")
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        train, val = (find_classes(str(root / split))[0] for split in ("train", "val"))
+    except FileNotFoundError as err:
+        parser.error(f"{option}: {err}")
+    if train != val:
+        differ = sorted(set(train) ^ set(val))
+        more = " ..." if len(differ) > 10 else ""
+        parser.error(f"{option}: {root}/train and {root}/val have other class folders: {differ[:10]}{more}")
+    return train
 
 
 def check_state_dict(parser: argparse.ArgumentParser, option: str, path: Path, model: nn.Module) -> None:

@@ -207,6 +207,8 @@ LENET_BAD = {  # command line: what the error says
     "--lower-lr 0": "--lower-lr must be > 0, got 0.0",
     "--upper-lr 0": "--upper-lr must be > 0, got 0.0",
     "--amount 1.0": "--amount must lie in [0, 1), got 1.0",
+    f"--seed {2**64}": f"--seed: must be an integer in [-2**62, 2**62], got {2**64}",
+    "--mnist no/such.npz": "--mnist: MNIST file not found: no/such.npz",
 }
 
 
@@ -230,6 +232,7 @@ LENET_BAD = {  # command line: what the error says
             (["--compile", "--compile-backend", "nosuch"], "unknown torch.compile backend 'nosuch'"),
             (["--amount", "1.0"], "min_keep=0.02 keeps at least 469529 entries"),  # the stand-in's floor
             (["--min-keep", "0.9"], "min_keep=0.9 keeps at least 21127879 entries"),
+            (["--seed", str(2**70)], f"--seed: must be an integer in [-2**62, 2**62], got {2**70}"),
         ]
     ],
 )
@@ -268,7 +271,8 @@ def test_imagenet_resume_with_other_options_is_refused_before_anything_in_out_ch
     out.mkdir()
     first, _ = imagenet_example.parse_args(["--smoke", "--out", str(out)])
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(first).items() if k != "config"}
-    torch.save({"options": options, "epoch": 1}, out / "bip_state.pt")  # the options as the run saves them
+    options["processes"] = 1  # the options as the run saves them, and the number of processes
+    torch.save({"options": options, "epoch": 1}, out / "bip_state.pt")
     (out / "config.yaml").write_text("# the interrupted run's\n")
     with pytest.raises(SystemExit):
         imagenet_example.parse_args(["--smoke", "--out", str(out), "--resume", "--amount", "0.9"])
@@ -280,6 +284,109 @@ def test_imagenet_resume_with_other_options_is_refused_before_anything_in_out_ch
     with pytest.raises(SystemExit):
         imagenet_example.parse_args(["--smoke", "--out", str(out), "--resume"])
     assert f"--resume: {out / 'bip_state.pt'} cannot be read" in capsys.readouterr().err
+
+
+def test_imagenet_resume_with_other_workers_or_processes_is_refused(
+    imagenet_example: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The number of DataLoader workers draws the random crops, the number of processes the
+    batches: a checkpoint resumed with other numbers would not continue the run it comes from."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--smoke", "--out", str(out), "--warmup-epochs", "0"]
+    options = imagenet_example.saved_options(imagenet_example.parse_args(argv)[0])
+    assert options["processes"] == 1
+    torch.save({"options": options, "epoch": 1}, out / "bip_state.pt")
+    imagenet_example.parse_args([*argv, "--resume"])  # the same options, one process: resumes
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args([*argv, "--resume", "--workers", "2"])
+    assert "bip_state.pt was written with other options (workers: 0 -> 2)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 sets it
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args([*argv, "--resume"])
+    assert "bip_state.pt was written with other options (processes: 1 -> 2)" in capsys.readouterr().err
+
+
+def test_imagenet_workers_draw_the_crops(imagenet_example: ModuleType, smoke_run: tuple[Path, dict]) -> None:
+    """Why a resume may not change --workers: the same epoch seed gives other crops with them."""
+    root, report = smoke_run
+    crops = []
+    for workers in ("0", "1"):
+        args, _ = imagenet_example.parse_args(["-c", str(root / "out" / "config.yaml"), "--workers", workers])
+        train_loader, _ = imagenet_example.make_loaders(Path(report["data"]["root"]), args, 0, 1)
+        torch.manual_seed(0)
+        crops.append(next(iter(train_loader))[0])
+    assert not torch.equal(*crops)
+
+
+@pytest.mark.parametrize("option", ["--out", "--standin-dir"])
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_imagenet_output_folders_that_cannot_be_made_are_refused_before_any_work(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, where: str
+) -> None:
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    path = file if where == "a-file" else file / "sub"
+    out = path if option == "--out" else tmp_path / "out"
+    standin = path if option == "--standin-dir" else tmp_path / "standin"
+    with pytest.raises(SystemExit):
+        imagenet_example.main(_smoke_args(out, standin))
+    err = capsys.readouterr().err
+    if where == "a-file":
+        assert f"{option}: {path} is not a folder" in err
+    else:
+        assert f"{option}: {path} cannot be created: {file} is not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+    assert file.read_text() == "not a folder"
+
+
+def test_mnist_lenet_out_that_is_a_file_is_refused_before_the_training(
+    lenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        lenet_example.parse_args(["--smoke", "--out", str(file)])
+    assert f"--out: {file} is not a folder" in capsys.readouterr().err
+
+
+def test_imagenet_data_whose_val_classes_differ_is_refused(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ImageFolder numbers each split's class folders by itself: val/ without a class of train/
+    would give every later class the wrong label."""
+    for folder in ("train/cat", "train/dog", "train/owl", "val/dog", "val/owl"):
+        (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        imagenet_example.parse_args(["--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"--data: {tmp_path}/train and {tmp_path}/val have other class folders: ['cat']" in err
+    (tmp_path / "val" / "cat").mkdir()
+    args, preset = imagenet_example.parse_args(["--data", str(tmp_path)])
+    assert (args.data, preset) == (tmp_path, "imagenet")
+
+
+def test_imagenet_pretrained_weights_with_nan_are_refused_before_any_work(
+    imagenet_example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """BiP's scores start from the weights' magnitudes: NaN weights are refused before the run
+    rewrites anything in --out (its log and config stay those of the earlier run)."""
+    state = resnet50(num_classes=10).state_dict()
+    state["fc.weight"][3, 5] = float("nan")
+    path, out = tmp_path / "nan.pth", tmp_path / "out"
+    torch.save(state, path)
+    out.mkdir()
+    (out / "train.log").write_text("an earlier run's log\n")
+    with pytest.raises(SystemExit):
+        imagenet_example.main(_smoke_args(out, tmp_path / "standin", "--pretrained", str(path)))
+    err = capsys.readouterr().err
+    assert f"--pretrained {path}: parameters names 'fc.weight', which holds NaN" in err
+    assert sorted(p.name for p in out.iterdir()) == ["train.log"]
+    assert (out / "train.log").read_text() == "an earlier run's log\n"
+    assert not (tmp_path / "standin").exists()
 
 
 @pytest.mark.parametrize("content", ["other-classes", "not-a-state-dict"])
@@ -415,6 +522,8 @@ def test_imagenet_without_matplotlib_warns_and_skips_the_plot(
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "density.png").write_bytes(b"an earlier run's plot")  # would describe another run
     args = ["--warmup-epochs", "0", "--finetune-epochs", "0", "--epochs", "1", "--limit-batches", "1"]
     report = imagenet_example.main(_smoke_args(out, root / "standin", *args))
     _assert_complete(out, report, plot=False)
@@ -520,10 +629,14 @@ def test_imagenet_resume_after_interruption_equals_uninterrupted(
             raise KeyboardInterrupt
         return real_step(self, *a, **kw)
 
+    out.mkdir()
+    for name in ("report.json", "resnet50_pruned.pth", "density.png"):  # an earlier run's outputs
+        (out / name).write_text("an earlier run's")
     with monkeypatch.context() as patch:
         patch.setattr(imagenet_example.torchbip.BiP, "step", interrupted)
         with pytest.raises(KeyboardInterrupt):
             imagenet_example.main(args)
+    assert not any((out / name).exists() for name in ("report.json", "resnet50_pruned.pth", "density.png"))
     assert (out / "dense.pth").is_file()
     saved = torch.load(out / "bip_state.pt", weights_only=True)
     assert (saved["epoch"], saved["pruner"]["step"], len(saved["losses"])) == (1, 2, 1)
