@@ -225,7 +225,9 @@ class PruneReport:
     """What :func:`torchbip.global_prune` did.
 
     Attributes:
-        sparsity: per-tensor and global sparsity of the pruned tensors.
+        sparsity: per-tensor and global sparsity of the pruned tensors: every zero of their
+            masks, so on a model pruned before, the earlier zeros too (``amount`` is a fraction
+            of the entries that were left).
         steps: BiP steps run.
         wall_time_s: wall-clock seconds of the run.
         final_loss: mean training loss over the last ``log_every`` steps.
