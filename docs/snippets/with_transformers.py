@@ -21,7 +21,7 @@ with tempfile.TemporaryDirectory() as out:
         learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=train, callbacks=[bip]).train()
-    print(bip.report)  # half of every encoder nn.Linear weight, ranked globally, is zero
+    print(bip.report)  # half of the encoder's and pooler's nn.Linear weights (ranked together) is zero
     model.save_pretrained(f"{out}/pruned")  # plain keys (remove=True): loads into a dense model
     reloaded = BertForSequenceClassification.from_pretrained(f"{out}/pruned")
 assert torch.equal(reloaded.bert.encoder.layer[0].attention.self.query.weight,
