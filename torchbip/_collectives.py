@@ -15,11 +15,51 @@ __all__ = ["agree", "all_reduce_mean", "broadcast_state", "default_group"]
 
 
 def broadcast_state(model: nn.Module, group: Any) -> None:
-    """Start every rank from rank 0's parameters and buffers (as DDP does when wrapping)."""
+    """Start every rank from rank 0's parameters and buffers (as DDP does when wrapping).
+
+    The ranks first compare the names, shapes and dtypes of what is broadcast (one
+    ``all_gather_object``): a broadcast between tensors that differ would abort the process or
+    silently give ranks different weights.
+
+    Raises:
+        ValueError: on every rank, when some rank's parameters or buffers differ from rank 0's.
+    """
+    params = dict(model.named_parameters())
+    tensors = {**params, **{n: b for n, b in model.named_buffers() if b is not None}}
+    mine = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors.items()]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    differences = [
+        f"rank {rank}: {_difference(gathered[0], theirs)}"
+        for rank, theirs in enumerate(gathered)
+        if theirs != gathered[0]
+    ]
+    if differences:
+        raise ValueError(
+            "the ranks of the process group hold different models, whose parameters and buffers "
+            f"cannot all start from rank 0's ({'; '.join(differences)}); build the same model, with "
+            "the same dtypes, on every rank"
+        )
     src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in tensors.values():
             dist.broadcast(tensor.data, src=src, group=group)
+
+
+def _difference(first: list[Any], other: list[Any]) -> str:
+    """How ``other`` (a rank's ``(name, shape, dtype)`` entries) differs from rank 0's ``first``."""
+    ours = {name: (shape, dtype.removeprefix("torch.")) for name, shape, dtype in first}
+    theirs = {name: (shape, dtype.removeprefix("torch.")) for name, shape, dtype in other}
+    parts = [f"no {name!r}" for name in ours if name not in theirs]
+    parts += [f"an extra {name!r}" for name in theirs if name not in ours]
+    parts += [
+        f"{name!r} {theirs[name][1]} {theirs[name][0]} where rank 0 has {ours[name][1]} {ours[name][0]}"
+        for name in ours
+        if name in theirs and theirs[name] != ours[name]
+    ]
+    if not parts:
+        return "the same tensors in another order"
+    return ", ".join(parts[:3]) + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
 
 
 def all_reduce_mean(
@@ -70,6 +110,13 @@ def default_group(process_group: Any) -> Any:
     if process_group is False:
         return None
     if process_group is not None:
+        non_member = dist.is_available() and type(process_group) is type(dist.GroupMember.NON_GROUP_MEMBER)
+        if non_member and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise TypeError(
+                "process_group is a group this rank is not a member of (dist.new_group() returns "
+                "GroupMember.NON_GROUP_MEMBER on the other ranks): use it only on the group's ranks, "
+                "and pass process_group=False (or leave torchbip out) on the others"
+            )
         if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
             raise TypeError(
                 "process_group must be a torch.distributed.ProcessGroup, None or False, "

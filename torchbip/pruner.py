@@ -161,7 +161,8 @@ class BiP:
 
     Raises:
         ValueError: for a bad ``amount``, ``parameters``, ``exclude``, ``layout`` / ``budget`` /
-            ``min_keep`` / ``max_keep`` combination or setting; the model is left as it was.
+            ``min_keep`` / ``max_keep`` combination or setting, or (on every rank) for ranks of a
+            process group whose models or settings differ; the model is left as it was.
         TypeError: for a ``model`` that is not a module, or arguments of the wrong type.
         RuntimeError: under :func:`torch.inference_mode`.
 
@@ -620,8 +621,8 @@ class BiP:
                 is not a loss scaler, or a ``skip`` that is not a bool.
             FloatingPointError: when the gradients hold a NaN or an infinity (without a scaler).
         """
-        self._check_usable()
         try:
+            self._check_usable()  # (a rank whose model was converted tells the others, below)
             if not isinstance(skip, bool):
                 raise TypeError(f"skip must be a bool, got {skip!r}")
             if upper_grads is not None and (

@@ -65,8 +65,62 @@ def nan_loss(out: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out, y) + torch.where(out > 1e9, zero.log(), torch.zeros_like(out)).sum()
 
 
+def model_of(rank: int, dtype: torch.dtype = torch.float32, bias: bool = True) -> nn.Module:
+    """``make_model()``, on rank 1 in ``dtype`` and with or without the first layer's bias."""
+    model = make_model()
+    if rank == 1:
+        model = model.to(dtype)
+        if not bias:
+            first = model.get_submodule("0")
+            del first.bias
+            first.register_parameter("bias", None)
+    return model
+
+
+# Whether a case left its model exactly as it was (parameters, buffers and their values).
+UNCHANGED: dict[str, bool] = {}
+
+
+def unchanged_after(name: str, model: nn.Module, call: Callable[[nn.Module], Any]) -> Any:
+    """``call(model)``, recording in ``UNCHANGED[name]`` whether it left ``model`` as it was."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    try:
+        return call(model)
+    finally:
+        after = model.state_dict()
+        UNCHANGED[name] = (
+            list(model.parameters()) == params
+            and after.keys() == before.keys()
+            and all(torch.equal(after[k], v) for k, v in before.items())
+        )
+
+
+def bip_step_after_converting(rank: int, data: list[tuple[Tensor, Tensor]]) -> Any:
+    """``BiP`` in a loop whose rank 1 converts the model after building it: its step refuses."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.5, steps=2)
+    if rank == 1:
+        model.double()
+    x, y = data[0]
+    F.cross_entropy(model(x.to(next(model.parameters()).dtype)), y).backward()
+    pruner.step()
+    return pruner.finish()
+
+
+def bip_on_a_group_without_this_rank(rank: int, data: list[tuple[Tensor, Tensor]]) -> Any:
+    """A group of rank 0 only, passed on both ranks: rank 1 refuses it, rank 0 prunes alone."""
+    group = dist.new_group([0])  # (every rank calls new_group; rank 1 gets NON_GROUP_MEMBER)
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.5, steps=1, process_group=group)
+    x, y = data[0]
+    F.cross_entropy(model(x), y).backward()
+    pruner.step()
+    return pruner.finish()
+
+
 def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
-    """``(name, call)`` per case; each call runs ``global_prune`` on this rank's inputs."""
+    """``(name, call)`` per case; each call runs ``global_prune`` or ``BiP`` on this rank's inputs."""
     own = batches(6, seed=10 + rank)
     return [
         (
@@ -115,6 +169,32 @@ def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
             lambda: torchbip.global_prune(make_model(), [0.5, 54][rank], own, steps=3, **OPTIONS),
         ),
         (
+            "another-dtype",
+            lambda: unchanged_after(
+                "another-dtype",
+                model_of(rank, torch.float64),
+                lambda m: torchbip.global_prune(
+                    m, 0.5, [(x.to(next(m.parameters()).dtype), y) for x, y in own], steps=3, **OPTIONS
+                ),
+            ),
+        ),
+        (
+            "another-unpruned-parameter",
+            lambda: unchanged_after(
+                "another-unpruned-parameter",
+                model_of(rank, bias=False),
+                lambda m: torchbip.global_prune(m, 0.5, own, steps=3, **OPTIONS),
+            ),
+        ),
+        (
+            "bip-another-dtype",
+            lambda: unchanged_after(
+                "bip-another-dtype", model_of(rank, torch.float64), lambda m: torchbip.BiP(m, 0.5).finish()
+            ),
+        ),
+        ("bip-step-after-converting-on-one-rank", lambda: bip_step_after_converting(rank, own)),
+        ("bip-on-a-group-without-this-rank", lambda: bip_on_a_group_without_this_rank(rank, own)),
+        (
             "a-seed-per-rank-is-fine",
             lambda: torchbip.global_prune(make_model(), 0.5, own, steps=3, **{**OPTIONS, "seed": rank}),
         ),
@@ -144,6 +224,8 @@ def run_cases(rank: int, out_dir: str) -> None:
                 results[name] = {"ok": True, "sparsity": report.global_sparsity}
             except Exception as err:  # recorded for the test to check
                 results[name] = {"ok": False, "type": type(err).__name__, "message": str(err)}
+            if name in UNCHANGED:
+                results[name]["unchanged"] = UNCHANGED[name]
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -178,6 +260,18 @@ EXPECTED = [
         r"disagree on the settings \['lower_lr'\] \(lower_lr: rank 0: 0\.1, rank 1: 1\.1\)",
     ),
     ("another-amount", ["ValueError", "ValueError"], r"disagree on the amount \(rank 0: 0\.5, rank 1: 54\)"),
+    # rank 0's weights are broadcast to tensors of another dtype or number: refused, not aborted
+    (
+        "another-dtype",
+        ["ValueError", "ValueError"],
+        r"hold different models.*\(rank 1: '0\.weight' float64 \(12, 6\) where rank 0 has float32 \(12, 6\)",
+    ),
+    (
+        "another-unpruned-parameter",
+        ["ValueError", "ValueError"],
+        r"hold different models.*\(rank 1: no '0\.bias'",
+    ),
+    ("bip-another-dtype", ["ValueError", "ValueError"], r"hold different models.*float64"),
 ]
 
 
@@ -189,6 +283,29 @@ def test_every_rank_raises(outcomes: list[dict[str, Any]], case: str, types: lis
     for g in got:
         assert not g["ok"]
         assert __import__("re").search(match, g["message"]), g["message"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["another-dtype", "another-unpruned-parameter", "bip-another-dtype"])
+def test_a_refused_model_is_left_unchanged_on_every_rank(outcomes: list[dict[str, Any]], case: str) -> None:
+    assert [outcomes[rank][case].get("unchanged") for rank in range(2)] == [True, True]
+
+
+@pytest.mark.timeout(300)
+def test_a_group_without_this_rank_is_refused_on_that_rank(outcomes: list[dict[str, Any]]) -> None:
+    rank0, rank1 = (outcomes[rank]["bip-on-a-group-without-this-rank"] for rank in range(2))
+    assert rank0 == {"ok": True, "sparsity": 0.5}  # rank 0 pruned alone, in its one-rank group
+    assert rank1["type"] == "TypeError", rank1
+    assert "not a member of" in rank1["message"], rank1
+
+
+@pytest.mark.timeout(300)
+def test_a_step_refused_on_one_rank_makes_the_other_raise(outcomes: list[dict[str, Any]]) -> None:
+    """Rank 1 converted its model after building BiP: its step refuses, rank 0's learns so."""
+    rank0, rank1 = (outcomes[rank]["bip-step-after-converting-on-one-rank"] for rank in range(2))
+    assert rank0["type"] == rank1["type"] == "RuntimeError", (rank0, rank1)
+    assert "1 other rank(s) of the process group failed in BiP.step()" in rank0["message"], rank0
+    assert "the mask buffer '0.weight_mask' was replaced" in rank1["message"], rank1
 
 
 @pytest.mark.timeout(300)
