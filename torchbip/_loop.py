@@ -145,9 +145,8 @@ class BiPLoop:
         self.loss_scale = 2.0**16 if cfg.amp == "float16" else 1.0
         self.good_steps = 0
         self.skipped_steps = 0
-        n_total = sum(m.numel() for m in self.mask_list)
-        n_kept = sum(int(m.count_nonzero()) for m in self.mask_list)
-        self.sparsity = 1.0 - n_kept / n_total if n_total else 0.0
+        self._overflowed = False  # a pass of the current step was skipped (float16 overflow)
+        self._n_mask_entries = sum(m.numel() for m in self.mask_list)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -162,6 +161,7 @@ class BiPLoop:
         """
         step = self.step_index
         calls = self._watch_calls() if step == 0 else None
+        self._overflowed = False
         try:
             if self.cfg.mode == "fused":
                 out, loss = self._backward(self.lower_stream, step, with_mask_grads=True)
@@ -181,6 +181,8 @@ class BiPLoop:
             if calls is not None:
                 for handle in calls[1]:
                     handle.remove()
+        if self._overflowed:  # once per step, also when both passes of a two-batch step overflowed
+            self.skipped_steps += 1
         with warnings.catch_warnings():
             # a float16 step skipped for overflow: the schedule still advances, on purpose
             warnings.filterwarnings(
@@ -236,7 +238,7 @@ class BiPLoop:
             if not finite or not math.isfinite(loss):  # float16 overflow: skip, lower the scale
                 self.loss_scale /= 2.0
                 self.good_steps = 0
-                self.skipped_steps += 1
+                self._overflowed = True
                 if self.loss_scale < 1.0:
                     raise FloatingPointError(
                         f"float16 gradients overflow at step {step} even without loss scaling; "
@@ -285,6 +287,17 @@ class BiPLoop:
             if self.group is not None:
                 all_reduce_mean([b for b in self.buffers.values() if b.is_floating_point()], self.group)
         return out, loss
+
+    def mask_sparsity(self) -> float:
+        """The fraction of zeros in the targets' masks now (one host sync; for the progress bar).
+
+        Constant for one score per entry, but a group layout's masks (filters of different sizes
+        ranked together, coupled channels) change their number of zeros from step to step.
+        """
+        if not self._n_mask_entries:
+            return 0.0
+        kept = torch.stack([m.count_nonzero() for m in self.mask_list]).sum()
+        return 1.0 - int(kept) / self._n_mask_entries
 
     def _reduce_shapes(self, with_mask_grads: bool) -> list[Tensor]:
         """Zeros in the layout of a step's all-reduce (what a failed rank contributes)."""

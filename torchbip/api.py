@@ -260,9 +260,10 @@ def _run(
     with bar:
         while loop.step_index < steps:
             loss = loop.step()
-            # steps 1, 1 + log_every, 1 + 2 * log_every, ... (as the recorded losses) and the last
-            if (loop.step_index - 1) % cfg.log_every == 0 or loop.step_index == steps:
-                bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{loop.sparsity:.2%}", refresh=False)
+            # steps 1, 1 + log_every, 1 + 2 * log_every, ... (as the recorded losses) and the last;
+            # the masks' sparsity as it is now (only for a bar that is shown: it reads the masks)
+            if not bar.disable and ((loop.step_index - 1) % cfg.log_every == 0 or loop.step_index == steps):
+                bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{loop.mask_sparsity():.2%}", refresh=False)
             bar.update()
             if (
                 path is not None

@@ -1012,7 +1012,7 @@ class Coupled(Layout):
                 return
         raise ValueError(
             "layout=Coupled chooses its tensors from the model's dependency graph: leave "
-            "parameters= out (use exclude= to keep layers dense)"
+            "parameters= out (to keep layers dense, torchbip.BiP takes exclude=)"
         )
 
     def check_budget(
@@ -1061,6 +1061,6 @@ class Coupled(Layout):
         if found is None:
             raise ValueError(
                 "layout=Coupled chooses its tensors from the model's dependency graph: leave "
-                "parameters= out (use exclude= to keep layers dense)"
+                "parameters= out (to keep layers dense, torchbip.BiP takes exclude=)"
             )
         return CoupledLayout(found, targets, amount, self.budget, min_keep, max_keep)

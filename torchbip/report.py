@@ -237,7 +237,9 @@ class PruneReport:
             lower step.
         amount: the ``amount`` asked for.
         config: the resolved :class:`torchbip.BiPConfig` as a dict.
-        skipped_steps: steps skipped because float16 gradients overflowed (``amp="float16"``).
+        skipped_steps: steps skipped because float16 gradients overflowed (``amp="float16"``). In
+            ``mode="two_batch"`` a step counts once when its lower or upper pass overflowed (that
+            pass's update is skipped, the other one is applied), so it never exceeds ``steps``.
 
     Example:
         >>> import torch

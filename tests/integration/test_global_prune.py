@@ -553,3 +553,48 @@ def test_progress_bar_postfix_every_log_every_steps(log_every: int, monkeypatch:
     torchbip.global_prune(make_mlp(), 0.5, make_data(), steps=steps, progress=True, log_every=log_every)
     want = sorted({*range(0, steps, log_every), steps - 1})
     assert positions == want
+
+
+def test_progress_bar_sparsity_is_the_masks_sparsity_at_each_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filters of different sizes ranked together change the masks' sparsity from step to step:
+    the bar shows the sparsity the masks have when it is updated, not the first step's."""
+    shown: list[tuple[str, str]] = []
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 3))
+    layers = [model[0], model[2]]  # the default filters: the head's are the model's outputs
+
+    class WatchingBar(torchbip.api.tqdm):
+        def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+            zeros = sum(int((m.weight_mask == 0).sum()) for m in layers)
+            total = sum(m.weight_mask.numel() for m in layers)
+            shown.append((kwargs["sparsity"], f"{zeros / total:.2%}"))
+            super().set_postfix(*args, **kwargs)
+
+    monkeypatch.setattr(torchbip.api, "tqdm", WatchingBar)
+    report = torchbip.global_prune(
+        model, 0.5, make_data(20), steps=20, structured="filter", budget="global", upper_lr=100.0,
+        log_every=1, progress=True, seed=0,
+    )  # fmt: skip
+    assert len(shown) == 20
+    assert [bar for bar, _ in shown] == [masks for _, masks in shown]
+    assert shown[-1][0] == f"{report.global_sparsity:.2%}"
+    assert len({masks for _, masks in shown}) > 1  # the masks' sparsity did change
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_batch"])
+def test_float16_overflow_counts_each_skipped_step_once(mode: str) -> None:
+    """Every pass overflows float16 until the loss scale has come down: in the two-batch mode both
+    passes of a step overflow, and the step counts once (skipped_steps never exceeds steps)."""
+    calls = {"n": 0}
+
+    def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+        calls["n"] += 1  # a loss of 1e6 overflows float16 gradients at any loss scale
+        return F.cross_entropy(out.float(), y) * (1e6 if calls["n"] <= 4 else 1.0)
+
+    passes = 2 if mode == "two_batch" else 1
+    report = torchbip.global_prune(
+        make_mlp(), 0.5, make_data(), loss_fn=loss_fn, amp="float16", mode=mode, **{**FAST, "steps": 6}
+    )
+    # the first four passes are skipped: four fused steps, or two two-batch steps
+    assert report.skipped_steps == 4 // passes
+    assert report.global_sparsity == pytest.approx(0.5, abs=1e-3)

@@ -362,6 +362,21 @@ def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(
     assert_unchanged(before, net)
 
 
+def test_global_prune_with_coupled_and_parameters_points_to_an_argument_that_exists(net: Residual) -> None:
+    """global_prune has no exclude=: the refusal of parameters= says that torchbip.BiP takes it, and
+    the model is left as it was."""
+    x = _inputs()
+    before = capture(net)
+    with pytest.raises(
+        ValueError, match=r"leave parameters= out \(to keep layers dense, torchbip\.BiP takes exclude=\)"
+    ):
+        torchbip.global_prune(
+            net, 0.5, [(x, torch.zeros(len(x), dtype=torch.long))], parameters=[(net.conv1, "weight")],
+            structured=torchbip.Coupled(x), steps=1, progress=False,
+        )  # fmt: skip
+    assert_unchanged(before, net)
+
+
 def test_layout_object_errors_and_the_unreachable_macs_target(net: Residual) -> None:
     with pytest.raises(ValueError, match=r"Coupled\(budget='channels'\): budget must be one of"):
         torchbip.Coupled(_inputs(), budget="channels")
