@@ -183,6 +183,10 @@ class BiPLoop:
                     handle.remove()
         if self._overflowed:  # once per step, also when both passes of a two-batch step overflowed
             self.skipped_steps += 1
+        elif self.cfg.amp == "float16":  # a good step (both passes of a two-batch step): the scale
+            self.good_steps += 1  # grows after 2000 of them
+            if self.good_steps % 2000 == 0:
+                self.loss_scale *= 2.0
         with warnings.catch_warnings():
             # a float16 step skipped for overflow: the schedule still advances, on purpose
             warnings.filterwarnings(
@@ -220,7 +224,7 @@ class BiPLoop:
                     f"the model or loss_fn failed on a batch from {stream.name} at step {step} "
                     f"(inputs {describe(inputs)}, targets {describe(labels)}): {type(err).__name__}: {err}"
                 ) from err
-        except Exception:
+        except BaseException:  # (also KeyboardInterrupt)
             if self.group is not None:  # the other ranks wait in the next all-reduce: tell them
                 all_reduce_mean(self._reduce_shapes(with_mask_grads), self.group, failed=True)
             raise
@@ -249,9 +253,6 @@ class BiPLoop:
                 with torch.no_grad():
                     for g in grads:
                         g.div_(scale)
-            self.good_steps += 1
-            if self.good_steps % 2000 == 0:
-                self.loss_scale *= 2.0
         # What this step will apply, checked with one host sync (fused with reading the loss): the
         # score gradient covers every target entry (a NaN or infinity in g makes it non-finite,
         # also where the mask is 0), the other parameters' gradients are checked themselves.

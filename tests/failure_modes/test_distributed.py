@@ -60,6 +60,16 @@ class FailingAt:
             yield batch
 
 
+class InterruptedAt(FailingAt):
+    """A loader that raises ``KeyboardInterrupt`` (Ctrl-C on that rank) at its ``at``-th batch."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i, batch in enumerate(self.data):
+            if i == self.at:
+                raise KeyboardInterrupt
+            yield batch
+
+
 def nan_loss(out: Tensor, y: Tensor) -> Tensor:
     zero = out - out.detach()
     return F.cross_entropy(out, y) + torch.where(out > 1e9, zero.log(), torch.zeros_like(out)).sum()
@@ -143,6 +153,12 @@ def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
             ),
         ),
         (
+            "interrupted-on-one-rank",
+            lambda: torchbip.global_prune(
+                make_model(), 0.5, InterruptedAt(own, 2) if rank == 1 else own, steps=5, **OPTIONS
+            ),
+        ),
+        (
             "one-shot-iterator-runs-out",
             lambda: torchbip.global_prune(make_model(), 0.5, iter(own[: 6 - 3 * rank]), steps=5, **OPTIONS),
         ),
@@ -222,7 +238,7 @@ def run_cases(rank: int, out_dir: str) -> None:
             try:
                 report = call()
                 results[name] = {"ok": True, "sparsity": report.global_sparsity}
-            except Exception as err:  # recorded for the test to check
+            except BaseException as err:  # recorded for the test to check (KeyboardInterrupt too)
                 results[name] = {"ok": False, "type": type(err).__name__, "message": str(err)}
             if name in UNCHANGED:
                 results[name]["unchanged"] = UNCHANGED[name]
@@ -247,6 +263,8 @@ EXPECTED = [
     ),
     ("another-model", ["ValueError", "ValueError"], r"disagree on the tensors to prune"),
     ("loader-fails-on-one-rank", ["RuntimeError", "OSError"], r"failed at step 2|disk read failed"),
+    # Ctrl-C on one rank: the other learns of it at the same step instead of waiting
+    ("interrupted-on-one-rank", ["RuntimeError", "KeyboardInterrupt"], r"failed at step 2|^$"),
     ("one-shot-iterator-runs-out", ["RuntimeError", "ValueError"], r"failed at step 3|yielded no batch"),
     ("model-fails-on-one-rank", ["RuntimeError", "ValueError"], r"failed at step 0|failed on a batch"),
     (

@@ -186,3 +186,16 @@ def test_compiled_pruned_model_matches_eager() -> None:
         eager = model(x)
         compiled = torch.compile(model, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_batch"])
+def test_float16_loss_scale_counts_good_steps_not_passes(tmp_path: Path, mode: str) -> None:
+    """The scale grows after 2000 good *steps*: a two-batch step (two passes) counts once."""
+    path = tmp_path / "run.pt"
+    torchbip.global_prune(
+        make_model(), 0.5, make_loader(), amp="float16", mode=mode, checkpoint_path=str(path), **OPTIONS
+    )
+    saved = torch.load(path, weights_only=True)
+    assert saved["skipped_steps"] == 0
+    assert saved["good_steps"] == OPTIONS["steps"]
+    assert saved["loss_scale"] == 2.0**16
