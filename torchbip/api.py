@@ -23,7 +23,7 @@ from torchbip._checkpoint import (
     save_checkpoint,
     save_final_checkpoint,
 )
-from torchbip._collectives import default_group
+from torchbip._collectives import agree, default_group
 from torchbip._func import Target
 from torchbip._loop import BiPLoop
 from torchbip._snapshot import ModelSnapshot
@@ -237,9 +237,23 @@ def _run(
         run = run_descriptor(
             amount, targets, allowed, layout, steps, cfg, lower_stream, upper_stream, process_group
         )
-        if cfg.resume and path.exists():
-            saved = load_checkpoint(path)
-            check_resume(saved, run, path)  # before anything touches the model
+        error: Exception | None = None
+        try:
+            if cfg.resume and path.exists():
+                saved = load_checkpoint(path)
+                check_resume(saved, run, path)  # before anything touches the model
+        except Exception as err:
+            error = err
+        if process_group is not None:  # every rank resumes from the same step, or every rank raises
+            resumes = {"resume": None if saved is None else int(saved["step"])}
+            hint = (
+                "; checkpoint_path must name the same checkpoint on every rank (rank 0 writes it: a "
+                "shared file system, or a copy of it on every rank)"
+            )
+            label = {"resume": "step to resume from (None: no checkpoint at checkpoint_path)"}
+            agree(resumes, error, process_group, "global_prune", label, {"resume": hint})
+        elif error is not None:
+            raise error
     if cfg.device is not None:
         model.to(torch.device(cfg.device))
     loop = BiPLoop(

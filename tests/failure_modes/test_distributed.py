@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,15 @@ def bip_on_a_group_without_this_rank(rank: int, data: list[tuple[Tensor, Tensor]
     return pruner.finish()
 
 
+def resume_with_a_checkpoint_on_rank_0_only(rank: int, data: list[tuple[Tensor, Tensor]]) -> Any:
+    """Each rank names its own folder: only rank 0's holds the checkpoint rank 0 wrote."""
+    path = Path(tempfile.mkdtemp(), "bip.pt")
+    torchbip.global_prune(make_model(), 0.5, data, steps=5, checkpoint_path=str(path), **OPTIONS)
+    return torchbip.global_prune(
+        make_model(), 0.5, data, steps=5, checkpoint_path=str(path), resume=True, **OPTIONS
+    )
+
+
 def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
     """``(name, call)`` per case; each call runs ``global_prune`` or ``BiP`` on this rank's inputs."""
     own = batches(6, seed=10 + rank)
@@ -208,6 +218,7 @@ def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
                 "bip-another-dtype", model_of(rank, torch.float64), lambda m: torchbip.BiP(m, 0.5).finish()
             ),
         ),
+        ("checkpoint-on-rank-0-only", lambda: resume_with_a_checkpoint_on_rank_0_only(rank, own)),
         ("bip-step-after-converting-on-one-rank", lambda: bip_step_after_converting(rank, own)),
         ("bip-on-a-group-without-this-rank", lambda: bip_on_a_group_without_this_rank(rank, own)),
         (
@@ -290,6 +301,11 @@ EXPECTED = [
         r"hold different models.*\(rank 1: no '0\.bias'",
     ),
     ("bip-another-dtype", ["ValueError", "ValueError"], r"hold different models.*float64"),
+    (
+        "checkpoint-on-rank-0-only",
+        ["ValueError", "ValueError"],
+        r"disagree on the step to resume from .*\(rank 0: 5, rank 1: None\); checkpoint_path must name",
+    ),
 ]
 
 
