@@ -306,7 +306,9 @@ class GroupLayout(MaskLayout):
             ]
             self.n_keep = sum(self.counts)
             return
-        self.n_keep, self.counts = group_keep_counts(self.n_groups, amount, budget, min_keep, unit)
+        self.n_keep, self.counts = group_keep_counts(
+            self.n_groups, amount, budget, min_keep, unit, [t.fqn for t in targets]
+        )
         if budget == "global":
             caps = cap_counts(self.n_groups, max_keep)
             _check_floors_and_caps(targets, self.n_keep, amount, min_keep, self.counts, max_keep, caps, unit)

@@ -378,6 +378,7 @@ def group_keep_counts(
     budget: str = "layer",
     min_keep: int | float | None = None,
     unit: str = "groups",
+    names: Sequence[str] | None = None,
 ) -> tuple[int, list[int]]:
     """How many groups a structured budget keeps: in all, and at least per tensor.
 
@@ -390,6 +391,8 @@ def group_keep_counts(
         min_keep: the per-tensor floor of the global ranking (see
             :func:`torchbip.masks.floor_counts`); ignored by ``"layer"``.
         unit: what a group is, for the messages (``"filters"``, ``"channels"``).
+        names: the tensors' names, for the messages (an int amount too large for one tensor
+            under ``"layer"`` names it).
 
     Returns:
         ``(total kept, per-tensor counts)``: with ``"layer"`` the exact count each tensor keeps,
@@ -406,7 +409,13 @@ def group_keep_counts(
     """
     validate_budget(budget)
     if budget == "layer":
-        keeps = [n - count_from_amount(amount, n, unit=unit) for n in n_groups]
+        labels = [
+            "amount" if names is None else f"amount (a count per tensor with budget='layer', for {name!r})"
+            for name in (names if names is not None else [""] * len(n_groups))
+        ]
+        keeps = [
+            n - count_from_amount(amount, n, label, unit) for n, label in zip(n_groups, labels, strict=True)
+        ]
         return sum(keeps), keeps
     total = sum(n_groups)
     return total - count_from_amount(amount, total, unit=unit), floor_counts(n_groups, min_keep)

@@ -1055,3 +1055,17 @@ def test_nm_takes_numpy_integers_as_plain_ints() -> None:
     assert type(layout.n) is int
     assert type(layout.m) is int
     assert layout == torchbip.NM(2, 4)
+
+
+@pytest.mark.parametrize("structured", ["filter", "channel"])
+def test_an_int_amount_too_large_for_one_layer_names_the_layer(structured: str) -> None:
+    """With budget="layer" an int amount is a count per tensor: the tensor it does not fit is named."""
+    model = make_model("dense")  # Linear(8, 16), Linear(16, 16), Linear(16, 3): 16 filters / channels
+    raises_and_restores(
+        model,
+        ValueError,
+        r"amount \(a count per tensor with budget='layer', for '[024]\.weight'\)=20 is larger than the "
+        r"number of unpruned (filters|channels) \(\d+\)",
+        amount=20,
+        structured=structured,
+    )
