@@ -10,7 +10,7 @@ training images. Run::
     python benchmarks/bench_ablation.py --quick   # about a minute
     python benchmarks/bench_ablation.py           # the full run (about half an hour on 2 CPU cores)
 
-Writes ``bench_ablation-<device>-torch<version>[-quick].{json,md}`` into ``--out``.
+Writes ``bench_ablation-<device>-torch<version>[-quick].{json,md,png}`` into ``--out``.
 """
 
 from __future__ import annotations

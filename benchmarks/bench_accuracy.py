@@ -256,7 +256,10 @@ class Seed:
 
 def run_imp(s: Seed, sparsities: list[float], record: Callable[[float, nn.Module, Any], None]) -> None:
     """IMP from the seed's initialisation to the largest sparsity, at the seed's learning rate;
-    ``record(sparsity, model, round_record)`` at each round that stops at one of ``sparsities``."""
+    ``record(sparsity, model, round_record)`` at each round that stops at one of ``sparsities``.
+
+    ``imp``'s clock leaves out the seconds ``record`` spends (the evaluation of the ticket), so
+    IMP's time to a ticket counts its training and pruning only, as BiP's and OMP+FT's times do."""
     model = copy.deepcopy(s.init)
     prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
@@ -1114,7 +1117,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "models": args.models,
             "seeds": args.seeds,
             "budget": {
-                name: {**_data_budget(name, args, data), "bip_epochs": args.bip_epochs or BIP_EPOCHS[name]}
+                name: {
+                    **_data_budget(name, args, data),
+                    "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
+                    "lr": args.lr,
+                    "batch_size": args.batch_size,
+                }
                 for name in args.models
             },
             "rows": rows,
@@ -1168,6 +1176,11 @@ def replot(paths: list[Path], merged: Path | None = None) -> dict[str, Any]:
         write_baselines(result, target)
         return result
     if "bip_settings" not in result:  # a sweep
+        for res in results[1:]:
+            if res["summary"]["center"] != result["summary"]["center"] or res.get("budget") != result.get(
+                "budget"
+            ):
+                raise SystemExit(f"--replot: the sweeps differ in their center or budget: {paths}")
         result["seeds"] = sorted({r["seed"] for r in result["rows"]})
         result["summary"] = sweep_summary(result["rows"], result["summary"]["center"])
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -1176,13 +1189,16 @@ def replot(paths: list[Path], merged: Path | None = None) -> dict[str, Any]:
         sweep_plot(result, target.with_suffix(".png"))
         print(sweep_markdown(result))
         return result
+
+    def without_seeds(budget: dict[str, Any]) -> dict[str, Any]:
+        return {model: {k: v for k, v in b.items() if k != "seeds"} for model, b in budget.items()}
+
     for res in results[1:]:
         mine, theirs = result["bip_settings"], res["bip_settings"]
-        if (
-            any(mine[k] != theirs[k] for k in mine.keys() & theirs.keys())
-            or res["budget"].keys() != result["budget"].keys()
-        ):
-            raise SystemExit(f"--replot: the runs differ in their settings or models: {paths}")
+        if any(mine[k] != theirs[k] for k in mine.keys() & theirs.keys()) or without_seeds(
+            res["budget"]
+        ) != without_seeds(result["budget"]):
+            raise SystemExit(f"--replot: the runs differ in their settings, models or budgets: {paths}")
     (model,) = result["budget"]
     result["budget"][model]["seeds"] = sorted({r["seed"] for r in result["rows"]})
     result["summary"] = summarise(result["rows"])

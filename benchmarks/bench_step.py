@@ -6,7 +6,8 @@ reported as ratios. Run:
     python benchmarks/bench_step.py            # full (a few minutes on a 2-core CPU)
     python benchmarks/bench_step.py --quick    # seconds
 
-Writes ``benchmarks/results/bench_step-<device>-torch<version>.json`` and ``.md``.
+Writes ``bench_step-<device>-torch<version>[-quick].{json,md,png}`` into ``--out`` (default
+``benchmarks/results/``).
 """
 
 from __future__ import annotations

@@ -225,3 +225,59 @@ def test_bench_ablation_quick(tmp_path: Path) -> None:
     assert "omp+finetune" in result["summary"]
     n_fused = sum("fused" in v for v in result["summary"])
     assert n_fused == sum("two_batch" in v for v in result["summary"]) > 0
+
+
+def _protocol_json(path: Path, lr: float, seed: int) -> Path:
+    budget = {
+        "train_images": 100,
+        "val_images": 10,
+        "epochs": 1.0,
+        "bip_epochs": 0.5,
+        "lr": lr,
+        "seeds": [seed],
+    }
+    result = {"device": "cpu", "torch": "0", "quick": True, "bip_settings": {"lower_lr": 0.05},
+              "budget": {"lenet_300_100": budget}, "rows": []}  # fmt: skip
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_bench_accuracy_replot_refuses_runs_of_other_budgets(tmp_path: Path) -> None:
+    """Runs merged by ``--replot`` must share every budget (the learning rate included), not only
+    the BiP settings; seeds may differ, that is what merging is for."""
+    import bench_accuracy
+
+    a = _protocol_json(tmp_path / "a.json", 0.2, 0)
+    b = _protocol_json(tmp_path / "b.json", 0.05, 1)
+    with pytest.raises(SystemExit, match="budgets"):
+        bench_accuracy.main(["--replot", str(a), str(b), "--merged", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_bench_accuracy_sweep_replot_refuses_other_centers(tmp_path: Path) -> None:
+    import bench_accuracy
+
+    paths = []
+    for name, lower_lr in (("a", 0.05), ("b", 0.2)):
+        center = {"lower_lr": lower_lr}
+        sweep = {"models": ["lenet_300_100"], "seeds": [0], "budget": {}, "rows": [],
+                 "summary": {"center": center, "settings": {}, "best": {}}}  # fmt: skip
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(sweep))
+    with pytest.raises(SystemExit, match="center or budget"):
+        bench_accuracy.main(["--replot", *map(str, paths), "--merged", str(tmp_path / "m.json")])
+
+
+def test_committed_lenet_300_100_protocol_is_the_merge_of_its_seeds(tmp_path: Path) -> None:
+    """The published LeNet-300-100 table is what ``--replot`` builds from its three per-seed runs."""
+    import bench_accuracy
+
+    results = BENCH / "results"
+    stem = "bench_accuracy-cpu-x86_64-1threads-torch2.14.1-lenet_300_100"
+    seeds = sorted(results.glob(f"{stem}-lpt-lr0.2-s?.json"))
+    if len(seeds) != 3:
+        pytest.skip("the per-seed runs are not in this checkout")
+    merged = bench_accuracy.main(["--replot", *map(str, seeds), "--merged", str(tmp_path / f"{stem}.json")])
+    assert (tmp_path / f"{stem}.md").read_text() == (results / f"{stem}.md").read_text()
+    assert merged["budget"]["lenet_300_100"]["seeds"] == [0, 1, 2]
+    assert merged["budget"]["lenet_300_100"]["lr"] == 0.2

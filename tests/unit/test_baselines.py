@@ -488,3 +488,29 @@ def test_omp_and_random_prune_the_count_of_a_numpy_float32_amount_as_global_prun
     report = fn(model, amount, make_data(), epochs=0)
     zeros = sum(int((m == 0).sum()) for m in masks(model))
     assert zeros == report.zeros == expected
+
+
+def test_imp_wall_time_leaves_out_the_on_round_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: each training pass takes 2 s and each ``on_round`` (an evaluation) 5 s; the
+    rounds' cumulative times count the training only."""
+    from types import SimpleNamespace
+
+    import torchbip.baselines as baselines
+
+    clock = [0.0]
+    monkeypatch.setattr(baselines, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def two_seconds(*args: Any, **kwargs: Any) -> float:
+        clock[0] += 2.0
+        return 0.0
+
+    monkeypatch.setattr(baselines, "train", two_seconds)
+
+    def evaluate(record: Any, model: nn.Module) -> None:
+        clock[0] += 5.0
+
+    result = imp(make_model(), 0.5, make_data(), epochs=1, rate=0.2, on_round=evaluate)
+    rounds = len(result.rounds)
+    assert rounds >= 3
+    # round 0 trains before the first cut, then one training per round
+    assert [r.wall_time_s for r in result.rounds] == [2.0 * (i + 1) for i in range(1, rounds + 1)]
