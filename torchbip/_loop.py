@@ -409,8 +409,14 @@ class BiPLoop:
 
     def _lower_step(self, grads: dict[str, Tensor]) -> None:
         gamma = self.cfg.gamma
+        # A layout may hold more entries than its training masks zero (Coupled: a pruned
+        # channel's producers too): those get no weight decay and no momentum either.
+        held = self.bip.layout.held_masks(self.mask_list)
+        holds = {id(m): h for m, h in zip(self.mask_list, held, strict=True) if h is not m}
         with torch.no_grad():
             for name, (p, mask) in self.masked.items():
+                if holds:
+                    mask = holds[id(mask)].to(p.dtype) if id(mask) in holds else mask
                 if name in self.grad_hooks:
                     p.grad = _run_hooks(p, torch.add(grads[name], p, alpha=gamma)).mul_(mask)
                 elif id(p) in self.decoupled:  # AdamW's weight decay holds the L2 term

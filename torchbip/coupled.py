@@ -676,7 +676,11 @@ class CoupledLayout(MaskLayout):
         sizes = [g.size for g in self.groups]
         self.counts: list[int] | None
         if budget == "layer":
-            self.counts = [max(1, n - count_from_amount(amount, n)) for n in sizes]
+            labels = [f"amount (a count per group, for {g.root!r})" for g in self.groups]
+            self.counts = [
+                max(1, n - count_from_amount(amount, n, label, "channels"))
+                for n, label in zip(sizes, labels, strict=True)
+            ]
         elif budget == "macs":
             if isinstance(amount, int):
                 raise ValueError(
@@ -685,7 +689,7 @@ class CoupledLayout(MaskLayout):
             self.counts = self._counts_for_macs(float(amount))
         else:
             total = sum(sizes)
-            n_keep = total - count_from_amount(amount, total)
+            n_keep = total - count_from_amount(amount, total, unit="channels")
             floors = [max(1, f) for f in floor_counts(sizes, min_keep)]
             caps = cap_counts(sizes, max_keep)
             if sum(floors) > n_keep:
@@ -699,6 +703,13 @@ class CoupledLayout(MaskLayout):
                     f"max_keep={max_keep!r} keeps at most {sum(caps)} channels, fewer than the {n_keep} "
                     f"that amount={amount!r} keeps; raise max_keep or amount"
                 )
+            for g, low, high in zip(self.groups, floors, caps or floors, strict=True):
+                if low > high:
+                    raise ValueError(
+                        f"max_keep={max_keep!r} keeps at most {high} of the {g.size} channels of the group "
+                        f"of {g.root!r}, but every group keeps at least {low} "
+                        f"({'one channel' if min_keep is None else f'min_keep={min_keep!r}'}); raise max_keep"
+                    )
             self._global = GlobalTopK(n_keep, floors, caps)
             self.counts = None
         self.n_keep = sum(self.counts) if self.counts is not None else self._global.n_keep  # type: ignore[union-attr]
@@ -857,6 +868,30 @@ class CoupledLayout(MaskLayout):
         if not whole:
             self._elements = elements
         return elements
+
+    def held_masks(self, masks: Sequence[Tensor]) -> list[Tensor]:
+        """See :meth:`MaskLayout.held_masks`: every tensor of a pruned channel, not only its readers.
+
+        While training only the readers of a pruned channel are masked, but its producers
+        (filters, biases, BatchNorm parameters) are pruned too (:meth:`finish_masks` zeroes
+        them), so their values are held as well: an optimizer's weight decay or momentum does
+        not move a channel's filter while it is pruned. The selection is read off the training
+        masks (a group's keep along a reader's axis), so it is the one those masks hold.
+        """
+        group_keeps: list[Tensor | None] = [None] * len(self.groups)
+        for i, mask in enumerate(masks):
+            for gi, s in self.gated[i]:
+                if group_keeps[gi] is not None:
+                    continue
+                along = _reduce_except((mask != 0).to(torch.int32), s.dim) > 0
+                found = torch.zeros(self.groups[gi].size, dtype=torch.bool, device=mask.device)
+                found[s.channels.to(mask.device)] = along[s.positions.to(mask.device)]
+                group_keeps[gi] = found
+        keeps = [torch.zeros(0, dtype=torch.bool, device=m.device) for m in masks]
+        for owner, keep in zip(self.owners, group_keeps, strict=True):
+            assert keep is not None, "every group masks at least one tensor while training"
+            keeps[owner] = keep
+        return self.masks(keeps, whole=True)
 
     def finish_masks(self, scores: Sequence[Tensor]) -> list[Tensor]:
         """See :meth:`MaskLayout.finish_masks`: every tensor of a pruned channel zeroed.

@@ -148,6 +148,15 @@ class MaskLayout(ABC):
         for index, element in element_grads:
             self.score_grad(index, element, outs[index])
 
+    def held_masks(self, masks: Sequence[Tensor]) -> Sequence[Tensor]:
+        """The masks whose zeros mark the pruned entries that :meth:`torchbip.BiP.step` holds.
+
+        ``masks`` are the current training masks (torch's 0/1 mask buffers), one per target;
+        by default (every layout whose training masks are its final ones) they are returned as
+        they are.
+        """
+        return masks
+
     def finish_masks(self, scores: Sequence[Tensor]) -> list[Tensor] | None:
         """The masks :meth:`torchbip.BiP.finish` leaves for the selection of ``scores``.
 

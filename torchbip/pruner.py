@@ -43,10 +43,11 @@ from torchbip._tensors import copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
 from torchbip.config import BiPConfig
 from torchbip.data import describe
-from torchbip.layouts import Layout, MaskLayout, as_layout
+from torchbip.layouts import Groups, Layout, MaskLayout, as_layout
 from torchbip.masks import validate_amount
 from torchbip.method import GradCapture, drop_scores, pruning_hook, scores_name, set_grad_capture
 from torchbip.report import SparsityReport, TensorSparsity
+from torchbip.structured import group_unit
 
 __all__ = ["BiP", "STATE_FORMAT", "grad_scaler_state", "schedule_lambda"]
 
@@ -344,6 +345,12 @@ class BiP:
             raise ValueError(
                 f"{name}={value!r} bounds each tensor's share of one global ranking; amount={dict(amount)!r} "
                 "gives every matching tensor its own amount instead: drop it, or pass one amount"
+            )
+        if isinstance(amount, Mapping) and isinstance(spec, Groups) and spec.budget == "global":
+            raise ValueError(
+                f"budget='global' (layout={spec!r}) ranks the {group_unit(spec.dim)} of all tensors "
+                f"together; amount={dict(amount)!r} gives every matching tensor its own amount instead: "
+                "drop one of them"
             )
         max_keep = _plain_number(max_keep)
         spec.check_budget(budget, cfg.min_keep, max_keep)
@@ -996,7 +1003,8 @@ class BiP:
         """Undo what the optimizer did to pruned entries."""
         if self.saved is None:
             return
-        for i, (orig, mask, saved) in enumerate(zip(self.origs, self.masks, self.saved, strict=True)):
+        held = self.layout.held_masks(self.masks)  # (Coupled: every tensor of a pruned channel)
+        for i, (orig, mask, saved) in enumerate(zip(self.origs, held, self.saved, strict=True)):
             shard = self._rows(i)
             if shard is None:
                 _keep_or_restore(orig.data, mask, saved)

@@ -812,9 +812,16 @@ BAD_ARGUMENTS = pytest.mark.parametrize(
             r"budget='global' conflicts with layout=Groups\(dim=0, budget='layer'\), whose budget is 'layer'",
         ),
         (
+            {"amount": {"0.*": 0.5}, "layout": "filter", "budget": "global"},
+            ValueError,
+            r"budget='global' \(layout=Groups\(dim=0, budget='global'\)\) ranks the filters of all tensors "
+            r"together; amount=\{'0\.\*': 0\.5\} gives every matching tensor its own amount instead",
+        ),
+        (
             {"amount": 100, "layout": "filter"},
             ValueError,
-            r"amount=100 is larger than the number of unpruned filters",
+            r"amount \(a count per tensor with budget='layer', for '0\.weight'\)=100 is larger than the "
+            r"number of unpruned filters \(32\)",
         ),
     ],
 )

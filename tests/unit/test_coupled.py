@@ -121,7 +121,8 @@ def _masks(net: nn.Module, a: Tensor, b: Tensor, whole: bool = False) -> dict[st
     inputs for A, conv3's inputs for B); ``whole``: every tensor of the group.
     """
     out = {}
-    for name, value in net.named_parameters():
+    for full_name, value in net.named_parameters():
+        name = full_name.removesuffix("_orig")  # (a pruned tensor's parameter)
         factor = torch.ones_like(value)
         for group, var in ((GROUP_A, a), (GROUP_B, b)):
             for (tensor, dim), channels in group.items():
@@ -283,6 +284,38 @@ def test_a_pruned_channel_gets_a_first_order_gradient(net: Residual) -> None:
         assert (grad[keep] != 0).all()
 
 
+def test_pruned_channels_hold_their_producers_values_under_weight_decay(net: Residual) -> None:
+    """A pruned channel's filters, biases and BatchNorm parameters are pruned too (finish() zeroes
+    them), though only its readers are masked while training: AdamW's decay and momentum must not
+    move them, so a channel that comes back returns with the values it had when it was pruned."""
+    pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()), upper_lr=10.0)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.5)
+    params = dict(net.named_parameters())
+    labels = torch.Generator().manual_seed(2)
+
+    def state() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        # the selection read off the readers' masks: conv2 reads group A, conv3 group B
+        keep_a = net.conv2.weight_mask.sum((0, 2, 3)) > 0
+        keep_b = net.conv3.weight_mask.sum((0, 2, 3)) > 0
+        whole = _masks(net, keep_a.double(), keep_b.double(), whole=True)
+        return whole, {n: p.detach().clone() for n, p in params.items()}
+
+    held = 0
+    for _ in range(4):
+        masks_before, values_before = state()
+        optimizer.zero_grad()
+        F.cross_entropy(net(_inputs(8)), torch.randint(0, 5, (8,), generator=labels)).backward()
+        optimizer.step()
+        pruner.step()
+        masks_after, _ = state()
+        for name, value in params.items():
+            key = name.removesuffix("_orig")
+            pruned = (masks_before[key] == 0) & (masks_after[key] == 0)
+            held += int(pruned.sum())
+            assert torch.equal(value.detach()[pruned], values_before[name][pruned]), name
+    assert held > 0
+
+
 def test_budgets_layer_global_and_macs(net: Residual) -> None:
     x = _inputs()
     layer = torchbip.BiP(Residual(), amount=0.75, layout=torchbip.Coupled(x))
@@ -320,6 +353,31 @@ def test_global_budget_caps_every_group_at_max_keep(net: Residual) -> None:
         torchbip.BiP(Residual(), amount=0.5, layout=torchbip.Coupled(x, budget="global"), max_keep=2)
 
 
+def test_a_group_whose_cap_is_below_its_floor_names_max_keep_and_the_group(seed: int) -> None:
+    """0.2 of group '0''s 4 channels is 0, but every group keeps one: the error names max_keep and
+    the group (not an index into an internal list), BiP.check() says the same, the model is kept."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )  # fmt: skip
+    layout = torchbip.Coupled(_inputs(), budget="global")
+    before = capture(model)
+    match = (
+        r"max_keep=0\.2 keeps at most 0 of the 4 channels of the group of '0', but every group keeps "
+        r"at least 1 \(one channel\); raise max_keep"
+    )
+    with pytest.raises(ValueError, match=match):
+        torchbip.BiP.check(model, amount=0.9, layout=layout, max_keep=0.2)
+    with pytest.raises(ValueError, match=match):
+        torchbip.BiP(model, amount=0.9, layout=layout, max_keep=0.2)
+    assert_unchanged(before, model)
+    pruner = torchbip.BiP(model, amount=0.9, layout=layout, max_keep=0.25)  # a cap of one channel
+    roots = [g.root for g in pruner.layout.groups]
+    keeps = dict(zip(roots, pruner.layout.group_keeps(pruner.score_views), strict=True))
+    assert int(keeps["0"].sum()) == 1
+    assert sum(int(k.sum()) for k in keeps.values()) == 76 - round(0.9 * 76)
+
+
 def test_macs_budget_counts_the_macs_of_the_kept_channels(seed: int) -> None:
     model = Residual()
     x = _inputs(1)
@@ -349,6 +407,12 @@ def test_macs_budget_counts_the_macs_of_the_kept_channels(seed: int) -> None:
         ({"min_keep": 1}, ValueError, r"min_keep=1 applies to Coupled\(..., budget='global'\)"),
         ({"exclude": ["conv1", "conv2"]}, ValueError, "finds no channel group to prune"),
         ({"amount": 1.5}, ValueError, "amount"),
+        (
+            {"amount": 5},  # group A has 4 channels
+            ValueError,
+            r"amount \(a count per group, for 'conv[13]'\)=5 is larger than the number of unpruned "
+            r"channels \(4\)",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument_and_leave_the_model_as_it_was(
@@ -514,3 +578,37 @@ def test_a_model_without_a_group_to_prune_gets_the_reasons_and_is_left_alone() -
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not model[0]._forward_pre_hooks
+
+
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_global_prune_equals_the_same_bip_in_a_plain_sgd_loop(net: Residual, budget: str) -> None:
+    """``global_prune`` (SGD, L2 term gamma, fused) and ``BiP`` in a plain loop (SGD with
+    ``weight_decay=gamma``) on the same batches leave the same masks and weights: in both, a pruned
+    channel's producers are held, not decayed."""
+    net = net.double()
+    batches = [
+        (_inputs(8).double(), torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(i)))
+        for i in range(6)
+    ]
+    lr, gamma, settings = 0.1, 0.05, {"upper_lr": 5.0, "upper_schedule": "constant"}
+    ours = copy.deepcopy(net)
+    x = _inputs().double()
+    torchbip.global_prune(
+        net, 0.5, batches, steps=len(batches), structured=torchbip.Coupled(x, budget=budget),
+        lower_lr=lr, momentum=0.0, gamma=gamma, lower_schedule="constant", progress=False, **settings,
+    )  # fmt: skip
+    pruner = torchbip.BiP(ours, 0.5, layout=torchbip.Coupled(x, budget=budget), **settings)
+    optimizer = torch.optim.SGD(ours.parameters(), lr=lr, weight_decay=gamma)
+    for xb, yb in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(ours(xb), yb).backward()
+        optimizer.step()
+        pruner.step()
+    pruner.finish()
+    theirs, mine = net.state_dict(), ours.state_dict()
+    assert theirs.keys() == mine.keys()
+    for key, value in theirs.items():
+        if key.endswith("_mask"):
+            assert torch.equal(mine[key], value), key
+        else:
+            torch.testing.assert_close(mine[key], value, rtol=1e-9, atol=1e-12, msg=key)
