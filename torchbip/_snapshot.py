@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from torchbip.pruned import named_pruning_hooks
 
@@ -74,18 +75,25 @@ class _SavedTensor:
     and the sharing between views stay as they were.
     """
 
-    __slots__ = ("alias", "cls", "tensor", "values")
+    __slots__ = ("alias", "cls", "lazy", "tensor", "values")
 
     def __init__(self, tensor: Tensor, copy: bool) -> None:
         self.tensor = tensor
         self.cls = type(tensor)
-        lazy = nn.parameter.is_lazy(tensor)
+        self.lazy = nn.parameter.is_lazy(tensor)
         self.alias = tensor.data
-        self.values = tensor.detach().clone() if copy and not lazy else None
+        self.values = tensor.detach().clone() if copy and not self.lazy else None
 
     def restore(self) -> None:
         tensor = self.tensor
-        if type(tensor) is not self.cls:  # e.g. a lazy parameter materialised by a forward pass
+        if self.lazy:
+            # An uninitialised (lazy) parameter has no values, and torch refuses to read its
+            # memory: one that a forward pass materialised gets its empty data and class back.
+            if type(tensor) is not self.cls:
+                tensor.data = self.alias
+                tensor.__class__ = self.cls
+            return
+        if type(tensor) is not self.cls:  # e.g. a parameter subclass swapped during the run
             tensor.__class__ = self.cls
         if self.alias.layout != torch.strided:
             # No storage to keep (sparse): put the saved copy back as the data.
@@ -103,20 +111,145 @@ class _SavedTensor:
             tensor.data = self.values
 
 
+# A module's hook dictionaries and the flags torch keeps beside them (by hook id): a hook put back
+# needs its flags (``with_kwargs``, ``always_call``), and one added during a run must go with them.
+# Names that this torch version lacks are skipped.
+_MODULE_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+# A tensor's gradient hooks (``p.register_hook``, ``p.register_post_accumulate_grad_hook``).
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def _hook_dicts(owner: object, names: Iterable[str]) -> dict[str, tuple[Any, dict[Any, Any]]]:
+    """Each hook dictionary of ``owner`` that exists: the object and a copy of its entries."""
+    out = {}
+    for name in names:
+        hooks = getattr(owner, name, None)
+        if isinstance(hooks, dict):
+            out[name] = (hooks, dict(hooks))
+    return out
+
+
+def _restore_hook_dicts(
+    owner: object, saved: dict[str, tuple[Any, dict[Any, Any]]], names: Iterable[str]
+) -> None:
+    """Put back the entries of ``owner``'s hook dictionaries; empty those created since."""
+    for name in names:
+        hooks = getattr(owner, name, None)
+        if name in saved:
+            original, entries = saved[name]
+            if hooks is not original:  # (torch never replaces them; a safeguard)
+                setattr(owner, name, original)
+            original.clear()
+            original.update(entries)
+        elif isinstance(hooks, dict):  # the first hook of its kind, registered during the run
+            hooks.clear()
+
+
+class _SavedModule:
+    """One module: its class, child, parameter and buffer dictionaries, hooks, flags, attributes."""
+
+    __slots__ = (
+        "attrs",
+        "buffers",
+        "children",
+        "cls",
+        "hook_states",
+        "hooks",
+        "module",
+        "non_persistent",
+        "params",
+        "properties",
+        "state",
+        "training",
+    )
+
+    def __init__(self, module: nn.Module, names: set[str]) -> None:
+        self.module = module
+        self.cls = type(module)
+        # A parametrized module's class is its own (torch makes one per module): the properties
+        # that compute its parametrized tensors live there.
+        self.properties = (
+            {k: v for k, v in vars(self.cls).items() if isinstance(v, property)}
+            if parametrize.is_parametrized(module)
+            else None
+        )
+        self.params = dict(module._parameters)
+        self.buffers = dict(module._buffers)
+        self.children = dict(module._modules)
+        self.non_persistent = set(module._non_persistent_buffers_set)
+        self.hooks = _hook_dicts(module, _MODULE_HOOKS)
+        self.hook_states = [(hook, type(hook), dict(vars(hook))) for _, hook in named_pruning_hooks(module)]
+        self.training = module.training
+        self.attrs = {n: module.__dict__[n] for n in names if n in module.__dict__}
+        self.state = dict(module.__dict__)
+
+    def restore(self, names: set[str]) -> None:
+        module = self.module
+        if type(module) is not self.cls:  # a lazy module materialised, a parametrization added
+            module.__class__ = self.cls
+        if self.properties is not None:
+            for key in [k for k, v in vars(self.cls).items() if isinstance(v, property)]:
+                if key not in self.properties:
+                    delattr(self.cls, key)
+            for key, value in self.properties.items():
+                if vars(self.cls).get(key) is not value:
+                    setattr(self.cls, key, value)
+        for name in names:
+            module.__dict__.pop(name, None)
+        # Attributes deleted during the run (a lazy module's handles of its initialisation hooks).
+        for key, value in self.state.items():
+            if key not in module.__dict__:
+                module.__dict__[key] = value
+        module._parameters.clear()
+        module._parameters.update(self.params)
+        module._buffers.clear()
+        module._buffers.update(self.buffers)
+        module._modules.clear()
+        module._modules.update(self.children)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(self.non_persistent)
+        _restore_hook_dicts(module, self.hooks, _MODULE_HOOKS)
+        if "_is_full_backward_hook" in self.state:
+            module._is_full_backward_hook = self.state["_is_full_backward_hook"]
+        for hook, cls, hook_state in self.hook_states:
+            hook.__class__ = cls  # (BiP makes a torch container it prunes on top of its own class)
+            vars(hook).clear()
+            vars(hook).update(hook_state)
+        module.training = self.training
+        module.__dict__.update(self.attrs)
+
+
 class ModelSnapshot:
     """Remember everything ``global_prune`` may change, and put it back on :meth:`restore`.
 
-    Kept per module: the parameter and buffer dictionaries (the same objects, so identities are
-    restored), the forward pre-hooks (and the attributes of torch pruning hooks: pruning on top
-    of a :class:`~torch.nn.utils.prune.PruningContainer` appends to the same container), the
-    forward hooks (BiP registers none: the deep-copy guard of a tensor it prunes lives inside its
-    pruning pre-hook; forward hooks that the model or a loader adds during a run are dropped),
-    the training flag, the non-persistent buffer set, and the plain attributes named ``names``
-    (the tensors that torch's pruning hooks set, or layer sizes such as ``in_features``).
+    Kept per module: its class (a lazy module that materialises, or a module given a
+    parametrization, changes it; a parametrized module's class keeps its properties), the child,
+    parameter and buffer dictionaries (the same objects, so identities are restored), every hook
+    dictionary with torch's flags for each hook (forward pre-hooks and forward hooks, their
+    ``with_kwargs`` and ``always_call`` flags, backward and state-dict hooks; the attributes of
+    torch pruning hooks: pruning on top of a :class:`~torch.nn.utils.prune.PruningContainer`
+    appends to the same container; hooks that the model or a loader adds during a run are
+    dropped: BiP registers none that outlive a call, the deep-copy guard of a tensor it prunes
+    lives inside its pruning pre-hook), the training flag, the non-persistent buffer set, the
+    attributes deleted during the run, and the plain attributes named ``names`` (the tensors that
+    torch's pruning hooks set, or layer sizes such as ``in_features``).
 
     Kept per tensor (each parameter, buffer and gradient once, also when modules share it): the
-    object, its original memory (its ``.data``) and one copy of its values; per parameter its
-    gradient object and ``requires_grad``. :meth:`restore` writes the values back into the
+    object, its class, its original memory (its ``.data``) and one copy of its values; per
+    parameter its gradient object, ``requires_grad`` and gradient hooks (``p.register_hook``,
+    ``p.register_post_accumulate_grad_hook``). :meth:`restore` writes the values back into the
     original memory, so a model in shared memory (``share_memory()``) stays there, and pinned,
     ``channels_last``, strided and tied or overlapping parameters keep their storage, strides
     and sharing. The memory cost is one copy of the values.
@@ -132,34 +265,21 @@ class ModelSnapshot:
         self._names = set(names)
         skip = {id(t) for t in unchanged}
         self._tensors: dict[int, _SavedTensor] = {}
-        self._params: dict[int, tuple[nn.Parameter, _SavedTensor | None, bool]] = {}
-        self._modules: list[tuple[Any, ...]] = []
+        self._params: dict[int, tuple[nn.Parameter, _SavedTensor | None, bool, dict[str, Any]]] = {}
+        self._modules: list[_SavedModule] = []
         for module in model.modules():
-            params = dict(module._parameters)
-            buffers = dict(module._buffers)
-            for t in [*params.values(), *buffers.values()]:
+            saved_module = _SavedModule(module, self._names)
+            for t in [*saved_module.params.values(), *saved_module.buffers.values()]:
                 if t is not None and id(t) not in self._tensors:
                     self._tensors[id(t)] = _SavedTensor(t, id(t) not in skip)
-            for p in params.values():
+            for p in saved_module.params.values():
                 if p is not None and id(p) not in self._params:
                     grad = p.grad
                     saved = None if grad is None else self._tensors.get(id(grad))
                     if grad is not None and saved is None:
                         saved = self._tensors[id(grad)] = _SavedTensor(grad, True)
-                    self._params[id(p)] = (p, saved, p.requires_grad)
-            self._modules.append(
-                (
-                    module,
-                    params,
-                    buffers,
-                    set(module._non_persistent_buffers_set),
-                    dict(module._forward_pre_hooks),
-                    dict(module._forward_hooks),
-                    [(hook, type(hook), dict(vars(hook))) for _, hook in named_pruning_hooks(module)],
-                    module.training,
-                    {n: module.__dict__[n] for n in self._names if n in module.__dict__},
-                )
-            )
+                    self._params[id(p)] = (p, saved, p.requires_grad, _hook_dicts(p, _TENSOR_HOOKS))
+            self._modules.append(saved_module)
 
     @contextlib.contextmanager
     def restored_on_failure(self) -> Iterator[None]:
@@ -173,43 +293,17 @@ class ModelSnapshot:
     @torch.no_grad()
     def restore(self) -> None:
         """Put every remembered piece of state back: objects, memory, values, hooks and flags."""
-        for (
-            module,
-            params,
-            buffers,
-            non_persistent,
-            hooks,
-            post_hooks,
-            hook_states,
-            training,
-            attrs,
-        ) in self._modules:
-            for name in self._names:
-                module.__dict__.pop(name, None)
-            module._parameters.clear()
-            module._parameters.update(params)
-            module._buffers.clear()
-            module._buffers.update(buffers)
-            module._non_persistent_buffers_set.clear()
-            module._non_persistent_buffers_set.update(non_persistent)
-            module._forward_pre_hooks.clear()
-            module._forward_pre_hooks.update(hooks)
-            module._forward_hooks.clear()
-            module._forward_hooks.update(post_hooks)
-            for hook, cls, state in hook_states:
-                hook.__class__ = cls  # (BiP makes a torch container it prunes on top of its own class)
-                vars(hook).clear()
-                vars(hook).update(state)
-            module.training = training
-            module.__dict__.update(attrs)
+        for saved_module in self._modules:
+            saved_module.restore(self._names)
         # A gradient must match its parameter when it is set: detach them while memory moves back.
-        for p, _, _ in self._params.values():
+        for p, _, _, _ in self._params.values():
             p.grad = None
         for saved in self._tensors.values():
             saved.restore()
-        for p, grad, requires_grad in self._params.values():
+        for p, grad, requires_grad, hooks in self._params.values():
             p.grad = None if grad is None else grad.tensor
-            p.requires_grad_(requires_grad)
+            p.requires_grad = requires_grad  # (an uninitialised parameter refuses requires_grad_)
+            _restore_hook_dicts(p, hooks, _TENSOR_HOOKS)
 
     @property
     def nbytes(self) -> int:

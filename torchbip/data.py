@@ -203,6 +203,10 @@ class BatchStream:
                 self.epoch, self.position = epoch, 0
                 self._has_peeked, self._peeked = False, None
                 self._it = self._start()
+                # The first batch is read now, under the restored random states, as the saved run
+                # read it right after starting the pass: a sampler draws its order when its first
+                # batch is asked for (RandomSampler), not when the pass starts.
+                self._peeked, self._has_peeked = self._read(position, source), True
             self._advance_to(position, source)
             if verify and position and targets_digest(self._last_targets) != state["last_targets"]:
                 raise ValueError(
@@ -222,6 +226,17 @@ class BatchStream:
         finally:
             torch.set_rng_state(rng)
 
+    def _read(self, position: int, source: str) -> Any:
+        """The next batch of the current pass, which must reach the saved ``position``."""
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise ValueError(
+                f"{source} was written after batch {position} of epoch {self.epoch} of "
+                f"{self.name}, but {self.name} ends after {self.position} batches there: "
+                "pass the same data (a one-shot iterator again from its start)"
+            ) from None
+
     def _advance_to(self, position: int, source: str) -> None:
         """Read batches of the current pass (the peeked one first) until ``position``."""
         while self.position < position:
@@ -229,14 +244,7 @@ class BatchStream:
                 self._has_peeked = False
                 batch, self._peeked = self._peeked, None
             else:
-                try:
-                    batch = next(self._it)
-                except StopIteration:
-                    raise ValueError(
-                        f"{source} was written after batch {position} of epoch {self.epoch} of "
-                        f"{self.name}, but {self.name} ends after {self.position} batches there: "
-                        "pass the same data (a one-shot iterator again from its start)"
-                    ) from None
+                batch = self._read(position, source)
             self.position += 1
             self._last_targets = split_batch(batch, self.name)[1]
 
@@ -292,9 +300,14 @@ def targets_digest(targets: Any) -> str | None:
         return None
     digest = hashlib.sha256()
     for t in tensors:
-        flat = t.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{flat.dtype}{tuple(t.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        # A nested tensor is digested component by component; a sparse one by its dense values.
+        parts = t.detach().unbind() if t.is_nested else [t.detach()]
+        for part in parts:
+            if part.layout != torch.strided:
+                part = part.to_dense()
+            flat = part.to("cpu").contiguous().reshape(-1)
+            digest.update(f"{flat.dtype}{tuple(part.shape)};".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -427,6 +440,8 @@ def describe(value: Any) -> str:
     """
     if isinstance(value, Tensor):
         dtype = str(value.dtype).replace("torch.", "")
+        if value.is_nested:  # (no shape of its own: its components have theirs)
+            return f"NestedTensor({', '.join(describe(t) for t in value.unbind())})"
         return f"Tensor[{', '.join(map(str, value.shape))}] {dtype}"
     if isinstance(value, (tuple, list)):
         return f"{type(value).__name__}({', '.join(describe(v) for v in value)})"

@@ -184,7 +184,8 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
             ``*_mask`` buffers.
         include_dense: also report unpruned ``nn.Linear``/``nn.Conv*d`` weights (0 zeros counted
             from the values themselves); a weight that several modules share is counted once,
-            under its first name.
+            under its first name, and an uninitialised weight of a lazy layer (``nn.LazyLinear``
+            before its first forward pass), which has no entries yet, is left out.
 
     Returns:
         A :class:`SparsityReport`.
@@ -214,7 +215,7 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
             tensors[fqn] = TensorSparsity(mask.numel(), int((mask == 0).sum()))
         if include_dense and isinstance(module, PRUNABLE_TYPES):
             weight = module._parameters.get("weight")
-            if weight is not None and id(weight) not in seen:
+            if weight is not None and not nn.parameter.is_lazy(weight) and id(weight) not in seen:
                 seen.add(id(weight))
                 tensors[prefix + "weight"] = TensorSparsity(weight.numel(), int((weight == 0).sum()))
     return SparsityReport(tensors)

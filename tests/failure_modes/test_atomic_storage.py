@@ -876,3 +876,109 @@ def test_make_permanent_rejects_a_non_module() -> None:
 
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got dict"):
         make_permanent({})  # type: ignore[arg-type]
+
+
+# --- ModelSnapshot: module classes, hooks and their flags ---------------------------------------
+
+
+def test_restore_puts_back_a_lazy_layer_that_a_forward_pass_materialised() -> None:
+    """Oracle: a fresh lazy model, which infers its sizes from the next input it sees."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
+    weight = model[0].weight
+    snapshot = ModelSnapshot(model)
+    model(torch.randn(2, 5))  # LazyLinear -> Linear, its initialisation hook removes itself
+    snapshot.restore()
+    assert type(model[0]) is nn.LazyLinear
+    assert model[0].weight is weight
+    assert type(weight) is nn.UninitializedParameter
+    assert model(torch.randn(2, 7)).shape == (2, 2)  # sizes inferred again, from the new input
+    assert model[0].in_features == 7
+    assert type(model[0]) is nn.Linear
+
+
+def test_restore_of_an_uninitialised_lazy_layer_keeps_it_lazy() -> None:
+    model = nn.Sequential(nn.LazyLinear(3))
+    snapshot = ModelSnapshot(model)
+    model[0].weight.requires_grad = False
+    snapshot.restore()  # (torch refuses to read an uninitialised parameter's memory)
+    assert type(model[0].weight) is nn.UninitializedParameter
+    assert model[0].weight.requires_grad
+
+
+def test_restore_keeps_the_flags_of_a_hook_that_removed_itself() -> None:
+    """A ``with_kwargs`` hook put back without its flag would be called with other arguments."""
+    layer = nn.Linear(4, 2)
+    seen: list[dict[str, Any]] = []
+
+    def once(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append(kwargs)
+        handle.remove()
+
+    handle = layer.register_forward_pre_hook(once, with_kwargs=True)
+    always = layer.register_forward_hook(lambda *_: None, always_call=True)
+    snapshot = ModelSnapshot(layer)
+    layer(torch.randn(1, 4))
+    always.remove()
+    snapshot.restore()
+    assert list(layer._forward_pre_hooks) == list(layer._forward_pre_hooks_with_kwargs) == [handle.id]
+    assert list(layer._forward_hooks) == list(layer._forward_hooks_always_called) == [always.id]
+    layer(torch.randn(1, 4))  # the hook is called with its keyword arguments, and removes itself
+    assert seen == [{}, {}]
+    assert not layer._forward_pre_hooks
+
+
+def test_restore_drops_backward_state_dict_and_gradient_hooks_added_during_the_run() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    weight = model[0].weight
+    kept = weight.register_hook(lambda g: g)
+    snapshot = ModelSnapshot(model)
+    model[0].register_full_backward_hook(lambda *_: None)
+    model[1].register_full_backward_pre_hook(lambda *_: None)
+    model.register_state_dict_pre_hook(lambda *_: None)
+    model[3].register_load_state_dict_post_hook(lambda *_: None)
+    weight.register_hook(lambda g: g * 0)
+    model[3].bias.register_post_accumulate_grad_hook(lambda p: None)
+    snapshot.restore()
+    for module in model.modules():
+        assert not module._backward_hooks
+        assert not module._backward_pre_hooks
+        assert not module._state_dict_pre_hooks
+        assert not module._load_state_dict_post_hooks
+    assert list(weight._backward_hooks) == [kept.id]
+    assert not model[3].bias._post_accumulate_grad_hooks
+    F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    assert weight.grad is not None
+    assert weight.grad.abs().sum() > 0
+
+
+def test_restore_puts_back_submodules_and_parametrizations() -> None:
+    """Oracle: a deep copy taken before, compared on classes, children, parameters and outputs."""
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.triu() + x.triu(1).t()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    parametrize.register_parametrization(model[2], "weight", Symmetric())
+    parametrize.register_parametrization(model[2], "bias", nn.Identity())
+    before = copy.deepcopy(model)
+    classes = [type(m) for m in model.modules()]
+    params = list(model.parameters())
+    x = torch.randn(3, 4)
+    snapshot = ModelSnapshot(model)
+    model[1] = nn.Tanh()
+    model.add_module("extra", nn.Linear(4, 1))
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    parametrize.remove_parametrizations(model[2], "weight")  # its class loses the property
+    snapshot.restore()
+    assert [type(m) for m in model.modules()] == classes
+    assert list(model.parameters()) == params
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in before.named_modules()]
+    assert parametrize.is_parametrized(model[2], "weight")
+    assert not parametrize.is_parametrized(model[0])
+    assert torch.equal(model[2].weight, before[2].weight)
+    assert torch.equal(model(x), before(x))

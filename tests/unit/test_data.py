@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
-from torchbip.data import describe, model_args, targets_digest, to_device
+from torchbip.data import BatchStream, describe, model_args, targets_digest, to_device
 
 META = torch.device("meta")
 Pair = collections.namedtuple("Pair", "label weight")
@@ -192,3 +193,69 @@ def test_mappings_are_described_and_digested() -> None:
     assert describe(targets) == "UserDict(label=Tensor[2] int64)"
     assert targets_digest(targets) == targets_digest({"label": torch.tensor([1, 2])})
     assert targets_digest(targets) != targets_digest({"label": torch.tensor([2, 1])})
+
+
+# -- BatchStream: continuing at the start of an epoch ----------------------------------------------
+
+
+@pytest.mark.parametrize("own_generator", [False, True], ids=["global-rng", "loader-generator"])
+def test_a_stream_saved_at_an_epochs_start_replays_that_epochs_order(own_generator: bool) -> None:
+    """A shuffling sampler draws its order when the first batch is asked for, not at ``iter()``.
+
+    Saved after a peek into a new epoch (position 0), the continued stream must read that first
+    batch under the restored random states: the oracle is the order the saved stream goes on with.
+    """
+    torch.manual_seed(0)
+    data = [(torch.tensor([float(i)]), torch.tensor(i)) for i in range(6)]
+
+    def loader(seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed) if own_generator else None
+        return DataLoader(data, batch_size=2, shuffle=True, generator=generator)
+
+    stream = BatchStream(loader(0), "loader")
+    for _ in range(3):
+        stream.next()
+    stream.peek()  # the next epoch starts: its first batch is read, nothing consumed yet
+    saved = stream.state_dict()
+    assert (saved["epoch"], saved["position"]) == (1, 0)
+    expected = [stream.next()[1].tolist() for _ in range(3)]  # the saved epoch (the next one draws
+    # its order from the global RNG as the caller's run leaves it)
+
+    torch.manual_seed(123)  # the caller's RNG is elsewhere, the new loader's generator too
+    again = BatchStream(loader(99), "loader")
+    rng = torch.get_rng_state()
+    again.load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [again.next()[1].tolist() for _ in range(3)] == expected
+
+
+def test_a_fresh_streams_state_replays_its_first_epoch() -> None:
+    torch.manual_seed(0)
+    data = [(torch.tensor([float(i)]), torch.tensor(i)) for i in range(8)]
+    generator = torch.Generator().manual_seed(5)
+    stream = BatchStream(DataLoader(data, batch_size=2, shuffle=True, generator=generator), "loader")
+    saved = stream.state_dict()  # position 0 of epoch 0: the first batch is only peeked
+    expected = [stream.next()[1].tolist() for _ in range(4)]
+    again = BatchStream(DataLoader(data, batch_size=2, shuffle=True, generator=torch.Generator()), "loader")
+    again.load_state_dict(saved)
+    assert [again.next()[1].tolist() for _ in range(4)] == expected
+
+
+# -- nested and sparse tensors --------------------------------------------------------------------
+
+
+def test_nested_tensors_are_described_by_their_components() -> None:
+    nested = torch.nested.nested_tensor([torch.zeros(2, 3), torch.zeros(4, 3)])
+    assert describe(nested) == "NestedTensor(Tensor[2, 3] float32, Tensor[4, 3] float32)"
+    assert describe((nested, torch.zeros(2, dtype=torch.long))).startswith("tuple(NestedTensor(")
+
+
+def test_nested_and_sparse_targets_are_digested_by_their_values() -> None:
+    dense = torch.tensor([[0, 2], [1, 0]])
+    assert targets_digest(dense.to_sparse()) == targets_digest(dense)
+    assert targets_digest(dense.to_sparse_csr()) == targets_digest(dense)
+    assert targets_digest(torch.tensor([[0, 2], [1, 1]]).to_sparse()) != targets_digest(dense)
+    first = torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])])
+    split_elsewhere = torch.nested.nested_tensor([torch.tensor([1]), torch.tensor([2, 3])])
+    assert targets_digest(first) == targets_digest([torch.tensor([1, 2]), torch.tensor([3])])
+    assert targets_digest(first) != targets_digest(split_elsewhere)

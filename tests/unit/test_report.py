@@ -250,3 +250,18 @@ def test_warn_if_pruned_away_names_the_tensors_and_stays_quiet_when_all_is_prune
         warnings.simplefilter("error")
         everything.warn_if_pruned_away("X", "Y")  # the budget asked for it
         SparsityReport({"a": TensorSparsity(4, 3)}).warn_if_pruned_away("X", "Y")
+
+
+def test_include_dense_leaves_out_an_uninitialised_lazy_weight() -> None:
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    prune.l1_unstructured(model[2], "weight", amount=3)
+    report = sparsity_report(model, include_dense=True)
+    assert {k: (t.numel, t.zeros) for k, t in report.tensors.items()} == {"2.weight": (8, 3)}
+    model(torch.zeros(1, 5))  # materialised: its entries are counted from then on
+    with torch.no_grad():
+        model[0].weight[0] = 0.0
+    report = sparsity_report(model, include_dense=True)
+    assert {k: (t.numel, t.zeros) for k, t in report.tensors.items()} == {
+        "0.weight": (20, 5),
+        "2.weight": (8, 3),
+    }
