@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -227,20 +228,14 @@ def test_lightning_bfloat16_mixed_precision() -> None:
     assert all(bool(torch.isfinite(module.net[i].weight).all()) for i in (0, 2, 4))
 
 
-def test_lightning_float16_grad_scaler_equals_own_loop_and_skips_overflows() -> None:
-    """float16 autocast with a GradScaler whose first scales overflow: Lightning's run equals a plain
-    loop with ``pruner.step(scaler=...)``, skipped steps included."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
-    init_scale = 2.0**22  # large enough that the first steps overflow in float16
-    module = Classifier()
-    callback = BiPCallback(amount=AMOUNT)
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
-    fit(trainer([callback], plugins=[plugin]), module)
-
+def assert_same_as_own_float16_loop(
+    callback: BiPCallback, module: Classifier, optimizer_of: Any, init_scale: float
+) -> None:
+    """The oracle of the loss-scaler tests: the same BiP in a plain float16 loop with a GradScaler
+    (``pruner.step(scaler=...)``) skips the same steps and ends with the same state."""
     net = make_net()
     pruner = torchbip.BiP(net, AMOUNT, steps=BATCHES * EPOCHS)
-    optimizer = make_optimizer(net.parameters())
+    optimizer = optimizer_of(net.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     for _ in range(EPOCHS):
         for x, y in loader():
@@ -256,6 +251,20 @@ def test_lightning_float16_grad_scaler_equals_own_loop_and_skips_overflows() -> 
     assert callback.pruner.skipped_steps == pruner.skipped_steps > 0
     assert callback.pruner.step_count == pruner.step_count > 0
     assert_same_state(module.net, net)
+
+
+def test_lightning_float16_grad_scaler_equals_own_loop_and_skips_overflows() -> None:
+    """float16 autocast with a GradScaler whose first scales overflow: Lightning's run equals a plain
+    loop with ``pruner.step(scaler=...)``, skipped steps included."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    init_scale = 2.0**22  # large enough that the first steps overflow in float16
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    fit(trainer([callback], plugins=[plugin]), module)
+
+    assert_same_as_own_float16_loop(callback, module, make_optimizer, init_scale)
 
 
 def test_lightning_gradient_clipping_does_not_change_bip_gradient() -> None:
@@ -623,21 +632,6 @@ def test_lightning_loss_scaler_with_a_fused_optimizer_equals_own_loop_and_skips_
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
     fit(trainer([callback], plugins=[plugin]), module)
 
-    net = make_net()
-    pruner = torchbip.BiP(net, AMOUNT, steps=BATCHES * EPOCHS)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    for _ in range(EPOCHS):
-        for x, y in loader():
-            optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(net(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            pruner.step(scaler=scaler)
-            scaler.update()
-    pruner.finish()
-    assert callback.pruner is not None
-    assert callback.pruner.skipped_steps == pruner.skipped_steps > 0
-    assert callback.pruner.step_count == pruner.step_count > 0
-    assert_same_state(module.net, net)
+    assert_same_as_own_float16_loop(
+        callback, module, lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True), init_scale
+    )
