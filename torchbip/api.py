@@ -233,27 +233,29 @@ def _run(
     path = Path(cfg.checkpoint_path) if cfg.checkpoint_path is not None else None
     run: dict[str, Any] = {}  # what defines the run: saved with every checkpoint
     saved = None
+    error: Exception | None = None
     if path is not None:
         run = run_descriptor(
             amount, targets, allowed, layout, steps, cfg, lower_stream, upper_stream, process_group
         )
-        error: Exception | None = None
         try:
             if cfg.resume and path.exists():
                 saved = load_checkpoint(path)
                 check_resume(saved, run, path)  # before anything touches the model
         except Exception as err:
             error = err
-        if process_group is not None:  # every rank resumes from the same step, or every rank raises
-            resumes = {"resume": None if saved is None else int(saved["step"])}
-            hint = (
-                "; checkpoint_path must name the same checkpoint on every rank (rank 0 writes it: a "
-                "shared file system, or a copy of it on every rank)"
-            )
-            label = {"resume": "step to resume from (None: no checkpoint at checkpoint_path)"}
-            agree(resumes, error, process_group, "global_prune", label, {"resume": hint})
-        elif error is not None:
-            raise error
+    # Every rank resumes from the same step, or every rank raises. (Also on ranks without a
+    # checkpoint_path: a run may give it to rank 0 only, which writes the checkpoints.)
+    if process_group is not None:
+        resumes = {"resume": None if saved is None else int(saved["step"])}
+        hint = (
+            "; checkpoint_path must name the same checkpoint on every rank (rank 0 writes it: a "
+            "shared file system, or a copy of it on every rank)"
+        )
+        label = {"resume": "step to resume from (None: no checkpoint at checkpoint_path)"}
+        agree(resumes, error, process_group, "global_prune", label, {"resume": hint})
+    elif error is not None:
+        raise error
     if cfg.device is not None:
         model.to(torch.device(cfg.device))
     loop = BiPLoop(

@@ -25,7 +25,8 @@ The constants are read from one forward pass on ``example_inputs`` in eval mode,
 against the masked one on the same inputs (``verify=True``): equality holds in eval mode.
 
 When these rules keep more than a quarter of the weights that lie in entirely zero filters or
-input channels (not counting input channels read straight from the model's inputs), so that
+input channels (not counting input channels of layers fed by the model's inputs alone, also
+through operations such as ``x / 255``), so that
 the slim model saves visibly less than the masks promise, :func:`export_slim` warns with a
 :class:`SlimExportWarning` naming the layers where they stay.
 
@@ -393,7 +394,7 @@ def export_slim(
         reference = slim(*inputs)
     graph = build_graph(tp, slim, inputs, "export_slim")
     roots = [m for m in slim.modules() if isinstance(m, _LAYER_TYPES) and m in graph.module2node]
-    fed = _reading_inputs(slim, inputs)
+    fed = _reading_inputs(slim, inputs) | _first_layers(slim, graph)
     zero_before = _zero_slice_weights(slim, fed)
     stats: _ChannelStats | None = None
     zeros = _ZeroCache()
@@ -472,6 +473,32 @@ def _reading_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> set[str]:
     finally:
         for hook in hooks:
             hook.remove()
+    return found
+
+
+def _first_layers(model: nn.Module, graph: Any) -> set[str]:
+    """The names of the conv and linear layers that no conv or linear layer feeds, in ``graph``.
+
+    Their inputs are computed from the model's inputs alone (``x / 255``, a normalization, a
+    reshape), so no export can shrink their input channels either.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    found: set[str] = set()
+    for module, node in graph.module2node.items():
+        if not isinstance(module, _LAYER_TYPES) or id(module) not in names:
+            continue
+        seen: set[int] = set()
+        stack = list(node.inputs)
+        while stack:
+            upstream = stack.pop()
+            if id(upstream) in seen:
+                continue
+            seen.add(id(upstream))
+            if isinstance(upstream.module, _LAYER_TYPES):
+                break
+            stack.extend(upstream.inputs)
+        else:
+            found.add(names[id(module)])
     return found
 
 

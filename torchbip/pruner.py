@@ -452,7 +452,8 @@ class BiP:
         def capture(grad: Tensor) -> None:
             if not on[0]:
                 return
-            versions[index] = origs[index]._version  # weight_orig as this backward pass saw it
+            if captured[index] is None:  # weight_orig as the first backward pass since the step saw it
+                versions[index] = origs[index]._version  # (later ones: an LBFGS closure may follow a change)
             # The first gradient is kept as autograd made it (no copy) when it is contiguous; the
             # pruner writes into it only once it owns a copy (a second backward pass, scaling, a
             # collective), so whoever else holds that tensor never sees it change.
@@ -949,7 +950,9 @@ class BiP:
         Autograd's version counter of ``weight_orig`` tells: in the documented order the weights
         change after the backward pass (the optimizer's step) and before :meth:`step`; called
         the other way round, they changed after the last :meth:`step` and before the forward
-        pass. :math:`\theta` of the upper gradient is then one optimizer step older than the
+        pass. The first backward pass since the last step is the one compared (an optimizer
+        that evaluates a closure several times, as LBFGS does, runs later ones on weights it
+        changed itself). :math:`\theta` of the upper gradient is then one optimizer step older than the
         weights the loss saw. (Writes through ``.data`` bypass the counter and are not seen.)
         """
         if self._order_warned:

@@ -139,6 +139,16 @@ def resume_with_a_checkpoint_on_rank_0_only(rank: int, data: list[tuple[Tensor, 
     )
 
 
+def checkpoints_written_by_rank_0_only(rank: int, data: list[tuple[Tensor, Tensor]]) -> Any:
+    """Rank 0 names a checkpoint file, rank 1 none (only rank 0 writes checkpoints): both run."""
+    path = Path(tempfile.mkdtemp(), "bip.pt")
+    own = {"checkpoint_path": str(path), "checkpoint_every": 1} if rank == 0 else {}
+    report = torchbip.global_prune(make_model(), 0.5, data, steps=3, **own, **OPTIONS)
+    if path.exists() != (rank == 0):
+        raise AssertionError(f"rank {rank}: checkpoint written: {path.exists()}")
+    return report
+
+
 def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
     """``(name, call)`` per case; each call runs ``global_prune`` or ``BiP`` on this rank's inputs."""
     own = batches(6, seed=10 + rank)
@@ -219,6 +229,7 @@ def cases(rank: int) -> list[tuple[str, Callable[[], Any]]]:
             ),
         ),
         ("checkpoint-on-rank-0-only", lambda: resume_with_a_checkpoint_on_rank_0_only(rank, own)),
+        ("checkpoint-path-on-rank-0-only", lambda: checkpoints_written_by_rank_0_only(rank, own)),
         ("bip-step-after-converting-on-one-rank", lambda: bip_step_after_converting(rank, own)),
         ("bip-on-a-group-without-this-rank", lambda: bip_on_a_group_without_this_rank(rank, own)),
         (
@@ -344,6 +355,6 @@ def test_a_step_refused_on_one_rank_makes_the_other_raise(outcomes: list[dict[st
 
 @pytest.mark.timeout(300)
 def test_the_group_still_works_after_the_failures(outcomes: list[dict[str, Any]]) -> None:
-    for case in ("a-seed-per-rank-is-fine", "healthy-run-afterwards"):
+    for case in ("a-seed-per-rank-is-fine", "checkpoint-path-on-rank-0-only", "healthy-run-afterwards"):
         got = [outcomes[rank][case] for rank in range(2)]
         assert got == [{"ok": True, "sparsity": 0.5}, {"ok": True, "sparsity": 0.5}], case

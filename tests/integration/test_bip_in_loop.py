@@ -909,6 +909,30 @@ def test_step_before_the_optimizer_is_told_once(optimizer_first: bool) -> None:
         assert told[0].filename == __file__  # points at the user's call
 
 
+def test_an_lbfgs_closure_in_the_documented_order_is_not_taken_for_the_other_order() -> None:
+    """LBFGS evaluates its closure several times per step and may stop right after one, so the
+    last backward pass saw the weights the optimizer changed: only the first pass is compared."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=5, tolerance_change=1e-3)
+    pruner = torchbip.BiP(model, amount=0.5, steps=3)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            optimizer.step(closure)
+            pruner.step()
+    assert not [w for w in caught if "called before optimizer.step()" in str(w.message)]
+    assert pruner.step_count == 3
+
+
 def test_a_frozen_tensor_is_named_with_its_cause_and_its_mask_trains_outside_the_optimizer() -> None:
     model = make_model()
     pruner = torchbip.BiP(model, 0.8)

@@ -494,6 +494,31 @@ def test_zero_input_columns_read_from_the_models_inputs_are_not_counted() -> Non
     assert slim[1].in_features == 64
 
 
+class ScaledInputs(nn.Module):
+    """A model that scales its inputs itself before its first layer (``x / 255``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x / 255)
+
+
+def test_zero_input_columns_of_inputs_computed_in_the_forward_are_not_counted() -> None:
+    """The first layer reads ``x / 255``, a new tensor: its zero input columns are still the model's
+    inputs, which no export can remove."""
+    torch.manual_seed(0)
+    model = ScaledInputs()
+    with torch.no_grad():
+        model.body[1].weight[:, :20] = 0
+    prune.l1_unstructured(model.body[1], "weight", amount=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlimExportWarning)
+        slim = export_slim(model, torch.randn(4, 1, 8, 8) * 255)
+    assert slim.body[1].in_features == 64
+
+
 class IndexedChannels(nn.Module):
     """Channels picked by a fixed index tensor, which the dependency graph takes as element-wise."""
 
