@@ -49,7 +49,7 @@ import copy
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import torch
@@ -151,21 +151,26 @@ class _ZeroCache:
         return zero
 
 
+def _forward_with_pre_hook(
+    model: nn.Module, inputs: tuple[Any, ...], hook: Callable[[nn.Module, tuple[Any, ...]], None]
+) -> None:
+    """One forward pass without gradients, ``hook`` a forward pre-hook of every conv and linear layer."""
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _ChannelStats:
     """Per-input-channel minimum and maximum seen by every conv and linear layer."""
 
     def __init__(self, model: nn.Module, inputs: tuple[Any, ...]) -> None:
         self.low: dict[nn.Module, Tensor] = {}
         self.high: dict[nn.Module, Tensor] = {}
-        hooks = [
-            m.register_forward_pre_hook(self._record) for m in model.modules() if isinstance(m, _LAYER_TYPES)
-        ]
-        try:
-            with torch.no_grad():
-                model(*inputs)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        _forward_with_pre_hook(model, inputs, self._record)
 
     def _record(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
@@ -466,13 +471,7 @@ def _reading_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> set[str]:
         if args and isinstance(args[0], Tensor) and args[0].untyped_storage().data_ptr() in storages:
             found.add(names[id(module)])
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, _LAYER_TYPES)]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _forward_with_pre_hook(model, inputs, record)
     return found
 
 
