@@ -277,6 +277,35 @@ def test_lightning_gradient_clipping_does_not_change_bip_gradient() -> None:
     assert_same_state(module.net, net)
 
 
+def test_lightning_generator_settings_are_read_once_and_equal_the_list_form() -> None:
+    """``exclude`` and ``parameters`` given as generators: the callback checks its settings before it
+    builds BiP, and both see every item (the last layer stays dense, as with a list)."""
+    module = Classifier()
+    callback = BiPCallback(amount=AMOUNT, exclude=(p for p in ["net.4"]))
+    fit(trainer([callback], max_epochs=1), module)
+    assert callback.pruner is not None
+    assert callback.pruner.names == ["net.0.weight", "net.2.weight"]
+    assert not prune.is_pruned(module.net[4])
+    layers = [module.net[0], module.net[2]]
+    other = Classifier()
+    chosen = BiPCallback(amount=AMOUNT, parameters=((m, "weight") for m in [other.net[0], other.net[2]]))
+    fit(trainer([chosen], max_epochs=1), other)
+    assert chosen.pruner is not None
+    assert chosen.pruner.names == ["net.0.weight", "net.2.weight"]
+    net = make_net()
+    pruner = torchbip.BiP(net, AMOUNT, exclude=["4"], steps=BATCHES)
+    optimizer = make_optimizer(net.parameters())
+    for x, y in loader():
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    pruner.finish()
+    assert_same_state(module.net, net)
+    assert_same_state(other.net, net)
+    assert all(int((m.weight == 0).sum()) > 0 for m in layers)
+
+
 def test_lightning_bad_settings_name_the_argument_and_leave_the_model() -> None:
     with pytest.raises(TypeError, match="upper_rate"):
         BiPCallback(amount=0.5, upper_rate=3.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ def check_settings(owner: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Check that every setting is a keyword argument of :class:`torchbip.BiP`.
 
     The values are checked when BiP is built (on the model); a misspelt name is an error at once.
+    A one-shot iterator (a generator of ``parameters`` pairs or ``exclude`` patterns) is read into
+    a list here: the callback checks the settings before it builds BiP (and may build it again,
+    on a model that ``model_init`` made), and each must see every item.
 
     Raises:
         TypeError: naming the unknown argument.
@@ -35,7 +38,7 @@ def check_settings(owner: str, settings: Mapping[str, Any]) -> dict[str, Any]:
             raise TypeError(
                 f"{owner}() got an unexpected keyword argument {key!r}; BiP's settings are {known}"
             )
-    return dict(settings)
+    return {key: list(value) if isinstance(value, Iterator) else value for key, value in settings.items()}
 
 
 def accept_permanent_state(pruner: BiP) -> Callable[..., None]:
