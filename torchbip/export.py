@@ -21,14 +21,15 @@ Otherwise the channel is kept (a nonzero constant entering a zero-padded convolu
 bias near the borders). Channels that reach the model's output are never removed, nor channels
 that go through ``torch.split``, ``torch.chunk``, ``unbind`` or a channel slice such as
 ``y[:, :k]``, whose bounds the forward fixes (removing a channel before it would shift them).
-The constants are read from one forward pass on ``example_inputs`` in eval mode, and the slim model is checked
-against the masked one on the same inputs (``verify=True``): equality holds in eval mode.
+The constants are read from one forward pass on ``example_inputs`` in eval mode, and the slim
+model is checked against the masked one on the same inputs (``verify=True``): equality holds in
+eval mode.
 
 When these rules keep more than a quarter of the weights that lie in entirely zero filters or
-input channels (not counting input channels of layers fed by the model's inputs alone, also
-through operations such as ``x / 255``), so that
-the slim model saves visibly less than the masks promise, :func:`export_slim` warns with a
-:class:`SlimExportWarning` naming the layers where they stay.
+input channels (not counting the input channels of layers fed by the model's inputs alone, also
+through operations such as ``x / 255``), so that the slim model saves visibly less than the
+masks promise, :func:`export_slim` warns with a :class:`SlimExportWarning` naming the layers
+where they stay.
 
 Attention heads: a head of an :class:`torch.nn.MultiheadAttention` whose value rows (and value
 bias) are zero contributes nothing, and is removed too; the module becomes a
@@ -399,7 +400,7 @@ def export_slim(
         reference = slim(*inputs)
     graph = build_graph(tp, slim, inputs, "export_slim")
     roots = [m for m in slim.modules() if isinstance(m, _LAYER_TYPES) and m in graph.module2node]
-    fed = _reading_inputs(slim, inputs) | _first_layers(slim, graph)
+    fed = _first_layers(slim, graph)  # their input channels are the model's: none can go
     zero_before = _zero_slice_weights(slim, fed)
     stats: _ChannelStats | None = None
     zeros = _ZeroCache()
@@ -461,25 +462,11 @@ def export_slim(
     return slim.train(training)
 
 
-def _reading_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> set[str]:
-    """The names of the conv and linear layers whose input is (a view of) one of the model's inputs."""
-    storages = {t.untyped_storage().data_ptr() for t in tensor_leaves(inputs)}
-    found: set[str] = set()
-    names = {id(m): n for n, m in model.named_modules()}
-
-    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor) and args[0].untyped_storage().data_ptr() in storages:
-            found.add(names[id(module)])
-
-    _forward_with_pre_hook(model, inputs, record)
-    return found
-
-
 def _first_layers(model: nn.Module, graph: Any) -> set[str]:
     """The names of the conv and linear layers that no conv or linear layer feeds, in ``graph``.
 
-    Their inputs are computed from the model's inputs alone (``x / 255``, a normalization, a
-    reshape), so no export can shrink their input channels either.
+    Their inputs are the model's inputs, or computed from them alone (a view, ``x / 255``, a
+    normalization, a reshape), so no export can shrink their input channels.
     """
     names = {id(m): n for n, m in model.named_modules()}
     found: set[str] = set()
