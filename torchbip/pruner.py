@@ -133,9 +133,10 @@ class BiP:
         layout: ``"unstructured"``, ``"filter"``, ``"channel"``, an ``"N:M"`` pattern or a
             :class:`torchbip.layouts.Layout`. By default ``"filter"`` leaves out the layers whose
             outputs are the model's outputs and ``"channel"`` those that read its inputs, by the
-            order in which the model calls its layers, found by tracing it with :mod:`torch.fx`
-            (there is no batch to run it on yet); a model whose ends torch.fx cannot trace is
-            refused: pass ``parameters``.
+            order in which the model calls its layers, found by tracing a copy of it with
+            :mod:`torch.fx` (there is no batch to run it on yet); where torch.fx cannot trace the
+            model's ends, the last (first) registered layer is left out, with a warning naming it:
+            pass ``parameters`` to choose.
         budget: with ``"filter"``/``"channel"``: ``"layer"`` (the same fraction of every
             tensor) or ``"global"``.
         min_keep: per-tensor floor of a global ranking: an int count or a float fraction of each
@@ -950,10 +951,10 @@ class BiP:
         Autograd's version counter of ``weight_orig`` tells: in the documented order the weights
         change after the backward pass (the optimizer's step) and before :meth:`step`; called
         the other way round, they changed after the last :meth:`step` and before the forward
-        pass. The first backward pass since the last step is the one compared (an optimizer
-        that evaluates a closure several times, as LBFGS does, runs later ones on weights it
-        changed itself). :math:`\theta` of the upper gradient is then one optimizer step older than the
-        weights the loss saw. (Writes through ``.data`` bypass the counter and are not seen.)
+        pass, and :math:`\theta` of the upper gradient is one optimizer step older than the
+        weights the loss saw. The first backward pass since the last step is the one compared (an
+        optimizer that evaluates a closure several times, as LBFGS does, runs later ones on
+        weights it changed itself). Writes through ``.data`` bypass the counter and are not seen.
         """
         if self._order_warned:
             return
