@@ -13,6 +13,26 @@ from torchbip.attention import SlimMultiheadAttention, head_rows, removable_head
 E, H, D = 12, 4, 3
 
 
+def _assert_slim_matches(
+    mha: nn.MultiheadAttention,
+    slim: SlimMultiheadAttention,
+    qkv: tuple[torch.Tensor, ...],
+    full_kwargs: dict,
+    slim_kwargs: dict,
+    kept_heads: list[int],
+) -> torch.Tensor:
+    """The slim module's outputs equal the full one's, and its per-head weights those of the kept
+    heads; returns the full module's per-head weights."""
+    with torch.no_grad():
+        want, want_weights = mha(*qkv, average_attn_weights=False, **full_kwargs)
+        got, got_weights = slim(*qkv, average_attn_weights=False, **slim_kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_weights is not None
+    assert want_weights is not None
+    torch.testing.assert_close(got_weights, want_weights[:, kept_heads], rtol=1e-5, atol=1e-6)
+    return want_weights
+
+
 def _attention(batch_first: bool, bias: bool = True) -> nn.MultiheadAttention:
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, H, batch_first=batch_first, bias=bias).eval()
@@ -63,13 +83,7 @@ def test_outputs_and_kept_heads_weights_equal_the_full_attention(batch_first: bo
         full_kwargs["attn_mask"] = per_head.reshape(n * H, length, source)
         slim_kwargs["attn_mask"] = per_head[:, [0, 2]].reshape(n * 2, length, source)
     slim_kwargs = {**full_kwargs, **slim_kwargs}
-    with torch.no_grad():
-        want, want_weights = mha(q, k, v, average_attn_weights=False, **full_kwargs)
-        got, got_weights = slim(q, k, v, average_attn_weights=False, **slim_kwargs)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert got_weights is not None
-    assert want_weights is not None
-    torch.testing.assert_close(got_weights, want_weights[:, [0, 2]], rtol=1e-5, atol=1e-6)
+    _assert_slim_matches(mha, slim, (q, k, v), full_kwargs, slim_kwargs, [0, 2])
     assert slim(q, k, v, need_weights=False, **slim_kwargs)[1] is None
 
 
@@ -123,14 +137,8 @@ def test_add_zero_attn_is_honoured(batch_first: bool, masks: str) -> None:
         kwargs["attn_mask"] = torch.randn(5, 5, generator=gen)
     elif masks == "key_padding_mask":
         kwargs["key_padding_mask"] = torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
-    with torch.no_grad():
-        want, want_weights = mha(x, x, x, average_attn_weights=False, **kwargs)
-        got, got_weights = slim(x, x, x, average_attn_weights=False, **kwargs)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert got_weights is not None
-    assert want_weights is not None
+    want_weights = _assert_slim_matches(mha, slim, (x, x, x), kwargs, kwargs, [0, 2, 3])
     assert want_weights.shape[-1] == 6  # the zero key's column
-    torch.testing.assert_close(got_weights, want_weights[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
 
 
 def test_from_attention_of_a_pruned_module_copies_the_masked_values() -> None:
