@@ -407,10 +407,11 @@ class BiP:
         self.origs = [t.weight() for t in targets]
         self.hooks = [pruning_hook(t.module, t.name) for t in targets]
         self.saved = [p.detach().clone() for p in self.origs] if self.hold_pruned else None
-        # The version counters of weight_orig after the last step and at the last backward pass
-        # that reached each tensor (None: none since the last step); see _check_order.
-        self.saved_versions = [p._version for p in self.origs]
-        self.seen_versions: list[int | None] = [None] * len(targets)
+        # Fingerprints of weight_orig after the last step and at the first backward pass since
+        # then that reached each tensor (None: none yet), kept for the first steps; see _check_order.
+        self._order_checks = [_ORDER_CHECKS]  # (a list: the capture closures read it)
+        self.saved_sums = self._fingerprints()
+        self.seen_sums: list[Tensor | None] = [None] * len(targets)
         self._order_warned = False
         # g summed over the backward passes since the last step (None: no gradient yet).
         self.captured: list[Tensor | None] = [None] * len(targets)
@@ -439,22 +440,25 @@ class BiP:
         :class:`~torchbip.method.GradCapture`.)
         """
         self.__dict__.update(state)
-        if not self._finished:  # (the copy's tensors have version counters of their own)
-            self.saved_versions = [p._version for p in self.origs]
-            self.seen_versions[:] = [None] * len(self.origs)
+        if not self._finished:
+            self.saved_sums = self._fingerprints()
+            self.seen_sums[:] = [None] * len(self.origs)
             for i, hook in enumerate(self.hooks):
                 assert hook is not None
                 set_grad_capture(hook, GradCapture(self._capture_fn(i)))
 
     def _capture_fn(self, index: int) -> Callable[[Tensor], None]:
         captured, fired, owned, on = self.captured, self.fired, self.owned, self._capturing
-        origs, versions = self.origs, self.seen_versions
+        origs, seen, checks = self.origs, self.seen_sums, self._order_checks
+        parameters, key = self.targets[index].module._parameters, self.targets[index].name + "_orig"
 
         def capture(grad: Tensor) -> None:
             if not on[0]:
                 return
-            if captured[index] is None:  # weight_orig as the first backward pass since the step saw it
-                versions[index] = origs[index]._version  # (later ones: an LBFGS closure may follow a change)
+            # weight_orig as the first backward pass since the step saw it (later ones: an LBFGS
+            # closure may follow a change); not once FSDP2 replaced it by its shard
+            if captured[index] is None and checks[0] > 0 and parameters.get(key) is origs[index]:
+                seen[index] = _fingerprint(origs[index])
             # The first gradient is kept as autograd made it (no copy) when it is contiguous; the
             # pruner writes into it only once it owns a copy (a second backward pass, scaling, a
             # collective), so whoever else holds that tensor never sees it change.
@@ -586,7 +590,7 @@ class BiP:
         self.captured[:] = [None] * len(self.captured)
         self.owned[:] = [False] * len(self.owned)
         self.fired[:] = [False] * len(self.fired)
-        self.seen_versions[:] = [None] * len(self.seen_versions)
+        self.seen_sums[:] = [None] * len(self.seen_sums)
 
     @torch.no_grad()
     def step(
@@ -668,6 +672,7 @@ class BiP:
                 self._skip_collective()
             self.zero_grad()
             self._restore_pruned()
+            self._remember_weights()
             self.skipped_steps += 1
             return False
         if scaled:
@@ -682,13 +687,24 @@ class BiP:
             self.zero_grad()
             if skip:
                 self._restore_pruned()
+                self._remember_weights()
                 self.skipped_steps += 1
                 return False
             bad = [n for n, s in zip(self.names, sums.tolist(), strict=True) if not math.isfinite(s)]
+            found = f"BiP.step(): the upper gradient of {', '.join(map(repr, bad))} holds NaN or infinite "
+            if upper_grads is None and scale is not None:  # a loss scaler did not skip: it never saw it
+                origs = ", ".join(repr(self.targets[self.names.index(n)].orig_fqn) for n in bad)
+                raise FloatingPointError(
+                    found + f"values at step {self.step_count}, but the loss scaler did not skip the "
+                    "step: a scaler sees only the gradients of the optimizers it steps, and "
+                    f"{origs} is in none of them; put it in the optimizer "
+                    "(with lr=0 to keep its weights fixed) so that the scaler skips the step and "
+                    "lowers its scale"
+                )
             raise FloatingPointError(
-                f"BiP.step(): the upper gradient of {', '.join(map(repr, bad))} holds NaN or infinite "
-                f"values at step {self.step_count} (the loss's gradients overflowed or the loss is not "
-                "finite); under float16 autocast pass the GradScaler: pruner.step(scaler=scaler)"
+                found + f"values at step {self.step_count} (the loss's gradients overflowed or the "
+                "loss is not finite); under float16 autocast pass the GradScaler: "
+                "pruner.step(scaler=scaler)"
             )
         self.apply()
         return True
@@ -736,6 +752,7 @@ class BiP:
             self._check_order()
             self._upper_grads_from_captured(inv_scale)
         else:
+            self._order_checks[0] = 0  # (a driver with its own gradients: no capture to check)
             self._write_score_grads(upper_grads)
         sums = tensor_sums(self.grad_views)
         self.grad_seen |= sums != 0
@@ -755,7 +772,7 @@ class BiP:
         self.update_masks()
         if self.saved is not None:
             self._store_saved()
-        self.saved_versions = [p._version for p in self.origs]
+        self._remember_weights()
         self.zero_grad()
         self.step_count += 1
 
@@ -946,29 +963,50 @@ class BiP:
             copy_into(saved, self._full(i))
 
     def _check_order(self) -> None:
-        r"""Warn (once) when :meth:`step` is called before ``optimizer.step()``.
+        r"""Warn (once) when :meth:`step` is called before ``optimizer.step()``, in the first steps.
 
-        Autograd's version counter of ``weight_orig`` tells: in the documented order the weights
-        change after the backward pass (the optimizer's step) and before :meth:`step`; called
-        the other way round, they changed after the last :meth:`step` and before the forward
-        pass, and :math:`\theta` of the upper gradient is one optimizer step older than the
-        weights the loss saw. The first backward pass since the last step is the one compared (an
-        optimizer that evaluates a closure several times, as LBFGS does, runs later ones on
-        weights it changed itself). Writes through ``.data`` bypass the counter and are not seen.
+        The weights' values tell: in the documented order they change after the backward pass
+        (the optimizer's step) and before :meth:`step`; called the other way round, they changed
+        after the last :meth:`step` and before the forward pass and not since, and
+        :math:`\theta` of the upper gradient is one optimizer step older than the weights the
+        loss saw. Each ``weight_orig`` is compared by a float64 sum taken after the last step, at
+        the first backward pass since then (an optimizer that evaluates a closure several times,
+        as LBFGS does, runs later ones on weights it changed itself) and now; values, not
+        autograd's version counters, which fused optimizers and writes through ``.data`` leave
+        unchanged. The order is a property of the loop: the first :data:`_ORDER_CHECKS` steps
+        are checked (a sum of every pruned tensor, twice per step), later ones cost nothing.
         """
-        if self._order_warned:
+        if self._order_checks[0] <= 0:
             return
-        for orig, seen, saved in zip(self.origs, self.seen_versions, self.saved_versions, strict=True):
-            if seen is not None and not _is_dtensor(orig) and saved != seen == orig._version:
-                self._order_warned = True
-                warnings.warn(
-                    "BiP.step() is called before optimizer.step(): the weights changed after the last "
-                    "BiP.step() and before the forward pass, so the upper gradient uses weights one "
-                    "optimizer step older than the loss saw; call pruner.step() after optimizer.step()",
-                    UserWarning,
-                    stacklevel=user_stacklevel(),
-                )
-                return
+        self._order_checks[0] -= 1
+        compared = [
+            (last, seen, _fingerprint(orig))
+            for orig, last, seen in zip(self.origs, self.saved_sums, self.seen_sums, strict=True)
+            if last is not None and seen is not None and not _is_dtensor(orig)
+        ]
+        if self._order_warned or not compared:
+            return
+        device = compared[0][0].device
+        values = torch.stack([v.to(device) for triple in compared for v in triple]).view(-1, 3).tolist()
+        if any(last != seen == now for last, seen, now in values):
+            self._order_warned = True
+            warnings.warn(
+                "BiP.step() is called before optimizer.step(): the weights changed after the last "
+                "BiP.step() and before the forward pass, so the upper gradient uses weights one "
+                "optimizer step older than the loss saw; call pruner.step() after optimizer.step()",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+
+    def _fingerprints(self) -> list[Tensor | None]:
+        """Each ``weight_orig``'s fingerprint (``None`` for shards, and after the checked steps)."""
+        if self._order_checks[0] <= 0:
+            return [None] * len(self.origs)
+        return [None if _is_dtensor(orig) else _fingerprint(orig) for orig in self.origs]
+
+    def _remember_weights(self) -> None:
+        """Take the weights' fingerprints after a step, while the order is still checked."""
+        self.saved_sums = self._fingerprints()
 
     def _no_gradient_error(self) -> RuntimeError | None:
         """The error for a step with no gradient of any pruned tensor since the last one."""
@@ -1238,7 +1276,7 @@ class BiP:
                     current.copy_(value)
             elif self.saved is not None:
                 self._store_saved()
-        self.saved_versions = [p._version for p in self.origs]
+        self._remember_weights()
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.zero_grad()
@@ -1407,6 +1445,15 @@ def _current(target: Target) -> Tensor:
     if target.is_pruned:
         weight = weight * getattr(target.module, target.name + "_mask")
     return weight
+
+
+_ORDER_CHECKS = 2
+"""How many steps :meth:`BiP._check_order` checks."""
+
+
+def _fingerprint(orig: Tensor) -> Tensor:
+    """A 0-d float64 sum of a weight's values (no host sync); equal values give equal sums."""
+    return orig.detach().sum(dtype=torch.float64)
 
 
 def _keep_or_restore(value: Tensor, mask: Tensor, saved: Tensor) -> None:

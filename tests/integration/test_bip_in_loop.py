@@ -909,6 +909,71 @@ def test_step_before_the_optimizer_is_told_once(optimizer_first: bool) -> None:
         assert told[0].filename == __file__  # points at the user's call
 
 
+def _order_warnings(step_first: bool, clamp: bool, fused: bool) -> int:
+    """How often a loop with the given order and optimizer is told it steps before the optimizer."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.7)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in make_batches(4):
+            if clamp:  # a max-norm constraint between two steps, as some training loops apply
+                with torch.no_grad():
+                    model[0].weight_orig.clamp_(-10.0, 10.0)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if step_first:
+                pruner.step()
+                optimizer.step()
+            else:
+                optimizer.step()
+                pruner.step()
+    return len([w for w in caught if "called before optimizer.step()" in str(w.message)])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_the_order_check_reads_values_not_version_counters(fused: bool) -> None:
+    """Fused optimizers write the weights without bumping autograd's version counter: the wrong
+    order is still told, and an in-place edit between steps in the documented order is not
+    taken for it."""
+    assert _order_warnings(step_first=True, clamp=False, fused=fused) == 1
+    assert _order_warnings(step_first=True, clamp=True, fused=fused) == 1
+    assert _order_warnings(step_first=False, clamp=True, fused=fused) == 0
+    assert _order_warnings(step_first=False, clamp=False, fused=fused) == 0
+
+
+def test_the_order_check_costs_nothing_after_the_first_steps() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, pruner, optimizer, make_batches(3))
+    assert pruner.saved_sums == [None] * 3
+    assert pruner.seen_sums == [None] * 3
+
+
+def test_an_overflow_the_scaler_cannot_see_is_named_with_its_cause() -> None:
+    """A tensor left out of the optimizer (its weights fixed, its mask trained) overflows under
+    float16: the scaler steps only what it sees and does not skip; the error says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)  # small activations: only layer 0's weight gradient is large
+    pruner = torchbip.BiP(model, amount=0.5)
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if n != "0.weight_orig"], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")  # init_scale 2**16
+    x, y = torch.randn(64, 6) * 1000, torch.randint(0, 3, (64,))
+    scores = pruner.flat_scores.clone()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    assert not bool(model[0].weight_orig.grad.isfinite().all())  # the oracle: it overflowed,
+    assert all(bool(p.grad.isfinite().all()) for p in optimizer.param_groups[0]["params"])  # unseen
+    scaler.step(optimizer)
+    with pytest.raises(FloatingPointError, match=r"'0.weight'.*did not skip.*'0.weight_orig' is in none"):
+        pruner.step(scaler=scaler)
+    assert torch.equal(pruner.flat_scores, scores)
+
+
 def test_an_lbfgs_closure_in_the_documented_order_is_not_taken_for_the_other_order() -> None:
     """LBFGS evaluates its closure several times per step and may stop right after one, so the
     last backward pass saw the weights the optimizer changed: only the first pass is compared."""
