@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from torchbip._collectives import all_reduce_mean, broadcast_state
 from torchbip._func import Target, make_forward
+from torchbip._tensors import check_optimizer_state
 from torchbip.bilevel import MaskedGrads, all_finite, masked_loss_grads, tensor_sums, upper_grad
 from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, describe, to_device
@@ -536,6 +537,10 @@ class BiPLoop:
             raise ValueError(
                 f"{source} was written for a run of {state['steps']} steps, this run has {self.steps}"
             )
+        try:  # before anything loads: torch's fused steps do not check the state's shapes
+            check_optimizer_state(state.get("lower_opt"), self.lower_opt, "the weight optimizer's state")
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
         try:
             self.model.load_state_dict(state["model"], strict=True)
         except RuntimeError as err:
@@ -544,8 +549,11 @@ class BiPLoop:
             self.bip.load_state_dict(state["bip"])
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from err
-        self.lower_opt.load_state_dict(state["lower_opt"])
-        self.lower_sched.load_state_dict(state["lower_sched"])
+        try:
+            self.lower_opt.load_state_dict(state["lower_opt"])
+            self.lower_sched.load_state_dict(state["lower_sched"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{source}: {err}") from err
         # Each rank replays its own shard, but only rank 0 saved: check the replay on one process.
         verify = self.group is None
         self.lower_stream.load_state_dict(state["lower_stream"], source=source, verify=verify)

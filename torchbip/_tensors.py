@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-__all__ = ["copy_into", "split_like", "tensor_leaves"]
+__all__ = ["check_optimizer_state", "copy_into", "split_like", "tensor_leaves"]
 
 _NUMPY_DTYPES = (torch.bool, torch.float16, torch.float32, torch.float64)
 
@@ -75,3 +75,57 @@ def tensor_leaves(value: Any) -> list[Tensor]:
     if is_dataclass(value) and not isinstance(value, type):  # (a model output class)
         return [t for f in fields(value) for t in tensor_leaves(getattr(value, f.name, None))]
     return []
+
+
+def check_optimizer_state(state: object, optimizer: torch.optim.Optimizer, key: str) -> None:
+    """Refuse an optimizer ``state_dict`` that would not load into ``optimizer`` as it was saved.
+
+    torch's ``load_state_dict`` checks the parameter groups' sizes only; a state tensor of
+    another shape or a non-finite hyperparameter would surface later, in the step (torch's fused
+    kernels do not check shapes at all). Checked here: the groups and their sizes, that every
+    per-parameter state tensor (momentum, running averages) has its parameter's shape and holds
+    finite values, and that every number in a group (``lr``, ``momentum``, ``betas``, ...) is
+    finite.
+
+    Args:
+        state: the saved ``optimizer.state_dict()``.
+        optimizer: the optimizer it is meant for.
+        key: how the message names the state (e.g. ``"state['optimizer']"``).
+
+    Raises:
+        ValueError: naming ``key`` and what is wrong.
+    """
+    if not isinstance(state, Mapping) or not isinstance(state.get("state"), Mapping):
+        raise ValueError(f"{key} is not an optimizer state_dict (got {type(state).__name__})")
+    groups = state.get("param_groups")
+    if not isinstance(groups, list | tuple) or len(groups) != len(optimizer.param_groups):
+        found = len(groups) if isinstance(groups, list | tuple) else type(groups).__name__
+        raise ValueError(f"{key} has {found} parameter groups, expected {len(optimizer.param_groups)}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        found_params = saved.get("params") if isinstance(saved, Mapping) else None
+        if not isinstance(found_params, list | tuple) or len(found_params) != len(group["params"]):
+            raise ValueError(f"{key}: parameter group {i} does not hold {len(group['params'])} parameters")
+        for name, value in saved.items():
+            numbers = value if isinstance(value, list | tuple) and name != "params" else [value]
+            for number in numbers:
+                if isinstance(number, Tensor) and number.numel() == 1:
+                    number = number.item()
+                if isinstance(number, float) and not np.isfinite(number):
+                    raise ValueError(f"{key}: {name}={value!r} of parameter group {i} is not finite")
+    for index, entries in state["state"].items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"{key} holds the state of parameter {index!r}, expected 0 to {len(params) - 1}")
+        if not isinstance(entries, Mapping):
+            raise ValueError(f"{key}: the state of parameter {index} is a {type(entries).__name__}")
+        param = params[index]
+        for name, value in entries.items():
+            if not isinstance(value, Tensor) or value.dim() == 0:  # (step counters)
+                continue
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"{key}: {name} of parameter {index} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(param.shape)}"
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key}: {name} of parameter {index} holds NaN or infinite values")

@@ -39,7 +39,7 @@ from torchbip._collectives import agree, all_reduce_mean, broadcast_state, defau
 from torchbip._frames import user_stacklevel
 from torchbip._func import Target, candidate_targets, check_targets
 from torchbip._snapshot import ModelSnapshot
-from torchbip._tensors import copy_into, split_like
+from torchbip._tensors import check_optimizer_state, copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
 from torchbip.config import BiPConfig
 from torchbip.data import describe
@@ -1225,6 +1225,8 @@ class BiP:
             raise ValueError(
                 f"state was saved for the layout {state['layout']}, this BiP has {self.layout.describe()}"
             )
+        if not isinstance(state["settings"], Mapping):
+            raise ValueError(f"state['settings'] must be a dict, got {describe(state['settings'])}")
         mine = {k: v for k, v in self.settings.items() if k != "amount"}
         differ = sorted(k for k in mine if state["settings"].get(k) != mine[k])
         if differ:
@@ -1234,6 +1236,11 @@ class BiP:
         if not isinstance(scores, Tensor) or scores.shape != self.flat_scores.shape:
             found_scores = scores.numel() if isinstance(scores, Tensor) else type(scores).__name__
             raise ValueError(f"state holds {found_scores} scores, expected {self.flat_scores.numel()}")
+        if scores.dtype != self.flat_scores.dtype:
+            raise ValueError(
+                f"state['scores'] are {scores.dtype}, this BiP's are {self.flat_scores.dtype} (the model "
+                "was saved in another precision: convert the model before building BiP, as it was saved)"
+            )
         keeps = self._checked_tensors(state["masks"], self.masks, "masks")
         if not all(k.dtype == torch.bool or bool(((k == 0) | (k == 1)).all()) for k in keeps):
             raise ValueError("state['masks'] holds values other than 0 and 1")
@@ -1243,6 +1250,13 @@ class BiP:
                 f"hold_pruned={self.hold_pruned}"
             )
         saved = None if state["saved"] is None else self._checked_tensors(state["saved"], self.origs, "saved")
+        for name, value, orig in zip(self.names, saved or (), self.origs, strict=False):
+            if value.dtype != orig.dtype:
+                raise ValueError(f"state['saved'] of {name!r} is {value.dtype}, its weight_orig {orig.dtype}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"state['saved'] of {name!r} holds NaN or infinite values")
+        check_optimizer_state(state["optimizer"], self.optimizer, "state['optimizer']")
+        _check_scheduler_state(state["scheduler"])
         for key in ("step", "skipped_steps"):
             if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
                 raise ValueError(f"state[{key!r}] must be a count (int >= 0), got {state[key]!r}")
@@ -1445,6 +1459,18 @@ def _current(target: Target) -> Tensor:
     if target.is_pruned:
         weight = weight * getattr(target.module, target.name + "_mask")
     return weight
+
+
+def _check_scheduler_state(state: object) -> None:
+    """Refuse a saved learning-rate schedule whose rates are not finite numbers."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state['scheduler'] must be a dict, got {describe(state)}")
+    for key in ("base_lrs", "_last_lr"):
+        rates = state.get(key, [])
+        if not isinstance(rates, list | tuple) or not all(
+            isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r) for r in rates
+        ):
+            raise ValueError(f"state['scheduler'][{key!r}] must be finite rates, got {rates!r}")
 
 
 _ORDER_CHECKS = 2

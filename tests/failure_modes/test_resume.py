@@ -561,6 +561,31 @@ def test_checkpoint_of_another_format(tmp_path: Path, edit: Callable[[dict], Any
     refused_resume(tmp_path, {}, {}, match, edit=edit)
 
 
+def _long_momentum(state: dict[str, Any]) -> None:
+    """One bias's momentum one entry longer (torch's fused step reads it without a check)."""
+    entries = state["lower_opt"]["state"]
+    key = next(k for k in entries if entries[k]["momentum_buffer"].dim() == 1)
+    entries[key]["momentum_buffer"] = torch.zeros(entries[key]["momentum_buffer"].numel() + 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_long_momentum, r"checkpoint_path=.*weight optimizer's state: momentum_buffer of parameter \d+ "
+                         r"has shape \(\d+,\), expected"),
+        (lambda s: s["lower_opt"]["param_groups"][0].update(lr=float("nan")),
+         r"checkpoint_path=.*weight optimizer's state: lr=nan of parameter group 0 is not finite"),
+        (lambda s: s["lower_opt"]["param_groups"].append({"params": []}),
+         r"checkpoint_path=.*weight optimizer's state has 3 parameter groups, expected 2"),
+    ],
+    ids=["momentum-shape", "lr-nan", "groups"],
+)  # fmt: skip
+def test_a_damaged_weight_optimizer_state_is_refused(
+    tmp_path: Path, edit: Callable[[dict], Any], match: str
+) -> None:
+    refused_resume(tmp_path, {}, {}, match, edit=edit)
+
+
 # -- checkpoint_path that no checkpoint could be saved to ------------------------------------
 
 

@@ -437,6 +437,24 @@ def _damaged(state: dict, how: str) -> dict:
         bad["saved"] = [s[:1] for s in bad["saved"]]
     elif how == "optimizer":
         bad["optimizer"] = {"state": {}, "param_groups": []}
+    elif how == "momentum-shape":  # (torch's fused step would write past a short buffer)
+        (entry,) = bad["optimizer"]["state"].values()
+        entry["momentum_buffer"] = torch.zeros(entry["momentum_buffer"].numel() + 5)
+    elif how == "momentum-nan":
+        (entry,) = bad["optimizer"]["state"].values()
+        entry["momentum_buffer"][0] = math.nan
+    elif how == "lr-nan":
+        bad["optimizer"]["param_groups"][0]["lr"] = math.nan
+    elif how == "base-lrs-nan":
+        bad["scheduler"]["base_lrs"] = [math.nan]
+    elif how == "saved-nan":
+        bad["saved"][1][0, 0] = math.nan
+    elif how == "saved-dtype":
+        bad["saved"] = [s.double() for s in bad["saved"]]
+    elif how == "scores-dtype":
+        bad["scores"] = bad["scores"].double()
+    elif how == "settings":
+        bad["settings"] = None
     elif how == "scheduler":
         bad["scheduler"] = {"last_epoch": "x"}
     elif how == "step":
@@ -455,7 +473,15 @@ def _damaged(state: dict, how: str) -> dict:
         ("mask-values", r"state\['masks'\] holds values other than 0 and 1"),
         ("nan-scores", r"state\['scores'\] cannot be ranked"),
         ("saved-shapes", r"state\['saved'\] of '0\.weight' has shape \(1, 8\), expected \(32, 8\)"),
-        ("optimizer", r"optimizer or scheduler state does not load"),
+        ("optimizer", r"state\['optimizer'\] has 0 parameter groups, expected 1"),
+        ("momentum-shape", r"state\[.optimizer.\]: momentum_buffer of parameter 0 has shape \(\d+,\)"),
+        ("momentum-nan", r"state\['optimizer'\]: momentum_buffer of parameter 0 holds NaN"),
+        ("lr-nan", r"state\['optimizer'\]: lr=nan of parameter group 0 is not finite"),
+        ("base-lrs-nan", r"state\['scheduler'\]\['base_lrs'\] must be finite rates, got \[nan\]"),
+        ("saved-nan", r"state\['saved'\] of '2\.weight' holds NaN or infinite values"),
+        ("saved-dtype", r"state\['saved'\] of '0\.weight' is torch.float64, its weight_orig torch.float32"),
+        ("scores-dtype", r"state\['scores'\] are torch.float64, this BiP's are torch.float32"),
+        ("settings", r"state\['settings'\] must be a dict, got None"),
         ("scheduler", r"optimizer or scheduler state does not load"),
         ("step", r"state\['step'\] must be a count \(int >= 0\), got -1"),
         ("truncated", r"state lacks \['skipped_steps', 'scheduler'\]"),
