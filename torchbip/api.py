@@ -31,6 +31,7 @@ from torchbip.config import BiPConfig
 from torchbip.data import BatchStream, order_generators
 from torchbip.layouts import Layout, MaskLayout, as_layout
 from torchbip.pruned import pruned_tensors
+from torchbip.pruner import unwrap_model
 from torchbip.report import PruneReport
 
 __all__ = ["global_prune"]
@@ -70,7 +71,9 @@ def global_prune(
     gradients, buffers, hooks, ``requires_grad`` and training flags.
 
     Args:
-        model: the model; pruned in place.
+        model: the model; pruned in place. A ``torch.compile`` wrapper is pruned as the module it
+            wraps (under its own tensor names); a ``DistributedDataParallel`` or ``DataParallel``
+            wrapper is refused (pass the bare model, see ``process_group``).
         amount: a float in ``[0, 1]``, the fraction of the remaining entries of all chosen
             tensors to prune (ranked globally), or an int, a count.
         loader: an iterable of ``(inputs, targets)`` batches (restarted when exhausted). A plain
@@ -161,6 +164,7 @@ def global_prune(
     """
     group = default_group(process_group)
     try:
+        model = unwrap_model(model, parallel=False)  # (a torch.compile wrapper: the module itself)
         plan = plan_run(
             model, amount, loader, parameters=parameters, loss_fn=loss_fn, upper_loader=upper_loader,
             config=config, group=group, structured=structured, budget=budget, options=options,

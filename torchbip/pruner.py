@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
 import inspect
 import math
 import numbers
@@ -31,6 +32,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -49,7 +51,7 @@ from torchbip.method import GradCapture, drop_scores, pruning_hook, scores_name,
 from torchbip.report import SparsityReport, TensorSparsity
 from torchbip.structured import group_unit
 
-__all__ = ["BiP", "STATE_FORMAT", "grad_scaler_state", "schedule_lambda"]
+__all__ = ["BiP", "STATE_FORMAT", "grad_scaler_state", "schedule_lambda", "unwrap_model"]
 
 STATE_FORMAT = "torchbip.bip/1"
 Amount = int | float
@@ -213,7 +215,7 @@ class BiP:
             raise RuntimeError(
                 "BiP trains masks and cannot be built under torch.inference_mode(); build it outside"
             )
-        model = _bare(model)
+        model = unwrap_model(model)
         group = default_group(process_group)
         try:
             plan = self._checked_plan(
@@ -293,7 +295,7 @@ class BiP:
             raise TypeError(f"BiP.check(): {err}") from err
         arguments.apply_defaults()
         given = arguments.arguments
-        model = _bare(model)  # (in construction's order: the model's errors first)
+        model = unwrap_model(model)  # (in construction's order: the model's errors first)
         default_group(given["process_group"])  # its type
         cls._checked_plan(
             model, given["amount"], given["parameters"], given["exclude"], given["layout"],
@@ -369,7 +371,14 @@ class BiP:
                 f"parameters names {', '.join(map(repr, bad))}, which holds NaN or infinite values; "
                 "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
             )
+        limit = min((torch.finfo(w.dtype).max for w in weights if w.is_floating_point()), default=math.inf)
+        if float(cfg.implicit_coef) > limit:
+            raise ValueError(
+                f"implicit_coef={implicit_coef!r} overflows the weights' dtype (at most {limit:.4g}); the "
+                "upper gradient multiplies the squared gradients by it"
+            )
         allowed = [_allowed(t) for t in targets]
+        found_targets = targets
         bound = spec.bind(targets, amounts, allowed, cfg.min_keep, max_keep)
         targets = bound.kept_targets(targets)
         settings: dict[str, object] = {
@@ -377,13 +386,16 @@ class BiP:
             "amount": amount if not isinstance(amount, Mapping) else dict(amount),
             "upper_lr": cfg.upper_lr,
             "upper_momentum": cfg.upper_momentum,
-            "upper_schedule": schedule,
+            "upper_schedule": str(schedule),  # (plain str: a numpy.str_ or StrEnum does not load back)
             "steps": steps,
             "implicit_coef": float(cfg.implicit_coef),
-            "score_init": cfg.score_init,
+            "score_init": str(cfg.score_init),
             "min_keep": cfg.min_keep,
             "max_keep": max_keep,
         }
+        before = {t.fqn: _digest(a) for t, a in zip(found_targets, allowed, strict=True) if a is not None}
+        if before:  # (only then: a state saved without earlier pruning still loads)
+            settings["pruned_before"] = {n: before[n] for n in (t.fqn for t in targets) if n in before}
         return spec, cfg, targets, bound, steps, settings
 
     def _apply(self, score_init: str) -> None:
@@ -651,8 +663,8 @@ class BiP:
             if scaler is not None and not _is_scaler(scaler):
                 raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {describe(scaler)}")
             bad_scale = (
-                isinstance(scale, bool)
-                or not isinstance(scale, int | float)
+                isinstance(scale, bool | np.bool_)
+                or not isinstance(scale, numbers.Real)
                 or not 0 < scale < math.inf  # also NaN
             )
             if scale is not None and bad_scale:
@@ -1174,7 +1186,16 @@ class BiP:
 
         ``torch.load(..., weights_only=True)`` reads it back. Save it next to the model's and the
         weights' optimizer's ``state_dict`` after a :meth:`step`.
+
+        Raises:
+            RuntimeError: after :meth:`finish` (the masks are final then: save the model's
+                ``state_dict``, which holds them).
         """
+        if self._finished:
+            raise RuntimeError(
+                "BiP.state_dict() after finish(): this BiP object has dropped its scores and held "
+                "weights; the final masks are in the model's state_dict (save that)"
+            )
         return {
             "format": STATE_FORMAT,
             "names": self.names,
@@ -1228,6 +1249,14 @@ class BiP:
         if not isinstance(state["settings"], Mapping):
             raise ValueError(f"state['settings'] must be a dict, got {describe(state['settings'])}")
         mine = {k: v for k, v in self.settings.items() if k != "amount"}
+        if state["settings"].get("pruned_before") != mine.get("pruned_before"):
+            saved_before, here = state["settings"].get("pruned_before") or {}, mine.get("pruned_before") or {}
+            names = sorted(n for n in {*saved_before, *here} if saved_before.get(n) != here.get(n))
+            raise ValueError(
+                f"state was saved on tensors that torch.nn.utils.prune had pruned before BiP with other "
+                f"masks than this model's ({', '.join(map(repr, names))}): load the model's state_dict "
+                "(its masks) before building BiP, then load this state"
+            )
         differ = sorted(k for k in mine if state["settings"].get(k) != mine[k])
         if differ:
             details = ", ".join(f"{k}: saved {state['settings'].get(k)!r}, here {mine[k]!r}" for k in differ)
@@ -1345,18 +1374,33 @@ def check_no_fsdp(
             )
 
 
-def _bare(model: object) -> nn.Module:
-    """The module itself: a ``DistributedDataParallel`` or ``torch.compile`` wrapper unwrapped.
+def unwrap_model(model: object, *, parallel: bool = True) -> nn.Module:
+    """The module itself: a ``DistributedDataParallel``, ``DataParallel`` or compiled wrapper unwrapped.
 
     (So that tensor names are the model's own, ``"0.weight"`` rather than
-    ``"_orig_mod.0.weight"``, and a state saved from one loads into the other.)
+    ``"_orig_mod.0.weight"`` or ``"module.0.weight"``, and a state saved from one loads into the other.)
+
+    Args:
+        model: the model, wrapped or not.
+        parallel: unwrap data-parallel wrappers too; ``False`` refuses them (for
+            :func:`torchbip.global_prune`, which runs its own data-parallel loop).
+
+    Raises:
+        TypeError: for a ``model`` that is not a module, or a data-parallel wrapper with
+            ``parallel=False``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {model!r} of type {type(model).__name__}")
     module: nn.Module = model
     while True:
         inner = getattr(module, "_orig_mod", None)  # torch.compile's wrapper (not imported: costly)
-        if isinstance(module, nn.parallel.DistributedDataParallel):
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel) and not parallel:
+            raise TypeError(
+                f"model is a {type(module).__name__} wrapper: global_prune computes its gradients with "
+                "torch.func on the module itself and averages them over process_group on its own; pass "
+                "the bare model (model.module)"
+            )
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
             module = module.module
         elif type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
             module = inner
@@ -1445,6 +1489,12 @@ def _plain_number(value: object) -> Any:
 
 def _matches(target: Target, pattern: str) -> bool:
     return fnmatch.fnmatchcase(target.fqn, pattern) or fnmatch.fnmatchcase(target.module_fqn, pattern)
+
+
+def _digest(mask: Tensor) -> str:
+    """A short fingerprint of a boolean mask (which entries), for states to compare."""
+    data = mask.detach().to("cpu", torch.bool).contiguous().numpy().tobytes()
+    return f"{mask.numel()}:{int(mask.sum())}:" + hashlib.sha256(data).hexdigest()[:16]
 
 
 def _allowed(target: Target) -> Tensor | None:

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1361,6 +1363,73 @@ def test_numpy_steps_and_a_parameters_generator_of_tensors() -> None:
         TypeError, match=r"got a tensor of shape \(32, 8\); pass e\.g\. .*not model\.parameters"
     ):
         torchbip.BiP(model, 0.5, parameters=model.parameters())
+    assert_unchanged(before, model)
+
+
+def test_a_state_saved_over_other_earlier_torch_masks_is_refused() -> None:
+    """Tensors torch pruned before BiP: a state of the same counts but other earlier masks would
+    resume another run silently; it is refused by name, and one over the same masks loads."""
+
+    def earlier(seed: int) -> nn.Sequential:
+        model = make_model()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            prune.random_unstructured(model[2], "weight", amount=0.25)  # the same count, other entries
+        return model
+
+    source = earlier(1)
+    src = torchbip.BiP(source, 0.8)
+    train(source, src, torch.optim.SGD(source.parameters(), lr=0.1), make_batches(2))
+    other = earlier(2)
+    assert not torch.equal(other[2].weight_mask, earlier(1)[2].weight_mask)
+    pruner = torchbip.BiP(other, 0.8)
+    scores = pruner.flat_scores.clone()
+    with pytest.raises(
+        ValueError, match=r"pruned before BiP with other masks than this model's \('2.weight'\)"
+    ):
+        pruner.load_state_dict(src.state_dict())
+    assert torch.equal(pruner.flat_scores, scores)
+    same = torchbip.BiP(earlier(1), 0.8)
+    same.load_state_dict(src.state_dict())
+    assert torch.equal(same.flat_scores, src.flat_scores)
+
+
+def test_state_dict_after_finish_is_an_error() -> None:
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8)
+    train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), make_batches(1))
+    pruner.finish()
+    with pytest.raises(RuntimeError, match=r"state_dict\(\) after finish\(\).*model's state_dict"):
+        pruner.state_dict()
+
+
+def test_a_data_parallel_wrapper_is_pruned_under_the_model_s_own_names() -> None:
+    bare, wrapped = make_model(), make_model()
+    p_bare, p_wrapped = torchbip.BiP(bare, 0.8), torchbip.BiP(nn.DataParallel(wrapped), 0.8)
+    assert p_wrapped.names == p_bare.names == ["0.weight", "2.weight", "4.weight"]
+    train(bare, p_bare, torch.optim.SGD(bare.parameters(), lr=0.1), make_batches(2))
+    p_wrapped.load_state_dict(p_bare.state_dict())  # states move between the two
+    assert torch.equal(p_wrapped.flat_scores, p_bare.flat_scores)
+
+
+def test_step_takes_a_numpy_scale() -> None:
+    ref, model = make_model(), make_model()
+    p_ref, pruner = torchbip.BiP(ref, 0.8), torchbip.BiP(model, 0.8)
+    x, y = make_batches(1)[0]
+    (F.cross_entropy(ref(x), y) * 4).backward()
+    (F.cross_entropy(model(x), y) * 4).backward()
+    assert p_ref.step(scale=4.0)
+    assert pruner.step(scale=np.float32(4.0))
+    assert torch.equal(pruner.flat_scores, p_ref.flat_scores)
+
+
+@pytest.mark.parametrize(("dtype", "coef"), [(torch.float32, 1e39), (torch.float16, 1e5)])
+def test_an_implicit_coef_the_weights_dtype_cannot_hold_is_refused(dtype: torch.dtype, coef: float) -> None:
+    """The upper gradient multiplies ``g * g`` by it in the weights' dtype: torch would raise late."""
+    model = make_model().to(dtype)
+    before = capture(model)
+    with pytest.raises(ValueError, match=rf"implicit_coef={re.escape(repr(coef))} (overflows|is above)"):
+        torchbip.BiP(model, 0.8, implicit_coef=coef)
     assert_unchanged(before, model)
 
 

@@ -598,3 +598,33 @@ def test_float16_overflow_counts_each_skipped_step_once(mode: str) -> None:
     # the first four passes are skipped: four fused steps, or two two-batch steps
     assert report.skipped_steps == 4 // passes
     assert report.global_sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_compiled_model_is_pruned_as_the_module_it_wraps() -> None:
+    """``global_prune(torch.compile(model))``: the same run as on the bare model, under its names."""
+    xy = make_xy(64)
+    data = [(xy[0][i : i + 16], xy[1][i : i + 16]) for i in range(0, 64, 16)]
+    bare, wrapped = make_mlp(), make_mlp()
+    torchbip.global_prune(bare, 0.7, data, steps=6, progress=False)
+    torchbip.global_prune(torch.compile(wrapped, backend="eager"), 0.7, data, steps=6, progress=False)
+    assert list(wrapped.state_dict()) == list(bare.state_dict())
+    for key, value in bare.state_dict().items():
+        assert torch.equal(wrapped.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    "wrap", [nn.DataParallel, lambda m: torch.compile(nn.DataParallel(m), backend="eager")]
+)
+def test_a_data_parallel_wrapper_is_refused_by_name_and_the_model_kept(
+    wrap: Callable[[nn.Module], nn.Module],
+) -> None:
+    model = make_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xy = make_xy(32)
+    with pytest.raises(
+        TypeError, match=r"model is a DataParallel wrapper: .* pass the bare model \(model.module\)"
+    ):
+        torchbip.global_prune(wrap(model), 0.7, [xy], steps=2, progress=False)
+    assert not prune.is_pruned(model)
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
