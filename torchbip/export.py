@@ -48,11 +48,13 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
@@ -390,6 +392,7 @@ def export_slim(
         True
     """
     names, ignored = _check_export_arguments(model, example_inputs, ignored_layers, verify, rtol, atol)
+    rtol, atol = float(rtol), float(atol)  # (NumPy numbers too)
     tp = torch_pruning("export_slim")
     inputs = as_inputs(example_inputs)
     training = model.training
@@ -566,7 +569,11 @@ def _check_export_arguments(
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {verify!r}")
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        if (
+            isinstance(value, bool | np.bool_)
+            or not isinstance(value, numbers.Real)
+            or not 0 <= value < math.inf
+        ):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if isinstance(ignored_layers, nn.Module) or not isinstance(ignored_layers, Iterable):
         raise TypeError(f"ignored_layers must be an iterable of modules, got {type(ignored_layers).__name__}")

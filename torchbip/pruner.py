@@ -1250,7 +1250,9 @@ class BiP:
             raise ValueError(f"state['settings'] must be a dict, got {describe(state['settings'])}")
         mine = {k: v for k, v in self.settings.items() if k != "amount"}
         if state["settings"].get("pruned_before") != mine.get("pruned_before"):
-            saved_before, here = state["settings"].get("pruned_before") or {}, mine.get("pruned_before") or {}
+            saved_before = state["settings"].get("pruned_before")
+            saved_before = saved_before if isinstance(saved_before, Mapping) else {}
+            here: Mapping[str, str] = mine.get("pruned_before") or {}  # type: ignore[assignment]
             names = sorted(n for n in {*saved_before, *here} if saved_before.get(n) != here.get(n))
             raise ValueError(
                 f"state was saved on tensors that torch.nn.utils.prune had pruned before BiP with other "

@@ -14,6 +14,7 @@ import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -726,6 +727,12 @@ def test_export_slim_failing_in_the_middle_changes_nothing(
         pytest.param(
             {"atol": float("nan")}, ValueError, "atol must be a finite number >= 0, got nan", id="atol"
         ),
+        pytest.param(
+            {"rtol": np.bool_(True)},
+            ValueError,
+            "rtol must be a finite number >= 0, got",
+            id="rtol-numpy-bool",
+        ),
     ],
 )
 def test_export_slim_bad_arguments(kwargs: dict[str, Any], exc: type, match: str) -> None:
@@ -736,6 +743,16 @@ def test_export_slim_bad_arguments(kwargs: dict[str, Any], exc: type, match: str
         export_slim(call.pop("model"), call.pop("example_inputs"), **call)
     assert_unchanged(before, model)
     assert_same_memory(memory, model)
+
+
+def test_export_slim_takes_numpy_tolerances() -> None:
+    model = pruned_after_a_backward()
+    x = torch.randn(2, 3, 6, 6)
+    slim = export_slim(model, x, rtol=np.float32(1e-4), atol=np.float64(1e-5))
+    model.eval()
+    slim.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 # --- CSR: conversion and loading -----------------------------------------------------------------
