@@ -572,7 +572,7 @@ def _check_export_arguments(
         if (
             isinstance(value, bool | np.bool_)
             or not isinstance(value, numbers.Real)
-            or not 0 <= value < math.inf
+            or not 0 <= float(value) < math.inf
         ):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if isinstance(ignored_layers, nn.Module) or not isinstance(ignored_layers, Iterable):
