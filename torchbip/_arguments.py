@@ -183,7 +183,10 @@ def check_device(device: str) -> None:
         "mps": 1 if torch.backends.mps.is_available() else 0,
         "xpu": torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0,
     }
-    if parsed.type in counts and (parsed.index or 0) >= counts[parsed.type]:
+    # The index as written: torch keeps it in 8 bits, so "cuda:1000" parses to index -24.
+    written = str(device).rpartition(":")[2] if ":" in str(device) else ""
+    index = int(written) if written.isdigit() else (parsed.index or 0)
+    if parsed.type in counts and (index < 0 or index >= counts[parsed.type]):
         raise ValueError(
             f"device={device!r} is not available here ({counts[parsed.type]} {parsed.type} devices)"
         )

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import numbers
 import os
 import stat
 import warnings
@@ -99,7 +100,34 @@ def run_descriptor(
     for name, stream in streams:
         for key, value in stream.signature().items():
             run[f"{name}.{key}"] = value
-    return run
+    # torch.load(weights_only=True) reads only plain types back: not a numpy.str_ or a StrEnum
+    # member that a layout kept as given, nor a NumPy scalar.
+    return {key: _plain(value) for key, value in run.items()}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` in plain Python types, in lists, tuples and dicts too.
+
+    ``str``, ``bool``, ``int`` and ``float`` subclasses (NumPy scalars included) become the base
+    type; an int stays an int and a float a float (a count and a fraction differ).
+    """
+    if value is None or type(value) in (str, bool, int, float):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def check_resume(state: dict[str, Any], run: dict[str, Any], path: str | os.PathLike[str]) -> None:

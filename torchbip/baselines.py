@@ -15,7 +15,7 @@ import inspect
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -26,9 +26,11 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
+from torchbip._arguments import check_device
 from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
+from torchbip.config import FLOAT32_MAX, SEED_MAX, SEED_MIN, is_bool, is_integral
 from torchbip.data import model_args, split_batch, to_device
 from torchbip.masks import count_from_amount, exact_fraction, validate_amount
 from torchbip.report import PruneReport, SparsityReport, TensorSparsity
@@ -82,8 +84,9 @@ def train(
         The mean loss of the last epoch.
 
     Raises:
-        ValueError: for bad ``epochs``/``schedule``, an empty loader, or batches that are not
-            ``(inputs, targets)`` pairs.
+        ValueError: for bad ``epochs``/``schedule``/``lr``/``momentum``/``weight_decay``/``device``,
+            an empty loader, or batches that are not ``(inputs, targets)`` pairs.
+        TypeError: for a ``loss_fn`` that is not callable, or a loader without a ``len()``.
         FloatingPointError: when the loss is NaN or infinite (raised before that batch's step;
             the baselines then restore the model).
 
@@ -98,6 +101,9 @@ def train(
         True
     """
     _check_training(loader, epochs, schedule=schedule)
+    _check_option_values(
+        {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "loss_fn": loss_fn, "device": device}
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return math.nan
@@ -119,6 +125,9 @@ def train(
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(*model_args(inputs)), targets)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:  # (as global_prune words it)
+                    shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                    raise ValueError(f"{desc}: loss_fn must return a scalar tensor, got {shape}")
                 value = float(loss.detach())
                 if not math.isfinite(value):  # a step on it would spread NaN into every weight
                     raise FloatingPointError(
@@ -142,16 +151,17 @@ def train(
 
 
 def _check_training(
-    loader: object, epochs: object, *, schedule: object = "cosine", zero: bool = False
+    loader: object, epochs: object, *, schedule: object = "cosine", zero: bool = False, name: str = "epochs"
 ) -> None:
     """Refuse training arguments that :func:`train` cannot honour, before any work (``ValueError``).
 
-    ``zero``: ``epochs=0`` is allowed (no training).
+    ``zero``: ``epochs=0`` is allowed (no training). ``name``: the caller's name for ``epochs``
+    (``"epochs_per_round"``, ``"rewind_epochs"``), for the message.
     """
-    finite = isinstance(epochs, numbers.Real) and not isinstance(epochs, bool) and math.isfinite(epochs)
+    finite = _is_real(epochs) and math.isfinite(epochs)  # type: ignore[arg-type]
     if not finite or epochs < 0 or (epochs == 0 and not zero):  # type: ignore[operator]
         bound = ">= 0" if zero else "> 0"
-        raise ValueError(f"epochs must be a finite number {bound}, got {epochs!r}")
+        raise ValueError(f"{name} must be a finite number {bound}, got {epochs!r}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     try:
@@ -165,13 +175,80 @@ def _check_training(
         raise ValueError("loader is empty: it holds no batch")
 
 
-def _check_train_options(loader: object, epochs: object, options: dict[str, Any], *, zero: bool) -> None:
-    """Check :func:`train`'s arguments as a baseline will pass them, before the model is pruned."""
+def _is_real(value: object) -> bool:
+    """A real number (NumPy scalars included), not a ``bool`` of either kind."""
+    return isinstance(value, numbers.Real) and not is_bool(value)
+
+
+def _check_option_values(options: Mapping[str, Any]) -> None:
+    """Refuse values of :func:`train`'s options that would fail late (or turn the weights NaN).
+
+    Only the options present in ``options`` are checked, before any training. The ranges follow
+    :class:`torchbip.BiPConfig` (``momentum`` in ``[0, 1)``); ``lr`` and ``weight_decay`` may be
+    0 and, as coefficients of float32 tensors, are at most the largest float32.
+    """
+    for name in ("lr", "weight_decay"):
+        if name in options:
+            value = options[name]
+            if not _is_real(value) or not math.isfinite(value) or not 0 <= value <= FLOAT32_MAX:
+                raise ValueError(
+                    f"{name} must be a finite number >= 0 (at most the largest float32, "
+                    f"{FLOAT32_MAX:.4g}), got {value!r}"
+                )
+    if "momentum" in options:
+        value = options["momentum"]
+        if not _is_real(value) or not 0 <= value < 1:  # (NaN fails the comparison)
+            raise ValueError(f"momentum must be a number in [0, 1), got {value!r}")
+    if "loss_fn" in options and not callable(options["loss_fn"]):
+        raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {options['loss_fn']!r}")
+    device = options.get("device")
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(
+                f"device must be a str such as 'cpu' or 'cuda:0', a torch.device, or None, got {device!r}"
+            )
+        check_device(device if isinstance(device, str) else str(device))
+
+
+def _check_train_options(
+    loader: object, epochs: object, options: dict[str, Any], *, zero: bool, name: str = "epochs"
+) -> None:
+    """Check :func:`train`'s arguments as a baseline will pass them, before the model is pruned.
+
+    ``name``: the baseline's name for ``epochs``, for the message.
+    """
+    if "desc" in options:
+        raise TypeError(
+            f"train_options: desc={options['desc']!r} cannot be passed: the baseline labels each of "
+            "its trainings itself"
+        )
     try:
         inspect.signature(train).bind(None, loader, epochs, **options)
     except TypeError as err:
         raise TypeError(f"train_options: {err}") from err
-    _check_training(loader, epochs, schedule=options.get("schedule", "cosine"), zero=zero)
+    _check_training(loader, epochs, schedule=options.get("schedule", "cosine"), zero=zero, name=name)
+    _check_option_values(options)
+
+
+def _check_seed(seed: object) -> int:
+    """``seed`` as a Python int, if it is an int that :func:`torch.manual_seed` takes (NumPy ints too)."""
+    if not is_integral(seed) or not SEED_MIN <= seed <= SEED_MAX:  # type: ignore[operator]
+        raise ValueError(
+            f"seed must be an int in [-2**63, 2**64 - 1] (the range torch.manual_seed takes), got {seed!r}"
+        )
+    return int(seed)  # type: ignore[call-overload]
+
+
+def _check_milestones(milestones: object) -> list[int | float]:
+    """``milestones`` as a list of checked amounts (any iterable of amounts, read once)."""
+    what = "an iterable of amounts (fractions in [0, 1] or counts) such as [0.5, 0.8]"
+    if isinstance(milestones, (str, bytes, Mapping)) or not isinstance(milestones, Iterable):
+        raise TypeError(f"milestones must be {what}, got {milestones!r}")
+    try:
+        values = list(milestones)
+    except TypeError as err:  # (a 0-d array is Iterable, but not iterable)
+        raise TypeError(f"milestones must be {what}, got {milestones!r}") from err
+    return [validate_amount(m, f"milestones[{i}]") for i, m in enumerate(values)]
 
 
 def _remaining(targets: Sequence[Target]) -> int:
@@ -229,7 +306,9 @@ def omp_finetune(
         loader: fine-tuning batches.
         epochs: fine-tuning epochs (0 skips fine-tuning).
         parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
-        **train_options: passed to :func:`train`.
+        **train_options: passed to :func:`train` (``lr``, ``momentum``, ``weight_decay``,
+            ``schedule``, ``loss_fn``, ``device``, ``progress``; not ``desc``, which the baseline
+            sets), all checked before the model is pruned.
 
     Returns:
         The sparsity of exactly the tensors this call pruned (``parameters``, or the default
@@ -272,8 +351,11 @@ def random_finetune(
         loader: fine-tuning batches.
         epochs: fine-tuning epochs.
         parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
-        seed: seed of the random scores.
-        **train_options: passed to :func:`train`.
+        seed: seed of the random scores: an int in ``[-2**63, 2**64 - 1]`` (the range
+            :func:`torch.manual_seed` takes; a NumPy int too).
+        **train_options: passed to :func:`train` (``lr``, ``momentum``, ``weight_decay``,
+            ``schedule``, ``loss_fn``, ``device``, ``progress``; not ``desc``, which the baseline
+            sets), all checked before the model is pruned.
 
     Returns:
         The sparsity of exactly the tensors this call pruned, as in :func:`omp_finetune`.
@@ -289,6 +371,7 @@ def random_finetune(
         (10, 48)
     """
     amount = validate_amount(amount)  # a Python number, as in omp_finetune
+    seed = _check_seed(seed)
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
     gen = torch.Generator().manual_seed(seed)
@@ -407,12 +490,15 @@ def imp(
         rate: fraction of the remaining entries pruned per round.
         rewind_epochs: training epochs before the rewind checkpoint is taken.
         milestones: sparsities (fractions of the entries remaining at the start) that must be
-            hit exactly; ``on_round`` sees the trained model at each.
+            hit exactly (a fraction, or an int count of them), given as a list or any iterable
+            (read once); ``on_round`` sees the trained model at each.
         parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
         on_round: called after each round's training with the round and the model (evaluate
             here; the model is in train mode).
         progress: show a bar over the rounds.
-        **train_options: passed to :func:`train`.
+        **train_options: passed to :func:`train` (``lr``, ``momentum``, ``weight_decay``,
+            ``schedule``, ``loss_fn``, ``device``, ``progress``; not ``desc``, which the baseline
+            sets), all checked before the model is pruned.
 
     Returns:
         An :class:`IMPResult` (per round: sparsity, cumulative time, loss).
@@ -431,13 +517,20 @@ def imp(
     real = isinstance(rate, numbers.Real) and not isinstance(rate, bool)
     if not real or not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")
-    _check_train_options(loader, epochs_per_round, train_options, zero=False)
-    _check_training(loader, rewind_epochs, zero=True)
+    _check_train_options(loader, epochs_per_round, train_options, zero=False, name="epochs_per_round")
+    _check_training(loader, rewind_epochs, zero=True, name="rewind_epochs")
+    if on_round is not None and not callable(on_round):
+        raise TypeError(
+            f"on_round must be callable as on_round(round, model) (an IMPRound and the model), or None, "
+            f"got {on_round!r}"
+        )
+    milestones = _check_milestones(milestones)
     targets = resolve_targets(model, parameters)
     start_remaining = _remaining(targets)
     final_keep = start_remaining - count_from_amount(amount, start_remaining)
     milestone_keeps = [
-        start_remaining - count_from_amount(m, start_remaining, "milestones") for m in milestones
+        start_remaining - count_from_amount(m, start_remaining, f"milestones[{i}]")
+        for i, m in enumerate(milestones)
     ]
     beyond = [m for m, keep in zip(milestones, milestone_keeps, strict=True) if keep < final_keep]
     if beyond:

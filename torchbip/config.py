@@ -8,6 +8,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 __all__ = ["BiPConfig"]
 
 Schedule = Literal["cosine", "step", "constant"]
@@ -130,6 +132,7 @@ class BiPConfig:
     optimizer: Optimizer = "sgd"
 
     def __post_init__(self) -> None:
+        self._normalise_strings()
         self._normalise_numbers()
         if self.steps is not None and (
             isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
@@ -153,6 +156,11 @@ class BiPConfig:
             if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         _positive("gamma", self.gamma)
+        if self.gamma > FLOAT32_MAX:
+            raise ValueError(
+                f"gamma={self.gamma!r} is above the largest float32 ({FLOAT32_MAX!r}), which the weight "
+                "decay of float32 weights cannot exceed; pass a smaller gamma"
+            )
         if self.implicit_coef is not None and (
             not _is_number(self.implicit_coef)
             or not math.isfinite(self.implicit_coef)
@@ -160,6 +168,17 @@ class BiPConfig:
         ):
             raise ValueError(
                 f"implicit_coef must be a finite number >= 0 or None, got {self.implicit_coef!r}"
+            )
+        if self.implicit_coef is not None and self.implicit_coef > FLOAT32_MAX:
+            raise ValueError(
+                f"implicit_coef={self.implicit_coef!r} is above the largest float32 ({FLOAT32_MAX!r}), "
+                "which a coefficient of float32 gradients cannot exceed; pass a smaller implicit_coef"
+            )
+        if self.implicit_coef is None and 1.0 / self.gamma > FLOAT32_MAX:
+            raise ValueError(
+                f"gamma={self.gamma!r} with implicit_coef=None makes the implicit coefficient 1/gamma = "
+                f"{1.0 / self.gamma!r}, above the largest float32 ({FLOAT32_MAX!r}); pass a gamma of at "
+                f"least {_GAMMA_MIN_FOR_INVERSE:.3g}, or a number as implicit_coef"
             )
         if self.min_keep is not None:
             if isinstance(self.min_keep, bool) or not _is_number(self.min_keep):
@@ -171,7 +190,7 @@ class BiPConfig:
         if self.seed is not None and (
             isinstance(self.seed, bool)
             or not isinstance(self.seed, int)
-            or not _SEED_MIN <= self.seed <= _SEED_MAX
+            or not SEED_MIN <= self.seed <= SEED_MAX
         ):
             raise ValueError(
                 f"seed must be an int in [-2**63, 2**64 - 1] (the range torch.manual_seed takes) or None, "
@@ -208,16 +227,27 @@ class BiPConfig:
                 "without it no checkpoint would be written"
             )
 
+    def _normalise_strings(self) -> None:
+        """Accept ``str`` subclasses (``numpy.str_``, ``enum.StrEnum``), stored as plain ``str``.
+
+        The settings go into checkpoints and states, which ``torch.load(weights_only=True)`` reads
+        only when they hold plain types.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and type(value) is not str:
+                object.__setattr__(self, f.name, str.__str__(value))
+
     def _normalise_numbers(self) -> None:
         """Accept NumPy and other ``numbers`` scalars (as torch's optimisers do), stored as Python types."""
         for name in _INT_FIELDS:
             value = getattr(self, name)
-            if _is_integral(value) and type(value) is not int:
+            if is_integral(value) and type(value) is not int:
                 object.__setattr__(self, name, int(value))
         for name in (*_FLOAT_FIELDS, "min_keep"):  # min_keep: an int count or a float fraction
             value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not _is_bool(value) and type(value) not in (int, float):
-                object.__setattr__(self, name, round(value) if _is_integral(value) else float(value))
+            if isinstance(value, numbers.Real) and not is_bool(value) and type(value) not in (int, float):
+                object.__setattr__(self, name, round(value) if is_integral(value) else float(value))
 
     @property
     def effective_implicit_coef(self) -> float:
@@ -249,15 +279,19 @@ class BiPConfig:
 
 _INT_FIELDS = ("steps", "seed", "log_every", "checkpoint_every")
 _FLOAT_FIELDS = ("epochs", "lower_lr", "upper_lr", "momentum", "upper_momentum", "gamma", "implicit_coef")
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: The largest float32 (``torch.finfo(torch.float32).max``): coefficients that scale float32
+#: tensors must not exceed it (torch refuses to convert them, late, naming no argument).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_GAMMA_MIN_FOR_INVERSE = 1.0 / FLOAT32_MAX
 
 
-def _is_bool(value: object) -> bool:
+def is_bool(value: object) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
-def _is_integral(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
+def is_integral(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not is_bool(value)
 
 
 def _is_number(value: object) -> bool:

@@ -621,7 +621,7 @@ class CoupledLayout(MaskLayout):
         min_keep: float | int | None,
         max_keep: float | int | None,
     ) -> None:
-        self.budget = budget
+        self.budget = str.__str__(budget)
         wanted = {(id(t.module), t.name) for t in targets}
         param_key = [(id(m), n) for m, n in found.params]
         groups, dropped = [], []
@@ -988,6 +988,9 @@ class Coupled(Layout):
     def __post_init__(self) -> None:
         if self.budget not in BUDGETS:
             raise ValueError(f"Coupled(budget={self.budget!r}): budget must be one of {BUDGETS}")
+        # a plain str (a numpy.str_ or StrEnum value as given): states hold it, and
+        # torch.load(weights_only=True) reads plain types only
+        object.__setattr__(self, "budget", str.__str__(self.budget))
         inputs = as_inputs(self.example_inputs)
         if not inputs or not all(isinstance(x, Tensor) for x in inputs):
             raise TypeError(

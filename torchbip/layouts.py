@@ -49,6 +49,7 @@ from torchbip._edges import Edges, called_edges, traced_edges
 from torchbip._frames import user_stacklevel
 from torchbip._func import PRUNABLE_TYPES, Target, default_targets
 from torchbip._tensors import copy_into, split_like
+from torchbip.config import is_bool
 from torchbip.masks import (
     GlobalTopK,
     cap_counts,
@@ -299,7 +300,7 @@ class GroupLayout(MaskLayout):
                     "channels, so channel pruning does not apply; leave it out of the pruned tensors or "
                     "prune its filters (the filter layout)"
                 )
-        self.dim, self.budget, self.allowed = dim, budget, list(allowed)
+        self.dim, self.budget, self.allowed = dim, _plain_str(budget), list(allowed)
         self.structured = {0: "filter", 1: "channel"}.get(dim, f"dim={dim}")
         unit = group_unit(dim)
         self.group_allowed = [None if a is None else allowed_groups(a, dim) for a in self.allowed]
@@ -526,9 +527,17 @@ class Groups(Layout):
     budget: str = "layer"
 
     def __post_init__(self) -> None:
-        if self.dim not in (0, 1) or isinstance(self.dim, bool):
-            raise ValueError(f"Groups(dim={self.dim!r}): dim must be 0 (filters) or 1 (input channels)")
+        integer = isinstance(self.dim, numbers.Integral) and not is_bool(self.dim)
+        if not integer or self.dim not in (0, 1):
+            raise ValueError(
+                f"Groups(dim={self.dim!r}): dim must be 0 (filters) or 1 (input channels), an int "
+                f"(not a float or a bool), got {self.dim!r} of type {type(self.dim).__name__}"
+            )
         validate_budget(self.budget)
+        # Plain types (a NumPy int, a numpy.str_ or a StrEnum value as given): describe(), the
+        # states and the checkpoints hold them, which torch.load(weights_only=True) must read.
+        object.__setattr__(self, "dim", int(self.dim))
+        object.__setattr__(self, "budget", _plain_str(self.budget))
 
     @property
     def shorthand(self) -> str:
@@ -771,6 +780,11 @@ def as_layout(layout: object, budget: str = "layer", arg: str = "layout") -> Lay
         f"{arg} must be None, 'unstructured', 'filter' (output filters), 'channel' (input channels), "
         f"an 'N:M' pattern such as '2:4', or a torchbip.layouts.Layout, got {layout!r}"
     )
+
+
+def _plain_str(value: str) -> str:
+    """``value`` as a plain ``str`` (a ``numpy.str_`` or an ``enum.StrEnum`` member becomes its text)."""
+    return str.__str__(value) if isinstance(value, str) and type(value) is not str else value
 
 
 def _check_floors_and_caps(

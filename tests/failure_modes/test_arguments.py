@@ -660,7 +660,12 @@ def test_bad_config_or_option(kind: str, options: dict[str, Any], exc: type[Exce
 
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize(
-    "device", [pytest.param("cuda:7", id="missing-gpu"), pytest.param("tpu", id="unknown")]
+    "device",
+    [
+        pytest.param("cuda:7", id="missing-gpu"),
+        pytest.param("cuda:1000", id="index-torch-wraps"),  # (torch.device keeps 8 bits: index -24)
+        pytest.param("tpu", id="unknown"),
+    ],
 )
 def test_unavailable_device(kind: str, device: str) -> None:
     """The error names ``device=`` and the value; the model is restored."""

@@ -14,6 +14,7 @@ import collections
 import copy
 import itertools
 import math
+import re
 import signal
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -165,12 +166,16 @@ BAD = [
     pytest.param(
         omp_finetune, {"epochs": -1}, ValueError, r"epochs must be a finite number >= 0, got -1", id="omp-neg"
     ),
-    pytest.param(imp, {"epochs_per_round": 0}, ValueError, r"epochs must be .* > 0, got 0", id="imp-zero"),
+    pytest.param(
+        imp, {"epochs_per_round": 0}, ValueError, r"^epochs_per_round must be .* > 0, got 0", id="imp-zero"
+    ),
     pytest.param(
         omp_finetune, {"schedule": "cosin"}, ValueError, r"schedule must be .*'cosin'", id="schedule"
     ),
     pytest.param(random_finetune, {"bogus": 1}, TypeError, r"train_options: .*bogus", id="unknown-option"),
-    pytest.param(omp_finetune, {"lr": -1.0}, ValueError, r"Invalid learning rate", id="lr"),
+    pytest.param(
+        omp_finetune, {"lr": -1.0}, ValueError, r"^lr must be a finite number >= 0 .*got -1\.0$", id="lr"
+    ),
     pytest.param(
         imp, {"milestones": [0.8]}, ValueError, r"milestones \[0\.8\] lie beyond the final", id="milestone"
     ),
@@ -205,6 +210,13 @@ BAD = [
         FloatingPointError,
         r"loss_fn returned a non-finite loss \(nan\) at step 0",
         id="imp-inf-inputs",
+    ),
+    pytest.param(
+        omp_finetune,
+        {"loss_fn": lambda out, y: F.cross_entropy(out, y, reduction="none")},
+        ValueError,
+        r"OMP fine-tune: loss_fn must return a scalar tensor, got \(16,\)",
+        id="omp-loss-not-scalar",
     ),
     pytest.param(
         omp_finetune,
@@ -514,3 +526,191 @@ def test_imp_wall_time_leaves_out_the_on_round_callbacks(monkeypatch: pytest.Mon
     assert rounds >= 3
     # round 0 trains before the first cut, then one training per round
     assert [r.wall_time_s for r in result.rounds] == [2.0 * (i + 1) for i in range(1, rounds + 1)]
+
+
+# -- every argument checked before any work, the message naming it and its value ------------------
+
+
+def counting_loss() -> tuple[Callable[[Tensor, Tensor], Tensor], list[int]]:
+    """``F.cross_entropy``, counting its calls (0 calls: nothing was trained)."""
+    calls = [0]
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        calls[0] += 1
+        return F.cross_entropy(out, y)
+
+    return loss, calls
+
+
+#: A CUDA device this machine lacks (its index past the last device; none without CUDA).
+ABSENT_DEVICE = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+_LR = r"must be a finite number >= 0 \(at most the largest float32, 3\.403e\+38\), got "
+BAD_OPTIONS = [  # refused by train and by every baseline that passes them to it
+    pytest.param({"lr": "a"}, ValueError, rf"^lr {_LR}'a'$", id="lr-str"),
+    pytest.param({"lr": math.nan}, ValueError, rf"^lr {_LR}nan$", id="lr-nan"),
+    pytest.param({"lr": -math.inf}, ValueError, rf"^lr {_LR}-inf$", id="lr-inf"),
+    pytest.param({"lr": 1e39}, ValueError, rf"^lr {_LR}1e\+39$", id="lr-float32-overflow"),
+    pytest.param({"lr": True}, ValueError, rf"^lr {_LR}True$", id="lr-bool"),
+    pytest.param({"weight_decay": -1e-4}, ValueError, rf"^weight_decay {_LR}-0\.0001$", id="wd-neg"),
+    pytest.param({"weight_decay": math.nan}, ValueError, rf"^weight_decay {_LR}nan$", id="wd-nan"),
+    pytest.param(
+        {"momentum": math.nan}, ValueError, r"^momentum must be a number in \[0, 1\), got nan$", id="mom-nan"
+    ),
+    pytest.param(
+        {"momentum": 1.0}, ValueError, r"^momentum must be a number in \[0, 1\), got 1\.0$", id="mom-one"
+    ),
+    pytest.param(
+        {"momentum": -0.1}, ValueError, r"^momentum must be a number in \[0, 1\), got -0\.1$", id="mom-neg"
+    ),
+    pytest.param(
+        {"momentum": np.bool_(False)}, ValueError, r"^momentum must be .*, got np\.False_$", id="mom-np-bool"
+    ),
+    pytest.param({"loss_fn": None}, TypeError, r"^loss_fn must be callable .*, got None$", id="loss-none"),
+    pytest.param({"loss_fn": "ce"}, TypeError, r"^loss_fn must be callable .*, got 'ce'$", id="loss-str"),
+    pytest.param(
+        {"device": ABSENT_DEVICE},
+        ValueError,
+        rf"^device='{ABSENT_DEVICE}' is not available here",
+        id="device-absent",
+    ),
+    pytest.param({"device": "foo"}, ValueError, r"^device='foo' is not a torch device", id="device-bad"),
+    pytest.param({"device": 0}, TypeError, r"^device must be a str .*, got 0$", id="device-int"),
+]
+
+
+@pytest.mark.parametrize("fn", [omp_finetune, random_finetune, imp])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        *BAD_OPTIONS,
+        pytest.param({"desc": "mine"}, TypeError, r"^train_options: desc='mine' cannot be passed", id="desc"),
+    ],
+)
+def test_baselines_refuse_bad_training_options_before_any_work(fn, kwargs, error, match) -> None:
+    """Refused before the model is pruned or trained (the loss never called), the model as it was."""
+    model = make_model()
+    before = capture(model)
+    loss, calls = counting_loss()
+    with pytest.raises(error, match=match):
+        fn(model, 0.5, make_data(), 1, **{"loss_fn": loss, **kwargs})
+    assert calls[0] == 0, "the baseline trained before it refused the argument"
+    assert_unchanged(before, model)
+    assert not prune.is_pruned(model)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_OPTIONS)
+def test_train_refuses_bad_options_before_the_first_batch(kwargs, error, match) -> None:
+    model = make_model()
+    before = capture(model)
+    loss, calls = counting_loss()
+    with pytest.raises(error, match=match):
+        train(model, make_data(), 1, **{"loss_fn": loss, **kwargs})
+    assert calls[0] == 0
+    assert_unchanged(before, model)
+
+
+def test_train_takes_numpy_options_and_zero_momentum_as_torch_sgd_does() -> None:
+    """Oracle: a hand-written loop of torch.optim.SGD at the same (constant) learning rate."""
+    model, oracle = make_model(), make_model()
+    train(
+        model, make_data(), 1, lr=np.float32(0.1), momentum=np.float64(0.0), weight_decay=np.float32(0.0),
+        schedule="constant",
+    )  # fmt: skip
+    opt = torch.optim.SGD(oracle.parameters(), lr=float(np.float32(0.1)), momentum=0.0, weight_decay=0.0)
+    for x, y in make_data():
+        opt.zero_grad()
+        F.cross_entropy(oracle(x), y).backward()
+        opt.step()
+    for (name, a), b in zip(model.state_dict().items(), oracle.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        pytest.param(
+            {"epochs_per_round": 0}, ValueError, r"^epochs_per_round must be a finite number > 0, got 0$"
+        ),
+        pytest.param(
+            {"epochs_per_round": math.nan}, ValueError, r"^epochs_per_round must be .* > 0, got nan$"
+        ),
+        pytest.param(
+            {"rewind_epochs": -1}, ValueError, r"^rewind_epochs must be a finite number >= 0, got -1$"
+        ),
+        pytest.param({"rewind_epochs": "1"}, ValueError, r"^rewind_epochs must be .* >= 0, got '1'$"),
+        pytest.param({"on_round": 3}, TypeError, r"^on_round must be callable .*, or None, got 3$"),
+        pytest.param(
+            {"milestones": 0.2}, TypeError, r"^milestones must be an iterable of amounts .*, got 0\.2$"
+        ),
+        pytest.param({"milestones": "0.2"}, TypeError, r"^milestones must be .*, got '0\.2'$", id="str"),
+        pytest.param({"milestones": {0.2: 1}}, TypeError, r"^milestones must be .*, got \{0\.2: 1\}$"),
+        pytest.param({"milestones": np.array(0.2)}, TypeError, r"^milestones must be .*, got array\(0\.2\)$"),
+        pytest.param(
+            {"milestones": [0.2, 1.5]}, ValueError, r"^milestones\[1\]=1\.5 is a float outside \[0, 1\]"
+        ),
+        pytest.param({"milestones": [None]}, TypeError, r"^milestones\[0\] must be an int .*, got None"),
+        pytest.param(
+            {"milestones": [1000]},
+            ValueError,
+            r"^milestones\[0\]=1000 is larger than the number of unpruned entries \(144\)$",
+        ),
+    ],
+)
+def test_imp_refuses_bad_arguments_before_any_work(kwargs, error, match) -> None:
+    model = make_model()
+    before = capture(model)
+    loss, calls = counting_loss()
+    rounds: list[Any] = []
+    kwargs = {"epochs_per_round": 1, "on_round": lambda r, m: rounds.append(r), **kwargs}
+    with pytest.raises(error, match=match):
+        imp(model, 0.5, make_data(), kwargs.pop("epochs_per_round"), loss_fn=loss, **kwargs)
+    assert calls[0] == 0, "imp trained before it refused the argument"
+    assert rounds == []
+    assert_unchanged(before, model)
+    assert not prune.is_pruned(model)
+
+
+def test_imp_takes_milestones_from_any_iterable_as_from_a_list() -> None:
+    """A generator is read once (it was read twice: a bare zip error); a NumPy array works too.
+    Oracle: the documented round rule in integer arithmetic, through the stops 108, 72, 43."""
+    kept, expected = 144, []
+    for stop in (144 - 36, 144 - 72, 144 - round(0.7 * 144)):
+        while kept > stop:
+            kept = max(stop, kept - max(1, kept // 5))
+            expected.append(1 - kept / 144)
+    runs = []
+    for milestones in ([0.5, 0.25], (m for m in [0.5, 0.25]), np.array([0.5, 0.25])):
+        model = make_model()
+        result = imp(model, 0.7, make_data(), epochs_per_round=0.5, milestones=milestones)  # type: ignore[arg-type]
+        assert [r.sparsity for r in result.rounds] == pytest.approx(expected)
+        runs.append(masks(model))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "3", True, np.bool_(True), np.float64(3.0), 2**64, -(2**63) - 1])
+def test_random_finetune_refuses_a_seed_torch_cannot_take_before_any_work(seed: object) -> None:
+    model = make_model()
+    before = capture(model)
+    loss, calls = counting_loss()
+    match = r"^seed must be an int in \[-2\*\*63, 2\*\*64 - 1\] \(the range torch\.manual_seed takes\), got "
+    with pytest.raises(ValueError, match=match + re.escape(repr(seed)) + "$"):
+        random_finetune(model, 0.5, make_data(), 1, seed=seed, loss_fn=loss)  # type: ignore[arg-type]
+    assert calls[0] == 0
+    assert_unchanged(before, model)
+    assert not prune.is_pruned(model)
+
+
+@pytest.mark.parametrize(
+    ("seed", "torch_seed"), [(np.int64(7), 7), (-1, 2**64 - 1), (2**64 - 1, 2**64 - 1), (-(2**63), 2**63)]
+)
+def test_random_finetune_takes_every_seed_torch_takes(seed: int, torch_seed: int) -> None:
+    """Oracle: torch's own global ranking of uniform scores drawn, layer by layer, from a generator
+    seeded with the seed as torch reads it (a negative seed wraps modulo 2**64)."""
+    model, oracle = make_model(), make_model()
+    random_finetune(model, 0.6, make_data(), epochs=0, seed=seed)
+    gen = torch.Generator().manual_seed(torch_seed)
+    scores = {(oracle[i], "weight"): torch.rand(oracle[i].weight.shape, generator=gen) for i in (0, 2)}
+    prune.global_unstructured(
+        list(scores), pruning_method=prune.L1Unstructured, importance_scores=scores, amount=0.6
+    )
+    assert all(torch.equal(a, b) for a, b in zip(masks(model), masks(oracle), strict=True))

@@ -1,14 +1,29 @@
-"""BiPConfig: defaults, validation messages, replace and dict round trips."""
+"""BiPConfig: defaults, validation messages, replace and dict round trips.
+
+Also the settings' plain types (``numpy.str_`` and ``enum.StrEnum`` values stored as ``str``:
+oracle, ``torch.load(weights_only=True)`` reading them back and a resumed run equal bitwise to
+the uninterrupted one) and the coefficients that float32 cannot hold (oracle: torch's own
+conversion of the coefficient of a float32 operation).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import io
 import json
 import math
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from model_state import assert_unchanged, capture
+from torch import Tensor, nn
 
-from torchbip import BiPConfig
+from torchbip import BiP, BiPConfig, global_prune
 
 
 def test_defaults_follow_the_paper_except_where_measured() -> None:
@@ -88,6 +103,30 @@ def test_defaults_follow_the_paper_except_where_measured() -> None:
             r"seed must be an int in \[-2\*\*63, 2\*\*64 - 1\] .* or None, got False",
             id="seed-bool",
         ),
+        pytest.param(
+            {"gamma": 1e39},
+            r"^gamma=1e\+39 is above the largest float32 \(3\.4028234663852886e\+38\)",
+            id="gamma-float32-overflow",
+        ),
+        pytest.param(
+            {"implicit_coef": 1e39},
+            r"^implicit_coef=1e\+39 is above the largest float32 \(3\.4028234663852886e\+38\)",
+            id="coef-float32-overflow",
+        ),
+        pytest.param(
+            {"implicit_coef": np.float64(1e39)}, r"^implicit_coef=1e\+39 is above", id="coef-numpy-overflow"
+        ),
+        pytest.param(
+            {"gamma": 1e-39, "implicit_coef": None},
+            r"^gamma=1e-39 with implicit_coef=None makes the implicit coefficient 1/gamma = "
+            r"1\.0000000000000001e\+39, above the largest float32 .*pass a gamma of at least 2\.94e-39",
+            id="inverse-gamma-float32-overflow",
+        ),
+        pytest.param(
+            {"gamma": 1e-320, "implicit_coef": None},
+            r"^gamma=1e-320 with implicit_coef=None makes the implicit coefficient 1/gamma = inf",
+            id="inverse-gamma-inf",
+        ),
         pytest.param({"log_every": 0}, r"log_every must be an int >= 1, got 0", id="log-every-zero"),
         pytest.param({"log_every": True}, r"log_every must be an int >= 1, got True", id="log-every-bool"),
     ],
@@ -162,3 +201,169 @@ def test_from_dict_rejects_unknown_keys_and_bad_values() -> None:
         BiPConfig.from_dict({"keep_ratio": 0.1})
     with pytest.raises(ValueError, match=r"gamma must be a finite number > 0, got -1"):
         BiPConfig.from_dict({"gamma": -1})
+
+
+# -- coefficients that float32 cannot hold ---------------------------------------------------------
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def takes_as_float32_coefficient(value: float) -> bool:
+    """Oracle: whether torch converts ``value`` as the coefficient of a float32 operation."""
+    try:
+        torch.zeros(1).add(torch.ones(1), alpha=value)
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"gamma": F32_MAX}, id="gamma-max"),
+        pytest.param({"implicit_coef": F32_MAX}, id="coef-max"),
+        pytest.param({"gamma": math.nextafter(1 / F32_MAX, 1.0), "implicit_coef": None}, id="inverse-max"),
+    ],
+)
+def test_accepts_coefficients_up_to_the_largest_float32(changes: dict) -> None:
+    cfg = BiPConfig(**changes)
+    assert takes_as_float32_coefficient(cfg.gamma)
+    assert takes_as_float32_coefficient(cfg.effective_implicit_coef)
+
+
+@pytest.mark.parametrize(
+    ("changes", "coefficient"),
+    [
+        ({"gamma": 1e39}, 1e39),
+        ({"implicit_coef": 1e39}, 1e39),
+        ({"gamma": 1e-39, "implicit_coef": None}, 1 / 1e-39),
+        ({"gamma": 1 / F32_MAX / 1.0001, "implicit_coef": None}, F32_MAX * 1.0001),
+    ],
+)
+def test_refuses_exactly_the_coefficients_torch_cannot_convert(changes: dict, coefficient: float) -> None:
+    assert not takes_as_float32_coefficient(coefficient)
+    with pytest.raises(ValueError, match=r"above the largest float32"):
+        BiPConfig(**changes)
+
+
+def mlp() -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def batches(n: int = 4) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"implicit_coef": 1e39}, "implicit_coef"),
+        ({"gamma": 1e39}, "gamma"),
+        ({"gamma": 1e-39, "implicit_coef": None}, "gamma"),
+        ({"gamma": 1e-320, "implicit_coef": None}, "gamma"),  # (it blamed implicit_coef, never passed)
+    ],
+)
+def test_global_prune_refuses_coefficients_float32_cannot_hold_before_any_work(
+    options: dict, name: str
+) -> None:
+    model = mlp()
+    before = capture(model)
+    calls = [0]
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        calls[0] += 1
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        global_prune(model, 0.5, batches(), steps=2, progress=False, loss_fn=loss, **options)
+    assert calls[0] == 0
+    assert_unchanged(before, model)
+
+
+def test_bip_refuses_an_implicit_coef_float32_cannot_hold_at_construction() -> None:
+    model = mlp()
+    before = capture(model)
+    with pytest.raises(ValueError, match=r"^implicit_coef=1e\+39 "):
+        BiP(model, amount=0.5, implicit_coef=1e39)
+    assert_unchanged(before, model)
+
+
+# -- str subclasses stored as plain str --------------------------------------------------------------
+
+
+class Choice(enum.StrEnum):
+    COSINE = "cosine"
+    FUSED = "fused"
+    ADAMW = "adamw"
+    FILTER = "filter"
+    GLOBAL = "global"
+
+
+def test_str_subclasses_are_stored_as_plain_str_that_weights_only_loading_reads() -> None:
+    odd = BiPConfig(
+        mode=Choice.FUSED, lower_schedule=np.str_("cosine"), upper_schedule=Choice.COSINE,
+        score_init=np.str_("scaled_magnitude"), optimizer=Choice.ADAMW, device=np.str_("cpu"),
+        checkpoint_path=np.str_("bip.ckpt"),
+    )  # fmt: skip
+    plain = BiPConfig(
+        mode="fused", lower_schedule="cosine", upper_schedule="cosine", score_init="scaled_magnitude",
+        optimizer="adamw", device="cpu", checkpoint_path="bip.ckpt",
+    )  # fmt: skip
+    for f in dataclasses.fields(odd):
+        value = getattr(odd, f.name)
+        assert not isinstance(value, str) or type(value) is str, f.name
+    buffer = io.BytesIO()
+    torch.save(odd.to_dict(), buffer)
+    buffer.seek(0)
+    assert BiPConfig.from_dict(torch.load(buffer, weights_only=True)) == plain
+    assert type(odd.replace(lower_schedule=np.str_("step")).lower_schedule) is str
+
+
+class StopsAt:
+    """A re-iterable loader of ``batches`` that raises ``KeyboardInterrupt`` at its ``n``-th batch."""
+
+    def __init__(self, items: list[tuple[Tensor, Tensor]], n: int | None = None) -> None:
+        self.items, self.n, self.count = items, n, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Any:
+        for item in self.items:
+            self.count += 1
+            if self.count == self.n:
+                raise KeyboardInterrupt
+            yield item
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        pytest.param({"lower_schedule": np.str_("cosine")}, id="numpy-str"),
+        pytest.param({"lower_schedule": Choice.COSINE, "mode": Choice.FUSED}, id="str-enum"),
+        pytest.param({"structured": np.str_("filter"), "budget": Choice.GLOBAL}, id="layout-and-budget"),
+    ],
+)
+def test_global_prune_resumes_its_own_checkpoint_written_with_str_subclass_options(
+    tmp_path: Path, option: dict[str, Any]
+) -> None:
+    """Oracle: the uninterrupted run with the same options as plain ``str``."""
+    run: dict[str, Any] = {"steps": 6, "progress": False, "seed": 0}
+    reference = mlp()
+    global_prune(reference, 0.5, StopsAt(batches()), **run, **{k: str(v) for k, v in option.items()})
+    path = tmp_path / "bip.ckpt"
+    model = mlp()
+    with pytest.raises(KeyboardInterrupt):
+        global_prune(
+            model, 0.5, StopsAt(batches(), 5), checkpoint_path=path, checkpoint_every=2, **run, **option
+        )
+    saved = torch.load(path, weights_only=True)  # it could not be read back
+    assert all(type(v) is str for v in saved["run"].values() if isinstance(v, str))
+    global_prune(model, 0.5, StopsAt(batches()), checkpoint_path=path, resume=True, **run, **option)
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -329,6 +329,20 @@ def test_budgets_layer_global_and_macs(net: Residual) -> None:
     assert glob.n_keep == 5
 
 
+def test_a_str_subclass_budget_is_kept_as_a_plain_str_and_the_state_loads_weights_only() -> None:
+    import io
+
+    import numpy as np
+
+    layout = torchbip.Coupled(_inputs(), budget=np.str_("global"))
+    assert type(layout.budget) is str
+    pruner = torchbip.BiP(Residual(), amount=0.5, layout=layout)
+    buffer = io.BytesIO()
+    torch.save(pruner.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["layout"] == pruner.layout.describe()
+
+
 def test_global_budget_caps_every_group_at_max_keep(net: Residual) -> None:
     """With the highest scores all in group B, the global ranking would keep 5 of B's 6 channels;
     max_keep=3 keeps 3 of them and gives the rest of the budget to group A."""
