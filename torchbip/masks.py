@@ -748,8 +748,9 @@ def nm_mask(
         [1, 0, 1, 0]
     """
     for arg, value in (("n", n), ("m", m), ("dim", dim)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # (NumPy ints too)
             raise TypeError(f"{arg} must be an int, got {value!r} of type {type(value).__name__}")
+    n, m, dim = int(n), int(m), int(dim)
     if m < 1:
         raise ValueError(f"m={m} must be >= 1")
     if not 0 <= n <= m:

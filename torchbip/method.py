@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -99,6 +100,39 @@ def check_finite(scores: Tensor, what: str = "importance_scores") -> None:
     """
     if not scores.is_meta and not torch.isfinite(scores).all():
         raise ValueError(f"{what} contain NaN or infinite values, which cannot be ranked")
+
+
+def check_scores_device(importance_scores: Tensor | None, current: Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless ``importance_scores`` (if given) live on the device of ``name``.
+
+    Torch's ``apply`` would fail on a mismatch with a message that names neither, or (for a
+    tensor pruned before, with ``meta`` scores) prune nothing; checked before anything changes.
+    """
+    if importance_scores is not None and importance_scores.device != current.device:
+        raise ValueError(
+            f"importance_scores are on device {importance_scores.device} but {name!r} is on device "
+            f"{current.device}; pass them on {current.device} "
+            f"(e.g. importance_scores.to(module.{name}.device))"
+        )
+
+
+def integer_argument(arg: str, value: object) -> int:
+    """``value`` as a Python ``int``: an int or a NumPy integer; a ``TypeError`` naming ``arg`` else.
+
+    A ``bool`` (also NumPy's) is refused, as a float is.
+
+    Example:
+        >>> import numpy as np
+        >>> integer_argument("dim", np.int64(-1))
+        -1
+        >>> integer_argument("dim", True)
+        Traceback (most recent call last):
+        ...
+        TypeError: dim must be an int, got True of type bool
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{arg} must be an int, got {value!r} of type {type(value).__name__}")
+    return int(value)
 
 
 def scores_source(importance_scores: Tensor | None, name: str) -> str:
@@ -210,9 +244,13 @@ def guard_deepcopy(tensor: Tensor) -> Tensor:
     module pruned by torch's own methods cannot be deep-copied after a training step. This gives
     the tensor a ``__deepcopy__`` that copies its values without the graph (a detached view, no
     copy of the data); the tensor itself, and so every gradient, stays as torch's hook makes it.
-    A no-op for a leaf, a tensor of a :mod:`torch.func` transform, or while :func:`torch.compile`
-    traces (to avoid a graph break; deep-copy after a forward pass under ``torch.no_grad()``
-    there).
+
+    While :func:`torch.compile` traces, dynamo records the attribute and sets it on the real
+    tensor after the graph has run: no graph break, so ``fullgraph=True`` works as before and
+    the model deep-copies after compiled training steps too. A no-op for a leaf (no gradients),
+    a tensor subclass, a tensor of a :mod:`torch.func` transform, and while
+    :func:`torch.jit.trace` traces (its check would see the attribute as a difference between
+    two traces).
 
     Args:
         tensor: the masked tensor that a pruning pre-hook computed.
@@ -220,15 +258,19 @@ def guard_deepcopy(tensor: Tensor) -> Tensor:
     Returns:
         ``tensor`` itself.
     """
-    if (
-        torch.compiler.is_compiling()
-        or type(tensor) is not Tensor
-        or tensor.grad_fn is None
-        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-    ):
-        return tensor
-    # copy.deepcopy looks up __deepcopy__ on the instance before the class.
-    tensor.__deepcopy__ = _DetachedCopy(tensor.detach())  # type: ignore[method-assign]
+    if torch.compiler.is_compiling():
+        # only what dynamo traces without a graph break (it cannot trace the functorch check)
+        guard = type(tensor) is Tensor and tensor.requires_grad and torch.is_grad_enabled()
+    else:
+        guard = (
+            not torch.jit.is_tracing()
+            and type(tensor) is Tensor
+            and tensor.grad_fn is not None
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        )
+    if guard:
+        # copy.deepcopy looks up __deepcopy__ on the instance before the class.
+        tensor.__deepcopy__ = _DetachedCopy(tensor.detach())  # type: ignore[method-assign]
     return tensor
 
 
@@ -490,6 +532,7 @@ class BiPPruningMethod(BiPMethod):
         validate_amount(amount)
         check_scores_type(importance_scores)
         current = named_tensor(module, name)
+        check_scores_device(importance_scores, current, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores
         if scores.shape != current.shape:
             raise ValueError(

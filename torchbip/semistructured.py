@@ -27,7 +27,9 @@ from torchbip.method import (
     attach_scores,
     check_finite,
     check_mask_shape,
+    check_scores_device,
     check_scores_type,
+    integer_argument,
     magnitudes,
     named_tensor,
     outside_inference_mode,
@@ -39,11 +41,8 @@ __all__ = ["BiPSemiStructured", "bip_semi_structured"]
 
 
 def _check_nm(n: object, m: object) -> tuple[int, int]:
-    for arg, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{arg} must be an int, got {value!r} of type {type(value).__name__}")
-    assert isinstance(n, int)
-    assert isinstance(m, int)
+    """``n`` and ``m`` as Python ints (NumPy integers are accepted), or an error naming them."""
+    n, m = integer_argument("n", n), integer_argument("m", m)
     if m < 1 or not 0 <= n <= m:
         raise ValueError(f"n={n}, m={m}: need m >= 1 and 0 <= n <= m")
     return n, m
@@ -78,9 +77,7 @@ class BiPSemiStructured(BiPMethod):
 
     def __init__(self, n: int = 2, m: int = 4, dim: int = -1) -> None:
         self.n, self.m = _check_nm(n, m)
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"dim must be an int, got {dim!r} of type {type(dim).__name__}")
-        self.dim = dim
+        self.dim = integer_argument("dim", dim)  # (NumPy integers become Python ints)
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
         """Return ``default_mask`` times the N:M mask of ``|t|`` among the unpruned entries."""
@@ -107,15 +104,17 @@ class BiPSemiStructured(BiPMethod):
                 ``importance_scores`` or, without them, the weight) holding NaN or infinite
                 values; the module is unchanged.
         """
-        _check_nm(n, m)
+        n, m = _check_nm(n, m)
         current = named_tensor(module, name)
         check_scores_type(importance_scores)
+        check_scores_device(importance_scores, current, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores.detach()
         if scores.shape != current.shape:
             raise ValueError(
                 f"importance_scores has shape {tuple(scores.shape)} but {name} has shape "
                 f"{tuple(current.shape)}"
             )
+        dim = integer_argument("dim", dim)  # (a NumPy integer becomes a Python int)
         nm_mask(scores, n, m, dim)  # raise for a bad dim or block size before torch acts
         # and for scores that cannot be ranked: torch's own rollback would drop an earlier pruning
         # hook of this tensor and move a first-time parameter to the end of the module's parameters

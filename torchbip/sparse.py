@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchbip.export import baked_copy
+from torchbip.method import integer_argument
 
 __all__ = [
     "CSRModule",
@@ -424,7 +425,19 @@ def is_nm_sparse(weight: Tensor, n: int = 2, m: int = 4, dim: int = -1) -> bool:
         >>> import torch
         >>> is_nm_sparse(torch.tensor([[1.0, 0.0, 2.0, 0.0]])), is_nm_sparse(torch.ones(1, 4))
         (True, False)
+
+    Raises:
+        TypeError: if ``n``, ``m`` or ``dim`` is not an int (NumPy ints are).
+        ValueError: for ``m < 1``, ``n`` outside ``[0, m]``, a scalar ``weight`` or ``dim`` out
+            of range. (A size along ``dim`` that is not a multiple of ``m`` gives ``False``.)
     """
+    n, m, dim = (integer_argument(arg, value) for arg, value in (("n", n), ("m", m), ("dim", dim)))
+    if m < 1 or not 0 <= n <= m:
+        raise ValueError(f"n={n}, m={m}: an N:M pattern needs m >= 1 and 0 <= n <= m")
+    if weight.dim() == 0:
+        raise ValueError("weight is a scalar; N:M blocks need at least one dimension")
+    if not -weight.dim() <= dim < weight.dim():
+        raise ValueError(f"dim={dim} is out of range for a tensor with {weight.dim()} dimensions")
     if weight.shape[dim] % m:
         return False
     nonzero = (weight != 0).movedim(dim, -1)

@@ -42,7 +42,9 @@ from torchbip.method import (
     attach_scores,
     check_finite,
     check_mask_shape,
+    check_scores_device,
     check_scores_type,
+    integer_argument,
     magnitudes,
     named_tensor,
     outside_inference_mode,
@@ -72,14 +74,14 @@ def normalize_dim(dim: object, ndim: int) -> int:
     """Return ``dim`` as a non-negative axis of a tensor with ``ndim`` dimensions.
 
     Args:
-        dim: an int in ``[-ndim, ndim)``.
+        dim: an int (or a NumPy integer) in ``[-ndim, ndim)``.
         ndim: the number of dimensions of the tensor.
 
     Returns:
-        ``dim`` if it is non-negative, else ``dim + ndim``.
+        ``dim`` if it is non-negative, else ``dim + ndim``, a Python ``int``.
 
     Raises:
-        TypeError: if ``dim`` is not an int (a ``bool`` is rejected).
+        TypeError: if ``dim`` is not an integer (a ``bool`` is rejected).
         ValueError: if it is out of range.
 
     Example:
@@ -90,8 +92,7 @@ def normalize_dim(dim: object, ndim: int) -> int:
         ...
         ValueError: dim=2 is out of range for a tensor with 2 dimensions (use -2 ... 1)
     """
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {dim!r} of type {type(dim).__name__}")
+    dim = integer_argument("dim", dim)
     if not -ndim <= dim < ndim:
         raise ValueError(
             f"dim={dim} is out of range for a tensor with {ndim} dimensions (use {-ndim} ... {ndim - 1})"
@@ -204,9 +205,7 @@ class BiPStructured(BiPMethod):
 
     def __init__(self, amount: int | float, dim: int = 0) -> None:
         self.amount = validate_amount(amount)
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"dim must be an int, got {dim!r} of type {type(dim).__name__}")
-        self.dim = dim
+        self.dim = integer_argument("dim", dim)  # (a NumPy integer becomes a Python int)
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
         """Return ``default_mask`` with the remaining groups of lowest L1 norm of ``t`` set to zero.
@@ -275,7 +274,9 @@ class BiPStructured(BiPMethod):
         if current.dim() == 0:
             raise ValueError(f"{name} is a scalar; structured pruning needs at least one dimension")
         axis = normalize_dim(dim, current.dim())
+        dim = integer_argument("dim", dim)  # (a NumPy integer becomes a Python int)
         check_scores_type(importance_scores)
+        check_scores_device(importance_scores, current, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores.detach()
         group_scores: Tensor | None = None
         if scores.dim() == 1 and scores.numel() == current.shape[axis] and scores.shape != current.shape:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -335,3 +338,115 @@ def test_a_copy_of_a_model_under_a_live_bip_takes_a_new_bip_and_leaves_the_first
     train_step(model, x2, y2)
     assert pruner.has_grad
     pruner.step()
+
+
+# --- torch.compile and torch.jit.trace ---------------------------------------------------------------
+
+
+def dense_twin(model: nn.Sequential) -> nn.Sequential:
+    """The oracle: an unpruned copy of the MLP whose weights are ``weight_orig * weight_mask``."""
+    twin = make_mlp()
+    with torch.no_grad():
+        for layer, plain in zip(model, twin, strict=True):
+            if isinstance(layer, nn.Linear):
+                pruned = hasattr(layer, "weight_mask")
+                plain.weight.copy_(layer.weight_orig * layer.weight_mask if pruned else layer.weight)
+                plain.bias.copy_(layer.bias)
+    return twin
+
+
+def has_cxx() -> bool:
+    """Whether a C++ compiler is on PATH (inductor needs one on a CPU)."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    return any(os.access(os.path.join(d, "g++"), os.X_OK) for d in dirs)
+
+
+BACKENDS = [
+    "eager",
+    "aot_eager",
+    pytest.param(
+        "inductor", marks=pytest.mark.skipif(not has_cxx(), reason="inductor on CPU needs a C++ compiler")
+    ),
+]
+
+
+def prune_for_compile(model: nn.Sequential, how: str) -> torchbip.BiP | None:
+    """Prune both layers; return the BiP that still steps (``live``), else ``None``."""
+    if how == "bip_unstructured":
+        for layer in (model[0], model[2]):
+            bip_unstructured(layer, "weight", amount=0.6)
+        return None
+    pruner = torchbip.BiP(model, 0.6)
+    if how == "finished":
+        train_step(model, *make_data()[0])
+        pruner.step()
+        pruner.finish()
+        return None
+    return pruner
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["live", "finished", "bip_unstructured"])
+def test_deepcopy_after_compiled_training_steps(backend: str, how: str) -> None:
+    """own_model.rst: deepcopy works after training steps; in_loop.rst: torch.compile works.
+
+    Without a live BiP the compiled model is one graph (``fullgraph=True``), as before; the copy
+    computes what a dense model holding ``weight_orig * weight_mask`` computes.
+    """
+    torch._dynamo.reset()
+    model = make_mlp()
+    pruner = prune_for_compile(model, how)
+    compiled = torch.compile(model, backend=backend, fullgraph=pruner is None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in make_data():
+        opt.zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+        opt.step()
+        if pruner is not None:
+            pruner.step()
+    assert not model[0].weight.is_leaf  # what copy.deepcopy rejects without the guard
+
+    clone = copy.deepcopy(model)
+
+    assert clone[0].weight.is_leaf
+    x, y = make_data()[1]
+    oracle = dense_twin(model)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), oracle(x), rtol=0, atol=0)
+        torch.testing.assert_close(compiled(x), oracle(x))
+    assert list(clone.state_dict()) == list(model.state_dict())
+    # the copy trains (eagerly) and is copied again
+    train_step(clone, x, y)
+    assert clone[0].weight_orig.grad is not None
+    copy.deepcopy(clone)
+    torch._dynamo.reset()
+
+
+def bip_on_top_of_l1(model: nn.Sequential) -> None:
+    for layer in (model[0], model[2]):
+        prune.l1_unstructured(layer, "weight", amount=0.3)
+    torchbip.BiP(model, 0.6).finish()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(lambda m: bip_unstructured(m[0], "weight", amount=0.5), id="bip_unstructured"),
+        pytest.param(lambda m: torchbip.bip_structured(m[2], "weight", amount=1, dim=1), id="bip_structured"),
+        pytest.param(lambda m: bip_semi_structured(m[0], "weight", 2, 4), id="2:4"),
+        pytest.param(lambda m: torchbip.BiP(m, 0.6).finish(), id="BiP-finished"),
+        pytest.param(bip_on_top_of_l1, id="BiP-on-l1-container"),
+    ],
+)
+def test_jit_trace_with_its_check_gives_the_dense_models_outputs(how: Callable[[nn.Sequential], Any]) -> None:
+    """torch.jit.trace (check_trace=True, its default) works as on torch's own pruned form."""
+    model = make_mlp()
+    how(model)
+    (x, _), (x2, _) = make_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (TracerWarnings of torch's own code)
+        traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(x2), dense_twin(model)(x2), rtol=0, atol=0)
+    # the module still deep-copies after an eager training step
+    train_step(model, *make_data()[0])
+    assert_same_model(copy.deepcopy(model), model, x2)

@@ -368,3 +368,13 @@ def test_global_topk_reset_runs_a_full_selection() -> None:
     with _spy_kth() as spy:
         select(scores)
     assert spy.call_args_list[0].args[0].numel() == 100
+
+
+def test_nm_mask_takes_numpy_integers() -> None:
+    from torchbip.masks import nm_mask
+
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3, 4.0, 3.0, 2.0, 1.0]])
+    want = [[False, True, True, False, True, True, False, False]]  # the top 2 of each block of 4, by hand
+    assert nm_mask(scores, np.int64(2), np.int32(4), dim=np.int64(-1)).tolist() == want
+    with pytest.raises(TypeError, match=r"n must be an int, got np.True_"):
+        nm_mask(scores, np.bool_(True), 4)

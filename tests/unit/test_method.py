@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from torchbip import BiPPruningMethod, bip_unstructured
+from torchbip import BiPPruningMethod, bip_structured, bip_unstructured
 from torchbip.method import scores_name
+from torchbip.semistructured import bip_semi_structured
 from torchbip.testing.contract import PruningMethodContract, pruning_hooks
 
 # --------------------------------------------------------------------------- the torch contract
@@ -212,6 +213,72 @@ def test_bad_importance_scores_leave_module_unchanged() -> None:
     assert set(layer.state_dict()) == {"weight", "bias"}
 
 
+def module_state(module: nn.Module) -> dict[str, Any]:
+    """What pruning may change on a module: its tensors (objects and values), in order, and hooks."""
+    tensors = {
+        **{f"parameter {n}": t for n, t in module._parameters.items()},
+        **{f"buffer {n}": t for n, t in module._buffers.items()},
+        **{f"attribute {n}": t for n, t in vars(module).items() if isinstance(t, Tensor)},
+    }
+    hooks = list(module._forward_pre_hooks.items())
+    return {
+        "tensors": tensors,
+        "values": {n: t.detach().clone() for n, t in tensors.items() if t is not None},
+        "non_persistent": sorted(module._non_persistent_buffers_set),
+        "hooks": hooks,
+        "methods": [list(h) for _, h in hooks if isinstance(h, prune.PruningContainer)],
+    }
+
+
+def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert list(after["tensors"]) == list(before["tensors"])
+    for name, tensor in before["tensors"].items():
+        assert after["tensors"][name] is tensor, name
+    for name, value in before["values"].items():
+        assert torch.equal(after["values"][name], value), name
+    for key in ("non_persistent", "hooks", "methods"):
+        assert after[key] == before[key], key
+
+
+@pytest.mark.parametrize("pruned_before", [False, True], ids=["fresh", "pruned-before"])
+@pytest.mark.parametrize(
+    "apply",
+    [
+        pytest.param(lambda m, s: bip_unstructured(m, "weight", 0.5, importance_scores=s), id="unstructured"),
+        pytest.param(lambda m, s: bip_structured(m, "weight", 2, dim=0, importance_scores=s), id="filters"),
+        pytest.param(
+            lambda m, s: bip_structured(m, "weight", 2, dim=0, importance_scores=s[:, 0]), id="filter-scores"
+        ),
+        pytest.param(lambda m, s: bip_semi_structured(m, "weight", 1, 4, importance_scores=s), id="1:4"),
+    ],
+)
+def test_importance_scores_on_another_device_are_refused_and_change_nothing(
+    apply: Any, pruned_before: bool
+) -> None:
+    """Before: torch's "not on the expected device" error, or (pruned before) nothing pruned."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    if pruned_before:
+        prune.l1_unstructured(layer, "weight", amount=8)
+    before = module_state(layer)
+    message = r"importance_scores are on device meta but 'weight' is on device cpu"
+    with pytest.raises(ValueError, match=message):
+        apply(layer, torch.randn(4, 8, device="meta"))
+    assert_same_state(before, module_state(layer))
+    # the same scores on the weight's device prune as usual: more zeros than before
+    zeros = int((getattr(layer, "weight_mask", torch.ones(1)) == 0).sum())
+    apply(layer, torch.randn(4, 8).abs() + 1)
+    assert int((layer.weight_mask == 0).sum()) > zeros
+
+
+def test_meta_scores_for_a_meta_tensor_are_accepted() -> None:
+    """Only a mismatch is refused: a meta module takes meta scores (a meta mask, as torch gives)."""
+    layer = nn.Linear(8, 4, device="meta")
+    bip_unstructured(layer, "weight", 0.5, importance_scores=torch.randn(4, 8, device="meta"))
+    assert layer.weight_mask.is_meta
+    assert layer.weight_scores.is_meta
+
+
 def test_unknown_tensor_name() -> None:
     with pytest.raises(ValueError, match=r"module Linear has no tensor named name='kernel'"):
         bip_unstructured(nn.Linear(3, 2), "kernel", 0.5)
@@ -337,8 +404,6 @@ def test_a_non_finite_weight_without_importance_scores_is_named_as_such() -> Non
 
 
 def test_structured_counts_say_filters_or_channels() -> None:
-    from torchbip import bip_structured
-
     conv = nn.Conv2d(3, 6, 3)
     with pytest.raises(ValueError, match=r"amount=7 is larger than the number of unpruned filters \(6\)"):
         bip_structured(conv, "weight", 7, dim=0)

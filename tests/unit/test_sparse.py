@@ -412,3 +412,36 @@ def test_to_sparse_csr_refuses_narrow_dtypes_on_the_cpu_before_converting(dtype:
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))  # a conv it does not convert: not refused
     bip_unstructured(grouped[0], "weight", amount=0.95)
     assert type(to_sparse_csr(grouped.to(dtype), include_conv=True)[0]) is nn.Conv2d
+
+
+def _nm_oracle(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Every block of m along the last dimension holds at most n nonzeros, block by block."""
+    rows = (weight != 0).tolist()
+    if len(rows[0]) % m:
+        return False
+    return all(sum(row[b : b + m]) <= n for row in rows for b in range(0, len(row), m))
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (1, 2), (4, 8), (0, 4), (2, 3)])
+def test_is_nm_sparse_by_hand(n: int, m: int) -> None:
+    weight = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 4.0]])
+    assert is_nm_sparse(weight, n, m) == _nm_oracle(weight, n, m)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"m": 0}, ValueError, r"n=2, m=0: an N:M pattern needs m >= 1"),
+        ({"m": -4}, ValueError, r"n=2, m=-4"),
+        ({"n": -1}, ValueError, r"n=-1, m=4"),
+        ({"n": 5}, ValueError, r"n=5, m=4"),
+        ({"n": 2.5}, TypeError, r"n must be an int, got 2.5"),
+        ({"m": True}, TypeError, r"m must be an int, got True"),
+        ({"dim": 3}, ValueError, r"dim=3 is out of range for a tensor with 2 dimensions"),
+    ],
+)
+def test_is_nm_sparse_refuses_bad_arguments_by_name(kwargs: dict, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        is_nm_sparse(torch.ones(2, 8), **kwargs)
+    with pytest.raises(ValueError, match="weight is a scalar"):
+        is_nm_sparse(torch.tensor(1.0))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,7 @@ from torch.nn.utils import prune
 
 from torchbip import BiPStructured, bip_structured
 from torchbip.method import scores_name
+from torchbip.semistructured import BiPSemiStructured, bip_semi_structured
 from torchbip.structured import (
     expand_groups,
     group_keep_counts,
@@ -127,6 +129,83 @@ def test_remove_drops_the_score_buffer() -> None:
     assert not prune.is_pruned(layer)
 
 
+# --------------------------------------------------------------------------- NumPy integers
+
+
+def l1_group_keep_oracle(weight: Tensor, dim: int, n_prune: int) -> list[bool]:
+    """Hand-written: the groups of highest L1 norm survive, ties keep the lower index."""
+    rows = weight.abs().tolist() if dim == 0 else weight.abs().t().tolist()
+    norms = [sum(row) for row in rows]
+    order = sorted(range(len(norms)), key=lambda i: (norms[i], -i))  # pruned first
+    pruned = set(order[:n_prune])
+    return [i not in pruned for i in range(len(norms))]
+
+
+@pytest.mark.parametrize(
+    ("dim", "axis"),
+    [(np.int64(0), 0), (np.int32(1), 1), (np.int64(-1), 1), (np.uint8(0), 0)],
+    ids=["int64-filters", "int32-channels", "int64-last", "uint8-filters"],
+)
+def test_numpy_integer_dim_prunes_the_groups_of_lowest_l1_norm(dim: Any, axis: int) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    n_groups = layer.weight.shape[axis]
+    expected = l1_group_keep_oracle(layer.weight.detach(), axis, n_groups // 2)
+    bip_structured(layer, "weight", amount=0.5, dim=dim)
+    kept = (layer.weight_mask != 0).any(dim=1 - axis).tolist()
+    assert kept == expected
+    (hook,) = pruning_hooks(layer, "weight")
+    assert type(hook.dim) is int
+    assert hook.dim == int(dim)
+
+
+def test_numpy_integer_dim_of_the_method_itself() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.5, 0.7, 0.1]])  # channel L1 norms 1.4, 0.8, 0.6
+    method = BiPStructured(amount=np.int64(1), dim=np.int64(1))
+    assert type(method.dim) is int
+    assert method.compute_mask(scores, torch.ones(2, 3)).tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+
+
+def nm_keep_oracle(weight: Tensor, n: int, m: int) -> list[list[bool]]:
+    """Hand-written N:M along the last dim: the ``n`` largest ``|w|`` per block, ties to the lower index."""
+    keep = []
+    for row in weight.abs().tolist():
+        kept_row = []
+        for start in range(0, len(row), m):
+            block = row[start : start + m]
+            best = sorted(range(m), key=lambda i: (-block[i], i))[:n]
+            kept_row += [i in best for i in range(m)]
+        keep.append(kept_row)
+    return keep
+
+
+def test_numpy_integer_n_and_m_give_the_n_m_mask_of_ints() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3)
+    expected = nm_keep_oracle(layer.weight.detach(), 2, 4)
+    bip_semi_structured(layer, "weight", np.int64(2), np.int64(4), dim=np.int64(-1))
+    assert (layer.weight_mask != 0).tolist() == expected
+    (hook,) = pruning_hooks(layer, "weight")
+    assert (type(hook.n), type(hook.m), type(hook.dim)) == (int, int, int)
+    assert (hook.n, hook.m, hook.dim) == (2, 4, -1)
+    method = BiPSemiStructured(n=np.int32(1), m=np.uint16(4))
+    scores = torch.tensor([[4.0, -5.0, 3.0, 2.0, 0.1, 0.2, -0.3, 0.0]])
+    expected = [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]]
+    assert method.compute_mask(scores, torch.ones(1, 8)).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"n": np.bool_(True)}, {"m": np.bool_(True)}, {"dim": np.bool_(False)}, {"n": np.float64(2.0)}],
+    ids=["numpy-bool-n", "numpy-bool-m", "numpy-bool-dim", "numpy-float-n"],
+)
+def test_numpy_bools_and_floats_are_refused_as_n_m_or_dim(kwargs: dict[str, Any]) -> None:
+    layer = nn.Linear(8, 3)
+    with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be an int"):
+        bip_semi_structured(layer, "weight", **kwargs)
+    assert not prune.is_pruned(layer)
+
+
 # --------------------------------------------------------------------------- helpers and budgets
 
 
@@ -181,6 +260,12 @@ def test_group_keep_counts_layer_and_global() -> None:
         pytest.param({"amount": -1}, ValueError, "amount=-1", id="negative-count"),
         pytest.param({"amount": 0.5, "dim": 2}, ValueError, "dim=2", id="dim-out-of-range"),
         pytest.param({"amount": 0.5, "dim": 0.0}, TypeError, "dim must be an int", id="float-dim"),
+        pytest.param(
+            {"amount": 0.5, "dim": np.bool_(False)}, TypeError, "dim must be an int", id="numpy-bool-dim"
+        ),
+        pytest.param(
+            {"amount": 0.5, "dim": np.float64(0.0)}, TypeError, "dim must be an int", id="numpy-float-dim"
+        ),
         pytest.param({"amount": 7}, ValueError, "amount=7", id="more-groups-than-exist"),
         pytest.param(
             {"amount": 1, "importance_scores": torch.ones(3)},
