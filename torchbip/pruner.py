@@ -371,12 +371,6 @@ class BiP:
                 f"parameters names {', '.join(map(repr, bad))}, which holds NaN or infinite values; "
                 "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
             )
-        limit = min((torch.finfo(w.dtype).max for w in weights if w.is_floating_point()), default=math.inf)
-        if float(cfg.implicit_coef) > limit:
-            raise ValueError(
-                f"implicit_coef={implicit_coef!r} overflows the weights' dtype (at most {limit:.4g}); the "
-                "upper gradient multiplies the squared gradients by it"
-            )
         allowed = [_allowed(t) for t in targets]
         found_targets = targets
         bound = spec.bind(targets, amounts, allowed, cfg.min_keep, max_keep)
@@ -386,7 +380,7 @@ class BiP:
             "amount": amount if not isinstance(amount, Mapping) else dict(amount),
             "upper_lr": cfg.upper_lr,
             "upper_momentum": cfg.upper_momentum,
-            "upper_schedule": str(schedule),  # (plain str: a numpy.str_ or StrEnum does not load back)
+            "upper_schedule": cfg.upper_schedule,  # (a plain str: BiPConfig's, not a str subclass)
             "steps": steps,
             "implicit_coef": float(cfg.implicit_coef),
             "score_init": str(cfg.score_init),
@@ -394,8 +388,8 @@ class BiP:
             "max_keep": max_keep,
         }
         before = {t.fqn: _digest(a) for t, a in zip(found_targets, allowed, strict=True) if a is not None}
-        if before:  # (only then: a state saved without earlier pruning still loads)
-            settings["pruned_before"] = {n: before[n] for n in (t.fqn for t in targets) if n in before}
+        # (a state without the entry comes from an earlier version, which did not record them)
+        settings["pruned_before"] = {n: before[n] for n in (t.fqn for t in targets) if n in before}
         return spec, cfg, targets, bound, steps, settings
 
     def _apply(self, score_init: str) -> None:
@@ -421,7 +415,8 @@ class BiP:
         self.saved = [p.detach().clone() for p in self.origs] if self.hold_pruned else None
         # Fingerprints of weight_orig after the last step and at the first backward pass since
         # then that reached each tensor (None: none yet), kept for the first steps; see _check_order.
-        self._order_checks = [_ORDER_CHECKS]  # (a list: the capture closures read it)
+        # [steps in which the weights moved still to check, steps still to check at most]
+        self._order_checks = [_ORDER_CHECKS, _ORDER_STEPS]  # (a list: the capture closures read it)
         self.saved_sums = self._fingerprints()
         self.seen_sums: list[Tensor | None] = [None] * len(targets)
         self._order_warned = False
@@ -985,12 +980,17 @@ class BiP:
         the first backward pass since then (an optimizer that evaluates a closure several times,
         as LBFGS does, runs later ones on weights it changed itself) and now; values, not
         autograd's version counters, which fused optimizers and writes through ``.data`` leave
-        unchanged. The order is a property of the loop: the first :data:`_ORDER_CHECKS` steps
-        are checked (a sum of every pruned tensor, twice per step), later ones cost nothing.
+        unchanged. The order is a property of the loop: the first :data:`_ORDER_CHECKS` steps in
+        which the weights moved are checked (a warm-up from a learning rate of 0 moves none), for
+        at most :data:`_ORDER_STEPS` steps (a sum of every pruned tensor, twice per step); later
+        ones cost nothing.
         """
-        if self._order_checks[0] <= 0:
+        checks = self._order_checks
+        if checks[0] <= 0:
             return
-        self._order_checks[0] -= 1
+        checks[1] -= 1
+        if checks[1] <= 0:
+            checks[0] = 0  # (the last step checked)
         compared = [
             (last, seen, _fingerprint(orig))
             for orig, last, seen in zip(self.origs, self.saved_sums, self.seen_sums, strict=True)
@@ -1000,8 +1000,11 @@ class BiP:
             return
         device = compared[0][0].device
         values = torch.stack([v.to(device) for triple in compared for v in triple]).view(-1, 3).tolist()
+        if any(last != now for last, _, now in values):  # the weights moved: this step tells the order
+            checks[0] -= 1
         if any(last != seen == now for last, seen, now in values):
             self._order_warned = True
+            checks[0] = 0
             warnings.warn(
                 "BiP.step() is called before optimizer.step(): the weights changed after the last "
                 "BiP.step() and before the forward pass, so the upper gradient uses weights one "
@@ -1249,6 +1252,8 @@ class BiP:
         if not isinstance(state["settings"], Mapping):
             raise ValueError(f"state['settings'] must be a dict, got {describe(state['settings'])}")
         mine = {k: v for k, v in self.settings.items() if k != "amount"}
+        if "pruned_before" not in state["settings"]:
+            mine.pop("pruned_before", None)  # a state of an earlier version, which did not record them
         if state["settings"].get("pruned_before") != mine.get("pruned_before"):
             saved_before = state["settings"].get("pruned_before")
             saved_before = saved_before if isinstance(saved_before, Mapping) else {}
@@ -1256,8 +1261,8 @@ class BiP:
             names = sorted(n for n in {*saved_before, *here} if saved_before.get(n) != here.get(n))
             raise ValueError(
                 f"state was saved on tensors that torch.nn.utils.prune had pruned before BiP with other "
-                f"masks than this model's ({', '.join(map(repr, names))}): load the model's state_dict "
-                "(its masks) before building BiP, then load this state"
+                f"masks than this model's ({', '.join(map(repr, names))}): build BiP on the model as it was "
+                "pruned before that run's BiP (the same weight_mask buffers), then load this state"
             )
         differ = sorted(k for k in mine if state["settings"].get(k) != mine[k])
         if differ:
@@ -1526,12 +1531,17 @@ def _check_scheduler_state(state: object) -> None:
 
 
 _ORDER_CHECKS = 2
-"""How many steps :meth:`BiP._check_order` checks."""
+"""How many steps in which the weights moved :meth:`BiP._check_order` checks."""
+_ORDER_STEPS = 16
+"""How many steps :meth:`BiP._check_order` checks at most (weights that never move tell nothing)."""
 
 
 def _fingerprint(orig: Tensor) -> Tensor:
-    """A 0-d float64 sum of a weight's values (no host sync); equal values give equal sums."""
-    return orig.detach().sum(dtype=torch.float64)
+    """A 0-d float64 sum of a weight's values (no host sync); equal values give equal sums.
+
+    (float32 on MPS devices, which have no float64.)
+    """
+    return orig.detach().sum(dtype=torch.float32 if orig.device.type == "mps" else torch.float64)
 
 
 def _keep_or_restore(value: Tensor, mask: Tensor, saved: Tensor) -> None:

@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -970,6 +969,24 @@ def test_the_order_check_reads_values_not_version_counters(fused: bool) -> None:
     assert _order_warnings(step_first=False, clamp=False, fused=fused) == 0
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_the_wrong_order_is_told_under_a_warm_up_from_zero(fused: bool) -> None:
+    """A first step at learning rate 0 moves no weight and tells nothing: it does not use up a check."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+    warm_up = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in make_batches(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pruner.step()
+            optimizer.step()
+            warm_up.step()
+    assert len([w for w in caught if "called before optimizer.step()" in str(w.message)]) == 1
+
+
 def test_the_order_check_costs_nothing_after_the_first_steps() -> None:
     model = make_model()
     pruner = torchbip.BiP(model, 0.7)
@@ -1394,6 +1411,39 @@ def test_a_state_saved_over_other_earlier_torch_masks_is_refused() -> None:
     assert torch.equal(same.flat_scores, src.flat_scores)
 
 
+def test_a_state_of_an_earlier_version_over_the_same_earlier_masks_loads() -> None:
+    """States written before the earlier masks were recorded have no such entry: they still load."""
+    source = make_model()
+    prune.l1_unstructured(source[2], "weight", amount=0.25)
+    src = torchbip.BiP(source, 0.8)
+    train(source, src, torch.optim.SGD(source.parameters(), lr=0.1), make_batches(2))
+    old = src.state_dict()
+    del old["settings"]["pruned_before"]
+    model = make_model()
+    prune.l1_unstructured(model[2], "weight", amount=0.25)  # the same masks (deterministic)
+    pruner = torchbip.BiP(model, 0.8)
+    pruner.load_state_dict(old)
+    assert torch.equal(pruner.flat_scores, src.flat_scores)
+
+
+def test_a_str_enum_schedule_runs_that_schedule() -> None:
+    import enum
+
+    class Schedule(str, enum.Enum):
+        COSINE = "cosine"
+
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.8, steps=4, upper_schedule=Schedule.COSINE)
+    factors = []
+    for x, y in make_batches(4):
+        factors.append(pruner.optimizer.param_groups[0]["lr"] / pruner.settings["upper_lr"])
+        F.cross_entropy(model(x), y).backward()
+        pruner.step()
+    want = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # cosine over 4 steps, by hand
+    assert factors == pytest.approx(want)
+    assert type(pruner.state_dict()["settings"]["upper_schedule"]) is str
+
+
 def test_state_dict_after_finish_is_an_error() -> None:
     model = make_model()
     pruner = torchbip.BiP(model, 0.8)
@@ -1423,14 +1473,33 @@ def test_step_takes_a_numpy_scale() -> None:
     assert torch.equal(pruner.flat_scores, p_ref.flat_scores)
 
 
-@pytest.mark.parametrize(("dtype", "coef"), [(torch.float32, 1e39), (torch.float16, 1e5)])
-def test_an_implicit_coef_the_weights_dtype_cannot_hold_is_refused(dtype: torch.dtype, coef: float) -> None:
-    """The upper gradient multiplies ``g * g`` by it in the weights' dtype: torch would raise late."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_implicit_coef_above_the_largest_float32_is_refused(dtype: torch.dtype) -> None:
+    """torch takes the coefficient of ``g * g`` as a float32 at least: above it, it would raise late."""
     model = make_model().to(dtype)
     before = capture(model)
-    with pytest.raises(ValueError, match=rf"implicit_coef={re.escape(repr(coef))} (overflows|is above)"):
-        torchbip.BiP(model, 0.8, implicit_coef=coef)
+    with pytest.raises(ValueError, match=r"implicit_coef=1e\+39 is above the largest float32"):
+        torchbip.BiP(model, 0.8, implicit_coef=1e39)
     assert_unchanged(before, model)
+
+
+def test_float16_weights_take_an_implicit_coef_beyond_float16_s_range() -> None:
+    """torch computes ``theta - c * m * g * g`` of float16 tensors with a float32 ``c``: 1e5 works.
+    The oracle: the score gradient of the first step computed in float64 from the captured g."""
+    model = make_model().half()
+    pruner = torchbip.BiP(model, 0.8, implicit_coef=1e5, upper_momentum=0.0, upper_lr=1.0)
+    theta = [w.detach().double() for w in weights(model)]
+    mask = [m.double() for m in masks(model)]
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x.half()).float(), y).backward()
+    captured = [g.double() for g in pruner._captured()]
+    assert pruner.step()
+    want = torch.cat(
+        [(g * (t - 1e5 * m * g)).reshape(-1) for g, t, m in zip(captured, theta, mask, strict=True)]
+    )
+    got = pruner.flat_grad.double()  # the score gradient the step applied
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-3 * float(want.abs().max()))
 
 
 def test_state_dict_is_a_snapshot_not_live_optimizer_state() -> None:
