@@ -80,6 +80,10 @@ def tensor_leaves(value: Any) -> list[Tensor]:
 def check_optimizer_state(state: object, optimizer: torch.optim.Optimizer, key: str) -> None:
     """Refuse an optimizer ``state_dict`` that would not load into ``optimizer`` as it was saved.
 
+    For optimizers whose per-parameter state tensors have their parameter's shape (SGD, Adam,
+    AdamW, RMSprop, ...: the ones BiP and :func:`torchbip.global_prune` build), not for those that
+    keep factored or flat state (Adafactor, LBFGS).
+
     torch's ``load_state_dict`` checks the parameter groups' sizes only; a state tensor of
     another shape or a non-finite hyperparameter would surface later, in the step (torch's fused
     kernels do not check shapes at all). Checked here: the groups and their sizes, that every

@@ -533,6 +533,126 @@ def test_lightning_fit_that_trains_nothing_after_remove_leaves_plain_weights() -
     assert all(torch.equal(module.net[i].weight, w) for i, w in zip((0, 2, 4), weights, strict=True))
 
 
+@pytest.mark.parametrize("remove", [False, True])
+@pytest.mark.parametrize("saved", ["last", "step"])
+def test_lightning_resume_from_the_last_step_s_checkpoint_ends_as_the_uninterrupted_run(
+    tmp_path, saved: str, remove: bool
+) -> None:
+    """A checkpoint written at the run's last step (``ckpt_path="last"`` of a finished run, which
+    holds the finished masks, or ``every_n_train_steps``, written before BiP ended): Lightning
+    trains nothing and skips ``on_train_start`` and ``on_train_end``; the callback still restores
+    the checkpoint's BiP state and ends BiP, and the module ends as the uninterrupted run's."""
+    steps = BATCHES + 2  # ends inside the second epoch
+    stop = {"max_steps": steps, "max_epochs": -1, "enable_checkpointing": True}
+
+    def checkpoint() -> L.callbacks.ModelCheckpoint:
+        if saved == "last":
+            return L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        return L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=steps, save_top_k=-1)
+
+    whole, whole_callback = Classifier(), BiPCallback(amount=AMOUNT, remove=remove)
+    fit(trainer([whole_callback, checkpoint()], **stop), whole)
+    path = tmp_path / "last.ckpt" if saved == "last" else tmp_path / f"epoch=1-step={steps}.ckpt"
+    raw = torch.load(path, weights_only=True)
+    state = raw["callbacks"]["BiPCallback"]
+    assert state == {"finished": True} if saved == "last" else state["bip"]["step"] == steps
+    resumed, callback = Classifier(seed=5), BiPCallback(amount=AMOUNT, remove=remove)
+    fit(
+        trainer([callback, checkpoint()], **stop), resumed, ckpt_path="last" if saved == "last" else str(path)
+    )
+    assert callback.pruner is not None
+    assert callback.pruner.finished
+    assert callback.report is not None
+    assert whole_callback.report is not None
+    assert callback.report.to_dict() == whole_callback.report.to_dict()
+    assert not any(hasattr(m, "weight_scores") for m in resumed.modules())  # no live BiP left
+    assert prune.is_pruned(resumed) is not remove
+    assert_same_state(resumed.net, whole.net)
+    # the same checkpoint without the callback's state is refused, as when training starts
+    del raw["callbacks"]["BiPCallback"]
+    torch.save(raw, tmp_path / "plain.ckpt")
+    module = Classifier(seed=6)
+    before = capture(module)
+    with pytest.raises(RuntimeError, match=r"holds no BiPCallback state"):
+        fit(trainer([BiPCallback(amount=AMOUNT)], **stop), module, ckpt_path=str(tmp_path / "plain.ckpt"))
+    assert not prune.is_pruned(module)
+    assert not any(hasattr(m, "weight_scores") for m in module.modules())
+    assert_unchanged(before, module)
+
+
+@pytest.mark.parametrize("stop", [{"max_steps": 0}, {"max_epochs": 0}, {"limit_train_batches": 0}])
+def test_lightning_fit_that_trains_nothing_ends_bip_with_its_initial_masks(stop: dict[str, int]) -> None:
+    """No training loop at all: BiP took no step; it ends (no scores, no gradient capture, a report,
+    ``remove`` applied) with the masks of a BiP finished after zero steps, and warns."""
+    for remove in (False, True):
+        module, callback = Classifier(), BiPCallback(amount=AMOUNT, remove=remove)
+        with pytest.warns(UserWarning, match=r"this fit\(\) trained nothing"):
+            trainer([callback], **stop).fit(module, loader())
+        oracle = make_net()
+        report = torchbip.BiP(oracle, AMOUNT).finish()  # zero steps: its initial selection
+        if remove:
+            for i in (0, 2, 4):
+                prune.remove(oracle[i], "weight")
+        assert callback.pruner is not None
+        assert callback.pruner.finished
+        assert callback.report is not None
+        # (the report names the tensors relative to the LightningModule, "net.0.weight")
+        assert list(callback.report.to_dict()["tensors"].values()) == list(
+            report.to_dict()["tensors"].values()
+        )
+        assert not any(hasattr(m, "weight_scores") for m in module.modules())
+        assert prune.is_pruned(module) is not remove
+        assert_same_state(module.net, oracle)
+
+
+class Evaluated(Classifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("ckpt", ["best", "last"])
+def test_lightning_test_validate_predict_from_a_checkpoint_after_remove(tmp_path, ckpt: str) -> None:
+    """``remove=True``, then Lightning's usual ``trainer.test()`` (``ckpt_path="best"`` by default),
+    ``validate`` and ``predict`` with ``"best"`` or ``"last"``: the checkpoints were written in torch's
+    pruned form during training and load into the plain module as ``weight_orig * weight_mask``."""
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", mode="max", save_last=True)
+    module, callback = Evaluated(), BiPCallback(amount=AMOUNT, remove=True)
+    run = trainer([callback, checkpoint], enable_checkpointing=True, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(module, loader(), loader())
+        path = checkpoint.best_model_path if ckpt == "best" else checkpoint.last_model_path
+        raw = torch.load(path, weights_only=True)["state_dict"]
+        run.test(dataloaders=loader(), **({} if ckpt == "best" else {"ckpt_path": ckpt}))
+        assert not prune.is_pruned(module)
+        for i in (0, 2, 4):
+            expected = raw[f"net.{i}.weight_orig"] * raw[f"net.{i}.weight_mask"]
+            assert torch.equal(module.net[i].weight, expected)
+        run.validate(dataloaders=loader(), ckpt_path=ckpt)
+        predictions = run.predict(dataloaders=loader(), ckpt_path=ckpt)
+    masks = [raw[f"net.{i}.weight_mask"] for i in (0, 2, 4)]
+    total = sum(m.numel() for m in masks)
+    assert sum(int((m == 0).sum()) for m in masks) == round(AMOUNT * total)
+    assert sum(int((module.net[i].weight == 0).sum()) for i in (0, 2, 4)) == round(AMOUNT * total)
+    oracle = make_net(seed=1)  # the unpruned architecture, given the checkpoint's weights by hand
+    plain = {k.removeprefix("net."): v for k, v in raw.items() if not k.endswith(("_orig", "_mask"))}
+    plain.update(
+        {f"{i}.weight": raw[f"net.{i}.weight_orig"] * raw[f"net.{i}.weight_mask"] for i in (0, 2, 4)}
+    )
+    oracle.load_state_dict(plain, strict=True)
+    assert predictions is not None
+    x = torch.stack([x for x, _ in dataset()])
+    torch.testing.assert_close(torch.cat(predictions), oracle(x), rtol=0, atol=0)
+
+
 def test_lightning_strategy_that_starts_new_processes_is_refused() -> None:
     module = Classifier()
     run = trainer([BiPCallback(amount=AMOUNT)], strategy="ddp_fork", devices=1)

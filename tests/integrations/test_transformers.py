@@ -128,6 +128,24 @@ def test_trainer_exact_sparsity_and_strict_reload_after_remove(tmp_path) -> None
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
 
 
+def test_trainer_checkpoint_written_during_training_loads_into_the_model_after_remove(tmp_path) -> None:
+    """The checkpoints were written in torch's pruned form; after ``remove=True`` one loads strictly
+    into the plain model as ``weight = weight_orig * weight_mask``."""
+    from safetensors.torch import load_file
+
+    model = tiny_bert()
+    run(model, BiPTrainerCallback(amount=AMOUNT, remove=True), tmp_path, save_strategy="steps", save_steps=2)
+    saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    model.load_state_dict(saved, strict=True)
+    assert not prune.is_pruned(model)
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    masks = [saved[f"{name}.weight_mask"] for name in names]
+    for name, weight, mask in zip(names, linear_weights(model), masks, strict=True):
+        assert torch.equal(weight, saved[f"{name}.weight_orig"] * mask)
+    total = sum(m.numel() for m in masks)
+    assert sum(int((m == 0).sum()) for m in masks) == round(AMOUNT * total)
+
+
 def test_trainer_gradient_accumulation_steps_once_per_optimizer_step(tmp_path) -> None:
     model = tiny_bert()
     callback = BiPTrainerCallback(amount=AMOUNT)
@@ -165,6 +183,24 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for key in sa:
         torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0, msg=key)
+
+
+def test_trainer_resume_from_the_last_step_s_checkpoint_equals_uninterrupted(tmp_path) -> None:
+    """``max_steps`` that ends inside an epoch, resumed from the checkpoint of its last step (a
+    re-launched finished job): the trainer runs one more optimizer step (learning rate 0 under its
+    linear schedule); BiP takes no upper step past ``max_steps``, so the end is the uninterrupted
+    run's."""
+    steps = SAMPLES // BATCH + 2
+    options = {"max_steps": steps, "save_strategy": "steps", "save_steps": steps}
+    whole = tiny_bert()
+    run(whole, BiPTrainerCallback(amount=AMOUNT), tmp_path, **options)
+    assert torch.load(tmp_path / f"checkpoint-{steps}" / STATE_FILE, weights_only=True)["step"] == steps
+    resumed, callback = tiny_bert(seed=4), BiPTrainerCallback(amount=AMOUNT)
+    trainer = run(resumed, callback, tmp_path, resume=True, **options)
+    assert callback.pruner is not None
+    assert callback.pruner.step_count == steps
+    assert callback.pruner.skipped_steps == trainer.state.global_step - steps  # the trainer's extra step
+    _assert_same_state(whole, resumed)
 
 
 def test_trainer_resume_reads_the_folder_passed_to_train_not_output_dir(tmp_path) -> None:

@@ -9,11 +9,18 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.utils import prune
+from torch.utils.hooks import RemovableHandle
 
 from torchbip.pruner import BiP
 from torchbip.report import SparsityReport
 
-__all__ = ["CallbackBase", "accept_permanent_state", "check_settings", "remove_pruning"]
+__all__ = [
+    "CallbackBase",
+    "accept_permanent_state",
+    "accept_pruned_state",
+    "check_settings",
+    "remove_pruning",
+]
 
 # Arguments of BiP that a callback sets itself.
 _OWN = {"self", "model", "amount", "steps"}
@@ -63,6 +70,28 @@ def accept_permanent_state(pruner: BiP) -> Callable[..., None]:
     return hook
 
 
+def accept_pruned_state(pruner: BiP) -> Callable[..., None]:
+    """A ``load_state_dict`` pre-hook for the model after :func:`remove_pruning`: read pruned checkpoints.
+
+    The reverse of :func:`accept_permanent_state`: a checkpoint saved while the model was in
+    torch's pruned form (every checkpoint a trainer writes during training) holds
+    ``<name>_orig`` and ``<name>_mask``; the model, made permanent, expects the plain
+    ``<name>``. The hook replaces the pair by ``<name> = <name>_orig * <name>_mask`` (the value
+    :func:`torch.nn.utils.prune.remove` leaves), for every target that is plain in the model now
+    and that the state holds only in the pruned form.
+    """
+    targets = list(pruner.targets)
+
+    def hook(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        for target in targets:
+            plain, orig, mask = prefix + target.fqn, prefix + target.orig_fqn, prefix + target.mask_fqn
+            pruned_now = target.name + "_mask" in target.module._buffers
+            if not pruned_now and orig in state and mask in state and plain not in state:
+                state[plain] = state.pop(orig) * state.pop(mask)
+
+    return hook
+
+
 def remove_pruning(pruner: BiP) -> None:
     """:func:`torch.nn.utils.prune.remove` on every tensor the pruner pruned (after ``finish()``)."""
     for target in pruner.targets:
@@ -106,6 +135,7 @@ class CallbackBase:
         self._scale = None
         self._keeps: list[Tensor] = []  # the final masks, once training ended
         self._again = False  # a later run trains with those masks fixed
+        self._plain_hook: RemovableHandle | None = None  # after remove: pruned checkpoints load
 
     def _build(self, model: nn.Module | None) -> BiP | None:
         """Build BiP on ``model`` unless it is built (or the model is not known yet); then :meth:`_active`."""
@@ -129,13 +159,24 @@ class CallbackBase:
         pruner = self._active()
         if pruner is None:
             if self.pruner is not None and self._again and self.remove:
-                remove_pruning(self.pruner)
+                self._remove(self.pruner)
             self._again = False
             return
         self.report = pruner.finish(as_loaded=as_loaded)
         self._keeps = pruner.keeps  # (new tensors: m != 0)
         if self.remove:
-            remove_pruning(pruner)
+            self._remove(pruner)
+
+    def _remove(self, pruner: BiP) -> None:
+        """:func:`remove_pruning`, and from then on accept pruned checkpoints (:func:`accept_pruned_state`).
+
+        The trainer's checkpoints were written in torch's pruned form; loading one into the model
+        afterwards (Lightning's ``trainer.test(ckpt_path="best")``, say) gives the plain weights
+        ``orig * mask``. The hook stays until the callback prunes the model again.
+        """
+        remove_pruning(pruner)
+        if self._plain_hook is None:
+            self._plain_hook = pruner.model.register_load_state_dict_pre_hook(accept_pruned_state(pruner))
 
     def _finish_as_loaded(self, pruner: BiP) -> None:
         """End BiP on a model whose masks a checkpoint saved after the end made final.
@@ -165,6 +206,9 @@ class CallbackBase:
         for target, keep in zip(self.pruner.targets, self._keeps, strict=True):
             if target.name + "_mask" not in target.module._buffers:
                 prune.custom_from_mask(target.module, target.name, keep)
+        if self._plain_hook is not None:  # pruned again: its checkpoints load as they are
+            self._plain_hook.remove()
+            self._plain_hook = None
         self._again = True
         warnings.warn(
             f"{type(self).__name__}: this callback already pruned the model; this {what} trains it "

@@ -18,7 +18,9 @@ module for DDP and calls ``configure_optimizers``, so the optimizer holds the sa
 ``gradient_clip_val``, the device and the precision, ``"16-mixed"``/``"bf16-mixed"`` or
 ``"64-true"``/``"bf16-true"``, are Lightning's own; a step that the loss scaler skips is
 skipped; backward passes in validation are ignored), saves its state in Lightning's checkpoints (resume with
-``trainer.fit(..., ckpt_path=...)``) and calls :meth:`torchbip.BiP.finish` when training ends.
+``trainer.fit(..., ckpt_path=...)``) and calls :meth:`torchbip.BiP.finish` when training ends,
+also when a ``fit()`` trains nothing (in ``on_fit_end``: a resume from the last step's
+checkpoint, ``max_steps=0``, ...).
 The upper schedule spans ``trainer.estimated_stepping_batches`` unless ``steps`` is given.
 
 Needs ``lightning`` (``pip install "torchbip[lightning]"``); the standalone ``pytorch_lightning``
@@ -28,6 +30,7 @@ package works too.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -97,7 +100,9 @@ class BiPCallback(CallbackBase, Callback):
         steps: the number of optimizer steps the upper schedule spans; ``None`` (default):
             ``trainer.estimated_stepping_batches`` (no schedule when that is infinite).
         remove: call :func:`torch.nn.utils.prune.remove` on every pruned tensor when training
-            ends, so that the model holds plain, sparse ``weight`` Parameters. By default the
+            ends, so that the model holds plain, sparse ``weight`` Parameters. The checkpoints
+            written during training (torch's pruned form) still load into the module, as
+            ``weight_orig * weight_mask`` (``trainer.test(ckpt_path="best")``). By default the
             model stays in torch's pruned form (the mask stays fixed in later training).
         **settings: any other keyword argument of :class:`torchbip.BiP` (``parameters``,
             ``exclude``, ``layout``, ``budget``, ``min_keep``, ``max_keep``, ``upper_lr``,
@@ -170,6 +175,7 @@ class BiPCallback(CallbackBase, Callback):
         """
         if stage != "fit":
             return
+        self._restored = None  # (a state Lightning restored in trainer.test/validate/predict(ckpt_path=...))
         if self.pruner is not None:
             if self.report is not None:
                 self._train_again(pl_module, "fit()")
@@ -293,13 +299,32 @@ class BiPCallback(CallbackBase, Callback):
         self._finish()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """With ``remove``, plain weights also after a later ``fit()`` that trained nothing.
+        """End BiP also after a ``fit()`` that trained nothing.
 
-        (Lightning skips the training loop, and ``on_train_end``, when ``max_epochs`` or
-        ``max_steps`` was reached already; the masks the callback put back are removed here.)
+        Lightning skips the training loop, with ``on_train_start`` and ``on_train_end``, when
+        ``max_steps`` or ``max_epochs`` was reached already (a resume from a checkpoint written at
+        the last step, ``ckpt_path="last"`` of a finished run) or there is nothing to train
+        (``max_steps=0``, ``max_epochs=0``, ``limit_train_batches=0``). BiP, built in
+        ``configure_model``, is then started and finished here as in those hooks: a checkpoint's
+        BiP state is restored (or refused, as in ``on_train_start``) and the module ends as the
+        run that wrote the checkpoint ended; without a checkpoint BiP took no step and ends
+        with its initial masks (it warns). ``remove`` applies either way. After a later ``fit()``
+        that trained nothing, the masks the callback put back are removed (``remove``).
         """
-        if self._again and self.remove:
-            self._finish()
+        if self._snapshot is not None:  # built for this fit(); on_train_start never ran
+            restored = self._restored is not None
+            self.on_train_start(trainer, pl_module)  # (a refused checkpoint: undone, raised)
+            pruner = self._active()
+            if pruner is not None and not restored and pruner.step_count == 0:
+                warnings.warn(
+                    "BiPCallback: this fit() trained nothing (Lightning ran no training loop: "
+                    "max_steps or max_epochs is 0, or there are no training batches); BiP took no "
+                    "step and ends with its initial masks",
+                    stacklevel=2,
+                )
+            self.on_train_end(trainer, pl_module)
+        elif self._again:
+            self._finish()  # (with remove: the masks put back by the later fit() are removed)
 
     # -- the step -----------------------------------------------------------------------------
 

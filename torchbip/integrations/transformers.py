@@ -63,8 +63,9 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
             trainer's ``state.max_steps``.
         remove: call :func:`torch.nn.utils.prune.remove` on every pruned tensor when training
             ends, so that the model holds plain, sparse ``weight`` Parameters (and
-            ``save_pretrained`` writes the usual keys). By default the model stays in torch's
-            pruned form.
+            ``save_pretrained`` writes the usual keys); a checkpoint written during training
+            (torch's pruned form) still loads into the model, as ``weight_orig * weight_mask``.
+            By default the model stays in torch's pruned form.
         **settings: any other keyword argument of :class:`torchbip.BiP` (``parameters``,
             ``exclude``, ``layout``, ``budget``, ``min_keep``, ``max_keep``, ``upper_lr``,
             ``upper_momentum``, ``upper_schedule``, ``implicit_coef``, ``score_init``,
@@ -166,12 +167,21 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Step BiP after the optimizer's step (skipped with it on an overflow)."""
+        """Step BiP after the optimizer's step (skipped with it on an overflow).
+
+        No upper step past the trainer's ``max_steps``: resumed from the checkpoint of its last
+        step (with ``max_steps`` not a multiple of the epoch's steps), the trainer runs one more
+        optimizer step (at learning rate 0 under its default linear schedule). BiP skips it, as
+        a step the loss scaler skipped (:meth:`torchbip.BiP.step` with ``skip=True``: the
+        gradients are dropped and the optimizer's changes to pruned entries undone), so the
+        masks end as the uninterrupted run's.
+        """
         pruner = self._active()
         if pruner is None or not self._due:
             return
         self._due = False
-        skipped = bool(_optimizer_attr(kwargs, "step_was_skipped"))
+        past_the_end = 0 < state.max_steps <= state.global_step  # (global_step: the steps before this one)
+        skipped = bool(_optimizer_attr(kwargs, "step_was_skipped")) or past_the_end
         pruner.step(scale=self._scale, skip=skipped)
 
     # -- checkpoints --------------------------------------------------------------------------
