@@ -416,7 +416,7 @@ class BiP:
         # Fingerprints of weight_orig after the last step and at the first backward pass since
         # then that reached each tensor (None: none yet), kept for the first steps; see _check_order.
         # [steps in which the weights moved still to check, steps still to check at most]
-        self._order_checks = [_ORDER_CHECKS, _ORDER_STEPS]  # (a list: the capture closures read it)
+        self._order_checks = [_ORDER_CHECKS, _ORDER_STEPS, 0]  # (a list: the capture closures read it)
         self.saved_sums = self._fingerprints()
         self.seen_sums: list[Tensor | None] = [None] * len(targets)
         self._order_warned = False
@@ -1002,7 +1002,12 @@ class BiP:
         values = torch.stack([v.to(device) for triple in compared for v in triple]).view(-1, 3).tolist()
         if any(last != now for last, _, now in values):  # the weights moved: this step tells the order
             checks[0] -= 1
-        if any(last != seen == now for last, seen, now in values):
+        if any(seen != now for _, seen, now in values):  # the optimizer moved them after the backward pass
+            checks[0] = 0  # the documented order (no warning)
+            return
+        if any(last != seen for last, seen, _ in values):  # moved before the forward pass only
+            checks[2] += 1  # (also an edit between steps followed by an optimizer step that moved nothing)
+        if checks[2] >= 2:
             self._order_warned = True
             checks[0] = 0
             warnings.warn(
@@ -1252,8 +1257,11 @@ class BiP:
         if not isinstance(state["settings"], Mapping):
             raise ValueError(f"state['settings'] must be a dict, got {describe(state['settings'])}")
         mine = {k: v for k, v in self.settings.items() if k != "amount"}
-        if "pruned_before" not in state["settings"]:
-            mine.pop("pruned_before", None)  # a state of an earlier version, which did not record them
+        unrecorded = "pruned_before" not in state["settings"]  # an earlier version did not record them
+        recorded = mine.get("pruned_before")
+        earlier_here = set(recorded) if isinstance(recorded, Mapping) else set()  # (torch pruned them before)
+        if unrecorded:
+            mine.pop("pruned_before", None)  # its masks are checked against this model's below
         if state["settings"].get("pruned_before") != mine.get("pruned_before"):
             saved_before = state["settings"].get("pruned_before")
             saved_before = saved_before if isinstance(saved_before, Mapping) else {}
@@ -1303,6 +1311,13 @@ class BiP:
             raise ValueError(f"state['scores'] cannot be ranked: {err}") from err
         for name, keep, element in zip(self.names, keeps, expected, strict=True):
             if not torch.equal(keep.to(element.device) != 0, element):
+                if unrecorded and name in earlier_here:
+                    raise ValueError(
+                        f"state was saved by an earlier version, which did not record the masks of "
+                        f"torch.nn.utils.prune before BiP, and its masks of {name!r} keep entries that "
+                        "this model's earlier pruning removed: build BiP on the model as it was pruned "
+                        "before that run's BiP (the same weight_mask buffers), then load this state"
+                    )
                 raise ValueError(
                     f"state['masks'] of {name!r} is not the selection of state['scores'] (a damaged or "
                     "edited state): every state_dict() holds the masks its scores select"

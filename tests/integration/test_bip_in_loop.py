@@ -987,6 +987,36 @@ def test_the_wrong_order_is_told_under_a_warm_up_from_zero(fused: bool) -> None:
     assert len([w for w in caught if "called before optimizer.step()" in str(w.message)]) == 1
 
 
+def _documented_order_with_an_edit(outside: bool) -> int:
+    """Warnings of a loop in the documented order that also edits a weight in place between steps."""
+    model = make_model()
+    pruner = torchbip.BiP(model, 0.5)
+    params = [p for n, p in model.named_parameters() if not (outside and n == "0.weight_orig")]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    warm_up = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0 if step < 1 else 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in make_batches(6):
+            with torch.no_grad():  # e.g. a max-norm constraint or a manual decay
+                model[0].weight_orig.mul_(0.9)
+            optimizer.zero_grad()
+            model[0].weight_orig.grad = None
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            pruner.step()
+            warm_up.step()
+    return len([w for w in caught if "called before optimizer.step()" in str(w.message)])
+
+
+@pytest.mark.parametrize("outside", [False, True], ids=["warm-up-from-zero", "tensor-outside-the-optimizer"])
+def test_an_edit_between_steps_in_the_documented_order_is_not_taken_for_the_other_order(
+    outside: bool,
+) -> None:
+    """A warm-up from 0 (nothing moves after the backward pass in the first step), or a tensor kept
+    out of the optimizer, next to an edit before the forward pass: still the documented order."""
+    assert _documented_order_with_an_edit(outside) == 0
+
+
 def test_the_order_check_costs_nothing_after_the_first_steps() -> None:
     model = make_model()
     pruner = torchbip.BiP(model, 0.7)
@@ -1442,6 +1472,22 @@ def test_a_str_enum_schedule_runs_that_schedule() -> None:
     want = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # cosine over 4 steps, by hand
     assert factors == pytest.approx(want)
     assert type(pruner.state_dict()["settings"]["upper_schedule"]) is str
+
+
+def test_a_state_of_an_earlier_version_over_other_earlier_masks_names_them() -> None:
+    """Earlier versions wrote no record of torch's earlier masks: a state of an unpruned model,
+    loaded over a model torch pruned before, is refused for that reason, not called damaged."""
+    source = make_model()
+    src = torchbip.BiP(source, 0.8)
+    train(source, src, torch.optim.SGD(source.parameters(), lr=0.1), make_batches(1))
+    old = src.state_dict()
+    del old["settings"]["pruned_before"]
+    model = make_model()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    pruner = torchbip.BiP(model, 816 - 128 - src.n_keep)  # of the 688 left, keep as many as the state
+    assert pruner.n_keep == src.n_keep
+    with pytest.raises(ValueError, match=r"did not record the masks of torch.nn.utils.prune before BiP"):
+        pruner.load_state_dict(old)
 
 
 def test_state_dict_after_finish_is_an_error() -> None:

@@ -784,3 +784,23 @@ def test_lightning_loss_scaler_with_a_fused_optimizer_equals_own_loop_and_skips_
     assert_same_as_own_float16_loop(
         callback, module, lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True), init_scale
     )
+
+
+def test_a_second_fit_of_the_same_callback_resumes_from_a_checkpoint_saved_after_remove(
+    tmp_path: Any,
+) -> None:
+    """That checkpoint holds plain weights; the second fit keeps the masks their zeros give."""
+    path = str(tmp_path / "after.ckpt")
+    module, callback = Classifier(), BiPCallback(amount=0.8, remove=True)
+    first = trainer([callback], max_epochs=1)
+    fit(first, module)
+    first.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert "net.0.weight" in saved
+    assert "net.0.weight_orig" not in saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(trainer([callback], max_epochs=2), module, ckpt_path=path)
+    assert not prune.is_pruned(module)
+    for i in (0, 2, 4):
+        assert torch.equal(module.net[i].weight == 0, saved[f"net.{i}.weight"] == 0)  # the masks stayed fixed

@@ -366,3 +366,48 @@ def test_trainer_load_best_model_at_end_leaves_the_best_checkpoint_s_model(tmp_p
     assert callback.report.global_sparsity == round(AMOUNT * total) / total
     assert callback.pruner is not None
     assert callback.pruner.step_count == int(best.rsplit("-", 1)[1])
+
+
+# -- the load hook a finish with remove=True leaves on the model ---------------------------------
+
+
+def _finished_with_remove() -> tuple[nn.Module, dict[str, Tensor]]:
+    """A model the callback finished with ``remove=True``, and a state written during training."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    callback = BiPTrainerCallback(amount=0.5, remove=True)
+    callback.on_init_end(None, None, None, model=model)
+    pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
+    args = SimpleNamespace(load_best_model_at_end=False)
+    callback.on_train_end(args, SimpleNamespace(best_model_checkpoint=None), None, model=model)
+    assert not prune.is_pruned(model)
+    return model, pruned_state
+
+
+def test_a_model_after_remove_pickles_as_torch_s_own_pruned_and_removed_model_does() -> None:
+    import io
+
+    model, _ = _finished_with_remove()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # (torch's own prune + remove leaves a module that pickles)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_a_copy_pruned_again_loads_a_pruned_checkpoint_by_its_own_layers() -> None:
+    """The hook looks at the module it is called for: a copy put in torch's pruned form again (to
+    fine-tune with fixed masks) loads a checkpoint in that form as it is."""
+    import copy
+
+    model, pruned_state = _finished_with_remove()
+    twin = copy.deepcopy(model)
+    for i in (0, 2):
+        prune.custom_from_mask(twin[i], "weight", twin[i].weight != 0)
+    twin.load_state_dict(pruned_state)
+    for i in (0, 2):
+        assert torch.equal(twin[i].weight_orig, pruned_state[f"{i}.weight_orig"])
+        assert torch.equal(twin[i].weight_mask, pruned_state[f"{i}.weight_mask"])

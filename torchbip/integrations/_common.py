@@ -77,19 +77,40 @@ def accept_pruned_state(pruner: BiP) -> Callable[..., None]:
     torch's pruned form (every checkpoint a trainer writes during training) holds
     ``<name>_orig`` and ``<name>_mask``; the model, made permanent, expects the plain
     ``<name>``. The hook replaces the pair by ``<name> = <name>_orig * <name>_mask`` (the value
-    :func:`torch.nn.utils.prune.remove` leaves), for every target that is plain in the model now
-    and that the state holds only in the pruned form.
+    :func:`torch.nn.utils.prune.remove` leaves), for every target that is plain in the module
+    the hook is called for and that the state holds only in the pruned form.
     """
-    targets = list(pruner.targets)
+    return PrunedStateReader([(t.module_fqn, t.name) for t in pruner.targets])
 
-    def hook(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-        for target in targets:
-            plain, orig, mask = prefix + target.fqn, prefix + target.orig_fqn, prefix + target.mask_fqn
-            pruned_now = target.name + "_mask" in target.module._buffers
-            if not pruned_now and orig in state and mask in state and plain not in state:
+
+class PrunedStateReader:
+    """The hook :func:`accept_pruned_state` returns.
+
+    An object, not a closure, so that the model stays picklable; it holds tensor names only and
+    looks the layers up in the module it is called for, so a copy of the model judges its own.
+
+    Args:
+        names: ``(module_fqn, tensor name)`` of every tensor the callback pruned.
+    """
+
+    def __init__(self, names: list[tuple[str, str]]) -> None:
+        self.names = names
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        for module_fqn, name in self.names:
+            try:
+                owner = module.get_submodule(module_fqn)
+            except AttributeError:  # (a module the copy no longer has)
+                continue
+            fqn = f"{module_fqn}.{name}" if module_fqn else name
+            plain, orig, mask = prefix + fqn, prefix + fqn + "_orig", prefix + fqn + "_mask"
+            if (
+                name + "_mask" not in owner._buffers
+                and orig in state
+                and mask in state
+                and plain not in state
+            ):
                 state[plain] = state.pop(orig) * state.pop(mask)
-
-    return hook
 
 
 def remove_pruning(pruner: BiP) -> None:

@@ -179,6 +179,10 @@ class BiPCallback(CallbackBase, Callback):
         if self.pruner is not None:
             if self.report is not None:
                 self._train_again(pl_module, "fit()")
+                if self._load_hook is None:  # a checkpoint saved after remove=True holds the plain weights
+                    self._load_hook = pl_module.register_load_state_dict_pre_hook(
+                        accept_permanent_state(self.pruner)
+                    )
             return
         launcher = getattr(trainer.strategy, "launcher", None)
         if type(launcher).__name__ == "_MultiProcessingLauncher":
@@ -324,6 +328,9 @@ class BiPCallback(CallbackBase, Callback):
                 )
             self.on_train_end(trainer, pl_module)
         elif self._again:
+            if self._load_hook is not None:
+                self._load_hook.remove()
+                self._load_hook = None
             self._finish()  # (with remove: the masks put back by the later fit() are removed)
 
     # -- the step -----------------------------------------------------------------------------
