@@ -98,6 +98,8 @@ def plan_run(
     amount = validate_amount(amount)
     if loader is None:
         raise ValueError("loader is required: an iterable of (inputs, targets) batches")
+    if not isinstance(loader, Iterable) and not hasattr(type(loader), "__getitem__"):
+        raise TypeError(f"loader must be an iterable of batches, got {loader!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
     validate_budget(budget)

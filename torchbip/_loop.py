@@ -280,8 +280,8 @@ class BiPLoop:
             raise FloatingPointError(
                 f"non-finite gradients at step {step} on a batch from {stream.name} although the loss "
                 f"({loss:.6g}) is finite, in {bad or ['the score gradient']}; the model was restored. "
-                "A loss term such as torch.where(cond, x.log(), 0) has NaN gradients where x <= 0 even "
-                "where cond is False: compute it on safe values, e.g. x.clamp_min(eps).log()"
+                "A loss term such as torch.where(cond, x.sqrt(), 0) has NaN gradients where x <= 0 even "
+                "where cond is False: compute it on safe values, e.g. x.clamp_min(eps).sqrt()"
             )
         with torch.no_grad():
             for name, value in out.buffers.items():

@@ -416,6 +416,12 @@ def _mixed(bad: Any) -> list[Any]:
             {"loader": 3}, TypeError, r"loader must be an iterable of batches, got 3", id="not-iterable"
         ),
         pytest.param(
+            {"loader": 2.5, "steps": None},
+            TypeError,
+            r"loader must be an iterable of batches, got 2.5",
+            id="not-iterable-no-steps",
+        ),
+        pytest.param(
             {"loader": iter(make_data()), "steps": None},
             ValueError,
             r"loader has no len\(\); pass steps=",
