@@ -116,6 +116,14 @@ def plan_run(
         check_checkpoint_path(cfg.checkpoint_path)
     _check_backward_hooks(model)
     check_no_fsdp(model)
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if cfg.optimizer == "adamw" and half:
+        raise ValueError(
+            f"optimizer='adamw' with float16 parameters ({', '.join(map(repr, half[:3]))}"
+            f"{', ...' if len(half) > 3 else ''}): torch's AdamW turns every entry with a zero gradient "
+            "into NaN in float16 (its eps rounds to 0), and every pruned entry has one; train a float32 "
+            "model with amp='float16', or pass optimizer='sgd'"
+        )
     per_step = 2 if two_batch and upper_loader is None else 1
     defaults = None
     if parameters is None and isinstance(spec, Groups):

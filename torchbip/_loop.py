@@ -174,6 +174,8 @@ class BiPLoop:
                 out, loss = self._backward(self.lower_stream, step, with_mask_grads=False)
                 if out is not None:
                     self._lower_step(out.params)
+                    if self.adamw:  # (AdamW moves pruned entries: the upper pass reads the held ones)
+                        self.bip.restore_pruned()
                 out, loss = self._backward(self.upper_stream, step, with_mask_grads=True)
                 if out is not None:
                     self._check_gradients_reach_targets(out, calls, step)

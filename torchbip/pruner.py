@@ -1061,6 +1061,18 @@ class BiP:
                 "(exclude=...)"
             )
 
+    @torch.no_grad()
+    def restore_pruned(self) -> None:
+        """Undo what the weights' optimizer did to pruned entries since the last step.
+
+        :meth:`step` (:meth:`apply`) does it anyway; a driver that reads the weights between the
+        optimizer's step and :meth:`step` (a second batch's backward pass, as
+        :func:`torchbip.global_prune`'s two-batch mode runs) calls it first. A no-op with
+        ``hold_pruned=False``.
+        """
+        self._check_usable()
+        self._restore_pruned()
+
     def _restore_pruned(self) -> None:
         """Undo what the optimizer did to pruned entries."""
         if self.saved is None:

@@ -1080,3 +1080,20 @@ def test_an_int_amount_too_large_for_one_layer_names_the_layer(structured: str) 
         amount=20,
         structured=structured,
     )
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_batch"])
+def test_adamw_on_float16_parameters_is_refused_by_name(mode: str) -> None:
+    """torch's AdamW turns entries with a zero gradient into NaN in float16 (its eps rounds to 0):
+    every pruned entry has one, so the run would end in a NaN loss blamed on the learning rates."""
+    half = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    half.grad = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float16)
+    torch.optim.AdamW([half], lr=0.1).step()
+    assert bool(half.detach().isnan().any())  # the oracle: torch's own AdamW on float16
+    raises_and_restores(
+        make_model("two-layer").half(),
+        ValueError,
+        r"optimizer='adamw' with float16 parameters \('0.weight', '0.bias', '2.weight', \.\.\.\)",
+        optimizer="adamw",
+        mode=mode,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -628,3 +629,79 @@ def test_a_data_parallel_wrapper_is_refused_by_name_and_the_model_kept(
     assert not prune.is_pruned(model)
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def _two_batch_model_and_data() -> tuple[nn.Sequential, list[tuple[Tensor, Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(3)
+    ]
+    return model, data
+
+
+def _two_batch_adamw_oracle(
+    model: nn.Sequential, data: list, amount: float, steps: int, lr: float = 0.05, upper_lr: float = 3.0,
+    umom: float = 0.9, gamma: float = 5e-4, c: float = 1.0,
+) -> list[Tensor]:  # fmt: skip
+    """The two-batch loop by hand: AdamW lower step, pruned entries held, then the upper step."""
+    W = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    B = [model[0].bias.detach().clone(), model[2].bias.detach().clone()]
+    S = [w.abs() for w in W]
+    n = sum(w.numel() for w in W)
+    keep = n - round(amount * n)
+
+    def topk(S: list[Tensor]) -> list[Tensor]:
+        flat = torch.cat([s.reshape(-1) for s in S])
+        m = torch.zeros_like(flat)
+        m[torch.topk(flat, keep).indices] = 1
+        return [m[: S[0].numel()].view_as(S[0]), m[S[0].numel() :].view_as(S[1])]
+
+    def grads(W: list, B: list, M: list, x: Tensor, y: Tensor) -> tuple[Any, Any]:
+        Z = [(m * w).requires_grad_() for m, w in zip(M, W, strict=True)]
+        Bv = [b.clone().requires_grad_() for b in B]
+        out = F.linear(torch.tanh(F.linear(x, Z[0], Bv[0])), Z[1], Bv[1])
+        g = torch.autograd.grad(F.cross_entropy(out, y), Z + Bv)
+        return g[:2], g[2:]
+
+    M = topk(S)
+    P = [p.clone() for p in W + B]
+    opt = torch.optim.AdamW([{"params": P, "weight_decay": gamma}], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    sbuf: list[Tensor | None] = [None, None]
+    batch = 0
+    for _ in range(steps):
+        x, y = data[batch % 3]
+        batch += 1
+        gz, gb = grads(W, B, M, x, y)
+        for p, v, gr in zip(P, W + B, [m * g for m, g in zip(M, gz, strict=True)] + list(gb), strict=True):
+            p.data.copy_(v)
+            p.grad = gr.clone()
+        opt.step()
+        sched.step()
+        W = [torch.where(M[i].bool(), P[i].detach(), W[i]) for i in range(2)]  # pruned entries held
+        B = [p.detach().clone() for p in P[2:]]
+        x, y = data[batch % 3]
+        batch += 1
+        gz, _ = grads(W, B, M, x, y)
+        for i in range(2):
+            ug = W[i] * gz[i] - c * M[i] * gz[i] * gz[i]
+            previous = sbuf[i]
+            buf = ug if previous is None else previous * umom + ug
+            sbuf[i] = buf
+            S[i] = S[i] - upper_lr * buf
+        M = topk(S)
+    return M
+
+
+@pytest.mark.parametrize("steps", [4, 5, 6])
+def test_two_batch_adamw_upper_gradient_uses_the_held_weights(steps: int) -> None:
+    """AdamW's decay and moments move pruned entries in the lower step; the upper pass of the
+    same step must read them held, as the model has them."""
+    model, data = _two_batch_model_and_data()
+    expected = _two_batch_adamw_oracle(copy.deepcopy(model), data, 0.6, steps)
+    torchbip.global_prune(model, 0.6, data, steps=steps, progress=False, mode="two_batch", optimizer="adamw")
+    assert torch.equal(model[0].weight_mask, expected[0])
+    assert torch.equal(model[2].weight_mask, expected[1])
