@@ -266,8 +266,16 @@ def _run(
         model, targets, amount, spec, steps, cfg, loss_fn, lower_stream, upper_stream, process_group
     )
     is_main = process_group is None or dist.get_rank(process_group) == 0
-    if saved is not None:
-        loop.load_state_dict(saved, source=f"checkpoint_path={str(path)!r}")
+    if saved is not None:  # (on every rank, or on none: the step was agreed above)
+        load_error: Exception | None = None
+        try:
+            loop.load_state_dict(saved, source=f"checkpoint_path={str(path)!r}")
+        except Exception as err:
+            load_error = err
+        if process_group is not None:  # a checkpoint refused on one rank is refused on every rank
+            agree({}, load_error, process_group, "global_prune", {})
+        elif load_error is not None:
+            raise load_error
     model.train()
     bar = tqdm(
         total=steps,

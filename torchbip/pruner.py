@@ -1246,11 +1246,33 @@ class BiP:
         layout and settings, the shapes, and that the masks are the selection of the scores (as
         every state this object writes holds them).
 
+        Under a process group every rank loads or every rank raises (one ``all_gather_object``):
+        a state refused on one rank, or ranks given different states, leave every rank as it was.
+
         Raises:
             ValueError: for a state of another format, model, layout or budget, or a damaged or
                 truncated one (the message names the difference); nothing is changed then.
-            RuntimeError: after :meth:`finish`.
+            RuntimeError: after :meth:`finish`; on a rank whose state loads when another rank's
+                was refused.
         """
+        group = None if self._finished else self._group_if_any()
+        if group is None:
+            self._load_checked(state, *self._check_state(state))
+            return
+        error: Exception | None = None
+        mine: dict[str, Any] = {}
+        try:
+            checked = self._check_state(state)
+            scores = checked[0].detach().cpu().contiguous()
+            digest = hashlib.sha256(scores.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+            mine = {"state": f"step {state['step']}, scores {digest}"}
+        except (ValueError, RuntimeError, TypeError) as err:
+            error = err
+        agree(mine, error, group, "BiP.load_state_dict", {"state": "state loaded (step, scores digest)"})
+        self._load_checked(state, *checked)
+
+    def _check_state(self, state: Mapping[str, Any]) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
+        """Check a state for :meth:`load_state_dict`; its scores, masks and held weights."""
         self._check_usable()
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         if found != STATE_FORMAT:
@@ -1334,6 +1356,12 @@ class BiP:
                     f"state['masks'] of {name!r} is not the selection of state['scores'] (a damaged or "
                     "edited state): every state_dict() holds the masks its scores select"
                 )
+        return scores, keeps, saved
+
+    def _load_checked(
+        self, state: Mapping[str, Any], scores: Tensor, keeps: list[Tensor], saved: list[Tensor] | None
+    ) -> None:
+        """The changes of :meth:`load_state_dict`, for a state :meth:`_check_state` passed."""
         before = copy.deepcopy((self.optimizer.state_dict(), self.scheduler.state_dict()))
         try:
             # copies: torch's optimizer keeps the tensors of the state it loads (the momentum)

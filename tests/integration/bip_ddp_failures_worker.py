@@ -123,6 +123,52 @@ def case_bad_scale(rank: int) -> str:
     return "stepped"
 
 
+def case_load_refused_on_one_rank(rank: int) -> str:
+    """Rank 0's copy of a state holds a NaN learning rate: every rank refuses it, none loads it."""
+    model, pruner = build(rank)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x, y = batch(0, rank)
+    F.cross_entropy(ddp(x), y).backward()
+    optimizer.step()
+    pruner.step()
+    state = pruner.state_dict()
+    if rank == 0:
+        state["optimizer"]["param_groups"][0]["lr"] = float("nan")
+    scores = pruner.flat_scores.clone()
+    try:
+        pruner.load_state_dict(state)
+    finally:
+        assert torch.equal(pruner.flat_scores, scores)
+    return "loaded"
+
+
+def case_resume_refused_on_one_rank(rank: int) -> str:
+    """Rank 0's checkpoint holds a weight-optimizer state of the wrong shape: both ranks raise at
+    once (not at the process group's timeout) and keep their models."""
+    folder = Path(sys.argv[1])
+    data = [batch(step, rank) for step in range(4)]
+    options = {"steps": 4, "progress": False, "seed": 0, "checkpoint_every": 2}
+    torchbip.global_prune(Routed().double(), 0.8, data, checkpoint_path=folder / "run.pt", **options)
+    dist.barrier()
+    path = folder / "run.pt"
+    if rank == 0:
+        state = torch.load(path, weights_only=True)
+        entries = state["lower_opt"]["state"]
+        key = next(iter(entries))
+        entries[key]["momentum_buffer"] = torch.zeros(entries[key]["momentum_buffer"].numel() + 1)
+        path = folder / "damaged.pt"
+        torch.save(state, path)
+    dist.barrier()
+    model = Routed().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        torchbip.global_prune(model, 0.8, data, checkpoint_path=path, resume=True, **options)
+    finally:
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    return "resumed"
+
+
 def main() -> None:
     rank = dist.get_rank()
     outcomes = {}

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -1247,6 +1248,32 @@ def test_ddp_two_gloo_ranks_under_torchrun_agree_with_one_process(tmp_path: Path
     torch.testing.assert_close(rank0["scores"], pruner.flat_scores, rtol=1e-9, atol=1e-12)
     pruner.finish()
     _assert_model_state_equals(rank0["model"], model)
+
+
+@pytest.mark.timeout(300)
+def test_a_state_refused_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """BiP.load_state_dict and global_prune(resume=True) with a damaged state on rank 0 only: both
+    ranks raise (rank 1 learns of rank 0's refusal in a collective, not at the group's 60 s
+    timeout) and keep what they had; before, rank 1 loaded it, or waited."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    cases = ["load_refused_on_one_rank", "resume_refused_on_one_rank"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(here / "bip_ddp_failures_worker.py"), str(tmp_path), *cases]  # fmt: skip
+    started = time.monotonic()
+    _torchrun(cmd, env, [tmp_path / "rank0.json", tmp_path / "rank1.json"])
+    assert time.monotonic() - started < 60  # (a rank left waiting would take the 60 s timeout)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["load_refused_on_one_rank"].startswith("ValueError: state['optimizer']: lr=nan"), r0
+    assert r1["load_refused_on_one_rank"].startswith(
+        "RuntimeError: BiP.load_state_dict was refused on other ranks of the process group (rank 0: "
+        "ValueError: state['optimizer']: lr=nan"
+    ), r1
+    assert r0["resume_refused_on_one_rank"].startswith("ValueError: checkpoint_path="), r0
+    assert "momentum_buffer of parameter" in r0["resume_refused_on_one_rank"], r0
+    assert r1["resume_refused_on_one_rank"].startswith(
+        "RuntimeError: global_prune was refused on other ranks of the process group (rank 0: ValueError:"
+    ), r1
 
 
 def test_ranks_that_disagree_or_fail_all_raise_instead_of_waiting(tmp_path: Path) -> None:
