@@ -415,11 +415,10 @@ class BiP:
         self.saved = [p.detach().clone() for p in self.origs] if self.hold_pruned else None
         # Fingerprints of weight_orig after the last step and at the first backward pass since
         # then that reached each tensor (None: none yet), kept for the first steps; see _check_order.
-        # [steps in which the weights moved still to check, steps still to check at most]
-        self._order_checks = [_ORDER_CHECKS, _ORDER_STEPS, 0]  # (a list: the capture closures read it)
+        # [steps still to check (0: done), steps seen in the other order]
+        self._order_checks = [_ORDER_STEPS, 0]  # (a list: the capture closures read it)
         self.saved_sums = self._fingerprints()
         self.seen_sums: list[Tensor | None] = [None] * len(targets)
-        self._order_warned = False
         # g summed over the backward passes since the last step (None: no gradient yet).
         self.captured: list[Tensor | None] = [None] * len(targets)
         self.owned = [False] * len(targets)  # whether captured[i] is a copy the pruner may write into
@@ -980,35 +979,31 @@ class BiP:
         the first backward pass since then (an optimizer that evaluates a closure several times,
         as LBFGS does, runs later ones on weights it changed itself) and now; values, not
         autograd's version counters, which fused optimizers and writes through ``.data`` leave
-        unchanged. The order is a property of the loop: the first :data:`_ORDER_CHECKS` steps in
-        which the weights moved are checked (a warm-up from a learning rate of 0 moves none), for
-        at most :data:`_ORDER_STEPS` steps (a sum of every pruned tensor, twice per step); later
-        ones cost nothing.
+        unchanged. The order is a property of the loop: one step in which the weights moved after
+        the backward pass settles the documented order; :data:`_ORDER_CHECKS` steps that look the
+        other way warn (one alone may be an edit between steps followed by an optimizer step that
+        moved nothing, as in a warm-up from a learning rate of 0). At most :data:`_ORDER_STEPS`
+        steps are checked (a sum of every pruned tensor, twice per step); later ones cost nothing.
         """
         checks = self._order_checks
         if checks[0] <= 0:
             return
-        checks[1] -= 1
-        if checks[1] <= 0:
-            checks[0] = 0  # (the last step checked)
+        checks[0] -= 1
         compared = [
             (last, seen, _fingerprint(orig))
             for orig, last, seen in zip(self.origs, self.saved_sums, self.seen_sums, strict=True)
             if last is not None and seen is not None and not _is_dtensor(orig)
         ]
-        if self._order_warned or not compared:
+        if not compared:
             return
         device = compared[0][0].device
         values = torch.stack([v.to(device) for triple in compared for v in triple]).view(-1, 3).tolist()
-        if any(last != now for last, _, now in values):  # the weights moved: this step tells the order
-            checks[0] -= 1
         if any(seen != now for _, seen, now in values):  # the optimizer moved them after the backward pass
-            checks[0] = 0  # the documented order (no warning)
+            checks[0] = 0  # the documented order
             return
         if any(last != seen for last, seen, _ in values):  # moved before the forward pass only
-            checks[2] += 1  # (also an edit between steps followed by an optimizer step that moved nothing)
-        if checks[2] >= 2:
-            self._order_warned = True
+            checks[1] += 1
+        if checks[1] >= _ORDER_CHECKS:
             checks[0] = 0
             warnings.warn(
                 "BiP.step() is called before optimizer.step(): the weights changed after the last "
@@ -1263,9 +1258,7 @@ class BiP:
         mine: dict[str, Any] = {}
         try:
             checked = self._check_state(state)
-            scores = checked[0].detach().cpu().contiguous()
-            digest = hashlib.sha256(scores.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
-            mine = {"state": f"step {state['step']}, scores {digest}"}
+            mine = {"state": f"step {state['step']}, scores {_bytes_digest(checked[0])}"}
         except (ValueError, RuntimeError, TypeError) as err:
             error = err
         agree(mine, error, group, "BiP.load_state_dict", {"state": "state loaded (step, scores digest)"})
@@ -1303,8 +1296,7 @@ class BiP:
             names = sorted(n for n in {*saved_before, *here} if saved_before.get(n) != here.get(n))
             raise ValueError(
                 f"state was saved on tensors that torch.nn.utils.prune had pruned before BiP with other "
-                f"masks than this model's ({', '.join(map(repr, names))}): build BiP on the model as it was "
-                "pruned before that run's BiP (the same weight_mask buffers), then load this state"
+                f"masks than this model's ({', '.join(map(repr, names))}): {_EARLIER_MASKS_ADVICE}"
             )
         differ = sorted(k for k in mine if state["settings"].get(k) != mine[k])
         if differ:
@@ -1349,8 +1341,7 @@ class BiP:
                     raise ValueError(
                         f"state was saved by an earlier version, which did not record the masks of "
                         f"torch.nn.utils.prune before BiP, and its masks of {name!r} keep entries that "
-                        "this model's earlier pruning removed: build BiP on the model as it was pruned "
-                        "before that run's BiP (the same weight_mask buffers), then load this state"
+                        f"this model's earlier pruning removed: {_EARLIER_MASKS_ADVICE}"
                     )
                 raise ValueError(
                     f"state['masks'] of {name!r} is not the selection of state['scores'] (a damaged or "
@@ -1555,8 +1546,13 @@ def _matches(target: Target, pattern: str) -> bool:
 
 def _digest(mask: Tensor) -> str:
     """A short fingerprint of a boolean mask (which entries), for states to compare."""
-    data = mask.detach().to("cpu", torch.bool).contiguous().numpy().tobytes()
-    return f"{mask.numel()}:{int(mask.sum())}:" + hashlib.sha256(data).hexdigest()[:16]
+    return f"{mask.numel()}:{int(mask.sum())}:" + _bytes_digest(mask.to(torch.bool))
+
+
+def _bytes_digest(tensor: Tensor) -> str:
+    """A short hash of a tensor's bytes (equal tensors of one dtype give equal hashes)."""
+    data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _allowed(target: Target) -> Tensor | None:
@@ -1585,8 +1581,13 @@ def _check_scheduler_state(state: object) -> None:
             raise ValueError(f"state['scheduler'][{key!r}] must be finite rates, got {rates!r}")
 
 
+_EARLIER_MASKS_ADVICE = (
+    "build BiP on the model as it was pruned before that run's BiP (the same weight_mask buffers), "
+    "then load this state"
+)
+
 _ORDER_CHECKS = 2
-"""How many steps in which the weights moved :meth:`BiP._check_order` checks."""
+"""After how many steps that look like ``step()`` before ``optimizer.step()`` the check warns."""
 _ORDER_STEPS = 16
 """How many steps :meth:`BiP._check_order` checks at most (weights that never move tell nothing)."""
 
