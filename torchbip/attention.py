@@ -33,17 +33,14 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import prune
 
-from torchbip.method import drop_scores, holds_bip
+from torchbip.export import baked_copy
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["SlimMultiheadAttention", "head_rows", "removable_heads"]
@@ -75,26 +72,6 @@ def removable_heads(module: nn.MultiheadAttention) -> list[int]:
         if not weight[rows].any() and (bias is None or not bias[rows].any()):
             out.append(h)
     return out
-
-
-def _permanent_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every pruning made permanent (``module`` is not changed)."""
-    # A masked tensor computed with gradients on is not a leaf, which deepcopy rejects (pytorch
-    # issue #37322): the copy gets the value the next forward pass would compute instead.
-    memo: dict[int, Any] = {}
-    with torch.no_grad():
-        for sub in module.modules():
-            for name, hook in named_pruning_hooks(sub):
-                current = sub.__dict__.get(name)
-                if isinstance(current, Tensor):
-                    memo[id(current)] = hook.apply_mask(sub).detach()
-    twin = copy.deepcopy(module, memo)
-    for sub in twin.modules():
-        for name, hook in list(named_pruning_hooks(sub)):
-            prune.remove(sub, name)
-            if holds_bip(hook):
-                drop_scores(sub, name)
-    return twin
 
 
 def _append_zero(t: Tensor, dim: int) -> Tensor:
@@ -139,7 +116,7 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
             raise ValueError(
                 f"keep must name 1 to {module.num_heads} heads in 0..{module.num_heads - 1}, got {keep!r}"
             )
-        slim = _permanent_copy(module)
+        slim = baked_copy(module)
         slim.__class__ = cls
         assert isinstance(slim, SlimMultiheadAttention)
         slim.shrink(heads)
