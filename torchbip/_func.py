@@ -358,7 +358,7 @@ def make_forward(model: nn.Module) -> Any:
     else (a namedtuple included) as one argument (:func:`torchbip.data.model_args`).
 
     A module that the model holds at two paths (``nn.Sequential(shared, act, shared)``) gets its
-    own parameters and buffers back after every call: under :func:`torch.func.grad`,
+    own parameters and buffers back after every call: under a :mod:`torch.func` transform,
     ``functional_call`` otherwise leaves it holding the transform's (dead) tensors, and the
     model's optimiser would no longer update what its forward reads.
     """
