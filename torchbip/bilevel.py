@@ -270,12 +270,11 @@ def tensor_sums(tensors: Sequence[Tensor]) -> Tensor:
         [3.0, 0.0]
     """
     device = tensors[0].device
-    sums = [
-        (t.detach().sum(dtype=torch.float32) if t.dtype in _NARROW else t.detach().sum()).to(device)
-        for t in tensors
-    ]
     wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    return torch.stack([x.to(wide) for x in sums])
+    sums = [t.detach().sum(dtype=torch.float32) if t.dtype in _NARROW else t.detach().sum() for t in tensors]
+    if all(x.device == device and x.dtype == sums[0].dtype for x in sums):  # one conversion for all
+        return torch.stack(sums).to(wide)
+    return torch.stack([x.to(device, wide) for x in sums])
 
 
 _NARROW = (torch.float16, torch.bfloat16)
