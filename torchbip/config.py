@@ -8,6 +8,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 __all__ = ["BiPConfig"]
@@ -239,7 +240,14 @@ class BiPConfig:
                 object.__setattr__(self, f.name, str.__str__(value))
 
     def _normalise_numbers(self) -> None:
-        """Accept NumPy and other ``numbers`` scalars (as torch's optimisers do), stored as Python types."""
+        """Accept NumPy and other ``numbers`` scalars (as torch's optimisers do), stored as Python types.
+
+        (``numpy.bool_`` for the flags too.)
+        """
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if is_bool(value) and type(value) is not bool:
+                object.__setattr__(self, name, bool(value))
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if is_integral(value) and type(value) is not int:
@@ -278,6 +286,7 @@ class BiPConfig:
 
 
 _INT_FIELDS = ("steps", "seed", "log_every", "checkpoint_every")
+_BOOL_FIELDS = ("progress", "resume")
 _FLOAT_FIELDS = ("epochs", "lower_lr", "upper_lr", "momentum", "upper_momentum", "gamma", "implicit_coef")
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 #: The largest float32 (``torch.finfo(torch.float32).max``): coefficients that scale float32
@@ -287,7 +296,8 @@ _GAMMA_MIN_FOR_INVERSE = 1.0 / FLOAT32_MAX
 
 
 def is_bool(value: object) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    """Whether ``value`` is a Python or NumPy bool (``numpy.bool_``, named ``bool`` in NumPy 2)."""
+    return isinstance(value, (bool, np.bool_))
 
 
 def is_integral(value: object) -> bool:

@@ -367,3 +367,20 @@ def test_global_prune_resumes_its_own_checkpoint_written_with_str_subclass_optio
     global_prune(model, 0.5, StopsAt(batches()), checkpoint_path=path, resume=True, **run, **option)
     for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["progress", "resume"])
+@pytest.mark.parametrize("flag", [np.bool_(True), np.bool_(False)])
+def test_numpy_bool_flags_are_stored_as_python_bools(name: str, flag: np.bool_) -> None:
+    extra = {"checkpoint_path": "bip.pt"} if name == "resume" else {}
+    cfg = BiPConfig(**{name: flag}, **extra)
+    value = getattr(cfg, name)
+    assert type(value) is bool
+    assert value == bool(flag)
+    assert BiPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # plain types
+
+
+@pytest.mark.parametrize("value", [1, 0, np.int64(1), "True", None])
+def test_flags_that_are_not_bools_are_still_refused(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^progress must be a bool, got "):
+        BiPConfig(progress=value)  # type: ignore[arg-type]
