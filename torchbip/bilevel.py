@@ -134,11 +134,10 @@ def masked_loss_grads(
     # always differentiates with create_graph=True (for nested transforms), which records the
     # backward pass itself and costs several percent of every step; the gradients are the same.
     if with_mask_grads:
-        out, backward, (loss, new_buffers) = torch.func.vjp(
-            lambda p_, m_: objective(p_, m_, b), p, m, has_aux=True
-        )
+        found: Any = torch.func.vjp(lambda p_, m_: objective(p_, m_, b), p, m, has_aux=True)
     else:
-        out, backward, (loss, new_buffers) = torch.func.vjp(lambda p_: objective(p_, m, b), p, has_aux=True)
+        found = torch.func.vjp(lambda p_: objective(p_, m, b), p, has_aux=True)
+    out, backward, (loss, new_buffers) = found  # (with has_aux: output, vjp function, aux)
     with torch.no_grad():
         grads = backward(torch.ones_like(out), retain_graph=False, create_graph=False)
     return MaskedGrads(loss, _dense(grads[0]), _dense(grads[1]) if with_mask_grads else {}, new_buffers)
