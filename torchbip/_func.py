@@ -13,8 +13,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from torchbip.data import model_args
-from torchbip.method import has_grad_capture, holds_bip, scores_name
-from torchbip.pruned import named_pruning_hooks, pruning_hook
+from torchbip.method import check_scores_slot, has_grad_capture
+from torchbip.pruned import named_pruning_hooks
 
 __all__ = [
     "Target",
@@ -301,23 +301,12 @@ def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
 def _check_scores_slot(target: Target) -> None:
     """Refuse a module that holds something else under the name of the target's score buffer.
 
-    A score buffer left by BiP itself (a deep copy of a model that BiP prunes) is replaced.
+    See :func:`torchbip.method.check_scores_slot`; the message names the target as the
+    ``parameters`` argument does.
     """
-    module, slot = target.module, scores_name(target.name)
-    taken = (
-        slot in module.__dict__
-        or slot in module._parameters
-        or slot in module._modules
-        or hasattr(type(module), slot)  # a property or class attribute
-    )
-    if slot in module._buffers:
-        taken = not holds_bip(pruning_hook(module, target.name))
-    if taken:
-        where = repr(target.module_fqn) if target.module_fqn else "the model"
-        raise ValueError(
-            f"parameters names {target.fqn!r}, but the module {where} already has an attribute {slot!r}, the "
-            f"name under which BiP keeps the scores of {target.name!r}: rename that attribute"
-        )
+    holder = repr(target.module_fqn) if target.module_fqn else "the model"
+    where = f"parameters names {target.fqn!r}, but the module {holder}"
+    check_scores_slot(target.module, target.name, where=where)
 
 
 def _pairs(parameters: Any) -> list[Any]:

@@ -45,14 +45,19 @@ def validate_amount(amount: object, name: str = "amount") -> int | float:
     """Check that ``amount`` follows :mod:`torch.nn.utils.prune`'s convention.
 
     A float in ``[0, 1]`` is a fraction of the entries that are still unpruned; a non-negative
-    int is a count.
+    int is a count. Any real number is accepted: an integral one (a NumPy integer) becomes a
+    Python ``int``, any other (a NumPy ``float32``/``float16``, a :class:`fractions.Fraction`)
+    a Python ``float``, so the count later follows ``round(float(amount) * n)`` in float64. That
+    is a deliberate difference from torch, which computes ``amount * n`` in the amount's own
+    arithmetic: ``np.float32(0.7)`` of 5 entries prunes 3 here and 4 in torch (float32's
+    ``0.7 * 5`` rounds to 3.5); see ``docs/differences.rst``.
 
     Args:
         amount: the value to check.
         name: the argument name used in error messages.
 
     Returns:
-        ``amount`` unchanged (as a Python ``int`` or ``float``).
+        ``amount`` as a Python ``int`` or ``float``.
 
     Raises:
         TypeError: if ``amount`` is not a real number (a ``bool`` is rejected too).
@@ -89,7 +94,11 @@ def validate_amount(amount: object, name: str = "amount") -> int | float:
 def count_from_amount(amount: int | float, n: int, name: str = "amount", unit: str = "entries") -> int:
     """Return how many of ``n`` remaining entries ``amount`` asks to prune.
 
-    Follows torch's rule: ``round(amount * n)`` for a float, the value itself for an int.
+    Follows torch's rule, ``round(amount * n)`` for a float and the value itself for an int,
+    with ``amount`` first converted to a Python ``float`` (:func:`validate_amount`), so the
+    product is rounded in float64. For a NumPy ``float32``/``float16`` or a
+    :class:`fractions.Fraction` this can differ by one from torch, which multiplies in the
+    amount's own arithmetic; a deliberate difference (``docs/differences.rst``).
 
     Args:
         amount: a float in ``[0, 1]`` (fraction) or an int (count).
@@ -106,6 +115,9 @@ def count_from_amount(amount: int | float, n: int, name: str = "amount", unit: s
     Example:
         >>> count_from_amount(0.95, 266_200)
         252890
+        >>> import numpy as np
+        >>> count_from_amount(np.float32(0.7), 5)  # round(3.49999994...); torch prunes 4
+        3
     """
     value = validate_amount(amount, name)
     if isinstance(value, int):

@@ -226,6 +226,53 @@ def holds_bip(hook: object) -> bool:
     return isinstance(hook, prune.PruningContainer) and any(isinstance(m, BiPMethod) for m in hook)
 
 
+def check_scores_slot(module: nn.Module, name: str, where: str | None = None) -> None:
+    """Refuse a module that holds something else under the name of ``name``'s score buffer.
+
+    BiP keeps the scores of ``module.<name>`` in the buffer ``<name>_scores``
+    (:func:`scores_name`). A buffer, parameter, submodule, plain attribute or class attribute
+    (e.g. a property) of the user's under that name would be overwritten, or would make the
+    registration fail after torch had already pruned the module, so every entry point refuses it
+    before it changes anything. A score buffer left by BiP itself (the tensor's pruning hook
+    holds a torchbip method: the tensor is pruned again, or the module is a deep copy of one
+    that BiP prunes) is replaced as before.
+
+    Args:
+        module: the module that holds the tensor.
+        name: the tensor's name, e.g. ``"weight"``.
+        where: the start of the message, naming the module (by default
+            ``"module <its class>"``).
+
+    Raises:
+        ValueError: naming the attribute and the tensor.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 2)
+        >>> layer.register_buffer("weight_scores", torch.ones(2, 2))
+        >>> check_scores_slot(layer, "weight")
+        Traceback (most recent call last):
+        ...
+        ValueError: module Linear already has an attribute 'weight_scores', ...
+    """
+    slot = scores_name(name)
+    taken = (
+        slot in module.__dict__
+        or slot in module._parameters
+        or slot in module._modules
+        or hasattr(type(module), slot)  # a property or class attribute
+    )
+    if slot in module._buffers:
+        taken = not holds_bip(pruning_hook(module, name))
+    if taken:
+        start = where if where is not None else f"module {type(module).__name__}"
+        raise ValueError(
+            f"{start} already has an attribute {slot!r}, the name under which BiP keeps the scores of "
+            f"{name!r}: rename that attribute"
+        )
+
+
 class _DetachedCopy:
     """``__deepcopy__`` of one masked tensor: a deep copy of its detached view (no graph)."""
 
@@ -500,8 +547,9 @@ class BiPPruningMethod(BiPMethod):
         n_allowed = int(allowed.sum())
         n_prune = count_from_amount(self.amount, n_allowed)
         keep = topk_mask(magnitudes(t), n_allowed - n_prune, allowed)
-        # empty_like keeps default_mask's memory format (e.g. channels_last, as the weight's).
-        return torch.empty_like(default_mask).copy_(keep)
+        # default_mask with the pruned entries zeroed (a soft default_mask keeps its values, as
+        # with torch's methods); empty_like keeps its memory format (e.g. channels_last).
+        return torch.empty_like(default_mask).copy_(keep).mul_(default_mask)
 
     @classmethod
     @outside_inference_mode
@@ -527,11 +575,14 @@ class BiPPruningMethod(BiPMethod):
             :class:`torch.nn.utils.prune.PruningContainer` when the tensor was pruned before).
 
         Raises:
-            ValueError: for a bad ``amount`` or ``importance_scores``; the module is unchanged.
+            ValueError: for a bad ``amount`` or ``importance_scores``, or a module that already
+                holds an attribute ``<name>_scores`` of its own (:func:`check_scores_slot`); the
+                module is unchanged.
         """
         validate_amount(amount)
         check_scores_type(importance_scores)
         current = named_tensor(module, name)
+        check_scores_slot(module, name)
         check_scores_device(importance_scores, current, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores
         if scores.shape != current.shape:

@@ -18,6 +18,7 @@ only the mask is produced and the model runs with dense kernels.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
@@ -28,6 +29,7 @@ from torchbip.method import (
     check_finite,
     check_mask_shape,
     check_scores_device,
+    check_scores_slot,
     check_scores_type,
     integer_argument,
     magnitudes,
@@ -84,7 +86,8 @@ class BiPSemiStructured(BiPMethod):
         check_mask_shape(t, default_mask)
         check_finite(t)
         keep = nm_mask(magnitudes(t), self.n, self.m, self.dim, allowed=default_mask != 0)
-        return keep.to(dtype=default_mask.dtype)
+        # (a soft default_mask keeps its values; empty_like keeps its memory format)
+        return torch.empty_like(default_mask).copy_(keep).mul_(default_mask)
 
     @classmethod
     @outside_inference_mode
@@ -100,12 +103,14 @@ class BiPSemiStructured(BiPMethod):
         """Prune ``module.<name>`` to an N:M pattern by the magnitudes of scores (default: the weight).
 
         Raises:
-            ValueError: for bad ``n``, ``m``, ``dim`` or ``importance_scores``, or scores (the
+            ValueError: for bad ``n``, ``m``, ``dim`` or ``importance_scores``, scores (the
                 ``importance_scores`` or, without them, the weight) holding NaN or infinite
-                values; the module is unchanged.
+                values, or a module that already holds an attribute ``<name>_scores`` of its own
+                (:func:`~torchbip.method.check_scores_slot`); the module is unchanged.
         """
         n, m = _check_nm(n, m)
         current = named_tensor(module, name)
+        check_scores_slot(module, name)
         check_scores_type(importance_scores)
         check_scores_device(importance_scores, current, name)
         scores = current.detach().abs() if importance_scores is None else importance_scores.detach()

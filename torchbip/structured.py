@@ -43,6 +43,7 @@ from torchbip.method import (
     check_finite,
     check_mask_shape,
     check_scores_device,
+    check_scores_slot,
     check_scores_type,
     integer_argument,
     magnitudes,
@@ -266,11 +267,13 @@ class BiPStructured(BiPMethod):
             :class:`torch.nn.utils.prune.PruningContainer` when the tensor was pruned before).
 
         Raises:
-            ValueError: for a bad ``amount``, ``dim`` or ``importance_scores``; the module is
-                unchanged.
+            ValueError: for a bad ``amount``, ``dim`` or ``importance_scores``, or a module that
+                already holds an attribute ``<name>_scores`` of its own
+                (:func:`~torchbip.method.check_scores_slot`); the module is unchanged.
         """
         validate_amount(amount)
         current = named_tensor(module, name)
+        check_scores_slot(module, name)
         if current.dim() == 0:
             raise ValueError(f"{name} is a scalar; structured pruning needs at least one dimension")
         axis = normalize_dim(dim, current.dim())

@@ -6,14 +6,17 @@ import math
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from torchbip import BiPPruningMethod, bip_structured, bip_unstructured
+from torchbip.masks import count_from_amount, validate_amount
 from torchbip.method import scores_name
 from torchbip.semistructured import bip_semi_structured
 from torchbip.testing.contract import PruningMethodContract, pruning_hooks
@@ -410,3 +413,100 @@ def test_structured_counts_say_filters_or_channels() -> None:
     with pytest.raises(ValueError, match=r"amount=4 is larger than the number of unpruned channels \(3\)"):
         bip_structured(conv, "weight", 4, dim=1)
     assert not hasattr(conv, "weight_mask")
+
+
+# --------------------------------------------------------------------------- a soft default_mask
+
+
+@pytest.mark.parametrize("amount", [1, 3, 0.25, 0.5, 1.0])
+def test_compute_mask_of_a_soft_default_mask_equals_torchs_l1(amount: int | float) -> None:
+    """``default_mask`` with entries zeroed, its other values kept: torch's L1Unstructured is the oracle.
+
+    (Every entry of these default masks is non-zero, so torch's method, which ranks all entries,
+    and BiP's, which ranks the entries ``default_mask`` keeps, choose among the same ones.)
+    """
+    generator = torch.Generator().manual_seed(0)
+    # distinct magnitudes (|x + 0.1| for the integers -6..5), so no tie decides anything
+    importance = torch.randperm(12, generator=generator).float().sub(6.0).add(0.1).view(3, 4)
+    default_mask = torch.tensor([[0.5, 1.0, 0.25, 1.0], [1.0, 2.0, 1.0, 0.75], [1.0, 1.0, 0.1, 1.0]])
+    want = prune.L1Unstructured(amount).compute_mask(importance, default_mask)
+    got = BiPPruningMethod(amount).compute_mask(importance, default_mask)
+    assert got.dtype == want.dtype
+    assert torch.equal(got, want)
+    assert bool((got <= default_mask).all())
+    # through prune(): the tensor times that mask, as torch's method gives
+    assert torch.equal(
+        BiPPruningMethod(amount).prune(importance, default_mask=default_mask),
+        prune.L1Unstructured(amount).prune(importance, default_mask=default_mask),
+    )
+
+
+def test_compute_mask_of_a_soft_channels_last_default_mask() -> None:
+    """The values of torch's mask, in ``default_mask``'s memory format (the weight's, as before)."""
+    torch.manual_seed(0)
+    importance = torch.randn(4, 3, 2, 2)
+    default_mask = (torch.rand(4, 3, 2, 2) + 0.5).contiguous(memory_format=torch.channels_last)
+    got = BiPPruningMethod(0.4).compute_mask(importance, default_mask)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, prune.L1Unstructured(0.4).compute_mask(importance, default_mask))
+
+
+def test_a_module_pruned_with_a_soft_mask_then_by_bip_matches_torch() -> None:
+    """``prune.custom_from_mask`` with a soft mask, then BiP or torch's L1 method on top."""
+    masks = {}
+    for method in (prune.l1_unstructured, bip_unstructured):
+        layer = nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0]]))
+        prune.custom_from_mask(layer, "weight", torch.tensor([[0.5, 1.0, 1.0, 1.0]]))
+        method(layer, "weight", 1)
+        masks[method.__name__] = layer.weight_mask
+    assert masks["bip_unstructured"].tolist() == [[0.5, 1.0, 1.0, 0.0]]
+    assert torch.equal(masks["bip_unstructured"], masks["l1_unstructured"])
+
+
+def test_semi_structured_compute_mask_keeps_a_soft_default_mask() -> None:
+    from torchbip.semistructured import BiPSemiStructured
+
+    t = torch.tensor([[4.0, 1.0, -3.0, 2.0, 0.5, -0.1, 0.2, -0.9]])
+    default_mask = torch.tensor([[0.5, 1.0, 1.0, 2.0, 1.0, 0.25, 1.0, 0.75]])
+    got = BiPSemiStructured(n=2, m=4).compute_mask(t, default_mask)
+    binary = BiPSemiStructured(n=2, m=4).compute_mask(t, torch.ones(1, 8))
+    assert binary.tolist() == [[1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]]
+    assert torch.equal(got, default_mask * binary)
+
+
+# --------------------------------------------------------------------------- NumPy and Fraction amounts
+
+
+@pytest.mark.parametrize(
+    ("amount", "n"),
+    [
+        pytest.param(np.float32(0.7), 5, id="float32-0.7-of-5"),
+        pytest.param(np.float32(0.1), 5, id="float32-0.1-of-5"),
+        pytest.param(np.float16(0.55), 10, id="float16-0.55-of-10"),
+        pytest.param(Fraction(7, 10), 45, id="Fraction-7/10-of-45"),
+    ],
+)
+def test_a_non_python_float_amount_counts_as_its_python_float(amount: Any, n: int) -> None:
+    """The documented rule (docs/differences.rst): ``round(float(amount) * n)`` in float64.
+
+    Torch computes ``round(amount * n)`` in the amount's own arithmetic, which can differ: in
+    float32, ``0.7 * 5`` rounds to 3.5, so torch prunes 4 of 5 entries; torchbip prunes 3.
+    """
+    expected = round(float(amount) * n)
+    assert count_from_amount(amount, n) == expected
+    assert type(validate_amount(amount)) is float
+    t = torch.arange(1.0, n + 1)
+    got = BiPPruningMethod(amount).compute_mask(t, torch.ones(n))
+    assert int((got == 0).sum()) == expected
+    assert got.tolist() == [0.0] * expected + [1.0] * (n - expected)  # the lowest magnitudes
+    layer = nn.Linear(n, 1, bias=False)
+    bip_unstructured(layer, "weight", amount)
+    assert int((layer.weight_mask == 0).sum()) == expected
+
+
+def test_the_float32_example_of_the_documentation() -> None:
+    amount, t = np.float32(0.7), torch.arange(1.0, 6.0)
+    assert int((prune.L1Unstructured(amount).compute_mask(t, torch.ones(5)) == 0).sum()) == 4  # torch
+    assert int((BiPPruningMethod(amount).compute_mask(t, torch.ones(5)) == 0).sum()) == 3  # torchbip
