@@ -13,7 +13,9 @@ The protocol:
   weights pruned per round, rounds clipped to hit each sparsity exactly), so IMP's final ticket
   trains as long as the dense model; OMP+FT prunes the dense model by magnitude in one shot and
   fine-tunes it ``E`` epochs; BiP starts from the dense model and runs ``1x``, ``2x`` and ``4x``
-  its base epochs (``--bip-epochs``).
+  its base epochs (``--bip-epochs``). The dense training, IMP and OMP+FT share one learning
+  rate: ``--lr``, by default the one ``--sweep-baselines`` chose on validation for the model
+  (``LR``: 0.2 for LeNet-300-100, 0.05 for LeNet-5).
 - Time to a ticket: dense time + method time for BiP and OMP+FT; the cumulative time of the
   rounds for IMP. The targets per sparsity: BiP level with IMP on test accuracy (mean at least
   IMP's, or within one standard deviation of either), at no more than a quarter of IMP's time
@@ -36,7 +38,11 @@ Run::
     python benchmarks/bench_accuracy.py --quick            # a smoke test (a minute)
     python benchmarks/bench_accuracy.py --sweep            # choose BiP's settings on validation
     python benchmarks/bench_accuracy.py --sweep-baselines  # the baselines' learning rate, likewise
-    python benchmarks/bench_accuracy.py --models lenet_300_100 --seeds 0 1 2
+    python benchmarks/bench_accuracy.py --models lenet_300_100 --bip lower_lr=0.2 finetune_epochs=1
+    python benchmarks/bench_accuracy.py --models lenet5 --train-size 20000 --bip finetune_epochs=1
+
+The last two are the headline runs in ``results/`` (three seeds each, their learning rates from
+``LR``).
 
 Writes ``bench_accuracy-<device>-torch<version>-<model>[-quick].{json,md,png}`` (and
 ``bench_accuracy_sweep-...`` for ``--sweep``, ``bench_accuracy_baselines-<device>-torch<version>
@@ -123,6 +129,12 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 EPOCHS = {"lenet_300_100": 10.0, "lenet5": 5.0, "small_cnn": 5.0}
 # BiP's base epochs (the 1x budget), per model.
 BIP_EPOCHS = {"lenet_300_100": 2.5, "lenet5": 1.25, "small_cnn": 1.25}
+# The learning rate of the baselines' shared SGD recipe (dense training, IMP's rounds, OMP+FT's
+# fine-tuning), per model, unless ``--lr`` is given: the rate ``--sweep-baselines`` chose on
+# validation, as the committed headline runs in results/ record it (their budget's "lr"), so that
+# the documented commands reproduce them. small_cnn has no headline run: 0.05, the rate every
+# model had before the sweep.
+LR = {"lenet_300_100": 0.2, "lenet5": 0.05, "small_cnn": 0.05}
 
 # One factor at a time around a center setting (``--sweep``; the center: the defaults and ``--bip``).
 SWEEP: dict[str, list[Any]] = {
@@ -186,6 +198,11 @@ def split(train_size: int | None, val_size: int) -> dict[str, torch.Tensor]:
     return {"xtr": x[rest], "ytr": y[rest], "xval": x[val], "yval": y[val], "xte": xte, "yte": yte}
 
 
+def baseline_lr(name: str, args: argparse.Namespace) -> float:
+    """The learning rate of the baselines' recipe for model ``name``: ``--lr``, else ``LR[name]``."""
+    return float(args.lr) if args.lr is not None else LR[name]
+
+
 def bip_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The BiP settings of a run: the library's defaults, with ``overrides`` (and a fine-tuning)."""
     defaults = torchbip.BiPConfig()
@@ -213,6 +230,7 @@ class Seed:
         torch.manual_seed(seed)
         self.init = MODELS[name]()
         self.epochs = args.epochs or EPOCHS[name]
+        self.lr = baseline_lr(name, args)
         self._dense: nn.Module | None = None
         self.dense_time = 0.0
 
@@ -222,7 +240,7 @@ class Seed:
         if self._dense is None:
             self._dense = copy.deepcopy(self.init)
             start = time.perf_counter()
-            train(self._dense, self.batches(0), self.epochs, lr=self.args.lr)
+            train(self._dense, self.batches(0), self.epochs, lr=self.lr)
             self.dense_time = time.perf_counter() - start
         return self._dense
 
@@ -270,7 +288,7 @@ def run_imp(s: Seed, sparsities: list[float], record: Callable[[float, nn.Module
             record(hit[0], m, round_record)
 
     imp(model, max(sparsities), s.batches(0), s.epochs, rate=0.2, milestones=sparsities,
-        on_round=on_round, lr=s.args.lr)  # fmt: skip
+        on_round=on_round, lr=s.lr)  # fmt: skip
 
 
 def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> list[dict]:
@@ -292,7 +310,7 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, tor
             continue
         model = copy.deepcopy(s.dense)
         start = time.perf_counter()
-        omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=args.lr)
+        omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=s.lr)
         elapsed = time.perf_counter() - start
         rows.append(s.row("omp_ft", sparsity, model, s.dense_time + elapsed, method_time_s=elapsed))
 
@@ -347,13 +365,13 @@ def sweep_baselines_seed(
     rows: list[dict] = []
 
     def row(s: Seed, method: str, sparsity: float, model: nn.Module, seconds: float, **extra: Any) -> dict:
-        out = {"model": name, "seed": seed, "method": method, "lr": s.args.lr, "sparsity": sparsity}
+        out = {"model": name, "seed": seed, "method": method, "lr": s.lr, "sparsity": sparsity}
         out["measured_sparsity"] = torchbip.sparsity_report(model).global_sparsity if sparsity else 0.0
         out["val_accuracy"] = s.val(model)
         out["time_s"] = seconds
         out.update(extra)
         print(
-            f"[baselines {name} seed {seed} lr {s.args.lr:g}] {method} @{sparsity:.3f}: "
+            f"[baselines {name} seed {seed} lr {s.lr:g}] {method} @{sparsity:.3f}: "
             f"val {out['val_accuracy']:.4f} at {seconds:.1f}s",
             flush=True,
         )
@@ -992,6 +1010,19 @@ def _data_budget(name: str, args: argparse.Namespace, data: dict[str, torch.Tens
     }
 
 
+def protocol_budget(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a protocol run records of model ``name``'s budget (its JSON's ``budget[name]``)."""
+    return {
+        **_data_budget(name, args, data),
+        "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
+        "bip_budgets": args.budgets,
+        "imp_rate": 0.2,
+        "lr": baseline_lr(name, args),
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1034,7 +1065,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=float, default=None, help="E: dense epochs, IMP epochs per round")
     parser.add_argument("--bip-epochs", type=float, default=None, help="BiP's base epochs")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of dense, IMP and OMP+FT")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="SGD learning rate of dense, IMP and OMP+FT (default: per model, the validated one: "
+        + ", ".join(f"{k} {v:g}" for k, v in LR.items())
+        + ")",
+    )
     parser.add_argument(
         "--bip",
         nargs="*",
@@ -1120,7 +1158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 name: {
                     **_data_budget(name, args, data),
                     "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
-                    "lr": args.lr,
+                    "lr": baseline_lr(name, args),
                     "batch_size": args.batch_size,
                 }
                 for name in args.models
@@ -1136,15 +1174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     result = {**meta, "bip_settings": bip_settings(args.bip), "budget": {}, "rows": []}
     for name in args.models:
-        result["budget"][name] = {
-            **_data_budget(name, args, data),
-            "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
-            "bip_budgets": args.budgets,
-            "imp_rate": 0.2,
-            "lr": args.lr,
-            "batch_size": args.batch_size,
-            "seeds": args.seeds,
-        }
+        result["budget"][name] = protocol_budget(name, args, data)
         rows: list[dict] = []
         for seed in args.seeds:  # the outputs are rewritten after each seed
             rows += run_seed(name, seed, args, data)

@@ -6,7 +6,12 @@
 - :func:`score_prune`: BiP with the implicit-gradient term switched off (score learning in the
   spirit of Hydra).
 
-All use :func:`train` for (re)training, so methods compare like with like.
+All use :func:`train` for (re)training, and :func:`train`'s defaults are those of BiP's lower
+level, the training of the weights (:class:`torchbip.BiPConfig`'s ``lower_lr``, ``momentum`` and
+``gamma``, a cosine schedule): with their defaults, a baseline and :func:`torchbip.global_prune`
+train the weights with the same SGD recipe, so methods compare like with like. Each baseline
+leaves every pruned tensor's ``module.<name>`` equal to ``<name>_orig * <name>_mask`` as a plain
+tensor without an autograd graph, so the model can be deep-copied (``copy.deepcopy``).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from torchbip._arguments import check_device
 from torchbip._func import Target, resolve_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
-from torchbip.config import FLOAT32_MAX, SEED_MAX, SEED_MIN, is_bool, is_integral
+from torchbip.config import FLOAT32_MAX, SEED_MAX, SEED_MIN, BiPConfig, is_bool, is_integral
 from torchbip.data import model_args, split_batch, to_device
 from torchbip.masks import count_from_amount, exact_fraction, validate_amount
+from torchbip.pruned import pruned_tensors
 from torchbip.report import PruneReport, SparsityReport, TensorSparsity
 
 __all__ = [
@@ -48,15 +54,19 @@ __all__ = [
 LossFn = Callable[[Any, Any], Tensor]
 Batches = Iterable[Any]
 
+#: BiP's defaults: :func:`train`'s SGD defaults are read from its lower level (``lower_lr``,
+#: ``momentum``, ``gamma``), so that the two cannot drift apart.
+_BIP_DEFAULTS = BiPConfig()
+
 
 def train(
     model: nn.Module,
     loader: Batches,
     epochs: float = 1.0,
     *,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: float = _BIP_DEFAULTS.lower_lr,
+    momentum: float = _BIP_DEFAULTS.momentum,
+    weight_decay: float = _BIP_DEFAULTS.gamma,
     schedule: str = "cosine",
     loss_fn: LossFn = F.cross_entropy,
     device: torch.device | str | None = None,
@@ -65,16 +75,31 @@ def train(
 ) -> float:
     """Train ``model`` with SGD; pruned tensors stay pruned (torch's hooks mask them).
 
+    The defaults are the recipe of BiP's lower level, the training of the weights in
+    :func:`torchbip.global_prune` and :class:`torchbip.BiP`: ``lr`` is
+    ``BiPConfig().lower_lr``, ``momentum`` is ``BiPConfig().momentum``, ``weight_decay`` is
+    ``BiPConfig().gamma`` (BiP's L2 term, added to the gradient as SGD's weight decay adds it),
+    and the schedule is cosine, as BiP's default ``lower_schedule``. So every baseline of this
+    module, called with its defaults, trains the weights as BiP does with its defaults, and the
+    comparison measures the method, not the learning rate. They are read from
+    :class:`torchbip.BiPConfig`, so a change of BiP's defaults moves these too.
+
+    When training ends (or fails), each pruned tensor's ``module.<name>`` of the model is
+    recomputed as ``<name>_orig * <name>_mask`` without gradients, as torch's pruning hook would
+    compute it in the next forward pass: without that, it would hold the values from before the
+    last optimizer step, attached to the last step's autograd graph, and ``copy.deepcopy(model)``
+    would refuse it.
+
     Args:
         model: the model (pruned or dense).
         loader: a re-iterable of ``(inputs, targets)`` batches with a ``len``; as in
             :func:`torchbip.global_prune`, a plain tuple of inputs is passed as positional
             arguments (``model(*inputs)``), anything else, a namedtuple included, as one.
         epochs: passes over ``loader`` (a fraction runs part of the last pass).
-        lr: initial learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 coefficient.
-        schedule: ``"cosine"`` or ``"constant"``.
+        lr: initial learning rate; default BiP's ``lower_lr``.
+        momentum: SGD momentum; default BiP's ``momentum``.
+        weight_decay: L2 coefficient; default BiP's ``gamma``.
+        schedule: ``"cosine"`` (from ``lr`` down to 0 over the run's steps) or ``"constant"``.
         loss_fn: ``loss_fn(outputs, targets)``.
         device: where batches go; default the model's device.
         progress: show a tqdm bar.
@@ -100,6 +125,38 @@ def train(
         >>> train(model, data, epochs=20, lr=0.5) < 0.5
         True
     """
+    return _train(
+        model, loader, epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        loss_fn=loss_fn, device=device, progress=progress, desc=desc,
+    )  # fmt: skip
+
+
+def _total_steps(epochs: float, batches: int) -> int:
+    """The optimizer steps of ``epochs`` passes over ``batches`` batches (at least one)."""
+    return max(1, round(epochs * batches))
+
+
+def _train(
+    model: nn.Module,
+    loader: Batches,
+    epochs: float,
+    *,
+    lr: float = _BIP_DEFAULTS.lower_lr,
+    momentum: float = _BIP_DEFAULTS.momentum,
+    weight_decay: float = _BIP_DEFAULTS.gamma,
+    schedule: str = "cosine",
+    loss_fn: LossFn = F.cross_entropy,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "train",
+    checkpoint: tuple[int, Callable[[], None]] | None = None,
+) -> float:
+    """:func:`train`, with an optional checkpoint inside the run.
+
+    ``checkpoint``: ``(step, take)``: ``take()`` is called once, after ``step`` optimizer steps
+    of this run and before the next one (``0``: before the first), with the run's optimizer and
+    schedule unchanged by it; ``step`` must be below the run's step count.
+    """
     _check_training(loader, epochs, schedule=schedule)
     _check_option_values(
         {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "loss_fn": loss_fn, "device": device}
@@ -108,7 +165,11 @@ def train(
     if not params:
         return math.nan
     device = torch.device(device) if device is not None else params[0].device
-    total = max(1, round(epochs * len(loader)))  # type: ignore[arg-type]
+    total = _total_steps(epochs, len(loader))  # type: ignore[arg-type]
+    if checkpoint is not None and not 0 <= checkpoint[0] < total:
+        raise ValueError(
+            f"{desc}: checkpoint step {checkpoint[0]} is not one of the run's steps 0..{total - 1}"
+        )
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -116,38 +177,57 @@ def train(
     )
     model.train()
     done, losses = 0, list[float]()
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
-        while done < total:
-            losses = []
-            before = done
-            for batch in loader:
-                inputs, targets = split_batch(batch, "loader")
-                inputs, targets = to_device(inputs, device), to_device(targets, device)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(*model_args(inputs)), targets)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:  # (as global_prune words it)
-                    shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                    raise ValueError(f"{desc}: loss_fn must return a scalar tensor, got {shape}")
-                value = float(loss.detach())
-                if not math.isfinite(value):  # a step on it would spread NaN into every weight
-                    raise FloatingPointError(
-                        f"{desc}: loss_fn returned a non-finite loss ({value}) at step {done}; lower lr "
-                        "or check the data"
+    try:
+        with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+            while done < total:
+                losses = []
+                before = done
+                for batch in loader:
+                    if checkpoint is not None and done == checkpoint[0]:
+                        checkpoint[1]()
+                    inputs, targets = split_batch(batch, "loader")
+                    inputs, targets = to_device(inputs, device), to_device(targets, device)
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(*model_args(inputs)), targets)
+                    if not isinstance(loss, Tensor) or loss.numel() != 1:  # (as global_prune words it)
+                        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                        raise ValueError(f"{desc}: loss_fn must return a scalar tensor, got {shape}")
+                    value = float(loss.detach())
+                    if not math.isfinite(value):  # a step on it would spread NaN into every weight
+                        raise FloatingPointError(
+                            f"{desc}: loss_fn returned a non-finite loss ({value}) at step {done}; lower lr "
+                            "or check the data"
+                        )
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    losses.append(value)
+                    done += 1
+                    bar.update()
+                    if done >= total:
+                        break
+                if done == before:
+                    raise ValueError(
+                        f"loader yielded no batch in pass {1 + done // len(loader)} (a one-shot "  # type: ignore[arg-type]
+                        "iterator?); pass a re-iterable of batches such as a list or a DataLoader"
                     )
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(value)
-                done += 1
-                bar.update()
-                if done >= total:
-                    break
-            if done == before:
-                raise ValueError(
-                    f"loader yielded no batch in pass {1 + done // len(loader)} (a one-shot "  # type: ignore[arg-type]
-                    "iterator?); pass a re-iterable of batches such as a list or a DataLoader"
-                )
+    finally:
+        _refresh_pruned(model)
     return sum(losses) / max(1, len(losses))
+
+
+@torch.no_grad()
+def _refresh_pruned(model: nn.Module) -> None:
+    """Set every pruned tensor of ``model`` to ``<name>_orig * <name>_mask``, a tensor without a graph.
+
+    What torch's pruning hook would compute in a forward pass without gradients. After training,
+    ``module.<name>`` is what the hook computed in the last training forward pass: the values
+    from before the optimizer's last step, attached to that step's autograd graph (a non-leaf
+    tensor, which ``copy.deepcopy`` refuses). Every pruned tensor of the model is refreshed
+    (:func:`torchbip.pruned.pruned_tensors`), not only those a baseline pruned.
+    """
+    for _, module, hook in pruned_tensors(model):
+        setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
 
 
 def _check_training(
@@ -286,6 +366,17 @@ def _magnitude_prune(targets: Sequence[Target], amount: int | float) -> None:
     )
 
 
+def _snapshot(model: nn.Module, targets: Sequence[Target]) -> ModelSnapshot:
+    """A snapshot of ``model`` that restores a failed baseline's changes, the pruned tensors' too.
+
+    Besides parameters, buffers and hooks it keeps the ``module.<name>`` attributes of the
+    tensors the call prunes and of every tensor pruned before it: the training's forward passes
+    and :func:`_refresh_pruned` set those.
+    """
+    names = {t.name for t in targets} | {hook._tensor_name for _, _, hook in pruned_tensors(model)}
+    return ModelSnapshot(model, names)
+
+
 def omp_finetune(
     model: nn.Module,
     amount: int | float,
@@ -308,7 +399,8 @@ def omp_finetune(
         parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
         **train_options: passed to :func:`train` (``lr``, ``momentum``, ``weight_decay``,
             ``schedule``, ``loss_fn``, ``device``, ``progress``; not ``desc``, which the baseline
-            sets), all checked before the model is pruned.
+            sets), all checked before the model is pruned. The defaults are :func:`train`'s,
+            BiP's lower-level recipe.
 
     Returns:
         The sparsity of exactly the tensors this call pruned (``parameters``, or the default
@@ -326,10 +418,11 @@ def omp_finetune(
     amount = validate_amount(amount)  # a Python number: torch would round a float32 product
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
-    with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
+    with _snapshot(model, targets).restored_on_failure():
         _magnitude_prune(targets, amount)
         if epochs > 0:
-            train(model, loader, epochs, desc="OMP fine-tune", **train_options)
+            _train(model, loader, epochs, desc="OMP fine-tune", **train_options)
+        _refresh_pruned(model)  # (torch's pruning leaves the masked tensors with a graph, too)
     return _report(targets)
 
 
@@ -355,7 +448,8 @@ def random_finetune(
             :func:`torch.manual_seed` takes; a NumPy int too).
         **train_options: passed to :func:`train` (``lr``, ``momentum``, ``weight_decay``,
             ``schedule``, ``loss_fn``, ``device``, ``progress``; not ``desc``, which the baseline
-            sets), all checked before the model is pruned.
+            sets), all checked before the model is pruned. The defaults are :func:`train`'s,
+            BiP's lower-level recipe.
 
     Returns:
         The sparsity of exactly the tensors this call pruned, as in :func:`omp_finetune`.
@@ -378,7 +472,7 @@ def random_finetune(
     scores = {
         (t.module, t.name): torch.rand(t.weight().shape, generator=gen).to(t.weight().device) for t in targets
     }
-    with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
+    with _snapshot(model, targets).restored_on_failure():
         prune.global_unstructured(
             [(t.module, t.name) for t in targets],
             pruning_method=prune.L1Unstructured,
@@ -386,7 +480,8 @@ def random_finetune(
             amount=amount,
         )
         if epochs > 0:
-            train(model, loader, epochs, desc="random fine-tune", **train_options)
+            _train(model, loader, epochs, desc="random fine-tune", **train_options)
+        _refresh_pruned(model)  # (as in omp_finetune)
     return _report(targets)
 
 
@@ -473,10 +568,15 @@ def imp(
     (rounded down, at least one) globally by the magnitude of their trained values, and rewinds
     the unpruned weights (all parameters, in fact) to the checkpoint taken after
     ``rewind_epochs`` of the first training (0: the initial weights, the original lottery-ticket
-    recipe). ``rate`` counts as the decimal it is written as: ``rate=0.45`` prunes exactly 45 of
-    100 remaining entries (``floor(0.45 * 100)``). Rounds are clipped so every sparsity in
-    ``milestones`` and the final one are reached exactly. A last training round follows the final
-    pruning, so the returned model is trained at its final mask.
+    recipe; more: late rewinding). The first training is round 0's: the checkpoint is the model
+    after the first ``round(rewind_epochs * len(loader))`` optimizer steps of that one run, on
+    its schedule (no separate training runs before it), and round 0 then goes on to its
+    ``epochs_per_round`` epochs. Each later round trains ``epochs_per_round`` epochs from the
+    checkpoint, with a fresh optimizer and schedule. ``rate`` counts as the decimal it is
+    written as: ``rate=0.45`` prunes exactly 45 of 100 remaining entries (``floor(0.45 *
+    100)``). Rounds are clipped so every sparsity in ``milestones`` and the final one are
+    reached exactly. A last training round follows the final pruning, so the returned model is
+    trained at its final mask.
 
     When ``amount`` prunes nothing (``amount=0``, or a fraction that rounds to no entry), there is
     no round to run: the model is returned untouched (not trained, not pruned) with an empty
@@ -488,7 +588,9 @@ def imp(
         loader: training batches.
         epochs_per_round: training epochs per round.
         rate: fraction of the remaining entries pruned per round.
-        rewind_epochs: training epochs before the rewind checkpoint is taken.
+        rewind_epochs: epochs of round 0's training after which the rewind checkpoint is
+            taken: a number ``>= 0`` below ``epochs_per_round`` whose step
+            (``round(rewind_epochs * len(loader))``) comes before the round's last step.
         milestones: sparsities (fractions of the entries remaining at the start) that must be
             hit exactly (a fraction, or an int count of them), given as a list or any iterable
             (read once); ``on_round`` sees the trained model at each.
@@ -498,10 +600,16 @@ def imp(
         progress: show a bar over the rounds.
         **train_options: passed to :func:`train` (``lr``, ``momentum``, ``weight_decay``,
             ``schedule``, ``loss_fn``, ``device``, ``progress``; not ``desc``, which the baseline
-            sets), all checked before the model is pruned.
+            sets), all checked before the model is pruned. The defaults are :func:`train`'s,
+            BiP's lower-level recipe.
 
     Returns:
         An :class:`IMPResult` (per round: sparsity, cumulative time, loss).
+
+    Raises:
+        ValueError: for a bad ``rate``, ``epochs_per_round``, ``rewind_epochs`` (also one at or
+            beyond ``epochs_per_round``: no such point in round 0's training), ``milestones``
+            or training option, before the model is changed.
 
     Example:
         >>> import torch
@@ -519,6 +627,7 @@ def imp(
         raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")
     _check_train_options(loader, epochs_per_round, train_options, zero=False, name="epochs_per_round")
     _check_training(loader, rewind_epochs, zero=True, name="rewind_epochs")
+    rewind_step = _rewind_step(len(loader), rewind_epochs, epochs_per_round)  # type: ignore[arg-type]
     if on_round is not None and not callable(on_round):
         raise TypeError(
             f"on_round must be callable as on_round(round, model) (an IMPRound and the model), or None, "
@@ -541,10 +650,10 @@ def imp(
     if final_keep == start_remaining:  # nothing to prune: no round, no training
         return IMPResult()
     stops = sorted({keep for keep in milestone_keeps if keep < start_remaining} | {final_keep}, reverse=True)
-    with ModelSnapshot(model, {t.name for t in targets}).restored_on_failure():
+    with _snapshot(model, targets).restored_on_failure():
         result = _imp_rounds(
             model, loader, targets, stops, start_remaining, final_keep, epochs_per_round,
-            exact_fraction(rate), rewind_epochs, on_round, progress, train_options,
+            exact_fraction(rate), rewind_step, on_round, progress, train_options,
         )  # fmt: skip
     _report(targets)  # (warns when the ranking pruned a whole tensor)
     return result
@@ -559,23 +668,40 @@ def _imp_rounds(
     final_keep: int,
     epochs_per_round: float,
     rate: Fraction,
-    rewind_epochs: float,
+    rewind_step: int,
     on_round: Callable[[IMPRound, nn.Module], None] | None,
     progress: bool,
     train_options: dict[str, Any],
 ) -> IMPResult:
-    """The rounds of :func:`imp`, its arguments checked."""
+    """The rounds of :func:`imp`, its arguments checked.
+
+    ``rewind_step``: the step of round 0's training after which the rewind checkpoint is taken
+    (:func:`_rewind_step`).
+    """
     start = time.perf_counter()
     in_callbacks = 0.0  # seconds spent in on_round: not IMP's time
     result = IMPResult()
-    if rewind_epochs > 0:
-        train(model, loader, rewind_epochs, desc="IMP rewind point", **train_options)
-    rewind = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    rewind: dict[str, Tensor] = {}
+
+    def take_checkpoint() -> None:
+        rewind.update(
+            {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+        )
+
+    checkpoint = None
+    if rewind_step == 0:
+        take_checkpoint()  # the initial weights
+    else:
+        checkpoint = (rewind_step, take_checkpoint)
     remaining = start_remaining
     round_index = 0
     bar = tqdm(total=len(stops), desc="IMP", disable=not progress)
     with bar:
-        loss = train(model, loader, epochs_per_round, desc="IMP round 0", **train_options)
+        loss = _train(
+            model, loader, epochs_per_round, desc="IMP round 0", checkpoint=checkpoint, **train_options
+        )
+        if not rewind:  # (_train takes it at a step that it checked it reaches)
+            raise RuntimeError("IMP: round 0's training ended before the rewind checkpoint was taken")
         while remaining > final_keep:
             target = max(s for s in stops if s < remaining)
             keep = max(target, remaining - _round_cut(remaining, rate))
@@ -583,7 +709,7 @@ def _imp_rounds(
             remaining = keep
             _rewind(model, rewind)
             round_index += 1
-            loss = train(model, loader, epochs_per_round, desc=f"IMP round {round_index}", **train_options)
+            loss = _train(model, loader, epochs_per_round, desc=f"IMP round {round_index}", **train_options)
             pruned = (start_remaining - remaining) / start_remaining  # exactly the zeros over the entries
             record = IMPRound(round_index, pruned, time.perf_counter() - start - in_callbacks, loss)
             result.rounds.append(record)
@@ -594,6 +720,42 @@ def _imp_rounds(
             if remaining in stops:
                 bar.update()
     return result
+
+
+def _rewind_step(batches: int, rewind_epochs: float, epochs_per_round: float) -> int:
+    """The step of round 0's training after which :func:`imp` takes its rewind checkpoint.
+
+    ``round(rewind_epochs * batches)`` steps of the round's ``max(1, round(epochs_per_round *
+    batches))`` (as :func:`train` counts them); ``0`` takes it before any step (the initial
+    weights).
+
+    Args:
+        batches: ``len(loader)``.
+        rewind_epochs: checked to be a finite number ``>= 0``.
+        epochs_per_round: checked to be a finite number ``> 0``.
+
+    Returns:
+        The step, below the round's step count.
+
+    Raises:
+        ValueError: when ``rewind_epochs`` is not below ``epochs_per_round``, or when, rounded to
+            whole batches, it is not before the round's last step: round 0's training has no such
+            point.
+    """
+    if rewind_epochs >= epochs_per_round:
+        raise ValueError(
+            f"rewind_epochs={rewind_epochs!r} must be below epochs_per_round={epochs_per_round!r}: the "
+            "rewind checkpoint is taken inside the first round's training, after rewind_epochs of its "
+            "epochs_per_round epochs"
+        )
+    step, total = round(rewind_epochs * batches), _total_steps(epochs_per_round, batches)
+    if step >= total:
+        raise ValueError(
+            f"rewind_epochs={rewind_epochs!r} with epochs_per_round={epochs_per_round!r} and {batches} "
+            f"batches per epoch is step {step} of the first round's {total} steps: the rewind "
+            "checkpoint must come before the round's last step; lower rewind_epochs"
+        )
+    return int(step)
 
 
 def _round_cut(remaining: int, rate: Fraction) -> int:

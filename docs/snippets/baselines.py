@@ -41,7 +41,9 @@ dense = copy.deepcopy(init)
 train(dense, loader, epochs=2, lr=0.1)
 print(f"dense: {accuracy(dense):.2%}")
 
-# The same sparsity and the same pruning budget (epochs) for every method.
+# The same sparsity and the same pruning budget (epochs) for every method. By
+# default the baselines train the weights as BiP's lower level does (SGD at
+# BiPConfig().lower_lr, momentum and weight decay gamma, cosine schedule).
 amount, epochs = 0.9, 2
 bip = {"epochs": epochs, "progress": False}
 runs = {
@@ -56,9 +58,9 @@ for name, prune_fn in runs.items():
     sparsity = torchbip.sparsity_report(model).global_sparsity
     print(f"{name}: {accuracy(model):.2%} at {sparsity:.0%}")
 
-# IMP starts from the initialisation: each round trains, prunes 20% of the
-# remaining weights by magnitude and rewinds the weights to the
-# initialisation (about ten rounds to reach 90%).
+# IMP starts from the initialisation: each round trains (as the dense model
+# did, at lr=0.1), prunes 20% of the remaining weights by magnitude and
+# rewinds the weights to the initialisation (about ten rounds to reach 90%).
 model = copy.deepcopy(init)
 result = imp(model, amount, loader, epochs_per_round=1, rate=0.2, lr=0.1)
 sparsity = result.rounds[-1].sparsity

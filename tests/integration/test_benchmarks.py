@@ -281,3 +281,82 @@ def test_committed_lenet_300_100_protocol_is_the_merge_of_its_seeds(tmp_path: Pa
     assert (tmp_path / f"{stem}.md").read_text() == (results / f"{stem}.md").read_text()
     assert merged["budget"]["lenet_300_100"]["seeds"] == [0, 1, 2]
     assert merged["budget"]["lenet_300_100"]["lr"] == 0.2
+
+
+HEADLINE = "bench_accuracy-cpu-x86_64-1threads-torch2.14.1-{}.json"  # the committed headline runs
+
+
+def _documented_protocol_commands() -> list[tuple[str, list[str]]]:
+    """Every documented ``bench_accuracy.py --models ...`` command (a protocol run, not a sweep):
+    benchmarks/README.md's and the script's docstring's, as argument lists."""
+    import bench_accuracy
+
+    commands = []
+    for where, text in (("benchmarks/README.md", (BENCH / "README.md").read_text()),
+                        ("bench_accuracy's docstring", bench_accuracy.__doc__ or "")):  # fmt: skip
+        for line in text.splitlines():
+            if "bench_accuracy.py --models" in line:
+                commands.append((where, line.split("bench_accuracy.py", 1)[1].split("#")[0].split()))
+    return commands
+
+
+class _ResolvedError(Exception):
+    """Raised by the stand-in of ``run_seed``: the run's settings are known, nothing trains."""
+
+
+def _resolve(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict:
+    """What ``bench_accuracy.main(argv)`` would run, read where the first seed starts: the model,
+    the budget its JSON records, BiP's settings and the learning rate the baselines train at."""
+    import bench_accuracy
+
+    seen: dict = {}
+
+    def run_seed(name: str, seed: int, args: object, data: dict) -> list[dict]:
+        seen.update(
+            model=name,
+            budget=bench_accuracy.protocol_budget(name, args, data),  # type: ignore[arg-type]
+            bip_settings=bench_accuracy.bip_settings(args.bip),  # type: ignore[attr-defined]
+            lr=bench_accuracy.Seed(name, seed, args, data).lr,  # type: ignore[arg-type]
+        )
+        raise _ResolvedError
+
+    def split(train_size: int | None, val_size: int) -> dict:  # the sizes of the real split, no data
+        return {"xtr": range(55_000 if train_size is None else train_size), "xval": range(val_size)}
+
+    monkeypatch.setattr(bench_accuracy, "run_seed", run_seed)
+    monkeypatch.setattr(bench_accuracy, "split", split)
+    with pytest.raises(_ResolvedError):
+        bench_accuracy.main(argv)
+    return seen
+
+
+def test_the_documented_protocol_commands_reproduce_the_committed_headline_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parsed by the script's own argument parser, each documented command runs the baselines at
+    the learning rate the committed headline JSON records (0.2 for LeNet-300-100: the command ran
+    them at 0.05, the under-trained setting the results README withdrew), with the same budget and
+    BiP settings."""
+    import bench_accuracy
+
+    commands = _documented_protocol_commands()
+    models = sorted(argv[argv.index("--models") + 1] for _, argv in commands)
+    assert models == ["lenet5", "lenet5", "lenet_300_100", "lenet_300_100"]  # README's and the docstring's
+    for where, argv in commands:
+        seen = _resolve(argv, monkeypatch)
+        headline = json.loads((BENCH / "results" / HEADLINE.format(seen["model"])).read_text())
+        budget = headline["budget"][seen["model"]]
+        assert seen["lr"] == budget["lr"] == bench_accuracy.LR[seen["model"]], (where, argv)
+        assert seen["budget"] == budget, (where, argv)
+        assert seen["bip_settings"] == headline["bip_settings"], (where, argv)
+
+
+def test_bench_accuracy_lr_defaults_per_model_and_lr_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_accuracy
+
+    for model, lr in bench_accuracy.LR.items():
+        path = BENCH / "results" / HEADLINE.format(model)
+        if path.exists():  # a headline run records the rate its model's default must be
+            assert json.loads(path.read_text())["budget"][model]["lr"] == lr, model
+        assert _resolve(["--models", model], monkeypatch)["lr"] == lr
+        assert _resolve(["--models", model, "--lr", "0.1"], monkeypatch)["lr"] == 0.1

@@ -319,16 +319,21 @@ def smallest_alive(values: Tensor, alive: Tensor, k: int) -> Tensor:
 
 
 def trained_after_pruning(lr: float = 0.5) -> nn.Sequential:
-    """A model pruned to 50%, then trained for one SGD step: its ``weight`` attributes are stale.
+    """A model pruned to 50%, then trained for one SGD step of the user's own loop: its ``weight``
+    attributes are stale.
 
     torch's pruning hook computes ``weight`` in the forward pass, before the optimizer's step, so
-    afterwards ``weight`` lags ``weight_orig * weight_mask`` by that step.
+    afterwards ``weight`` lags ``weight_orig * weight_mask`` by that step. (:func:`train` leaves
+    them fresh; a plain loop does not.)
     """
     model = make_model()
     prune.global_unstructured(
         [(model[0], "weight"), (model[2], "weight")], pruning_method=prune.L1Unstructured, amount=0.5
     )
-    train(model, make_data(1), epochs=1, lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    ((x, y),) = make_data(1)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
     return model
 
 
@@ -357,11 +362,18 @@ def test_omp_on_a_pruned_trained_model_ranks_the_current_weights_not_the_stale_o
 
 def test_imp_ranks_each_round_on_the_trained_weights_of_the_round_before() -> None:
     """``on_round`` sees the trained model just before the next round prunes: the entries that
-    round prunes are the smallest of those weights among the unpruned ones."""
+    round prunes are the smallest of those weights among the unpruned ones, not of what the
+    ``weight`` attributes hold (here a decoy that ``on_round`` sets, as a stale attribute would
+    be: ``train`` itself leaves them fresh)."""
     model = make_model()
     seen: list[tuple[Tensor, Tensor, Tensor]] = []
+    gen = torch.Generator().manual_seed(0)
 
     def record(_: object, m: nn.Module) -> None:
+        for i in (0, 2):  # the weights' values, rescaled at random: another order of magnitudes
+            layer = model[i]
+            decoy = (layer.weight_orig * layer.weight_mask).detach()
+            layer.weight = decoy * torch.rand(decoy.shape, generator=gen)
         current, stale, mask = (flat(model, what).clone() for what in ("current", "stale", "mask"))
         seen.append((current, stale, mask))
 
@@ -516,12 +528,12 @@ def test_imp_wall_time_leaves_out_the_on_round_callbacks(monkeypatch: pytest.Mon
         clock[0] += 2.0
         return 0.0
 
-    monkeypatch.setattr(baselines, "train", two_seconds)
+    monkeypatch.setattr(baselines, "_train", two_seconds)
 
     def evaluate(record: Any, model: nn.Module) -> None:
         clock[0] += 5.0
 
-    result = imp(make_model(), 0.5, make_data(), epochs=1, rate=0.2, on_round=evaluate)
+    result = imp(make_model(), 0.5, make_data(), epochs_per_round=1, rate=0.2, on_round=evaluate)
     rounds = len(result.rounds)
     assert rounds >= 3
     # round 0 trains before the first cut, then one training per round
@@ -638,6 +650,10 @@ def test_train_takes_numpy_options_and_zero_momentum_as_torch_sgd_does() -> None
             {"rewind_epochs": -1}, ValueError, r"^rewind_epochs must be a finite number >= 0, got -1$"
         ),
         pytest.param({"rewind_epochs": "1"}, ValueError, r"^rewind_epochs must be .* >= 0, got '1'$"),
+        pytest.param({"rewind_epochs": True}, ValueError, r"^rewind_epochs must be .* >= 0, got True$"),
+        pytest.param(
+            {"rewind_epochs": 1}, ValueError, r"^rewind_epochs=1 must be below epochs_per_round=1: the rewind"
+        ),
         pytest.param({"on_round": 3}, TypeError, r"^on_round must be callable .*, or None, got 3$"),
         pytest.param(
             {"milestones": 0.2}, TypeError, r"^milestones must be an iterable of amounts .*, got 0\.2$"
