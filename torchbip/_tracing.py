@@ -6,13 +6,26 @@ a feature needs it and says how to install it otherwise.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["as_inputs", "build_graph", "cuts_channels", "is_depthwise", "torch_pruning"]
+__all__ = [
+    "as_inputs",
+    "build_graph",
+    "cuts_channels",
+    "is_depthwise",
+    "is_frozen_batchnorm",
+    "per_channel_pruners",
+    "torch_pruning",
+]
+
+# The per-channel tensors (dim 0) of the layers :func:`per_channel_pruners` slices.
+_INSTANCE_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_FROZEN_BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def torch_pruning(feature: str) -> Any:
@@ -41,8 +54,101 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm whose statistics and affine values are buffers (torchvision's ``FrozenBatchNorm2d``).
+
+    Detected by its class name and its four one-dimensional buffers of one length, so that a
+    copy of the class (detectron2 has one) counts too. Its buffers take no gradient, so
+    Torch-Pruning's tracer sees neither them nor the module; :func:`per_channel_pruners` slices
+    them.
+
+    Example:
+        >>> from torchvision.ops import FrozenBatchNorm2d
+        >>> is_frozen_batchnorm(FrozenBatchNorm2d(4)), is_frozen_batchnorm(nn.BatchNorm2d(4))
+        (True, False)
+    """
+    if not type(module).__name__.startswith("FrozenBatchNorm") or module._parameters:
+        return False
+    tensors = [module._buffers.get(name) for name in _FROZEN_BATCHNORM_TENSORS]
+    return all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in tensors) and (
+        len({t.shape[0] for t in tensors if t is not None}) == 1
+    )
+
+
+@functools.cache
+def _per_channel_pruner(tp: Any) -> type:
+    """A Torch-Pruning layer pruner that slices a layer's per-channel tensors along dim 0."""
+
+    class PerChannelPruner(tp.pruner.function.BasePruningFunc):
+        """Slices ``names`` (parameters or buffers, those the layer holds) and ``num_features``."""
+
+        TARGET_MODULES = None
+
+        def __init__(self, names: tuple[str, ...]) -> None:
+            super().__init__()
+            self.names = names
+
+        def _tensors(self, layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
+            found = [(n, getattr(layer, n, None)) for n in self.names]
+            return [(n, t) for n, t in found if isinstance(t, torch.Tensor) and t.dim() == 1]
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            dropped = {int(i) for i in idxs}
+            size = self.get_out_channels(layer)
+            if size is None:
+                return layer
+            keep = [i for i in range(size) if i not in dropped]
+            for name, tensor in self._tensors(layer):
+                kept = tensor.detach().index_select(0, torch.tensor(keep, device=tensor.device)).contiguous()
+                if isinstance(tensor, nn.Parameter):
+                    setattr(layer, name, nn.Parameter(kept, tensor.requires_grad))
+                else:
+                    layer._buffers[name] = kept
+            if isinstance(getattr(layer, "num_features", None), int):
+                layer.num_features = len(keep)  # type: ignore[assignment]
+            return layer
+
+        prune_in_channels = prune_out_channels  # one channel axis: an intra-layer dependency
+
+        def get_out_channels(self, layer: nn.Module) -> int | None:
+            tensors = self._tensors(layer)
+            if tensors:
+                return int(tensors[0][1].shape[0])
+            features = getattr(layer, "num_features", None)
+            return features if isinstance(features, int) else None
+
+        get_in_channels = get_out_channels
+
+    return PerChannelPruner
+
+
+def per_channel_pruners(tp: Any, model: nn.Module) -> dict[type, Any]:
+    """Torch-Pruning pruners for the per-channel layers of ``model`` that it slices wrongly.
+
+    - torchvision's ``FrozenBatchNorm2d`` (see :func:`is_frozen_batchnorm`): its buffers are
+      invisible to the tracer, so the export left them at the old channel count;
+    - ``nn.InstanceNorm*d``: Torch-Pruning's own pruner slices the affine parameters but not
+      ``running_mean``/``running_var`` (``track_running_stats=True``), which then no longer
+      match the channels in eval mode.
+
+    Keyed by the exact classes found in ``model`` (as ``customized_pruners`` of
+    ``DependencyGraph.build_dependency``); the graph's nodes for them are of type
+    ``OPTYPE.CUSTOMIZED``, per-channel pass-throughs for the rest of torchbip.
+    """
+    pruner = _per_channel_pruner(tp)
+    found: dict[type, Any] = {}
+    for module in model.modules():
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            found.setdefault(type(module), pruner(_INSTANCE_NORM_TENSORS))
+        elif is_frozen_batchnorm(module):
+            found.setdefault(type(module), pruner(_FROZEN_BATCHNORM_TENSORS))
+    return found
+
+
 def build_graph(tp: Any, model: nn.Module, inputs: tuple[Any, ...], feature: str) -> Any:
     """Torch-Pruning's dependency graph of ``model`` traced on ``inputs``.
+
+    With the pruners of :func:`per_channel_pruners` for the layers of ``model`` they cover.
 
     Args:
         tp: the ``torch_pruning`` module (see :func:`torch_pruning`).
@@ -55,7 +161,12 @@ def build_graph(tp: Any, model: nn.Module, inputs: tuple[Any, ...], feature: str
     """
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+            return tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=inputs,
+                verbose=False,
+                customized_pruners=per_channel_pruners(tp, model) or None,
+            )
     except Exception as err:
         raise ValueError(
             f"{feature}: Torch-Pruning's dependency graph cannot be built for this "

@@ -43,14 +43,22 @@ Budgets (``amount`` is always one number):
   such as attention heads, move in coarse steps: they keep that fraction rounded, and the larger
   groups' common fraction is then set again to land closest to the target).
 
+Per-channel layers pass a group through: a PReLU (its slopes, one per channel, are zeroed with
+their channel; one shared slope stays), an InstanceNorm (its affine parameters are zeroed with
+their channel, as a BatchNorm's) and torchvision's ``FrozenBatchNorm2d`` (its buffers are sliced
+at the export).
+
 Every group keeps at least one channel (a layer is never removed whole). Groups whose channels
 reach the model's output (the classifier), pass through a layer whose channels cannot be
-zeroed exactly (a LayerNorm, a BatchNorm without affine parameters, a grouped convolution that
-is not depthwise, a transposed convolution) or through an operation without parameters that
-mixes them (``F.normalize`` or ``softmax`` over channels, a channel shuffle, ``flip``; the
-dependency graph takes these for element-wise operations, so every group is also measured on
-the example inputs, see :func:`find_groups`) are left dense and listed in
-:attr:`CoupledLayout.skipped`.
+zeroed exactly (a LayerNorm, a BatchNorm or an InstanceNorm with running statistics and without
+affine parameters, a grouped convolution that is not depthwise, a transposed convolution) or
+through an operation without parameters that mixes them (``F.normalize`` or ``softmax`` over
+channels, a channel shuffle, ``flip``; the dependency graph takes these for element-wise
+operations, so every group is also measured on the example inputs, see :func:`find_groups`)
+are left dense and listed in :attr:`CoupledLayout.skipped`. So is a group whose channels the
+model cannot lose, which :func:`find_groups` finds by removing one of them from a copy of the
+model before any training: a buffer or constant that the forward uses per channel (``x *
+self.scale``) is invisible to the graph and keeps the old channel count.
 
 Example:
     >>> import torch
@@ -89,7 +97,14 @@ from torch.nn.utils import prune
 
 from torchbip._func import PRUNABLE_TYPES, Target
 from torchbip._tensors import tensor_leaves
-from torchbip._tracing import as_inputs, build_graph, cuts_channels, is_depthwise, torch_pruning
+from torchbip._tracing import (
+    as_inputs,
+    build_graph,
+    cuts_channels,
+    is_depthwise,
+    is_frozen_batchnorm,
+    torch_pruning,
+)
 from torchbip.layouts import Layout, MaskLayout
 from torchbip.masks import GlobalTopK, cap_counts, count_from_amount, floor_counts, topk_mask, validate_amount
 from torchbip.method import BiPMethod, attach_scores, outside_inference_mode
@@ -221,7 +236,11 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     The graph is traced on a copy of ``model`` (tracing runs a forward pass in eval mode), so
     ``model`` is left exactly as it was. Each group is then measured on the copy (see
     :func:`_mixing_groups`): a group whose pruned channels would still reach the outputs past
-    its readers is left dense.
+    its readers is left dense. Then one channel of every group is removed from the copy as
+    :func:`torchbip.export_slim` would remove it, and the copy is run (see
+    :func:`_unremovable_groups`): a group without which the model fails (a buffer or constant
+    that the forward uses per channel, which the graph does not see, keeps the old channel
+    count) is left dense too, before any training.
 
     Args:
         model: the model.
@@ -255,12 +274,13 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     twin = copy.deepcopy(model)
     inputs = _like_parameters(as_inputs(example_inputs), twin)
     names = {m: n for n, m in twin.named_modules()}
+    param_names = {id(p): n for n, p in twin.named_parameters()}
     modules = dict(model.named_modules())
     training = twin.training
     cuda = _cuda_devices(twin, inputs)  # the forward passes below draw none of the caller's numbers
     try:  # the model's own error, before the tracer retries it in ways that hide it (in eval, as it)
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            twin.eval()(*inputs)
+            reference = [tuple(t.shape) for t in tensor_leaves(twin.eval()(*inputs))]
         twin.train(training)
     except Exception as err:
         shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
@@ -298,7 +318,12 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
                 break
             if node.type in passthrough:
                 continue
-            name = names.get(module, str(module))
+            if node.type == op.CUSTOMIZED and is_frozen_batchnorm(module):
+                continue  # fixed per-channel scale and shift: a pruned channel's readers ignore it
+            if isinstance(module, nn.Module):
+                name = names.get(module, type(module).__name__)
+            else:  # a Parameter the forward uses directly
+                name = param_names.get(id(module), type(module).__name__)
             entries: list[tuple[str, int]]
             layer = node.type in (op.CONV, op.LINEAR, op.DEPTHWISE_CONV)
             if layer and not isinstance(module, PRUNABLE_TYPES):
@@ -318,12 +343,30 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
             elif node.type == op.BN:
                 reason = f"the BatchNorm {name!r} has no affine parameters to zero"
                 break
+            elif node.type == op.PRELU:  # per channel, prelu(0) = 0; one shared slope: nothing to slice
+                entries = [("weight", 0)] if module.weight.numel() > 1 else []
+            elif isinstance(module, nn.modules.instancenorm._InstanceNorm):  # per channel, as a BatchNorm
+                if module.affine:
+                    entries = [("weight", 0), ("bias", 0)]
+                elif module.track_running_stats:  # eval: a zero channel becomes -mean / std
+                    reason = (
+                        f"the InstanceNorm {name!r} has running statistics but no affine parameters to zero"
+                    )
+                    break
+                else:  # a zero channel stays zero (its own mean is zero)
+                    entries = []
+            elif node.type == op.PARAMETER:
+                reason = (
+                    f"{name!r}, a parameter that the forward uses directly (not through a layer), holds "
+                    "its channels; Coupled prunes layers' tensors only"
+                )
+                break
             else:
                 reason = (
                     f"{name!r} ({type(module).__name__}) mixes its channels; they cannot be zeroed exactly"
                 )
                 break
-            if name not in layers:
+            if entries and name not in layers:
                 layers.append(name)
             for pname, dim in entries:
                 if getattr(module, pname, None) is None:
@@ -343,6 +386,7 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
         )
     for index in reversed(_mixing_groups(twin, inputs, [shares_ for _, shares_ in ordered], cuda)):
         skipped.append((ordered.pop(index)[0].root, _MIXING))
+    traced = [(g.root, g.size) for g, _ in ordered]  # the graph's groups (then attention heads)
     for name, module in twin.named_modules():  # attention heads: one group per attention module
         if not isinstance(module, nn.MultiheadAttention) or name in {g.root for g, _ in ordered}:
             continue
@@ -356,6 +400,10 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
         if module.in_proj_bias is not None:
             shares_list.append((name, "in_proj_bias", 0, rows, heads))
         ordered.append((ChannelGroup(name, module.num_heads, (), (name,)), shares_list))
+    with torch.random.fork_rng(devices=cuda):  # (changes the twin: last)
+        failing = _unremovable_groups(model, twin, graph, tp, inputs, traced, reference)
+    for index, error in reversed(failing):
+        skipped.append((ordered.pop(index)[0].root, _UNREMOVABLE.format(error=error)))
     # tensors in model order: modules as named_modules() lists them, then their own order
     rank = {n: i for i, n in enumerate(modules)}
     own = {n: {p: i for i, p in enumerate(m._parameters)} for n, m in modules.items()}
@@ -397,6 +445,12 @@ _MIXING = (
     "its channels pass through an operation without parameters that mixes them (a normalization "
     "over channels, a softmax, a channel shuffle or flip, ...): a pruned channel would still change "
     "what the kept channels compute"
+)
+
+_UNREMOVABLE = (
+    "the model fails once its channels are removed ({error}): something the dependency graph does not "
+    "see (a buffer or constant that the forward uses per channel) keeps their number, so "
+    "export_slim could not remove them"
 )
 
 Share = tuple[str, str, int, list[int], list[int]]  # (module, tensor, dim, positions, channels)
@@ -507,6 +561,60 @@ def _mixing_groups(
             return search(plans)
     finally:
         model.train(training)
+
+
+def _unremovable_groups(
+    model: nn.Module,
+    twin: nn.Module,
+    graph: Any,
+    tp: Any,
+    inputs: tuple[Any, ...],
+    groups: Sequence[tuple[str, int]],
+    reference: Sequence[tuple[int, ...]],
+) -> list[tuple[int, str]]:
+    """The groups (indices, ascending, with the error) whose channels the model cannot lose.
+
+    ``groups``: ``(root, size)`` of each group of ``graph``, the dependency graph traced on
+    ``twin`` (a copy of ``model``). The first channel of every group of two channels or more is
+    removed with Torch-Pruning, as :func:`torchbip.export_slim` removes channels, and the model
+    is run in eval mode on ``inputs``: it must run and give outputs of the ``reference`` shapes.
+    A buffer or constant that the forward uses per channel (``x * self.scale``) is invisible to
+    the graph and keeps the old channel count, so the forward fails. All groups are tried at
+    once on ``twin`` itself (which is changed: call this last); when that fails, halves of the
+    failing set are tried again, each on a fresh copy of ``model`` traced again.
+    """
+    candidates = [i for i, (_, size) in enumerate(groups) if size >= 2]
+
+    def attempt(net: nn.Module, net_graph: Any, selected: list[int]) -> str | None:
+        by_name = dict(net.named_modules())
+        try:
+            for i in selected:
+                root = by_name[groups[i][0]]
+                remove = net_graph.get_pruner_of_module(root).prune_out_channels
+                net_graph.get_pruning_group(root, remove, [0]).prune()
+            with torch.no_grad():
+                outputs = [tuple(t.shape) for t in tensor_leaves(net.eval()(*inputs))]
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        if outputs != list(reference):
+            return f"the outputs' shapes change from {list(reference)} to {outputs}"
+        return None
+
+    def search(selected: list[int], traced: tuple[nn.Module, Any] | None) -> list[tuple[int, str]]:
+        if not selected:
+            return []
+        if traced is None:
+            net = copy.deepcopy(model)
+            traced = (net, build_graph(tp, net, inputs, "Coupled(example_inputs=...)"))
+        error = attempt(*traced, selected)
+        if error is None:
+            return []
+        if len(selected) == 1:
+            return [(selected[0], error)]
+        half = len(selected) // 2
+        return search(selected[:half], None) + search(selected[half:], None)
+
+    return search(candidates, (twin, graph))
 
 
 def _layer_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:

@@ -20,8 +20,12 @@ A channel is removed only when every layer that reads it gets the same result wi
 Otherwise the channel is kept (a nonzero constant entering a zero-padded convolution is not a
 bias near the borders). Channels that reach the model's output are never removed, nor channels
 that go through ``torch.split``, ``torch.chunk``, ``unbind`` or a channel slice such as
-``y[:, :k]``, whose bounds the forward fixes (removing a channel before it would shift them).
-The constants are read from one forward pass on ``example_inputs`` in eval mode, and the slim
+``y[:, :k]``, whose bounds the forward fixes (removing a channel before it would shift them),
+nor the channels of a layer that holds a tensor another layer holds too (tied, such as
+``dec.weight = enc.weight``: slicing each holder on its own would untie it); those are named in a
+:class:`SlimExportWarning`. Per-channel layers go with their channels: BatchNorm, PReLU,
+InstanceNorm (with its running statistics) and torchvision's ``FrozenBatchNorm2d`` (its
+buffers). The constants are read from one forward pass on ``example_inputs`` in eval mode, and the slim
 model is checked against the masked one on the same inputs (``verify=True``): equality holds in
 eval mode.
 
@@ -213,11 +217,23 @@ class _Planner:
     """Decides which channels of one dependency group can go, and what to fold where."""
 
     def __init__(
-        self, tp: Any, graph: Any, stats: _ChannelStats, keep_out: set[nn.Module], zeros: _ZeroCache
+        self,
+        tp: Any,
+        graph: Any,
+        stats: _ChannelStats,
+        keep_out: set[nn.Module],
+        zeros: _ZeroCache,
+        tied: Mapping[nn.Module, str],
     ) -> None:
         t = tp.ops.OPTYPE
         self.tp, self.graph, self.stats, self.keep_out, self.zeros = tp, graph, stats, keep_out, zeros
         self.passthrough = {t.BN, t.ELEMENTWISE, t.CONCAT, t.RESHAPE, t.SLICE, t.EXPAND, t.PRELU, t.IN}
+        # the per-channel layers of torchbip._tracing.per_channel_pruners (FrozenBatchNorm2d,
+        # InstanceNorm), sliced like a BatchNorm
+        self.passthrough.add(t.CUSTOMIZED)
+        # modules holding a tensor that another module holds too: slicing one would untie it
+        self.tied = tied
+        self.kept_tied: dict[nn.Module, str] = {}  # those that kept zero channels, and why
         # torch.split/chunk/unbind: Torch-Pruning can map the pieces to the wrong channels
         self.splits = {t.SPLIT, t.UNBIND}
         self.slice = t.SLICE
@@ -234,6 +250,7 @@ class _Planner:
         cut: dict[int, bool] = defaultdict(bool)
         producers: dict[int, int] = defaultdict(int)
         readers: list[tuple[nn.Module, int, int]] = []
+        tied: list[nn.Module] = []
         for item in group:
             dep, idxs, roots = item.dep, item.idxs, item.root_idxs
             node, module = dep.target, dep.target.module
@@ -243,6 +260,8 @@ class _Planner:
             is_in = graph.is_in_channel_pruning_fn(dep.handler)
             if node.type == self.output or (is_out and not node.outputs):
                 return [], {}  # the channel reaches the model's output
+            if module in self.tied:  # Torch-Pruning would slice one holder of the tensor, untying it
+                tied.append(module)
             if node.type in self.splits or (node.type == self.slice and cuts_channels(node)):
                 return [], {}  # pieces of fixed bounds in the forward: a removal shifts them
             if node.type in self.passthrough:
@@ -281,6 +300,10 @@ class _Planner:
             elif value != 0.0:
                 folds[r].append((module, i, value))
         accepted = sorted(r for r, good in ok.items() if good)
+        if accepted and tied:  # removable but for the tie: kept, and said (SlimExportWarning)
+            for module in tied:
+                self.kept_tied.setdefault(module, self.tied[module])
+            return [], {}
         plan: dict[nn.Module, dict[int, float]] = defaultdict(dict)
         for r in accepted:
             for module, i, value in folds[r]:
@@ -407,6 +430,8 @@ def export_slim(
     zero_before = _zero_slice_weights(slim, fed)
     stats: _ChannelStats | None = None
     zeros = _ZeroCache()
+    tied = _tied_modules(slim)
+    kept_tied: dict[nn.Module, str] = {}
     for module in roots:
         depthwise = is_depthwise(module)
         if getattr(module, "groups", 1) != 1 and not depthwise:
@@ -426,7 +451,7 @@ def export_slim(
                 continue
             if stats is None:
                 stats = _ChannelStats(slim, inputs)
-            planner = _Planner(tp, graph, stats, keep_out, zeros)
+            planner = _Planner(tp, graph, stats, keep_out, zeros, tied)
             accepted, plan = planner.judge(graph.get_pruning_group(module, fn, candidates))
             # A root can stand for a coarser unit than itself (one Linear input feature for a
             # whole conv channel after a flatten): judge the group of the accepted roots again,
@@ -443,13 +468,14 @@ def export_slim(
                         break
                     again = [r for r in accepted if r not in spare]
                 accepted = again
+            kept_tied.update(planner.kept_tied)
             if accepted and group is not None:
                 _fold(plan)
                 for item in group:
                     if graph.is_in_channel_pruning_fn(item.dep.handler):
                         stats.drop(item.dep.target.module, list(item.idxs))
                 group.prune()
-    _remove_heads(slim)
+    _remove_heads(slim, tied)
     if verify:
         with torch.no_grad():
             try:
@@ -462,7 +488,52 @@ def export_slim(
                 ) from err
         _check_close(outputs, reference, rtol, atol)
     _warn_kept_zeros(zero_before, _zero_slice_weights(slim, fed))
+    _warn_kept_tied(kept_tied, {m: n for n, m in slim.named_modules()})
     return slim.train(training)
+
+
+def _tied_modules(model: nn.Module) -> dict[nn.Module, str]:
+    """The modules that hold a parameter or buffer another module holds too, with the tie named.
+
+    Torch-Pruning slices each module's tensors on their own (a new tensor per module), so
+    removing a channel of one would untie the tensor: such modules keep their channels.
+
+    Example:
+        >>> a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        >>> b.weight = a.weight
+        >>> list(_tied_modules(nn.Sequential(a, b, nn.Linear(4, 2))).values())
+        ["'0.weight' is '1.weight'", "'0.weight' is '1.weight'"]
+    """
+    holders: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
+    for prefix, module in model.named_modules():
+        own = [*module._parameters.items(), *module._buffers.items()]
+        for name, tensor in own:
+            if tensor is not None:
+                holders[id(tensor)].append((f"{prefix}.{name}" if prefix else name, module))
+    tied: dict[nn.Module, str] = {}
+    for entries in holders.values():
+        if len({id(m) for _, m in entries}) > 1:
+            text = " is ".join(repr(key) for key, _ in entries)
+            for _, module in entries:
+                tied.setdefault(module, text)
+    return tied
+
+
+def _warn_kept_tied(kept: Mapping[nn.Module, str], names: Mapping[nn.Module, str]) -> None:
+    """Warn that zero channels of layers holding a tied tensor were kept, naming them."""
+    if not kept:
+        return
+    by_tie: dict[str, list[str]] = defaultdict(list)
+    for module, tie in kept.items():
+        by_tie[tie].append(repr(names.get(module, type(module).__name__)))
+    listed = "; ".join(f"{', '.join(layers)} ({tie})" for tie, layers in by_tie.items())
+    warnings.warn(
+        f"export_slim kept zero channels of layers that hold a tensor another layer holds too: {listed}. "
+        "Removing them would slice each holder on its own and untie the tensor; untie the layers "
+        "before pruning to have those channels removed",
+        SlimExportWarning,
+        stacklevel=3,
+    )
 
 
 def _first_layers(model: nn.Module, graph: Any) -> set[str]:
@@ -526,19 +597,24 @@ def _warn_kept_zeros(before: Mapping[str, int], after: Mapping[str, int]) -> Non
         "where removing them would change the outputs, and where you asked: layers in ignored_layers, "
         "channels that reach the model's output, residual "
         "additions or concatenations tied to channels that are not zero, grouped (not depthwise) or "
-        "transposed convolutions, a layer used at two places, split or sliced channels, a nonzero constant "
+        "transposed convolutions, a layer used at two places or holding a tensor tied to another layer's, "
+        "split or sliced channels, a nonzero constant "
         "entering a zero-padded convolution, and one channel of a layer whose channels are all zero",
         SlimExportWarning,
         stacklevel=3,
     )
 
 
-def _remove_heads(model: nn.Module) -> None:
-    """Turn every attention module with removable heads into a slim one (never removing all)."""
+def _remove_heads(model: nn.Module, tied: Mapping[nn.Module, str]) -> None:
+    """Turn every attention module with removable heads into a slim one (never removing all).
+
+    One holding a tensor tied to another module's (``tied``, see :func:`_tied_modules`) keeps
+    its heads.
+    """
     from torchbip.attention import SlimMultiheadAttention, removable_heads
 
     for module in model.modules():
-        if not isinstance(module, nn.MultiheadAttention):
+        if not isinstance(module, nn.MultiheadAttention) or module in tied or module.out_proj in tied:
             continue
         dead = set(removable_heads(module))
         if dead and len(dead) < module.num_heads:
@@ -637,8 +713,10 @@ def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
             key is not a string or a value not a tensor.
         ValueError: for unexpected or missing keys, a shape that :func:`export_slim` cannot
             produce from ``model`` (another number of dimensions, a larger or empty dimension,
-            another kernel size, sizes that disagree within a layer) or a value whose dtype is
-            of another kind (floating point, complex, integer, bool) than the model's.
+            another kernel size, sizes that disagree within a layer), a value whose dtype is
+            of another kind (floating point, complex, integer, bool) than the model's, or two
+            keys of one tensor of ``model`` (tied) with different values (loading both would
+            keep only the last).
         RuntimeError: from ``load_state_dict``, for a model whose own loading hooks rename keys
             (the checks above then are torch's).
 
@@ -759,7 +837,7 @@ def _plan_load(model: nn.Module, state_dict: Mapping[Any, Any]) -> _LoadPlan:
     expected: set[str] = set()
     optional: set[str] = set()
     custom = False
-    shapes: dict[int, tuple[str, torch.Size]] = {}  # id(tensor) -> (first key, its planned shape)
+    firsts: dict[int, tuple[str, Tensor]] = {}  # id(tensor) -> (the first key, its saved value)
     layers: list[tuple[nn.Module, str, dict[str, torch.Size]]] = []  # the layers that change
     for prefix, module in model.named_modules(remove_duplicate=False):
         head = prefix + "." if prefix else ""
@@ -783,11 +861,17 @@ def _plan_load(model: nn.Module, state_dict: Mapping[Any, Any]) -> _LoadPlan:
             if saved is None:
                 continue
             _check_value(key, saved, tensor)
-            first = shapes.setdefault(id(tensor), (key, saved.shape))
-            if first[1] != saved.shape:
+            first_key, first = firsts.setdefault(id(tensor), (key, saved))
+            if first.shape != saved.shape:
                 raise ValueError(
-                    f"state_dict[{key!r}] has shape {tuple(saved.shape)} but state_dict[{first[0]!r}], "
-                    f"the same tensor of model, has shape {tuple(first[1])}"
+                    f"state_dict[{key!r}] has shape {tuple(saved.shape)} but state_dict[{first_key!r}], "
+                    f"the same tensor of model, has shape {tuple(first.shape)}"
+                )
+            if not _same_values(first, saved, tensor.dtype):
+                raise ValueError(
+                    f"state_dict[{key!r}] and state_dict[{first_key!r}] hold different values, but they "
+                    "name the same tensor of model (tied): loading both would keep only the last one. "
+                    "Save a model with the same tie, or untie the tensor in model first"
                 )
             planned[name] = saved.shape
             if saved.shape != tensor.shape:
@@ -818,6 +902,20 @@ def _plan_load(model: nn.Module, state_dict: Mapping[Any, Any]) -> _LoadPlan:
         _check_layer(module, head, planned)
         plan.modules.append(module)
     return plan
+
+
+def _same_values(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``a`` and ``b`` load the same values into a tensor of ``dtype`` (NaNs alike)."""
+    if a is b or a.is_meta or b.is_meta:
+        return True
+    a, b = (t.detach().to_dense() if t.layout != torch.strided else t.detach() for t in (a, b))
+    a, b = a.to(dtype), b.to(device=a.device, dtype=dtype)
+    if torch.equal(a, b):
+        return True
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return False
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
 
 
 def _check_value(key: str, saved: Tensor, tensor: Tensor, created: bool = False) -> None:
