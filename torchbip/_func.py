@@ -17,6 +17,8 @@ from torchbip.method import check_scores_slot, has_grad_capture
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = [
+    "LEAVE_OUT",
+    "LEAVE_OUT_OR_EXCLUDE",
     "Target",
     "candidate_targets",
     "check_targets",
@@ -27,6 +29,11 @@ __all__ = [
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# How a caller leaves a tied tensor out (the end of :func:`check_targets`'s advice): with
+# ``parameters=`` (global_prune, the baselines), or also with ``exclude=`` (torchbip.BiP).
+LEAVE_OUT = "leave them out with parameters=..."
+LEAVE_OUT_OR_EXCLUDE = "leave them out (exclude=... or parameters=...)"
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,8 @@ def resolve_targets(
     model: nn.Module,
     parameters: Iterable[tuple[nn.Module, str]] | None,
     defaults: list[tuple[nn.Module, str]] | None = None,
+    *,
+    leave_out: str = LEAVE_OUT,
 ) -> list[Target]:
     """Check ``parameters`` (or pick the defaults: ``defaults``, else :func:`default_targets`).
 
@@ -151,8 +160,10 @@ def resolve_targets(
             an empty selection, tensors on several devices or on the ``meta`` device.
         TypeError: for ``parameters`` that is not an iterable of ``(module, name)`` pairs (a
             module, a single pair, a string or a mapping included).
+
+    ``leave_out``: see :func:`check_targets`.
     """
-    return check_targets(model, candidate_targets(model, parameters, defaults))
+    return check_targets(model, candidate_targets(model, parameters, defaults), leave_out=leave_out)
 
 
 def candidate_targets(
@@ -217,8 +228,13 @@ def candidate_targets(
     return targets
 
 
-def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
+def check_targets(model: nn.Module, targets: list[Target], *, leave_out: str = LEAVE_OUT) -> list[Target]:
     """Check that every target is a trainable floating-point Parameter BiP can mask; return them.
+
+    ``leave_out`` completes the advice for a tied tensor, "untie the weights or ...", with the
+    caller's own options: by default :data:`LEAVE_OUT` (``parameters=``, which
+    :func:`torchbip.global_prune` and the baselines take), :class:`torchbip.BiP` passes
+    :data:`LEAVE_OUT_OR_EXCLUDE`.
 
     Raises:
         ValueError: for a module whose forward its parent never calls, a missing tensor, a tied
@@ -265,8 +281,7 @@ def check_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
             raise ValueError(
                 f"parameters names {target.fqn!r}, which is tied to (the same Parameter as) "
                 f"{tied[0]!r}; torch's pruning masks one module at a time, so the other module would "
-                "keep the unmasked tensor: untie the weights or leave them out (exclude=... or "
-                "parameters=...)"
+                f"keep the unmasked tensor: untie the weights or {leave_out}"
             )
         if not tensor.requires_grad:
             raise ValueError(

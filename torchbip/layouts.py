@@ -199,8 +199,9 @@ class UnstructuredLayout(MaskLayout):
         self.per_tensor: list[int] | None = None
         if isinstance(amount, (int, float)):
             self.n_keep = sum(n_allowed) - count_from_amount(amount, sum(n_allowed))
-            floors = floor_counts(n_allowed, min_keep)
-            caps = cap_counts(n_allowed, max_keep)
+            floors, caps = _floors_and_caps(
+                [t.weight().numel() for t in targets], n_allowed, min_keep, max_keep
+            )
             _check_floors_and_caps(targets, self.n_keep, amount, min_keep, floors, max_keep, caps, "entries")
             self.topk = GlobalTopK(self.n_keep, floors if min_keep is not None else None, caps)
             self.fast = all(a is None for a in self.allowed) and min_keep is None and caps is None
@@ -320,7 +321,10 @@ class GroupLayout(MaskLayout):
             self.n_groups, amount, budget, min_keep, unit, [t.fqn for t in targets]
         )
         if budget == "global":
-            caps = cap_counts(self.n_groups, max_keep)
+            # (a float floor or cap counts the tensor's groups, also those pruned before)
+            self.counts, caps = _floors_and_caps(
+                [s[dim] for s in self.shapes], self.n_groups, min_keep, max_keep
+            )
             _check_floors_and_caps(targets, self.n_keep, amount, min_keep, self.counts, max_keep, caps, unit)
             self._global = GlobalTopK(self.n_keep, self.counts if min_keep is not None else None, caps)
 
@@ -377,8 +381,9 @@ class NMLayout(MaskLayout):
             if isinstance(value, int) or abs(float(value) - fraction) > 1e-9:
                 # repr: a float literal (0.0, not 0, which counts entries) that this check accepts
                 raise ValueError(
-                    f"amount={value!r} but the layout {n}:{m} prunes exactly a fraction 1 - n/m = "
-                    f"{fraction:g} of every tensor; pass amount={fraction!r}"
+                    f"amount={value!r} but the layout {n}:{m} keeps the top {n} entries of every block of "
+                    f"{m}, which is the amount 1 - n/m = {fraction:g} (the fraction it prunes of a tensor "
+                    f"not pruned before; of one pruned before, at most that); pass amount={fraction!r}"
                 )
         for target in targets:
             _refuse_transposed(target, f"'{n}:{m}'")
@@ -392,10 +397,22 @@ class NMLayout(MaskLayout):
                     f"{target.fqn!r} has {size} inputs along dim={dim}, not a multiple of m={m}; leave "
                     "it out of parameters"
                 )
-        self.n_keep = sum(
+        kept = [
             int(nm_mask(torch.zeros(t.weight().shape), n, m, d, allowed=a).sum())
             for t, d, a in zip(targets, self.dims, self.allowed, strict=True)
-        )
+        ]
+        for target, count, allow in zip(targets, kept, self.allowed, strict=True):
+            # (N:M does not compound: a tensor whose every block already has at most n entries
+            # left has nothing to choose, and the round would prune none of it)
+            if allow is not None and n < m and count == int(allow.sum()):
+                raise ValueError(
+                    f"parameters names {target.fqn!r}, pruned before so that every block of {m} inputs "
+                    f"has at most {n} entries left: the layout {n}:{m} keeps the top {n} remaining entries "
+                    "of each block, so it would prune none of this tensor (N:M does not compound: a second "
+                    f"{n}:{m} round does not reach 1 - (1 - p)^2); leave the tensor out of parameters, or "
+                    "prune it further with another layout (e.g. unstructured)"
+                )
+        self.n_keep = sum(kept)
 
     def init_scores(self, weights: Sequence[Tensor], method: str) -> list[Tensor]:
         """See :meth:`MaskLayout.init_scores`."""
@@ -479,8 +496,9 @@ class Layout(ABC):
 class Unstructured(Layout):
     """One score per entry; ``amount`` ranks the entries of all tensors together.
 
-    ``min_keep`` and ``max_keep`` bound each tensor's share of the global ranking; a per-tensor
-    ``amount`` (a dict of name patterns) prunes each tensor on its own.
+    ``min_keep`` and ``max_keep`` bound each tensor's share of the global ranking (a float is a
+    fraction of the whole tensor, also of one pruned before, not of its remaining entries); a
+    per-tensor ``amount`` (a dict of name patterns) prunes each tensor on its own.
 
     Example:
         >>> Unstructured().shorthand
@@ -512,7 +530,8 @@ class Groups(Layout):
     (``"channel"``). ``amount`` counts groups. ``budget="layer"`` prunes the same fraction of
     groups in every tensor (the paper; an int ``amount`` is a count per tensor);
     ``budget="global"`` ranks all groups together, with the per-tensor floor ``min_keep`` and
-    cap ``max_keep``. A group's score moves along the sum of its entries' upper gradients.
+    cap ``max_keep`` (a float: a fraction of all the tensor's groups, also those pruned before).
+    A group's score moves along the sum of its entries' upper gradients.
 
     Args:
         dim: ``0`` (filters) or ``1`` (input channels).
@@ -678,6 +697,13 @@ class NM(Layout):
     ``amount`` must be ``1 - n/m``. By default every ``Linear``/``Conv`` weight whose input size
     is a multiple of ``m`` is pruned.
 
+    N:M does not compound. A round keeps the top ``n`` remaining (allowed) entries of every block,
+    so on a tensor pruned before (by an earlier N:M round, or an unstructured one) it prunes only
+    the blocks that still have more than ``n`` entries, and prunes at most ``1 - n/m`` of what
+    remains: a second ``2:4`` round prunes nothing, where a second unstructured round at ``p``
+    reaches :math:`1 - (1 - p)^2`. A tensor whose every block already has at most ``n`` entries
+    left (nothing to choose) is refused with a ``ValueError`` naming it, before anything changes.
+
     Args:
         n: entries kept per block.
         m: block size.
@@ -785,6 +811,30 @@ def as_layout(layout: object, budget: str = "layer", arg: str = "layout") -> Lay
 def _plain_str(value: str) -> str:
     """``value`` as a plain ``str`` (a ``numpy.str_`` or an ``enum.StrEnum`` member becomes its text)."""
     return str.__str__(value) if isinstance(value, str) and type(value) is not str else value
+
+
+def _floors_and_caps(
+    sizes: Sequence[int], remaining: Sequence[int], min_keep: Amount | None, max_keep: Amount | None
+) -> tuple[list[int], list[int] | None]:
+    """Each tensor's floor ``min_keep`` and cap ``max_keep`` of a global ranking, as counts.
+
+    An int is a count, a float a fraction of the whole tensor: of its ``sizes`` (entries, or
+    groups), also those an earlier pruning removed, not of its ``remaining`` ones (the floor
+    rounded up and at least one, the cap rounded down; see :func:`torchbip.masks.floor_counts`
+    and :func:`torchbip.masks.cap_counts`). Neither exceeds what remains of the tensor: a
+    floor larger than that keeps all of it.
+
+    Example:
+        >>> _floors_and_caps([100, 100], [100, 10], 0.05, 0.5)
+        ([5, 5], [50, 10])
+        >>> _floors_and_caps([100, 100], [100, 10], 20, None)
+        ([20, 10], None)
+    """
+    floors = [min(f, n) for f, n in zip(floor_counts(sizes, min_keep), remaining, strict=True)]
+    caps = cap_counts(sizes, max_keep)
+    if caps is not None:
+        caps = [min(c, n) for c, n in zip(caps, remaining, strict=True)]
+    return floors, caps
 
 
 def _check_floors_and_caps(

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from torchbip._collectives import agree, all_reduce_mean, broadcast_state, default_group
 from torchbip._frames import user_stacklevel
-from torchbip._func import Target, candidate_targets, check_targets
+from torchbip._func import LEAVE_OUT_OR_EXCLUDE, Target, candidate_targets, check_targets
 from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import check_optimizer_state, copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
@@ -131,7 +131,8 @@ class BiP:
             :func:`torch.nn.utils.prune.global_unstructured`; by default the layout's defaults
             (every ``nn.Linear``/``nn.Conv*d`` weight; see :mod:`torchbip.layouts`).
         exclude: name patterns of tensors (or modules) to leave out, e.g. ``["fc.weight"]``,
-            ``["conv1"]`` or ``["*.lm_head.*"]``; a pattern that matches nothing is an error.
+            ``["conv1"]`` or ``["*lm_head*"]`` (a tied language-model head, ``lm_head.weight`` or
+            ``model.lm_head.weight``); a pattern that matches nothing is an error.
         layout: ``"unstructured"``, ``"filter"``, ``"channel"``, an ``"N:M"`` pattern or a
             :class:`torchbip.layouts.Layout`. By default ``"filter"`` leaves out the layers whose
             outputs are the model's outputs and ``"channel"`` those that read its inputs, by the
@@ -142,9 +143,11 @@ class BiP:
         budget: with ``"filter"``/``"channel"``: ``"layer"`` (the same fraction of every
             tensor) or ``"global"``.
         min_keep: per-tensor floor of a global ranking: an int count or a float fraction of each
-            tensor that is always kept.
+            tensor that is always kept (rounded up, at least one). A float is a fraction of the
+            whole tensor (with a group layout: of all its groups), also of a tensor pruned
+            before, not of its remaining entries; a floor above what remains keeps all of it.
         max_keep: per-tensor cap of a global ranking: an int count or a float fraction of each
-            tensor that is kept at most.
+            (whole) tensor that is kept at most (rounded down).
         upper_lr: learning rate :math:`\beta` of the scores.
         upper_momentum: SGD momentum of the scores.
         upper_schedule: ``"constant"``, ``"step"`` (x0.1 at 50% and 75% of ``steps``) or
@@ -363,7 +366,7 @@ class BiP:
             model, parameters, None if parameters is not None else spec.default_parameters(model)
         )
         targets, amounts = _select(model, found, amount, exclude)  # before the checks: exclude a tied head
-        check_targets(model, targets)
+        check_targets(model, targets, leave_out=LEAVE_OUT_OR_EXCLUDE)  # (the tied-weights advice)
         weights = [t.weight() for t in targets]
         if not bool(all_finite(weights)):
             bad = [t.fqn for t in targets if not bool(all_finite([t.weight()]))]

@@ -4,6 +4,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import torchbip
 
@@ -62,3 +63,13 @@ report = torchbip.global_prune(model, 0.95, loader, min_keep=0.01, **run)
 for name, t in report.sparsity.tensors.items():
     print(f"{name}: {t.numel - t.zeros} of {t.numel} kept")
     assert t.numel - t.zeros >= math.ceil(0.01 * t.numel)
+
+# 5. A float min_keep is a fraction of the whole tensor, also of a tensor
+#    pruned before (amount counts its remaining entries; the floor does not).
+model = Net()
+prune.l1_unstructured(model.blocks[0], "weight", amount=0.9)  # 410 of 4096 left
+report = torchbip.global_prune(model, 0.9, loader, min_keep=0.05, **run)
+kept = report.sparsity.tensors["blocks.0.weight"]
+print(f"blocks.0.weight: {kept.numel - kept.zeros} of {kept.numel} kept")
+# blocks.0.weight: 205 of 4096 kept (the floor: the ranking wants fewer)
+assert kept.numel - kept.zeros >= math.ceil(0.05 * 4096)  # 205, not 0.05 * 410

@@ -116,3 +116,99 @@ def test_a_pruner_that_prunes_in_several_steps_is_refused_not_misranked() -> Non
     pruner.step()
     with pytest.raises(RuntimeError, match=r"output channels now, BiP scored \d+: .*iterative_steps=1"):
         pruner.step()
+
+
+def test_filter_importance_is_the_weight_s_scores_not_the_bias_s() -> None:
+    """A filter BiP that also prunes a layer's bias scores the bias's filters too: the
+    importance ranks by the weight's own scores, not the bias's."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    bip = torchbip.BiP(
+        model, amount=0.5, layout="filter", parameters=[(model[0], "weight"), (model[0], "bias")]
+    )
+    weight_scores = model[0].weight_scores.clone()
+    assert not torch.equal(weight_scores, model[0].bias_scores)  # (the test tells them apart)
+    importance = BiPImportance(bip)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(2, 3, 8, 8))
+    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=list(range(8)))
+    assert torch.equal(importance(group), weight_scores)
+
+
+class _Residual(torch.nn.Module):
+    """c1 and c2 feed one add: Torch-Pruning removes their output channels together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c1(x))
+        h = F.relu(h + self.c2(h))
+        return self.fc(F.relu(self.c3(h)).mean((2, 3)))
+
+
+def _trained_residual(layout: object) -> tuple[_Residual, torchbip.BiP, torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = _Residual(), torch.randn(2, 3, 8, 8)
+    bip = torchbip.BiP(model, amount=0.5, layout=layout, upper_lr=100.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for i in range(4):
+        g = torch.Generator().manual_seed(i)
+        optimizer.zero_grad()
+        images, labels = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        bip.step()
+    return model, bip, x
+
+
+def test_filter_importance_refuses_a_group_of_layers_bip_scored_apart() -> None:
+    """With a filter layout c1 and c2 keep different filters; Torch-Pruning removes the same
+    channels of both: the importance refuses the group (naming both) instead of ranking it by
+    the root's scores alone (which kept filters BiP zeroed and removed ones it kept)."""
+    model, bip, x = _trained_residual("filter")
+    kept = [
+        set((m.weight_mask.flatten(1) != 0).any(1).nonzero().flatten().tolist()) for m in (model.c1, model.c2)
+    ]
+    assert kept[0] != kept[1]  # (what makes one ranking impossible)
+    importance = BiPImportance(bip)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    group = graph.get_pruning_group(model.c1, tp.prune_conv_out_channels, idxs=list(range(8)))
+    with pytest.raises(
+        ValueError, match=r"'c1' and 'c2' together .*layout=torchbip\.Coupled\(example_inputs\)"
+    ):
+        importance(group)
+    group = graph.get_pruning_group(model.c2, tp.prune_conv_out_channels, idxs=list(range(8)))
+    with pytest.raises(ValueError, match=r"'c2' and 'c1' together"):
+        importance(group)
+    other = graph.get_pruning_group(model.c3, tp.prune_conv_out_channels, idxs=[4, 0])
+    assert torch.equal(importance(other), model.c3.weight_scores[[4, 0]])  # a layer alone: fine
+    bip.finish()
+    torchbip.export.make_permanent(model)
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=importance, pruning_ratio=0.5, ignored_layers=[model.fc]
+    )
+    with pytest.raises(ValueError, match="scored the filters of each layer on its own"):
+        pruner.step()
+
+
+def test_coupled_importance_prunes_the_residual_group_as_bip_did() -> None:
+    """The fix the refusal names: Coupled scores c1 and c2's shared channels jointly, and
+    Torch-Pruning removes exactly the channels BiP pruned (torchbip's own export agrees)."""
+    model, bip, x = _trained_residual(torchbip.Coupled(torch.randn(2, 3, 8, 8)))
+    importance = BiPImportance(bip)
+    bip.finish()
+    reference = torchbip.export_slim(model.eval(), x)
+    torchbip.export.make_permanent(model)
+    tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=0.5, ignored_layers=[model.fc]).step()
+    assert (model.c1.out_channels, model.c2.out_channels, model.c3.out_channels) == (4, 4, 3)
+    for conv in (model.c1, model.c2, model.c3):  # no filter BiP zeroed survives
+        assert bool((conv.weight.detach().flatten(1) != 0).any(1).all())
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

@@ -5,6 +5,11 @@ would end up in ``describe()``, in ``BiP.state_dict()`` and in checkpoints).
 Oracles: the input channels that BiP keeps at the start, ranked here by a sort of their L1 norms
 (the ``"magnitude"`` scores of the groups); equality with the layout built from plain values; and
 ``torch.load(weights_only=True)``, which reads back plain types only.
+
+Also the arguments that leave tensors out: the tied-weights error advises the options the caller
+takes (``parameters=`` for :func:`torchbip.global_prune`, also ``exclude=`` for
+:class:`torchbip.BiP`), and the ``exclude`` pattern BiP's docstring shows matches a top-level
+``lm_head.weight``.
 """
 
 from __future__ import annotations
@@ -128,3 +133,48 @@ def test_a_global_prune_checkpoint_with_a_str_subclass_budget_loads_with_weights
     assert saved["run"]["budget"] == "global"
     assert type(saved["run"]["budget"]) is str
     assert saved["run"]["structured"] == "channel"
+
+
+class TiedLM(nn.Module):
+    """A language model whose top-level ``lm_head`` holds the embedding's Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.body = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 12, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm_head(torch.relu(self.body(self.emb(x))))
+
+
+def test_the_tied_weights_advice_of_global_prune_names_parameters_not_exclude() -> None:
+    tokens = torch.randint(0, 12, (16,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"'lm_head\.weight', which is tied to") as info:
+        global_prune(TiedLM(), 0.5, [(tokens, tokens)], steps=1, progress=False)
+    assert str(info.value).endswith("untie the weights or leave them out with parameters=...")
+    assert "exclude" not in str(info.value)  # global_prune takes no exclude=
+    with pytest.raises(ValueError, match=r"leave them out with parameters=\.\.\.$"):
+        resolve_targets(TiedLM(), None)
+
+
+def test_the_tied_weights_advice_of_bip_names_exclude_too() -> None:
+    with pytest.raises(
+        ValueError, match=r"'lm_head\.weight', which is tied to .*\(exclude=\.\.\. or parameters=\.\.\.\)$"
+    ):
+        BiP(TiedLM(), 0.5)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_the_documented_exclude_pattern_leaves_out_a_tied_lm_head(nested: bool) -> None:
+    """BiP's docstring shows ``exclude=["*lm_head*"]``: it matches ``lm_head.weight`` at the top
+    level and inside a wrapper (``model.lm_head.weight``)."""
+    model: nn.Module = TiedLM()
+    if nested:
+        wrapper = nn.Module()
+        wrapper.model = model
+        model = wrapper
+    pruner = BiP(model, 0.5, exclude=["*lm_head*"])
+    assert pruner.names == (["model.body.weight"] if nested else ["body.weight"])
+    pruner.finish()

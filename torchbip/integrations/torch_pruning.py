@@ -31,6 +31,15 @@ groups together, which Torch-Pruning's per-group ratio does not reproduce. Group
 score (the classifier, layers it left dense) get no importance, and Torch-Pruning leaves them
 alone.
 
+A filter layout (``Groups(dim=0)``) scores the filters of each layer on its own, and only its
+weights' scores rank the channels (a pruned bias's scores are not used). Where Torch-Pruning
+removes the same output channels of several layers together (one dependency group: the convs
+that feed a residual add, for example), no one ranking reproduces the filters BiP pruned in each
+layer: for a group that holds a second layer whose filters BiP scored, the importance raises a
+``ValueError`` naming both layers (when Torch-Pruning asks for that group's importance, before it
+prunes the group) rather than rank the group by one layer's scores. Train such a model with
+``layout=torchbip.Coupled(example_inputs)``, which scores coupled channels jointly.
+
 Needs Torch-Pruning (``pip install "torchbip[export]"``).
 """
 
@@ -94,6 +103,9 @@ class BiPImportance(_Importance):
         layout = pruner.layout
         # per module whose output channels BiP scores: the score of each output channel
         self.scores: dict[int, Tensor] = {}
+        # the names of those modules (for the messages), and whether each layer was scored alone
+        self.names: dict[int, str] = {}
+        self.per_layer = False
         if isinstance(layout, CoupledLayout):
             for owner, group in zip(layout.owners, layout.groups, strict=True):
                 values = pruner.score_views[owner].detach().clone()
@@ -103,9 +115,13 @@ class BiPImportance(_Importance):
                         per_channel = torch.empty(target.weight().shape[0], dtype=values.dtype)
                         per_channel[slot.positions] = values[slot.channels.to(values.device)].cpu()
                         self.scores[id(target.module)] = per_channel
+                        self.names[id(target.module)] = target.module_fqn
         elif isinstance(layout, GroupLayout) and layout.dim == 0:
+            self.per_layer = True
             for target, view in zip(pruner.targets, pruner.score_views, strict=True):
-                self.scores[id(target.module)] = view.detach().clone().cpu()
+                if target.name == "weight":  # (a pruned bias has filter scores of its own: not these)
+                    self.scores[id(target.module)] = view.detach().clone().cpu()
+                    self.names[id(target.module)] = target.module_fqn
         else:
             raise TypeError(
                 f"BiPImportance needs one score per channel: a BiP with layout=torchbip.Coupled(...) or "
@@ -113,9 +129,17 @@ class BiPImportance(_Importance):
             )
 
     def __call__(self, group: Any) -> Tensor | None:
-        """The BiP scores of the group's root channels (``None``: BiP did not score this group)."""
+        """The BiP scores of the group's root channels (``None``: BiP did not score this group).
+
+        Raises:
+            ValueError: with a filter layout, for a group whose output channels are also those of
+                another layer whose filters BiP scored (see the module's documentation).
+            RuntimeError: for a layer whose channels changed since the scores were read.
+        """
         root = group[0]
         module = root.dep.target.module
+        if self.per_layer:
+            self._refuse_layers_scored_apart(group, module)
         scores = self.scores.get(id(module))
         if scores is None:
             return None
@@ -128,3 +152,38 @@ class BiPImportance(_Importance):
                 "step (iterative_steps=1)"
             )
         return scores[torch.as_tensor(list(root.idxs), dtype=torch.long)]
+
+    def _refuse_layers_scored_apart(self, group: Any, root: Any) -> None:
+        """Refuse a group that removes the output channels of several layers BiP scored apart."""
+        layers = [root]
+        for dep, _ in group:
+            other = dep.target.module
+            if (
+                id(other) in self.scores
+                and all(other is not m for m in layers)
+                and _prunes_outputs(group, dep)
+            ):
+                layers.append(other)
+        if len(layers) == 1:  # (the root alone, scored or not)
+            return
+        graph_names = getattr(getattr(group, "_DG", None), "_module2name", None) or {}
+        names = [
+            repr(self.names[id(m)]) if id(m) in self.names
+            else f"{graph_names.get(m, type(m).__name__)!r} (not pruned by BiP)"
+            for m in layers
+        ]  # fmt: skip
+        raise ValueError(
+            f"BiPImportance: Torch-Pruning removes the same output channels of {', '.join(names[:-1])} "
+            f"and {names[-1]} together (one dependency group, e.g. the layers that feed a residual add), "
+            "but BiP's filter layout (Groups(dim=0)) scored the filters of each layer on its own, so no "
+            "one ranking of the group keeps the filters BiP kept in each; train with "
+            "layout=torchbip.Coupled(example_inputs), which scores coupled channels jointly"
+        )
+
+
+def _prunes_outputs(group: Any, dep: Any) -> bool:
+    """Whether the dependency ``dep`` of ``group`` removes its layer's output channels."""
+    graph = getattr(group, "_DG", None)
+    if graph is not None and hasattr(graph, "is_out_channel_pruning_fn"):
+        return bool(graph.is_out_channel_pruning_fn(dep.handler))
+    return getattr(dep.handler, "__name__", None) == "prune_out_channels"
