@@ -1196,7 +1196,7 @@ class Coupled(Layout):
         if pruned:
             raise ValueError(
                 f"layout=Coupled starts from unpruned tensors, but {pruned} are pruned already; "
-                "prune.remove them first (or leave them out with exclude=)"
+                "prune.remove them first, or leave them out (parameters=..., or exclude=... with BiP)"
             )
         found = None
         for _, _, candidate in self._found.values():
