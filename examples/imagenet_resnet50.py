@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import itertools
 import json
 import logging
@@ -102,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the model, the data order and the augmentations")
     add("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:0', ...")
     add("--progress", action=flag, default=True, help="tqdm progress bars")
-    add("--smoke", action="store_true", help="tiny sizes: every phase in seconds")
+    add("--smoke", action=flag, default=False, help="tiny sizes: every phase in seconds")
     add("--amp", choices=list(AMP), default="none", help="autocast dtype (float16 with a GradScaler)")
     add("--compile", action=flag, default=False, help="torch.compile the model")
     add("--compile-backend", default="inductor", help="torch.compile backend")
-    add("--resume", action="store_true", help="continue the interrupted run in --out")
+    add("--resume", action=flag, default=False, help="continue the interrupted run in --out")
     return parser
 
 
@@ -282,9 +281,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, world: int) -> dict[str, Any]:
     start, times = time.perf_counter(), {}
-    if not (plot := importlib.util.find_spec("matplotlib") is not None):  # now, not after the training
-        LOG.warning("matplotlib is not installed: density.png will not be written (pip install matplotlib)")
-    config = script_utils.plain_options(args)
+    if no_plot := script_utils.matplotlib_problem():  # imported now (Agg), not after the training
+        LOG.warning(f"{no_plot}: density.png will not be written")
+    config = script_utils.plain_options(args, omit={"resume"})  # how this run started: not for -c reuse
     barrier = dist.barrier if world > 1 else lambda: None
     if rank == 0:  # an earlier run's outputs in --out would describe that run: gone until written anew
         for name in ("report.json", "resnet50_pruned.pth", "density.png"):
@@ -362,16 +361,14 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
 
     # 5. prune.remove makes the zeros permanent; the plain state_dict loads into a fresh resnet50.
     with phase("save"), torch.no_grad():
-        model.eval()
-        probe = next(iter(val_loader))[0].to(device)
+        model.eval()  # the probe: validation images, or training ones where this rank's val shard is empty
+        probe = next(iter(val_loader if len(val_loader) else train_loader))[0].to(device)
         before = model(probe)
         make_permanent(model)  # prune.remove on every pruned tensor
-        outputs_equal = bool(torch.equal(before, model(probe)))
+        outputs_equal = script_utils.all_sum([float(torch.equal(before, model(probe)))], device)[0] == world
         weights = torchbip.sparsity_report(model, include_dense=True)  # every conv/linear weight
         if rank == 0:
             torch.save(model.state_dict(), args.out / "resnet50_pruned.pth")
-            if plot:  # the kept fraction of every pruned tensor, in model order
-                masks.plot(args.out / "density.png", title=f"ResNet-50, {masks.global_sparsity:.1%} sparse")
     zeros, total = weights.zeros, weights.numel
     LOG.info(f"prune.remove on {len(pruner.names)} tensors; outputs unchanged: {outputs_equal}; "
              f"zero weights {zeros} / {total} ({zeros / total:.4f})")  # fmt: skip
@@ -394,6 +391,9 @@ def run(args: argparse.Namespace, preset: str, device: torch.device, rank: int, 
     if rank == 0:
         (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+        if not no_plot:  # last: a failing plot costs only the plot (the kept fraction of every tensor)
+            with script_utils.warn_on_error(LOG, "density.png not written"):
+                masks.plot(args.out / "density.png", title=f"ResNet-50, {masks.global_sparsity:.1%} sparse")
     tuned = "" if acc_finetuned is None else f" -> fine-tuned {acc_finetuned['top1']:.2%}"
     LOG.info(f"top-1 accuracy: dense {acc_dense['top1']:.2%} -> BiP {acc_pruned['top1']:.2%}{tuned} at "
              f"{sparsity['global_sparsity']:.2%} sparsity; {report['wall_time_s']['total']:.1f} s in all; "

@@ -12,6 +12,8 @@
 
 - Checks made before any work: counts, ranges, seeds, devices, output folders (a file or a
   read-only folder is refused), the class folders of an ImageFolder tree, state_dict files.
+- Whether matplotlib can write plots, checked at a run's start; optional outputs whose
+  failure only warns.
 - A run's log (rank 0 to a file and stdout, the other ranks' warnings to stderr), atomic
   checkpoint writes, sums over the ranks, a check that every rank ends with the same model, and
   a check that a checkpoint was written with the options of the run that resumes from it.
@@ -148,9 +150,28 @@ def check_compile_backend(
         parser.error(f"{option}: unknown torch.compile backend {backend!r}; known: {', '.join(known)}")
 
 
-def plain_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options as plain values (for ``config.yaml``, checkpoints and reports), without ``config``."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "config"}
+def plain_options(args: argparse.Namespace, omit: Collection[str] = ()) -> dict[str, Any]:
+    """The options as plain values (for ``config.yaml``, checkpoints and reports), without ``config``
+    and those in ``omit`` (e.g. ``resume``: how a run was started, which a ``-c`` reuse must not inherit)."""
+    skip = {"config", *omit}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
+
+
+def matplotlib_problem() -> str | None:
+    """Why matplotlib cannot write plots here, or ``None`` when it can: it is imported now, with the
+    Agg backend (files only), so that a run learns at its start, not after its training, whether it
+    will plot. Any failure counts: not installed, an import that fails (a NumPy ABI mismatch), an
+    invalid ``MPLBACKEND`` (matplotlib refuses it on import)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except Exception as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == "matplotlib":
+            return "matplotlib is not installed"
+        return f"matplotlib cannot be used ({type(err).__name__}: {err})"
+    return None
 
 
 def check_resumable(
@@ -245,6 +266,15 @@ def same_model_on_every_rank(model: nn.Module, log: logging.Logger) -> list[str]
         raise RuntimeError(f"the ranks' models differ at the end: {digests}")
     log.info(f"all {len(digests)} ranks hold the same model state at the end (sha256 {digests[0]})")
     return digests  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def warn_on_error(log: logging.Logger, what: str) -> Iterator[None]:
+    """Turn an exception in the block into a warning ``what: error`` (for optional outputs)."""
+    try:
+        yield
+    except Exception as err:
+        log.warning(f"{what}: {type(err).__name__}: {err}")
 
 
 @contextlib.contextmanager

@@ -136,7 +136,7 @@ class SparsityReport:
             The matplotlib ``Figure``.
 
         Raises:
-            ImportError: matplotlib is not installed.
+            ImportError: matplotlib is not installed, or is installed but cannot be imported.
             ValueError: the report has no tensors.
 
         Example:
@@ -154,8 +154,11 @@ class SparsityReport:
             raise ValueError("plot: the report has no tensors (the model has no pruned tensors)")
         try:
             pyplot = importlib.import_module("matplotlib.pyplot") if ax is None else None
-        except ImportError as error:
-            raise ImportError("SparsityReport.plot needs matplotlib: pip install matplotlib") from error
+        except ImportError as error:  # not installed, or installed but its import fails (say why)
+            missing = isinstance(error, ModuleNotFoundError) and str(error.name).split(".")[0] == "matplotlib"
+            why = "pip install matplotlib" if missing else "it is installed but cannot be imported"
+            cause = f"{type(error).__name__}: {error}"
+            raise ImportError(f"SparsityReport.plot needs matplotlib: {why} ({cause})") from error
         names = [name.removesuffix(".weight") for name in self.tensors]
         if ax is None:
             assert pyplot is not None
