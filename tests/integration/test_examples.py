@@ -6,7 +6,6 @@ matplotlib, and as two ``torchrun`` processes (gloo).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -20,32 +19,21 @@ import pytest
 import torch
 import torchvision
 import yaml
+from example_scripts import load_example
 from torch import nn
 from torchvision.models import resnet50
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def _load_example(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:  # as when run as a script: its helper module beside it
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"torchbip_example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def imagenet_example() -> ModuleType:
-    return _load_example("imagenet_resnet50")
+    return load_example("imagenet_resnet50")
 
 
 @pytest.fixture(scope="module")
 def lenet_example() -> ModuleType:
-    return _load_example("mnist_lenet")
+    return load_example("mnist_lenet")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from example_scripts import load_example
 
 from torchbip.report import SparsityReport
 
@@ -34,17 +35,7 @@ WARNING = "density.png will not be written"
 
 @pytest.fixture(scope="module")
 def flagship() -> ModuleType:
-    if str(EXAMPLES) not in sys.path:  # as when run as a script: its helper module beside it
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(
-        "torchbip_example_robustness", EXAMPLES / "imagenet_resnet50.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("imagenet_resnet50", "torchbip_example_robustness")
 
 
 def _tiny(out: Path, standin: Path, *extra: str) -> list[str]:
