@@ -606,7 +606,9 @@ def _unremovable_groups(
         if traced is None:
             net = copy.deepcopy(model)
             traced = (net, build_graph(tp, net, inputs, "Coupled(example_inputs=...)"))
+            del net
         error = attempt(*traced, selected)
+        traced = None  # this copy has served: free it before the halves make their own
         if error is None:
             return []
         if len(selected) == 1:

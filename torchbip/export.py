@@ -508,7 +508,8 @@ def _tied_modules(model: nn.Module) -> dict[nn.Module, str]:
     for prefix, module in model.named_modules():
         own = [*module._parameters.items(), *module._buffers.items()]
         for name, tensor in own:
-            if tensor is not None:
+            # a scalar (a 0-d counter, a single shared slope) is never sliced: removing channels keeps it tied
+            if tensor is not None and tensor.numel() > 1:
                 holders[id(tensor)].append((f"{prefix}.{name}" if prefix else name, module))
     tied: dict[nn.Module, str] = {}
     for entries in holders.values():

@@ -1281,8 +1281,22 @@ class BiP:
                 f"state was saved for the tensors {state['names']}, this BiP prunes {self.names}"
             )
         if state["layout"] != self.layout.describe():
+            mine_layout, saved_layout = self.layout.describe(), state["layout"]
+            changed = (
+                {k for k in {*mine_layout, *saved_layout} if mine_layout.get(k) != saved_layout.get(k)}
+                if isinstance(saved_layout, Mapping)
+                else set()
+            )
+            hint = (
+                " (only the per-tensor floors or caps differ: a float min_keep/max_keep is a fraction of "
+                "the whole tensor, also of one pruned before; a state saved by an earlier version of "
+                "torchbip counted the remaining entries of such a tensor and cannot continue here: "
+                "start the run again)"
+                if changed and changed <= {"floors", "caps"}
+                else ""
+            )
             raise ValueError(
-                f"state was saved for the layout {state['layout']}, this BiP has {self.layout.describe()}"
+                f"state was saved for the layout {saved_layout}, this BiP has {mine_layout}{hint}"
             )
         if not isinstance(state["settings"], Mapping):
             raise ValueError(f"state['settings'] must be a dict, got {describe(state['settings'])}")
