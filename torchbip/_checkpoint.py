@@ -30,7 +30,7 @@ from torch import Tensor
 
 from torchbip._func import Target
 from torchbip._loop import CHECKPOINT_FORMAT
-from torchbip.config import BiPConfig
+from torchbip.config import BiPConfig, is_bool
 from torchbip.data import BatchStream, describe
 from torchbip.layouts import MaskLayout
 
@@ -115,7 +115,7 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, str):
         return str.__str__(value)
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if is_bool(value):  # (numpy.bool_ too)
         return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)

@@ -384,3 +384,13 @@ def test_numpy_bool_flags_are_stored_as_python_bools(name: str, flag: np.bool_) 
 def test_flags_that_are_not_bools_are_still_refused(value: object) -> None:
     with pytest.raises(ValueError, match=r"^progress must be a bool, got "):
         BiPConfig(progress=value)  # type: ignore[arg-type]
+
+
+def test_checkpoint_settings_turn_numpy_bools_into_python_bools() -> None:
+    from torchbip._checkpoint import _plain
+
+    value = _plain({"flags": [np.True_, (np.bool_(False),)], np.str_("x"): np.True_})
+    assert value == {"flags": [True, (False,)], "x": True}
+    assert type(value["flags"][0]) is bool
+    assert type(value["flags"][1][0]) is bool
+    assert type(value["x"]) is bool
