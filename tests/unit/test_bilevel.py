@@ -421,3 +421,40 @@ def test_global_prune_follows_the_reference_update_rule(mode: str) -> None:
     magnitude = torch.zeros_like(flat)
     magnitude[flat.topk(n - round(amount * n)).indices] = 1.0
     assert not torch.equal(torch.cat([m.weight_mask.flatten() for m in layers]), magnitude)
+
+
+@pytest.mark.parametrize("with_mask_grads", [True, False])
+def test_grads_equal_torch_func_grad_bit_for_bit_and_build_no_graph(with_mask_grads: bool) -> None:
+    """The vjp without a graph of its own gives exactly what ``torch.func.grad`` gives."""
+    model = _pruned_cnn(3).float()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 5, 5, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    params = dict(model.named_parameters())
+    masks = {n: model.get_buffer(n) for n in MASK_NAMES}
+    buffers = {n: b for n, b in model.named_buffers() if n not in masks and not n.endswith("_scores")}
+    forward = make_forward(model)
+
+    def objective(p: dict[str, Tensor], m: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        fresh = {k: v.clone() for k, v in buffers.items()}
+        loss = F.cross_entropy(forward({**p, **m, **fresh}, x), y)
+        return loss, fresh
+
+    if with_mask_grads:
+        (exp_params, exp_masks), exp_buffers = torch.func.grad(objective, argnums=(0, 1), has_aux=True)(
+            params, masks
+        )
+    else:
+        exp_params, exp_buffers = torch.func.grad(lambda p: objective(p, masks), has_aux=True)(params)
+        exp_masks = {}
+    out = masked_loss_grads(
+        forward, params, masks, buffers, x, y, F.cross_entropy, with_mask_grads=with_mask_grads
+    )
+    assert set(out.params) == set(exp_params)
+    assert set(out.masks) == set(exp_masks)
+    for got, expected in ((out.params, exp_params), (out.masks, exp_masks), (out.buffers, exp_buffers)):
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), name
+    for value in [*out.params.values(), *out.masks.values()]:
+        assert value.grad_fn is None
+        assert not value.requires_grad
