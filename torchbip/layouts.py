@@ -317,10 +317,13 @@ class GroupLayout(MaskLayout):
             ]
             self.n_keep = sum(self.counts)
             return
-        self.n_keep, self.counts = group_keep_counts(
-            self.n_groups, amount, budget, min_keep, unit, [t.fqn for t in targets]
-        )
-        if budget == "global":
+        if budget != "global":
+            self.n_keep, self.counts = group_keep_counts(
+                self.n_groups, amount, budget, min_keep, unit, [t.fqn for t in targets]
+            )
+        else:
+            total = sum(self.n_groups)
+            self.n_keep = total - count_from_amount(amount, total, unit=unit)
             # (a float floor or cap counts the tensor's groups, also those pruned before)
             self.counts, caps = _floors_and_caps(
                 [s[dim] for s in self.shapes], self.n_groups, min_keep, max_keep
