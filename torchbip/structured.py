@@ -440,9 +440,11 @@ def select_groups(
             :func:`group_keep_counts`.
         budget: ``"layer"`` (the same fraction in every tensor) or ``"global"`` (one ranking,
             with the per-tensor floor ``min_keep``).
-        min_keep: per-tensor floor of the global ranking.
+        min_keep: per-tensor floor of the global ranking: an int (a count of groups) or a
+            float (a fraction of each tensor's groups, those ``allowed`` leaves out included,
+            as the layouts' ``min_keep``); a floor above what ``allowed`` leaves keeps all of it.
         allowed: optional boolean tensors of the scores' shapes; ``False`` groups (already
-            pruned) are never kept and are not counted.
+            pruned) are never kept and are not counted by ``amount``.
 
     Returns:
         One boolean tensor per score tensor.
@@ -461,8 +463,10 @@ def select_groups(
     if len(allows) != len(scores):
         raise ValueError(f"allowed has {len(allows)} entries but scores has {len(scores)}")
     n_groups = [s.numel() if a is None else int(a.sum()) for s, a in zip(scores, allows, strict=True)]
-    n_keep, counts = group_keep_counts(n_groups, amount, budget, min_keep)
+    n_keep, counts = group_keep_counts(n_groups, amount, budget)
     if budget == "layer":
         return [topk_mask(s, k, a) for s, k, a in zip(scores, counts, allows, strict=True)]
-    floors = counts if min_keep is not None else None
+    # A float floor is a fraction of the whole tensor (as in the layouts), capped by what remains.
+    whole = floor_counts([s.numel() for s in scores], min_keep)
+    floors = [min(f, n) for f, n in zip(whole, n_groups, strict=True)] if min_keep is not None else None
     return GlobalTopK(n_keep, floors)(list(scores), allows)

@@ -245,6 +245,20 @@ def test_global_budget_ranks_across_tensors_with_a_floor() -> None:
     assert keeps[1].tolist() == [False, False, True, True]
 
 
+def test_global_float_floor_is_a_fraction_of_the_whole_tensor_with_allowed() -> None:
+    # Tensor 0: 10 groups, 4 still allowed (an earlier pruning removed 6), all scored low.
+    # min_keep=0.3 is 3 of its 10 groups (not 2 = ceil(0.3 * 4) of the remaining ones).
+    scores = [torch.arange(10.0) / 100, torch.arange(10.0) + 1]
+    allowed = [torch.tensor([True] * 4 + [False] * 6), None]
+    keeps = select_groups(scores, 0.5, budget="global", min_keep=0.3, allowed=allowed)
+    assert keeps[0].tolist() == [False, True, True, True] + [False] * 6  # its 3 best allowed groups
+    assert keeps[1].tolist() == [False] * 6 + [True] * 4  # 7 kept of 14 allowed, less the floor's 3
+    # A floor above what remains keeps all of it.
+    keeps = select_groups(scores, 4, budget="global", min_keep=0.45, allowed=allowed)  # keeps 10
+    assert keeps[0].tolist() == [True] * 4 + [False] * 6  # a floor of 5, capped at the 4 left
+    assert keeps[1].tolist() == [False] * 4 + [True] * 6
+
+
 def test_group_keep_counts_layer_and_global() -> None:
     assert group_keep_counts([10, 4], 3) == (8, [7, 1])  # an int counts per tensor
     assert group_keep_counts([10, 4], 3, budget="global", min_keep=0.5) == (11, [5, 2])
