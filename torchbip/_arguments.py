@@ -124,6 +124,7 @@ def plan_run(
             "into NaN in float16 (its eps rounds to 0), and every pruned entry has one; train a float32 "
             "model with amp='float16', or pass optimizer='sgd'"
         )
+    _check_rates_fit(model, cfg)
     per_step = 2 if two_batch and upper_loader is None else 1
     defaults = None
     if parameters is None and isinstance(spec, Groups):
@@ -153,6 +154,25 @@ def plan_run(
     layout = spec.bind(targets, amount, allowed, cfg.min_keep)  # its errors name min_keep and amount
     steps = resolve_steps(cfg, loader, per_step)
     return RunPlan(cfg, amount, targets, allowed, layout, steps, group)
+
+
+def _check_rates_fit(model: nn.Module, cfg: BiPConfig) -> None:
+    """Refuse a ``lower_lr`` or ``gamma`` that the dtype of a trained parameter cannot hold.
+
+    Torch's optimizers convert them to the parameters' dtype and fail at the first step, naming
+    no option (float16 holds at most 65504).
+    """
+    trained = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+    for name in ("lower_lr", "gamma"):
+        value = float(getattr(cfg, name))
+        for dtype in sorted(trained, key=lambda d: torch.finfo(d).max):
+            largest = float(torch.finfo(dtype).max)
+            if value > largest:
+                raise ValueError(
+                    f"{name}={getattr(cfg, name)!r} is above the largest {dtype} ({largest:g}), the "
+                    f"dtype of parameters the weights' optimizer trains, which cannot hold it; pass a "
+                    f"smaller {name} or train the model in a wider dtype"
+                )
 
 
 def _check_backward_hooks(model: nn.Module) -> None:

@@ -69,6 +69,10 @@ class Target:
         return getattr(self.module, self.name + "_orig" if self.is_pruned else self.name)
 
 
+TRAINABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes of the tensors BiP prunes (float8 types have no arithmetic to train them with)."""
+
+
 def default_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model``.
 
@@ -288,8 +292,11 @@ def check_targets(model: nn.Module, targets: list[Target], *, leave_out: str = L
                 f"parameters names {target.fqn!r}, which is frozen (requires_grad=False); "
                 "BiP retrains the weights it prunes"
             )
-        if not tensor.is_floating_point():
-            raise ValueError(f"{target.fqn!r} has dtype {tensor.dtype}; BiP needs floating point")
+        if tensor.dtype not in TRAINABLE_DTYPES:
+            raise ValueError(
+                f"{target.fqn!r} has dtype {tensor.dtype}; BiP needs floating point "
+                "(float16, bfloat16, float32 or float64: it trains the weights and their scores)"
+            )
         if target.is_pruned:
             hooks = [h for hook_name, h in named_pruning_hooks(module) if hook_name == name]
             if len(hooks) != 1:

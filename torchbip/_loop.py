@@ -451,11 +451,12 @@ class BiPLoop:
         """
         c = self.bip.implicit_coef
         outs = self.bip.score_grad_buffers()
+        wide = self.bip.flat_scores.dtype  # (float32 for a bfloat16 or float16 model: computed in it)
         with torch.no_grad():
             return [
                 upper_grad(
-                    grads.masks[t.mask_fqn],
-                    grads.params[t.orig_fqn],
+                    grads.masks[t.mask_fqn].to(wide),
+                    grads.params[t.orig_fqn].to(wide),
                     c,
                     out=None if outs is None else outs[i],
                 )

@@ -833,18 +833,21 @@ class BiP:
                 g.mul_(inv_scale)
         saved = self.saved
 
+        wide = self.flat_scores.dtype  # (float32 for a bfloat16 or float16 model: computed in it)
+
         def theta(i: int) -> Tensor:  # one gather at a time for sharded tensors
-            return saved[i] if saved is not None else self._full(i)
+            return (saved[i] if saved is not None else self._full(i)).to(wide)
 
         if self.layout.elementwise:  # g * (theta - c * m * g), written into the score gradient
             for i, (g, mask, out) in enumerate(zip(captured, self.masks, self.grad_views, strict=True)):
+                g = g.to(wide)
                 if c:
-                    torch.addcmul(theta(i), mask, g, value=-c, out=out).mul_(g)
+                    torch.addcmul(theta(i), mask.to(wide), g, value=-c, out=out).mul_(g)
                 else:
                     torch.mul(theta(i), g, out=out)
             return
         elements = (
-            (i, torch.addcmul(theta(i), mask, g, value=-c).mul_(g) if c else theta(i) * g)
+            (i, torch.addcmul(theta(i), mask.to(wide), g.to(wide), value=-c).mul_(g) if c else theta(i) * g)
             for i, (g, mask) in enumerate(zip(captured, self.masks, strict=True))
         )
         self.layout.score_grads(elements, self.grad_views, self.masks)
@@ -1324,9 +1327,19 @@ class BiP:
             found_scores = scores.numel() if isinstance(scores, Tensor) else type(scores).__name__
             raise ValueError(f"state holds {found_scores} scores, expected {self.flat_scores.numel()}")
         if scores.dtype != self.flat_scores.dtype:
+            earlier = scores.dtype in (torch.float16, torch.bfloat16) and all(
+                o.dtype == scores.dtype for o in self.origs
+            )
             raise ValueError(
-                f"state['scores'] are {scores.dtype}, this BiP's are {self.flat_scores.dtype} (the model "
-                "was saved in another precision: convert the model before building BiP, as it was saved)"
+                f"state['scores'] are {scores.dtype}, this BiP's are {self.flat_scores.dtype} "
+                + (
+                    "(saved by an earlier torchbip, which kept the scores of a float16 or bfloat16 "
+                    "model in the model's dtype; they are float32 now, so the state cannot continue "
+                    "the same run: start a new one)"
+                    if earlier
+                    else "(the model was saved in another precision: convert the model before "
+                    "building BiP, as it was saved)"
+                )
             )
         keeps = self._checked_tensors(state["masks"], self.masks, "masks")
         if not all(k.dtype == torch.bool or bool(((k == 0) | (k == 1)).all()) for k in keeps):
@@ -1620,11 +1633,20 @@ def _fingerprint(orig: Tensor) -> Tensor:
 def _keep_or_restore(value: Tensor, mask: Tensor, saved: Tensor) -> None:
     """``value = where(mask, value, saved)`` in place, for a 0/1 ``mask`` of ``value``'s dtype.
 
-    Written as ``torch.lerp(saved, value, mask)``, which is exact at weights 0 and 1 (torch
-    computes ``saved + 0 * d`` and ``value - d * 0``) for finite values and on CPUs about 3x as
-    fast as :func:`torch.where` with a boolean condition; :func:`torch.where` otherwise.
+    Exact for every value, NaN and infinities included (an optimizer may write those into
+    pruned entries: torch's AdamW does in a float16 model). On CPUs, where :func:`torch.where`
+    with a boolean condition is several times slower, it is written as
+    ``torch.lerp(saved, value, mask)`` when both tensors are finite (one sum of each tells): torch
+    computes ``saved + 0 * d`` and ``value - d * 0``, exact at weights 0 and 1 for finite values
+    (and differences ``d`` within the dtype's range, i.e. weights below half its largest value).
     """
-    if mask.dtype == value.dtype and value.is_floating_point() and saved.dtype == value.dtype:
+    fast = (
+        value.device.type == "cpu"
+        and value.is_floating_point()
+        and mask.dtype == value.dtype
+        and saved.dtype == value.dtype
+    )
+    if fast and math.isfinite(float(value.sum()) + float(saved.sum())):
         torch.lerp(saved, value, mask, out=value)
     else:
         torch.where(mask.bool(), value, saved, out=value)

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
-__all__ = ["init_scores"]
+__all__ = ["init_scores", "score_dtype"]
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BiP keeps the scores of a weight of ``dtype`` in: at least float32.
+
+    Example:
+        >>> import torch
+        >>> score_dtype(torch.bfloat16), score_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
 
 
 def init_scores(weight: Tensor, method: str = "scaled_magnitude") -> Tensor:
@@ -18,12 +30,16 @@ def init_scores(weight: Tensor, method: str = "scaled_magnitude") -> Tensor:
     ranking inside a layer is the magnitude ranking either way; the scaling sets how layers
     compete in the global ranking.
 
+    Scores are kept in float32 for weights of lower precision (bfloat16, float16): rescaled in
+    those, distinct magnitudes would round to ties, and the small steps the scores take would
+    round away.
+
     Args:
         weight: the (masked) weight tensor.
         method: ``"scaled_magnitude"`` or ``"magnitude"``.
 
     Returns:
-        A float tensor of ``weight``'s shape.
+        A float tensor of ``weight``'s shape, in :func:`score_dtype` of its dtype.
 
     Example:
         >>> import torch
@@ -33,7 +49,7 @@ def init_scores(weight: Tensor, method: str = "scaled_magnitude") -> Tensor:
         >>> [round(v, 4) for v in init_scores(w).flatten().tolist()]
         [0.866, 1.7321]
     """
-    scores = weight.detach().abs().clone()
+    scores = weight.detach().abs().to(score_dtype(weight.dtype), copy=True)
     if method == "magnitude":
         return scores
     if method != "scaled_magnitude":

@@ -1920,3 +1920,144 @@ def test_check_meets_the_model_s_errors_before_the_process_group_s_as_constructi
     with pytest.raises(TypeError) as checked:
         torchbip.BiP.check("x", 0.5, process_group=1)  # type: ignore[arg-type]
     assert str(checked.value) == str(built.value)
+
+
+# -- low precision -------------------------------------------------------------------------------
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_scores_are_float32_and_take_every_update(dtype: torch.dtype) -> None:
+    """Scores kept in the model's bfloat16/float16 rounded a third of the score updates away.
+    The oracle: one SGD step of float64 scores along theta*g - c*m*g*g from plain autograd's g."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(dtype)
+    lr, c = 3.0, 1.0
+    pruner = torchbip.BiP(model, 0.9, upper_lr=lr, upper_momentum=0.0, implicit_coef=c)
+    assert pruner.flat_scores.dtype == torch.float32
+    assert all(model[i].weight_scores.dtype == torch.float32 for i in (0, 2))
+    before = pruner.flat_scores.detach().double().clone()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 64, generator=g).to(dtype), torch.randint(0, 10, (32,), generator=g)
+    zs = [(model[i].weight_orig * model[i].weight_mask).detach().requires_grad_() for i in (0, 2)]
+    hidden = torch.relu(F.linear(x, zs[0], model[0].bias.detach()))
+    out = F.linear(hidden, zs[1], model[2].bias.detach())
+    grads = torch.autograd.grad(F.cross_entropy(out.float(), y), zs)
+    theta = [model[i].weight_orig.detach().double() for i in (0, 2)]
+    mask = [model[i].weight_mask.double() for i in (0, 2)]
+    upper = torch.cat(
+        [
+            (g.double() * (t - c * m * g.double())).reshape(-1)
+            for g, t, m in zip(grads, theta, mask, strict=True)
+        ]
+    )
+    F.cross_entropy(model(x).float(), y).backward()
+    assert pruner.step()
+    want = before - lr * upper
+    got = pruner.flat_scores.detach().double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert pruner.state_dict()["scores"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("dtype", "row"),
+    [
+        (torch.bfloat16, [0.8203125, 0.1, 0.82421875, 1.0]),
+        (torch.float16, [0.70751953125, 0.7080078125, 1.0]),
+    ],
+)
+def test_low_precision_initial_scores_keep_the_magnitude_ranking(
+    dtype: torch.dtype, row: list[float]
+) -> None:
+    """Row 0 and the larger next value round to one score when rescaled in the weights' dtype, and
+    the tie kept the lower index: the larger weight was pruned. In float32 they stay apart."""
+    layer = nn.Linear(len(row), 1).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([row]))
+    model = nn.Sequential(layer)
+    torchbip.BiP(model, len(row) - 2, score_init="scaled_magnitude")  # keeps 1.0 and the pair's larger
+    magnitude = torch.tensor(row, dtype=torch.float64)
+    kept = model[0].weight_mask[0] != 0
+    assert kept.tolist() == (magnitude >= sorted(row)[-2]).tolist()
+
+
+def test_a_state_with_low_precision_scores_is_refused_with_the_reason() -> None:
+    model = make_model(dtype=torch.bfloat16)
+    state = torchbip.BiP(model, 0.8).state_dict()
+    state["scores"] = state["scores"].bfloat16()  # as an earlier version kept them
+    fresh = torchbip.BiP(make_model(dtype=torch.bfloat16), 0.8)
+    with pytest.raises(ValueError, match=r"earlier torchbip, which kept the scores .* float32 now"):
+        fresh.load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_value_the_optimizer_writes_is_undone_or_kept_exactly(
+    dtype: torch.dtype, bad: float
+) -> None:
+    """A NaN or infinity written into a pruned entry is undone (it was left there); one written
+    into a kept entry stays as it is (an infinity became NaN)."""
+    model = make_model(dtype=dtype)
+    pruner = torchbip.BiP(model, 0.75)
+    w, mask = model[0].weight_orig, model[0].weight_mask
+    pruned = tuple((mask == 0).nonzero()[0].tolist())
+    kept = tuple((mask != 0).nonzero()[0].tolist())
+    held = w.detach().clone()
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x.to(dtype)).float(), y).backward()
+    with torch.no_grad():  # the optimizer's step
+        w[pruned] = bad
+        w[kept] = bad
+    assert pruner.step()
+    assert torch.equal(w.detach()[pruned], held[pruned])
+    value = w.detach()[kept]
+    assert math.isnan(float(value)) if math.isnan(bad) else float(value) == bad
+
+
+def test_float16_adamw_nan_in_every_pruned_entry_is_undone() -> None:
+    """torch's AdamW writes NaN into every zero-gradient entry of a float16 model (its eps rounds
+    to 0): all pruned entries; the step puts back their held values."""
+    model = make_model(dtype=torch.float16)
+    pruner = torchbip.BiP(model, 0.75)
+    held = [w.detach().clone() for w in weights(model)]
+    pruned = [m == 0 for m in masks(model)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x.half()).float(), y).backward()
+    optimizer.step()
+    assert any(bool(w[p].isnan().any()) for w, p in zip(weights(model), pruned, strict=True))
+    assert pruner.step()
+    for w, h, p in zip(weights(model), held, pruned, strict=True):
+        assert torch.equal(w.detach()[p], h[p])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_weights_are_refused_by_name(dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Linear(8, 8)).to(dtype)
+    params = list(model.parameters())
+    with pytest.raises(
+        ValueError, match=r"'0\.weight' has dtype torch\.float8.*float16, bfloat16, float32 or float64"
+    ):
+        torchbip.BiP(model, 0.5)
+    with pytest.raises(ValueError, match=r"'0\.weight' has dtype torch\.float8"):
+        torchbip.global_prune(model, 0.5, [(torch.zeros(2, 8), torch.zeros(2))], progress=False)
+    assert list(model.parameters()) == params
+    assert all(p.dtype == dtype for p in params)
+    assert not prune.is_pruned(model)
+    assert not model[0]._forward_pre_hooks
+
+
+@pytest.mark.parametrize("option", ["lower_lr", "gamma"])
+def test_a_rate_float16_weights_cannot_hold_is_refused_up_front(option: str) -> None:
+    model = make_model(dtype=torch.float16)
+    before = capture(model)
+    batches = [(x.half(), y) for x, y in make_batches(1)]
+    with pytest.raises(
+        ValueError, match=rf"{option}=100000\.0 is above the largest torch\.float16 \(65504\)"
+    ):
+        torchbip.global_prune(
+            model, 0.75, batches, steps=1, progress=False, loss_fn=lambda o, t: F.cross_entropy(o.float(), t),
+            **{option: 1e5},
+        )  # fmt: skip
+    assert_unchanged(before, model)
