@@ -6,8 +6,10 @@ a feature needs it and says how to install it otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -145,10 +147,42 @@ def per_channel_pruners(tp: Any, model: nn.Module) -> dict[type, Any]:
     return found
 
 
+@contextlib.contextmanager
+def _all_trainable(model: nn.Module) -> Iterator[None]:
+    """Make every floating-point parameter of ``model`` require grad; restore the flags on exit.
+
+    Example:
+        >>> layer = nn.Linear(2, 2).requires_grad_(False)
+        >>> with _all_trainable(layer):
+        ...     layer.weight.requires_grad
+        True
+        >>> layer.weight.requires_grad
+        False
+    """
+    frozen = [
+        p
+        for p in model.parameters()
+        if not p.requires_grad and (p.dtype.is_floating_point or p.dtype.is_complex)
+    ]
+    try:
+        for p in frozen:
+            p.requires_grad = True  # (an uninitialised lazy parameter refuses requires_grad_)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad = False
+
+
 def build_graph(tp: Any, model: nn.Module, inputs: tuple[Any, ...], feature: str) -> Any:
     """Torch-Pruning's dependency graph of ``model`` traced on ``inputs``.
 
     With the pruners of :func:`per_channel_pruners` for the layers of ``model`` they cover.
+
+    The tracer follows autograd's ``grad_fn`` chain, which a layer leaves only when a tensor it
+    computes with requires grad: a frozen layer (``requires_grad=False``) would be missing from
+    the graph, and the channels it ties together with it. Every floating-point parameter of
+    ``model`` therefore requires grad while it is traced; each gets its own flag back afterwards,
+    also when tracing fails.
 
     Args:
         tp: the ``torch_pruning`` module (see :func:`torch_pruning`).
@@ -160,7 +194,7 @@ def build_graph(tp: Any, model: nn.Module, inputs: tuple[Any, ...], feature: str
         ValueError: when Torch-Pruning cannot trace the model (its error is chained).
     """
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _all_trainable(model):
             return tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=inputs,

@@ -143,12 +143,12 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         n = self.in_proj_weight.shape[0] // 3
         rows = [part * n + h * d + i for part in range(3) for h in heads for i in range(d)]
         columns = [h * d + i for h in heads for i in range(d)]
-        with torch.no_grad():
-            self.in_proj_weight = nn.Parameter(self.in_proj_weight[rows].clone())
-            if self.in_proj_bias is not None:
-                self.in_proj_bias = nn.Parameter(self.in_proj_bias[rows].clone())
-            out = self.out_proj
-            out.weight = nn.Parameter(out.weight[:, columns].clone())
+        with torch.no_grad():  # each new parameter keeps the requires_grad of the one it replaces
+            weight, bias, out = self.in_proj_weight, self.in_proj_bias, self.out_proj
+            self.in_proj_weight = nn.Parameter(weight[rows].clone(), weight.requires_grad)
+            if bias is not None:
+                self.in_proj_bias = nn.Parameter(bias[rows].clone(), bias.requires_grad)
+            out.weight = nn.Parameter(out.weight[:, columns].clone(), out.weight.requires_grad)
             out.in_features = len(columns)
         self.num_heads = len(heads)
         self._qkv_same_embed_dim = False
@@ -158,6 +158,11 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         self.num_heads = rows // (3 * self.head_dim)
         self.out_proj.in_features = self.num_heads * self.head_dim
         self._qkv_same_embed_dim = False
+
+    def _heads(self, x: Tensor, weight: Tensor, bias: Tensor | None, steps: int, batch: int) -> Tensor:
+        """``x`` (``(steps, batch, embed_dim)``) projected per head: ``(batch, heads, steps, head_dim)``."""
+        out = F.linear(x, weight, bias).reshape(steps, batch, self.num_heads, self.head_dim)
+        return out.permute(1, 2, 0, 3)
 
     def forward(
         self,
@@ -186,10 +191,9 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
 
-        def heads(x: Tensor, weight: Tensor, bias: Tensor | None, steps: int) -> Tensor:
-            return F.linear(x, weight, bias).reshape(steps, batch, h, d).permute(1, 2, 0, 3)
-
-        q, k, v = heads(query, w_q, b_q, length), heads(key, w_k, b_k, source), heads(value, w_v, b_v, source)
+        q = self._heads(query, w_q, b_q, length, batch)
+        k = self._heads(key, w_k, b_k, source, batch)
+        v = self._heads(value, w_v, b_v, source, batch)
         if attn_mask is None and is_causal:
             attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
         if self.add_zero_attn:  # a key and value of zeros at the end, as torch's attention adds
@@ -203,7 +207,7 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
             if mask.dim() == 3:  # (batch * heads, L, S): each head's own mask
                 if mask.shape[0] != batch * h:
                     raise ValueError(
-                        f"attn_mask of shape {tuple(mask.shape)}: a per-head mask needs batch * num_heads = "
+                        f"attn_mask of shape {list(mask.shape)}: a per-head mask needs batch * num_heads = "
                         f"{batch * h} rows (this attention keeps {h} heads)"
                     )
                 mask = mask.reshape(batch, h, length, source)

@@ -710,6 +710,12 @@ class BiPCoupled(BiPMethod):
 # -- the layout --------------------------------------------------------------------------------
 
 
+def _frozen(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is a Parameter with ``requires_grad=False``."""
+    tensor = module._parameters.get(name)
+    return tensor is not None and not tensor.requires_grad
+
+
 class CoupledLayout(MaskLayout):
     """:class:`Coupled` bound to the groups of one model and a budget.
 
@@ -738,6 +744,8 @@ class CoupledLayout(MaskLayout):
         for group in found.groups:
             if all(param_key[s.param] in wanted for s in group.slots):
                 groups.append(group)
+            elif any(_frozen(*found.params[s.param]) for s in group.slots):
+                dropped.append((group.root, "holds a frozen tensor (requires_grad=False)"))
             else:
                 dropped.append((group.root, "excluded"))
         if not groups:
@@ -1140,7 +1148,17 @@ class Coupled(Layout):
                 f"layout=Coupled finds no channel group to prune in this {type(model).__name__}: every "
                 f"group reaches the model's output or cannot be pruned safely: {found.skipped}"
             )
-        return list(found.params)
+        # A group holding a frozen tensor is left dense (BiP retrains what it prunes): its
+        # tensors are left out here, and the layout drops the group, naming the reason.
+        trainable = [(m, n) for m, n in found.params if not _frozen(m, n)]
+        if not trainable:
+            frozen = [g.root for g in found.groups]
+            raise ValueError(
+                f"layout=Coupled finds no channel group to prune in this {type(model).__name__}: every "
+                f"group holds a frozen tensor (requires_grad=False), which BiP cannot retrain ({frozen}); "
+                "unfreeze the layers to prune"
+            )
+        return trainable
 
     def check_parameters(self, parameters: object) -> None:
         """See :meth:`Layout.check_parameters`: the groups choose the tensors.

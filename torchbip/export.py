@@ -384,7 +384,9 @@ def export_slim(
         atol: absolute tolerance of the check, relative to the largest output magnitude.
 
     Returns:
-        The slim model, in the training mode of ``model``.
+        The slim model. Each of its modules has the training flag of the same module of
+        ``model``, and each parameter the ``requires_grad`` of the same parameter (a bias that
+        the export created by folding takes its weight's).
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor or a
@@ -418,8 +420,9 @@ def export_slim(
     rtol, atol = float(rtol), float(atol)  # (NumPy numbers too)
     tp = torch_pruning("export_slim")
     inputs = as_inputs(example_inputs)
-    training = model.training
-    slim = baked_copy(model).eval()
+    slim = baked_copy(model)
+    flags = _Flags(slim)
+    slim.eval()
     by_name = dict(slim.named_modules())
     keep_out = {by_name[names[id(m)]] for m in ignored}
     with torch.no_grad():
@@ -489,7 +492,36 @@ def export_slim(
         _check_close(outputs, reference, rtol, atol)
     _warn_kept_zeros(zero_before, _zero_slice_weights(slim, fed))
     _warn_kept_tied(kept_tied, {m: n for n, m in slim.named_modules()})
-    return slim.train(training)
+    flags.restore(slim)
+    return slim
+
+
+class _Flags:
+    """Each module's ``training`` flag and each parameter's ``requires_grad``, by name.
+
+    Removing channels replaces parameters with new ones that require grad (Torch-Pruning's
+    layer pruners, :meth:`SlimMultiheadAttention.shrink`) and folding creates biases;
+    :meth:`restore` gives the slim model the flags of the model it was copied from.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.training = {name: module.training for name, module in model.named_modules()}
+        self.requires_grad = {
+            name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)
+        }
+
+    def restore(self, model: nn.Module) -> None:
+        """Set the recorded flags on ``model``; a new parameter takes its layer's weight's flag."""
+        for prefix, module in model.named_modules():
+            module.training = self.training.get(prefix, module.training)
+            head = prefix + "." if prefix else ""
+            default = self.requires_grad.get(head + "weight")
+            for name, p in module._parameters.items():
+                if p is None or not (p.dtype.is_floating_point or p.dtype.is_complex):
+                    continue
+                flag = self.requires_grad.get(head + name, default)
+                if flag is not None:
+                    p.requires_grad = flag
 
 
 def _tied_modules(model: nn.Module) -> dict[nn.Module, str]:
@@ -878,7 +910,7 @@ def _plan_load(model: nn.Module, state_dict: Mapping[Any, Any]) -> _LoadPlan:
             if saved.shape != tensor.shape:
                 plan.resize[id(tensor)] = (tensor, saved.shape)
         bias_key = head + "bias"
-        created = isinstance(module, _LAYER_TYPES) and module.bias is None and bias_key in state_dict
+        created = _takes_bias(module) and module.bias is None and bias_key in state_dict
         if created:
             saved = state_dict[bias_key]
             _check_value(bias_key, saved, cast(Tensor, module.weight), created=True)
@@ -962,8 +994,21 @@ def _check_layer(module: nn.Module, head: str, shapes: Mapping[str, torch.Size])
         tensor = getattr(module, name, None)
         return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
 
+    from torchbip.sparse import CSRModule, SparseCSRConv2d  # here: torchbip.sparse imports this module
+
     weight, bias = shape("weight"), shape("bias")
-    if isinstance(module, _LAYER_TYPES):
+    if isinstance(module, CSRModule):  # the weight as a matrix: (out, in * kernel entries)
+        assert weight is not None
+        if bias is not None and bias != weight[:1]:
+            raise fail(f"the bias must have shape ({weight[0]},), one entry per output")
+        if isinstance(module, SparseCSRConv2d):
+            entries = math.prod(module.kernel_size)
+            if weight[1] % entries:
+                raise fail(
+                    f"the kernel size must stay {module.kernel_size}: {weight[1]} weight columns are "
+                    f"not a whole number of input channels of {entries} entries"
+                )
+    elif isinstance(module, _LAYER_TYPES):
         assert weight is not None
         if bias is not None and bias != weight[:1]:
             raise fail(f"the bias must have shape ({weight[0]},), one entry per output")
@@ -1010,16 +1055,31 @@ def _apply_plan(model: nn.Module, plan: _LoadPlan) -> None:
         for name, b in list(module._buffers.items()):
             if b is not None and id(b) in fresh:
                 module._buffers[name] = fresh[id(b)]
+    from torchbip.sparse import CSRModule  # here: torchbip.sparse imports this module
+
     for module in plan.biases:
         weight = cast(Tensor, module.weight)
-        module.bias = nn.Parameter(torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        if isinstance(module, CSRModule):  # a CSR layer holds its bias as a buffer
+            module._buffers["bias"] = bias
+        else:
+            module.bias = nn.Parameter(bias)
     for module in plan.modules:
         _update_attributes(module)
 
 
+def _takes_bias(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer that the export may give a bias (by folding) it had not."""
+    from torchbip.sparse import CSRModule  # here: torchbip.sparse imports this module
+
+    return isinstance(module, (*_LAYER_TYPES, CSRModule))
+
+
 def _update_attributes(module: nn.Module) -> None:
     """Make a resized layer's attributes agree with its tensors."""
-    if isinstance(module, nn.Linear):
+    from torchbip.sparse import SparseCSRConv2d, SparseCSRLinear  # here: torchbip.sparse imports this module
+
+    if isinstance(module, nn.Linear | SparseCSRLinear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, _CONV_TYPES):
         depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
@@ -1027,6 +1087,9 @@ def _update_attributes(module: nn.Module) -> None:
         if depthwise:
             module.groups = module.out_channels
         module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, SparseCSRConv2d):  # its weight: (out_channels, in_channels * kernel entries)
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] // math.prod(module.kernel_size)
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         source = module.weight if module.weight is not None else module.running_mean
         if source is not None:

@@ -26,6 +26,7 @@ shape or dtype is wrong) load with :func:`torchbip.load_slim_state_dict`.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import re
 import warnings
@@ -81,6 +82,20 @@ class CSRModule(nn.Module):
         if self.bias is None:
             return torch.mm(self.weight, cols)
         return torch.addmm(self.bias.unsqueeze(1), self.weight, cols)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CSRModule:
+        """A deep copy whose CSR buffers are clones (torch's deepcopy of a CSR tensor fails).
+
+        Everything else is copied as :func:`copy.deepcopy` copies a module; a tensor held at
+        several places is one tensor in the copy, as ``memo`` requires.
+        """
+        for tensor in self._buffers.values():
+            if tensor is not None and tensor.layout != torch.strided and id(tensor) not in memo:
+                memo[id(tensor)] = tensor.detach().clone()
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     def _load_from_state_dict(
         self,

@@ -26,7 +26,7 @@ import torchbip
 from torchbip import bip_structured, export_slim, load_slim_state_dict
 from torchbip._snapshot import ModelSnapshot, _same_view
 from torchbip.export import _Planner
-from torchbip.sparse import SparseCSRLinear, to_sparse_csr
+from torchbip.sparse import SparseCSRConv2d, SparseCSRLinear, to_sparse_csr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -848,6 +848,71 @@ def test_load_slim_state_dict_into_a_csr_model_is_all_or_nothing() -> None:
     load_slim_state_dict(csr, other.state_dict())  # another number of nonzeros
     x = torch.randn(5, 8)
     assert torch.equal(csr(x), other(x))
+
+
+def csr_cnn() -> nn.Module:
+    """Every layer of a small CNN as a CSR layer (convolutions and the linear head)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3))
+    return to_sparse_csr(model, min_sparsity=0.0, include_conv=True)
+
+
+def csr_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    return [
+        (m.in_channels, m.out_channels) if isinstance(m, SparseCSRConv2d) else (m.in_features, m.out_features)
+        for m in model
+        if isinstance(m, SparseCSRConv2d | SparseCSRLinear)
+    ]
+
+
+def _csr_weight(columns: int) -> Callable[[Tensor], Tensor]:
+    return lambda w: w.to_dense()[:, :columns].to_sparse_csr()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        pytest.param(
+            lambda s: with_(s, **{"2__weight": _csr_weight(70)}),
+            r"do not make a SparseCSRConv2d: the kernel size must stay \(3, 3\): 70 weight columns",
+            id="conv-columns",
+        ),
+        pytest.param(
+            lambda s: with_(s, **{"0__bias": lambda b: b[:5]}),
+            r"do not make a SparseCSRConv2d: the bias must have shape \(8,\)",
+            id="conv-bias",
+        ),
+        pytest.param(
+            lambda s: with_(s, **{"4__bias": lambda b: b[:2]}),
+            r"do not make a SparseCSRLinear: the bias must have shape \(3,\)",
+            id="linear-bias",
+        ),
+        pytest.param(
+            lambda s: with_(s, **{"2__weight": _csr_weight(45), "4__weight": _csr_weight(40)}),
+            "interrupted",
+            id="interrupted-after-resizing",
+        ),
+    ],
+)
+def test_load_slim_state_dict_into_csr_layers_checks_their_shapes_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, change: Callable[[dict[str, Any]], Any], match: str
+) -> None:
+    """The CSR layers' shapes are checked as the dense layers' are; a load that fails leaves their
+    tensors and their sizes as they were."""
+    model = csr_cnn()
+    state = change(csr_cnn().state_dict())
+    if match == "interrupted":  # shapes a slim export gives: the load fails after the resizing
+
+        def interrupted(*args: Any, **kwargs: Any) -> Any:
+            assert csr_sizes(model) == [(3, 8), (5, 4), (40, 3)]  # resized by then
+            raise KeyboardInterrupt("interrupted")
+
+        monkeypatch.setattr(model, "load_state_dict", interrupted)
+    before, sizes = capture(model), csr_sizes(model)
+    with pytest.raises(KeyboardInterrupt if match == "interrupted" else ValueError, match=match):
+        load_slim_state_dict(model, state)
+    assert_unchanged(before, model)
+    assert csr_sizes(model) == sizes == [(3, 8), (8, 4), (64, 3)]
 
 
 # --- make_permanent --------------------------------------------------------------------------------

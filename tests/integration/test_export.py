@@ -15,6 +15,7 @@ from torch.nn.utils import prune
 
 from torchbip import BiP, bip_structured, bip_unstructured, export_slim, load_slim_state_dict
 from torchbip.export import SlimExportWarning, _Planner, make_permanent
+from torchbip.sparse import SparseCSRConv2d, SparseCSRLinear, to_sparse_csr
 
 pytest.importorskip("torch_pruning")
 
@@ -547,3 +548,139 @@ def test_a_slim_model_that_fails_on_the_example_inputs_is_a_clear_error() -> Non
     with pytest.warns(SlimExportWarning, match="ignored_layers"):
         slim = export_slim(model, torch.randn(4, 3, 8, 8), ignored_layers=[model.a])
     assert_same_outputs(slim, model, torch.randn(2, 3, 8, 8))
+
+
+class FrozenNet(nn.Module):
+    """A stem, a residual block whose sum ties the stem's channels to ``c2``'s, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = x + self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def frozen_net_pruned() -> FrozenNet:
+    """Four of ``c1``'s filters masked, and residual channels 0 and 1 zero in every layer of the sum
+    (as ``Coupled``'s ``finish`` leaves a pruned group)."""
+    torch.manual_seed(0)
+    model = FrozenNet()
+    bip_structured(model.c1, "weight", amount=4, dim=0)
+    with torch.no_grad():
+        for t in (model.stem.weight, model.stem.bias, model.bn.weight, model.bn.bias):
+            t[:2] = 0
+        for t in (model.c2.weight, model.b2.weight, model.b2.bias):
+            t[:2] = 0
+        model.head.weight[:, :2] = 0
+    return model.eval()
+
+
+def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+FROZEN_X = torch.Generator().manual_seed(3)
+
+
+@pytest.mark.parametrize("frozen", ["all", "stem", "middle"])
+def test_frozen_layers_are_exported_as_trainable_ones(frozen: str) -> None:
+    """``requires_grad=False`` changes nothing: the same channels go, and the outputs stay."""
+    example = torch.randn(4, 3, 8, 8, generator=FROZEN_X)
+    reference = export_slim(frozen_net_pruned(), example)  # every parameter trainable
+    assert (reference.c1.out_channels, reference.stem.out_channels) == (4, 6)
+    model = frozen_net_pruned()
+    layers = {"all": [model], "stem": [model.stem, model.bn], "middle": [model.c1, model.b1]}[frozen]
+    for layer in layers:
+        layer.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlimExportWarning)  # every zero channel can go
+        slim = export_slim(model, example)
+    assert shapes(slim) == shapes(reference)
+    assert_same_outputs(slim, model, torch.randn(5, 3, 8, 8, generator=FROZEN_X))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # model unchanged
+
+
+def test_the_slim_model_keeps_requires_grad_and_each_modules_training_flag() -> None:
+    model = frozen_net_pruned().train()
+    model.c1.requires_grad_(False)
+    model.b1.requires_grad_(False)
+    model.bn.eval()  # a BatchNorm with frozen statistics inside a model being fine-tuned
+    want_grad = {n.removesuffix("_orig"): p.requires_grad for n, p in model.named_parameters()}
+    want_training = {n: m.training for n, m in model.named_modules()}
+    slim = export_slim(model, torch.randn(4, 3, 8, 8, generator=FROZEN_X))
+    assert slim.c1.out_channels == 4  # the frozen layer was shrunk: its parameters are new ones
+    assert {n: p.requires_grad for n, p in slim.named_parameters()} == want_grad
+    assert {n: m.training for n, m in slim.named_modules()} == want_training
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_bias_created_by_folding_takes_its_weights_requires_grad(seed: int, frozen: bool) -> None:
+    model = randomize(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False))
+    )
+    bip_structured(model[0], "weight", amount=4, dim=0)
+    model[3].requires_grad_(not frozen)
+    slim = export_slim(model.eval(), torch.randn(4, 3, 6, 6))
+    assert slim[0].out_channels == 4
+    assert slim[3].bias is not None  # the constants were folded
+    assert slim[3].bias.requires_grad is not frozen
+    assert_same_outputs(slim, model, torch.randn(3, 3, 6, 6))
+
+
+def _round_trip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():  # torch's note that it checks the loaded CSR tensors
+        warnings.filterwarnings("ignore", "Validating sparse tensor invariants", UserWarning)
+        return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_slim_csr_state_dict_loads_into_a_csr_model_with_the_slim_sizes(seed: int, bias: bool) -> None:
+    """``in_features``/``out_features`` of the CSR layers follow their loaded weights; a bias that
+    the export created by folding is created in the CSR layer too."""
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4, bias=bias))
+
+    model = build()
+    bip_structured(model[0], "weight", amount=8, dim=0)
+    slim = export_slim(model.eval(), torch.randn(4, 16))
+    assert slim[2].bias is not None  # the constants of the dead neurons, folded
+    state = _round_trip(to_sparse_csr(slim, min_sparsity=0.0).state_dict())
+    rebuilt = load_slim_state_dict(to_sparse_csr(build(), min_sparsity=0.0), state)
+    assert isinstance(rebuilt[0], SparseCSRLinear)
+    assert isinstance(rebuilt[2], SparseCSRLinear)
+    assert (rebuilt[0].in_features, rebuilt[0].out_features) == (16, 24)
+    assert (rebuilt[2].in_features, rebuilt[2].out_features) == (24, 4)
+    assert_same_outputs(rebuilt, model, torch.randn(5, 16))
+
+
+def test_a_slim_csr_state_dict_loads_into_a_csr_convolution_with_the_slim_sizes(seed: int) -> None:
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3)
+        )
+
+    model = build()
+    bip_structured(model[0], "weight", amount=3, dim=0)
+    slim = export_slim(model.eval(), torch.randn(4, 3, 8, 8))
+    assert slim[0].out_channels == 5
+    state = _round_trip(to_sparse_csr(slim, min_sparsity=0.0, include_conv=True).state_dict())
+    rebuilt = load_slim_state_dict(to_sparse_csr(build(), min_sparsity=0.0, include_conv=True), state)
+    assert isinstance(rebuilt[0], SparseCSRConv2d)
+    assert isinstance(rebuilt[2], SparseCSRConv2d)
+    assert (rebuilt[0].in_channels, rebuilt[0].out_channels) == (3, 5)
+    assert (rebuilt[2].in_channels, rebuilt[2].out_channels) == (5, 4)
+    assert_same_outputs(rebuilt, model, torch.randn(5, 3, 8, 8))

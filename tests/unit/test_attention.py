@@ -181,3 +181,49 @@ def test_shrink_refuses_a_module_in_pruned_form() -> None:
         slim.shrink([0, 2])
     assert slim.num_heads == H
     assert slim.in_proj_weight.shape == (3 * E, E)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_slim_attention_scripts_and_its_script_computes_what_the_full_attention_does() -> None:
+    mha = _attention(batch_first=True)
+    slim = SlimMultiheadAttention.from_attention(mha, keep=[0, 2])
+    scripted = torch.jit.script(slim)
+    gen = torch.Generator().manual_seed(1)
+    q, kv = torch.randn(2, 5, E, generator=gen), torch.randn(2, 6, E, generator=gen)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    blocked = torch.rand(5, 6, generator=gen) > 0.6
+    blocked[:, 0] = False  # every query sees a key
+    for kwargs in ({}, {"key_padding_mask": pad, "attn_mask": blocked}):
+        with torch.no_grad():
+            want, want_weights = mha(q, kv, kv, average_attn_weights=False, **kwargs)
+            got, got_weights = scripted(q, kv, kv, average_attn_weights=False, **kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert got_weights is not None
+        assert want_weights is not None
+        torch.testing.assert_close(got_weights, want_weights[:, [0, 2]], rtol=1e-5, atol=1e-6)
+    x = torch.randn(5, E, generator=gen)  # unbatched
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_an_encoder_layer_with_a_slim_attention_scripts() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 24, batch_first=True, dropout=0.0).eval()
+    layer.self_attn = _attention(batch_first=True)
+    full = torch.jit.script(layer)  # the layer with torch's attention, which scripts
+    layer.self_attn = SlimMultiheadAttention.from_attention(layer.self_attn, keep=[0, 2])
+    scripted = torch.jit.script(layer)
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), full(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shrink_keeps_each_parameters_requires_grad() -> None:
+    mha = _attention(batch_first=True)
+    mha.in_proj_bias.requires_grad_(False)
+    mha.out_proj.weight.requires_grad_(False)
+    slim = SlimMultiheadAttention.from_attention(mha, keep=[0, 2])
+    assert {n: p.requires_grad for n, p in slim.named_parameters()} == {
+        n: p.requires_grad for n, p in mha.named_parameters()
+    }

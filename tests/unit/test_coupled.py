@@ -114,6 +114,47 @@ def test_groups_are_the_hand_written_coupling(net: Residual) -> None:
     assert order == [n for n, _ in net.named_parameters() if n != "fc.bias"]  # model order; fc.bias: no group
 
 
+@pytest.mark.parametrize("frozen", ["all", "conv1"])
+def test_frozen_layers_are_found_in_their_groups(net: Residual, frozen: str) -> None:
+    """Tracing does not depend on ``requires_grad``: a frozen layer (here the first, which no
+    trainable tensor feeds) is in the hand-written groups, and keeps its flags."""
+    layers = [net] if frozen == "all" else [net.conv1, net.bn1]
+    for layer in layers:
+        layer.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    found = find_groups(net, _inputs())
+    names = {m: n for n, m in net.named_modules()}
+    specs = sorted((_spec(g, found.params, names) for g in found.groups), key=len, reverse=True)
+    assert specs == [_expected(GROUP_A, 4), _expected(GROUP_B, 6)]
+    assert found.skipped == [("fc", "its channels reach the model's output")]
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+
+
+def test_a_group_with_a_frozen_layer_is_left_dense_with_the_reason(net: Residual) -> None:
+    """Group A runs through the frozen conv1/bn1 (traced now): BiP cannot retrain them, so the
+    group is left dense, named with its reason, and group B is pruned; all frozen: an error."""
+    net.conv1.requires_grad_(False)
+    net.bn1.requires_grad_(False)
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    pruner = torchbip.BiP(net, 0.5, layout=torchbip.Coupled(_inputs()))
+    layout = pruner.layout
+    assert [g.root for g in layout.groups] == ["conv2"]  # type: ignore[attr-defined]
+    skipped = dict(layout.skipped)  # type: ignore[attr-defined]
+    assert skipped.pop("fc") == "its channels reach the model's output"
+    assert list(skipped.values()) == [
+        "holds a frozen tensor (requires_grad=False)"
+    ]  # group A (conv1 + conv3)
+    assert sorted(pruner.names) == ["bn2.bias", "bn2.weight", "conv2.bias", "conv2.weight", "conv3.weight"]
+    assert int((net.conv3.weight_mask.sum((0, 2, 3)) == 0).sum()) == 3  # its reader: 3 of B's 6 channels
+    for name, value in frozen.items():
+        assert torch.equal(dict(net.named_parameters())[name], value)
+    everything = Residual().requires_grad_(False)
+    before = capture(everything)
+    with pytest.raises(ValueError, match=r"every group holds a frozen tensor \(requires_grad=False\)"):
+        torchbip.BiP(everything, 0.5, layout=torchbip.Coupled(_inputs()))
+    assert_unchanged(before, everything)
+
+
 def _masks(net: nn.Module, a: Tensor, b: Tensor, whole: bool = False) -> dict[str, Tensor]:
     """Every tensor's relaxed mask: the product of its channel variables (the hand coupling).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import re
 import warnings
@@ -445,3 +446,31 @@ def test_is_nm_sparse_refuses_bad_arguments_by_name(kwargs: dict, exc: type, mat
         is_nm_sparse(torch.ones(2, 8), **kwargs)
     with pytest.raises(ValueError, match="weight is a scalar"):
         is_nm_sparse(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_csr_model_deep_copies_into_independent_tensors(seed: int, bias: bool) -> None:
+    shared = nn.Linear(16, 16, bias=bias)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=bias), nn.Flatten(), shared, nn.ReLU(), shared)
+    bip_unstructured(model[0], "weight", amount=0.9)
+    bip_unstructured(shared, "weight", amount=0.9)
+    csr = to_sparse_csr(model, min_sparsity=0.5, include_conv=True)
+    twin = copy.deepcopy(csr)
+    assert twin[4] is twin[2]  # one layer at two places, as in csr
+    assert twin[2] is not csr[2]
+    for layer, copied in ((csr[0], twin[0]), (csr[2], twin[2])):
+        assert copied.weight.layout == torch.sparse_csr
+        assert torch.equal(copied.weight.to_dense(), layer.weight.to_dense())
+        for part in ("crow_indices", "col_indices", "values"):
+            assert getattr(copied.weight, part)().data_ptr() != getattr(layer.weight, part)().data_ptr()
+        assert (copied.bias is None) is not bias
+        if bias:
+            assert copied.bias.data_ptr() != layer.bias.data_ptr()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(twin(x), want, rtol=1e-5, atol=1e-5)
+        twin[0].weight.values().zero_()  # the copy's values are its own
+        torch.testing.assert_close(csr(x), want, rtol=1e-5, atol=1e-5)
+        again = to_sparse_csr(csr, min_sparsity=0.5, include_conv=True)  # copies the model first
+        torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
