@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from torchbip._frames import user_stacklevel
 from torchbip.data import model_args
 from torchbip.method import check_scores_slot, has_grad_capture
 from torchbip.pruned import named_pruning_hooks
@@ -23,9 +25,12 @@ __all__ = [
     "candidate_targets",
     "check_targets",
     "computed_weight",
+    "conv1d_note",
     "default_targets",
     "make_forward",
     "resolve_targets",
+    "transposed_linear",
+    "transposed_linear_names",
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -71,6 +76,37 @@ class Target:
 
 TRAINABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """The dtypes of the tensors BiP prunes (float8 types have no arithmetic to train them with)."""
+
+
+def transposed_linear(module: nn.Module) -> bool:
+    """A linear layer whose weight is laid out ``(in_features, out_features)``.
+
+    The ``Conv1D`` of Hugging Face ``transformers`` (GPT-2 and its kin) computes
+    ``x @ weight + bias``: its output features are the weight's columns, where ``nn.Linear``'s
+    are its rows. Recognised by its class name and its ``nf`` (output features) attribute, so that
+    ``transformers`` need not be installed.
+    """
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+
+
+def transposed_linear_names(model: nn.Module) -> list[str]:
+    """The names of the :func:`transposed_linear` layers of ``model`` that hold a Parameter weight."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if transposed_linear(module) and isinstance(module._parameters.get("weight"), nn.Parameter)
+    ]
+
+
+def conv1d_note(names: Sequence[str]) -> str:
+    """What to tell a user whose model has :func:`transposed_linear` layers the defaults leave out."""
+    shown = ", ".join(map(repr, names[:3])) + (", ..." if len(names) > 3 else "")
+    return (
+        f"its {len(names)} transformers Conv1D layer(s) ({shown}), laid out (in_features, "
+        "out_features), are not among BiP's default targets (the weights of nn.Linear and "
+        "nn.Conv*d); to prune them pass parameters=[(m, 'weight') for m in model.modules() if "
+        "type(m).__name__ == 'Conv1D'] (unstructured layout only)"
+    )
 
 
 def default_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -214,8 +250,23 @@ def candidate_targets(
             raise ValueError(f"parameters names {target.fqn!r} more than once")
         seen.add((id(module), name))
         targets.append(target)
+    transposed = transposed_linear_names(model) if parameters is None else []
+    if targets and transposed:
+        warnings.warn(
+            f"the model {type(model).__name__} is pruned without {conv1d_note(transposed)}",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
     if not targets:
         what = "no nn.Linear or nn.Conv*d weights" if parameters is None else "an empty list"
+        if parameters is None and defaults is not None and default_targets(model):
+            what = (
+                "no nn.Linear or nn.Conv*d weight among the layout's default targets (a structured "
+                "layout leaves out the layers it cannot prune: the output layers under 'filter', "
+                "the input layers under 'channel', layers that N:M blocks do not tile)"
+            )
+        if transposed:
+            what += f"; {conv1d_note(transposed)}"
         hint = "pass parameters=[(module, 'weight'), ...]"
         computed = [
             f"{n}.weight" if n else "weight"

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from torchbip._edges import Edges, called_edges, traced_edges
 from torchbip._frames import user_stacklevel
-from torchbip._func import PRUNABLE_TYPES, Target, default_targets
+from torchbip._func import PRUNABLE_TYPES, Target, default_targets, transposed_linear
 from torchbip._tensors import copy_into, split_like
 from torchbip.config import is_bool
 from torchbip.masks import (
@@ -882,7 +882,7 @@ def _is_grouped(module: nn.Module) -> bool:
 
 
 def _refuse_transposed(target: Target, layout: str) -> None:
-    """Refuse a transposed convolution, whose weight is ``(in, out / groups, *kernel)``.
+    """Refuse a transposed convolution (``(in, out / groups, *kernel)``) or a transformers ``Conv1D``.
 
     Filters, channels and N:M blocks are defined on the ``(out, in, ...)`` layout of
     ``nn.Linear`` and ``nn.Conv*d`` weights.
@@ -892,6 +892,13 @@ def _refuse_transposed(target: Target, layout: str) -> None:
             f"parameters names {target.fqn!r}, the weight of a {type(target.module).__name__}, laid out "
             f"(in, out, ...): layout {layout} groups the (out, in, ...) weights of nn.Linear and "
             "nn.Conv*d; prune it with the unstructured layout or leave it out"
+        )
+    if transposed_linear(target.module) and target.name == "weight":
+        raise ValueError(
+            f"parameters names {target.fqn!r}, the weight of a transformers Conv1D, laid out "
+            f"(in_features, out_features): layout {layout} groups the (out, in) weights of nn.Linear "
+            "and nn.Conv*d, and would prune its input features as filters; prune it with the "
+            "unstructured layout or leave it out"
         )
 
 

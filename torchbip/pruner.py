@@ -39,7 +39,14 @@ from torch import Tensor, nn
 
 from torchbip._collectives import agree, all_reduce_mean, broadcast_state, default_group
 from torchbip._frames import user_stacklevel
-from torchbip._func import LEAVE_OUT_OR_EXCLUDE, Target, candidate_targets, check_targets
+from torchbip._func import (
+    LEAVE_OUT_OR_EXCLUDE,
+    Target,
+    candidate_targets,
+    check_targets,
+    conv1d_note,
+    transposed_linear_names,
+)
 from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import check_optimizer_state, copy_into, split_like
 from torchbip.bilevel import all_finite, tensor_sums
@@ -1518,7 +1525,13 @@ def _select(
                 f"{[t.fqn for t in targets]}"
             )
         if not kept:
-            raise ValueError(f"exclude={patterns!r} leaves nothing to prune")
+            transposed = transposed_linear_names(model)
+            note = (
+                f" (the model has nothing else to prune by default: {conv1d_note(transposed)})"
+                if transposed
+                else ""
+            )
+            raise ValueError(f"exclude={patterns!r} leaves nothing to prune{note}")
         targets = kept
     if not isinstance(amount, Mapping):
         return targets, validate_amount(amount)
