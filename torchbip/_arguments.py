@@ -125,6 +125,7 @@ def plan_run(
             "model with amp='float16', or pass optimizer='sgd'"
         )
     _check_rates_fit(model, cfg)
+    _check_amp_applies(model, cfg)
     per_step = 2 if two_batch and upper_loader is None else 1
     defaults = None
     if parameters is None and isinstance(spec, Groups):
@@ -173,6 +174,17 @@ def _check_rates_fit(model: nn.Module, cfg: BiPConfig) -> None:
                     f"dtype of parameters the weights' optimizer trains, which cannot hold it; pass a "
                     f"smaller {name} or train the model in a wider dtype"
                 )
+
+
+def _check_amp_applies(model: nn.Module, cfg: BiPConfig) -> None:
+    """Refuse ``amp`` for a float64 model: autocast leaves float64 operations as they are."""
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if cfg.amp is not None and floating and floating <= {torch.float64}:
+        raise ValueError(
+            f"amp={cfg.amp!r} with a float64 model: torch.autocast leaves float64 operations in float64, "
+            f"so the forward pass would not run in {cfg.amp}; convert the model to float32 first "
+            "(model.float()) or pass amp=None"
+        )
 
 
 def _check_backward_hooks(model: nn.Module) -> None:

@@ -1097,3 +1097,17 @@ def test_adamw_on_float16_parameters_is_refused_by_name(mode: str) -> None:
         optimizer="adamw",
         mode=mode,
     )
+
+
+@pytest.mark.parametrize("amp", ["bfloat16", "float16"])
+def test_amp_on_a_float64_model_is_refused_by_name(amp: str) -> None:
+    """torch.autocast leaves float64 operations alone: the run would be full precision silently."""
+    weight = torch.ones(2, 2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=getattr(torch, amp)):
+        assert (weight @ weight).dtype == torch.float64  # the oracle: torch's own autocast
+    raises_and_restores(
+        make_model("two-layer").double(),
+        ValueError,
+        rf"amp='{amp}' with a float64 model: torch\.autocast leaves float64 operations in float64",
+        amp=amp,
+    )
