@@ -9,19 +9,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
+    "UnboundedGroupError",
     "as_inputs",
     "build_graph",
     "cuts_channels",
     "is_depthwise",
     "is_frozen_batchnorm",
+    "output_tensors",
     "per_channel_pruners",
+    "pruning_group",
     "torch_pruning",
 ]
 
@@ -54,6 +58,55 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
         ((1,), (1, 2))
     """
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def output_tensors(value: Any) -> list[Tensor]:
+    """The tensors of a model's output, also those held by other objects in it.
+
+    In the order of :func:`torchbip._tensors.tensor_leaves` (tensors in nested tuples, lists,
+    mappings and dataclasses), and besides the tensors in the attributes of any other object the
+    output holds, recursively: a transformers cache (``DynamicCache``, which a causal language
+    model returns with ``use_cache=True``) keeps the keys and values it computed in objects of
+    its own. Modules are left out, and each such object is read once.
+
+    Example:
+        >>> class Cache:
+        ...     def __init__(self) -> None:
+        ...         self.layers = [torch.zeros(2)]
+        >>> [tuple(t.shape) for t in output_tensors({"logits": torch.ones(3), "cache": Cache()})]
+        [(2,), (3,)]
+    """
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def visit(item: Any) -> None:
+        if isinstance(item, Tensor):
+            found.append(item)
+            return
+        if isinstance(item, Mapping):
+            for key in _ordered_keys(item):
+                visit(item[key])
+        elif isinstance(item, list | tuple):
+            for part in item:
+                visit(part)
+        elif is_dataclass(item) and not isinstance(item, type):
+            for field in fields(item):
+                visit(getattr(item, field.name, None))
+        elif hasattr(item, "__dict__") and not isinstance(item, nn.Module | type) and id(item) not in seen:
+            seen.add(id(item))  # (an object may refer back to itself)
+            for part in vars(item).values():
+                visit(part)
+
+    visit(value)
+    return found
+
+
+def _ordered_keys(mapping: Mapping[Any, Any]) -> list[Any]:
+    """The keys of ``mapping`` in the order :func:`torchbip._tensors.tensor_leaves` reads them."""
+    try:
+        return sorted(mapping)
+    except TypeError:  # keys that do not compare: their own order
+        return list(mapping)
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
@@ -173,6 +226,16 @@ def _all_trainable(model: nn.Module) -> Iterator[None]:
             p.requires_grad = False
 
 
+def _traced_outputs(outputs: Any) -> list[Tensor]:
+    """The outputs Torch-Pruning traces back from: those of :func:`output_tensors` with a ``grad_fn``.
+
+    Torch-Pruning flattens tuples, lists and dicts only, and fails on anything else in the
+    output (a transformers cache); a tensor without a ``grad_fn`` (integer ids, a constant)
+    leads back to no layer.
+    """
+    return [t for t in output_tensors(outputs) if t.grad_fn is not None]
+
+
 def build_graph(tp: Any, model: nn.Module, inputs: tuple[Any, ...], feature: str) -> Any:
     """Torch-Pruning's dependency graph of ``model`` traced on ``inputs``.
 
@@ -200,6 +263,7 @@ def build_graph(tp: Any, model: nn.Module, inputs: tuple[Any, ...], feature: str
                 example_inputs=inputs,
                 verbose=False,
                 customized_pruners=per_channel_pruners(tp, model) or None,
+                output_transform=_traced_outputs,
             )
     except Exception as err:
         raise ValueError(
@@ -223,6 +287,58 @@ def is_depthwise(module: nn.Module) -> bool:
     if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return False
     return module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
+# How often Torch-Pruning's search for a group may add one node (with one pruning function):
+# once per path from the root that maps the channels to other positions (a concatenation of a
+# tensor with itself). More, and the search is taken for one that never ends.
+_MAX_VISITS = 32
+
+
+class UnboundedGroupError(RuntimeError):
+    """Torch-Pruning's search for a pruning group goes round a cycle of the graph for ever."""
+
+
+@functools.cache
+def _bounded_group(base: type) -> type:
+    """Torch-Pruning's ``Group`` (``base``), raising :class:`UnboundedGroupError` on an endless search."""
+
+    class BoundedGroup(base):
+        """Counts how often each node and pruning function is added."""
+
+        def add_dep(self, dep: Any, idxs: Any) -> None:
+            visits: dict[tuple[int, Any], int] = self.__dict__.setdefault("_visits", {})
+            key = (id(dep.target), dep.handler)
+            visits[key] = visits.get(key, 0) + 1
+            if visits[key] > _MAX_VISITS:
+                raise UnboundedGroupError(f"the search adds {dep.target} more than {_MAX_VISITS} times")
+            super().add_dep(dep, idxs)
+
+    return BoundedGroup
+
+
+def pruning_group(tp: Any, graph: Any, module: nn.Module, pruning_fn: Any, idxs: list[int]) -> Any:
+    """``graph.get_pruning_group(module, pruning_fn, idxs)``, bounded.
+
+    Torch-Pruning's search for the channels coupled with ``idxs`` can go round a cycle of the
+    graph for ever, mapping a channel to a new position each time round: the key and value
+    projections of grouped-query attention with rotary embeddings (a Llama with
+    ``num_key_value_heads < num_attention_heads``), through ``rotate_half``'s slices and
+    concatenation. The search is stopped once it adds one node (with one pruning function)
+    more than a fixed number of times.
+
+    Raises:
+        UnboundedGroupError: when the search does not end.
+    """
+    module_globals: Any = getattr(getattr(tp, "dependency", None), "graph", None)
+    original = getattr(module_globals, "Group", None)
+    if original is None or not hasattr(original, "add_dep"):  # another Torch-Pruning layout: unbounded
+        return graph.get_pruning_group(module, pruning_fn, idxs)
+    module_globals.Group = _bounded_group(original)
+    try:
+        return graph.get_pruning_group(module, pruning_fn, idxs)
+    finally:
+        module_globals.Group = original
 
 
 def cuts_channels(node: Any) -> bool:

@@ -87,7 +87,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,11 +98,14 @@ from torch.nn.utils import prune
 from torchbip._func import PRUNABLE_TYPES, Target
 from torchbip._tensors import tensor_leaves
 from torchbip._tracing import (
+    UnboundedGroupError,
     as_inputs,
     build_graph,
     cuts_channels,
     is_depthwise,
     is_frozen_batchnorm,
+    output_tensors,
+    pruning_group,
     torch_pruning,
 )
 from torchbip.layouts import Layout, MaskLayout
@@ -280,7 +283,7 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     cuda = _cuda_devices(twin, inputs)  # the forward passes below draw none of the caller's numbers
     try:  # the model's own error, before the tracer retries it in ways that hide it (in eval, as it)
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            reference = [tuple(t.shape) for t in tensor_leaves(twin.eval()(*inputs))]
+            reference = [tuple(t.shape) for t in output_tensors(twin.eval()(*inputs))]
         twin.train(training)
     except Exception as err:
         shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
@@ -297,8 +300,10 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     groups: list[ChannelGroup] = []
     skipped: list[tuple[str, str]] = []
     ordered: list[tuple[ChannelGroup, list[tuple[str, str, int, list[int], list[int]]]]] = []
-    for group in graph.get_all_groups(root_module_types=PRUNABLE_TYPES):
-        root_module = group[0].dep.target.module
+    for root_module, group in _root_groups(tp, graph):
+        if group is None:
+            skipped.append((names[root_module], _UNBOUNDED))
+            continue
         root, size = names[root_module], len(group[0].idxs)
         shares: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
         layers: list[str] = []
@@ -432,6 +437,36 @@ def find_groups(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> F
     return Found(params, groups, skipped, macs)
 
 
+def _root_groups(tp: Any, graph: Any) -> Iterator[tuple[nn.Module, Any]]:
+    """Each root layer of ``graph`` with the group of all its output channels, or ``None``.
+
+    As ``graph.get_all_groups(root_module_types=PRUNABLE_TYPES)``: a layer whose output channels
+    an earlier group holds is no root of its own, and a group holding the output channels of a
+    layer that Torch-Pruning ignores is left out. The group is ``None`` where Torch-Pruning's
+    search for it does not end (see :func:`torchbip._tracing.pruning_group`).
+    """
+    ignored = {id(m) for m in graph.IGNORED_LAYERS_IN_TRACING}
+    visited: set[int] = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, PRUNABLE_TYPES) or id(module) in ignored | visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        size = None if pruner is None else pruner.get_out_channels(module)
+        if size is None:
+            continue
+        try:
+            group = pruning_group(tp, graph, module, pruner.prune_out_channels, list(range(size)))
+        except UnboundedGroupError:
+            yield module, None
+            continue
+        producers = {
+            id(item.dep.target.module) for item in group if graph.is_out_channel_pruning_fn(item.dep.handler)
+        }
+        visited |= producers
+        if not producers & ignored:
+            yield module, group
+
+
 _SPLIT = (
     "its channels go through torch.split/chunk/unbind, whose pieces the dependency graph can map to "
     "the wrong channels (give each piece a layer of its own instead)"
@@ -439,6 +474,12 @@ _SPLIT = (
 _SLICE = (
     "its channels go through a slice such as y[:, :k], whose bounds the forward fixes: removing a "
     "channel would shift which channels it keeps (give each piece a layer of its own instead)"
+)
+
+_UNBOUNDED = (
+    "Torch-Pruning's search for the channels coupled with its channels does not end (it maps them to "
+    "ever new positions round a cycle of the graph, as for the key/value projections of grouped-query "
+    "attention with rotary embeddings)"
 )
 
 _MIXING = (
@@ -539,7 +580,7 @@ def _mixing_groups(
 
     def clean(selected: list[tuple[int, list[tuple[Tensor, int, Tensor, bool]]]]) -> bool:
         reference, perturbed = run(selected, False), run(selected, True)
-        for a, b in zip(tensor_leaves(reference), tensor_leaves(perturbed), strict=True):
+        for a, b in zip(output_tensors(reference), output_tensors(perturbed), strict=True):
             if a.is_floating_point():
                 tolerance = 1e-5 * max(float(a.detach().abs().max()) if a.numel() else 0.0, 1e-12)
                 if not torch.allclose(a, b, rtol=1e-4, atol=tolerance):
@@ -591,9 +632,9 @@ def _unremovable_groups(
             for i in selected:
                 root = by_name[groups[i][0]]
                 remove = net_graph.get_pruner_of_module(root).prune_out_channels
-                net_graph.get_pruning_group(root, remove, [0]).prune()
+                pruning_group(tp, net_graph, root, remove, [0]).prune()
             with torch.no_grad():
-                outputs = [tuple(t.shape) for t in tensor_leaves(net.eval()(*inputs))]
+                outputs = [tuple(t.shape) for t in output_tensors(net.eval()(*inputs))]
         except Exception as err:
             return f"{type(err).__name__}: {err}"
         if outputs != list(reference):

@@ -55,7 +55,7 @@ import math
 import numbers
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -63,9 +63,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from torchbip._func import transposed_linear
 from torchbip._snapshot import ModelSnapshot
-from torchbip._tensors import tensor_leaves
-from torchbip._tracing import as_inputs, build_graph, cuts_channels, is_depthwise, torch_pruning
+from torchbip._tracing import (
+    UnboundedGroupError,
+    as_inputs,
+    build_graph,
+    cuts_channels,
+    is_depthwise,
+    output_tensors,
+    pruning_group,
+    torch_pruning,
+)
 from torchbip.pruned import named_pruning_hooks
 
 __all__ = ["SlimExportWarning", "export_slim", "load_slim_state_dict", "make_permanent"]
@@ -455,7 +464,10 @@ def export_slim(
             if stats is None:
                 stats = _ChannelStats(slim, inputs)
             planner = _Planner(tp, graph, stats, keep_out, zeros, tied)
-            accepted, plan = planner.judge(graph.get_pruning_group(module, fn, candidates))
+            try:
+                accepted, plan = planner.judge(pruning_group(tp, graph, module, fn, candidates))
+            except UnboundedGroupError:  # Torch-Pruning cannot map these channels: they stay
+                continue
             # A root can stand for a coarser unit than itself (one Linear input feature for a
             # whole conv channel after a flatten): judge the group of the accepted roots again,
             # until it is accepted whole.
@@ -463,7 +475,7 @@ def export_slim(
             # (its channels then are only some of the root's): one of its channels stays.
             group = None
             while accepted:
-                group = graph.get_pruning_group(module, fn, accepted)
+                group = pruning_group(tp, graph, module, fn, accepted)
                 again, plan = planner.judge(group)
                 if again == accepted:
                     spare = _emptying_roots(graph, group)
@@ -490,7 +502,8 @@ def export_slim(
                     "ignored_layers"
                 ) from err
         _check_close(outputs, reference, rtol, atol)
-    _warn_kept_zeros(zero_before, _zero_slice_weights(slim, fed))
+    unsliced = {name for name, m in slim.named_modules() if transposed_linear(m)}
+    _warn_kept_zeros(zero_before, _zero_slice_weights(slim, fed), unsliced)
     _warn_kept_tied(kept_tied, {m: n for n, m in slim.named_modules()})
     flags.restore(slim)
     return slim
@@ -599,39 +612,59 @@ def _zero_slice_weights(model: nn.Module, fed: set[str]) -> dict[str, int]:
     """Per conv/linear layer: the weights in entirely zero filters or input channels.
 
     Input channels of a layer in ``fed`` (it reads the model's inputs, which no export can
-    shrink) do not count.
+    shrink) do not count. A transformers ``Conv1D`` (see :func:`torchbip._func.transposed_linear`)
+    counts too, with its weight laid out ``(in_features, out_features)``: an output feature is a
+    column, an input feature a row.
     """
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, _LAYER_TYPES) or not isinstance(weight, Tensor) or weight.dim() < 2:
+        transposed = transposed_linear(module)
+        layer = isinstance(module, _LAYER_TYPES) or transposed
+        if not layer or not isinstance(weight, Tensor) or weight.dim() < 2:
             continue
-        rows, cols = weight.shape[0], weight.shape[1]
+        out_dim, in_dim = (1, 0) if transposed else (0, 1)
+        rows, cols = weight.shape[out_dim], weight.shape[in_dim]
         per_pair = weight.numel() // (rows * cols)
-        zero_rows = int(_zero_groups(weight, 0).sum())
-        zero_cols = 0 if name in fed else int(_zero_groups(weight, 1).sum())
+        zero_rows = int(_zero_groups(weight, out_dim).sum())
+        zero_cols = 0 if name in fed else int(_zero_groups(weight, in_dim).sum())
         count = (zero_rows * cols + zero_cols * rows - zero_rows * zero_cols) * per_pair
         if count:
             counts[name] = count
     return counts
 
 
-def _warn_kept_zeros(before: Mapping[str, int], after: Mapping[str, int]) -> None:
-    """Warn when the export kept more than a quarter of the weights in zero filters/channels."""
+def _warn_kept_zeros(
+    before: Mapping[str, int], after: Mapping[str, int], unsliced: Collection[str] = ()
+) -> None:
+    """Warn when the export kept more than a quarter of the weights in zero filters/channels.
+
+    ``unsliced``: the names of the layers the export never slices (transformers ``Conv1D``);
+    the warning names those that hold such weights.
+    """
     total, kept = sum(before.values()), sum(after.values())
     if total == 0 or kept <= _KEPT_ZEROS_WARN * total:
         return
     worst = sorted(after.items(), key=lambda item: -item[1])
     listed = ", ".join(f"{name!r} ({count:,})" for name, count in worst[:5])
     more = f" and {len(worst) - 5} more layers" if len(worst) > 5 else ""
+    conv1d = [name for name, _ in worst if name in unsliced]
+    if conv1d:
+        shown = ", ".join(repr(name) for name in conv1d[:5]) + (" ..." if len(conv1d) > 5 else "")
+        more += (
+            f". The export does not slice transformers Conv1D layers (laid out (in_features, "
+            f"out_features)): {len(conv1d)} of them hold such weights ({shown})"
+        )
     warnings.warn(
         f"the slim model still holds {kept:,} of the {total:,} weights ({kept / total:.0%}) that lay in "
         f"entirely zero filters or input channels of the masked model: {listed}{more}. Channels stay "
         "where removing them would change the outputs, and where you asked: layers in ignored_layers, "
         "channels that reach the model's output, residual "
         "additions or concatenations tied to channels that are not zero, grouped (not depthwise) or "
-        "transposed convolutions, a layer used at two places or holding a tensor tied to another layer's, "
-        "split or sliced channels, a nonzero constant "
+        "transposed convolutions, transformers Conv1D layers, a layer used at two places or holding a "
+        "tensor tied to another layer's, "
+        "split or sliced channels, channels Torch-Pruning cannot map (the key/value projections of "
+        "grouped-query attention with rotary embeddings), a nonzero constant "
         "entering a zero-padded convolution, and one channel of a layer whose channels are all zero",
         SlimExportWarning,
         stacklevel=3,
@@ -697,8 +730,8 @@ def _check_export_arguments(
 
 
 def _check_close(outputs: Any, reference: Any, rtol: float, atol: float) -> None:
-    got = tensor_leaves(outputs)
-    want = tensor_leaves(reference)
+    got = output_tensors(outputs)
+    want = output_tensors(reference)
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=False)):
         raise RuntimeError(
             "the slim model's outputs have other shapes than the masked model's: "
