@@ -386,6 +386,7 @@ def test_lightning_bf16_true_precision_keeps_exact_sparsity() -> None:
     assert callback.pruner.step_count == BATCHES * EPOCHS
     masks = [module.net[i].weight_mask for i in (0, 2, 4)]
     assert masks[0].dtype == torch.bfloat16
+    assert callback.pruner.flat_scores.dtype == torch.float32  # scores of low-precision weights
     total = sum(m.numel() for m in masks)
     assert sum(int((m == 0).sum()) for m in masks) == round(AMOUNT * total)
 
