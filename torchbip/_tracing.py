@@ -293,6 +293,10 @@ def is_depthwise(module: nn.Module) -> bool:
 # once per path from the root that maps the channels to other positions (a concatenation of a
 # tensor with itself). More, and the search is taken for one that never ends.
 _MAX_VISITS = 32
+# How many channel indices one search may add in all: reshapes that multiply the index lists
+# (the window partitions of a Swin Transformer) make a finite search too large to run. The
+# largest groups of common models add a few hundred thousand.
+_MAX_INDICES = 2_000_000
 
 
 class UnboundedGroupError(RuntimeError):
@@ -312,6 +316,12 @@ def _bounded_group(base: type) -> type:
             visits[key] = visits.get(key, 0) + 1
             if visits[key] > _MAX_VISITS:
                 raise UnboundedGroupError(f"the search adds {dep.target} more than {_MAX_VISITS} times")
+            work = self.__dict__.get("_work", 0) + len(idxs)
+            self.__dict__["_work"] = work
+            if work > _MAX_INDICES:
+                raise UnboundedGroupError(
+                    f"the search's index lists grow past {_MAX_INDICES} entries (at {dep.target})"
+                )
             super().add_dep(dep, idxs)
 
     return BoundedGroup

@@ -477,9 +477,10 @@ _SLICE = (
 )
 
 _UNBOUNDED = (
-    "Torch-Pruning's search for the channels coupled with its channels does not end (it maps them to "
-    "ever new positions round a cycle of the graph, as for the key/value projections of grouped-query "
-    "attention with rotary embeddings)"
+    "Torch-Pruning's search for the channels coupled with its channels does not end or grows without "
+    "bound (it maps them to ever new positions round a cycle of the graph, as for the key/value "
+    "projections of grouped-query attention with rotary embeddings, or multiplies them at every "
+    "reshape, as through a Swin Transformer's window partitions)"
 )
 
 _MIXING = (

@@ -155,6 +155,35 @@ def test_a_group_with_a_frozen_layer_is_left_dense_with_the_reason(net: Residual
     assert_unchanged(before, everything)
 
 
+def test_a_group_search_past_the_index_budget_is_cut_and_left_dense(
+    net: Residual, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search whose index lists outgrow the budget (Swin's window partitions multiply them at
+    every reshape) is cut: its group is left dense with the reason, instead of running for ever.
+    Here the budget is shrunk below the 4 and 6 channels of the two groups."""
+    import torchbip._tracing as tracing
+
+    monkeypatch.setattr(tracing, "_MAX_INDICES", 5)
+    found = find_groups(net, _inputs())
+    assert found.groups == []
+    reasons = dict(found.skipped)
+    assert reasons.pop("fc") == "its channels reach the model's output"
+    assert len(reasons) >= 2  # every root of the two groups (a group may be tried from several)
+    assert all("grows without bound" in why for why in reasons.values())
+
+
+@pytest.mark.slow
+def test_coupled_on_swin_t_returns() -> None:
+    """torchvision's swin_t: the window partitions made one group's search effectively endless."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None, num_classes=10)
+    found = find_groups(model, torch.randn(2, 3, 32, 32))
+    mlp_hidden = {g.root for g in found.groups if g.root.endswith("mlp.0")}
+    assert len(mlp_hidden) >= 6  # the Linear -> GELU -> Linear groups of the blocks
+    assert any("grows without bound" in why for _, why in found.skipped)
+
+
 def _masks(net: nn.Module, a: Tensor, b: Tensor, whole: bool = False) -> dict[str, Tensor]:
     """Every tensor's relaxed mask: the product of its channel variables (the hand coupling).
 
