@@ -164,16 +164,17 @@ def _check_rates_fit(model: nn.Module, cfg: BiPConfig) -> None:
     no option (float16 holds at most 65504).
     """
     trained = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+    if not trained:
+        return
+    narrowest = min(trained, key=lambda d: torch.finfo(d).max)
+    largest = float(torch.finfo(narrowest).max)
     for name in ("lower_lr", "gamma"):
-        value = float(getattr(cfg, name))
-        for dtype in sorted(trained, key=lambda d: torch.finfo(d).max):
-            largest = float(torch.finfo(dtype).max)
-            if value > largest:
-                raise ValueError(
-                    f"{name}={getattr(cfg, name)!r} is above the largest {dtype} ({largest:g}), the "
-                    f"dtype of parameters the weights' optimizer trains, which cannot hold it; pass a "
-                    f"smaller {name} or train the model in a wider dtype"
-                )
+        if float(getattr(cfg, name)) > largest:
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r} is above the largest {narrowest} ({largest:g}), the "
+                f"dtype of parameters the weights' optimizer trains, which cannot hold it; pass a "
+                f"smaller {name} or train the model in a wider dtype"
+            )
 
 
 def _check_amp_applies(model: nn.Module, cfg: BiPConfig) -> None:

@@ -51,30 +51,49 @@ def split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-def tensor_leaves(value: Any) -> list[Tensor]:
+def tensor_leaves(value: Any, *, objects: bool = False) -> list[Tensor]:
     """The tensors of a model's output: a tensor, or nested tuples, lists, mappings and dataclasses.
 
     Mappings are read in the order of their sorted keys (or their own, where keys do not
-    compare); anything else is left out.
+    compare); anything else is left out, unless ``objects``: then the attributes of any other
+    object are read too, recursively (modules and classes excluded, each object once).
 
     Example:
         >>> import torch
         >>> [t.tolist() for t in tensor_leaves({"b": torch.ones(1), "a": (torch.zeros(1), None)})]
         [[0.0], [1.0]]
     """
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        try:
-            keys = sorted(value)
-        except TypeError:  # keys that do not compare: their own order
-            keys = list(value)
-        return [t for k in keys for t in tensor_leaves(value[k])]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in tensor_leaves(v)]
-    if is_dataclass(value) and not isinstance(value, type):  # (a model output class)
-        return [t for f in fields(value) for t in tensor_leaves(getattr(value, f.name, None))]
-    return []
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def visit(item: Any) -> None:
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, Mapping):
+            try:
+                keys = sorted(item)
+            except TypeError:  # keys that do not compare: their own order
+                keys = list(item)
+            for key in keys:
+                visit(item[key])
+        elif isinstance(item, list | tuple):
+            for part in item:
+                visit(part)
+        elif is_dataclass(item) and not isinstance(item, type):  # (a model output class)
+            for field in fields(item):
+                visit(getattr(item, field.name, None))
+        elif (
+            objects
+            and hasattr(item, "__dict__")
+            and not isinstance(item, torch.nn.Module | type)
+            and id(item) not in seen
+        ):
+            seen.add(id(item))  # (an object may refer back to itself)
+            for part in vars(item).values():
+                visit(part)
+
+    visit(value)
+    return found
 
 
 def check_optimizer_state(state: object, optimizer: torch.optim.Optimizer, key: str) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from collections.abc import Iterator, Mapping
-from dataclasses import fields, is_dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from torchbip._tensors import tensor_leaves
 
 __all__ = [
     "UnboundedGroupError",
@@ -76,37 +77,7 @@ def output_tensors(value: Any) -> list[Tensor]:
         >>> [tuple(t.shape) for t in output_tensors({"logits": torch.ones(3), "cache": Cache()})]
         [(2,), (3,)]
     """
-    found: list[Tensor] = []
-    seen: set[int] = set()
-
-    def visit(item: Any) -> None:
-        if isinstance(item, Tensor):
-            found.append(item)
-            return
-        if isinstance(item, Mapping):
-            for key in _ordered_keys(item):
-                visit(item[key])
-        elif isinstance(item, list | tuple):
-            for part in item:
-                visit(part)
-        elif is_dataclass(item) and not isinstance(item, type):
-            for field in fields(item):
-                visit(getattr(item, field.name, None))
-        elif hasattr(item, "__dict__") and not isinstance(item, nn.Module | type) and id(item) not in seen:
-            seen.add(id(item))  # (an object may refer back to itself)
-            for part in vars(item).values():
-                visit(part)
-
-    visit(value)
-    return found
-
-
-def _ordered_keys(mapping: Mapping[Any, Any]) -> list[Any]:
-    """The keys of ``mapping`` in the order :func:`torchbip._tensors.tensor_leaves` reads them."""
-    try:
-        return sorted(mapping)
-    except TypeError:  # keys that do not compare: their own order
-        return list(mapping)
+    return tensor_leaves(value, objects=True)
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:

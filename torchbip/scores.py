@@ -49,7 +49,7 @@ def init_scores(weight: Tensor, method: str = "scaled_magnitude") -> Tensor:
         >>> [round(v, 4) for v in init_scores(w).flatten().tolist()]
         [0.866, 1.7321]
     """
-    scores = weight.detach().abs().to(score_dtype(weight.dtype), copy=True)
+    scores = weight.detach().abs().to(score_dtype(weight.dtype))  # (abs: a new tensor already)
     if method == "magnitude":
         return scores
     if method != "scaled_magnitude":
