@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +31,7 @@ __all__ = [
     "conv1d_note",
     "default_targets",
     "make_forward",
+    "read_by_parent",
     "resolve_targets",
     "transposed_linear",
     "transposed_linear_names",
@@ -170,7 +174,9 @@ def _uncalled_children(model: nn.Module) -> dict[int, str]:
     ``nn.MultiheadAttention`` (also inside ``nn.Transformer*`` layers) passes
     ``out_proj.weight`` to ``F.multi_head_attention_forward`` itself, so the forward pre-hook
     that applies a pruning mask on ``out_proj`` never runs. Its own ``in_proj_weight`` (or
-    ``q/k/v_proj_weight``) is read in its forward, so those can be pruned.
+    ``q/k/v_proj_weight``) is read in its forward, so those can be pruned. Other parents are
+    found by their source (:func:`read_by_parent`), as torchvision's Swin attention, which
+    passes ``qkv.weight`` and ``proj.weight`` to its attention function.
     """
     out: dict[int, str] = {}
     for name, module in model.named_modules():
@@ -180,7 +186,79 @@ def _uncalled_children(model: nn.Module) -> dict[int, str]:
                 "forward, so a pruning mask on it would never be applied (and it would get no "
                 f"gradient); prune (attention, 'in_proj_weight') instead, or leave {name}.out_proj out"
             )
+    for key, reason in read_by_parent(model).items():
+        out.setdefault(key, reason)
     return out
+
+
+def read_by_parent(model: nn.Module) -> dict[int, str]:
+    """Layers whose parent's code reads their ``weight`` and never calls them, with the reason.
+
+    A parent that passes ``self.<child>.weight`` to a function (``F.linear``, an attention
+    kernel) and never calls ``self.<child>(...)`` in any method of its class bypasses the
+    child's forward, so the forward pre-hook that applies a pruning mask there never runs.
+    Found from the source of the parent's class (and its bases outside ``torch.nn``); reading
+    only the weight's ``dtype``, ``shape`` or ``device`` does not count. A parent whose source
+    is not available (a class defined in an interactive session) is not found here: the first
+    step of :class:`torchbip.BiP` and :func:`torchbip.global_prune` still finds a mask that is
+    never applied.
+
+    Example:
+        >>> from torchvision.models.swin_transformer import ShiftedWindowAttention
+        >>> attention = ShiftedWindowAttention(8, [2, 2], [0, 0], num_heads=2)
+        >>> sorted(read_by_parent(attention)) == sorted([id(attention.qkv), id(attention.proj)])
+        True
+    """
+    out: dict[int, str] = {}
+    for name, parent in model.named_modules():
+        children = [c for c, m in parent._modules.items() if m is not None and c.isidentifier()]
+        if not children:
+            continue
+        for child in _reads_without_calling(type(parent), children):
+            module = parent._modules[child]
+            assert module is not None
+            fqn = f"{name}.{child}" if name else child
+            out[id(module)] = (
+                f"{type(parent).__name__} {name!r} reads {child}.weight without calling {child}'s "
+                "forward (in its source), so a pruning mask on it would never be applied (and it "
+                f"would get no gradient); leave {fqn} out"
+            )
+    return out
+
+
+_METADATA = r"(?:dtype|shape|device|size|ndim|dim|requires_grad|is_cuda|numel|layout|is_meta)\b"
+
+
+_SOURCES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+
+
+def _class_source(cls: type) -> str:
+    """The source of ``cls`` and its bases outside ``torch.nn`` (what is available), cached."""
+    source = _SOURCES.get(cls)
+    if source is None:
+        sources = []
+        for klass in cls.__mro__:
+            if klass is object or klass.__module__.split(".")[:2] == ["torch", "nn"]:
+                continue
+            try:
+                sources.append(inspect.getsource(klass))
+            except (OSError, TypeError):  # built in, defined in a REPL, or generated
+                continue
+        source = _SOURCES[cls] = "\n".join(sources)
+    return source
+
+
+def _reads_without_calling(cls: type, children: Sequence[str]) -> list[str]:
+    """The ``children`` whose weight ``cls``'s source reads and which it never calls."""
+    source = _class_source(cls)
+    found = []
+    for child in children:
+        me = rf"\bself\.{re.escape(child)}"
+        reads = re.search(rf"{me}\.weight\b(?!\s*\.\s*{_METADATA})(?!\s*=[^=])", source)
+        calls = re.search(rf"{me}(?:\.forward|\.__call__)?\s*\(", source)
+        if reads and not calls:
+            found.append(child)
+    return found
 
 
 def resolve_targets(
@@ -251,6 +329,8 @@ def candidate_targets(
         seen.add((id(module), name))
         targets.append(target)
     transposed = transposed_linear_names(model) if parameters is None else []
+    if parameters is None:
+        _warn_read_by_parent(model)
     if targets and transposed:
         warnings.warn(
             f"the model {type(model).__name__} is pruned without {conv1d_note(transposed)}",
@@ -281,6 +361,23 @@ def candidate_targets(
             hint = f"remove their parametrizations first, or {hint} naming other tensors"
         raise ValueError(f"nothing to prune: the model {type(model).__name__} has {what}; {hint}")
     return targets
+
+
+def _warn_read_by_parent(model: nn.Module) -> None:
+    """Warn that the defaults leave out layers whose parent reads their weight (see above)."""
+    read = read_by_parent(model)
+    names = [n for n, m in model.named_modules() if id(m) in read and isinstance(m, PRUNABLE_TYPES)]
+    if not names:
+        return
+    shown = ", ".join(map(repr, names[:4])) + (", ..." if len(names) > 4 else "")
+    parents = sorted({type(p).__name__ for p in model.modules() if any(id(c) in read for c in p.children())})
+    warnings.warn(
+        f"the model {type(model).__name__} is pruned without {len(names)} layer(s) ({shown}) whose "
+        f"parent ({', '.join(parents)}) reads their weight without calling their forward: a pruning "
+        "mask on them would never be applied, so BiP's default targets leave them out",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def check_targets(model: nn.Module, targets: list[Target], *, leave_out: str = LEAVE_OUT) -> list[Target]:

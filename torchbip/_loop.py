@@ -351,7 +351,8 @@ class BiPLoop:
                 f"parameters names {names}, whose module's forward is never called (at step {step}): "
                 "the model does not use the layer, or its parent reads the tensor directly (as "
                 "nn.MultiheadAttention does with out_proj), so a pruning mask on it is never applied "
-                "and it gets no gradient; leave it out of parameters"
+                "and it gets no gradient; leave it out: pass parameters= naming the tensors to prune "
+                "without it"
             )
 
     def _check_every_target_was_reached(self) -> None:
@@ -389,7 +390,8 @@ class BiPLoop:
             raise ValueError(
                 f"parameters names {names}, on which the loss does not depend (no gradient in any of "
                 f"the {self.step_index} steps, nor with every mask set to one: is the layer's output "
-                "detached or unused?); BiP could not train it: leave it out of parameters"
+                "detached or unused?); BiP could not train it: leave it out: pass parameters= naming "
+                "the tensors to prune without it"
             )
 
     def _loss_uses_outputs(self, inputs: Any, labels: Any, buffers: dict[str, Tensor]) -> bool:

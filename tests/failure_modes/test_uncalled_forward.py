@@ -3,9 +3,11 @@
 ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``
 without calling ``out_proj``, so a pruning hook on ``out_proj`` never runs: it is left out of the
 default targets and refused when named. ``in_proj_weight`` is read in the attention's own
-forward, so it can be pruned, also inside ``nn.TransformerEncoderLayer``. The general case: a
-named target whose module's forward is never called in the first step (an unused layer, a parent
-that reads a child's weight directly) is an error, and the model is restored.
+forward, so it can be pruned, also inside ``nn.TransformerEncoderLayer``. Other parents whose
+source reads a child's weight and never calls the child (torchvision's Swin attention) are found
+the same way. The general case: a named target whose module's forward is never called in the first
+step (an unused layer, a parent that reads a child's weight directly and whose source is not
+available) is an error, and the model is restored.
 """
 
 from __future__ import annotations
@@ -178,12 +180,31 @@ class ReadsChildWeight(nn.Module):
         return F.linear(torch.relu(self.fc(x)), self.proj.weight, self.proj.bias)
 
 
+def _reads_child_weight_init(self: nn.Module) -> None:
+    nn.Module.__init__(self)
+    self.fc = nn.Linear(8, 8)
+    self.proj = nn.Linear(8, 3)
+
+
+def _reads_child_weight_forward(self: nn.Module, x: Tensor) -> Tensor:
+    return F.linear(torch.relu(self.fc(x)), self.proj.weight, self.proj.bias)
+
+
+# The same parent, made by type(): inspect finds no source of the class, so the defaults cannot
+# tell that it bypasses proj's forward; the first step finds it instead.
+ReadsChildWeightNoSource = type(
+    "ReadsChildWeightNoSource",
+    (nn.Module,),
+    {"__init__": _reads_child_weight_init, "forward": _reads_child_weight_forward},
+)
+
+
 @pytest.mark.parametrize("mode", ["fused", "two_batch"])
 @pytest.mark.parametrize(
     ("cls", "child"),
     [
         pytest.param(UnusedLayer, "spare", id="unused-layer"),
-        pytest.param(ReadsChildWeight, "proj", id="parent-reads"),
+        pytest.param(ReadsChildWeightNoSource, "proj", id="parent-reads-no-source"),
     ],
 )
 def test_target_whose_forward_never_runs_is_an_error(cls: type[nn.Module], child: str, mode: str) -> None:
@@ -197,6 +218,146 @@ def test_target_whose_forward_never_runs_is_an_error(cls: type[nn.Module], child
         mode=mode,
         parameters=[(model.fc, "weight"), (model.get_submodule(child), "weight")],
     )
+
+
+def test_the_first_step_names_a_bypassed_layer_whatever_was_given() -> None:
+    """Defaults: the advice is to pass parameters= without it (there is no list to edit)."""
+    model = make(ReadsChildWeightNoSource)
+    raises_and_restores(
+        model,
+        ValueError,
+        r"'proj\.weight' \(Linear\), whose module's forward is never called .*leave it out: pass "
+        r"parameters= naming the tensors to prune without it",
+        loader=data(),
+    )
+
+
+# --- parents whose source bypasses a child's forward (as torchvision's Swin attention) -----------
+
+
+class CallsAndReadsMetadata(nn.Module):
+    """Reads proj.weight's dtype and calls proj: proj's mask applies, it is a default target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).to(self.proj.weight.dtype))
+
+
+class CallsAndReadsValues(nn.Module):
+    """Calls proj and reads its weight (a penalty kept on the side): proj's mask applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 3)
+        self.penalty = torch.zeros(())
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.penalty = self.proj.weight.square().sum().detach()
+        return self.proj(torch.relu(self.fc(x)))
+
+
+class WindowAttention(nn.Module):
+    """As torchvision's ShiftedWindowAttention: the weights go to a function, no child is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return F.linear(out, self.proj.weight, self.proj.bias)
+
+
+class WindowNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = WindowAttention()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(self.embed(x.view(x.shape[0], 2, 4))).mean(1))
+
+
+@pytest.mark.parametrize("cls", [ReadsChildWeight, WindowNet])
+def test_defaults_leave_out_layers_their_parent_bypasses_with_a_warning(cls: type[nn.Module]) -> None:
+    model = make(cls)
+    bypassed = {"proj"} if cls is ReadsChildWeight else {"attn.qkv", "attn.proj"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(
+        UserWarning, match=r"pruned without \d layer\(s\) .* reads their weight without calling"
+    ) as rec:
+        report = torchbip.global_prune(model, 0.5, data(), **RUN)
+    message = next(str(w.message) for w in rec if "reads their weight" in str(w.message))
+    assert all(repr(n) in message for n in bypassed)
+    pruned = {n.removesuffix(".weight") for n in report.sparsity.tensors}
+    expected = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} - bypassed
+    assert pruned == expected
+    for name in bypassed:
+        assert not prune.is_pruned(model.get_submodule(name))
+    for name in pruned:  # every pruned tensor trained: its kept entries moved
+        moved = (getattr_path(model, name + ".weight_orig") - before[name + ".weight"]).abs()
+        assert moved[getattr_path(model, name + ".weight_mask").bool()].max() > 1e-4, name
+
+
+def test_bip_in_a_users_loop_leaves_out_bypassed_layers_too() -> None:
+    model = make(WindowNet)
+    with pytest.warns(UserWarning, match="reads their weight without calling"):
+        pruner = torchbip.BiP(model, amount=0.5, steps=2)
+    assert set(pruner.names) == {"embed.weight", "head.weight"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in data(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        pruner.step()
+    pruner.finish()
+    zeros = sum(int((m.weight == 0).sum()) for m in (model.embed, model.head))
+    assert zeros == round(0.5 * (8 * 4 + 3 * 8))
+
+
+@pytest.mark.parametrize(("cls", "child"), [(ReadsChildWeight, "proj"), (WindowNet, "attn.qkv")])
+def test_a_bypassed_layer_named_explicitly_is_refused_up_front(cls: type[nn.Module], child: str) -> None:
+    model = make(cls)
+    parent = type(model.get_submodule(child.rpartition(".")[0])).__name__
+    raises_and_restores(
+        model,
+        ValueError,
+        rf"parameters names '{child}\.weight': {parent} .* reads {child.rpartition('.')[2]}\.weight without "
+        rf"calling .* a pruning mask on it would never be applied .*leave {child} out",
+        loader=data(),
+        parameters=[(model.get_submodule(child), "weight")],
+    )
+
+
+@pytest.mark.parametrize("cls", [CallsAndReadsMetadata, CallsAndReadsValues])
+def test_a_parent_that_calls_its_child_keeps_it_among_the_defaults(cls: type[nn.Module]) -> None:
+    model = make(cls)
+    names = [n for n, m in model.named_modules() for t, _ in torchbip._func.default_targets(model) if t is m]
+    assert names == ["fc", "proj"]
+    report = torchbip.global_prune(model, 0.5, data(), **RUN)
+    assert set(report.sparsity.tensors) == {"fc.weight", "proj.weight"}
+
+
+def test_torchvision_swin_defaults_leave_out_the_attention_projections() -> None:
+    """torchvision's Swin passes qkv.weight and proj.weight to its attention function."""
+    from torchvision.models import swin_t
+
+    torch.manual_seed(0)
+    model = swin_t(num_classes=3)
+    names = {n for n, m in model.named_modules() for t, _ in torchbip._func.default_targets(model) if t is m}
+    attention = {n for n, m in model.named_modules() if type(m).__name__ == "ShiftedWindowAttention"}
+    assert len(attention) == 12
+    assert not any(n.endswith((".attn.qkv", ".attn.proj")) for n in names)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    assert names == linears - {f"{a}.{c}" for a in attention for c in ("qkv", "proj")}
 
 
 def test_default_targets_with_an_unused_layer_are_refused_with_its_name() -> None:
