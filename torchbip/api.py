@@ -66,6 +66,14 @@ def global_prune(
     The gradients are computed with :mod:`torch.func`: every parameter's ``.grad`` is afterwards
     what it was before the call (the same tensor, the same values, or ``None``).
 
+    With ``seed`` (see :class:`torchbip.BiPConfig`), the run draws only from random number
+    generators seeded from it: torch's, CUDA's where the run uses CUDA, and the
+    :class:`torch.Generator` objects the loaders draw their order from (a ``DataLoader``'s
+    ``generator``, a sampler's), so the same ``seed`` gives the same masks and weights whatever
+    state the caller left them in. Afterwards each of them is in the state the caller left it
+    in. Without ``seed``, the run draws from them as they are, and a loader's generator advances
+    as a loader's does.
+
     If anything fails (bad input, a non-finite loss, an exception from ``loader``,
     ``KeyboardInterrupt``), the model is restored exactly: parameters (same objects and values),
     gradients, buffers, hooks, ``requires_grad`` and training flags.
@@ -178,17 +186,19 @@ def global_prune(
     attrs = {t.name for t in plan.targets} | {hook._tensor_name for _, _, hook in pruned_tensors(model)}
     snapshot = ModelSnapshot(model, attrs)
     # A failed call also leaves the random number generators as they were: torch's global one and
-    # those the loaders draw their order from (they are the caller's objects, as the model is).
+    # those the loaders draw their order from (they are the caller's objects, as the model is);
+    # with a seed, a successful call too (see _seeded).
     loaders = [loader, *([upper_loader] if upper_loader is not None else [])]
-    generators = {id(g): g for lo in loaders for g in order_generators(lo)}.values()
+    generators = list({id(g): g for lo in loaders for g in order_generators(lo)}.values())
     rng_states = [(g, g.get_state()) for g in generators]
     cpu_rng = torch.get_rng_state()
     # (CUDA's generators too, where CUDA is in use: dropout on a GPU model draws from them.)
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    device = torch.device(cfg.device) if cfg.device is not None else None
     try:
-        with _seeded(cfg.seed):
+        with _seeded(cfg.seed, generators, device):
             # The streams start inside the seeded block: a shuffling DataLoader draws its order
-            # from torch's RNG when iterated.
+            # from torch's RNG (or its generator, seeded here too) when iterated.
             try:
                 lower_stream = BatchStream(loader, "loader")  # type: ignore[arg-type]
                 upper_stream = BatchStream(upper_loader, "upper_loader") if upper_loader is not None else None
@@ -323,11 +333,44 @@ def _run(
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
+def _seeded(
+    seed: int | None, generators: list[torch.Generator], device: torch.device | None
+) -> Iterator[None]:
+    """Seed the run's random number generators from ``seed``; the caller's states are restored on exit.
+
+    Seeded: torch's CPU generator; the generators of CUDA when it is initialised, and those of
+    the run's ``device`` type (initialised here first, so that they are seeded now and restored
+    afterwards, not left with a seed queued for whenever the device starts); and the loaders'
+    order ``generators``, each set to a state drawn from ``seed``, so that the order depends on
+    ``seed`` alone. Nothing else is seeded: CUDA's pending seed, when CUDA is not initialised and
+    the run does not use it, stays the caller's. ``seed=None``: nothing is seeded or restored.
+    """
     if seed is None:
         yield
         return
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+    kinds = ["cuda"] if torch.cuda.is_initialized() else []
+    if device is not None and device.type not in ("cpu", "meta", *kinds):
+        kinds.append(device.type)
+    modules = [torch.get_device_module(kind) for kind in kinds]
+    for module in modules:
+        init = getattr(module, "init", None)
+        if callable(init):
+            init()
+    states = [(g, g.get_state()) for g in generators]
+    try:
+        with contextlib.ExitStack() as forks:
+            forks.enter_context(torch.random.fork_rng(devices=[], device_type="cuda"))  # (the CPU's)
+            for kind, module in zip(kinds, modules, strict=True):
+                forks.enter_context(
+                    torch.random.fork_rng(devices=range(module.device_count()), device_type=kind)
+                )
+            torch.default_generator.manual_seed(seed)
+            for module in modules:
+                getattr(module, "manual_seed_all", module.manual_seed)(seed)
+            source = torch.Generator().manual_seed(seed)
+            for g in generators:
+                g.manual_seed(int(torch.randint(2**63 - 1, (), generator=source)))
+            yield
+    finally:
+        for g, state in states:
+            g.set_state(state)

@@ -76,7 +76,9 @@ class BiPConfig:
             fraction of each tensor that is always kept.
         score_init: ``"scaled_magnitude"`` (:math:`|\theta|` scaled per layer by
             :math:`\sqrt{6/\mathrm{fan\_in}} / \max|\theta|`) or ``"magnitude"`` (:math:`|\theta|`).
-        seed: seeds the run's random number generators (the caller's RNG state is restored).
+        seed: seeds the run's random number generators: torch's, CUDA's where the run uses CUDA,
+            and the ``torch.Generator`` objects the loaders draw their order from (so the same
+            seed gives the same masks and weights); afterwards each is as the caller left it.
         device: where to run; ``None`` keeps the model where it is. The model is moved there
             (parameter identities are kept) and batches follow.
         progress: show a tqdm progress bar.

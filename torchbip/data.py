@@ -377,7 +377,9 @@ def to_device(value: Any, device: torch.device) -> Any:
         Target(label=tensor([1]), weight=tensor([0.5000]))
     """
     if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
+        # Non-blocking only towards an accelerator: a non-blocking copy to the CPU may be read
+        # before it has completed.
+        return value.to(device, non_blocking=device.type != "cpu")
     if isinstance(value, (tuple, list)):
         items = [to_device(v, device) for v in value]
         if is_namedtuple(value):

@@ -57,6 +57,7 @@ def mnist_path(path: str | os.PathLike[str] | None = None) -> Path:
         The path of an existing file.
 
     Raises:
+        TypeError: if ``path`` is not a str, an ``os.PathLike`` or ``None``.
         FileNotFoundError: if the chosen file does not exist; the message names the path it
             looked at and says how to point at the file instead.
 
@@ -68,6 +69,8 @@ def mnist_path(path: str | os.PathLike[str] | None = None) -> Path:
         ...
         FileNotFoundError: MNIST file not found: /no/such/mnist.npz (from the path argument). ...
     """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str, an os.PathLike or None, got {path!r}")
     if path is not None:
         chosen, origin = Path(path), "from the path argument"
     elif os.environ.get(MNIST_ENV):
@@ -109,6 +112,7 @@ def load_mnist(
 
     Raises:
         FileNotFoundError: if the file does not exist (the message names the path).
+        TypeError: for a ``path`` that is not a str, an ``os.PathLike`` or ``None``.
         ValueError: for a bad ``split`` or ``per_class``, or a file without the expected arrays.
 
     Example:
@@ -187,6 +191,7 @@ def mnist_image_folder(
 
     Raises:
         FileNotFoundError: if the MNIST file does not exist.
+        TypeError: for a ``path`` that is not a str, an ``os.PathLike`` or ``None``.
         ValueError: for a count or size that is not a positive integer.
 
     Example:
@@ -202,8 +207,9 @@ def mnist_image_folder(
         ("val_per_class", val_per_class),
         ("size", size),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    train_per_class, val_per_class, size = int(train_per_class), int(val_per_class), int(size)
     folder = Path(root)
     if folder.is_dir():
         return folder
@@ -249,8 +255,8 @@ def load_digits(
 
     Args:
         split: ``"train"`` or ``"test"``.
-        test_size: fraction of the images in the test split, in ``(0, 1)``.
-        seed: seed of the stratified shuffle.
+        test_size: fraction of the images in the test split, a real number in ``(0, 1)``.
+        seed: seed of the stratified shuffle, an int in ``[0, 2**32 - 1]`` (NumPy's range).
         per_class: keep only the first ``per_class`` images of each digit of the split.
 
     Returns:
@@ -259,7 +265,7 @@ def load_digits(
 
     Raises:
         ImportError: if scikit-learn is not installed (it comes with the ``test`` extra).
-        ValueError: for a bad ``split``, ``test_size`` or ``per_class``.
+        ValueError: for a bad ``split``, ``test_size``, ``seed`` or ``per_class``.
 
     Example:
         >>> train, test = load_digits("train"), load_digits("test")
@@ -270,8 +276,10 @@ def load_digits(
     """
     _check_split(split)
     _check_per_class(per_class)
-    if isinstance(test_size, bool) or not isinstance(test_size, (int, float)) or not 0 < test_size < 1:
+    if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real) or not 0 < test_size < 1:
         raise ValueError(f"test_size must be a float in (0, 1), got {test_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**32 - 1:
+        raise ValueError(f"seed must be an int in [0, 2**32 - 1], got {seed!r}")
     try:
         from sklearn.datasets import load_digits as sklearn_digits
         from sklearn.model_selection import train_test_split
@@ -284,7 +292,7 @@ def load_digits(
     x = np.asarray(bunch.images, dtype=np.float32) / 16.0
     y = np.asarray(bunch.target, dtype=np.int64)
     train_idx, test_idx = train_test_split(
-        np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed
+        np.arange(len(y)), test_size=float(test_size), stratify=y, random_state=int(seed)
     )
     idx = np.sort(train_idx if split == "train" else test_idx)
     x, y = x[idx], y[idx]

@@ -170,6 +170,27 @@ def test_to_device_nested_namedtuples() -> None:
 
 
 @pytest.mark.parametrize(
+    ("device", "non_blocking"),
+    [(torch.device("cpu"), False), (META, True)],
+    ids=["to-the-cpu-blocking", "to-another-device-non-blocking"],
+)
+def test_to_device_copies_to_the_cpu_blocking(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, non_blocking: bool
+) -> None:
+    """A non-blocking copy to the CPU may be read before it completes; elsewhere it may overlap."""
+    calls: list[dict[str, Any]] = []
+    move = Tensor.to
+
+    def recording_to(self: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        calls.append(kwargs)
+        return move(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tensor, "to", recording_to)
+    to_device({"x": t(1), "y": [t(2)]}, device)
+    assert [call.get("non_blocking", False) for call in calls] == [non_blocking, non_blocking]
+
+
+@pytest.mark.parametrize(
     ("inputs", "args"),
     [
         pytest.param(t(1), 1, id="tensor"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -210,6 +211,22 @@ def test_digits_splits() -> None:
         load_digits(test_size=1.0)
 
 
+def test_digits_take_numpy_numbers() -> None:
+    """Any real ``test_size`` and integral ``seed``, NumPy scalars too: 0.25 of 1,797 is 450 test images."""
+    pytest.importorskip("sklearn")
+    plain = load_digits("test", test_size=0.25, seed=3).tensors
+    numpy = load_digits("test", test_size=np.float32(0.25), seed=np.int64(3)).tensors
+    assert len(plain[1]) == len(numpy[1]) == 450
+    assert all(torch.equal(a, b) for a, b in zip(plain, numpy, strict=True))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "0", None], ids=repr)
+def test_digits_seed_is_checked_by_name(seed: object) -> None:
+    """NumPy's seeds are the ints in [0, 2**32 - 1]; anything else is named before scikit-learn runs."""
+    with pytest.raises(ValueError, match=re.escape(f"seed must be an int in [0, 2**32 - 1], got {seed!r}")):
+        load_digits(seed=seed)  # type: ignore[arg-type]
+
+
 def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"needs scikit-learn; install the test extra"):
@@ -268,6 +285,30 @@ def test_mnist_image_folder_bad_arguments(tmp_path: Path, kwargs: dict, message:
     with pytest.raises(ValueError, match=message):
         datasets.mnist_image_folder(tmp_path / "digits", **kwargs)
     assert not (tmp_path / "digits").exists()
+
+
+def test_mnist_image_folder_takes_numpy_integer_counts(tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = _write_npz(tmp_path / "m.npz")
+    root = datasets.mnist_image_folder(
+        tmp_path / "digits",
+        train_per_class=np.int64(2),
+        val_per_class=np.int32(1),
+        size=np.int64(12),
+        path=source,
+    )
+    assert len(list((root / "train").glob("*/*.png"))) == 20
+    assert len(list((root / "val").glob("*/*.png"))) == 10
+    assert Image.open(next((root / "val").glob("*/*.png"))).size == (12, 12)
+
+
+def test_mnist_path_of_another_type_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"path must be a str, an os\.PathLike or None, got 3"):
+        load_mnist(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"path must be a str, an os\.PathLike or None, got b'm\.npz'"):
+        datasets.mnist_image_folder(tmp_path / "digits", path=b"m.npz")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_mnist_image_folder_missing_file_leaves_nothing(tmp_path: Path) -> None:
