@@ -293,14 +293,19 @@ class BiPLoop:
         return out, loss
 
     def mask_sparsity(self) -> float:
-        """The fraction of zeros in the targets' masks now (one host sync; for the progress bar).
+        """The sparsity that finishing now would leave in the targets (one host sync; for the bar).
 
-        Constant for one score per entry, but a group layout's masks (filters of different sizes
-        ranked together, coupled channels) change their number of zeros from step to step.
+        The fraction of zeros in the final form of the masks' selection: the masks themselves
+        for every layout whose training masks are final, while ``torchbip.Coupled``, which masks
+        a pruned channel only where it is read while training, zeroes all its tensors at the
+        end (its held masks). Constant for one score per entry, but a group layout's masks
+        (filters of different sizes ranked together, coupled channels) change their number of
+        zeros from step to step.
         """
         if not self._n_mask_entries:
             return 0.0
-        kept = torch.stack([m.count_nonzero() for m in self.mask_list]).sum()
+        final = self.layout.held_masks(self.mask_list)
+        kept = torch.stack([m.count_nonzero() for m in final]).sum()
         return 1.0 - int(kept) / self._n_mask_entries
 
     def _reduce_shapes(self, with_mask_grads: bool) -> list[Tensor]:

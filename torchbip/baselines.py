@@ -39,7 +39,7 @@ from torchbip.config import FLOAT32_MAX, SEED_MAX, SEED_MIN, BiPConfig, is_bool,
 from torchbip.data import model_args, split_batch, to_device
 from torchbip.masks import count_from_amount, exact_fraction, validate_amount
 from torchbip.pruned import pruned_tensors
-from torchbip.report import PruneReport, SparsityReport, TensorSparsity
+from torchbip.report import PruneReport, SparsityReport, TensorSparsity, in_model_order
 
 __all__ = [
     "IMPRound",
@@ -110,7 +110,9 @@ def train(
 
     Raises:
         ValueError: for bad ``epochs``/``schedule``/``lr``/``momentum``/``weight_decay``/``device``,
-            an empty loader, or batches that are not ``(inputs, targets)`` pairs.
+            an empty loader, batches that are not ``(inputs, targets)`` pairs, or a ``loss_fn``
+            that returns no scalar real floating-point tensor computed with autograd (an integer,
+            complex, detached or constant loss; raised before that batch's step).
         TypeError: for a ``loss_fn`` that is not callable, or a loader without a ``len()``.
         FloatingPointError: when the loss is NaN or infinite (raised before that batch's step;
             the baselines then restore the model).
@@ -192,6 +194,7 @@ def _train(
                     if not isinstance(loss, Tensor) or loss.numel() != 1:  # (as global_prune words it)
                         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                         raise ValueError(f"{desc}: loss_fn must return a scalar tensor, got {shape}")
+                    _check_loss(loss, desc)
                     value = float(loss.detach())
                     if not math.isfinite(value):  # a step on it would spread NaN into every weight
                         raise FloatingPointError(
@@ -214,6 +217,25 @@ def _train(
     finally:
         _refresh_pruned(model)
     return sum(losses) / max(1, len(losses))
+
+
+def _check_loss(loss: Tensor, desc: str) -> None:
+    """Refuse a scalar loss that a backward pass cannot minimise (``ValueError`` naming ``loss_fn``).
+
+    Worded as :func:`torchbip.global_prune` words the same refusals.
+    """
+    if not loss.is_floating_point():
+        raise ValueError(
+            f"{desc}: loss_fn must return a real floating-point loss (got dtype {loss.dtype}): an integer, "
+            "boolean or complex loss cannot be minimised by its gradient"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{desc}: loss_fn returned a loss without an autograd graph (dtype {loss.dtype}, "
+            "requires_grad=False): does loss_fn return a detached or constant tensor (.detach(), .item(), "
+            "torch.tensor(...)), or is gradient computation off (torch.no_grad())? Training needs a loss "
+            "computed from the model's outputs"
+        )
 
 
 @torch.no_grad()
@@ -404,7 +426,7 @@ def omp_finetune(
 
     Returns:
         The sparsity of exactly the tensors this call pruned (``parameters``, or the default
-        weights), keyed by their fully qualified names.
+        weights), keyed by their fully qualified names, in the order of ``model.named_modules()``.
 
     Example:
         >>> import torch
@@ -418,12 +440,13 @@ def omp_finetune(
     amount = validate_amount(amount)  # a Python number: torch would round a float32 product
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
+    before = _pruned_whole(targets)
     with _snapshot(model, targets).restored_on_failure():
         _magnitude_prune(targets, amount)
         if epochs > 0:
             _train(model, loader, epochs, desc="OMP fine-tune", **train_options)
         _refresh_pruned(model)  # (torch's pruning leaves the masked tensors with a graph, too)
-    return _report(targets)
+    return _report(model, targets, before)
 
 
 def random_finetune(
@@ -468,6 +491,7 @@ def random_finetune(
     seed = _check_seed(seed)
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
+    before = _pruned_whole(targets)
     gen = torch.Generator().manual_seed(seed)
     scores = {
         (t.module, t.name): torch.rand(t.weight().shape, generator=gen).to(t.weight().device) for t in targets
@@ -482,7 +506,7 @@ def random_finetune(
         if epochs > 0:
             _train(model, loader, epochs, desc="random fine-tune", **train_options)
         _refresh_pruned(model)  # (as in omp_finetune)
-    return _report(targets)
+    return _report(model, targets, before)
 
 
 def score_prune(model: nn.Module, amount: int | float, loader: Batches, **options: Any) -> PruneReport:
@@ -517,8 +541,15 @@ def score_prune(model: nn.Module, amount: int | float, loader: Batches, **option
 class IMPRound:
     """One IMP round: the sparsity reached, the cumulative wall time and the training loss.
 
-    ``wall_time_s`` counts IMP's own work since the call started (training, pruning, rewinding),
-    not the time spent in ``on_round`` callbacks (an evaluation of each ticket).
+    Attributes:
+        round: the round's number, from 1.
+        sparsity: the pruned fraction of the entries of the tensors :func:`imp` prunes, after the
+            round: every zero of their masks, so on a model pruned before, the earlier zeros too
+            (``amount`` and ``milestones`` are fractions of the entries that were left), as
+            :class:`~torchbip.PruneReport` and :func:`omp_finetune` count them.
+        wall_time_s: IMP's own work since the call started (training, pruning, rewinding), not
+            the time spent in ``on_round`` callbacks (an evaluation of each ticket).
+        loss: the mean training loss of the round's last epoch.
 
     Example:
         >>> IMPRound(round=1, sparsity=0.2, wall_time_s=1.5, loss=0.3).sparsity
@@ -604,7 +635,7 @@ def imp(
             BiP's lower-level recipe.
 
     Returns:
-        An :class:`IMPResult` (per round: sparsity, cumulative time, loss).
+        An :class:`IMPResult` (per round: sparsity, earlier zeros included, cumulative time, loss).
 
     Raises:
         ValueError: for a bad ``rate``, ``epochs_per_round``, ``rewind_epochs`` (also one at or
@@ -635,6 +666,7 @@ def imp(
         )
     milestones = _check_milestones(milestones)
     targets = resolve_targets(model, parameters)
+    before = _pruned_whole(targets)
     start_remaining = _remaining(targets)
     final_keep = start_remaining - count_from_amount(amount, start_remaining)
     milestone_keeps = [
@@ -650,24 +682,41 @@ def imp(
     if final_keep == start_remaining:  # nothing to prune: no round, no training
         return IMPResult()
     stops = sorted({keep for keep in milestone_keeps if keep < start_remaining} | {final_keep}, reverse=True)
+    keeps = _round_keeps(start_remaining, stops, exact_fraction(rate))
     with _snapshot(model, targets).restored_on_failure():
         result = _imp_rounds(
-            model, loader, targets, stops, start_remaining, final_keep, epochs_per_round,
-            exact_fraction(rate), rewind_step, on_round, progress, train_options,
+            model, loader, targets, keeps, start_remaining, epochs_per_round, rewind_step, on_round,
+            progress, train_options,
         )  # fmt: skip
-    _report(targets)  # (warns when the ranking pruned a whole tensor)
+    _report(model, targets, before)  # (warns when the ranking pruned a whole tensor)
     return result
+
+
+def _round_keeps(start_remaining: int, stops: Sequence[int], rate: Fraction) -> list[int]:
+    """The entries :func:`imp` keeps after each of its rounds, worked out before any round runs.
+
+    Each round prunes :func:`_round_cut` of the remaining entries, clipped at the next of
+    ``stops`` (the kept counts of the milestones and of the final sparsity, largest first).
+
+    Example:
+        >>> _round_keeps(48, [24], Fraction(1, 5))
+        [39, 32, 26, 24]
+    """
+    keeps, remaining = [], start_remaining
+    while remaining > stops[-1]:
+        target = max(s for s in stops if s < remaining)
+        remaining = max(target, remaining - _round_cut(remaining, rate))
+        keeps.append(remaining)
+    return keeps
 
 
 def _imp_rounds(
     model: nn.Module,
     loader: Batches,
     targets: Sequence[Target],
-    stops: Sequence[int],
+    keeps: Sequence[int],
     start_remaining: int,
-    final_keep: int,
     epochs_per_round: float,
-    rate: Fraction,
     rewind_step: int,
     on_round: Callable[[IMPRound, nn.Module], None] | None,
     progress: bool,
@@ -675,8 +724,8 @@ def _imp_rounds(
 ) -> IMPResult:
     """The rounds of :func:`imp`, its arguments checked.
 
-    ``rewind_step``: the step of round 0's training after which the rewind checkpoint is taken
-    (:func:`_rewind_step`).
+    ``keeps``: the entries kept after each round (:func:`_round_keeps`). ``rewind_step``: the
+    step of round 0's training after which the rewind checkpoint is taken (:func:`_rewind_step`).
     """
     start = time.perf_counter()
     in_callbacks = 0.0  # seconds spent in on_round: not IMP's time
@@ -694,31 +743,27 @@ def _imp_rounds(
     else:
         checkpoint = (rewind_step, take_checkpoint)
     remaining = start_remaining
-    round_index = 0
-    bar = tqdm(total=len(stops), desc="IMP", disable=not progress)
-    with bar:
+    entries = sum(t.weight().numel() for t in targets)  # earlier zeros count as pruned, as in PruneReport
+    # One step per round, redrawn at each (mininterval=0: a round is seconds, not a tight loop).
+    with tqdm(total=len(keeps), desc="IMP", disable=not progress, mininterval=0) as bar:
         loss = _train(
             model, loader, epochs_per_round, desc="IMP round 0", checkpoint=checkpoint, **train_options
         )
         if not rewind:  # (_train takes it at a step that it checked it reaches)
             raise RuntimeError("IMP: round 0's training ended before the rewind checkpoint was taken")
-        while remaining > final_keep:
-            target = max(s for s in stops if s < remaining)
-            keep = max(target, remaining - _round_cut(remaining, rate))
+        for round_index, keep in enumerate(keeps, 1):
             _magnitude_prune(targets, remaining - keep)
             remaining = keep
             _rewind(model, rewind)
-            round_index += 1
             loss = _train(model, loader, epochs_per_round, desc=f"IMP round {round_index}", **train_options)
-            pruned = (start_remaining - remaining) / start_remaining  # exactly the zeros over the entries
+            pruned = (entries - remaining) / entries  # exactly the zeros of the masks over the entries
             record = IMPRound(round_index, pruned, time.perf_counter() - start - in_callbacks, loss)
             result.rounds.append(record)
+            bar.update()
             if on_round is not None:
                 called = time.perf_counter()
                 on_round(record, model)
                 in_callbacks += time.perf_counter() - called
-            if remaining in stops:
-                bar.update()
     return result
 
 
@@ -783,18 +828,33 @@ def _rewind(model: nn.Module, rewind: dict[str, Tensor]) -> None:
             state[own].copy_(value)
 
 
-def _report(targets: Sequence[Target]) -> SparsityReport:
-    """The sparsity of exactly ``targets`` (the tensors a baseline pruned), keyed by their FQNs.
+def _pruned_whole(targets: Sequence[Target]) -> list[str]:
+    """The FQNs of ``targets`` whose every entry is pruned now (before a baseline's ranking)."""
+    whole = []
+    for target in targets:
+        mask = getattr(target.module, target.name + "_mask", None)
+        if isinstance(mask, Tensor) and mask.numel() and not bool(mask.any()):
+            whole.append(target.fqn)
+    return whole
 
-    Warns when the global ranking pruned every entry of one of them.
+
+def _report(model: nn.Module, targets: Sequence[Target], before: Sequence[str]) -> SparsityReport:
+    """The sparsity of exactly ``targets`` (the tensors a baseline pruned), in model order.
+
+    Keyed by their FQNs, in the order of ``model.named_modules()``. Warns when the global
+    ranking pruned every entry of one of them, except those in ``before`` (pruned whole before
+    the baseline ran, :func:`_pruned_whole`).
     """
-    tensors: dict[str, TensorSparsity] = {}
+    entries = []
     for target in targets:
         mask = getattr(target.module, target.name + "_mask", None)
         if isinstance(mask, Tensor):
-            tensors[target.fqn] = TensorSparsity(mask.numel(), int((mask == 0).sum()))
+            sparsity = TensorSparsity(mask.numel(), int((mask == 0).sum()))
         else:  # not pruned (yet): every entry kept
-            tensors[target.fqn] = TensorSparsity(target.weight().numel(), 0)
-    report = SparsityReport(tensors)
-    report.warn_if_pruned_away("the global ranking", "lower amount or leave the tensor out (parameters=...)")
+            sparsity = TensorSparsity(target.weight().numel(), 0)
+        entries.append((target.module, target.fqn, sparsity))
+    report = in_model_order(model, entries)
+    report.warn_if_pruned_away(
+        "the global ranking", "lower amount or leave the tensor out (parameters=...)", before=before
+    )
     return report

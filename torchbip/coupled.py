@@ -37,8 +37,9 @@ Budgets (``amount`` is always one number):
 - ``"global"``: all channels of all groups ranked together, with the per-group floor
   ``min_keep`` and cap ``max_keep`` of :class:`torchbip.BiP`;
 - ``"macs"``: ``amount`` is the fraction of the model's multiply-accumulates (all
-  convolutions, linear layers and attention modules, with their projections and both attention
-  products, on ``example_inputs``) to remove; every group prunes the same fraction of its
+  convolutions, linear layers and attention modules, with their projections, the key and value
+  projections reading ``kdim`` and ``vdim`` features, and both attention products, on
+  ``example_inputs``) to remove; every group prunes the same fraction of its
   channels, the one whose MACs come closest to the target (groups of fewer than 16 channels,
   such as attention heads, move in coarse steps: they keep that fraction rounded, and the larger
   groups' common fraction is then set again to land closest to the target).
@@ -679,12 +680,15 @@ def _layer_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
     def record_attention(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         assert isinstance(module, nn.MultiheadAttention)
         names_ = ("query", "key", "value")
-        query, key = (args[i] if len(args) > i else kwargs[names_[i]] for i in range(2))
+        query, key, value = (args[i] if len(args) > i else kwargs[names_[i]] for i in range(3))
         e, d = module.embed_dim, module.head_dim
-        tokens, sources = query.numel() / e, key.numel() / module.kdim
+        tokens, keys, values = query.numel() / e, key.numel() / module.kdim, value.numel() / module.vdim
         batch = 1 if query.dim() == 2 else query.shape[0 if module.batch_first else 1]
-        # one head: its query, key and value projections, the two attention products, out_proj
-        per_head = d * (2 * tokens * e + 2 * sources * e + 2 * tokens * sources / batch)
+        # the keys each query attends to: the key's sequence, then bias_k's and add_zero_attn's
+        length = keys / batch + (module.bias_k is not None) + module.add_zero_attn
+        # one head: its query projection and its share of out_proj (embed_dim features each), its
+        # key and value projections (kdim and vdim features in), the two attention products
+        per_head = d * (2 * tokens * e + keys * module.kdim + values * module.vdim + 2 * tokens * length)
         found[names[module]] = found.get(names[module], 0.0) + per_head
 
     layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]

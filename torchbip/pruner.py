@@ -55,7 +55,7 @@ from torchbip.data import describe
 from torchbip.layouts import Groups, Layout, MaskLayout, as_layout
 from torchbip.masks import validate_amount
 from torchbip.method import GradCapture, drop_scores, pruning_hook, scores_name, set_grad_capture
-from torchbip.report import SparsityReport, TensorSparsity
+from torchbip.report import SparsityReport, TensorSparsity, in_model_order
 from torchbip.structured import group_unit
 
 __all__ = ["BiP", "STATE_FORMAT", "grad_scaler_state", "schedule_lambda", "unwrap_model"]
@@ -264,6 +264,8 @@ class BiP:
         self._world = group is not None and group is dist.group.WORLD
         self._group = None if self._world else group
         self.settings = settings
+        # Tensors whose every entry an earlier pruning zeroed: not BiP's doing (finish()'s warning).
+        self._whole_before = [t.fqn for t in targets if _pruned_whole(t)]
         snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
         with snapshot.restored_on_failure():
             if self.group is not None:  # start every rank from rank 0's model, as DDP does
@@ -523,9 +525,14 @@ class BiP:
 
     @property
     def sparsity(self) -> float:
-        """The fraction of the pruned tensors' entries that the masks zero."""
+        """The fraction of the pruned tensors' entries that finishing now would zero.
+
+        With :class:`torchbip.Coupled` every tensor of a pruned channel counts, not only the
+        readers that its training masks zero.
+        """
         total = sum(m.numel() for m in self.masks)
-        return 1.0 - sum(int(m.count_nonzero()) for m in self.masks) / total if total else 0.0
+        final = self.layout.held_masks(self.masks)
+        return 1.0 - sum(int(m.count_nonzero()) for m in final) / total if total else 0.0
 
     @property
     def finished(self) -> bool:
@@ -1105,12 +1112,13 @@ class BiP:
     # -- reports and the end -------------------------------------------------------------------
 
     def report(self) -> SparsityReport:
-        """The sparsity of every pruned tensor now."""
-        return SparsityReport(
-            {
-                n: TensorSparsity(m.numel(), int((m == 0).sum()))
-                for n, m in zip(self.names, self.masks, strict=True)
-            }
+        """The sparsity of every pruned tensor now, in the order of ``model.named_modules()``."""
+        return in_model_order(
+            self.model,
+            (
+                (t.module, t.fqn, TensorSparsity(m.numel(), int((m == 0).sum())))
+                for t, m in zip(self.targets, self.masks, strict=True)
+            ),
         )
 
     def finish(self, *, as_loaded: bool = False) -> SparsityReport:
@@ -1157,7 +1165,9 @@ class BiP:
         report = self.report()
         if not isinstance(self.settings["amount"], Mapping):  # (a tensor's own amount is what it asked)
             report.warn_if_pruned_away(
-                "BiP", "lower amount, set min_keep (a floor in every tensor) or leave the tensor out"
+                "BiP",
+                "lower amount, set min_keep (a floor in every tensor) or leave the tensor out",
+                before=self._whole_before,
             )
         return report
 
@@ -1603,6 +1613,12 @@ def _allowed(target: Target) -> Tensor | None:
     if not target.is_pruned:
         return None
     return getattr(target.module, target.name + "_mask").detach() != 0
+
+
+def _pruned_whole(target: Target) -> bool:
+    """Whether an earlier pruning zeroed every entry of the tensor (its mask is all zeros)."""
+    allowed = _allowed(target)
+    return allowed is not None and allowed.numel() > 0 and not bool(allowed.any())
 
 
 def _current(target: Target) -> Tensor:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from torchbip._frames import user_stacklevel
 
-__all__ = ["PruneReport", "SparsityReport", "TensorSparsity", "sparsity_report"]
+__all__ = ["PruneReport", "SparsityReport", "TensorSparsity", "in_model_order", "sparsity_report"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class SparsityReport:
         """
         return [name for name, t in self.tensors.items() if t.numel and t.zeros == t.numel]
 
-    def warn_if_pruned_away(self, ranking: str, remedy: str) -> None:
+    def warn_if_pruned_away(self, ranking: str, remedy: str, *, before: Collection[str] = ()) -> None:
         """Warn (``UserWarning``) when a ranking pruned whole tensors but kept entries elsewhere.
 
         A tensor with no entry left disconnects the network there, which nothing else reports.
@@ -92,8 +94,10 @@ class SparsityReport:
         Args:
             ranking: what ranked the entries, for the message (e.g. ``"BiP's global ranking"``).
             remedy: what keeps a floor in each tensor, for the message.
+            before: names of tensors whose every entry was pruned before the ranking ran (an
+                earlier round of pruning): not the ranking's doing, so not named.
         """
-        gone = self.pruned_away
+        gone = [name for name in self.pruned_away if name not in before]
         if gone and self.zeros < self.numel:
             warnings.warn(
                 f"{ranking} pruned every entry of {', '.join(map(repr, gone))}: the network passes "
@@ -179,6 +183,32 @@ class SparsityReport:
         return fig
 
 
+def in_model_order(
+    model: nn.Module, tensors: Iterable[tuple[nn.Module, str, TensorSparsity]]
+) -> SparsityReport:
+    """A report of ``(module, fqn, sparsity)`` entries in the order of ``model.named_modules()``.
+
+    Entries are ordered by their module's first place in ``model.named_modules()``, then by
+    name within a module, whatever order they come in (a user's ``parameters=`` list). An entry
+    whose module is not in ``model`` comes last.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> entries = [
+        ...     (model[1], "1.weight", TensorSparsity(8, 2)),
+        ...     (model[0], "0.weight", TensorSparsity(16, 4)),
+        ... ]
+        >>> list(in_model_order(model, entries).tensors)
+        ['0.weight', '1.weight']
+    """
+    place: dict[int, int] = {}
+    for index, (_, module) in enumerate(model.named_modules()):
+        place.setdefault(id(module), index)
+    ordered = sorted(tensors, key=lambda entry: (place.get(id(entry[0]), len(place)), entry[1]))
+    return SparsityReport({fqn: sparsity for _, fqn, sparsity in ordered})
+
+
 def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> SparsityReport:
     """Count the zeros of every pruning mask of ``model``.
 
@@ -186,12 +216,15 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
         model: any module; tensors pruned by torch's or torchbip's methods are reported by their
             ``*_mask`` buffers.
         include_dense: also report unpruned ``nn.Linear``/``nn.Conv*d`` weights (0 zeros counted
-            from the values themselves); a weight that several modules share is counted once,
-            under its first name, and an uninitialised weight of a lazy layer (``nn.LazyLinear``
-            before its first forward pass), which has no entries yet, is left out.
+            from the values themselves), a computed weight too (``weight_norm``,
+            ``spectral_norm`` or another parametrization: the zeros of the weight it computes);
+            a weight that several modules share is counted once, under its first name, and an
+            uninitialised weight of a lazy layer (``nn.LazyLinear`` before its first forward
+            pass), which has no entries yet, is left out.
 
     Returns:
-        A :class:`SparsityReport`.
+        A :class:`SparsityReport`, in the order of ``model.named_modules()`` (then by name within
+        a module).
 
     Example:
         >>> from torch import nn
@@ -202,26 +235,48 @@ def sparsity_report(model: nn.Module, *, include_dense: bool = False) -> Sparsit
         >>> report.tensors["0.weight"].zeros, report.global_sparsity
         (4, 0.25)
     """
-    from torchbip._func import PRUNABLE_TYPES
+    from torchbip._func import PRUNABLE_TYPES, computed_weight
     from torchbip.pruned import pruned_tensors
 
-    pruned: dict[int, list[tuple[str, Tensor]]] = {}
+    entries: list[tuple[nn.Module, str, TensorSparsity]] = []
     for fqn, module, hook in pruned_tensors(model):  # each holds its mask buffer
         mask = module._buffers[hook._tensor_name + "_mask"]
         assert mask is not None
-        pruned.setdefault(id(module), []).append((fqn, mask))
-    tensors: dict[str, TensorSparsity] = {}
-    seen: set[int] = set()  # dense weights shared by several modules: counted once
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        for fqn, mask in pruned.get(id(module), []):
-            tensors[fqn] = TensorSparsity(mask.numel(), int((mask == 0).sum()))
-        if include_dense and isinstance(module, PRUNABLE_TYPES):
-            weight = module._parameters.get("weight")
-            if weight is not None and not nn.parameter.is_lazy(weight) and id(weight) not in seen:
+        entries.append((module, fqn, TensorSparsity(mask.numel(), int((mask == 0).sum()))))
+    if include_dense:
+        reported = {fqn for _, fqn, _ in entries}
+        seen: set[int] = set()  # dense weights shared by several modules: counted once
+        for module_name, module in model.named_modules():  # (a shared module: once, its first name)
+            fqn = f"{module_name}.weight" if module_name else "weight"
+            if not isinstance(module, PRUNABLE_TYPES) or fqn in reported:
+                continue
+            weight: Tensor | None = module._parameters.get("weight")
+            if weight is None and computed_weight(module, "weight") is not None:
+                weight = _computed_values(module)  # (one per module)
+            elif weight is None or nn.parameter.is_lazy(weight) or id(weight) in seen:
+                continue
+            else:
                 seen.add(id(weight))
-                tensors[prefix + "weight"] = TensorSparsity(weight.numel(), int((weight == 0).sum()))
-    return SparsityReport(tensors)
+            entries.append((module, fqn, TensorSparsity(weight.numel(), int((weight == 0).sum()))))
+    return in_model_order(model, entries)
+
+
+def _computed_values(module: nn.Module) -> Tensor:
+    """The values of ``module.weight``, computed from other tensors, changing nothing.
+
+    Read in eval mode: in train mode ``parametrizations.spectral_norm`` runs a power iteration
+    that updates its buffers. The training flags are restored afterwards.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            weight = module.weight
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    assert isinstance(weight, Tensor)
+    return weight
 
 
 @dataclass(frozen=True)

@@ -582,6 +582,37 @@ def test_progress_bar_sparsity_is_the_masks_sparsity_at_each_update(monkeypatch:
     assert len({masks for _, masks in shown}) > 1  # the masks' sparsity did change
 
 
+def test_progress_bar_sparsity_under_coupled_is_that_of_the_finished_masks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While training, ``Coupled`` masks a pruned channel only where it is read; ``finish`` then
+    zeroes all of it. The bar shows the sparsity finishing would leave. By hand: the MLP's two
+    groups are the 32 outputs of layer 0 (its 8 weights and bias per channel, a column of layer
+    3) and those of layer 3 (its 32 weights and bias per channel, a column of the head, 3
+    weights); the training masks zero the pruned channels' columns of layers 3 and 5."""
+    pytest.importorskip("torch_pruning")
+    shown: list[tuple[str, str]] = []
+    model = make_mlp()
+
+    class WatchingBar(torchbip.api.tqdm):
+        def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+            a = int((model[3].weight_mask == 0).all(0).sum())  # pruned channels of layer 0
+            b = int((model[5].weight_mask == 0).all(0).sum())  # pruned channels of layer 3
+            zeros = 9 * a + (32 * 32 - (32 - a) * (32 - b)) + 4 * b
+            shown.append((kwargs["sparsity"], f"{zeros / (9 * 32 + 33 * 32 + 3 * 32):.2%}"))
+            super().set_postfix(*args, **kwargs)
+
+    monkeypatch.setattr(torchbip.api, "tqdm", WatchingBar)
+    report = torchbip.global_prune(
+        model, 0.5, make_data(8), steps=8, structured=torchbip.Coupled(torch.randn(2, 8), budget="global"),
+        upper_lr=100.0, log_every=1, progress=True, seed=0,
+    )  # fmt: skip
+    assert len(shown) == 8
+    assert [bar for bar, _ in shown] == [final for _, final in shown]
+    assert shown[-1][0] == f"{report.global_sparsity:.2%}"
+    assert len({final for _, final in shown}) > 1  # the selection did change
+
+
 @pytest.mark.parametrize("mode", ["fused", "two_batch"])
 def test_float16_overflow_counts_each_skipped_step_once(mode: str) -> None:
     """Every pass overflows float16 until the loss scale has come down: in the two-batch mode both

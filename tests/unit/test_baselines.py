@@ -225,6 +225,32 @@ BAD = [
         "yielded no batch",
         id="one-shot",
     ),
+    *(
+        pytest.param(
+            fn, {"loss_fn": loss}, ValueError, f"{label}: loss_fn {words} {dtype}", id=f"{name}-{kind}"
+        )
+        for fn, name, label in ((omp_finetune, "omp", "OMP fine-tune"), (imp, "imp", "IMP round 0"))
+        for kind, loss, words, dtype in (
+            (
+                "int-loss",
+                lambda out, y: torch.tensor(3),
+                r"must return a real floating-point loss \(got dtype",
+                "torch.int64",
+            ),
+            (
+                "complex-loss",
+                lambda out, y: F.cross_entropy(out, y).to(torch.complex64),
+                r"must return a real floating-point loss \(got dtype",
+                "torch.complex64",
+            ),
+            (
+                "detached-loss",
+                lambda out, y: F.cross_entropy(out, y).detach(),
+                r"returned a loss without an autograd graph \(dtype",
+                "torch.float32",
+            ),
+        )
+    ),
 ]
 
 
@@ -416,7 +442,7 @@ def test_the_report_names_exactly_the_tensors_the_call_pruned(run: Callable[...,
     model = WithRootTensor()
     prune.l1_unstructured(model.a, "bias", 3)
     report = run(model, 10, make_data(), epochs=0, parameters=[(model.b, "weight"), (model, "scale")])
-    assert list(report.tensors) == ["b.weight", "scale"]  # in the order given
+    assert list(report.tensors) == ["scale", "b.weight"]  # in model order: the root module comes first
     assert report.numel == 24 + 6
     assert report.zeros == 10
 
@@ -730,3 +756,37 @@ def test_random_finetune_takes_every_seed_torch_takes(seed: int, torch_seed: int
         list(scores), pruning_method=prune.L1Unstructured, importance_scores=scores, amount=0.6
     )
     assert all(torch.equal(a, b) for a, b in zip(masks(model), masks(oracle), strict=True))
+
+
+def test_imp_progress_bar_counts_every_round(capsys: pytest.CaptureFixture[str]) -> None:
+    """48 weights at rate 0.2 to 50%: 39, 32, 26, then 24 kept, four rounds (by hand), and no
+    milestone: the bar reads i/4 after round i."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(2)]
+    shown: list[str] = []
+
+    def read_bar(r: Any, _: nn.Module) -> None:
+        shown.append(re.findall(r"IMP: +\d+%\|[^|]*\| (\d+/\d+)", capsys.readouterr().err)[-1])
+
+    result = imp(model, 0.5, data, epochs_per_round=0.5, lr=0.0, on_round=read_bar, progress=True)
+    assert [round(r.sparsity * 48) for r in result.rounds] == [9, 16, 22, 24]
+    assert shown == ["1/4", "2/4", "3/4", "4/4"]
+
+
+def test_imp_round_sparsity_counts_the_zeros_of_an_earlier_pruning() -> None:
+    """On a model pruned to 50% before (72 of 144 weights), amount=0.25 prunes 18 more of the 72
+    left: the last round reports 90 / 144 = 0.625, every round the zeros of its masks, as
+    omp_finetune's report counts them."""
+    model = make_model()
+    prune.global_unstructured(
+        [(model[0], "weight"), (model[2], "weight")], pruning_method=prune.L1Unstructured, amount=72
+    )
+    counted: list[tuple[float, float]] = []
+
+    def count(r: Any, m: nn.Module) -> None:
+        counted.append((r.sparsity, sum(int((mask == 0).sum()) for mask in masks(model)) / 144))
+
+    result = imp(model, 0.25, make_data(), epochs_per_round=0.5, lr=0.0, on_round=count)
+    assert result.rounds[-1].sparsity == 0.625
+    assert len(counted) > 1
+    assert [reported for reported, _ in counted] == [exact for _, exact in counted]

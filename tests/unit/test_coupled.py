@@ -343,6 +343,37 @@ def test_training_masks_the_readers_and_finish_every_member(net: Residual) -> No
         assert (acts["bn2"][:, ~keep_b] == 0).all()
 
 
+def test_sparsity_while_training_is_that_of_the_whole_groups(net: Residual) -> None:
+    """``pruner.sparsity`` (and its repr) counts every member of a pruned channel, as finishing
+    would, not the readers alone that the training masks zero. Oracle: the hand-written groups'
+    slices of the pruned channels, zeroed in masks of ones, over the targets' entries."""
+    pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()), upper_lr=1e4)
+    for _ in range(2):
+        _train(net, pruner, steps=1)
+        keep_a, keep_b = _channel_keeps(pruner)
+        names = [t.fqn for t in pruner.targets]
+        ones = {
+            n: torch.ones_like(getattr(net.get_submodule(n.split(".")[0]), n.split(".")[1])) for n in names
+        }
+        for group, keep in ((GROUP_A, keep_a), (GROUP_B, keep_b)):
+            for (tensor, dim), channels in group.items():
+                if tensor not in ones:
+                    continue
+                size = ones[tensor].shape[dim]
+                index = torch.arange(size) if channels is None else torch.tensor(channels)
+                ones[tensor].movedim(dim, 0)[~keep[index]] = 0
+        zeros = sum(int((m == 0).sum()) for m in ones.values())
+        expected = zeros / sum(m.numel() for m in ones.values())
+        training = 1 - sum(int(m.count_nonzero()) for m in pruner.masks) / sum(
+            m.numel() for m in pruner.masks
+        )
+        assert training < expected  # the training masks alone undercount
+        assert pruner.sparsity == pytest.approx(expected, abs=1e-12)
+        assert f"sparsity={expected:.4f}," in repr(pruner)
+    pruner.finish()
+    assert pruner.report().global_sparsity == pytest.approx(expected, abs=1e-12)
+
+
 def test_a_pruned_channel_gets_a_first_order_gradient(net: Residual) -> None:
     """Its readers are masked, not its producers: its score moves, so it can come back."""
     pruner = torchbip.BiP(net, amount=0.5, layout=torchbip.Coupled(_inputs()))
@@ -480,6 +511,49 @@ def test_macs_budget_counts_the_macs_of_the_kept_channels(seed: int) -> None:
     options = {(max(1, 4 - round(p * 4)), max(1, 6 - round(p * 6))) for p in [i / 1000 for i in range(1001)]}
     best = min(options, key=lambda c: abs(macs(*c) - macs(4, 6) / 2))
     assert (keep_a, keep_b) == best
+
+
+class CrossAttention(nn.Module):
+    """Queries of width 8 attend to a memory whose keys and values have other widths (kdim, vdim)."""
+
+    def __init__(self, kdim: int, vdim: int, bias_kv: bool = False) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(4, 8), nn.Linear(4, kdim), nn.Linear(4, vdim)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=vdim, add_bias_kv=bias_kv)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        q = self.query(x)
+        h = q + self.att(q, self.key(memory), self.value(memory), need_weights=False)[0]
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize(("kdim", "vdim", "bias_kv"), [(16, 6, False), (8, 8, True)])
+def test_macs_count_attention_s_key_and_value_widths_and_its_bias_key(
+    seed: int, kdim: int, vdim: int, bias_kv: bool
+) -> None:
+    """Only ``fc1``'s 12 channels can go (the rest reaches the attention or the output). By hand,
+    for a batch of 3, 5 queries and 7 memory entries (one more key with ``add_bias_kv``): the
+    query projection and out_proj read 8 features, the key and value projections ``kdim`` and
+    ``vdim``, both attention products span 8 dims; each fc1 channel costs 8 MACs in fc1 and 8
+    in fc2 per query."""
+    model = CrossAttention(kdim, vdim, bias_kv)
+    x, memory = torch.randn(3, 5, 4), torch.randn(3, 7, 4)
+    queries, entries, keys = 3 * 5, 3 * 7, 7 + bias_kv
+    attention = 2 * queries * 8 * 8 + entries * (kdim + vdim) * 8 + 2 * queries * keys * 8
+    linear = queries * 4 * 8 + entries * 4 * (kdim + vdim) + 3 * 8 * 3
+
+    def macs(kept: int) -> int:
+        return attention + linear + queries * 2 * 8 * kept
+
+    pruner = torchbip.BiP(model, amount=0.15, layout=torchbip.Coupled((x, memory), budget="macs"))
+    assert [g.root for g in pruner.layout.groups] == ["fc1"]
+    assert pruner.layout.dense_macs == macs(12)
+    assert pruner.layout.macs() == macs(12)
+    best = min(range(1, 13), key=lambda kept: abs(macs(kept) - 0.85 * macs(12)))
+    assert pruner.layout.counts == [best]
+    assert pruner.layout.macs(pruner.layout.group_keeps(pruner.score_views)) == macs(best)
 
 
 @pytest.mark.parametrize(

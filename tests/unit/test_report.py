@@ -265,3 +265,33 @@ def test_include_dense_leaves_out_an_uninitialised_lazy_weight() -> None:
         "0.weight": (20, 5),
         "2.weight": (8, 3),
     }
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm"])
+def test_include_dense_reports_a_computed_weight_by_its_values(kind: str) -> None:
+    """A weight computed by a parametrization (or the old hooks) is no Parameter of the layer;
+    it is reported by the zeros of the weight it computes, and reading it changes nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[1].weight[[0, 1, 2, 3], [0, 1, 2, 3]] = 0.0  # 4 zeros, which every normalisation keeps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (the old torch.nn.utils.weight_norm)
+        {
+            "weight_norm": nn.utils.parametrizations.weight_norm,
+            "spectral_norm": nn.utils.parametrizations.spectral_norm,
+            "old_weight_norm": nn.utils.weight_norm,
+            "old_spectral_norm": nn.utils.spectral_norm,
+        }[kind](model[1])
+    prune.l1_unstructured(model[0], "weight", amount=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sparsity_report(model, include_dense=True)
+    assert {k: (t.numel, t.zeros) for k, t in report.tensors.items()} == {
+        "0.weight": (16, 3),
+        "1.weight": (20, 4),
+        "2.weight": (10, 0),
+    }
+    assert list(report.tensors) == ["0.weight", "1.weight", "2.weight"]
+    assert report.global_sparsity == pytest.approx(7 / 46)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no power iteration
+    assert all(m.training for m in model.modules())
