@@ -151,7 +151,7 @@ def plan_run(
             f"parameters names {', '.join(map(repr, bad))}, which holds NaN or infinite values; "
             "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
         )
-    allowed = [_allowed(t) for t in targets]
+    allowed = [t.allowed() for t in targets]
     layout = spec.bind(targets, amount, allowed, cfg.min_keep)  # its errors name min_keep and amount
     steps = resolve_steps(cfg, loader, per_step)
     return RunPlan(cfg, amount, targets, allowed, layout, steps, group)
@@ -280,10 +280,3 @@ def resolve_steps(cfg: BiPConfig, loader: Iterable[Any], per_step: int) -> int:
         raise ValueError("loader has no len(); pass steps= to say how many BiP steps to run") from None
     epochs = 1.0 if cfg.epochs is None else cfg.epochs
     return max(1, math.ceil(epochs * n_batches / per_step))
-
-
-def _allowed(target: Target) -> Tensor | None:
-    """Entries that earlier pruning left (``None``: the tensor is not pruned yet)."""
-    if not target.is_pruned:
-        return None
-    return getattr(target.module, target.name + "_mask").detach() != 0

@@ -35,6 +35,7 @@ __all__ = [
     "resolve_targets",
     "transposed_linear",
     "transposed_linear_names",
+    "wholly_pruned",
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -76,6 +77,21 @@ class Target:
     def weight(self) -> Tensor:
         """The tensor (``*_orig`` if pruned), a Parameter."""
         return getattr(self.module, self.name + "_orig" if self.is_pruned else self.name)
+
+    def allowed(self) -> Tensor | None:
+        """Entries that earlier pruning left (``None``: the tensor is not pruned yet)."""
+        if not self.is_pruned:
+            return None
+        return getattr(self.module, self.name + "_mask").detach() != 0
+
+
+def wholly_pruned(targets: Iterable[Target]) -> list[str]:
+    """The FQNs of ``targets`` whose every entry an earlier pruning zeroed (all-zero masks)."""
+    return [
+        t.fqn
+        for t in targets
+        if (allowed := t.allowed()) is not None and allowed.numel() and not allowed.any()
+    ]
 
 
 TRAINABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

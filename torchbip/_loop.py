@@ -147,7 +147,6 @@ class BiPLoop:
         self.good_steps = 0
         self.skipped_steps = 0
         self._overflowed = False  # a pass of the current step was skipped (float16 overflow)
-        self._n_mask_entries = sum(m.numel() for m in self.mask_list)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -293,20 +292,8 @@ class BiPLoop:
         return out, loss
 
     def mask_sparsity(self) -> float:
-        """The sparsity that finishing now would leave in the targets (one host sync; for the bar).
-
-        The fraction of zeros in the final form of the masks' selection: the masks themselves
-        for every layout whose training masks are final, while ``torchbip.Coupled``, which masks
-        a pruned channel only where it is read while training, zeroes all its tensors at the
-        end (its held masks). Constant for one score per entry, but a group layout's masks
-        (filters of different sizes ranked together, coupled channels) change their number of
-        zeros from step to step.
-        """
-        if not self._n_mask_entries:
-            return 0.0
-        final = self.layout.held_masks(self.mask_list)
-        kept = torch.stack([m.count_nonzero() for m in final]).sum()
-        return 1.0 - int(kept) / self._n_mask_entries
+        """:attr:`torchbip.BiP.sparsity`: what finishing now would leave (for the progress bar)."""
+        return self.bip.sparsity
 
     def _reduce_shapes(self, with_mask_grads: bool) -> list[Tensor]:
         """Zeros in the layout of a step's all-reduce (what a failed rank contributes)."""

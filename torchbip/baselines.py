@@ -32,7 +32,7 @@ from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
 from torchbip._arguments import check_device
-from torchbip._func import Target, resolve_targets
+from torchbip._func import Target, resolve_targets, wholly_pruned
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
 from torchbip.config import FLOAT32_MAX, SEED_MAX, SEED_MIN, BiPConfig, is_bool, is_integral
@@ -440,7 +440,7 @@ def omp_finetune(
     amount = validate_amount(amount)  # a Python number: torch would round a float32 product
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
-    before = _pruned_whole(targets)
+    before = wholly_pruned(targets)
     with _snapshot(model, targets).restored_on_failure():
         _magnitude_prune(targets, amount)
         if epochs > 0:
@@ -491,7 +491,7 @@ def random_finetune(
     seed = _check_seed(seed)
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
-    before = _pruned_whole(targets)
+    before = wholly_pruned(targets)
     gen = torch.Generator().manual_seed(seed)
     scores = {
         (t.module, t.name): torch.rand(t.weight().shape, generator=gen).to(t.weight().device) for t in targets
@@ -666,7 +666,7 @@ def imp(
         )
     milestones = _check_milestones(milestones)
     targets = resolve_targets(model, parameters)
-    before = _pruned_whole(targets)
+    before = wholly_pruned(targets)
     start_remaining = _remaining(targets)
     final_keep = start_remaining - count_from_amount(amount, start_remaining)
     milestone_keeps = [
@@ -828,22 +828,12 @@ def _rewind(model: nn.Module, rewind: dict[str, Tensor]) -> None:
             state[own].copy_(value)
 
 
-def _pruned_whole(targets: Sequence[Target]) -> list[str]:
-    """The FQNs of ``targets`` whose every entry is pruned now (before a baseline's ranking)."""
-    whole = []
-    for target in targets:
-        mask = getattr(target.module, target.name + "_mask", None)
-        if isinstance(mask, Tensor) and mask.numel() and not bool(mask.any()):
-            whole.append(target.fqn)
-    return whole
-
-
 def _report(model: nn.Module, targets: Sequence[Target], before: Sequence[str]) -> SparsityReport:
     """The sparsity of exactly ``targets`` (the tensors a baseline pruned), in model order.
 
     Keyed by their FQNs, in the order of ``model.named_modules()``. Warns when the global
     ranking pruned every entry of one of them, except those in ``before`` (pruned whole before
-    the baseline ran, :func:`_pruned_whole`).
+    the baseline ran, :func:`torchbip._func.wholly_pruned`).
     """
     entries = []
     for target in targets:

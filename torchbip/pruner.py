@@ -46,6 +46,7 @@ from torchbip._func import (
     check_targets,
     conv1d_note,
     transposed_linear_names,
+    wholly_pruned,
 )
 from torchbip._snapshot import ModelSnapshot
 from torchbip._tensors import check_optimizer_state, copy_into, split_like
@@ -265,7 +266,7 @@ class BiP:
         self._group = None if self._world else group
         self.settings = settings
         # Tensors whose every entry an earlier pruning zeroed: not BiP's doing (finish()'s warning).
-        self._whole_before = [t.fqn for t in targets if _pruned_whole(t)]
+        self._whole_before = wholly_pruned(targets)
         snapshot = ModelSnapshot(model, {t.name for t in targets}, unchanged=list(model.parameters()))
         with snapshot.restored_on_failure():
             if self.group is not None:  # start every rank from rank 0's model, as DDP does
@@ -383,7 +384,7 @@ class BiP:
                 f"parameters names {', '.join(map(repr, bad))}, which holds NaN or infinite values; "
                 "BiP's scores start from the weights' magnitudes: load or re-initialise the weights first"
             )
-        allowed = [_allowed(t) for t in targets]
+        allowed = [t.allowed() for t in targets]
         found_targets = targets
         bound = spec.bind(targets, amounts, allowed, cfg.min_keep, max_keep)
         targets = bound.kept_targets(targets)
@@ -531,8 +532,11 @@ class BiP:
         readers that its training masks zero.
         """
         total = sum(m.numel() for m in self.masks)
+        if not total:
+            return 0.0
         final = self.layout.held_masks(self.masks)
-        return 1.0 - sum(int(m.count_nonzero()) for m in final) / total if total else 0.0
+        kept = torch.stack([m.count_nonzero() for m in final]).sum()  # one host sync
+        return 1.0 - int(kept) / total
 
     @property
     def finished(self) -> bool:
@@ -1606,19 +1610,6 @@ def _bytes_digest(tensor: Tensor) -> str:
     """A short hash of a tensor's bytes (equal tensors of one dtype give equal hashes)."""
     data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _allowed(target: Target) -> Tensor | None:
-    """Entries that earlier pruning left (``None``: the tensor is not pruned yet)."""
-    if not target.is_pruned:
-        return None
-    return getattr(target.module, target.name + "_mask").detach() != 0
-
-
-def _pruned_whole(target: Target) -> bool:
-    """Whether an earlier pruning zeroed every entry of the tensor (its mask is all zeros)."""
-    allowed = _allowed(target)
-    return allowed is not None and allowed.numel() > 0 and not bool(allowed.any())
 
 
 def _current(target: Target) -> Tensor:
