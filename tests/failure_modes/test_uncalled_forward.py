@@ -168,34 +168,30 @@ class UnusedLayer(nn.Module):
         return self.fc(x)
 
 
-class ReadsChildWeight(nn.Module):
-    """A parent that uses a child's weight directly (as attention does with out_proj)."""
+class FcProj(nn.Module):
+    """Two layers, ``fc`` and ``proj``; the subclasses below differ in how they use ``proj``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(8, 8)
         self.proj = nn.Linear(8, 3)
 
+
+class ReadsChildWeight(FcProj):
+    """A parent that uses a child's weight directly (as attention does with out_proj)."""
+
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(torch.relu(self.fc(x)), self.proj.weight, self.proj.bias)
-
-
-def _reads_child_weight_init(self: nn.Module) -> None:
-    nn.Module.__init__(self)
-    self.fc = nn.Linear(8, 8)
-    self.proj = nn.Linear(8, 3)
 
 
 def _reads_child_weight_forward(self: nn.Module, x: Tensor) -> Tensor:
     return F.linear(torch.relu(self.fc(x)), self.proj.weight, self.proj.bias)
 
 
-# The same parent, made by type(): inspect finds no source of the class, so the defaults cannot
-# tell that it bypasses proj's forward; the first step finds it instead.
+# The same parent, made by type(): inspect finds no source of the class (FcProj's reads
+# nothing), so the defaults cannot tell that it bypasses proj's forward; the first step finds it.
 ReadsChildWeightNoSource = type(
-    "ReadsChildWeightNoSource",
-    (nn.Module,),
-    {"__init__": _reads_child_weight_init, "forward": _reads_child_weight_forward},
+    "ReadsChildWeightNoSource", (FcProj,), {"forward": _reads_child_weight_forward}
 )
 
 
@@ -235,25 +231,18 @@ def test_the_first_step_names_a_bypassed_layer_whatever_was_given() -> None:
 # --- parents whose source bypasses a child's forward (as torchvision's Swin attention) -----------
 
 
-class CallsAndReadsMetadata(nn.Module):
+class CallsAndReadsMetadata(FcProj):
     """Reads proj.weight's dtype and calls proj: proj's mask applies, it is a default target."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.proj = nn.Linear(8, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(torch.relu(self.fc(x)).to(self.proj.weight.dtype))
 
 
-class CallsAndReadsValues(nn.Module):
+class CallsAndReadsValues(FcProj):
     """Calls proj and reads its weight (a penalty kept on the side): proj's mask applies."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.proj = nn.Linear(8, 3)
         self.penalty = torch.zeros(())
 
     def forward(self, x: Tensor) -> Tensor:
