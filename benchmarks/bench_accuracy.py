@@ -16,15 +16,16 @@ The protocol:
   its base epochs (``--bip-epochs``). The dense training, IMP and OMP+FT share one learning
   rate: ``--lr``, by default the one ``--sweep-baselines`` chose on validation for the model
   (``LR``: 0.2 for LeNet-300-100, 0.05 for LeNet-5).
-- Time to a ticket: dense time + method time for BiP and OMP+FT; the cumulative time of the
-  rounds for IMP. The targets per sparsity: BiP level with IMP on test accuracy (mean at least
-  IMP's, or within one standard deviation of either), at no more than a quarter of IMP's time
-  and, from 95% on, ahead of OMP+FT by more than one standard deviation. The verdict per
-  sparsity picks BiP's budget on validation (the smallest that meets every target on validation
-  accuracy, else the smallest level with IMP there) and reports that budget's test accuracy,
-  time ratio and targets; it also lists, per fixed budget, where every target holds, and
-  (labelled as read after the fact on test) the smallest budget level with IMP on test and the
-  smallest meeting every target.
+- Time to a ticket: dense time + method time for BiP and OMP+FT; for IMP, the cumulative time of
+  round 0 and of as many rounds as a run aimed at that sparsity alone needs (one IMP run serves
+  every sparsity, and its rounds that stop at the lower ones are not charged). The targets per
+  sparsity: BiP level with IMP on test accuracy (mean at least IMP's, or within one standard
+  deviation of either), at no more than a quarter of IMP's time and, from 95% on, ahead of
+  OMP+FT by more than one standard deviation. The verdict per sparsity picks BiP's budget on
+  validation (the smallest that meets every target on validation accuracy, else the smallest
+  level with IMP there) and reports that budget's test accuracy, time ratio and targets; it also
+  lists, per fixed budget, where every target holds, and (labelled as read after the fact on
+  test) the smallest budget level with IMP on test and the smallest meeting every target.
 - ``--sweep`` chooses BiP's settings on the validation split only: one factor at a time around
   the library's defaults (upper learning rate, its schedule, the implicit coefficient, the lower
   learning rate, the score initialisation, the mode, a short fine-tuning after BiP), two seeds,
@@ -58,6 +59,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,7 @@ from torchbip.datasets import load_mnist
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.8, 0.9, 0.95, 0.964, 0.98, 0.99)
+IMP_RATE = 0.2  # the fraction of the remaining weights each IMP round prunes
 METHODS = ("bip", "omp_ft", "imp")
 BUDGETS = (1, 2, 4)
 VAL_SIZE = 5000
@@ -272,22 +275,50 @@ class Seed:
         return out
 
 
-def run_imp(s: Seed, sparsities: list[float], record: Callable[[float, nn.Module, Any], None]) -> None:
-    """IMP from the seed's initialisation to the largest sparsity, at the seed's learning rate;
-    ``record(sparsity, model, round_record)`` at each round that stops at one of ``sparsities``.
+def rounds_alone(prunable: int, kept: int, rate: float = IMP_RATE) -> int:
+    """The rounds an IMP run aimed at ``kept`` entries alone needs: each prunes ``rate`` of the
+    remaining entries (rounded down, at least one), the last one clipped at ``kept``.
 
-    ``imp``'s clock leaves out the seconds ``record`` spends (the evaluation of the ticket), so
-    IMP's time to a ticket counts its training and pruning only, as BiP's and OMP+FT's times do."""
+    >>> rounds_alone(100, 20), rounds_alone(100, 10)  # 80, 64, 52, 42, 34, 28, 23, 20; ... 13, 11, 10
+    (8, 12)
+    """
+    cut = Fraction(rate).limit_denominator()
+    rounds, remaining = 0, prunable
+    while remaining > kept:
+        remaining = max(kept, remaining - max(1, remaining * cut.numerator // cut.denominator))
+        rounds += 1
+    return rounds
+
+
+def run_imp(
+    s: Seed, sparsities: list[float], record: Callable[[float, nn.Module, Any, int, float], None]
+) -> None:
+    """IMP from the seed's initialisation to the largest sparsity, at the seed's learning rate;
+    ``record(sparsity, model, round_record, rounds, seconds)`` at each round that stops at one of
+    ``sparsities``.
+
+    One run serves every sparsity: its rounds also stop at the lower ones, so it reaches a sparsity
+    in more rounds than an IMP run aimed at that sparsity alone (18 against 15 at 96.4%). The time
+    charged to the ticket (``seconds``) is therefore that of the rounds a run aimed at it alone
+    needs (``rounds``, :func:`rounds_alone`): the cumulative time of round 0 and this run's first rounds up to
+    that count (every round trains the same epochs), not the time of the rounds that the other
+    sparsities added. ``imp``'s clock leaves out the seconds ``record`` spends (the evaluation of
+    the ticket), so IMP's time counts its training and pruning only, as BiP's and OMP+FT's
+    times do."""
     model = copy.deepcopy(s.init)
     prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    elapsed: dict[int, float] = {}  # the cumulative time after each round
 
     def on_round(round_record: Any, m: nn.Module) -> None:
+        elapsed[round_record.round] = round_record.wall_time_s
         # an IMP round that stops at a target keeps exactly the count the target rounds to
         hit = [t for t in sparsities if abs(round_record.sparsity - t) <= 0.5 / prunable + 1e-12]
         if hit:
-            record(hit[0], m, round_record)
+            kept = round((1 - round_record.sparsity) * prunable)
+            alone = rounds_alone(prunable, kept)
+            record(hit[0], m, round_record, alone, elapsed[alone])
 
-    imp(model, max(sparsities), s.batches(0), s.epochs, rate=0.2, milestones=sparsities,
+    imp(model, max(sparsities), s.batches(0), s.epochs, rate=IMP_RATE, milestones=sparsities,
         on_round=on_round, lr=s.lr)  # fmt: skip
 
 
@@ -316,8 +347,9 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, tor
 
     if "imp" not in args.methods:
         return rows
-    run_imp(s, args.sparsities, lambda sparsity, m, record: rows.append(
-        s.row("imp", sparsity, m, record.wall_time_s, round=record.round)
+    run_imp(s, args.sparsities, lambda sparsity, m, record, rounds, seconds: rows.append(
+        s.row("imp", sparsity, m, seconds, round=record.round, rounds_charged=rounds,
+              run_time_s=record.wall_time_s)
     ))  # fmt: skip
     return rows
 
@@ -386,8 +418,9 @@ def sweep_baselines_seed(
             omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=lr)
             elapsed = time.perf_counter() - start
             rows.append(row(s, "omp_ft", sparsity, model, s.dense_time + elapsed, method_time_s=elapsed))
-        run_imp(s, args.sparsities, lambda sparsity, m, record, s=s: rows.append(
-            row(s, "imp", sparsity, m, record.wall_time_s, round=record.round)
+        run_imp(s, args.sparsities, lambda sparsity, m, record, rounds, seconds, s=s: rows.append(
+            row(s, "imp", sparsity, m, seconds, round=record.round, rounds_charged=rounds,
+                run_time_s=record.wall_time_s)
         ))  # fmt: skip
     return rows
 
@@ -717,8 +750,20 @@ def markdown(result: dict[str, Any], model: str) -> str:
             f"{100 * ref['0.964']:.1f}% for IMP's ticket at 96.4% sparsity."
         )
         lines.append("")
+    imp_rows = [r for r in result["rows"] if r["model"] == model and r["method"] == "imp"]
+    if all("rounds_charged" in r for r in imp_rows):
+        imp_time = (
+            "IMP: round 0 and as many rounds as a run aimed at that sparsity alone needs, since its one "
+            "run also stops at the lower sparsities and those extra rounds are not charged"
+        )
+    else:  # a run from before the rounds were counted
+        imp_time = (
+            "IMP: the cumulative time of its one run, whose rounds also stop at the lower sparsities, so "
+            "more rounds than a run aimed at that sparsity alone needs"
+        )
     lines.append(
-        "Test accuracy (%), mean ± std over seeds; wall time to the ticket (s, dense training included):"
+        f"Test accuracy (%), mean ± std over seeds; wall time to the ticket (s, dense training included; "
+        f"{imp_time}):"
     )
     lines.append("")
     lines.append("| method | " + " | ".join(f"{100 * float(s):g}%" for s in sparsities) + " |")
@@ -1016,7 +1061,7 @@ def protocol_budget(name: str, args: argparse.Namespace, data: dict[str, torch.T
         **_data_budget(name, args, data),
         "bip_epochs": args.bip_epochs or BIP_EPOCHS[name],
         "bip_budgets": args.budgets,
-        "imp_rate": 0.2,
+        "imp_rate": IMP_RATE,
         "lr": baseline_lr(name, args),
         "batch_size": args.batch_size,
         "seeds": args.seeds,
@@ -1134,7 +1179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "budget": {
                 name: {
                     **_data_budget(name, args, data),
-                    "imp_rate": 0.2,
+                    "imp_rate": IMP_RATE,
                     "batch_size": args.batch_size,
                     "sparsities": args.sparsities,
                 }

@@ -394,7 +394,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-digits", action="store_true", help="skip the accuracy part")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="rewrite the markdown of an earlier run's JSON",
+    )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        args.replot.with_suffix(".md").write_text(markdown(result))
+        print(f"wrote {args.replot.with_suffix('.md')}", flush=True)
+        return result
     if args.quick:
         args.models = args.models or ["resnet18", "vgg_style", "lenet_300_100"]
         args.batch_size, args.repeats, args.inner = 2, 2, 1

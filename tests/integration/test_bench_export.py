@@ -60,3 +60,17 @@ def test_bench_export_quick(tmp_path: Path) -> None:
         if row["method"] != "dense":
             assert row["slim_accuracy"] == pytest.approx(row["accuracy"], abs=1e-6)
             assert row["kept_filters"] <= row["slim_filters"] <= row["total_filters"]
+
+
+def test_committed_markdown_is_what_its_json_gives(tmp_path: Path) -> None:
+    """The committed page is the one ``--replot`` writes from the committed JSON (with its caveats)."""
+    import bench_export
+
+    committed = BENCH / "results" / "bench_export-cpu-torch2.14.1.json"
+    if not committed.is_file():
+        pytest.skip("the committed run is not in this checkout")
+    copy = tmp_path / committed.name
+    copy.write_text(committed.read_text())
+    bench_export.main(["--replot", str(copy)])
+    assert copy.with_suffix(".md").read_text() == committed.with_suffix(".md").read_text()
+    assert "picked in a sweep scored on this test split" in committed.with_suffix(".md").read_text()

@@ -274,7 +274,7 @@ def test_committed_lenet_300_100_protocol_is_the_merge_of_its_seeds(tmp_path: Pa
 
     results = BENCH / "results"
     stem = "bench_accuracy-cpu-x86_64-1threads-torch2.14.1-lenet_300_100"
-    seeds = sorted(results.glob(f"{stem}-lpt-lr0.2-s?.json"))
+    seeds = sorted((results / "seeds").glob(f"{stem}-lpt-lr0.2-s?.json"))
     if len(seeds) != 3:
         pytest.skip("the per-seed runs are not in this checkout")
     merged = bench_accuracy.main(["--replot", *map(str, seeds), "--merged", str(tmp_path / f"{stem}.json")])
@@ -360,3 +360,54 @@ def test_bench_accuracy_lr_defaults_per_model_and_lr_overrides_it(monkeypatch: p
             assert json.loads(path.read_text())["budget"][model]["lr"] == lr, model
         assert _resolve(["--models", model], monkeypatch)["lr"] == lr
         assert _resolve(["--models", model, "--lr", "0.1"], monkeypatch)["lr"] == 0.1
+
+
+@pytest.mark.filterwarnings("ignore:the global ranking pruned every entry")  # (a tiny model at 99%)
+def test_imp_time_to_a_ticket_is_that_of_a_run_aimed_at_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One IMP run serves every sparsity; its ticket at s is charged the rounds of a run to s alone.
+
+    A clock that advances one unit per training (round 0 and each round) makes the oracle exact: a
+    run to s alone trains ``ceil(log(1 - s) / log(1 - rate)) + 1`` times.
+    """
+    import argparse
+    import math
+    import types
+
+    import bench_accuracy
+    import torch
+    from torch import nn
+
+    import torchbip.baselines
+
+    clock = types.SimpleNamespace(t=0.0)
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock.t)
+    monkeypatch.setattr(torchbip.baselines, "time", fake_time)
+    trained = torchbip.baselines._train
+
+    def counted(*args: object, **kwargs: object) -> object:
+        clock.t += 1.0
+        return trained(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torchbip.baselines, "_train", counted)
+    monkeypatch.setitem(
+        bench_accuracy.MODELS,
+        "tiny",
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 400), nn.Linear(400, 10)),
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 4, 4, generator=g), torch.randint(0, 10, (64,), generator=g)
+    data = {"xtr": x, "ytr": y, "xval": x, "yval": y, "xte": x, "yte": y}
+    args = argparse.Namespace(
+        epochs=1.0, lr=0.05, batch_size=64, methods=["imp"], sparsities=list(bench_accuracy.SPARSITIES),
+        budgets=[1], bip={}, bip_epochs=1.0,
+    )  # fmt: skip
+    rows = [r for r in bench_accuracy.run_seed("tiny", 0, args, data) if r["method"] == "imp"]
+    rate = bench_accuracy.IMP_RATE
+    expected = {
+        s: math.ceil(math.log(1 - s) / math.log(1 - rate) - 1e-9) + 1 for s in bench_accuracy.SPARSITIES
+    }
+    assert {r["sparsity"]: r["time_s"] for r in rows} == expected
+    # the run itself went through more rounds, and says so
+    assert [r["round"] for r in rows] == [8, 12, 16, 18, 21, 25]
+    assert all(r["run_time_s"] == r["round"] + 1 for r in rows)
+    assert [r["rounds_charged"] + 1 for r in rows] == list(expected.values())
