@@ -21,7 +21,7 @@ from torch.nn.modules import module as module_impl
 
 from torchbip._checkpoint import check_checkpoint_path
 from torchbip._collectives import agree
-from torchbip._func import Target, candidate_targets, resolve_targets
+from torchbip._func import Target, candidate_targets, check_binary_masks, resolve_targets
 from torchbip.bilevel import all_finite
 from torchbip.config import BiPConfig
 from torchbip.layouts import Groups, Layout, MaskLayout, as_layout
@@ -137,6 +137,7 @@ def plan_run(
     elif parameters is None:
         defaults = spec.default_parameters(model)
     targets = resolve_targets(model, parameters, defaults)
+    check_binary_masks(targets)
     for target in targets:
         if target.weight().is_inference():
             raise ValueError(

@@ -26,6 +26,7 @@ __all__ = [
     "LEAVE_OUT_OR_EXCLUDE",
     "Target",
     "candidate_targets",
+    "check_binary_masks",
     "check_targets",
     "computed_weight",
     "conv1d_note",
@@ -79,10 +80,65 @@ class Target:
         return getattr(self.module, self.name + "_orig" if self.is_pruned else self.name)
 
     def allowed(self) -> Tensor | None:
-        """Entries that earlier pruning left (``None``: the tensor is not pruned yet)."""
+        """Entries that earlier pruning left (``None``: the tensor is not pruned yet).
+
+        The entries whose mask is not 0; :func:`check_binary_masks` refuses a mask with other
+        values than 0 and 1 wherever BiP learns a mask over these entries.
+        """
         if not self.is_pruned:
             return None
         return getattr(self.module, self.name + "_mask").detach() != 0
+
+
+_BIP_BINARY = "BiP learns a binary mask and would overwrite those earlier non-binary values"
+"""Why :class:`torchbip.BiP` and :func:`torchbip.global_prune` refuse a non-binary earlier mask."""
+
+
+def check_binary_masks(targets: Sequence[Target], why: str = _BIP_BINARY) -> None:
+    """Refuse a target whose earlier pruning left a mask with values other than 0 and 1.
+
+    Torch's methods can leave such a mask: ``prune.custom_from_mask(module, name, mask)`` with
+    ``0.5`` entries keeps those entries scaled by 0.5. A further pruning by one of torch's
+    per-tensor methods (or by :func:`torchbip.bip_unstructured`) prunes only the entries whose
+    mask is exactly 1 and keeps the other values. :class:`torchbip.BiP` and
+    :func:`torchbip.global_prune` learn a binary mask over every entry an earlier pruning left,
+    so they would write 0 or 1 over those values; they, and the baselines, refuse such a tensor
+    before they change anything.
+
+    Args:
+        targets: the tensors to prune (checked by :func:`check_targets`: on one device).
+        why: the end of the message, what the caller would do to the non-binary values.
+
+    Raises:
+        ValueError: naming the first such tensor and one of its mask values.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn.utils import prune
+        >>> soft = torch.tensor([[0.5, 1.0], [1.0, 0.0]])
+        >>> layer = prune.custom_from_mask(nn.Linear(2, 2), "weight", soft)
+        >>> check_binary_masks([Target(layer, "weight", "fc")])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: parameters names 'fc.weight', whose mask from an earlier pruning holds values ...
+    """
+    pruned = [t for t in targets if t.is_pruned]
+    masks = [getattr(t.module, t.name + "_mask").detach() for t in pruned]
+    checked = [(t, m) for t, m in zip(pruned, masks, strict=True) if not m.is_meta and m.numel()]
+    if not checked:
+        return
+    # one host synchronisation for all of them
+    soft = torch.stack([((m != 0) & (m != 1)).any() for _, m in checked]).tolist()
+    for (target, mask), is_soft in zip(checked, soft, strict=True):
+        if is_soft:
+            value = float(mask[(mask != 0) & (mask != 1)].reshape(-1)[0])
+            raise ValueError(
+                f"parameters names {target.fqn!r}, whose mask from an earlier pruning holds values other "
+                f"than 0 and 1 (e.g. {value:g} in {target.mask_fqn!r}, as prune.custom_from_mask with a "
+                f"non-binary mask leaves): {why}; pass a binary mask (0s and 1s), or make that pruning "
+                f"permanent first (torch.nn.utils.prune.remove(module, {target.name!r}))"
+            )
 
 
 def wholly_pruned(targets: Iterable[Target]) -> list[str]:

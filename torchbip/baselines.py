@@ -12,6 +12,12 @@ level, the training of the weights (:class:`torchbip.BiPConfig`'s ``lower_lr``, 
 train the weights with the same SGD recipe, so methods compare like with like. Each baseline
 leaves every pruned tensor's ``module.<name>`` equal to ``<name>_orig * <name>_mask`` as a plain
 tensor without an autograd graph, so the model can be deep-copied (``copy.deepcopy``).
+
+:func:`imp`, :func:`omp_finetune` and :func:`random_finetune` prune with
+:func:`torch.nn.utils.prune.global_unstructured`, which would multiply a mask holding values other
+than 0 and 1 (``prune.custom_from_mask`` with ``0.5`` entries) by itself; like
+:func:`torchbip.global_prune`, they refuse such a tensor with a ``ValueError`` before they change
+anything.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
 from torchbip._arguments import check_device
-from torchbip._func import Target, resolve_targets, wholly_pruned
+from torchbip._func import Target, check_binary_masks, resolve_targets, wholly_pruned
 from torchbip._snapshot import ModelSnapshot
 from torchbip.api import global_prune
 from torchbip.config import FLOAT32_MAX, SEED_MAX, SEED_MIN, BiPConfig, is_bool, is_integral
@@ -353,6 +359,19 @@ def _check_milestones(milestones: object) -> list[int | float]:
     return [validate_amount(m, f"milestones[{i}]") for i, m in enumerate(values)]
 
 
+def _check_binary_masks(targets: Sequence[Target], baseline: str) -> None:
+    """Refuse a target whose earlier mask holds values other than 0 and 1, naming ``baseline``.
+
+    The baselines prune with :func:`torch.nn.utils.prune.global_unstructured`, which multiplies
+    such a mask by itself (``0.5`` becomes ``0.25``); see :func:`torchbip._func.check_binary_masks`.
+    """
+    check_binary_masks(
+        targets,
+        f"{baseline} prunes with torch.nn.utils.prune.global_unstructured, which would multiply those "
+        "earlier non-binary values by themselves (0.5 becomes 0.25)",
+    )
+
+
 def _remaining(targets: Sequence[Target]) -> int:
     """The number of unpruned entries of ``targets`` (all entries of a tensor not yet pruned)."""
     total = 0
@@ -440,6 +459,7 @@ def omp_finetune(
     amount = validate_amount(amount)  # a Python number: torch would round a float32 product
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
+    _check_binary_masks(targets, "omp_finetune")
     before = wholly_pruned(targets)
     with _snapshot(model, targets).restored_on_failure():
         _magnitude_prune(targets, amount)
@@ -491,6 +511,7 @@ def random_finetune(
     seed = _check_seed(seed)
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
+    _check_binary_masks(targets, "random_finetune")
     before = wholly_pruned(targets)
     gen = torch.Generator().manual_seed(seed)
     scores = {
@@ -640,7 +661,8 @@ def imp(
     Raises:
         ValueError: for a bad ``rate``, ``epochs_per_round``, ``rewind_epochs`` (also one at or
             beyond ``epochs_per_round``: no such point in round 0's training), ``milestones``
-            or training option, before the model is changed.
+            or training option, or a tensor whose earlier mask holds values other than 0 and 1,
+            before the model is changed.
 
     Example:
         >>> import torch
@@ -666,6 +688,7 @@ def imp(
         )
     milestones = _check_milestones(milestones)
     targets = resolve_targets(model, parameters)
+    _check_binary_masks(targets, "imp")
     before = wholly_pruned(targets)
     start_remaining = _remaining(targets)
     final_keep = start_remaining - count_from_amount(amount, start_remaining)

@@ -92,12 +92,66 @@ def check_mask_shape(t: Tensor, default_mask: Tensor) -> None:
         )
 
 
+RANKABLE_DTYPES: frozenset[torch.dtype] = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex32,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+"""The dtypes whose magnitudes the pruning methods can rank (not float8 or quantized types)."""
+
+
+def check_rankable(scores: Tensor, what: str = "importance_scores") -> None:
+    """Raise ``TypeError`` unless the scores are a dense tensor of a dtype that can be ranked.
+
+    A sparse (or other non-strided) layout, and a dtype outside :data:`RANKABLE_DTYPES` (float8,
+    quantized), have no operations to rank their magnitudes with; torch would fail in the middle
+    of the ranking with a message that names no argument. ``what`` names them as in
+    :func:`check_finite`.
+
+    Example:
+        >>> import torch
+        >>> check_rankable(torch.ones(2, 2).to_sparse())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: importance_scores must be a dense (strided) tensor ..., got a sparse_coo tensor of ...
+    """
+    if scores.layout != torch.strided:
+        fix = ".to_dense()"
+    elif scores.dtype not in RANKABLE_DTYPES:
+        fix = ".dequantize()" if scores.is_quantized else ".float()"
+    else:
+        return
+    layout = str(scores.layout).removeprefix("torch.")
+    raise TypeError(
+        f"{what} must be a dense (strided) tensor of a dtype that can be ranked (bool, an integer, "
+        f"floating-point or complex dtype; not float8 or quantized), got a {layout} tensor of dtype "
+        f"{scores.dtype}" + (f"; e.g. pass importance_scores{fix}" if what == "importance_scores" else "")
+    )
+
+
 def check_finite(scores: Tensor, what: str = "importance_scores") -> None:
     """Raise ``ValueError`` if the importance scores hold a NaN or an infinity.
 
     ``what`` names them in the message: the argument, or the weight whose magnitudes stand in
-    for it. A ``meta`` tensor holds no values to check.
+    for it. A ``meta`` tensor holds no values to check. Scores that cannot be ranked at all get
+    the ``TypeError`` of :func:`check_rankable` first.
     """
+    check_rankable(scores, what)
     if not scores.is_meta and not torch.isfinite(scores).all():
         raise ValueError(f"{what} contain NaN or infinite values, which cannot be ranked")
 
@@ -147,12 +201,17 @@ R = TypeVar("R")
 
 
 def check_scores_type(importance_scores: object) -> None:
-    """Raise ``TypeError`` unless ``importance_scores`` is ``None`` or a tensor."""
+    """Raise ``TypeError`` unless ``importance_scores`` is ``None`` or a tensor that can be ranked.
+
+    A tensor must be dense, of a dtype that can be ranked (:func:`check_rankable`).
+    """
     if importance_scores is not None and not isinstance(importance_scores, Tensor):
         raise TypeError(
             f"importance_scores must be a torch.Tensor of the pruned tensor's shape or None, got "
             f"{type(importance_scores).__name__}; e.g. pass torch.as_tensor(scores)"
         )
+    if importance_scores is not None:
+        check_rankable(importance_scores)
 
 
 def outside_inference_mode(fn: Callable[P, R]) -> Callable[P, R]:

@@ -43,6 +43,7 @@ from torchbip._func import (
     LEAVE_OUT_OR_EXCLUDE,
     Target,
     candidate_targets,
+    check_binary_masks,
     check_targets,
     conv1d_note,
     transposed_linear_names,
@@ -377,6 +378,7 @@ class BiP:
         )
         targets, amounts = _select(model, found, amount, exclude)  # before the checks: exclude a tied head
         check_targets(model, targets, leave_out=LEAVE_OUT_OR_EXCLUDE)  # (the tied-weights advice)
+        check_binary_masks(targets)
         weights = [t.weight() for t in targets]
         if not bool(all_finite(weights)):
             bad = [t.fqn for t in targets if not bool(all_finite([t.weight()]))]
