@@ -29,6 +29,7 @@ import inspect
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -109,7 +110,9 @@ class BiP:
 
     Pruned entries of ``weight_orig`` keep their values (``hold_pruned``): whatever the
     optimizer did to them (weight decay, momentum or Adam state) is undone in :meth:`step`, so
-    an entry that comes back returns with the value it had when it was pruned.
+    an entry that comes back returns with the value it had when it was pruned. A
+    ``model.load_state_dict(...)`` after construction (a rollback to a checkpoint) sets them, and
+    :math:`\theta` of the next step, to the loaded values.
 
     Distributed data parallel: build the object on the model on every rank, then wrap the model
     in :class:`~torch.nn.parallel.DistributedDataParallel` as usual. Construction broadcasts
@@ -453,20 +456,35 @@ class BiP:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, schedule_lambda(str(self.settings["upper_schedule"]), self.steps)
         )
+        self._load_hooks = self._register_load_hooks()
+
+    def _register_load_hooks(self) -> list[Any]:
+        """A :class:`_LoadedWeights` post-hook on every pruned module; their handles."""
+        return [
+            t.module.register_load_state_dict_post_hook(_LoadedWeights(self, i))
+            for i, t in enumerate(self.targets)
+        ]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """``copy.deepcopy``: the copy captures the gradients of its own copy of the model.
 
         (The model's hooks are copied without their capture, see
-        :class:`~torchbip.method.GradCapture`.)
+        :class:`~torchbip.method.GradCapture`, and without their load hooks, see
+        :class:`_LoadedWeights`.)
         """
         self.__dict__.update(state)
+        for handle in self.__dict__.get("_load_hooks", ()):
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and hooks.get(handle.id) is _ignore_load:
+                handle.remove()  # a copied module's no-op hook (not a shallow copy's live one)
+        self._load_hooks = []
         if not self._finished:
             self.saved_sums = self._fingerprints()
             self.seen_sums[:] = [None] * len(self.origs)
             for i, hook in enumerate(self.hooks):
                 assert hook is not None
                 set_grad_capture(hook, GradCapture(self._capture_fn(i)))
+            self._load_hooks = self._register_load_hooks()
 
     def _capture_fn(self, index: int) -> Callable[[Tensor], None]:
         captured, fired, owned, on = self.captured, self.fired, self.owned, self._capturing
@@ -654,8 +672,9 @@ class BiP:
         Raises:
             RuntimeError: after :meth:`finish`; when no backward pass reached the model since the
                 last step; when a scaler has not stepped yet; when the parameters were replaced
-                (other than by FSDP2's ``fully_shard`` with its default sharding); on a distributed
-                rank when another rank's step failed.
+                (other than by FSDP2's ``fully_shard`` with its default sharding) or a pruned module
+                is no longer in the model (replaced, e.g. ``model[2] = nn.Linear(...)``); on a
+                distributed rank when another rank's step failed.
             ValueError: in the first step, for pruned tensors that got no gradient (their
                 module's forward is never called, or the loss does not use them), or for
                 ``upper_grads`` of the wrong number or shapes.
@@ -793,7 +812,11 @@ class BiP:
 
         Uses the score gradients that :meth:`prepare` wrote, and undoes the optimizer's changes to
         pruned entries.
+
+        Raises:
+            RuntimeError: after :meth:`finish`.
         """
+        self._check_not_finished()
         self.flat_scores.grad = self.flat_grad
         self.optimizer.step()
         self.scheduler.step()
@@ -902,16 +925,29 @@ class BiP:
         if written:  # gradients that are not already the score-gradient buffers themselves
             self.layout.score_grads(written, self.grad_views, self.masks)
 
-    def _check_usable(self) -> None:
+    def _check_not_finished(self) -> None:
         if self._finished:
             raise RuntimeError("this BiP object has finished (finish() was called); build a new one")
+
+    def _check_usable(self) -> None:
+        self._check_not_finished()
         self._sync_params()
 
     def _sync_params(self) -> None:
         """Check the model's tensors: every mask buffer and ``weight_orig`` is the one BiP was built on.
 
-        (Or, for ``weight_orig``, FSDP2's shard of it.)
+        (Or, for ``weight_orig``, FSDP2's shard of it.) Every pruned module must still be in the
+        model (at its place, or anywhere else in it, e.g. inside a wrapper).
         """
+        gone = self._modules_gone()
+        if gone:
+            t = gone[0]
+            raise RuntimeError(
+                f"the module {t.module_fqn!r} that holds the pruned tensor {t.fqn!r} is no longer in the "
+                "model (it was replaced or removed after BiP was built), so BiP's masks are no longer "
+                "the model's; call finish() on this BiP object (it releases the model as it is now) and "
+                "build a new BiP"
+            )
         for t, mask in zip(self.targets, self.masks, strict=True):
             if t.module._buffers.get(t.name + "_mask") is not mask:
                 raise RuntimeError(
@@ -994,6 +1030,28 @@ class BiP:
         for i, saved in enumerate(self.saved):
             copy_into(saved, self._full(i))
 
+    def _reload_saved(self, index: int, module: nn.Module) -> None:
+        r"""After a ``load_state_dict`` into a pruned module: hold the ``weight_orig`` it loaded.
+
+        (``saved`` is :math:`\theta` of the next upper gradient and the values that pruned entries
+        keep; a load into another module, e.g. a shallow copy sharing the hooks, is not BiP's.)
+        """
+        target = self.targets[index]
+        if self._finished or self.saved is None or module is not target.module:
+            return
+        current = module._parameters.get(target.name + "_orig")
+        if current is not self.origs[index]:
+            if current is None or not _is_dtensor(current) or _is_dtensor(self.origs[index]):
+                return  # replaced (load_state_dict(assign=True)): the next step refuses it
+            try:
+                self._adopt_shard(index, current)  # FSDP2's shard, loaded before the first step
+            except RuntimeError:
+                return  # the next step names the problem
+        with torch.no_grad():
+            copy_into(self.saved[index], self._full(index))
+        if self._order_checks[0] > 0 and not _is_dtensor(current):
+            self.saved_sums[index] = _fingerprint(self.origs[index])
+
     def _check_order(self) -> None:
         r"""Warn (once) when :meth:`step` is called before ``optimizer.step()``, in the first steps.
 
@@ -1060,8 +1118,12 @@ class BiP:
         )
 
     def _check_first_step(self, fired: Sequence[int]) -> None:
-        """In the first step every pruned tensor must have had a gradient (on some rank)."""
+        """In the first step every pruned tensor must have had a gradient (on some rank).
+
+        A refused step drops the captured gradients (the next step counts only its own batches).
+        """
         if self.step_count == 0 and not all(fired):
+            self.zero_grad()
             names = ", ".join(repr(n) for n, f in zip(self.names, fired, strict=True) if not f)
             frozen = [
                 t.orig_fqn
@@ -1109,7 +1171,12 @@ class BiP:
 
     @torch.no_grad()
     def update_masks(self) -> None:
-        """Set every mask to the selection (top-k) of the current scores."""
+        """Set every mask to the selection (top-k) of the current scores.
+
+        Raises:
+            RuntimeError: after :meth:`finish` (the masks are final then).
+        """
+        self._check_not_finished()
         try:
             self.layout.write_masks(self.score_views, self.flat_scores, self.masks)
         except FloatingPointError as err:
@@ -1118,14 +1185,27 @@ class BiP:
     # -- reports and the end -------------------------------------------------------------------
 
     def report(self) -> SparsityReport:
-        """The sparsity of every pruned tensor now, in the order of ``model.named_modules()``."""
+        """The sparsity of every pruned tensor now, in the order of ``model.named_modules()``.
+
+        A tensor whose module is no longer in the model (replaced after BiP was built) is left out.
+        """
+        gone = {id(t) for t in self._modules_gone()}
         return in_model_order(
             self.model,
             (
                 (t.module, t.fqn, TensorSparsity(m.numel(), int((m == 0).sum())))
                 for t, m in zip(self.targets, self.masks, strict=True)
+                if id(t) not in gone
             ),
         )
+
+    def _modules_gone(self) -> list[Target]:
+        """The targets whose module is no longer in the model (replaced or removed after construction)."""
+        gone = [t for t in self.targets if _submodule(self.model, t.module_fqn) is not t.module]
+        if gone:  # a module moved elsewhere in the model (e.g. into a wrapper) is still pruned by BiP
+            present = {id(m) for m in self.model.modules()}
+            gone = [t for t in gone if id(t.module) not in present]
+        return gone
 
     def finish(self, *, as_loaded: bool = False) -> SparsityReport:
         """Leave exactly torch's pruned form: drop the scores and the gradient capture.
@@ -1139,10 +1219,11 @@ class BiP:
                 saved after :meth:`finish` was loaded, whose masks are final already.
 
         When the model's masks or ``weight_orig`` were replaced after construction (``model.to()``
-        or ``.double()``, a :mod:`torch.nn.utils.prune` call on a pruned tensor), which :meth:`step`
-        refuses, :meth:`finish` warns and releases the model as it is now: it drops the scores and
-        the gradient capture and changes nothing else (no final selection, no values put back), so
-        that a new :class:`BiP` can be built on the model.
+        or ``.double()``, a :mod:`torch.nn.utils.prune` call on a pruned tensor), or a pruned module
+        was replaced in the model, which :meth:`step` refuses, :meth:`finish` warns and releases the
+        model as it is now: it drops the scores and the gradient capture and changes nothing else
+        (no final selection, no values put back), so that a new :class:`BiP` can be built on the
+        model. The report leaves out the tensors of modules that are no longer in the model.
 
         Returns:
             The final :class:`~torchbip.SparsityReport`.
@@ -1206,6 +1287,9 @@ class BiP:
         self._finished = True
         self.captured, self.saved = [], None
         self._world, self._group = False, None  # no collective after the end
+        for handle in self._load_hooks:
+            handle.remove()
+        self._load_hooks = []
 
     @property
     def group(self) -> Any:
@@ -1449,6 +1533,45 @@ class BiP:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+class _LoadedWeights:
+    r"""A ``load_state_dict`` post-hook on a pruned module: the live :class:`BiP` holds what was loaded.
+
+    A model's ``load_state_dict`` (a rollback to a checkpoint) copies into ``weight_orig`` in
+    place; the next :meth:`BiP.step` then takes the loaded values as :math:`\theta` and keeps them
+    in pruned entries. It holds the :class:`BiP` weakly, and, like
+    :class:`~torchbip.method.GradCapture`, it is not copied with the module: ``copy.deepcopy`` and
+    pickling of a module (an EMA copy of the model) give it a hook that does nothing.
+    """
+
+    def __init__(self, bip: BiP, index: int) -> None:
+        self.bip = weakref.ref(bip)
+        self.index = index
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        bip = self.bip()
+        if bip is not None:
+            bip._reload_saved(self.index, module)
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _no_load_hook, ()
+
+
+def _submodule(model: nn.Module, fqn: str) -> nn.Module | None:
+    """``model.get_submodule(fqn)``, or ``None`` where there is no module of that name."""
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
+
+
+def _ignore_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """What a :class:`_LoadedWeights` hook becomes when its module is copied or unpickled."""
+
+
+def _no_load_hook() -> Callable[[nn.Module, Any], None]:
+    return _ignore_load
 
 
 def check_no_fsdp(
