@@ -12,7 +12,7 @@ from torch.nn.utils import prune
 from torch.utils.hooks import RemovableHandle
 
 from torchbip.pruner import BiP
-from torchbip.report import SparsityReport
+from torchbip.report import SparsityReport, TensorSparsity, in_model_order
 
 __all__ = [
     "CallbackBase",
@@ -70,7 +70,7 @@ def accept_permanent_state(pruner: BiP) -> Callable[..., None]:
     return hook
 
 
-def accept_pruned_state(pruner: BiP) -> Callable[..., None]:
+def accept_pruned_state(pruner: BiP) -> PrunedStateReader:
     """A ``load_state_dict`` pre-hook for the model after :func:`remove_pruning`: read pruned checkpoints.
 
     The reverse of :func:`accept_permanent_state`: a checkpoint saved while the model was in
@@ -78,7 +78,8 @@ def accept_pruned_state(pruner: BiP) -> Callable[..., None]:
     ``<name>_orig`` and ``<name>_mask``; the model, made permanent, expects the plain
     ``<name>``. The hook replaces the pair by ``<name> = <name>_orig * <name>_mask`` (the value
     :func:`torch.nn.utils.prune.remove` leaves), for every target that is plain in the module
-    the hook is called for and that the state holds only in the pruned form.
+    the hook is called for and that the state holds only in the pruned form. The hook keeps
+    the masks it read (:attr:`PrunedStateReader.loaded`).
     """
     return PrunedStateReader([(t.module_fqn, t.name) for t in pruner.targets])
 
@@ -91,10 +92,16 @@ class PrunedStateReader:
 
     Args:
         names: ``(module_fqn, tensor name)`` of every tensor the callback pruned.
+
+    Attributes:
+        loaded: the boolean mask (``True``: kept) of each tensor, by its name in the module, as
+            the last state loaded into it held it in the pruned form: the zeros the tensor got
+            from that state (a state that holds the plain tensor drops its entry).
     """
 
     def __init__(self, names: list[tuple[str, str]]) -> None:
         self.names = names
+        self.loaded: dict[str, Tensor] = {}
 
     def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
         for module_fqn, name in self.names:
@@ -104,13 +111,14 @@ class PrunedStateReader:
                 continue
             fqn = f"{module_fqn}.{name}" if module_fqn else name
             plain, orig, mask = prefix + fqn, prefix + fqn + "_orig", prefix + fqn + "_mask"
-            if (
-                name + "_mask" not in owner._buffers
-                and orig in state
-                and mask in state
-                and plain not in state
-            ):
-                state[plain] = state.pop(orig) * state.pop(mask)
+            if name + "_mask" in owner._buffers:
+                continue
+            if orig in state and mask in state and plain not in state:
+                keep = state.pop(mask)
+                state[plain] = state.pop(orig) * keep
+                self.loaded[fqn] = keep != 0
+            elif plain in state:
+                self.loaded.pop(fqn, None)
 
 
 def remove_pruning(pruner: BiP) -> None:
@@ -157,6 +165,7 @@ class CallbackBase:
         self._keeps: list[Tensor] = []  # the final masks, once training ended
         self._again = False  # a later run trains with those masks fixed
         self._plain_hook: RemovableHandle | None = None  # after remove: pruned checkpoints load
+        self._plain_reader: PrunedStateReader | None = None  # (the hook: the masks it read)
 
     def _build(self, model: nn.Module | None) -> BiP | None:
         """Build BiP on ``model`` unless it is built (or the model is not known yet); then :meth:`_active`."""
@@ -171,7 +180,9 @@ class CallbackBase:
     def _finish(self, as_loaded: bool = False) -> None:
         """:meth:`torchbip.BiP.finish` (keeping its report), then :func:`remove_pruning` with ``remove``.
 
-        After a later run with the masks fixed (:meth:`_train_again`), only the latter.
+        After a later run with the masks fixed (:meth:`_train_again`), ``report`` is computed
+        again from the masks the model holds now (a checkpoint loaded in that run may have
+        brought others), before :func:`remove_pruning`.
 
         Args:
             as_loaded: finish with ``as_loaded=True``: the masks and weights the model holds are
@@ -179,8 +190,11 @@ class CallbackBase:
         """
         pruner = self._active()
         if pruner is None:
-            if self.pruner is not None and self._again and self.remove:
-                self._remove(self.pruner)
+            if self.pruner is not None and self._again:
+                self._keeps = self._held_keeps()
+                self.report = self._held_report()
+                if self.remove:
+                    self._remove(self.pruner)
             self._again = False
             return
         self.report = pruner.finish(as_loaded=as_loaded)
@@ -197,7 +211,28 @@ class CallbackBase:
         """
         remove_pruning(pruner)
         if self._plain_hook is None:
-            self._plain_hook = pruner.model.register_load_state_dict_pre_hook(accept_pruned_state(pruner))
+            self._plain_reader = accept_pruned_state(pruner)
+            self._plain_hook = pruner.model.register_load_state_dict_pre_hook(self._plain_reader)
+
+    def _held_keeps(self) -> list[Tensor]:
+        """The boolean masks the model holds now, one per pruned tensor (a plain tensor: its non-zeros)."""
+        assert self.pruner is not None
+        keeps = []
+        for target in self.pruner.targets:
+            mask = target.module._buffers.get(target.name + "_mask")
+            keeps.append((mask if mask is not None else getattr(target.module, target.name)) != 0)
+        return keeps
+
+    def _held_report(self) -> SparsityReport:
+        """The :class:`~torchbip.SparsityReport` of the masks the model holds now (:meth:`_held_keeps`)."""
+        assert self.pruner is not None
+        return in_model_order(
+            self.pruner.model,
+            (
+                (t.module, t.fqn, TensorSparsity(keep.numel(), int(keep.numel() - keep.count_nonzero())))
+                for t, keep in zip(self.pruner.targets, self._held_keeps(), strict=True)
+            ),
+        )
 
     def _finish_as_loaded(self, pruner: BiP) -> None:
         """End BiP on a model whose masks a checkpoint saved after the end made final.
@@ -213,7 +248,9 @@ class CallbackBase:
         """A later training run with this finished callback: the same model, its masks fixed.
 
         The final masks are put back on every tensor that is no longer pruned (``remove=True``,
-        or :func:`torch.nn.utils.prune.remove` by hand), so the run trains the kept entries only.
+        or :func:`torch.nn.utils.prune.remove` by hand), so the run trains the kept entries only;
+        where a checkpoint in torch's pruned form was loaded into the plain model since (the
+        trainer's resume), its masks are put back instead: those its weights were zeroed with.
 
         Raises:
             RuntimeError: for another model (a callback prunes one model).
@@ -224,12 +261,16 @@ class CallbackBase:
                 f"{type(self).__name__}: this callback already pruned another model; it prunes one "
                 f"model: give this {what} a new {type(self).__name__}"
             )
+        loaded = self._plain_reader.loaded if self._plain_reader is not None else {}
         for target, keep in zip(self.pruner.targets, self._keeps, strict=True):
             if target.name + "_mask" not in target.module._buffers:
+                weight = getattr(target.module, target.name)
+                keep = loaded.get(target.fqn, keep).to(weight.device)
                 prune.custom_from_mask(target.module, target.name, keep)
         if self._plain_hook is not None:  # pruned again: its checkpoints load as they are
             self._plain_hook.remove()
             self._plain_hook = None
+            self._plain_reader = None
         self._again = True
         warnings.warn(
             f"{type(self).__name__}: this callback already pruned the model; this {what} trains it "

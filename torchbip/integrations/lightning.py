@@ -111,7 +111,8 @@ class BiPCallback(CallbackBase, Callback):
 
     Attributes:
         pruner: the :class:`torchbip.BiP` object, once ``setup`` built it (``None`` before).
-        report: the final :class:`torchbip.SparsityReport`, once training ended.
+        report: the final :class:`torchbip.SparsityReport`, once training ended; after each
+            later ``fit()`` (the masks fixed), that of the masks the module ends it with.
 
     Raises:
         TypeError: for a keyword argument that :class:`torchbip.BiP` does not take.
@@ -166,7 +167,8 @@ class BiPCallback(CallbackBase, Callback):
         module's ``configure_model`` (for every module: Lightning then calls it), so that it
         prunes every layer and the optimizer holds the same ``weight_orig`` Parameters. A later
         ``fit()`` with this callback, once it finished, trains the same module with the masks
-        fixed.
+        fixed: the final masks, or those of the checkpoint it resumes from (``ckpt_path=``; an
+        unfinished run's BiP state there is not resumed, with a warning).
 
         Raises:
             RuntimeError: under a strategy that runs ``fit()`` in new processes (``"ddp_spawn"``,
@@ -260,6 +262,7 @@ class BiPCallback(CallbackBase, Callback):
         """
         pruner = self._active()
         if pruner is None:
+            self._not_resumed(trainer)
             return
         try:
             self._start(trainer, pruner)
@@ -284,6 +287,26 @@ class BiPCallback(CallbackBase, Callback):
                 "BiP's scores, momentum and schedule cannot be restored. Resume from a checkpoint saved "
                 "with this callback"
             )
+
+    def _not_resumed(self, trainer: Trainer) -> None:
+        """In a later ``fit()`` (masks fixed): warn if its checkpoint holds an unfinished run's BiP state.
+
+        The module trains with the masks it loaded from that checkpoint; the callback finished, so
+        BiP's scores, momentum and schedule saved there are not resumed.
+        """
+        restored, self._restored = self._restored, None
+        if not self._again or restored is None or "bip" not in restored:
+            return
+        saved = restored["bip"]
+        step = saved.get("step") if isinstance(saved, Mapping) else None
+        warnings.warn(
+            f"BiPCallback: fit() resumed from {trainer.ckpt_path}, which holds the BiP state of an "
+            f"unfinished run (step {step}); this callback finished already, so that state is not resumed: "
+            "the module trains with the checkpoint's masks fixed, and callback.report describes the "
+            "masks it ends with. To resume pruning from that checkpoint, fit a fresh module with a new "
+            "BiPCallback (ckpt_path=...)",
+            stacklevel=3,
+        )
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop capturing gradients: a backward pass in validation is not training."""
@@ -328,6 +351,7 @@ class BiPCallback(CallbackBase, Callback):
                 )
             self.on_train_end(trainer, pl_module)
         elif self._again:
+            self._not_resumed(trainer)
             if self._load_hook is not None:
                 self._load_hook.remove()
                 self._load_hook = None

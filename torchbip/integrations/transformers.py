@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,8 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
 
     Attributes:
         pruner: the :class:`torchbip.BiP` object, once built (``None`` before).
-        report: the final :class:`torchbip.SparsityReport`, once training ended.
+        report: the final :class:`torchbip.SparsityReport`, once training ended; after each
+            later ``train()`` (the masks fixed), that of the masks the model ends it with.
 
     Raises:
         TypeError: for a keyword argument that :class:`torchbip.BiP` does not take.
@@ -100,12 +102,15 @@ class BiPTrainerCallback(CallbackBase, TrainerCallback):  # type: ignore[misc,un
 
         ``train()`` calls ``model_init`` again and trains that new model: BiP moves to it (before
         its first step). A later ``train()`` of the same model, once BiP finished, keeps the masks
-        fixed.
+        fixed: the final masks, or those of the checkpoint it resumes from (an unfinished run's
+        BiP state there is not resumed, with a warning).
         """
         model = kwargs.get("model")
         if self.pruner is not None and self.report is not None:
             if model is not None:
                 self._train_again(model, "train()")
+                if state.global_step > 0:
+                    _warn_not_resumed(args, state)
             return
         if self.pruner is not None and model is not None and model is not self.pruner.model:
             if state.global_step > 0 or self.pruner.step_count:
@@ -237,6 +242,32 @@ def _resume_state(args: TrainingArguments, state: TrainerState, pruner: BiP) -> 
         f"({STATE_FILE}) is in {', '.join(str(p.parent) for p in candidates)}; BiP's scores, "
         "momentum and schedule cannot be restored. Resume from a checkpoint this callback saved"
     )
+
+
+def _warn_not_resumed(args: TrainingArguments, state: TrainerState) -> None:
+    """In a later ``train()`` (masks fixed): warn if its checkpoint holds an unfinished run's BiP state.
+
+    The trainer loaded the checkpoint's model, masks included; the callback finished, so BiP's
+    scores, momentum and schedule saved in the folder are not resumed.
+    """
+    folder = _trainer_resume_folder()
+    if folder is not None:
+        folders = [Path(folder)]
+    else:
+        folders = [Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"]
+        if isinstance(args.resume_from_checkpoint, str | os.PathLike):
+            folders.insert(0, Path(args.resume_from_checkpoint))
+    for path in folders:
+        if (path / STATE_FILE).is_file():
+            warnings.warn(
+                f"BiPTrainerCallback: train() resumed from {path}, which holds the BiP state of an "
+                f"unfinished run ({STATE_FILE}, step {state.global_step}); this callback finished already, "
+                "so that state is not resumed: the model trains with the checkpoint's masks fixed, and "
+                "callback.report describes the masks it ends with. To resume pruning from that "
+                "checkpoint, train a fresh model with a new BiPTrainerCallback (resume_from_checkpoint=...)",
+                stacklevel=3,
+            )
+            return
 
 
 def _trainer_resume_folder() -> str | os.PathLike[str] | None:
