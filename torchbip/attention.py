@@ -5,10 +5,15 @@ head_dim == embed_dim``), so a head cannot be removed from it. :class:`SlimMulti
 is the same module with fewer heads of the same ``head_dim``: its ``in_proj_weight`` holds the
 kept heads' query, key and value rows (``3 * num_heads * head_dim`` rows of ``embed_dim``
 columns) and its ``out_proj`` reads ``num_heads * head_dim`` inputs. Its state dict has the keys
-of the module it replaces, and it takes the same call arguments (``key_padding_mask``,
+of the module it replaces (and one more, below), and it takes the same call arguments (``key_padding_mask``,
 ``need_weights``, ``attn_mask``, ``average_attn_weights``, ``is_causal``), so a model that calls
 its attention as torchvision's ``VisionTransformer`` or ``nn.TransformerEncoderLayer`` do runs
-unchanged. Attention weights (``need_weights=True``) are those of the kept heads.
+unchanged. Attention weights (``need_weights=True``) are those of the kept heads. A per-head
+``attn_mask`` of shape ``(batch * heads, L, S)`` may hold a row per head of the original module
+(the kept heads' rows are used) or a row per kept head. The module records which heads it kept
+(:attr:`SlimMultiheadAttention.kept_heads`, of :attr:`SlimMultiheadAttention.original_heads`) in
+its state dict under the one more key, ``<prefix>_extra_state``: a tensor ``[original_heads,
+*kept_heads]`` that :func:`torchbip.load_slim_state_dict` restores.
 
 A head is removable when its value rows and value bias are zero: its output is then zero
 whatever its attention weights, so removing it (with ``out_proj``'s columns for it) leaves the
@@ -33,8 +38,10 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +50,7 @@ from torch import Tensor, nn
 from torchbip.export import baked_copy
 from torchbip.pruned import named_pruning_hooks
 
-__all__ = ["SlimMultiheadAttention", "head_rows", "removable_heads"]
+__all__ = ["SlimMultiheadAttention", "head_origin", "head_rows", "removable_heads"]
 
 
 def head_rows(embed_dim: int, head_dim: int, head: int) -> list[int]:
@@ -54,6 +61,40 @@ def head_rows(embed_dim: int, head_dim: int, head: int) -> list[int]:
         [2, 3, 10, 11, 18, 19]
     """
     return [part * embed_dim + head * head_dim + i for part in range(3) for i in range(head_dim)]
+
+
+def head_origin(state: object, heads: int, what: str) -> tuple[int, tuple[int, ...]] | None:
+    """``(original_heads, kept_heads)`` from a :class:`SlimMultiheadAttention`'s extra state.
+
+    Args:
+        state: the tensor ``[original_heads, *kept_heads]``; an empty one records nothing.
+        heads: the number of heads the module keeps.
+        what: names ``state`` in the error.
+
+    Returns:
+        The original number of heads and the kept heads' indices, or ``None`` for an empty tensor.
+
+    Raises:
+        ValueError: unless ``state`` is an empty or a 1-D integer tensor of ``heads + 1`` values
+            whose kept indices increase within ``0 .. original_heads - 1``.
+
+    Example:
+        >>> head_origin(torch.tensor([4, 0, 2, 3]), 3, "state")
+        (4, (0, 2, 3))
+    """
+    integer = isinstance(state, Tensor) and not (state.dtype.is_floating_point or state.is_complex())
+    if not isinstance(state, Tensor) or not integer or state.dtype == torch.bool or state.dim() != 1:
+        raise ValueError(f"{what} must be a 1-D integer tensor [original_heads, *kept_heads], got {state!r}")
+    if state.numel() == 0:
+        return None
+    original, *kept = (int(v) for v in state.tolist())
+    increasing = all(a < b for a, b in itertools.pairwise(kept))
+    if len(kept) != heads or not kept or not increasing or kept[0] < 0 or kept[-1] >= original:
+        raise ValueError(
+            f"{what} {state.tolist()} does not record {heads} kept heads: it must be "
+            f"[original_heads, *kept_heads] with {heads} increasing head indices below original_heads"
+        )
+    return original, tuple(kept)
 
 
 def removable_heads(module: nn.MultiheadAttention) -> list[int]:
@@ -94,6 +135,9 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
     head_dim == embed_dim`` (``nn.TransformerEncoderLayer``'s), are not taken.
     """
 
+    # TorchScript compiles properties: these two read what forward does not need
+    __jit_unused_properties__: ClassVar[list[str]] = ["original_heads", "kept_heads"]
+
     @classmethod
     def from_attention(cls, module: nn.MultiheadAttention, keep: Sequence[int]) -> SlimMultiheadAttention:
         """A copy of ``module`` with only the heads ``keep`` (at least one).
@@ -122,6 +166,16 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         slim.shrink(heads)
         return slim
 
+    def _record_heads(self, origin: tuple[int, tuple[int, ...]] | None, heads: int = 0) -> None:
+        """Record ``(original_heads, kept_heads)``; ``None``: ``heads`` heads of unknown origin.
+
+        Plain ``int`` and ``list`` attributes, which TorchScript reads in :meth:`forward` (an
+        unknown origin is recorded as all ``heads`` of ``heads``, which leaves masks as they are).
+        """
+        self._heads_recorded: bool = origin is not None
+        self._original_heads: int = heads if origin is None else origin[0]
+        self._kept_heads: list[int] = list(range(heads)) if origin is None else list(origin[1])
+
     def shrink(self, heads: Sequence[int]) -> None:
         """Keep only ``heads`` (indices of the current heads), in place.
 
@@ -139,6 +193,12 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
                 f"cannot shrink an attention module whose tensors {pruned} are pruned in torch's "
                 "reparametrised form; call torch.nn.utils.prune.remove on them first"
             )
+        if "_kept_heads" not in self.__dict__:  # first shrink: the heads of an nn.MultiheadAttention
+            self._record_heads((self.num_heads, tuple(range(self.num_heads))))
+        if self._heads_recorded:
+            self._kept_heads = [self._kept_heads[h] for h in heads]
+        else:  # not known: the heads kept now stand for the original ones
+            self._record_heads(None, len(heads))
         d = self.head_dim
         n = self.in_proj_weight.shape[0] // 3
         rows = [part * n + h * d + i for part in range(3) for h in heads for i in range(d)]
@@ -153,11 +213,61 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         self.num_heads = len(heads)
         self._qkv_same_embed_dim = False
 
+    @property
+    def original_heads(self) -> int | None:
+        """The number of heads of the attention this module came from (``None``: not recorded)."""
+        return self._original_heads if self.__dict__.get("_heads_recorded") else None
+
+    @property
+    def kept_heads(self) -> tuple[int, ...] | None:
+        """The indices of the kept heads among :attr:`original_heads` (``None``: not recorded).
+
+        A module loaded from a state dict without its ``_extra_state`` key (saved before the
+        heads were recorded) does not know them.
+        """
+        return tuple(self._kept_heads) if self.__dict__.get("_heads_recorded") else None
+
+    def get_extra_state(self) -> Tensor:
+        """``[original_heads, *kept_heads]`` as an int64 tensor; empty when they are not known."""
+        original, kept = self.original_heads, self.kept_heads
+        values = [] if original is None or kept is None else [original, *kept]
+        return torch.tensor(values, dtype=torch.int64)
+
+    def set_extra_state(self, state: object) -> None:
+        """Restore the heads recorded by :meth:`get_extra_state`.
+
+        Raises:
+            ValueError: if ``state`` does not record :attr:`num_heads` increasing head indices.
+        """
+        self._record_heads(head_origin(state, self.num_heads, "the extra state"), self.num_heads)
+
     def resize_to(self, rows: int) -> None:
         """Make the attributes agree with an ``in_proj_weight`` of ``rows`` rows (loading)."""
         self.num_heads = rows // (3 * self.head_dim)
         self.out_proj.in_features = self.num_heads * self.head_dim
         self._qkv_same_embed_dim = False
+
+    def _per_head_mask(self, mask: Tensor, batch: int, length: int, source: int) -> Tensor:
+        """A ``(batch * heads, L, S)`` mask as ``(batch, kept heads, L, S)``.
+
+        It holds a row per kept head, or a row per head of the original attention (the mask the
+        original model was called with), of which the kept heads' rows are taken.
+        """
+        h, original = self.num_heads, self._original_heads
+        if mask.shape[0] == batch * h:
+            return mask.reshape(batch, h, length, source)
+        if original != h and mask.shape[0] == batch * original:
+            index = torch.tensor(self._kept_heads, dtype=torch.long, device=mask.device)
+            return mask.reshape(batch, original, length, source).index_select(1, index)
+        of_original = ""
+        if original != h:
+            of_original = (
+                f" or batch * {original} = {batch * original} (the heads of the attention it came from)"
+            )
+        raise ValueError(
+            f"attn_mask of shape {list(mask.shape)}: a per-head mask needs batch * num_heads = "
+            f"{batch * h} rows (this attention keeps {h} heads){of_original}"
+        )
 
     def _heads(self, x: Tensor, weight: Tensor, bias: Tensor | None, steps: int, batch: int) -> Tensor:
         """``x`` (``(steps, batch, embed_dim)``) projected per head: ``(batch, heads, steps, head_dim)``."""
@@ -205,12 +315,7 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         if attn_mask is not None:
             mask = attn_mask
             if mask.dim() == 3:  # (batch * heads, L, S): each head's own mask
-                if mask.shape[0] != batch * h:
-                    raise ValueError(
-                        f"attn_mask of shape {list(mask.shape)}: a per-head mask needs batch * num_heads = "
-                        f"{batch * h} rows (this attention keeps {h} heads)"
-                    )
-                mask = mask.reshape(batch, h, length, source)
+                mask = self._per_head_mask(mask, batch, length, source)
             scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         if key_padding_mask is not None:
             pad = key_padding_mask.reshape(batch, 1, 1, source)

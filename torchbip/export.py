@@ -38,6 +38,13 @@ where they stay.
 Attention heads: a head of an :class:`torch.nn.MultiheadAttention` whose value rows (and value
 bias) are zero contributes nothing, and is removed too; the module becomes a
 :class:`torchbip.attention.SlimMultiheadAttention` with the other heads (at least one stays).
+Its attention weights (``need_weights=True``) are then those of the kept heads: a model that
+uses them keeps its heads by passing the module (or its ``out_proj``) in ``ignored_layers``.
+
+Ties: a pruned tensor whose unmasked Parameter (``<name>_orig``) another module holds too (a
+language-model head tied to its embedding, ``head.weight = emb.weight``, then ``head`` pruned
+with torch's or torchbip's functional pruning) is refused with a ``ValueError``: making the mask
+permanent would write the masked values into the one Parameter, masking the other module too.
 
 Saving and loading: the slim model's ``state_dict`` holds plain tensors of the smaller shapes.
 Save it with :func:`torch.save`; to load it, build the original architecture again and call
@@ -54,7 +61,7 @@ import copy
 import math
 import numbers
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, cast
 
@@ -77,7 +84,13 @@ from torchbip._tracing import (
 )
 from torchbip.pruned import named_pruning_hooks
 
-__all__ = ["SlimExportWarning", "export_slim", "load_slim_state_dict", "make_permanent"]
+__all__ = [
+    "SlimExportWarning",
+    "baked_copy",
+    "export_slim",
+    "load_slim_state_dict",
+    "make_permanent",
+]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER_TYPES = (nn.Linear, *_CONV_TYPES)
@@ -132,7 +145,66 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
 
 def baked_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every mask made permanent (``model`` is not changed)."""
+    """A deep copy of ``model`` with every mask made permanent (``model`` is not changed).
+
+    Raises:
+        ValueError: if a pruned tensor's unmasked Parameter (``<name>_orig``) is tied to another
+            module's tensor (see :func:`_check_untied_pruning`).
+    """
+    return make_permanent(_pruned_copy(model))
+
+
+def _check_untied_pruning(model: nn.Module) -> None:
+    """Refuse a pruned tensor whose unmasked Parameter (``<name>_orig``) another module holds too.
+
+    Such a tie (``head.weight = emb.weight``, then ``head`` pruned by torch's or torchbip's
+    functional pruning) masks the tensor for one module only; making the mask permanent writes
+    the masked values into the one Parameter, so the other module would be masked too and a
+    copy would no longer compute what ``model`` computes.
+
+    Raises:
+        ValueError: naming the pruned tensor and the other key that holds its Parameter.
+
+    Example:
+        >>> from torchbip import bip_structured
+        >>> emb, head = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False)
+        >>> head.weight = emb.weight
+        >>> _ = bip_structured(head, "weight", amount=2, dim=1)
+        >>> try:
+        ...     _check_untied_pruning(nn.ModuleDict({"emb": emb, "head": head}))
+        ... except ValueError as err:
+        ...     print(str(err)[:98])
+        the pruned tensor 'head.weight' is tied: its unmasked Parameter 'head.weight_orig' is 'emb.weight'
+    """
+    holders: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for prefix, module in model.named_modules():
+        head = prefix + "." if prefix else ""
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                holders[id(tensor)].append((id(module), head + name))
+    for prefix, module in model.named_modules():
+        head = prefix + "." if prefix else ""
+        for name, _ in named_pruning_hooks(module):
+            orig = module._parameters.get(name + "_orig")
+            own = head + name + "_orig"
+            others = [key for _, key in holders.get(id(orig), []) if key != own]
+            if orig is not None and others:
+                raise ValueError(
+                    f"the pruned tensor {head + name!r} is tied: its unmasked Parameter {own!r} is "
+                    f"{others[0]!r}. torch's pruning masks one module at a time, so {others[0]!r} reads "
+                    f"the unmasked tensor while {head + name!r} reads it masked, and making the mask "
+                    "permanent (prune.remove) would write the masked values into both: untie the "
+                    "weights before pruning, or leave this tensor unpruned"
+                )
+
+
+def _pruned_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that keeps its pruning (``model`` is not changed).
+
+    Raises:
+        ValueError: as :func:`_check_untied_pruning`.
+    """
+    _check_untied_pruning(model)
     # Each pruned attribute is copied as a fresh leaf: after a forward pass with gradients on it
     # is a non-leaf tensor that deepcopy rejects (pytorch issue #37322). The value is the one the
     # next forward pass would set. The memo gives the copy its own tensor; ``model`` keeps its.
@@ -143,7 +215,7 @@ def baked_copy(model: nn.Module) -> nn.Module:
                 current = module.__dict__.get(name)
                 if isinstance(current, Tensor):
                     memo[id(current)] = hook.apply_mask(module).detach()
-    return make_permanent(copy.deepcopy(model, memo))
+    return copy.deepcopy(model, memo)
 
 
 def _zero_groups(weight: Tensor, dim: int) -> Tensor:
@@ -363,8 +435,8 @@ def export_slim(
     *,
     ignored_layers: Iterable[nn.Module] = (),
     verify: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> nn.Module:
     r"""Return a slim copy of ``model`` with its structurally pruned channels removed.
 
@@ -384,13 +456,18 @@ def export_slim(
             trace the graph, to read the constant channels and to verify the result. Use real or
             random inputs, not a constant image, and at least two samples: with one, a channel
             that is constant within each sample (a per-sample shift) would look constant for
-            every input.
+            every input. Other arguments may have one element (a scale): the inputs are refused
+            only when no tensor among them has a leading size of 2 or more.
         ignored_layers: modules whose output channels are never removed (the model's output
-            layer is protected without being listed).
+            layer is protected without being listed); an ``nn.MultiheadAttention`` listed (or
+            its ``out_proj``) keeps all its heads.
         verify: check that the slim model's outputs equal the masked model's on
             ``example_inputs`` (eval mode) and raise if they do not.
-        rtol: relative tolerance of the check.
-        atol: absolute tolerance of the check, relative to the largest output magnitude.
+        rtol: relative tolerance of the check, relative to the largest output magnitude. By
+            default per output dtype, as :func:`torch.testing.assert_close`'s: ``1.6e-2`` for
+            bfloat16, ``1e-3`` for float16, ``1e-4`` otherwise.
+        atol: absolute tolerance of the check, relative to the largest output magnitude (when
+            above 1). By default ``1e-5``.
 
     Returns:
         The slim model. Each of its modules has the training flag of the same module of
@@ -400,11 +477,16 @@ def export_slim(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor or a
             tuple, ``ignored_layers`` not an iterable of modules or ``verify`` not a bool.
-        ValueError: if an ignored layer is not part of ``model``, ``rtol``/``atol`` is not a
-            finite number >= 0, or Torch-Pruning cannot trace ``model``.
+        ValueError: if an ignored layer is not part of ``model``, ``rtol``/``atol`` is not
+            ``None`` or a finite number >= 0, ``example_inputs`` holds only batches of one sample,
+            a pruned tensor is tied to another module's (``head.weight = emb.weight``, then
+            ``head`` pruned: the copy could not compute what ``model`` computes), or Torch-Pruning
+            cannot trace ``model``.
         ImportError: if Torch-Pruning is not installed.
         RuntimeError: if ``verify`` finds different outputs (an operation that mixes channels
-            and that the dependency graph took for an element-wise one).
+            and that the dependency graph took for an element-wise one, or attention heads that
+            were removed while the model uses their attention weights or a per-head mask of
+            another layout); the message names the output's dtype and the tolerances.
 
     Note:
         ``model`` is read, never written: whatever fails, it keeps its tensor objects, values,
@@ -426,16 +508,19 @@ def export_slim(
         True
     """
     names, ignored = _check_export_arguments(model, example_inputs, ignored_layers, verify, rtol, atol)
-    rtol, atol = float(rtol), float(atol)  # (NumPy numbers too)
+    rtol = None if rtol is None else float(rtol)  # (NumPy numbers too)
+    atol = None if atol is None else float(atol)
     tp = torch_pruning("export_slim")
     inputs = as_inputs(example_inputs)
-    slim = baked_copy(model)
-    flags = _Flags(slim)
+    slim = _pruned_copy(model)
+    training = {name: module.training for name, module in slim.named_modules()}
     slim.eval()
+    with torch.no_grad():  # the reference: what the masked model computes, its masks still applied
+        reference = slim(*inputs)
+    make_permanent(slim)
+    flags = _Flags(slim, training)
     by_name = dict(slim.named_modules())
     keep_out = {by_name[names[id(m)]] for m in ignored}
-    with torch.no_grad():
-        reference = slim(*inputs)
     graph = build_graph(tp, slim, inputs, "export_slim")
     roots = [m for m in slim.modules() if isinstance(m, _LAYER_TYPES) and m in graph.module2node]
     fed = _first_layers(slim, graph)  # their input channels are the model's: none can go
@@ -490,20 +575,29 @@ def export_slim(
                     if graph.is_in_channel_pruning_fn(item.dep.handler):
                         stats.drop(item.dep.target.module, list(item.idxs))
                 group.prune()
-    _remove_heads(slim, tied)
+                # Torch-Pruning counts a conv's removed channels in the indices of the group's root:
+                # after a flatten, one Linear feature per spatial position (4 for a 2x2 map), so it
+                # can leave out_channels at 4 for 7 kept filters. Attributes follow the tensors.
+                for item in group:
+                    target = item.dep.target.module
+                    if isinstance(target, nn.Module) and getattr(target, "groups", 1) == 1:
+                        _update_attributes(target)
+    slimmed = _remove_heads(slim, tied, keep_out)
     if verify:
+        heads = _heads_hint(slimmed)
         with torch.no_grad():
             try:
                 outputs = slim(*inputs)
             except Exception as err:
                 raise RuntimeError(
-                    f"the slim model fails on example_inputs ({type(err).__name__}: {err}): an operation "
-                    "ties channels in a way the dependency graph did not see; pass its producers in "
-                    "ignored_layers"
+                    f"the slim model fails on example_inputs ({type(err).__name__}: {err}): {heads}an "
+                    "operation ties channels in a way the dependency graph did not see; pass its "
+                    "producers in ignored_layers"
                 ) from err
-        _check_close(outputs, reference, rtol, atol)
+        _check_close(outputs, reference, rtol, atol, heads)
     unsliced = {name for name, m in slim.named_modules() if transposed_linear(m)}
-    _warn_kept_zeros(zero_before, _zero_slice_weights(slim, fed), unsliced)
+    flat = _flattened_linears(tp, slim, graph)
+    _warn_kept_zeros(zero_before, _zero_slice_weights(slim, fed), unsliced, _kept_zero_features(slim, flat))
     _warn_kept_tied(kept_tied, {m: n for n, m in slim.named_modules()})
     flags.restore(slim)
     return slim
@@ -517,8 +611,13 @@ class _Flags:
     :meth:`restore` gives the slim model the flags of the model it was copied from.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.training = {name: module.training for name, module in model.named_modules()}
+    def __init__(self, model: nn.Module, training: Mapping[str, bool] | None = None) -> None:
+        """Record ``model``'s flags; ``training``: the training flags by module name, if not its own."""
+        self.training = (
+            dict(training)
+            if training is not None
+            else {name: module.training for name, module in model.named_modules()}
+        )
         self.requires_grad = {
             name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)
         }
@@ -608,6 +707,56 @@ def _first_layers(model: nn.Module, graph: Any) -> set[str]:
     return found
 
 
+def _flattened_linears(tp: Any, model: nn.Module, graph: Any) -> dict[str, nn.Module]:
+    """The ``Linear`` layers that read convolution channels through a flatten (a reshape), by name.
+
+    Such a layer has one input feature per position of each channel: the export removes a
+    channel's features only all together, with the channel. Each name maps to the convolution.
+    """
+    reshape = tp.ops.OPTYPE.RESHAPE
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[str, nn.Module] = {}
+    for module, node in graph.module2node.items():
+        if not isinstance(module, nn.Linear) or id(module) not in names:
+            continue
+        seen: set[tuple[int, bool]] = set()
+        stack = [(upstream, False) for upstream in node.inputs]
+        while stack:
+            upstream, reshaped = stack.pop()
+            reshaped = reshaped or upstream.type == reshape
+            if (id(upstream), reshaped) in seen:
+                continue
+            seen.add((id(upstream), reshaped))
+            if isinstance(upstream.module, _CONV_TYPES) and reshaped:
+                found[names[id(module)]] = upstream.module
+                break
+            if not isinstance(upstream.module, _LAYER_TYPES):
+                stack.extend((before, reshaped) for before in upstream.inputs)
+    return found
+
+
+def _kept_zero_features(model: nn.Module, flattened: Mapping[str, nn.Module]) -> dict[str, int]:
+    """Per ``Linear`` of ``flattened``: the zero input features (columns) that stay in ``model``.
+
+    Only those of channels with nonzero features count, when the layer's inputs split evenly
+    into the convolution's channels (channel-major, as a flatten lays them out).
+    """
+    kept: dict[str, int] = {}
+    for name, module in model.named_modules():
+        conv = flattened.get(name)
+        if conv is None or not isinstance(module, nn.Linear):
+            continue
+        zero = _zero_groups(module.weight, 1)
+        channels = int(cast(Tensor, conv.weight).shape[0])
+        if zero.numel() % channels == 0:
+            per_channel = zero.reshape(channels, -1)
+            zero = per_channel & ~per_channel.all(dim=1, keepdim=True)
+        count = int(zero.sum())
+        if count:
+            kept[name] = count
+    return kept
+
+
 def _zero_slice_weights(model: nn.Module, fed: set[str]) -> dict[str, int]:
     """Per conv/linear layer: the weights in entirely zero filters or input channels.
 
@@ -635,12 +784,16 @@ def _zero_slice_weights(model: nn.Module, fed: set[str]) -> dict[str, int]:
 
 
 def _warn_kept_zeros(
-    before: Mapping[str, int], after: Mapping[str, int], unsliced: Collection[str] = ()
+    before: Mapping[str, int],
+    after: Mapping[str, int],
+    unsliced: Collection[str] = (),
+    flattened: Mapping[str, int] | None = None,
 ) -> None:
     """Warn when the export kept more than a quarter of the weights in zero filters/channels.
 
     ``unsliced``: the names of the layers the export never slices (transformers ``Conv1D``);
-    the warning names those that hold such weights.
+    the warning names those that hold such weights. ``flattened``: the ``Linear`` layers that
+    read flattened convolution channels and kept entirely zero input features, with their count.
     """
     total, kept = sum(before.values()), sum(after.values())
     if total == 0 or kept <= _KEPT_ZEROS_WARN * total:
@@ -655,6 +808,15 @@ def _warn_kept_zeros(
             f". The export does not slice transformers Conv1D layers (laid out (in_features, "
             f"out_features)): {len(conv1d)} of them hold such weights ({shown})"
         )
+    if flattened:
+        shown = ", ".join(f"{name!r} ({count:,})" for name, count in list(flattened.items())[:5])
+        more += (
+            f". Zero input features of Linear layers that read flattened convolution channels stay "
+            f"({shown}): the export removes a convolution channel only when all of its features are "
+            "zero, which a per-feature mask (the 'channel' layout, Groups(dim=1)) rarely leaves; prune "
+            "the convolution's filters instead, or leave such a layer out of the channel layout's "
+            "parameters"
+        )
     warnings.warn(
         f"the slim model still holds {kept:,} of the {total:,} weights ({kept / total:.0%}) that lay in "
         f"entirely zero filters or input channels of the masked model: {listed}{more}. Channels stay "
@@ -664,23 +826,32 @@ def _warn_kept_zeros(
         "transposed convolutions, transformers Conv1D layers, a layer used at two places or holding a "
         "tensor tied to another layer's, "
         "split or sliced channels, channels Torch-Pruning cannot map (the key/value projections of "
-        "grouped-query attention with rotary embeddings), a nonzero constant "
+        "grouped-query attention with rotary embeddings), input features of a Linear that reads "
+        "flattened convolution channels where not all of a channel's features are zero, a nonzero constant "
         "entering a zero-padded convolution, and one channel of a layer whose channels are all zero",
         SlimExportWarning,
         stacklevel=3,
     )
 
 
-def _remove_heads(model: nn.Module, tied: Mapping[nn.Module, str]) -> None:
+def _remove_heads(
+    model: nn.Module, tied: Mapping[nn.Module, str], keep_out: Collection[nn.Module] = ()
+) -> list[str]:
     """Turn every attention module with removable heads into a slim one (never removing all).
 
     One holding a tensor tied to another module's (``tied``, see :func:`_tied_modules`) keeps
-    its heads.
+    its heads, and so does one in ``keep_out`` (the ignored layers) or whose ``out_proj`` is.
+
+    Returns:
+        The names of the modules that lost heads.
     """
     from torchbip.attention import SlimMultiheadAttention, removable_heads
 
-    for module in model.modules():
+    slimmed: list[str] = []
+    for name, module in model.named_modules():
         if not isinstance(module, nn.MultiheadAttention) or module in tied or module.out_proj in tied:
+            continue
+        if module in keep_out or module.out_proj in keep_out:
             continue
         dead = set(removable_heads(module))
         if dead and len(dead) < module.num_heads:
@@ -688,6 +859,20 @@ def _remove_heads(model: nn.Module, tied: Mapping[nn.Module, str]) -> None:
             module.__class__ = SlimMultiheadAttention
             assert isinstance(module, SlimMultiheadAttention)
             module.shrink(keep)
+            slimmed.append(name)
+    return slimmed
+
+
+def _heads_hint(slimmed: list[str]) -> str:
+    """The start of the verify error when attention modules lost heads (else empty)."""
+    if not slimmed:
+        return ""
+    shown = ", ".join(repr(name) for name in slimmed[:3]) + (" ..." if len(slimmed) > 3 else "")
+    which = "it" if len(slimmed) == 1 else "them"
+    return (
+        f"heads were removed from {shown} (the model may use their attention weights, or a mask "
+        f"laid out per head); pass {which} in ignored_layers to keep them. Otherwise "
+    )
 
 
 def _check_export_arguments(
@@ -702,7 +887,10 @@ def _check_export_arguments(
             f"got {type(example_inputs).__name__}"
         )
     batch = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    single = [tuple(t.shape) for t in batch if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] < 2]
+    # an argument of one element (a scale, a step) is not a batch: refuse only when no tensor
+    # argument holds two samples or more
+    sizes = [tuple(t.shape) for t in batch if isinstance(t, Tensor) and t.dim() >= 1]
+    single = sizes if all(size[0] < 2 for size in sizes) else []
     if single:
         raise ValueError(
             f"example_inputs holds a batch of one sample (shape {single[0]}): pass at least two, so "
@@ -711,7 +899,7 @@ def _check_export_arguments(
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {verify!r}")
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if (
+        if value is not None and (
             isinstance(value, bool | np.bool_)
             or not isinstance(value, numbers.Real)
             or not 0 <= float(value) < math.inf
@@ -729,7 +917,26 @@ def _check_export_arguments(
     return names, ignored
 
 
-def _check_close(outputs: Any, reference: Any, rtol: float, atol: float) -> None:
+# (rtol, atol) by output dtype when export_slim's are None: torch.testing.assert_close's defaults
+_TOLERANCES = {torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (1e-3, 1e-5)}
+_DEFAULT_TOLERANCES = (1e-4, 1e-5)
+
+
+def _tolerances(dtype: torch.dtype, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    """``rtol`` and ``atol``, each ``None`` replaced by the default for outputs of ``dtype``.
+
+    Example:
+        >>> _tolerances(torch.bfloat16, None, None), _tolerances(torch.float32, None, 1e-3)
+        ((0.016, 1e-05), (0.0001, 0.001))
+    """
+    default_rtol, default_atol = _TOLERANCES.get(dtype, _DEFAULT_TOLERANCES)
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def _check_close(
+    outputs: Any, reference: Any, rtol: float | None, atol: float | None, hint: str = ""
+) -> None:
+    """Raise unless ``outputs`` equal ``reference`` within the tolerances; ``hint`` starts the cause."""
     got = output_tensors(outputs)
     want = output_tensors(reference)
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=False)):
@@ -738,13 +945,15 @@ def _check_close(outputs: Any, reference: Any, rtol: float, atol: float) -> None
             f"{[tuple(g.shape) for g in got]} vs {[tuple(w.shape) for w in want]}"
         )
     for g, w in zip(got, want, strict=True):
+        r, a = _tolerances(w.dtype, rtol, atol)
         scale = float(w.abs().max()) if w.numel() else 0.0
         error = float((g - w).abs().max()) if w.numel() else 0.0
-        if error > atol * max(scale, 1.0) + rtol * scale:
+        if error > a * max(scale, 1.0) + r * scale:
             raise RuntimeError(
                 f"the slim model's outputs differ from the masked model's by {error:.3g} (largest "
-                f"output {scale:.3g}) on example_inputs: an operation mixes channels in a way the "
-                "dependency graph did not see; pass its producers in ignored_layers"
+                f"output {scale:.3g}, dtype {w.dtype}, rtol={r:g}, atol={a:g}) on example_inputs: "
+                f"{hint}an operation mixes channels in a way the dependency graph did not see; pass "
+                "its producers in ignored_layers (or, for a rounding difference, a larger rtol/atol)"
             )
 
 
@@ -819,18 +1028,47 @@ def load_slim_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     plan = _plan_load(model, state_dict)
     replaced = [tensor for tensor, _ in plan.resize.values()]
+    loading = _with_head_keys(state_dict, plan)
     with ModelSnapshot(model, _LAYER_ATTRIBUTES, unchanged=replaced).restored_on_failure():
         _apply_plan(model, plan)
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(loading, strict=True)
     from torchbip.attention import SlimMultiheadAttention
 
     for module in plan.modules:  # attention that lost heads computes with the kept ones only
-        if not isinstance(module, nn.MultiheadAttention):
+        if not isinstance(module, nn.MultiheadAttention) or isinstance(module, SlimMultiheadAttention):
             continue
         if module.num_heads * module.head_dim != module.embed_dim:
             module.__class__ = SlimMultiheadAttention
             module._qkv_same_embed_dim = False
+            origin = plan.heads.get(module)
+            recorded = [] if origin is None else [origin[0], *origin[1]]
+            cast(SlimMultiheadAttention, module).set_extra_state(torch.tensor(recorded, dtype=torch.int64))
     return model
+
+
+def _with_head_keys(state_dict: Mapping[str, Any], plan: _LoadPlan) -> Mapping[str, Any]:
+    """``state_dict`` as ``load_state_dict`` takes it: the kept heads' keys where the modules have them.
+
+    An ``nn.MultiheadAttention`` has no ``_extra_state`` key (the heads it keeps are set after
+    loading); a :class:`torchbip.attention.SlimMultiheadAttention` has one, empty when the file
+    holds none.
+    """
+    from torchbip.attention import SlimMultiheadAttention
+
+    drop = {key for module, key in plan.head_keys.items() if not isinstance(module, SlimMultiheadAttention)}
+    add = {
+        key: torch.zeros(0, dtype=torch.int64)
+        for module, key in plan.head_keys.items()
+        if isinstance(module, SlimMultiheadAttention) and key not in state_dict
+    }
+    if not (drop & set(state_dict)) and not add:
+        return state_dict
+    loading: OrderedDict[str, Any] = OrderedDict((k, v) for k, v in state_dict.items() if k not in drop)
+    loading.update(add)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        loading._metadata = metadata  # type: ignore[attr-defined]
+    return loading
 
 
 # Layer sizes that ``_update_attributes`` sets (restored when a load fails).
@@ -857,6 +1095,9 @@ class _LoadPlan:
         # modules whose bias the export created by folding: module -> the bias key
         self.biases: dict[nn.Module, str] = {}
         self.modules: list[nn.Module] = []  # modules whose sizes change, in model order
+        # attention modules -> the heads they kept, from their "_extra_state" key (None: absent)
+        self.heads: dict[nn.Module, tuple[int, tuple[int, ...]] | None] = {}
+        self.head_keys: dict[nn.Module, str] = {}  # attention modules -> their "_extra_state" key
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -942,6 +1183,9 @@ def _plan_load(model: nn.Module, state_dict: Mapping[Any, Any]) -> _LoadPlan:
             planned[name] = saved.shape
             if saved.shape != tensor.shape:
                 plan.resize[id(tensor)] = (tensor, saved.shape)
+        if isinstance(module, nn.MultiheadAttention):
+            _plan_heads(module, head, state_dict, planned, plan)
+            optional.add(head + "_extra_state")  # the kept heads of a slim attention (not in old files)
         bias_key = head + "bias"
         created = _takes_bias(module) and module.bias is None and bias_key in state_dict
         if created:
@@ -968,6 +1212,36 @@ def _plan_load(model: nn.Module, state_dict: Mapping[Any, Any]) -> _LoadPlan:
         _check_layer(module, head, planned)
         plan.modules.append(module)
     return plan
+
+
+def _plan_heads(
+    module: nn.MultiheadAttention,
+    head: str,
+    state_dict: Mapping[str, Any],
+    planned: Mapping[str, torch.Size],
+    plan: _LoadPlan,
+) -> None:
+    """Check the kept heads a slim attention recorded under ``<head>_extra_state``; add them to ``plan``."""
+    from torchbip.attention import SlimMultiheadAttention, head_origin
+
+    key = head + "_extra_state"
+    plan.head_keys[module] = key
+    if key not in state_dict:
+        plan.heads[module] = None
+        return
+    rows = (
+        planned["in_proj_weight"][0]
+        if "in_proj_weight" in planned
+        else 3 * module.num_heads * module.head_dim
+    )
+    origin = head_origin(state_dict[key], rows // (3 * module.head_dim), f"state_dict[{key!r}]")
+    original = module.original_heads if isinstance(module, SlimMultiheadAttention) else module.num_heads
+    if origin is not None and original is not None and origin[0] != original:
+        raise ValueError(
+            f"state_dict[{key!r}] records heads kept of {origin[0]}, but the model's attention has "
+            f"{original}: build the original architecture"
+        )
+    plan.heads[module] = origin
 
 
 def _same_values(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:

@@ -373,8 +373,10 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = 0.9, include_conv: 
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module`` or ``include_conv`` not a bool.
-        ValueError: if ``min_sparsity`` is not in ``[0, 1]``, or for float16/bfloat16 layers on
-            the CPU (torch has no CSR matrix product for them there).
+        ValueError: if ``min_sparsity`` is not in ``[0, 1]``, for float16/bfloat16 layers on
+            the CPU (torch has no CSR matrix product for them there), or for a pruned tensor
+            tied to another module's (``head.weight = emb.weight``, then ``head`` pruned): making
+            its mask permanent would mask the other module too.
 
     Example:
         >>> import torch
@@ -493,6 +495,8 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: for a pruned tensor tied to another module's (``head.weight = emb.weight``,
+            then ``head`` pruned): making its mask permanent would mask the other module too.
         RuntimeError: on a CPU or an unsupported GPU (there, keep the masked dense model: the
             mask is all that N:M pruning yields without the sparse kernels); when a 2:4-sparse
             layer's weight is not float16/bfloat16 on a CUDA device (naming the layer); and

@@ -115,8 +115,12 @@ def test_the_module_it_came_from_is_unchanged_and_bad_keeps_are_refused() -> Non
         SlimMultiheadAttention.from_attention(separate, keep=[0])
     assert removable_heads(separate) == []
     x = torch.randn(2, 5, E)
-    with pytest.raises(ValueError, match="a per-head mask needs batch \\* num_heads = 4 rows"):
-        slim(x, x, x, attn_mask=torch.zeros(2 * H, 5, 5))
+    with pytest.raises(
+        ValueError,
+        match=r"a per-head mask needs batch \* num_heads = 4 rows \(this attention keeps 2 heads\) or "
+        r"batch \* 4 = 8 \(the heads of the attention it came from\)",
+    ):
+        slim(x, x, x, attn_mask=torch.zeros(2 * H - 1, 5, 5))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
