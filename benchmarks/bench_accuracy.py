@@ -138,6 +138,12 @@ BIP_EPOCHS = {"lenet_300_100": 2.5, "lenet5": 1.25, "small_cnn": 1.25}
 # the documented commands reproduce them. small_cnn has no headline run: 0.05, the rate every
 # model had before the sweep.
 LR = {"lenet_300_100": 0.2, "lenet5": 0.05, "small_cnn": 0.05}
+# OMP+FT's own fine-tuning learning rate, per model, unless ``--omp-ft-lr`` is given: the rate
+# ``--sweep-omp-ft`` chose on validation (the dense model at ``LR``, pruned and fine-tuned at each
+# rate). A model without one fine-tunes at ``LR``.
+OMP_FT_LR: dict[str, float] = {"lenet_300_100": 0.2, "lenet5": 0.2}
+# The fine-tuning learning rates that ``--sweep-omp-ft`` compares.
+OMP_FT_LRS = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 # One factor at a time around a center setting (``--sweep``; the center: the defaults and ``--bip``).
 SWEEP: dict[str, list[Any]] = {
@@ -206,6 +212,14 @@ def baseline_lr(name: str, args: argparse.Namespace) -> float:
     return float(args.lr) if args.lr is not None else LR[name]
 
 
+def omp_ft_lr(name: str, args: argparse.Namespace) -> float:
+    """OMP+FT's fine-tuning learning rate for model ``name``: ``--omp-ft-lr``, else ``OMP_FT_LR``'s
+    validated rate, else the baselines' recipe's."""
+    if getattr(args, "omp_ft_lr", None) is not None:
+        return float(args.omp_ft_lr)
+    return OMP_FT_LR.get(name, baseline_lr(name, args))
+
+
 def bip_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The BiP settings of a run: the library's defaults, with ``overrides`` (and a fine-tuning)."""
     defaults = torchbip.BiPConfig()
@@ -234,6 +248,7 @@ class Seed:
         self.init = MODELS[name]()
         self.epochs = args.epochs or EPOCHS[name]
         self.lr = baseline_lr(name, args)
+        self.omp_ft_lr = omp_ft_lr(name, args)
         self._dense: nn.Module | None = None
         self.dense_time = 0.0
 
@@ -341,7 +356,7 @@ def run_seed(name: str, seed: int, args: argparse.Namespace, data: dict[str, tor
             continue
         model = copy.deepcopy(s.dense)
         start = time.perf_counter()
-        omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=s.lr)
+        omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=s.omp_ft_lr)
         elapsed = time.perf_counter() - start
         rows.append(s.row("omp_ft", sparsity, model, s.dense_time + elapsed, method_time_s=elapsed))
 
@@ -425,6 +440,40 @@ def sweep_baselines_seed(
     return rows
 
 
+def sweep_omp_ft_seed(
+    name: str, seed: int, args: argparse.Namespace, data: dict[str, torch.Tensor]
+) -> list[dict]:
+    """OMP+FT's own fine-tuning learning rate: the dense model (trained at the baselines' rate, as
+    in the protocol), pruned in one shot at each sparsity and fine-tuned at each rate of ``--lrs``;
+    validation accuracy only."""
+    s = Seed(name, seed, args, data)
+    rows = [
+        {
+            "model": name, "seed": seed, "method": "dense", "lr": s.lr, "sparsity": 0.0,
+            "measured_sparsity": 0.0, "val_accuracy": s.val(s.dense), "time_s": s.dense_time,
+        }
+    ]  # fmt: skip
+    for lr in args.lrs:
+        for sparsity in args.sparsities:
+            model = copy.deepcopy(s.dense)
+            start = time.perf_counter()
+            omp_finetune(model, sparsity, s.batches(1), s.epochs, lr=lr)
+            elapsed = time.perf_counter() - start
+            rows.append(
+                {
+                    "model": name, "seed": seed, "method": "omp_ft", "lr": lr, "dense_lr": s.lr,
+                    "sparsity": sparsity,
+                    "measured_sparsity": torchbip.sparsity_report(model).global_sparsity,
+                    "val_accuracy": s.val(model), "time_s": s.dense_time + elapsed, "method_time_s": elapsed,
+                }
+            )  # fmt: skip
+            print(
+                f"[omp_ft {name} seed {seed} lr {lr:g}] @{sparsity:.3f}: val {rows[-1]['val_accuracy']:.4f}",
+                flush=True,
+            )
+    return rows
+
+
 def baselines_summary(rows: list[dict]) -> dict[str, Any]:
     """Per model, method and learning rate: validation accuracy per sparsity (mean and std over
     seeds) and averaged over the sparsities (per seed, then mean and std over seeds); the chosen
@@ -465,6 +514,20 @@ def baselines_summary(rows: list[dict]) -> dict[str, Any]:
 
 
 def baselines_markdown(result: dict[str, Any]) -> str:
+    if result.get("sweep") == "omp_ft":
+        head = [
+            f"# bench_accuracy OMP+FT's fine-tuning learning rate ({result['device']}, torch "
+            f"{result['torch']}{', quick' if result['quick'] else ''})",
+            "",
+            "OMP+FT's own fine-tuning learning rate: the protocol's dense model (trained at the "
+            "baselines' learning rate, the dense row), pruned by magnitude in one shot at each sparsity "
+            "and fine-tuned as long as the dense training at each learning rate (SGD, momentum 0.9, "
+            "weight decay 5e-4, cosine schedule, batch 128). Validation accuracy (%), mean ± std over "
+            f"seeds {result['seeds']}; the test split is not read. The mean column averages the "
+            "sparsities per seed, then over seeds; the chosen learning rate is the best mean.",
+            "",
+        ]
+        return "\n".join(head + _baselines_tables(result))
     lines = [
         f"# bench_accuracy baselines' learning rate ({result['device']}, torch {result['torch']}"
         f"{', quick' if result['quick'] else ''})",
@@ -478,6 +541,12 @@ def baselines_markdown(result: dict[str, Any]) -> str:
         "the chosen learning rate is the best mean.",
         "",
     ]
+    return "\n".join(lines + _baselines_tables(result))
+
+
+def _baselines_tables(result: dict[str, Any]) -> list[str]:
+    """The per-model tables and choices of a learning-rate sweep (its markdown after the header)."""
+    lines: list[str] = []
     for name, budget in result["budget"].items():
         lines += [f"{name}: " + ", ".join(f"{k}={v}" for k, v in budget.items()), ""]
     for model, methods in result["summary"].items():
@@ -520,7 +589,7 @@ def baselines_markdown(result: dict[str, Any]) -> str:
                     f"of the per-seed means): {level_with}"
                 )
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _plain_log_x(ax: Any) -> None:
@@ -1063,6 +1132,7 @@ def protocol_budget(name: str, args: argparse.Namespace, data: dict[str, torch.T
         "bip_budgets": args.budgets,
         "imp_rate": IMP_RATE,
         "lr": baseline_lr(name, args),
+        "omp_ft_lr": omp_ft_lr(name, args),
         "batch_size": args.batch_size,
         "seeds": args.seeds,
     }
@@ -1080,11 +1150,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="choose the learning rate of dense training, IMP and OMP+FT on the validation split",
     )
     parser.add_argument(
+        "--sweep-omp-ft",
+        action="store_true",
+        help="choose OMP+FT's own fine-tuning learning rate on the validation split",
+    )
+    parser.add_argument(
         "--lrs",
         type=float,
         nargs="+",
-        default=list(BASELINE_LRS),
-        help="with --sweep-baselines: the learning rates to compare",
+        default=None,
+        help="with --sweep-baselines or --sweep-omp-ft: the learning rates to compare (default: "
+        + ", ".join(map(str, BASELINE_LRS))
+        + " and "
+        + ", ".join(map(str, OMP_FT_LRS))
+        + ")",
+    )
+    parser.add_argument(
+        "--omp-ft-lr",
+        type=float,
+        default=None,
+        help="OMP+FT's fine-tuning learning rate (default: per model, the validated one, else --lr's)",
     )
     parser.add_argument(
         "--factors",
@@ -1138,8 +1223,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--merged", type=Path, default=None, help="with --replot: the merged JSON to write")
     args = parser.parse_args(argv)
-    if args.sweep and args.sweep_baselines:
-        parser.error("--sweep and --sweep-baselines: one at a time")
+    if args.sweep + args.sweep_baselines + args.sweep_omp_ft > 1:
+        parser.error("--sweep, --sweep-baselines and --sweep-omp-ft: one at a time")
+    if args.lrs is None:
+        args.lrs = list(OMP_FT_LRS if args.sweep_omp_ft else BASELINE_LRS)
     if args.replot is not None:
         return replot(args.replot, args.merged)
     args.bip = {k: value(v) for k, v in (item.split("=", 1) for item in args.bip)}
@@ -1159,7 +1246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         val_size = 500
     else:
         args.models = args.models or ["lenet_300_100", "lenet5"]
-        sweeping = args.sweep or args.sweep_baselines
+        sweeping = args.sweep or args.sweep_baselines or args.sweep_omp_ft
         args.seeds = args.seeds or ([0, 1] if sweeping else [0, 1, 2])
         args.sparsities = args.sparsities or list(SWEEP_SPARSITIES if sweeping else SPARSITIES)
         val_size = VAL_SIZE
@@ -1168,18 +1255,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = {"device": device, "torch": torch.__version__.split("+")[0], "quick": args.quick}
     stem = f"bench_accuracy{'_sweep' if args.sweep else ''}-{device}-torch{meta['torch']}"
     suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    if args.sweep_baselines:
-        target = args.out / f"bench_accuracy_baselines-{device}-torch{meta['torch']}{suffix}.json"
+    if args.sweep_baselines or args.sweep_omp_ft:
+        kind = "omp_ft" if args.sweep_omp_ft else "baselines"
+        stem_kind = "bench_accuracy_omp_ft" if args.sweep_omp_ft else "bench_accuracy_baselines"
+        target = args.out / f"{stem_kind}-{device}-torch{meta['torch']}{suffix}.json"
+        sweep_one = sweep_omp_ft_seed if args.sweep_omp_ft else sweep_baselines_seed
         result = {
             **meta,
-            "sweep": "baselines",
+            "sweep": kind,
             "models": args.models,
             "seeds": args.seeds,
             "lrs": args.lrs,
             "budget": {
                 name: {
                     **_data_budget(name, args, data),
-                    "imp_rate": IMP_RATE,
+                    **({"lr": baseline_lr(name, args)} if args.sweep_omp_ft else {"imp_rate": IMP_RATE}),
                     "batch_size": args.batch_size,
                     "sparsities": args.sparsities,
                 }
@@ -1189,7 +1279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for name in args.models:
             for seed in args.seeds:  # the outputs are rewritten after each seed
-                result["rows"] += sweep_baselines_seed(name, seed, args, data)
+                result["rows"] += sweep_one(name, seed, args, data)
                 result["summary"] = baselines_summary(result["rows"])
                 write_baselines(result, target)
         return result
@@ -1241,7 +1331,7 @@ def replot(paths: list[Path], merged: Path | None = None) -> dict[str, Any]:
     result = results[0]
     result["rows"] = [r for res in results for r in res["rows"]]
     target = merged or paths[0]
-    if result.get("sweep") == "baselines":
+    if result.get("sweep") in ("baselines", "omp_ft"):
         for res in results[1:]:
             result["budget"].update(res["budget"])
         result["models"] = list(result["budget"])

@@ -215,6 +215,79 @@ def test_bench_accuracy_sweep_baselines_reads_no_test_image(
     assert merged.with_suffix(".png").read_bytes()[:8] == PNG
 
 
+def test_bench_accuracy_sweep_omp_ft_reads_no_test_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OMP+FT's own fine-tuning rate: one dense model at the baselines' rate, then each rate at
+    each sparsity from it, scored on validation only."""
+    import bench_accuracy
+
+    def no_test(self: object, model: object) -> float:
+        raise AssertionError("the OMP+FT sweep read the test split")
+
+    split = bench_accuracy.split
+
+    def split_without_test(train_size: int | None, val_size: int) -> dict:
+        data = split(train_size, val_size)
+        del data["xte"], data["yte"]
+        return data
+
+    dense_runs: list[float] = []
+    train = bench_accuracy.train
+
+    def counted(model: object, loader: object, epochs: float, *, lr: float) -> object:
+        dense_runs.append(lr)
+        return train(model, loader, epochs, lr=lr)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bench_accuracy.Seed, "test", no_test)
+    monkeypatch.setattr(bench_accuracy, "split", split_without_test)
+    monkeypatch.setattr(bench_accuracy, "train", counted)
+    argv = ["--quick", "--sweep-omp-ft", "--sparsities", "0.5", "0.9", "--lrs", "0.05", "0.4", "--lr", "0.1"]
+    result = bench_accuracy.main([*argv, "--out", str(tmp_path)])
+    assert dense_runs == [0.1]  # one dense model, at the baselines' rate, shared by every fine-tuning rate
+    assert sorted((r["method"], r["lr"], r["sparsity"]) for r in result["rows"]) == [
+        ("dense", 0.1, 0.0),
+        ("omp_ft", 0.05, 0.5),
+        ("omp_ft", 0.05, 0.9),
+        ("omp_ft", 0.4, 0.5),
+        ("omp_ft", 0.4, 0.9),
+    ]
+    for row in result["rows"]:
+        assert "test_accuracy" not in row
+        assert row["measured_sparsity"] == pytest.approx(row["sparsity"], abs=1e-4)
+    cells = result["summary"]["lenet_300_100"]["omp_ft"]["lrs"]
+    best = max(cells, key=lambda lr: cells[lr]["mean"]["mean"])
+    assert result["summary"]["lenet_300_100"]["omp_ft"]["chosen_lr"] == float(best)
+    (js,) = tmp_path.glob("bench_accuracy_omp_ft-*-quick.json")
+    assert "OMP+FT's own fine-tuning learning rate" in js.with_suffix(".md").read_text()
+    assert js.with_suffix(".png").read_bytes()[:8] == PNG
+
+
+def test_protocol_fine_tunes_omp_at_its_own_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The protocol's OMP+FT fine-tunes at ``--omp-ft-lr`` (else OMP_FT_LR's validated rate, else
+    the baselines' rate) and records it in the budget."""
+    import argparse
+
+    import bench_accuracy
+
+    args = argparse.Namespace(lr=None, omp_ft_lr=None)
+    monkeypatch.setattr(bench_accuracy, "OMP_FT_LR", {"lenet5": 0.3})
+    assert bench_accuracy.omp_ft_lr("lenet5", args) == 0.3
+    assert bench_accuracy.omp_ft_lr("small_cnn", args) == bench_accuracy.LR["small_cnn"]
+    assert bench_accuracy.omp_ft_lr("lenet5", argparse.Namespace(lr=None, omp_ft_lr=0.7)) == 0.7
+    seen: list[float] = []
+    monkeypatch.setattr(bench_accuracy, "omp_finetune", lambda *a, lr, **k: seen.append(lr))
+    monkeypatch.setattr(bench_accuracy.Seed, "row", lambda self, *a, **k: {})
+    monkeypatch.setattr(bench_accuracy.Seed, "dense", property(lambda self: self.init))
+    data = bench_accuracy.split(600, 100)
+    run = argparse.Namespace(
+        epochs=1.0, lr=None, omp_ft_lr=None, batch_size=64, methods=["omp_ft"], sparsities=[0.5], budgets=[1],
+        bip={}, bip_epochs=1.0, train_size=600,
+    )  # fmt: skip
+    bench_accuracy.run_seed("lenet5", 0, run, data)
+    assert seen == [0.3]
+
+
 def test_bench_ablation_quick(tmp_path: Path) -> None:
     import bench_ablation
 
