@@ -13,9 +13,12 @@ The protocol:
   weights pruned per round, rounds clipped to hit each sparsity exactly), so IMP's final ticket
   trains as long as the dense model; OMP+FT prunes the dense model by magnitude in one shot and
   fine-tunes it ``E`` epochs; BiP starts from the dense model and runs ``1x``, ``2x`` and ``4x``
-  its base epochs (``--bip-epochs``). The dense training, IMP and OMP+FT share one learning
-  rate: ``--lr``, by default the one ``--sweep-baselines`` chose on validation for the model
-  (``LR``: 0.2 for LeNet-300-100, 0.05 for LeNet-5).
+  its base epochs (``--bip-epochs``). The dense training and IMP share one learning rate:
+  ``--lr``, by default the one ``--sweep-baselines`` chose on validation for the model (``LR``:
+  0.2 for LeNet-300-100, 0.05 for LeNet-5). OMP+FT fine-tunes at its own rate: ``--omp-ft-lr``,
+  by default the one ``--sweep-omp-ft`` chose on validation (``OMP_FT_LR``: 0.2 for both). IMP's
+  pruning rate (20%) and rewinding point (the initialisation) are the lottery-ticket paper's,
+  not tuned.
 - Time to a ticket: dense time + method time for BiP and OMP+FT; for IMP, the cumulative time of
   round 0 and of as many rounds as a run aimed at that sparsity alone needs (one IMP run serves
   every sparsity, and its rounds that stop at the lower ones are not charged). The targets per
@@ -33,21 +36,26 @@ The protocol:
 - ``--sweep-baselines`` chooses the learning rate of the baselines' shared SGD recipe (dense
   training, IMP, OMP+FT; ``--lrs``) on the validation split only: the protocol's IMP and OMP+FT
   runs at three sparsities, two seeds; the test split is never read.
+- ``--sweep-omp-ft`` chooses OMP+FT's own fine-tuning learning rate (``--lrs``) on the
+  validation split only: the protocol's dense model, pruned at three sparsities and fine-tuned
+  at each rate, two seeds; the test split is never read.
 
 Run::
 
     python benchmarks/bench_accuracy.py --quick            # a smoke test (a minute)
     python benchmarks/bench_accuracy.py --sweep            # choose BiP's settings on validation
     python benchmarks/bench_accuracy.py --sweep-baselines  # the baselines' learning rate, likewise
+    python benchmarks/bench_accuracy.py --sweep-omp-ft     # OMP+FT's fine-tuning rate, likewise
     python benchmarks/bench_accuracy.py --models lenet_300_100 --bip lower_lr=0.2 finetune_epochs=1
     python benchmarks/bench_accuracy.py --models lenet5 --train-size 20000 --bip finetune_epochs=1
 
 The last two are the headline runs in ``results/`` (three seeds each, their learning rates from
-``LR``).
+``LR`` and ``OMP_FT_LR``).
 
 Writes ``bench_accuracy-<device>-torch<version>-<model>[-quick].{json,md,png}`` (and
 ``bench_accuracy_sweep-...`` for ``--sweep``, ``bench_accuracy_baselines-<device>-torch<version>
-[-quick][-tag]...`` for ``--sweep-baselines``) into ``--out``.
+[-quick][-tag]...`` for ``--sweep-baselines``, ``bench_accuracy_omp_ft-...`` for
+``--sweep-omp-ft``) into ``--out``.
 """
 
 from __future__ import annotations
