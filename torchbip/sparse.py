@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from torchbip.export import baked_copy
 from torchbip.method import integer_argument
+from torchbip.pruned import pruning_hook
 
 __all__ = [
     "CSRModule",
@@ -54,6 +55,20 @@ def _csr(weight: Tensor) -> Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
         return weight.detach().to_sparse_csr()
+
+
+def _current(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` as the module computes it now, detached.
+
+    For a pruned tensor that is ``<name>_orig * <name>_mask`` from the module's pruning hook:
+    torch's hook writes ``module.<name>`` only in a forward pass, so after an optimizer step or a
+    change of masks without one since, the attribute holds the values of the last forward.
+    """
+    hook = pruning_hook(module, name)
+    if hook is not None:
+        return hook.apply_mask(module).detach()
+    value = getattr(module, name)
+    return None if value is None else value.detach()
 
 
 def _loadable(saved: Tensor, current: Tensor) -> bool:
@@ -214,11 +229,16 @@ class SparseCSRLinear(CSRModule):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> SparseCSRLinear:
-        """Convert an ``nn.Linear`` (pruned or not; a mask is made permanent in a copy)."""
+        """Convert an ``nn.Linear`` (pruned or not: a pruned weight or bias is taken masked).
+
+        The masked values are computed from ``<name>_orig`` and ``<name>_mask`` when converting,
+        not read from the attribute torch's pruning hook last wrote in a forward pass.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach()
-        return cls(weight, None if linear.bias is None else linear.bias.detach())
+        weight = _current(linear, "weight")
+        assert weight is not None
+        return cls(weight, _current(linear, "bias"))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x @ weight.T + bias`` computed as ``(weight_csr @ x.T).T``.
@@ -275,12 +295,15 @@ class SparseCSRConv2d(CSRModule):
         self.stride = tuple(conv.stride)
         self.padding = tuple(conv.padding)  # not a string: checked above
         self.dilation = tuple(conv.dilation)
-        self.register_buffer("weight", _csr(conv.weight.detach().reshape(conv.out_channels, -1)))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        weight = _current(conv, "weight")
+        assert weight is not None
+        bias = _current(conv, "bias")
+        self.register_buffer("weight", _csr(weight.reshape(conv.out_channels, -1)))
+        self.register_buffer("bias", None if bias is None else bias.clone())
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d) -> SparseCSRConv2d:
-        """Convert an ``nn.Conv2d``."""
+        """Convert an ``nn.Conv2d`` (pruned or not: a pruned weight or bias is taken masked)."""
         return cls(conv)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -474,3 +474,62 @@ def test_a_csr_model_deep_copies_into_independent_tensors(seed: int, bias: bool)
         torch.testing.assert_close(csr(x), want, rtol=1e-5, atol=1e-5)
         again = to_sparse_csr(csr, min_sparsity=0.5, include_conv=True)  # copies the model first
         torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
+
+
+def _masked(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``<name>_orig * <name>_mask`` computed here, or the plain tensor."""
+    if hasattr(module, name + "_orig"):
+        return (getattr(module, name + "_orig") * getattr(module, name + "_mask")).detach()
+    value = getattr(module, name)
+    return None if value is None else value.detach()
+
+
+@pytest.mark.parametrize("prune_bias", [False, True], ids=["weight", "weight-and-bias"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_from_dense_takes_the_masked_values_of_now_not_of_the_last_forward(
+    seed: int, kind: str, prune_bias: bool
+) -> None:
+    """torch's pruning hook writes ``module.weight`` only in a forward pass: after an optimizer
+    step with none since, the attribute is stale. The CSR layer holds ``weight_orig * weight_mask``
+    (and the same for a pruned bias) as they are when converting."""
+    layer: nn.Module = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(8, 4, 3, padding=1)
+    x = torch.randn(4, 16) if kind == "linear" else torch.randn(2, 8, 7, 7)
+    bip_semi_structured(layer, "weight", dim=1)
+    if prune_bias:
+        prune.l1_unstructured(layer, "bias", amount=0.5)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer(x).square().sum().backward()
+    optimizer.step()  # moves weight_orig and bias(_orig); no forward pass since
+    weight, bias = _masked(layer, "weight"), _masked(layer, "bias")
+    assert weight is not None
+    assert not torch.equal(layer.weight.detach(), weight)  # (the attribute is stale)
+    if kind == "linear":
+        assert isinstance(layer, nn.Linear)
+        csr: nn.Module = SparseCSRLinear.from_dense(layer)
+        want = torch.nn.functional.linear(x, weight, bias)
+    else:
+        assert isinstance(layer, nn.Conv2d)
+        csr = SparseCSRConv2d.from_dense(layer)
+        want = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+    assert torch.equal(csr.weight.to_dense().reshape(weight.shape), weight)
+    torch.testing.assert_close(csr(x), want, rtol=1e-5, atol=1e-5)  # (summation order: im2col)
+
+
+def test_from_dense_after_a_bip_step_takes_the_new_masks(seed: int) -> None:
+    import torchbip
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    pruner = torchbip.BiP(model, 0.5, layout="2:4", steps=5, upper_lr=1.0)
+    for _ in range(5):
+        x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        pruner.step()  # new masks, no forward pass since
+    first = model[0]
+    assert isinstance(first, nn.Linear)
+    weight = _masked(first, "weight")
+    assert weight is not None
+    assert torch.equal(SparseCSRLinear.from_dense(first).weight.to_dense(), weight)
+    pruner.finish()
