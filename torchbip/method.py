@@ -60,19 +60,33 @@ def scores_name(name: str) -> str:
 def magnitudes(t: Tensor) -> Tensor:
     """What BiP's ``compute_mask`` ranks: ``|t|``, detached (booleans and unsigned ints as they are).
 
+    Signed integers are widened to ``int64`` first, so that the most negative value of a narrower
+    type (``-128`` in ``int8``) ranks as the largest magnitude instead of overflowing to itself;
+    in ``int64``, ``-2**63`` ranks level with ``2**63 - 1``.
+
     Args:
         t: the weight or the importance scores.
 
     Returns:
-        A tensor of ``t``'s shape and dtype.
+        A tensor of ``t``'s shape: ``t``'s dtype, or ``int64`` for signed integers.
 
     Example:
         >>> import torch
         >>> magnitudes(torch.tensor([-3.0, 1.0, -0.5])).tolist()
         [3.0, 1.0, 0.5]
+        >>> magnitudes(torch.tensor([-128, 127], dtype=torch.int8)).tolist()
+        [128, 127]
     """
     t = t.detach()
-    return t.abs() if t.is_signed() else t
+    if not t.is_signed():
+        return t
+    if t.is_floating_point() or t.is_complex():
+        return t.abs()
+    wide = t.to(torch.int64)
+    if t.dtype == torch.int64:  # |-2**63| does not fit: rank it level with the largest
+        lowest = torch.iinfo(torch.int64)
+        return torch.where(wide == lowest.min, lowest.max, wide.abs())
+    return wide.abs()
 
 
 def named_tensor(module: nn.Module, name: str) -> Tensor:

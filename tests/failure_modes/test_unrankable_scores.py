@@ -97,3 +97,29 @@ def test_rankable_dtypes_are_still_taken(dtype: torch.dtype) -> None:
         layer, "weight", 2, importance_scores=torch.tensor([[0, 1, 2, 3]] * 2).to(dtype)
     )
     assert torch.equal(layer.weight_mask, torch.tensor([[0.0, 1.0, 1.0, 1.0]] * 2))
+
+
+INTEGER_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
+def test_the_most_negative_integer_score_ranks_as_a_large_magnitude(
+    method: Callable[[nn.Module, Tensor], object], dtype: torch.dtype
+) -> None:
+    """``|iinfo.min|`` is the largest magnitude (level with ``iinfo.max`` in int64, which cannot hold it).
+
+    torch's ``abs`` of a signed integer's minimum overflows back to the minimum; ranked as such,
+    the entry with the largest magnitude was pruned first. Oracle: the masks of the same scores
+    in float64 with the minimum replaced by a magnitude larger than every other score (no ties,
+    so every rule of the three methods decides the same way).
+    """
+    low = torch.iinfo(dtype).min
+    rows = [[low, 1, 2, 13], [12, 5, 3, 4], [6, 7, low, 11], [8, 9, 10, 0]]
+    scores = torch.tensor(rows, dtype=dtype)
+    oracle_scores = torch.tensor(rows, dtype=torch.float64).where(scores != low, 1000.0)
+    got, want = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    method(got, scores)
+    method(want, oracle_scores)
+    assert torch.equal(got.weight_mask, want.weight_mask)
+    assert got.weight_mask[scores == low].all()
