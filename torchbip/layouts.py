@@ -401,7 +401,11 @@ class NMLayout(MaskLayout):
                     "it out of parameters"
                 )
         kept = [
-            int(nm_mask(torch.zeros(t.weight().shape), n, m, d, allowed=a).sum())
+            int(
+                nm_mask(
+                    torch.zeros(t.weight().shape, device=None if a is None else a.device), n, m, d, allowed=a
+                ).sum()
+            )
             for t, d, a in zip(targets, self.dims, self.allowed, strict=True)
         ]
         for target, count, allow in zip(targets, kept, self.allowed, strict=True):
