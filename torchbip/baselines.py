@@ -122,6 +122,7 @@ def train(
         TypeError: for a ``loss_fn`` that is not callable, or a loader without a ``len()``.
         FloatingPointError: when the loss is NaN or infinite (raised before that batch's step;
             the baselines then restore the model).
+        RuntimeError: when called under :func:`torch.inference_mode`.
 
     Example:
         >>> import torch
@@ -133,6 +134,7 @@ def train(
         >>> train(model, data, epochs=20, lr=0.5) < 0.5
         True
     """
+    _check_outside_inference_mode("train")
     return _train(
         model, loader, epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
         loss_fn=loss_fn, device=device, progress=progress, desc=desc,
@@ -372,6 +374,31 @@ def _check_binary_masks(targets: Sequence[Target], baseline: str) -> None:
     )
 
 
+def _check_outside_inference_mode(baseline: str) -> None:
+    """Refuse a baseline called under :func:`torch.inference_mode` (it prunes and trains).
+
+    Masks created there are inference tensors: even a call that trains nothing (``epochs=0``)
+    would leave masks that no later training step can use.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{baseline} prunes and trains the model and cannot run under torch.inference_mode(): "
+            "tensors created there (masks, optimiser states) could never be trained; call it outside "
+            "the inference_mode() block"
+        )
+
+
+def _check_finite(targets: Sequence[Target], baseline: str) -> None:
+    """Refuse tensors holding NaN or infinite values where a baseline ranks magnitudes."""
+    bad = [t.fqn for t in targets if not bool(torch.isfinite(_current(t)).all())]
+    if bad:
+        raise ValueError(
+            f"parameters names {', '.join(map(repr, bad))}, which holds NaN or infinite values; "
+            f"{baseline} ranks the entries by magnitude, which such values make meaningless: load or "
+            "re-initialise the weights first"
+        )
+
+
 def _remaining(targets: Sequence[Target]) -> int:
     """The number of unpruned entries of ``targets`` (all entries of a tensor not yet pruned)."""
     total = 0
@@ -389,7 +416,9 @@ def _current(target: Target) -> Tensor:
     """
     if target.is_pruned:
         module, name = target.module, target.name
-        return (getattr(module, name + "_orig") * getattr(module, name + "_mask")).detach()
+        orig, mask = getattr(module, name + "_orig").detach(), getattr(module, name + "_mask")
+        # (an entry pruned before is 0 whatever its value: inf * 0 would be NaN)
+        return torch.where(mask != 0, orig * mask, torch.zeros((), dtype=orig.dtype, device=orig.device))
     return getattr(target.module, target.name).detach()
 
 
@@ -447,6 +476,12 @@ def omp_finetune(
         The sparsity of exactly the tensors this call pruned (``parameters``, or the default
         weights), keyed by their fully qualified names, in the order of ``model.named_modules()``.
 
+    Raises:
+        ValueError: for a bad ``amount``, ``epochs`` or training option, a tensor whose earlier
+            mask holds values other than 0 and 1, or one that holds NaN or infinite values,
+            before the model is changed.
+        RuntimeError: when called under :func:`torch.inference_mode`.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -456,17 +491,19 @@ def omp_finetune(
         >>> omp_finetune(model, 0.75, data, epochs=1).global_sparsity
         0.75
     """
+    _check_outside_inference_mode("omp_finetune")
     amount = validate_amount(amount)  # a Python number: torch would round a float32 product
     _check_train_options(loader, epochs, train_options, zero=True)
     targets = resolve_targets(model, parameters)
     _check_binary_masks(targets, "omp_finetune")
+    _check_finite(targets, "omp_finetune")
     before = wholly_pruned(targets)
     with _snapshot(model, targets).restored_on_failure():
         _magnitude_prune(targets, amount)
         if epochs > 0:
             _train(model, loader, epochs, desc="OMP fine-tune", **train_options)
         _refresh_pruned(model)  # (torch's pruning leaves the masked tensors with a graph, too)
-    return _report(model, targets, before)
+        return _report(model, targets, before)  # (its warning may be an error: restored then)
 
 
 def random_finetune(
@@ -497,6 +534,11 @@ def random_finetune(
     Returns:
         The sparsity of exactly the tensors this call pruned, as in :func:`omp_finetune`.
 
+    Raises:
+        ValueError: for a bad ``amount``, ``seed``, ``epochs`` or training option, or a tensor
+            whose earlier mask holds values other than 0 and 1, before the model is changed.
+        RuntimeError: when called under :func:`torch.inference_mode`.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -507,6 +549,7 @@ def random_finetune(
         >>> report.zeros, report.numel
         (10, 48)
     """
+    _check_outside_inference_mode("random_finetune")
     amount = validate_amount(amount)  # a Python number, as in omp_finetune
     seed = _check_seed(seed)
     _check_train_options(loader, epochs, train_options, zero=True)
@@ -527,7 +570,7 @@ def random_finetune(
         if epochs > 0:
             _train(model, loader, epochs, desc="random fine-tune", **train_options)
         _refresh_pruned(model)  # (as in omp_finetune)
-    return _report(model, targets, before)
+        return _report(model, targets, before)  # (as in omp_finetune)
 
 
 def score_prune(model: nn.Module, amount: int | float, loader: Batches, **options: Any) -> PruneReport:
@@ -649,11 +692,11 @@ def imp(
         parameters: ``(module, name)`` pairs; by default every Linear/Conv weight.
         on_round: called after each round's training with the round and the model (evaluate
             here; the model is in train mode).
-        progress: show a bar over the rounds.
+        progress: show a bar over the rounds (the rounds' trainings show none).
         **train_options: passed to :func:`train` (``lr``, ``momentum``, ``weight_decay``,
-            ``schedule``, ``loss_fn``, ``device``, ``progress``; not ``desc``, which the baseline
-            sets), all checked before the model is pruned. The defaults are :func:`train`'s,
-            BiP's lower-level recipe.
+            ``schedule``, ``loss_fn``, ``device``; not ``desc``, which the baseline sets, nor
+            ``progress``, which is ``imp``'s own), all checked before the model is pruned. The
+            defaults are :func:`train`'s, BiP's lower-level recipe.
 
     Returns:
         An :class:`IMPResult` (per round: sparsity, earlier zeros included, cumulative time, loss).
@@ -661,8 +704,9 @@ def imp(
     Raises:
         ValueError: for a bad ``rate``, ``epochs_per_round``, ``rewind_epochs`` (also one at or
             beyond ``epochs_per_round``: no such point in round 0's training), ``milestones``
-            or training option, or a tensor whose earlier mask holds values other than 0 and 1,
-            before the model is changed.
+            or training option, a tensor whose earlier mask holds values other than 0 and 1, or
+            one that holds NaN or infinite values, before the model is changed.
+        RuntimeError: when called under :func:`torch.inference_mode`.
 
     Example:
         >>> import torch
@@ -675,6 +719,7 @@ def imp(
         >>> [round(r.sparsity, 4) for r in result.rounds]
         [0.1875, 0.3333, 0.4583, 0.5]
     """
+    _check_outside_inference_mode("imp")
     real = isinstance(rate, numbers.Real) and not isinstance(rate, bool)
     if not real or not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")
@@ -689,6 +734,7 @@ def imp(
     milestones = _check_milestones(milestones)
     targets = resolve_targets(model, parameters)
     _check_binary_masks(targets, "imp")
+    _check_finite(targets, "imp")
     before = wholly_pruned(targets)
     start_remaining = _remaining(targets)
     final_keep = start_remaining - count_from_amount(amount, start_remaining)
@@ -711,7 +757,7 @@ def imp(
             model, loader, targets, keeps, start_remaining, epochs_per_round, rewind_step, on_round,
             progress, train_options,
         )  # fmt: skip
-    _report(model, targets, before)  # (warns when the ranking pruned a whole tensor)
+        _report(model, targets, before)  # (warns when the ranking pruned a whole tensor; as in omp_finetune)
     return result
 
 
@@ -756,9 +802,14 @@ def _imp_rounds(
     rewind: dict[str, Tensor] = {}
 
     def take_checkpoint() -> None:
-        rewind.update(
-            {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
-        )
+        # Everything but the pruning masks (by identity: a parameter or buffer of the model's own
+        # that is named ``*_mask`` is rewound like any other).
+        masks = {
+            id(module._buffers.get(fqn.rsplit(".", 1)[-1] + "_mask"))
+            for fqn, module, _ in pruned_tensors(model)
+        }
+        state = model.state_dict(keep_vars=True)
+        rewind.update({k: v.detach().clone() for k, v in state.items() if id(v) not in masks})
 
     checkpoint = None
     if rewind_step == 0:

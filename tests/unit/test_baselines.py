@@ -16,6 +16,7 @@ import itertools
 import math
 import re
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import Any
@@ -790,3 +791,139 @@ def test_imp_round_sparsity_counts_the_zeros_of_an_earlier_pruning() -> None:
     assert result.rounds[-1].sparsity == 0.625
     assert len(counted) > 1
     assert [reported for reported, _ in counted] == [exact for _, exact in counted]
+
+
+class _Gated(nn.Module):
+    """A model with its own learnable ``gate_mask`` parameter and ``scale_mask`` buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.gate_mask = nn.Parameter(torch.ones(10))
+        self.register_buffer("scale_mask", torch.ones(10))
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.scale_mask.mul_(0.9)  # (a running buffer of the model's own)
+        return self.fc2(torch.relu(self.fc1(x)) * self.gate_mask * self.scale_mask)
+
+
+@pytest.mark.parametrize("pruned_before", [False, True], ids=["dense", "pruned-before"])
+def test_imp_rewinds_the_models_own_tensors_named_like_a_mask(pruned_before: bool) -> None:
+    """Only the pruning masks stay out of the rewind: a parameter or buffer of the model's own
+    named ``*_mask`` starts every round from its initial value, as every other tensor does."""
+    torch.manual_seed(0)
+    model = _Gated()
+    if pruned_before:
+        prune.random_unstructured(model.fc2, "weight", amount=0.25)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    starts: list[dict[str, Tensor]] = []
+
+    def record(module: nn.Module, args: object) -> None:
+        starts.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    hook = model.register_forward_pre_hook(record)
+    data = make_data(3)
+    result = imp(model, 0.5, data, epochs_per_round=1, lr=0.5)
+    hook.remove()
+    assert len(result.rounds) >= 2
+    for round_index in range(1, len(result.rounds) + 1):
+        first = starts[round_index * len(data)]  # the first forward pass of that round
+        for key in ("gate_mask", "scale_mask", "fc1.bias"):
+            assert torch.equal(first[key], init[key]), (round_index, key)
+    assert not torch.equal(model.gate_mask.detach(), init["gate_mask"])  # (it trains)
+    if pruned_before:  # the earlier pruning mask is not rewound to its initial ones
+        assert bool((model.fc2.weight_mask <= init["fc2.weight_mask"]).all())
+        assert int((model.fc2.weight_mask == 0).sum()) > int((init["fc2.weight_mask"] == 0).sum())
+
+
+BASELINE_CALLS: dict[str, Callable[[nn.Module], object]] = {
+    "omp_finetune": lambda m: omp_finetune(m, 0.99, make_data(), epochs=1),
+    "random_finetune": lambda m: random_finetune(m, 0.99, make_data(), epochs=1, seed=0),
+    "imp": lambda m: imp(m, 0.99, make_data(), epochs_per_round=0.34, rate=0.9),
+}
+
+
+@pytest.mark.parametrize("call", BASELINE_CALLS.values(), ids=BASELINE_CALLS.keys())
+def test_a_warning_turned_into_an_error_restores_the_model(call: Callable[[nn.Module], object]) -> None:
+    """The warning that a whole tensor was pruned away, raised as an error (``-W error``): the
+    model is restored like after any other failure of the call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1), nn.ReLU(), nn.Linear(1, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)  # the smallest magnitudes: pruned away at 99%
+    before = capture(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"pruned every entry of .*'2\.weight'"):
+            call(model)
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        *BASELINE_CALLS.values(),
+        lambda m: omp_finetune(m, 0.5, make_data(), epochs=0),
+        lambda m: random_finetune(m, 0.5, make_data(), epochs=0),
+        lambda m: train(m, make_data(), epochs=1),
+    ],
+    ids=[*BASELINE_CALLS.keys(), "omp_finetune-epochs0", "random_finetune-epochs0", "train"],
+)
+def test_under_inference_mode_a_baseline_is_refused(call: Callable[[nn.Module], object]) -> None:
+    """Masks created under ``torch.inference_mode()`` could never be trained (even with ``epochs=0``,
+    the next training would fail): refused up front, the model unchanged."""
+    model = make_model()
+    before = capture(model)
+    with (
+        torch.inference_mode(),
+        pytest.raises(RuntimeError, match=r"cannot run under torch\.inference_mode\(\)"),
+    ):
+        call(model)
+    assert_unchanged(before, model)
+    assert not model[0].weight.is_inference()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("pruned_before", [False, True], ids=["dense", "pruned-before"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: omp_finetune(m, 0.5, make_data(), epochs=0),
+        lambda m: omp_finetune(m, 0.5, make_data(), epochs=1),
+        lambda m: imp(m, 0.5, make_data(), epochs_per_round=1),
+    ],
+    ids=["omp_finetune-epochs0", "omp_finetune", "imp"],
+)
+def test_magnitude_baselines_refuse_weights_that_are_not_finite(
+    call: Callable[[nn.Module], object], pruned_before: bool, bad: float
+) -> None:
+    """A NaN or an infinity has no magnitude to rank: refused, naming the tensor; the model unchanged."""
+    model = make_model()
+    if pruned_before:
+        prune.l1_unstructured(model[0], "weight", amount=0.25)
+        keep = model[0].weight_mask.nonzero()[0]
+        with torch.no_grad():
+            model[0].weight_orig[tuple(keep)] = bad
+    else:
+        with torch.no_grad():
+            model[0].weight[1, 2] = bad
+    before = capture(model)
+    with pytest.raises(
+        ValueError, match=r"^parameters names '0\.weight', which holds NaN or infinite values"
+    ):
+        call(model)
+    assert_unchanged(before, model)
+
+
+def test_a_non_finite_entry_pruned_before_is_not_ranked() -> None:
+    """An infinity in an entry an earlier pruning removed is masked out: its value is not ranked."""
+    model = make_model()
+    prune.l1_unstructured(model[0], "weight", amount=0.25)
+    gone = (model[0].weight_mask == 0).nonzero()[0]
+    with torch.no_grad():
+        model[0].weight_orig[tuple(gone)] = math.inf
+    report = omp_finetune(model, 0.5, make_data(), epochs=0)
+    assert report.zeros == int(sum((m == 0).sum() for m in masks(model)))
