@@ -170,3 +170,28 @@ def test_global_prune_keeps_the_filter_floor_of_the_whole_tensor() -> None:
     )  # fmt: skip
     assert _kept_filters(model[2]) >= 4
     assert _kept_filters(model[0]) + _kept_filters(model[2]) == 13
+
+
+def test_numpy_float32_floor_and_cap_count_their_binary_value_as_documented() -> None:
+    """docs/differences.rst: a NumPy float32 ``min_keep``/``max_keep`` is its Python float first.
+
+    ``np.float32(0.3)`` is 0.30000001192092896 and ``np.float32(0.7)`` 0.699999988079071, so of
+    200, 400 and 80 entries the floors are one more than 0.3's (61, 121, 25 against 60, 120, 24)
+    and the caps one fewer than 0.7's (139, 279, 55 against 140, 280, 56).
+    """
+    import numpy as np
+
+    sizes = [200, 400, 80]
+    bip = torchbip.BiP(_model(), amount=0.5, min_keep=np.float32(0.3))
+    assert bip.layout.describe()["floors"] == [61, 121, 25]
+    assert bip.layout.describe()["floors"] == [math.ceil(0.30000001192092896 * n) for n in sizes]
+    bip.finish()
+    python = torchbip.BiP(_model(), amount=0.5, min_keep=0.3)
+    assert python.layout.describe()["floors"] == [60, 120, 24]
+    python.finish()
+    bip = torchbip.BiP(_model(), amount=0.5, max_keep=np.float32(0.7))
+    assert bip.layout.describe()["caps"] == [139, 279, 55]
+    bip.finish()
+    python = torchbip.BiP(_model(), amount=0.5, max_keep=0.7)
+    assert python.layout.describe()["caps"] == [140, 280, 56]
+    python.finish()
